@@ -1,0 +1,47 @@
+# vipd — two commands matter on a fresh Debian 12 machine (as root):
+#   make test   installs what the suite needs, then runs every test (lab tests included)
+#   make demo   installs what the demo needs, then runs a live failover in network namespaces
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := etcd-server nftables iproute2 iputils-ping tcpdump openssl python3-venv
+PYTEST_ARGS ?=
+
+.PHONY: test demo deps apt venv unit lab bench clean
+
+test: deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+lab: deps
+	$(PY) -m pytest tests/lab $(PYTEST_ARGS)
+
+demo: deps
+	$(PY) -m vipd demo
+
+bench: deps
+	$(PY) bench/failover.py
+
+deps: apt venv
+
+# Installs the Debian packages only when one is missing (needs root, as do the lab tests).
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install:$$missing" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""etcd fixtures (filled in by the etcd work)."""

@@ -1,0 +1,286 @@
+"""TOML -> frozen config types. Parsed once; unknown keys and bad values are rejected with the key path."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+from vipd.errors import ConfigError
+
+IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+
+DEFAULT_PATH = "/etc/vipd/vipd.toml"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
+
+
+@dataclass(frozen=True)
+class VipSpec:
+    """One virtual IP: where it lives and how it is announced."""
+
+    name: str
+    address: IPInterface  # address with prefix length, e.g. 10.0.0.10/24
+    interface: str
+    announce_count: int = 3
+    announce_interval: float = 0.2
+    announce_reply: bool = False
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return self.address.ip
+
+    @property
+    def version(self) -> int:
+        return self.address.version
+
+    @property
+    def on_loopback(self) -> bool:
+        return self.interface == "lo"
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    prefix: str = "/vipd/default/"
+    lease_ttl: int = 3
+    request_timeout: float = 0.5
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    # The address lifetime ends this long before the lease can expire in etcd.
+    fence_margin: float = 0.25
+    # Keepalives per granted TTL (3 means one every TTL/3).
+    keepalives_per_ttl: int = 4
+    # Level-triggered reconcile of kernel state.
+    reconcile_interval: float = 1.0
+    # After a voluntary release this host does not campaign for that VIP for this long.
+    release_holdoff: float = 3.0
+
+
+@dataclass(frozen=True)
+class Config:
+    node: str
+    etcd: EtcdConfig
+    timing: TimingConfig
+    vips: tuple[VipSpec, ...]
+    metrics_listen: str = "127.0.0.1:9654"  # "" disables the endpoint
+    state_dir: str = "/run/vipd"
+    log_level: str = "info"
+
+    @property
+    def control_socket(self) -> str:
+        return os.path.join(self.state_dir, "control.sock")
+
+    def vip(self, name: str) -> VipSpec:
+        for v in self.vips:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+
+class _Table:
+    """A TOML table being read: tracks its path and which keys were used."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(path or "<root>", f"must be a table, got {type(data).__name__}")
+        self.data = data
+        self.path = path
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, types: type | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise ConfigError(self.key(name), f"expected {_typename(types)}, got a boolean")
+        if not isinstance(value, types):
+            raise ConfigError(self.key(name), f"expected {_typename(types)}, got {type(value).__name__}")
+        return value
+
+    def require(self, name: str, types: type | tuple[type, ...]) -> Any:
+        if name not in self.data:
+            self.used.add(name)
+            raise ConfigError(self.key(name), "is required")
+        return self.get(name, types)
+
+    def table(self, name: str) -> "_Table":
+        self.used.add(name)
+        return _Table(self.data.get(name, {}), self.key(name))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(self.key(unknown[0]), "unknown key")
+
+
+def _typename(types: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list"}
+    ts = types if isinstance(types, tuple) else (types,)
+    return " or ".join(names.get(t, t.__name__) for t in ts if not (t is int and float in ts))
+
+
+def _positive(key: str, value: float, minimum: float = 0.0, maximum: float | None = None) -> float:
+    """value > 0 when minimum is 0, else value >= minimum; and value <= maximum."""
+    if (value <= 0) if minimum == 0 else (value < minimum):
+        raise ConfigError(key, f"must be {'> 0' if minimum == 0 else f'>= {minimum}'}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(key, f"must be <= {maximum}, got {value}")
+    return value
+
+
+def _parse_etcd(t: _Table) -> EtcdConfig:
+    endpoints = t.get("endpoints", list, ["http://127.0.0.1:2379"])
+    if not endpoints:
+        raise ConfigError(t.key("endpoints"), "needs at least one endpoint")
+    for i, ep in enumerate(endpoints):
+        if not isinstance(ep, str) or not re.match(r"^https?://[^/\s]+(:\d+)?/?$", ep):
+            raise ConfigError(f"{t.key('endpoints')}[{i}]", f"not an http(s)://host:port URL: {ep!r}")
+    prefix = t.get("prefix", str, "/vipd/default/")
+    if not prefix.startswith("/"):
+        raise ConfigError(t.key("prefix"), "must start with '/'")
+    if not prefix.endswith("/"):
+        prefix += "/"
+    ttl = int(_positive(t.key("lease_ttl"), t.get("lease_ttl", int, 3), 1, 3600))
+    timeout = float(_positive(t.key("request_timeout"), t.get("request_timeout", (int, float), 0.5), 0, 30))
+    files = {}
+    for k in ("ca_file", "cert_file", "key_file"):
+        files[k] = t.get(k, str)
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        raise ConfigError(t.key("cert_file" if files["cert_file"] is None else "key_file"),
+                          "cert_file and key_file go together")
+    username = t.get("username", str)
+    password = t.get("password", str)
+    password_file = t.get("password_file", str)
+    if password is not None and password_file is not None:
+        raise ConfigError(t.key("password_file"), "give password or password_file, not both")
+    if password_file is not None:
+        try:
+            password = Path(password_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(t.key("password_file"), f"cannot read: {e.strerror}") from None
+    if (username is None) != (password is None):
+        raise ConfigError(t.key("username" if username is None else "password"), "username and password go together")
+    t.done()
+    return EtcdConfig(tuple(endpoints), prefix, ttl, timeout, files["ca_file"], files["cert_file"],
+                      files["key_file"], username, password)
+
+
+def _parse_timing(t: _Table) -> TimingConfig:
+    margin = float(_positive(t.key("fence_margin"), t.get("fence_margin", (int, float), 0.25), 0, 10))
+    per_ttl = int(_positive(t.key("keepalives_per_ttl"), t.get("keepalives_per_ttl", int, 4), 2, 20))
+    reconcile = float(_positive(t.key("reconcile_interval"), t.get("reconcile_interval", (int, float), 1.0), 0, 60))
+    holdoff = float(_positive(t.key("release_holdoff"), t.get("release_holdoff", (int, float), 3.0), 0, 3600))
+    t.done()
+    return TimingConfig(margin, per_ttl, reconcile, holdoff)
+
+
+def _parse_vip(t: _Table) -> VipSpec:
+    name = t.require("name", str)
+    if not _NAME_RE.match(name):
+        raise ConfigError(t.key("name"), f"{name!r} is not a valid name (letters, digits, '_', '.', '-')")
+    raw = t.require("address", str)
+    try:
+        address = ipaddress.ip_interface(raw)
+    except ValueError:
+        raise ConfigError(t.key("address"), f"{raw!r} is not an IP address with optional /prefix") from None
+    ip = address.ip
+    if "/" not in raw:
+        address = ipaddress.ip_interface(f"{ip}/{ip.max_prefixlen}")
+    if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip.is_link_local:
+        raise ConfigError(t.key("address"), f"{ip} cannot be a VIP (unspecified, multicast, loopback or link-local)")
+    if address.version == 4 and address.network.prefixlen < 31 and ip in (address.network.network_address,
+                                                                          address.network.broadcast_address):
+        raise ConfigError(t.key("address"), f"{ip} is the network or broadcast address of {address.network}")
+    interface = t.get("interface", str, "lo")
+    if not _IFNAME_RE.match(interface):
+        raise ConfigError(t.key("interface"), f"{interface!r} is not a valid interface name")
+    count = t.get("announce_count", int, 3)
+    if not 0 <= count <= 100:
+        raise ConfigError(t.key("announce_count"), f"must be between 0 and 100, got {count}")
+    interval = float(_positive(t.key("announce_interval"), t.get("announce_interval", (int, float), 0.2), 0, 60))
+    reply = t.get("announce_reply", bool, False)
+    t.done()
+    return VipSpec(name, address, interface, count, interval, reply)
+
+
+def parse(data: dict[str, Any], *, hostname: str | None = None) -> Config:
+    """Build a Config from already-decoded TOML data. Host-independent: touches nothing."""
+    root = _Table(data, "")
+    node = root.get("node", str) or hostname or socket.gethostname()
+    if not _NAME_RE.match(node):
+        raise ConfigError("node", f"{node!r} is not a valid node name")
+    etcd = _parse_etcd(root.table("etcd"))
+    timing = _parse_timing(root.table("timing"))
+    metrics = root.table("metrics")
+    listen = metrics.get("listen", str, "127.0.0.1:9654")
+    if listen and not re.match(r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$", listen):
+        raise ConfigError(metrics.key("listen"), f"expected host:port or '' to disable, got {listen!r}")
+    metrics.done()
+    state_dir = root.get("state_dir", str, "/run/vipd")
+    log_level = root.get("log_level", str, "info")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log_level", "must be one of debug, info, warning, error")
+    raw_vips = root.get("vip", list, [])
+    vips = []
+    for i, item in enumerate(raw_vips):
+        vips.append(_parse_vip(_Table(item, f"vip[{i}]")))
+    names: dict[str, int] = {}
+    addrs: dict[Any, int] = {}
+    for i, v in enumerate(vips):
+        if v.name in names:
+            raise ConfigError(f"vip[{i}].name", f"duplicate name {v.name!r} (also vip[{names[v.name]}])")
+        names[v.name] = i
+        if v.ip in addrs:
+            raise ConfigError(f"vip[{i}].address", f"duplicate address {v.ip} (also vip[{addrs[v.ip]}])")
+        addrs[v.ip] = i
+    if etcd.lease_ttl - timing.fence_margin < 1:
+        raise ConfigError("etcd.lease_ttl", f"must exceed timing.fence_margin by at least 1 s "
+                                            f"(address lifetimes are whole seconds)")
+    root.done()
+    return Config(node, etcd, timing, tuple(vips), listen, state_dir, log_level)
+
+
+def load(path: str | os.PathLike[str], *, hostname: str | None = None) -> Config:
+    """Read and parse a TOML file. Raises ConfigError (never a bare OSError or TOML error)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError("<file>", f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("<file>", f"{path} is not valid TOML: {e}") from None
+    return parse(data, hostname=hostname)
+
+
+def check_host(cfg: Config, sys_class_net: str = "/sys/class/net") -> None:
+    """Read-only checks against this host: every VIP interface exists. Changes nothing."""
+    for i, v in enumerate(cfg.vips):
+        if not os.path.exists(os.path.join(sys_class_net, v.interface)):
+            raise ConfigError(f"vip[{i}].interface", f"no interface {v.interface!r} on this host")
+    for k in ("ca_file", "cert_file", "key_file"):
+        f = getattr(cfg.etcd, k)
+        if f is not None and not os.access(f, os.R_OK):
+            raise ConfigError(f"etcd.{k}", f"cannot read {f}")
