@@ -1,0 +1,278 @@
+"""The ownership state machine: every transition, and the fencing arithmetic, on a fake clock."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from vipd.model import (AddressAdded, AddressFailed, AddressRemoved, Announce, Campaign, CampaignFailed,
+                        CampaignLost, CampaignWon, ClaimAddress, DeleteOwnerKey, EtcdRestored, KeyReleased,
+                        LeaseGone, LeaseValid, LinkUp, OwnerObserved, OwnerRecord, Reconcile, ReleaseFailed,
+                        ReleaseRequested, RemoveAddress, RemoveFailed, ShutdownRequested, Start, State,
+                        StopAnnouncing, Tick)
+from vipd.ownership import fsm
+from vipd.ownership.fsm import InvalidTransition, Params, VipState, step
+
+P = Params(node="h1", fence_margin=0.5, release_holdoff=3.0)
+LEASE = 7
+ABSENT = OwnerRecord(None, revision=10)
+MINE = OwnerRecord("h1", epoch=11, lease=LEASE, revision=11)
+OTHER = OwnerRecord("h2", epoch=12, lease=99, revision=12)
+
+
+def run(s: VipState, *events, now: float = 100.0):
+    actions = []
+    for ev in events:
+        s, acts = step(P, s, ev, now)
+        actions.extend(acts)
+    return s, actions
+
+
+def backup(valid_until: float = 102.0, owner: OwnerRecord | None = ABSENT, **kw) -> VipState:
+    return VipState(state=State.BACKUP, lease=LEASE, valid_until=valid_until, owner=owner, **kw)
+
+
+def owner(valid_until: float = 102.0) -> VipState:
+    return VipState(state=State.OWNER, lease=LEASE, valid_until=valid_until, owner=MINE, epoch=11)
+
+
+def test_start_goes_backup_and_ensures_absence():
+    s, acts = run(VipState(), Start())
+    assert s.state is State.BACKUP
+    assert acts == [RemoveAddress()]
+
+
+def test_no_campaign_before_owner_key_is_observed():
+    s, acts = run(VipState(state=State.BACKUP), LeaseValid(LEASE, 102.0))
+    assert acts == [] and s.state is State.BACKUP
+
+
+def test_no_campaign_without_lease():
+    s, acts = run(VipState(state=State.BACKUP), OwnerObserved(ABSENT))
+    assert acts == []
+
+
+def test_campaign_when_key_absent_and_lease_fresh():
+    s, acts = run(VipState(state=State.BACKUP), OwnerObserved(ABSENT), LeaseValid(LEASE, 102.0))
+    assert acts == [Campaign(LEASE)]
+    assert s.pending
+    # a second trigger while the campaign is in flight does not campaign twice
+    s, acts = run(s, Tick(), LeaseValid(LEASE, 102.5))
+    assert acts == []
+
+
+def test_no_campaign_when_lease_too_old_to_hold_address_one_second():
+    # deadline = 101.4 - 0.5 = 100.9: less than 1 s of lifetime left at t=100
+    s, acts = run(backup(valid_until=101.4), Tick())
+    assert acts == []
+
+
+def test_campaign_won_adds_address_with_lifetime_inside_the_lease():
+    s, acts = run(backup(pending=True), CampaignWon(MINE), now=100.3)
+    assert s.state is State.ACQUIRING and s.epoch == 11
+    # lease can expire at 102.0; margin 0.5 -> fence at 101.5; at 100.3 -> floor(1.2) = 1
+    assert acts == [ClaimAddress(1)]
+
+
+def test_address_added_makes_owner_and_announces():
+    s, acts = run(replace(backup(), state=State.ACQUIRING, epoch=11, owner=MINE), AddressAdded())
+    assert s.state is State.OWNER and acts == [Announce()]
+
+
+def test_campaign_won_on_a_stale_lease_hands_key_back_without_adding():
+    s, acts = run(backup(valid_until=101.0, pending=True), CampaignWon(MINE))
+    assert s.state is State.BACKUP
+    assert acts == [DeleteOwnerKey(11)]
+
+
+def test_campaign_won_on_replaced_lease_hands_key_back():
+    rec = replace(MINE, lease=LEASE - 1)
+    s, acts = run(backup(pending=True), CampaignWon(rec))
+    assert s.state is State.BACKUP and acts == [DeleteOwnerKey(11)]
+
+
+def test_campaign_lost_records_owner_and_waits():
+    s, acts = run(backup(pending=True), CampaignLost(OTHER))
+    assert s.state is State.BACKUP and not s.pending and s.owner == OTHER and acts == []
+
+
+def test_campaign_failed_retries_on_tick():
+    s, acts = run(backup(pending=True), CampaignFailed("etcd down"))
+    assert acts == [] and not s.pending
+    s, acts = run(s, Tick())
+    assert acts == [Campaign(LEASE)]
+
+
+def test_keepalive_refreshes_lifetime_from_send_time():
+    s, acts = run(owner(), LeaseValid(LEASE, 103.0), now=100.6)
+    # fence at 102.5, now 100.6 -> floor(1.9) = 1
+    assert acts == [ClaimAddress(1)] and s.valid_until == 103.0
+    s, acts = run(owner(), LeaseValid(LEASE, 105.0), now=100.0)
+    assert acts == [ClaimAddress(4)]
+
+
+@pytest.mark.parametrize("now,fenced", [(101.49, False), (101.5, True), (103.0, True)])
+def test_deadline_fences_exactly_margin_before_lease_expiry(now, fenced):
+    s, acts = run(owner(valid_until=102.0), Tick(), now=now)
+    assert (s.state is State.FENCED) is fenced
+    assert acts == ([StopAnnouncing(), RemoveAddress()] if fenced else [])
+
+
+def test_wakeup_is_the_fence_deadline_while_holding():
+    assert fsm.wakeup(P, owner(valid_until=102.0), 100.0) == 101.5
+    assert fsm.wakeup(P, backup(), 100.0) is None
+    assert fsm.wakeup(P, backup(holdoff_until=103.0), 100.0) == 103.0
+
+
+def test_lease_gone_fences_without_etcd():
+    s, acts = run(owner(), LeaseGone(LEASE))
+    assert s.state is State.FENCED and s.lease == 0
+    assert acts == [StopAnnouncing(), RemoveAddress()]
+    assert not any(isinstance(a, (DeleteOwnerKey, Campaign)) for a in acts)
+
+
+def test_lease_gone_for_another_lease_is_ignored():
+    s, acts = run(owner(), LeaseGone(LEASE + 1))
+    assert s.state is State.OWNER and acts == []
+
+
+def test_new_lease_while_holding_fences():
+    s, acts = run(owner(), LeaseValid(LEASE + 1, 103.0))
+    assert s.state is State.FENCED
+
+
+def test_owner_key_taken_or_deleted_fences():
+    s, _ = run(owner(), OwnerObserved(replace(OTHER, revision=20)))
+    assert s.state is State.FENCED
+    s, _ = run(owner(), OwnerObserved(OwnerRecord(None, revision=20)))
+    assert s.state is State.FENCED
+
+
+def test_stale_watch_event_older_than_our_claim_is_ignored():
+    s, acts = run(owner(), OwnerObserved(OwnerRecord(None, revision=9)))
+    assert s.state is State.OWNER and acts == []
+
+
+def test_fenced_returns_to_backup_once_address_removed():
+    s, _ = run(owner(), LeaseGone(LEASE))
+    s, acts = run(s, AddressRemoved())
+    assert s.state is State.BACKUP and acts == []
+
+
+def test_fenced_retries_removal_on_tick():
+    s, _ = run(owner(), LeaseGone(LEASE), RemoveFailed("EBUSY"))
+    assert s.state is State.FENCED
+    s, acts = run(s, Tick())
+    assert acts == [RemoveAddress()]
+
+
+def test_backup_adopts_own_key_on_live_lease():
+    s, acts = run(backup(owner=MINE), Tick())
+    assert s.state is State.ACQUIRING and s.epoch == 11 and acts == [ClaimAddress(1)]
+
+
+def test_backup_deletes_own_key_on_a_dead_lease():
+    stale = replace(MINE, lease=LEASE - 1)
+    s, acts = run(backup(owner=stale), Tick())
+    assert s.state is State.BACKUP and acts == [DeleteOwnerKey(11)]
+
+
+def test_voluntary_release_removes_address_before_deleting_key():
+    s, acts = run(owner(), ReleaseRequested("operator"))
+    assert s.state is State.RELEASING and acts == [StopAnnouncing(), RemoveAddress()]
+    s, acts = run(s, AddressRemoved())
+    assert acts == [DeleteOwnerKey(11)]
+    s, acts = run(s, KeyReleased(), now=100.0)
+    assert s.state is State.BACKUP and s.holdoff_until == 103.0
+    # no campaign during hold-off, even with the key absent
+    s, acts = run(s, OwnerObserved(OwnerRecord(None, revision=30)), now=101.0)
+    assert acts == []
+    s, acts = run(s, Tick(), now=103.0)
+    assert s.state is State.BACKUP
+    s, acts = run(replace(s, valid_until=105.0), Tick(), now=103.0)
+    assert acts == [Campaign(LEASE)]
+
+
+def test_release_never_deletes_key_while_address_may_remain():
+    s, _ = run(owner(), ReleaseRequested())
+    s, acts = run(s, RemoveFailed("EIO"), Tick())
+    assert acts == [RemoveAddress()]
+    assert s.state is State.RELEASING and not s.removed
+
+
+def test_release_retries_key_delete_on_tick():
+    s, _ = run(owner(), ReleaseRequested(), AddressRemoved(), ReleaseFailed("etcd down"))
+    assert s.state is State.RELEASING and not s.pending
+    s, acts = run(s, Tick())
+    assert acts == [DeleteOwnerKey(11)]
+
+
+def test_shutdown_of_owner_releases_then_stops():
+    s, acts = run(owner(), ShutdownRequested())
+    assert s.state is State.RELEASING and s.stopping and acts == [StopAnnouncing(), RemoveAddress()]
+    s, acts = run(s, AddressRemoved())
+    assert acts == [DeleteOwnerKey(11)]
+    s, acts = run(s, KeyReleased())
+    assert s.state is State.STOPPED
+
+
+def test_shutdown_stops_even_if_key_delete_fails():
+    s, _ = run(owner(), ShutdownRequested(), AddressRemoved(), ReleaseFailed("etcd down"))
+    assert s.state is State.STOPPED
+
+
+def test_shutdown_of_backup_stops_and_ensures_absence():
+    s, acts = run(backup(), ShutdownRequested())
+    assert s.state is State.STOPPED and acts == [RemoveAddress()]
+    s, acts = run(s, OwnerObserved(ABSENT), Tick(), LeaseValid(LEASE, 200.0))
+    assert s.state is State.STOPPED and acts == []
+
+
+def test_address_failure_while_acquiring_gives_the_key_back():
+    s, acts = run(replace(owner(), state=State.ACQUIRING), AddressFailed("ENODEV"))
+    assert s.state is State.RELEASING and acts == [StopAnnouncing(), RemoveAddress()]
+
+
+def test_reconcile_restores_missing_address_and_removes_stray_one():
+    s, acts = run(owner(), Reconcile(present=False))
+    assert acts == [ClaimAddress(1), Announce()]
+    s, acts = run(backup(owner=OTHER), Reconcile(present=True))
+    assert acts == [RemoveAddress()]
+    s, acts = run(owner(), Reconcile(present=True))
+    assert acts == []
+
+
+def test_link_up_and_etcd_restored_reannounce_only_when_owner():
+    assert run(owner(), LinkUp())[1] == [Announce()]
+    assert run(owner(), EtcdRestored())[1] == [Announce()]
+    assert run(backup(owner=OTHER), LinkUp())[1] == []
+
+
+def test_transition_table_is_enforced(monkeypatch):
+    # a step the table does not allow raises, whatever the event logic wants
+    monkeypatch.setitem(fsm.TRANSITIONS, State.FENCED, frozenset({State.STOPPED}))
+    fenced = replace(owner(), state=State.FENCED)
+    with pytest.raises(InvalidTransition, match="fenced -> backup on AddressRemoved"):
+        step(P, fenced, AddressRemoved(), 100.0)
+
+
+def test_every_reachable_transition_is_in_the_table():
+    """Drive the machine with every event from every state: no step may leave the table."""
+    events = [Start(), LeaseValid(LEASE, 102.0), LeaseValid(LEASE + 1, 102.0), LeaseGone(LEASE),
+              OwnerObserved(ABSENT), OwnerObserved(MINE), OwnerObserved(replace(OTHER, revision=40)),
+              CampaignWon(MINE), CampaignLost(OTHER), CampaignFailed("x"), AddressAdded(), AddressFailed("x"),
+              AddressRemoved(), RemoveFailed("x"), KeyReleased(), ReleaseFailed("x"), ReleaseRequested(),
+              ShutdownRequested(), LinkUp(), EtcdRestored(), Reconcile(True), Reconcile(False), Tick()]
+    seen = set()
+    for st in State:
+        for base in (owner(), backup(), backup(owner=MINE), replace(owner(), stopping=True, removed=True)):
+            s0 = replace(base, state=st)
+            for ev in events:
+                for now in (100.0, 101.6):
+                    s1, _ = step(P, s0, ev, now)  # raises InvalidTransition on a violation
+                    seen.add((st, s1.state))
+    moved = {(a, b) for a, b in seen if a is not b}
+    allowed = {(a, b) for a, bs in fsm.TRANSITIONS.items() for b in bs}
+    assert moved <= allowed
+    assert moved == allowed, f"table entries never exercised: {allowed - moved}"

@@ -1,0 +1,176 @@
+"""Value types shared by the state machine and the I/O around it. No I/O here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Union
+
+
+class State(enum.Enum):
+    INIT = "init"
+    BACKUP = "backup"
+    ACQUIRING = "acquiring"
+    OWNER = "owner"
+    RELEASING = "releasing"
+    FENCED = "fenced"
+    STOPPED = "stopped"
+
+
+UNKNOWN = "?"  # owner not yet observed (before the first listing of the prefix)
+
+
+@dataclass(frozen=True)
+class OwnerRecord:
+    """What etcd says about a VIP's owner key. node is None when the key is absent."""
+
+    node: str | None
+    epoch: int = 0  # create_revision of the owner key: the fencing token
+    lease: int = 0
+    revision: int = 0  # etcd revision at which this was observed
+
+
+# ---- events (inputs to fsm.step) -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Start:
+    pass
+
+
+@dataclass(frozen=True)
+class LeaseValid:
+    """A keepalive (or grant) was acknowledged: the lease cannot expire in etcd before valid_until."""
+
+    lease: int
+    valid_until: float
+
+
+@dataclass(frozen=True)
+class LeaseGone:
+    """The lease expired or was revoked (etcd said so, or its deadline passed unconfirmed)."""
+
+    lease: int
+
+
+@dataclass(frozen=True)
+class EtcdRestored:
+    """etcd answers again after a failure streak."""
+
+
+@dataclass(frozen=True)
+class OwnerObserved:
+    record: OwnerRecord
+
+
+@dataclass(frozen=True)
+class CampaignWon:
+    record: OwnerRecord
+
+
+@dataclass(frozen=True)
+class CampaignLost:
+    record: OwnerRecord
+
+
+@dataclass(frozen=True)
+class CampaignFailed:
+    error: str
+
+
+@dataclass(frozen=True)
+class AddressAdded:
+    pass
+
+
+@dataclass(frozen=True)
+class AddressFailed:
+    error: str
+
+
+@dataclass(frozen=True)
+class AddressRemoved:
+    pass
+
+
+@dataclass(frozen=True)
+class RemoveFailed:
+    error: str
+
+
+@dataclass(frozen=True)
+class KeyReleased:
+    pass
+
+
+@dataclass(frozen=True)
+class ReleaseFailed:
+    error: str
+
+
+@dataclass(frozen=True)
+class ReleaseRequested:
+    reason: str = "requested"
+
+
+@dataclass(frozen=True)
+class ShutdownRequested:
+    pass
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    pass
+
+
+@dataclass(frozen=True)
+class Reconcile:
+    """Periodic level-triggered check: is our tagged address present in the kernel right now?"""
+
+    present: bool
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed (a deadline may have been reached)."""
+
+
+Event = Union[Start, LeaseValid, LeaseGone, EtcdRestored, OwnerObserved, CampaignWon, CampaignLost,
+              CampaignFailed, AddressAdded, AddressFailed, AddressRemoved, RemoveFailed, KeyReleased,
+              ReleaseFailed, ReleaseRequested, ShutdownRequested, LinkUp, Reconcile, Tick]
+
+
+# ---- actions (outputs of fsm.step) -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClaimAddress:
+    """Add or refresh the VIP address with a kernel lifetime of `lifetime` whole seconds."""
+
+    lifetime: int
+
+
+@dataclass(frozen=True)
+class RemoveAddress:
+    pass
+
+
+@dataclass(frozen=True)
+class Announce:
+    pass
+
+
+@dataclass(frozen=True)
+class StopAnnouncing:
+    pass
+
+
+@dataclass(frozen=True)
+class Campaign:
+    lease: int
+
+
+@dataclass(frozen=True)
+class DeleteOwnerKey:
+    epoch: int
+
+
+Action = Union[ClaimAddress, RemoveAddress, Announce, StopAnnouncing, Campaign, DeleteOwnerKey]

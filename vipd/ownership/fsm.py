@@ -1,0 +1,244 @@
+"""Per-VIP ownership as a pure function: step(params, state, event, now) -> (state, actions).
+
+No I/O and no clock: `now` is passed in. Every state change is checked against TRANSITIONS.
+The invariants it keeps:
+- the address is only added while the lease is proven (ClaimAddress carries a kernel lifetime that
+  ends `fence_margin` before the lease can expire in etcd);
+- giving up voluntarily removes the address before the owner key is deleted;
+- fencing (deadline passed, lease gone, key lost) removes the address without waiting on etcd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Announce, Campaign,
+                        CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, DeleteOwnerKey,
+                        EtcdRestored, Event, KeyReleased, LeaseGone, LeaseValid, LinkUp, OwnerObserved,
+                        OwnerRecord, Reconcile, ReleaseFailed, ReleaseRequested, RemoveAddress,
+                        RemoveFailed, ShutdownRequested, Start, State, StopAnnouncing, Tick)
+
+S = State
+TRANSITIONS: dict[State, frozenset[State]] = {
+    S.INIT: frozenset({S.BACKUP, S.STOPPED}),
+    S.BACKUP: frozenset({S.ACQUIRING, S.STOPPED}),
+    S.ACQUIRING: frozenset({S.OWNER, S.FENCED, S.RELEASING}),
+    S.OWNER: frozenset({S.FENCED, S.RELEASING}),
+    S.RELEASING: frozenset({S.BACKUP, S.STOPPED}),
+    S.FENCED: frozenset({S.BACKUP, S.STOPPED}),
+    S.STOPPED: frozenset(),
+}
+HOLDING = (S.ACQUIRING, S.OWNER)  # states in which the address may be in the kernel with our blessing
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Params:
+    node: str
+    fence_margin: float
+    release_holdoff: float
+
+
+@dataclass(frozen=True)
+class VipState:
+    state: State = S.INIT
+    owner: OwnerRecord | None = None  # None until the first observation of the owner key
+    lease: int = 0  # current host lease (0: none)
+    valid_until: float = 0.0  # the lease cannot expire in etcd before this instant
+    epoch: int = 0  # our ownership epoch (owner key create_revision) while we hold or release it
+    pending: bool = False  # an etcd request (campaign or key delete) is in flight
+    holdoff_until: float = 0.0  # no campaign before this instant (after a voluntary release)
+    removed: bool = False  # RELEASING: the address is confirmed gone
+    stopping: bool = False
+    reason: str = ""  # why the last state change happened
+
+
+def fence_deadline(p: Params, s: VipState) -> float:
+    """The instant by which the address must be gone: margin before the lease can expire."""
+    return s.valid_until - p.fence_margin
+
+
+def lifetime(p: Params, s: VipState, now: float) -> int:
+    """Whole seconds of kernel address lifetime that still end before the fence deadline."""
+    return max(0, math.floor(fence_deadline(p, s) - now))
+
+
+def wakeup(p: Params, s: VipState, now: float) -> float | None:
+    """When the controller must call step(Tick) at the latest (a deadline the FSM is waiting on)."""
+    if s.state in HOLDING:
+        return fence_deadline(p, s)
+    if s.state is S.BACKUP and s.holdoff_until > now:
+        return s.holdoff_until
+    return None
+
+
+def step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list[Action]]:
+    new, actions = _step(p, s, ev, now)
+    if new.state is not s.state and new.state not in TRANSITIONS[s.state]:
+        raise InvalidTransition(f"{s.state.value} -> {new.state.value} on {type(ev).__name__}")
+    return new, actions
+
+
+def _to(s: VipState, state: State, reason: str, **kw: object) -> VipState:
+    return replace(s, state=state, reason=reason, **kw)
+
+
+def _fence(s: VipState, reason: str) -> tuple[VipState, list[Action]]:
+    return _to(s, S.FENCED, reason, epoch=0), [StopAnnouncing(), RemoveAddress()]
+
+
+def _release(s: VipState, reason: str, stopping: bool) -> tuple[VipState, list[Action]]:
+    return _to(s, S.RELEASING, reason, removed=False, stopping=stopping), [StopAnnouncing(), RemoveAddress()]
+
+
+def _released(p: Params, s: VipState, now: float, reason: str) -> tuple[VipState, list[Action]]:
+    if s.stopping:
+        return _to(s, S.STOPPED, reason, epoch=0, pending=False), []
+    return _to(s, S.BACKUP, reason, epoch=0, pending=False, holdoff_until=now + p.release_holdoff), []
+
+
+def _maybe_campaign(p: Params, s: VipState, now: float) -> tuple[VipState, list[Action]]:
+    """In BACKUP: campaign for an absent key, adopt our own key, or clear our stale one."""
+    if s.state is not S.BACKUP or s.pending or s.stopping or s.owner is None or now < s.holdoff_until:
+        return s, []
+    if s.lease == 0 or lifetime(p, s, now) < 1:
+        return s, []
+    o = s.owner
+    if o.node is None:
+        return replace(s, pending=True), [Campaign(s.lease)]
+    if o.node == p.node and o.lease == s.lease:  # our key on our live lease: serve it again
+        s = _to(s, S.ACQUIRING, "adopted own key", epoch=o.epoch)
+        return s, [ClaimAddress(lifetime(p, s, now))]
+    if o.node == p.node:  # our key on a lease we no longer keep alive: give it back now
+        return replace(s, pending=True), [DeleteOwnerKey(o.epoch)]
+    return s, []
+
+
+def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list[Action]]:
+    st = s.state
+    if st is S.STOPPED:
+        return s, []
+
+    if isinstance(ev, ShutdownRequested):
+        if st in HOLDING:
+            return _release(s, "shutdown", stopping=True)
+        if st is S.RELEASING:
+            return replace(s, stopping=True), []
+        return _to(s, S.STOPPED, "shutdown"), [RemoveAddress()]
+
+    if isinstance(ev, Start):
+        if st is S.INIT:
+            return _to(s, S.BACKUP, "started"), [RemoveAddress()]
+        return s, []
+
+    if isinstance(ev, LeaseValid):
+        if st in HOLDING and ev.lease != s.lease:
+            return _fence(replace(s, lease=ev.lease, valid_until=ev.valid_until), "lease replaced")
+        s = replace(s, lease=ev.lease, valid_until=ev.valid_until)
+        if st is S.OWNER:
+            life = lifetime(p, s, now)
+            return s, ([ClaimAddress(life)] if life >= 1 else [])
+        return _maybe_campaign(p, s, now)
+
+    if isinstance(ev, LeaseGone):
+        if ev.lease != s.lease:
+            return s, []
+        s = replace(s, lease=0, valid_until=0.0)
+        if st in HOLDING:
+            return _fence(s, "lease lost")
+        if st is S.RELEASING and s.removed:
+            return _released(p, s, now, "lease lost while releasing")
+        return s, []
+
+    if isinstance(ev, OwnerObserved):
+        o = ev.record
+        if st in HOLDING:
+            if o.revision <= s.epoch:
+                return s, []  # older than our claim: stale
+            if o.node != p.node or o.epoch != s.epoch:
+                return _fence(replace(s, owner=o), f"owner key now {o.node or 'absent'}")
+            return replace(s, owner=o), []
+        s = replace(s, owner=o)
+        return _maybe_campaign(p, s, now)
+
+    if isinstance(ev, CampaignWon):
+        o = ev.record
+        s = replace(s, pending=False, owner=o)
+        if st is not S.BACKUP or s.stopping or o.lease != s.lease or lifetime(p, s, now) < 1:
+            # won, but can no longer serve it safely: hand the key straight back
+            return replace(s, pending=True), [DeleteOwnerKey(o.epoch)]
+        s = _to(s, S.ACQUIRING, "campaign won", epoch=o.epoch)
+        return s, [ClaimAddress(lifetime(p, s, now))]
+
+    if isinstance(ev, CampaignLost):
+        return _maybe_campaign(p, replace(s, pending=False, owner=ev.record), now)
+
+    if isinstance(ev, CampaignFailed):
+        return replace(s, pending=False), []
+
+    if isinstance(ev, AddressAdded):
+        if st is S.ACQUIRING:
+            return _to(s, S.OWNER, "address added"), [Announce()]
+        return s, []
+
+    if isinstance(ev, AddressFailed):
+        if st in HOLDING:
+            return _release(s, f"address failed: {ev.error}", stopping=s.stopping)
+        return s, []
+
+    if isinstance(ev, AddressRemoved):
+        if st is S.FENCED:
+            return _to(s, S.BACKUP, s.reason), []
+        if st is S.RELEASING and not s.removed:
+            if s.epoch == 0 or s.lease == 0:  # nothing left to give back in etcd
+                return _released(p, replace(s, removed=True), now, s.reason)
+            return replace(s, removed=True, pending=True), [DeleteOwnerKey(s.epoch)]
+        return s, []
+
+    if isinstance(ev, RemoveFailed):
+        return s, []  # retried on the next Tick; the kernel lifetime bounds the damage
+
+    if isinstance(ev, KeyReleased):
+        if st is S.RELEASING:
+            return _released(p, s, now, s.reason)
+        return replace(s, pending=False), []
+
+    if isinstance(ev, ReleaseFailed):
+        if st is S.RELEASING and s.stopping:
+            return _released(p, s, now, f"{s.reason}; key left to its lease: {ev.error}")
+        return replace(s, pending=False), []
+
+    if isinstance(ev, ReleaseRequested):
+        if st in HOLDING:
+            return _release(s, ev.reason, stopping=False)
+        return s, []
+
+    if isinstance(ev, (LinkUp, EtcdRestored)):
+        return s, ([Announce()] if st is S.OWNER else [])
+
+    if isinstance(ev, Reconcile):
+        if st is S.OWNER and not ev.present:
+            life = lifetime(p, s, now)
+            return s, ([ClaimAddress(life), Announce()] if life >= 1 else [])
+        if st in (S.BACKUP, S.FENCED) and ev.present:
+            return s, [RemoveAddress()]
+        return s, []
+
+    if isinstance(ev, Tick):
+        if st in HOLDING and now >= fence_deadline(p, s):
+            return _fence(s, "lease deadline passed")
+        if st is S.FENCED:
+            return s, [RemoveAddress()]
+        if st is S.RELEASING:
+            if not s.removed:
+                return s, [RemoveAddress()]
+            if not s.pending:
+                return replace(s, pending=True), [DeleteOwnerKey(s.epoch)]
+            return s, []
+        return _maybe_campaign(p, s, now)
+
+    raise TypeError(f"unknown event {ev!r}")
