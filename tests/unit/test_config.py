@@ -1,0 +1,142 @@
+"""Config validation: every bad input names its key and why; good input parses into frozen types."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vipd import config
+from vipd.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse(extra: dict | None = None, vips: list | None = None, **top):
+    data = {"node": "h1", **top}
+    if extra:
+        data.update(extra)
+    data["vip"] = vips if vips is not None else [{"name": "api", "address": "10.0.0.10/24", "interface": "eth0"}]
+    return config.parse(data)
+
+
+def test_example_config_parses():
+    cfg = config.load(ROOT / "conf" / "vipd.toml", hostname="cp1")
+    assert cfg.node == "cp1"
+    assert [v.name for v in cfg.vips] == ["api", "api-v6"]
+    assert cfg.etcd.lease_ttl == 2 and cfg.etcd.endpoints[0].startswith("https://")
+
+
+def test_defaults_and_types():
+    cfg = parse()
+    v = cfg.vips[0]
+    assert v.address == ipaddress.ip_interface("10.0.0.10/24") and v.interface == "eth0"
+    assert (v.announce_count, v.announce_interval, v.announce_reply) == (3, 0.2, False)
+    assert cfg.etcd.prefix == "/vipd/default/"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.node = "x"  # type: ignore[misc]
+
+
+def test_bare_address_gets_host_prefix_and_lo_default():
+    cfg = parse(vips=[{"name": "a", "address": "192.0.2.1"}, {"name": "b", "address": "2001:db8::1"}])
+    assert str(cfg.vips[0].address) == "192.0.2.1/32" and cfg.vips[0].on_loopback
+    assert str(cfg.vips[1].address) == "2001:db8::1/128" and cfg.vips[1].version == 6
+
+
+def test_prefix_gets_trailing_slash():
+    assert parse({"etcd": {"prefix": "/vipd/x"}}).etcd.prefix == "/vipd/x/"
+
+
+@pytest.mark.parametrize("data,key,why", [
+    ({"bogus": 1}, "bogus", "unknown key"),
+    ({"etcd": {"endpoint": ["http://a:1"]}}, "etcd.endpoint", "unknown key"),
+    ({"etcd": {"endpoints": []}}, "etcd.endpoints", "at least one"),
+    ({"etcd": {"endpoints": ["a:2379"]}}, "etcd.endpoints[0]", "http(s)://"),
+    ({"etcd": {"lease_ttl": 0}}, "etcd.lease_ttl", ">= 1"),
+    ({"etcd": {"lease_ttl": "3"}}, "etcd.lease_ttl", "expected an integer"),
+    ({"etcd": {"lease_ttl": True}}, "etcd.lease_ttl", "boolean"),
+    ({"etcd": {"lease_ttl": 1}}, "etcd.lease_ttl", "fence_margin"),
+    ({"etcd": {"prefix": "vipd/"}}, "etcd.prefix", "start with '/'"),
+    ({"etcd": {"cert_file": "/x"}}, "etcd.key_file", "go together"),
+    ({"etcd": {"username": "u"}}, "etcd.password", "go together"),
+    ({"etcd": {"password": "p", "password_file": "/x", "username": "u"}}, "etcd.password_file", "not both"),
+    ({"etcd": {"username": "u", "password_file": "/nonexistent/pw"}}, "etcd.password_file", "cannot read"),
+    ({"timing": {"fence_margin": -1}}, "timing.fence_margin", "> 0"),
+    ({"timing": {"keepalives_per_ttl": 1}}, "timing.keepalives_per_ttl", ">= 2"),
+    ({"metrics": {"listen": "9654"}}, "metrics.listen", "host:port"),
+    ({"log_level": "loud"}, "log_level", "one of"),
+    ({"node": "bad name"}, "node", "not a valid node name"),
+])
+def test_invalid_top_level(data, key, why):
+    with pytest.raises(ConfigError) as ei:
+        parse(data)
+    assert ei.value.key == key
+    assert why in ei.value.reason
+
+
+@pytest.mark.parametrize("vip,key,why", [
+    ({"address": "10.0.0.10"}, "vip[0].name", "required"),
+    ({"name": "a"}, "vip[0].address", "required"),
+    ({"name": "a", "address": "10.0.0.300"}, "vip[0].address", "not an IP address"),
+    ({"name": "a", "address": "10.0.0.0/24"}, "vip[0].address", "network or broadcast"),
+    ({"name": "a", "address": "224.0.0.5"}, "vip[0].address", "cannot be a VIP"),
+    ({"name": "a", "address": "fe80::1"}, "vip[0].address", "cannot be a VIP"),
+    ({"name": "a b", "address": "10.0.0.10"}, "vip[0].name", "not a valid name"),
+    ({"name": "a", "address": "10.0.0.10", "interface": "eth0/1"}, "vip[0].interface", "not a valid interface"),
+    ({"name": "a", "address": "10.0.0.10", "interface": "averyveryverylongname"}, "vip[0].interface", "not a valid"),
+    ({"name": "a", "address": "10.0.0.10", "announce_count": 101}, "vip[0].announce_count", "between 0 and 100"),
+    ({"name": "a", "address": "10.0.0.10", "announce_interval": 0}, "vip[0].announce_interval", "> 0"),
+    ({"name": "a", "address": "10.0.0.10", "announce_reply": "yes"}, "vip[0].announce_reply", "boolean"),
+    ({"name": "a", "address": "10.0.0.10", "port": 80}, "vip[0].port", "unknown key"),
+])
+def test_invalid_vip(vip, key, why):
+    with pytest.raises(ConfigError) as ei:
+        parse(vips=[vip])
+    assert (ei.value.key, why in ei.value.reason) == (key, True), str(ei.value)
+
+
+def test_duplicates_are_rejected():
+    with pytest.raises(ConfigError, match=r"vip\[1\].name: duplicate name 'a'"):
+        parse(vips=[{"name": "a", "address": "10.0.0.1"}, {"name": "a", "address": "10.0.0.2"}])
+    with pytest.raises(ConfigError, match=r"vip\[1\].address: duplicate address 10.0.0.1"):
+        parse(vips=[{"name": "a", "address": "10.0.0.1/24"}, {"name": "b", "address": "10.0.0.1/32"}])
+
+
+def test_vip_list_must_hold_tables():
+    with pytest.raises(ConfigError, match=r"vip\[0\]: must be a table"):
+        parse(vips=["10.0.0.1"])
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("node = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(tmp_path / "missing.toml")
+
+
+def test_check_host_rejects_missing_interface(tmp_path):
+    (tmp_path / "eth0").mkdir()
+    cfg = parse()
+    config.check_host(cfg, sys_class_net=str(tmp_path))
+    cfg = parse(vips=[{"name": "a", "address": "10.0.0.1", "interface": "eth9"}])
+    with pytest.raises(ConfigError, match=r"vip\[0\].interface: no interface 'eth9'"):
+        config.check_host(cfg, sys_class_net=str(tmp_path))
+
+
+def test_vipd_check_command_exit_codes(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('node = "h1"\n[[vip]]\nname = "a"\naddress = "192.0.2.10"\ninterface = "lo"\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('node = "h1"\n[[vip]]\nname = "a"\naddress = "192.0.2.10"\ninterface = "lo"\nport = 1\n')
+    ok = subprocess.run([sys.executable, "-m", "vipd", "check", "-c", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok" in ok.stdout
+    ko = subprocess.run([sys.executable, "-m", "vipd", "check", "-c", str(bad)], capture_output=True, text=True)
+    assert ko.returncode == 2
+    assert "vip[0].port: unknown key" in ko.stderr

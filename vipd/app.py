@@ -1,0 +1,188 @@
+"""The supervisor: root nursery, signals, sd_notify, one controller per VIP, reconcile, metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import trio
+
+from vipd import log, systemd
+from vipd.config import Config, check_host
+from vipd.dataplane.address import AddressManager
+from vipd.dataplane.announce import Announcer
+from vipd.dataplane.kernel_events import AddressRemoved as KernelAddressRemoved
+from vipd.dataplane.kernel_events import LinkChanged, kernel_events
+from vipd.dataplane.netlink import Netlink
+from vipd.election.etcd import EtcdClient
+from vipd.election.lease import HostLease, forget_recorded_lease, read_recorded_lease
+from vipd.election.owners import OwnerKeys
+from vipd.errors import DataplaneError, EtcdError
+from vipd.metrics import Metrics, serve
+from vipd.model import Event, LinkUp, OwnerObserved, Reconcile, ReleaseRequested, ShutdownRequested, State
+from vipd.ownership import fsm
+from vipd.ownership.controller import Controller
+from vipd import control
+
+SHUTDOWN_GRACE = 3.0  # seconds the controllers get to remove addresses and give keys back
+
+
+def lease_record_path(cfg: Config) -> str:
+    return os.path.join(cfg.state_dir, "lease")
+
+
+class Daemon:
+    def __init__(self, cfg: Config, client: EtcdClient, nl: Netlink) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.metrics = Metrics(cfg.node)
+        self.addresses = AddressManager(nl)
+        self.announcer = Announcer(nl)
+        self.nl = nl
+        self.keys = OwnerKeys(client, cfg.etcd.prefix, cfg.node)
+        params = fsm.Params(cfg.node, cfg.timing.fence_margin, cfg.timing.release_holdoff)
+        self.controllers = {v.name: Controller(v, params, self.addresses, self.announcer, self.keys, self.metrics)
+                            for v in cfg.vips}
+        self.lease = HostLease(client, ttl=cfg.etcd.lease_ttl, keepalives_per_ttl=cfg.timing.keepalives_per_ttl,
+                               presence_key=f"{cfg.etcd.prefix}hosts/{cfg.node}", presence_value=cfg.node,
+                               publish=self.broadcast, metrics=self.metrics,
+                               record_path=lease_record_path(cfg))
+
+    def broadcast(self, ev: Event) -> None:
+        for c in self.controllers.values():
+            c.post(ev)
+
+    def release(self, name: str, reason: str = "operator request") -> str:
+        c = self.controllers.get(name)
+        if c is None:
+            raise KeyError(name)
+        if c.state.state not in (State.OWNER, State.ACQUIRING):
+            return f"not owner ({c.state.state.value})"
+        c.post(ReleaseRequested(reason))
+        return "releasing"
+
+    def status(self) -> dict[str, dict[str, object]]:
+        now = trio.current_time()
+        return {name: {"state": c.state.state.value, "epoch": c.state.epoch,
+                       "owner": c.state.owner.node if c.state.owner else None,
+                       "lease_left": round(max(0.0, c.state.valid_until - now), 3) if c.state.lease else 0.0}
+                for name, c in self.controllers.items()}
+
+    async def remove_stale(self) -> None:
+        """At start we own nothing: remove every address we tagged earlier."""
+        for t in await self.addresses.tagged():
+            await self.addresses.remove(t)
+            log.info("stale_address_removed", interface=t.interface, address=t.address)
+
+    async def revoke_recorded(self) -> None:
+        """A previous run's lease (crash without ExecStopPost): its addresses are gone, so revoke it."""
+        old = read_recorded_lease(lease_record_path(self.cfg))
+        if old is None:
+            return
+        try:
+            with trio.move_on_after(2 * self.cfg.etcd.request_timeout):
+                await self.client.revoke(old)
+                log.info("previous_lease_revoked", lease=f"{old:x}")
+        except EtcdError as e:
+            log.warning("previous_lease_revoke_failed", lease=f"{old:x}", error=e)
+        forget_recorded_lease(lease_record_path(self.cfg))
+
+    async def reconcile(self) -> None:
+        """Level-triggered: tell every controller whether its address is in the kernel; drop strays."""
+        configured = {(v.interface, v.ip): v.name for v in self.cfg.vips}
+        while True:
+            await trio.sleep(self.cfg.timing.reconcile_interval)
+            try:
+                tagged = await self.addresses.tagged()
+            except DataplaneError as e:
+                log.error("reconcile_failed", error=e)
+                continue
+            present = set()
+            for t in tagged:
+                name = configured.get((t.interface, t.address.ip))
+                if name is None:
+                    await self.addresses.remove(t)
+                    log.info("stray_address_removed", interface=t.interface, address=t.address)
+                else:
+                    present.add(name)
+            for name, c in self.controllers.items():
+                c.post(Reconcile(name in present))
+
+    async def watch_kernel(self) -> None:
+        by_if: dict[str, list[Controller]] = {}
+        for c in self.controllers.values():
+            by_if.setdefault(c.vip.interface, []).append(c)
+        async for ev in kernel_events():
+            if isinstance(ev, LinkChanged) and ev.up:
+                for c in by_if.get(ev.ifname, []):
+                    c.post(LinkUp())
+            elif isinstance(ev, KernelAddressRemoved):
+                for c in by_if.get(ev.ifname, []):
+                    if c.vip.ip == ev.address.ip:
+                        c.post(Reconcile(False))
+
+    async def watchdog(self, interval: float) -> None:
+        """Feed systemd's watchdog only while the loop runs and the netlink thread answers."""
+        while True:
+            with trio.move_on_after(interval) as scope:
+                await self.nl.call(lambda ipr: None)
+            if not scope.cancelled_caught:
+                systemd.notify("WATCHDOG=1")
+            await trio.sleep(interval)
+
+    async def stop_on_signal(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for signum in sigs:
+                log.info("signal", signal=signal.Signals(signum).name)
+                break
+        await self.stop()
+        scope.cancel()
+
+    async def stop(self) -> None:
+        """Remove addresses (each controller, at once), give keys back, then revoke the lease."""
+        systemd.notify("STOPPING=1", "STATUS=releasing VIPs")
+        self.broadcast(ShutdownRequested())
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            for c in self.controllers.values():
+                await c.stopped.wait()
+        if self.lease.lease_id:
+            try:
+                with trio.move_on_after(2 * self.cfg.etcd.request_timeout):
+                    await self.client.revoke(self.lease.lease_id)
+                    log.info("lease_revoked", lease=f"{self.lease.lease_id:x}")
+                    forget_recorded_lease(lease_record_path(self.cfg))
+            except EtcdError as e:
+                log.warning("lease_revoke_failed", error=e)
+
+    async def run(self) -> None:
+        await self.remove_stale()
+        await self.revoke_recorded()
+        async with trio.open_nursery() as nursery:
+            # first, so that SIGTERM during startup (etcd unreachable) still stops cleanly
+            nursery.start_soon(self.stop_on_signal, nursery.cancel_scope)
+            if self.cfg.metrics_listen:
+                await nursery.start(serve, self.metrics, self.cfg.metrics_listen)
+            await nursery.start(control.serve, self, self.cfg.control_socket)
+            for c in self.controllers.values():
+                await nursery.start(c.run)
+            nursery.start_soon(self.watch_kernel)
+            systemd.notify("STATUS=waiting for etcd")
+            await nursery.start(self.keys.watch, list(self.controllers), self._deliver_owner)
+            await nursery.start(self.lease.run)
+            nursery.start_soon(self.reconcile)
+            interval = systemd.watchdog_interval()
+            if interval:
+                nursery.start_soon(self.watchdog, interval)
+            systemd.notify("READY=1", f"STATUS=running: {len(self.controllers)} VIPs")
+            log.info("ready", node=self.cfg.node, vips=len(self.controllers), lease=f"{self.lease.lease_id:x}",
+                     ttl=self.lease.granted_ttl)
+        log.info("stopped", node=self.cfg.node)
+
+    def _deliver_owner(self, name: str, record) -> None:  # type: ignore[no-untyped-def]
+        self.controllers[name].post(OwnerObserved(record))
+
+
+async def run(cfg: Config) -> None:
+    check_host(cfg)
+    async with Netlink() as nl, EtcdClient.from_config(cfg.etcd) as client:
+        await Daemon(cfg, client, nl).run()

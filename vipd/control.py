@@ -1,0 +1,86 @@
+"""The local control socket: `vipd release NAME` and `vipd state` talk to the running daemon.
+
+One request line in, one JSON line out. Root-only (mode 0600 in the state directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any, Protocol
+
+import trio
+
+from vipd import log
+
+
+class Controllable(Protocol):
+    def release(self, name: str, reason: str = ...) -> str: ...
+    def status(self) -> dict[str, dict[str, object]]: ...
+
+
+def _answer(daemon: Controllable, line: str) -> dict[str, Any]:
+    words = line.split()
+    if words[:1] == ["release"] and len(words) == 2:
+        try:
+            return {"ok": True, "result": daemon.release(words[1])}
+        except KeyError:
+            return {"ok": False, "error": f"no VIP named {words[1]!r}"}
+    if words == ["state"]:
+        return {"ok": True, "result": daemon.status()}
+    return {"ok": False, "error": f"unknown request {line!r}"}
+
+
+async def serve(daemon: Controllable, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            with trio.move_on_after(5):
+                data = b""
+                while b"\n" not in data and len(data) < 4096:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                line = data.decode(errors="replace").strip()
+                reply = _answer(daemon, line)
+                log.info("control_request", request=line, ok=reply["ok"])
+                try:
+                    await stream.send_all(json.dumps(reply).encode() + b"\n")
+                except trio.BrokenResourceError:
+                    pass
+
+    try:
+        await trio.serve_listeners(handle, [listener])
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def request(path: str, line: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Blocking client used by the CLI."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(line.encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data or b'{"ok": false, "error": "no answer"}')

@@ -1,0 +1,152 @@
+"""The host lease: one etcd lease per host (not per VIP), kept alive, with a proven "valid until".
+
+valid_until = the instant the last acknowledged keepalive was *sent* + the TTL etcd granted. etcd can
+only expire the lease after it has seen that keepalive, so the lease cannot expire before this instant.
+Every deadline in vipd derives from it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Protocol
+
+import trio
+
+from vipd import log
+from vipd.errors import EtcdAuthError, EtcdError, EtcdUnavailable, LeaseLost
+from vipd.model import EtcdRestored, Event, LeaseGone, LeaseValid
+
+
+class LeaseClient(Protocol):
+    async def grant(self, ttl: int) -> tuple[int, int]: ...
+    async def keepalive(self, lease_id: int) -> int: ...
+    async def put(self, key: str, value: str, lease_id: int = 0) -> int: ...
+
+
+class LeaseMetrics(Protocol):
+    def observe_keepalive(self, seconds: float) -> None: ...
+    def set_etcd_reachable(self, up: bool) -> None: ...
+    def set_lease_valid_until(self, valid_until: float) -> None: ...
+
+
+class HostLease:
+    def __init__(self, client: LeaseClient, *, ttl: int, keepalives_per_ttl: int, presence_key: str,
+                 presence_value: str, publish: Callable[[Event], None], metrics: LeaseMetrics,
+                 record_path: str | None = None) -> None:
+        self._client = client
+        self._ttl = ttl
+        self._per_ttl = keepalives_per_ttl
+        self._presence = (presence_key, presence_value)
+        self._publish = publish
+        self._metrics = metrics
+        self._record_path = record_path
+        self.lease_id = 0
+        self.granted_ttl = 0
+        self.valid_until = 0.0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Grant, keep alive, re-grant when lost; forever. Reports started after the first grant.
+
+        Raises EtcdAuthError (a configuration problem: never retried)."""
+        backoff = 0.1
+        started = False
+        while True:
+            try:
+                await self._grant()
+            except EtcdAuthError:
+                raise
+            except EtcdError as e:
+                self._metrics.set_etcd_reachable(False)
+                log.warning("lease_grant_failed", error=e, retry_in=f"{backoff:.1f}")
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.1
+            if not started:
+                started = True
+                task_status.started()
+            await self._keep_alive()
+
+    async def _grant(self) -> None:
+        sent = trio.current_time()
+        lease_id, ttl = await self._client.grant(self._ttl)
+        self.lease_id, self.granted_ttl = lease_id, ttl
+        self._record(lease_id)
+        await self._client.put(self._presence[0], self._presence[1], lease_id)
+        self._metrics.set_etcd_reachable(True)
+        log.info("lease_granted", lease=f"{lease_id:x}", ttl=ttl, asked=self._ttl)
+        self._valid(sent + ttl)
+
+    def _valid(self, valid_until: float) -> None:
+        self.valid_until = valid_until
+        self._metrics.set_lease_valid_until(valid_until)
+        self._publish(LeaseValid(self.lease_id, valid_until))
+
+    async def _keep_alive(self) -> None:
+        """Returns when the lease is gone in etcd. While etcd is unreachable, keeps trying the same
+        lease: past its deadline the lease is announced gone (controllers have fenced by then), but
+        if etcd comes back with the lease still alive it is used again."""
+        period = self.granted_ttl / self._per_ttl
+        next_at = trio.current_time() + period
+        failing = announced_gone = False
+        while True:
+            await trio.sleep_until(next_at)
+            sent = trio.current_time()
+            next_at = sent + period
+            try:
+                remaining = await self._client.keepalive(self.lease_id)
+            except LeaseLost:
+                log.warning("lease_lost", lease=f"{self.lease_id:x}")
+                self._gone(announced_gone)
+                return
+            except (EtcdUnavailable, EtcdError) as e:
+                self._metrics.set_etcd_reachable(False)
+                if not failing:
+                    log.warning("keepalive_failed", lease=f"{self.lease_id:x}", error=e)
+                failing = True
+                if not announced_gone and trio.current_time() >= self.valid_until:
+                    log.warning("lease_deadline_passed", lease=f"{self.lease_id:x}")
+                    self._gone(False)
+                    announced_gone = True
+                next_at = min(next_at, trio.current_time() + min(period, 0.1))
+                continue
+            self._metrics.observe_keepalive(trio.current_time() - sent)
+            self._metrics.set_etcd_reachable(True)
+            self._valid(sent + min(self.granted_ttl, max(remaining, 0)))
+            if failing:
+                log.info("etcd_restored", lease=f"{self.lease_id:x}")
+                self._publish(EtcdRestored())
+                failing = announced_gone = False
+
+    def _gone(self, already: bool) -> None:
+        self._metrics.set_lease_valid_until(0.0)
+        if not already:
+            self._publish(LeaseGone(self.lease_id))
+
+    def _record(self, lease_id: int) -> None:
+        """Write the lease id where `vipd cleanup` (ExecStopPost) finds it to revoke after a crash."""
+        if not self._record_path:
+            return
+        try:
+            os.makedirs(os.path.dirname(self._record_path), exist_ok=True)
+            tmp = self._record_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{lease_id}\n")
+            os.replace(tmp, self._record_path)
+        except OSError as e:
+            log.warning("lease_record_failed", path=self._record_path, error=e.strerror)
+
+
+def read_recorded_lease(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def forget_recorded_lease(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,93 @@
+"""Prometheus metrics behind verb-named helpers, and a tiny trio HTTP endpoint that serves them."""
+
+from __future__ import annotations
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from vipd import log
+from vipd.model import State
+
+
+class Metrics:
+    def __init__(self, node: str) -> None:
+        self.registry = r = CollectorRegistry()
+        self._owner = Gauge("vipd_vip_owner", "1 while this host owns the VIP", ["vip"], registry=r)
+        self._state = Gauge("vipd_vip_state", "1 for the VIP's current ownership state", ["vip", "state"], registry=r)
+        self._epoch = Gauge("vipd_vip_epoch", "Ownership epoch (owner key create_revision) while owner",
+                            ["vip"], registry=r)
+        self._transitions = Counter("vipd_ownership_transitions", "Ownership state changes",
+                                    ["vip", "from_state", "to_state"], registry=r)
+        self._announcements = Counter("vipd_announcements", "Gratuitous ARP / unsolicited NA frames sent",
+                                      ["vip"], registry=r)
+        self._errors = Counter("vipd_dataplane_errors", "Failed kernel operations", ["vip", "op"], registry=r)
+        self._keepalive = Histogram("vipd_lease_keepalive_seconds", "Lease keepalive round trip",
+                                    buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2), registry=r)
+        self._etcd_up = Gauge("vipd_etcd_reachable", "1 when the last etcd request succeeded", registry=r)
+        self._validity = Gauge("vipd_lease_validity_seconds",
+                               "Seconds before the host lease could expire in etcd (0: no lease)", registry=r)
+        self._valid_until = 0.0
+        self._validity.set_function(lambda: max(0.0, self._valid_until - trio.current_time())
+                                    if self._valid_until else 0.0)
+        Gauge("vipd_info", "This daemon", ["node"], registry=r).labels(node).set(1)
+
+    def record_transition(self, vip: str, old: State, new: State) -> None:
+        self._transitions.labels(vip, old.value, new.value).inc()
+        for st in State:
+            self._state.labels(vip, st.value).set(1 if st is new else 0)
+        self._owner.labels(vip).set(1 if new is State.OWNER else 0)
+
+    def set_epoch(self, vip: str, epoch: int) -> None:
+        self._epoch.labels(vip).set(epoch)
+
+    def count_announcements(self, vip: str, frames: int) -> None:
+        self._announcements.labels(vip).inc(frames)
+
+    def count_dataplane_error(self, vip: str, op: str) -> None:
+        self._errors.labels(vip, op).inc()
+
+    def observe_keepalive(self, seconds: float) -> None:
+        self._keepalive.observe(seconds)
+
+    def set_etcd_reachable(self, up: bool) -> None:
+        self._etcd_up.set(1 if up else 0)
+
+    def set_lease_valid_until(self, valid_until: float) -> None:
+        """valid_until on trio's clock; 0 when there is no lease."""
+        self._valid_until = valid_until
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def serve(metrics: Metrics, listen: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve GET /metrics on host:port until cancelled."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    listeners = await trio.open_tcp_listeners(int(port), host=host)
+    log.info("metrics_listening", listen=listen)
+    task_status.started(listeners)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(5):
+            data = b""
+            while b"\r\n\r\n" not in data and len(data) < 8192:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                data += chunk
+            path = data.split(b" ", 2)[1] if data.count(b" ") >= 2 else b""
+            if path.split(b"?")[0] in (b"/metrics", b"/"):
+                body, status, ctype = metrics.render(), b"200 OK", CONTENT_TYPE_LATEST.encode()
+            else:
+                body, status, ctype = b"not found\n", b"404 Not Found", b"text/plain"
+            head = (b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                    + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+            try:
+                await stream.send_all(head + body)
+            except trio.BrokenResourceError:
+                pass
+        await stream.aclose()
+
+    await trio.serve_listeners(handle, listeners)

@@ -1,0 +1,165 @@
+"""One task per VIP: feeds events to the pure state machine and carries out its actions.
+
+Kernel actions (add/refresh/remove the address) run inline, in order, so no two address operations
+for a VIP ever interleave. etcd actions and announcements run as child tasks whose results come
+back as events; a fence therefore never waits on etcd.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import trio
+
+from vipd import log
+from vipd.config import VipSpec
+from vipd.errors import DataplaneError, EtcdError
+from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Announce, Campaign,
+                        CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, DeleteOwnerKey, Event,
+                        KeyReleased, OwnerRecord, ReleaseFailed, RemoveAddress, RemoveFailed, Start, State,
+                        StopAnnouncing, Tick)
+from vipd.ownership import fsm
+
+
+class AddressPort(Protocol):
+    async def claim(self, vip: VipSpec, lifetime: int) -> None: ...
+    async def release(self, vip: VipSpec) -> None: ...
+
+
+class AnnouncePort(Protocol):
+    async def announce(self, vip: VipSpec) -> int: ...
+
+
+class KeysPort(Protocol):
+    async def campaign(self, vip: str, lease: int) -> tuple[bool, OwnerRecord]: ...
+    async def release(self, vip: str, epoch: int) -> bool: ...
+
+
+class MetricsPort(Protocol):
+    def record_transition(self, vip: str, old: State, new: State) -> None: ...
+    def set_epoch(self, vip: str, epoch: int) -> None: ...
+    def count_announcements(self, vip: str, frames: int) -> None: ...
+    def count_dataplane_error(self, vip: str, op: str) -> None: ...
+
+
+class Controller:
+    def __init__(self, vip: VipSpec, params: fsm.Params, addresses: AddressPort, announcer: AnnouncePort,
+                 keys: KeysPort, metrics: MetricsPort) -> None:
+        self.vip = vip
+        self.params = params
+        self._addresses = addresses
+        self._announcer = announcer
+        self._keys = keys
+        self._metrics = metrics
+        self.state = fsm.VipState()
+        self._send, self._recv = trio.open_memory_channel[Event](math.inf)
+        self._announcing = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self.last_step = 0.0  # trio clock of the last processed event (watchdog: is this task alive?)
+        self.stopped = trio.Event()
+
+    def post(self, ev: Event) -> None:
+        """Queue an event; never blocks."""
+        self._send.send_nowait(ev)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._handle(Start())
+            task_status.started()
+            while self.state.state is not State.STOPPED:
+                wake = fsm.wakeup(self.params, self.state, trio.current_time())
+                ev: Event = Tick()
+                with trio.move_on_at(wake if wake is not None else math.inf):
+                    ev = await self._recv.receive()
+                await self._handle(ev)
+            self._announcing.cancel()
+            nursery.cancel_scope.cancel()
+        self.stopped.set()
+
+    async def _handle(self, first: Event) -> None:
+        queue = [first]
+        while queue:
+            ev = queue.pop(0)
+            now = trio.current_time()
+            old = self.state
+            self.state, actions = fsm.step(self.params, old, ev, now)
+            self.last_step = now
+            if self.state.state is not old.state:
+                self._transitioned(old, ev)
+            for action in actions:
+                follow = await self._do(action)
+                if follow is not None:
+                    queue.append(follow)
+
+    def _transitioned(self, old: fsm.VipState, ev: Event) -> None:
+        new = self.state
+        self._metrics.record_transition(self.vip.name, old.state, new.state)
+        self._metrics.set_epoch(self.vip.name, new.epoch)
+        owner = new.owner.node if new.owner else None
+        log.info("transition", vip=self.vip.name, address=self.vip.address, **{"from": old.state.value},
+                 to=new.state.value, reason=new.reason or type(ev).__name__, epoch=new.epoch or None,
+                 lease=f"{new.lease:x}" if new.lease else None, owner=owner)
+
+    async def _do(self, action: Action) -> Event | None:
+        if isinstance(action, ClaimAddress):
+            try:
+                await self._addresses.claim(self.vip, action.lifetime)
+            except DataplaneError as e:
+                self._metrics.count_dataplane_error(self.vip.name, "claim")
+                log.error("address_claim_failed", vip=self.vip.name, address=self.vip.address, error=e)
+                return AddressFailed(str(e))
+            return AddressAdded()
+        if isinstance(action, RemoveAddress):
+            try:
+                await self._addresses.release(self.vip)
+            except DataplaneError as e:
+                self._metrics.count_dataplane_error(self.vip.name, "remove")
+                log.error("address_remove_failed", vip=self.vip.name, address=self.vip.address, error=e)
+                return RemoveFailed(str(e))
+            return AddressRemoved()
+        if isinstance(action, Announce):
+            self._announcing.cancel()
+            self._announcing = trio.CancelScope()
+            self._spawn(self._announce, self._announcing)
+        elif isinstance(action, StopAnnouncing):
+            self._announcing.cancel()
+        elif isinstance(action, Campaign):
+            self._spawn(self._campaign, action.lease)
+        elif isinstance(action, DeleteOwnerKey):
+            self._spawn(self._delete_key, action.epoch)
+        return None
+
+    def _spawn(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    async def _announce(self, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                sent = await self._announcer.announce(self.vip)
+            except DataplaneError as e:
+                self._metrics.count_dataplane_error(self.vip.name, "announce")
+                log.warning("announce_failed", vip=self.vip.name, error=e)
+                return
+            if sent:
+                self._metrics.count_announcements(self.vip.name, sent)
+                log.info("announced", vip=self.vip.name, address=self.vip.address, frames=sent)
+
+    async def _campaign(self, lease: int) -> None:
+        try:
+            won, record = await self._keys.campaign(self.vip.name, lease)
+        except EtcdError as e:
+            self.post(CampaignFailed(str(e)))
+            return
+        self.post(CampaignWon(record) if won else CampaignLost(record))
+
+    async def _delete_key(self, epoch: int) -> None:
+        try:
+            await self._keys.release(self.vip.name, epoch)
+        except EtcdError as e:
+            log.warning("owner_key_delete_failed", vip=self.vip.name, epoch=epoch, error=e)
+            self.post(ReleaseFailed(str(e)))
+            return
+        self.post(KeyReleased())
