@@ -24,6 +24,10 @@ class EtcdUnavailable(EtcdError):
     """No endpoint answered within its deadline (network, TLS handshake, server down)."""
 
 
+class EtcdWatchIdle(EtcdUnavailable):
+    """A watch stream brought no event and no progress notification in time: it may be dead."""
+
+
 class EtcdAuthError(EtcdError):
     """etcd refused our credentials (wrong password, unknown user, bad client certificate)."""
 

@@ -6,12 +6,13 @@ epoch (the fencing token). One watch on `<prefix>vips/` feeds every controller.
 
 from __future__ import annotations
 
+import contextlib
 from typing import AsyncIterator, Callable, Protocol
 
 import trio
 
 from vipd import log
-from vipd.errors import EtcdAuthError, EtcdCompacted, EtcdError
+from vipd.errors import EtcdAuthError, EtcdCompacted, EtcdError, EtcdWatchIdle
 from vipd.model import OwnerRecord
 
 
@@ -84,19 +85,24 @@ class OwnerKeys:
                     started = True
                     task_status.started()
                 backoff = 0.1
-                async for batch in self._client.watch_prefix(self.prefix, revision + 1):
-                    for ev in batch.events:
-                        name = self.vip_of(ev.kv.key)
-                        if name not in wanted:
-                            continue
-                        if ev.type == "DELETE":
-                            deliver(name, OwnerRecord(None, revision=ev.kv.mod_revision))
-                        else:
-                            deliver(name, self.record(ev.kv))
+                async with contextlib.aclosing(self._client.watch_prefix(self.prefix, revision + 1)) as batches:
+                    async for batch in batches:
+                        for ev in batch.events:
+                            name = self.vip_of(ev.kv.key)
+                            if name not in wanted:
+                                continue
+                            if ev.type == "DELETE":
+                                deliver(name, OwnerRecord(None, revision=ev.kv.mod_revision))
+                            else:
+                                deliver(name, self.record(ev.kv))
             except EtcdAuthError:
                 raise
             except EtcdCompacted:
                 log.info("watch_compacted", prefix=self.prefix)
+            except EtcdWatchIdle:
+                # etcd without --experimental-watch-progress-notify-interval sends no progress on a quiet
+                # stream; a re-list + re-watch is cheap and proves the stream (level-triggered).
+                log.debug("watch_refreshed", prefix=self.prefix)
             except EtcdError as e:
                 log.warning("watch_failed", prefix=self.prefix, error=e, retry_in=f"{backoff:.1f}")
                 await trio.sleep(backoff)
