@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -112,14 +113,15 @@ class Daemon:
         by_if: dict[str, list[Controller]] = {}
         for c in self.controllers.values():
             by_if.setdefault(c.vip.interface, []).append(c)
-        async for ev in kernel_events():
-            if isinstance(ev, LinkChanged) and ev.up:
-                for c in by_if.get(ev.ifname, []):
-                    c.post(LinkUp())
-            elif isinstance(ev, KernelAddressRemoved):
-                for c in by_if.get(ev.ifname, []):
-                    if c.vip.ip == ev.address.ip:
-                        c.post(Reconcile(False))
+        async with contextlib.aclosing(kernel_events()) as events:
+            async for ev in events:
+                if isinstance(ev, LinkChanged) and ev.up:
+                    for c in by_if.get(ev.ifname, []):
+                        c.post(LinkUp())
+                elif isinstance(ev, KernelAddressRemoved):
+                    for c in by_if.get(ev.ifname, []):
+                        if c.vip.ip == ev.address.ip:
+                            c.post(Reconcile(False))
 
     async def watchdog(self, interval: float) -> None:
         """Feed systemd's watchdog only while the loop runs and the netlink thread answers."""

@@ -21,6 +21,9 @@ from vipd.errors import ConfigError
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
 
 DEFAULT_PATH = "/etc/vipd/vipd.toml"
+# The kernel removes an expired address up to ~1.25 s late (check_lifetime runs at most once a second
+# and rounds up to a whole second); the fence margin must cover that plus slack.
+MIN_FENCE_MARGIN = 1.25
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
 
@@ -64,10 +67,12 @@ class EtcdConfig:
 
 @dataclass(frozen=True)
 class TimingConfig:
-    # The address lifetime ends this long before the lease can expire in etcd.
-    fence_margin: float = 0.25
-    # Keepalives per granted TTL (3 means one every TTL/3).
-    keepalives_per_ttl: int = 4
+    # The address lifetime ends this long before the lease can expire in etcd. It must cover how late
+    # the kernel removes an expired address (up to ~1.25 s: its lifetime check runs at most once a
+    # second, rounded up), so that a dead daemon's VIP is gone before another host can win.
+    fence_margin: float = 1.5
+    # Keepalives per granted TTL (6 means one every TTL/6).
+    keepalives_per_ttl: int = 6
     # Level-triggered reconcile of kernel state.
     reconcile_interval: float = 1.0
     # After a voluntary release this host does not campaign for that VIP for this long.
@@ -188,8 +193,8 @@ def _parse_etcd(t: _Table) -> EtcdConfig:
 
 
 def _parse_timing(t: _Table) -> TimingConfig:
-    margin = float(_positive(t.key("fence_margin"), t.get("fence_margin", (int, float), 0.25), 0, 10))
-    per_ttl = int(_positive(t.key("keepalives_per_ttl"), t.get("keepalives_per_ttl", int, 4), 2, 20))
+    margin = float(_positive(t.key("fence_margin"), t.get("fence_margin", (int, float), 1.5), MIN_FENCE_MARGIN, 10))
+    per_ttl = int(_positive(t.key("keepalives_per_ttl"), t.get("keepalives_per_ttl", int, 6), 2, 20))
     reconcile = float(_positive(t.key("reconcile_interval"), t.get("reconcile_interval", (int, float), 1.0), 0, 60))
     holdoff = float(_positive(t.key("release_holdoff"), t.get("release_holdoff", (int, float), 3.0), 0, 3600))
     t.done()

@@ -28,7 +28,7 @@ def test_example_config_parses():
     cfg = config.load(ROOT / "conf" / "vipd.toml", hostname="cp1")
     assert cfg.node == "cp1"
     assert [v.name for v in cfg.vips] == ["api", "api-v6"]
-    assert cfg.etcd.lease_ttl == 2 and cfg.etcd.endpoints[0].startswith("https://")
+    assert cfg.etcd.lease_ttl == 3 and cfg.etcd.endpoints[0].startswith("https://")
 
 
 def test_defaults_and_types():
@@ -59,13 +59,14 @@ def test_prefix_gets_trailing_slash():
     ({"etcd": {"lease_ttl": 0}}, "etcd.lease_ttl", ">= 1"),
     ({"etcd": {"lease_ttl": "3"}}, "etcd.lease_ttl", "expected an integer"),
     ({"etcd": {"lease_ttl": True}}, "etcd.lease_ttl", "boolean"),
-    ({"etcd": {"lease_ttl": 1}}, "etcd.lease_ttl", "fence_margin"),
+    ({"etcd": {"lease_ttl": 2}}, "etcd.lease_ttl", "fence_margin"),
     ({"etcd": {"prefix": "vipd/"}}, "etcd.prefix", "start with '/'"),
     ({"etcd": {"cert_file": "/x"}}, "etcd.key_file", "go together"),
     ({"etcd": {"username": "u"}}, "etcd.password", "go together"),
     ({"etcd": {"password": "p", "password_file": "/x", "username": "u"}}, "etcd.password_file", "not both"),
     ({"etcd": {"username": "u", "password_file": "/nonexistent/pw"}}, "etcd.password_file", "cannot read"),
-    ({"timing": {"fence_margin": -1}}, "timing.fence_margin", "> 0"),
+    ({"timing": {"fence_margin": -1}}, "timing.fence_margin", ">= 1.25"),
+    ({"timing": {"fence_margin": 0.5}}, "timing.fence_margin", ">= 1.25"),
     ({"timing": {"keepalives_per_ttl": 1}}, "timing.keepalives_per_ttl", ">= 2"),
     ({"metrics": {"listen": "9654"}}, "metrics.listen", "host:port"),
     ({"log_level": "loud"}, "log_level", "one of"),

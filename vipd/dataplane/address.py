@@ -1,0 +1,220 @@
+"""VIP addresses with kernel lifetimes, tagged as ours with IFA_PROTO.
+
+``claim`` adds or replaces (RTM_NEWADDR + NLM_F_REPLACE) the address with
+valid_lft = preferred_lft = lifetime; calling it again is the refresh that restarts the kernel's
+countdown. If vipd stops refreshing (crash, hang, lost lease) the kernel removes the address by
+itself when the lifetime runs out: that is the fence.
+
+Ownership: every address vipd adds carries IFA_PROTO = VIPD_PROTO (kernel >= 6.3 stores it).
+vipd never replaces, refreshes or deletes an address without that tag. The kernel's replace
+would silently re-tag an untagged address, so each claim reads the interface's addresses first
+and refuses; the read and the replace run as one job in the netlink owner thread, so no other
+vipd call slips between them (an administrator's ``ip addr`` still could, in that sub-millisecond
+window).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Any, Iterable, NamedTuple, Optional, Union
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
+
+from vipd.config import VipSpec
+from vipd.dataplane.netlink import Netlink, netlink_error_text
+from vipd.errors import AddressError
+
+IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+
+VIPD_PROTO = 0x56  # 'V'; shown as "proto 0x56" by iproute2 >= 6.3 (Debian 12's ip does not print it)
+_FOREVER = 0xFFFFFFFF  # INFINITY_LIFE_TIME
+_ENODEV = 19
+_EADDRNOTAVAIL = 99
+
+
+@dataclass(frozen=True)
+class TaggedAddress:
+    """An address carrying VIPD_PROTO, as found in the kernel."""
+
+    interface: str
+    address: IPInterface
+    valid_lft: Optional[int]  # seconds left; None = forever (vipd never sets that)
+
+
+class _Entry(NamedTuple):
+    """One kernel address, reduced to what vipd looks at."""
+
+    index: int
+    address: IPInterface
+    proto: Optional[int]
+    valid_lft: Optional[int]
+
+    @property
+    def ours(self) -> bool:
+        return self.proto == VIPD_PROTO
+
+
+def _entry(msg: Any) -> _Entry:
+    # IPv4: IFA_LOCAL is the local address (IFA_ADDRESS is the peer on point-to-point links).
+    ip = msg.get("IFA_LOCAL") if msg["family"] == socket.AF_INET else None
+    ip = ip or msg.get("IFA_ADDRESS")
+    cache = msg.get("IFA_CACHEINFO")
+    valid = cache["ifa_valid"] if cache else _FOREVER
+    return _Entry(
+        index=msg["index"],
+        address=ipaddress.ip_interface(f"{ip}/{msg['prefixlen']}"),
+        proto=msg.get("IFA_PROTO"),
+        valid_lft=None if valid == _FOREVER else valid,
+    )
+
+
+def _entries(ipr: IPRoute, index: Optional[int] = None) -> list[_Entry]:
+    msgs: Iterable[Any] = ipr.addr("dump") if index is None else ipr.addr("dump", index=index)
+    return [_entry(m) for m in msgs if index is None or m["index"] == index]
+
+
+def _index(ipr: IPRoute, ifname: str) -> Optional[int]:
+    """The interface's index, or None when there is no such interface."""
+    try:
+        msgs = ipr.link("get", ifname=ifname)
+    except NetlinkError as e:
+        if e.code == _ENODEV:
+            return None
+        raise
+    return msgs[0]["index"] if msgs else None
+
+
+def _same_ip(entries: Iterable[_Entry], address: IPInterface) -> list[_Entry]:
+    return [e for e in entries if e.address.ip == address.ip]
+
+
+def _delete(ipr: IPRoute, e: _Entry) -> None:
+    """Delete one address; one that is already gone (e.g. just expired) is fine."""
+    try:
+        ipr.addr("del", index=e.index, address=str(e.address.ip), prefixlen=e.address.network.prefixlen)
+    except NetlinkError as err:
+        if err.code != _EADDRNOTAVAIL:
+            raise
+
+
+class AddressManager:
+    """Claims, refreshes and releases tagged VIP addresses through one Netlink owner thread."""
+
+    def __init__(self, nl: Netlink) -> None:
+        self.nl = nl
+
+    async def _run(self, what: str, fn: Any) -> Any:
+        try:
+            return await self.nl.call(fn)
+        except NetlinkError as e:
+            raise AddressError(f"{what}: {netlink_error_text(e)}") from None
+        except OSError as e:
+            raise AddressError(f"{what}: {e}") from None
+
+    async def claim(self, vip: VipSpec, lifetime: int) -> None:
+        """Add, or replace and so refresh, ``vip.address`` with a ``lifetime`` s countdown.
+
+        Raises AddressError when the interface is missing, when the same IP is on that
+        interface without our tag, or when the kernel refuses.
+        """
+        if isinstance(lifetime, bool) or not isinstance(lifetime, int) or not 1 <= lifetime < _FOREVER:
+            raise AddressError(f"{vip.name}: lifetime must be whole seconds >= 1, got {lifetime!r}")
+        address, ifname = vip.address, vip.interface
+        what = f"claim {address} on {ifname}"
+
+        def job(ipr: IPRoute) -> None:
+            index = _index(ipr, ifname)
+            if index is None:
+                raise AddressError(f"{what}: no interface {ifname!r}")
+            present = _same_ip(_entries(ipr, index), address)
+            foreign = [e for e in present if not e.ours]
+            if foreign:
+                raise AddressError(
+                    f"{what}: {foreign[0].address} is already on {ifname} without vipd's tag "
+                    f"(proto {foreign[0].proto}); refusing to take it over"
+                )
+            for e in present:
+                if e.address != address:  # ours, but an old prefix length: IPv6 replace would keep it
+                    _delete(ipr, e)
+            kwargs: dict[str, Any] = {}
+            if address.version == 6:
+                kwargs["flags"] = IFA_F_NODAD  # usable at once, no tentative state
+            ipr.addr(
+                "replace",
+                index=index,
+                address=str(address.ip),
+                prefixlen=address.network.prefixlen,
+                proto=VIPD_PROTO,
+                valid_lft=lifetime,
+                preferred_lft=lifetime,
+                **kwargs,
+            )
+
+        await self._run(what, job)
+
+    async def release(self, vip: VipSpec) -> None:
+        """Delete our tagged address for ``vip`` if present. Absent or untagged: nothing to do."""
+        address, ifname = vip.address, vip.interface
+
+        def job(ipr: IPRoute) -> None:
+            index = _index(ipr, ifname)
+            if index is None:
+                return  # no interface, no address
+            for e in _same_ip(_entries(ipr, index), address):
+                if e.ours:
+                    _delete(ipr, e)
+
+        await self._run(f"release {address} on {ifname}", job)
+
+    async def tagged(self) -> list[TaggedAddress]:
+        """Every address in this netns carrying VIPD_PROTO."""
+
+        def job(ipr: IPRoute) -> list[TaggedAddress]:
+            ours = [e for e in _entries(ipr) if e.ours]
+            if not ours:
+                return []
+            names = {m["index"]: m.get("IFLA_IFNAME") for m in ipr.link("dump")}
+            return [TaggedAddress(names.get(e.index, f"if{e.index}"), e.address, e.valid_lft) for e in ours]
+
+        return await self._run("list tagged addresses", job)
+
+    async def remove(self, t: TaggedAddress) -> None:
+        """Delete one tagged address (stale cleanup). Gone already, or no longer tagged: nothing."""
+
+        def job(ipr: IPRoute) -> None:
+            index = _index(ipr, t.interface)
+            if index is None:
+                return
+            for e in _entries(ipr, index):
+                if e.address == t.address and e.ours:
+                    _delete(ipr, e)
+
+        await self._run(f"remove {t.address} from {t.interface}", job)
+
+    async def _find(self, vip: VipSpec) -> Optional[_Entry]:
+        address, ifname = vip.address, vip.interface
+
+        def job(ipr: IPRoute) -> Optional[_Entry]:
+            index = _index(ipr, ifname)
+            if index is None:
+                return None
+            for e in _entries(ipr, index):
+                if e.address == address and e.ours:
+                    return e
+            return None
+
+        return await self._run(f"look up {address} on {ifname}", job)
+
+    async def holds(self, vip: VipSpec) -> bool:
+        """Our tagged ``vip.address`` (same prefix length) is on ``vip.interface``."""
+        return await self._find(vip) is not None
+
+    async def lifetime_left(self, vip: VipSpec) -> Optional[int]:
+        """Seconds the kernel will keep our address (rounded down), or None when we do not hold
+        it (or, never the case for addresses vipd adds, its lifetime is infinite)."""
+        e = await self._find(vip)
+        return None if e is None else e.valid_lft
