@@ -42,8 +42,8 @@ class Daemon:
         self.nl = nl
         self.keys = OwnerKeys(client, cfg.etcd.prefix, cfg.node)
         params = fsm.Params(cfg.node, cfg.timing.fence_margin, cfg.timing.release_holdoff)
-        self.controllers = {v.name: Controller(v, params, self.addresses, self.announcer, self.keys, self.metrics)
-                            for v in cfg.vips}
+        self.controllers = {u.name: Controller(u, params, self.addresses, self.announcer, self.keys, self.metrics)
+                            for u in cfg.units}
         self.lease = HostLease(client, ttl=cfg.etcd.lease_ttl, keepalives_per_ttl=cfg.timing.keepalives_per_ttl,
                                presence_key=f"{cfg.etcd.prefix}hosts/{cfg.node}", presence_value=cfg.node,
                                publish=self.broadcast, metrics=self.metrics,
@@ -54,9 +54,7 @@ class Daemon:
             c.post(ev)
 
     def release(self, name: str, reason: str = "operator request") -> str:
-        c = self.controllers.get(name)
-        if c is None:
-            raise KeyError(name)
+        c = self.controllers[self.cfg.unit_of(name)]  # KeyError: no such VIP or group
         if c.state.state not in (State.OWNER, State.ACQUIRING):
             return f"not owner ({c.state.state.value})"
         c.post(ReleaseRequested(reason))
@@ -90,7 +88,7 @@ class Daemon:
 
     async def reconcile(self) -> None:
         """Level-triggered: tell every controller whether its address is in the kernel; drop strays."""
-        configured = {(v.interface, v.ip): v.name for v in self.cfg.vips}
+        configured = {(v.interface, v.ip): v for v in self.cfg.vips}
         while True:
             await trio.sleep(self.cfg.timing.reconcile_interval)
             try:
@@ -100,19 +98,21 @@ class Daemon:
                 continue
             present = set()
             for t in tagged:
-                name = configured.get((t.interface, t.address.ip))
-                if name is None:
+                vip = configured.get((t.interface, t.address.ip))
+                if vip is None:
                     await self.addresses.remove(t)
                     log.info("stray_address_removed", interface=t.interface, address=t.address)
                 else:
-                    present.add(name)
-            for name, c in self.controllers.items():
-                c.post(Reconcile(name in present))
+                    present.add(vip.name)
+            for c in self.controllers.values():
+                held = [v.name in present for v in c.vips]
+                c.post(Reconcile(missing=not all(held), present=any(held)))
 
     async def watch_kernel(self) -> None:
         by_if: dict[str, list[Controller]] = {}
         for c in self.controllers.values():
-            by_if.setdefault(c.vip.interface, []).append(c)
+            for v in c.vips:
+                by_if.setdefault(v.interface, []).append(c)
         async with contextlib.aclosing(kernel_events()) as events:
             async for ev in events:
                 if isinstance(ev, LinkChanged) and ev.up:
@@ -120,8 +120,8 @@ class Daemon:
                         c.post(LinkUp())
                 elif isinstance(ev, KernelAddressRemoved):
                     for c in by_if.get(ev.ifname, []):
-                        if c.vip.ip == ev.address.ip:
-                            c.post(Reconcile(False))
+                        if any(v.ip == ev.address.ip for v in c.vips):
+                            c.post(Reconcile(missing=True, present=False))
 
     async def watchdog(self, interval: float) -> None:
         """Feed systemd's watchdog only while the loop runs and the netlink thread answers."""

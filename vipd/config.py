@@ -38,6 +38,12 @@ class VipSpec:
     announce_count: int = 3
     announce_interval: float = 0.2
     announce_reply: bool = False
+    group: str | None = None  # VIPs of one group always have the same owner
+
+    @property
+    def unit(self) -> str:
+        """The election unit this VIP belongs to: its group, or itself."""
+        return self.group or self.name
 
     @property
     def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -50,6 +56,14 @@ class VipSpec:
     @property
     def on_loopback(self) -> bool:
         return self.interface == "lo"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one owner key elects: a single VIP, or every VIP of a group (they move together)."""
+
+    name: str
+    vips: tuple[VipSpec, ...]
 
 
 @dataclass(frozen=True)
@@ -93,10 +107,18 @@ class Config:
     def control_socket(self) -> str:
         return os.path.join(self.state_dir, "control.sock")
 
-    def vip(self, name: str) -> VipSpec:
+    @property
+    def units(self) -> tuple[Unit, ...]:
+        order: dict[str, list[VipSpec]] = {}
         for v in self.vips:
-            if v.name == name:
-                return v
+            order.setdefault(v.unit, []).append(v)
+        return tuple(Unit(name, tuple(vs)) for name, vs in order.items())
+
+    def unit_of(self, name: str) -> str:
+        """Unit name for a VIP or group name; KeyError if neither."""
+        for v in self.vips:
+            if name in (v.name, v.group):
+                return v.unit
         raise KeyError(name)
 
 
@@ -226,8 +248,11 @@ def _parse_vip(t: _Table) -> VipSpec:
         raise ConfigError(t.key("announce_count"), f"must be between 0 and 100, got {count}")
     interval = float(_positive(t.key("announce_interval"), t.get("announce_interval", (int, float), 0.2), 0, 60))
     reply = t.get("announce_reply", bool, False)
+    group = t.get("group", str)
+    if group is not None and not _NAME_RE.match(group):
+        raise ConfigError(t.key("group"), f"{group!r} is not a valid group name")
     t.done()
-    return VipSpec(name, address, interface, count, interval, reply)
+    return VipSpec(name, address, interface, count, interval, reply, group)
 
 
 def parse(data: dict[str, Any], *, hostname: str | None = None) -> Config:
@@ -260,6 +285,10 @@ def parse(data: dict[str, Any], *, hostname: str | None = None) -> Config:
         if v.ip in addrs:
             raise ConfigError(f"vip[{i}].address", f"duplicate address {v.ip} (also vip[{addrs[v.ip]}])")
         addrs[v.ip] = i
+    for i, v in enumerate(vips):
+        if v.group is not None and v.group in names and vips[names[v.group]].group != v.group:
+            raise ConfigError(f"vip[{i}].group", f"{v.group!r} is also the name of vip[{names[v.group]}], "
+                                                 "which is not in that group")
     if etcd.lease_ttl - timing.fence_margin < 1:
         raise ConfigError("etcd.lease_ttl", f"must exceed timing.fence_margin by at least 1 s "
                                             f"(address lifetimes are whole seconds)")

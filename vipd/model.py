@@ -124,8 +124,9 @@ class LinkUp:
 
 @dataclass(frozen=True)
 class Reconcile:
-    """Periodic level-triggered check: is our tagged address present in the kernel right now?"""
+    """Level-triggered check of the kernel: is any of the unit's addresses missing, any present?"""
 
+    missing: bool
     present: bool
 
 

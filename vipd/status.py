@@ -18,7 +18,7 @@ async def collect(cfg: Config) -> dict[str, Any]:
         for rec in owners.values():
             if rec.lease and rec.lease not in ttl:
                 ttl[rec.lease] = await client.time_to_live(rec.lease)
-        addresses = {v.name: str(v.address) for v in cfg.vips}
+        addresses = {u.name: ",".join(str(v.address) for v in u.vips) for u in cfg.units}
         vips = []
         for name in sorted(set(owners) | set(addresses)):
             rec = owners.get(name)

@@ -175,3 +175,21 @@ def test_release_command_hands_vip_over(lab, make_cluster):
     assert new != old
     r = c.run_cli(c.host(old), "release", "nosuch")
     assert r.returncode == 1 and "no VIP named 'nosuch'" in r.stderr
+
+
+def test_group_moves_together(lab, make_cluster):
+    vips = [VipDef("web4", str(lab.vip4(1)), extra={"group": "web"}),
+            VipDef("web6", str(lab.vip6(1)), extra={"group": "web"}),
+            VipDef("api", str(lab.vip4(0)))]
+    c = make_cluster(vips)
+    old = c.wait_owner(ip_of(vips[0]))
+    assert c.wait_owner(ip_of(vips[1])) == old
+    status = c.run_cli(c.host(old), "status")
+    assert re.search(rf"^web\s+{re.escape(vips[0].address)},{re.escape(vips[1].address)}\s+{old}\s", status.stdout,
+                     re.M), status.stdout
+    r = c.run_cli(c.host(old), "release", "web6")  # a member's name releases its whole group
+    assert r.returncode == 0, r.stderr
+    new = c.wait_owner(ip_of(vips[0]), exclude=[old], timeout=3)
+    assert c.wait_owner(ip_of(vips[1]), exclude=[old], timeout=3) == new
+    for t, before, after in c.monitor.owner_changes(ip_of(vips[1])):
+        assert len(after) <= 1

@@ -141,3 +141,18 @@ def test_vipd_check_command_exit_codes(tmp_path):
     ko = subprocess.run([sys.executable, "-m", "vipd", "check", "-c", str(bad)], capture_output=True, text=True)
     assert ko.returncode == 2
     assert "vip[0].port: unknown key" in ko.stderr
+
+
+def test_groups_make_one_election_unit():
+    cfg = parse(vips=[{"name": "web4", "address": "10.0.0.1", "group": "web"},
+                      {"name": "web6", "address": "2001:db8::1", "group": "web"},
+                      {"name": "api", "address": "10.0.0.2"}])
+    assert [(u.name, [v.name for v in u.vips]) for u in cfg.units] == [("web", ["web4", "web6"]), ("api", ["api"])]
+    assert cfg.unit_of("web6") == "web" and cfg.unit_of("web") == "web" and cfg.unit_of("api") == "api"
+    with pytest.raises(KeyError):
+        cfg.unit_of("nosuch")
+
+
+def test_group_name_may_not_shadow_another_vip():
+    with pytest.raises(ConfigError, match=r"vip\[1\].group: 'api' is also the name of vip\[0\]"):
+        parse(vips=[{"name": "api", "address": "10.0.0.2"}, {"name": "x", "address": "10.0.0.1", "group": "api"}])

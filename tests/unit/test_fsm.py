@@ -235,11 +235,15 @@ def test_address_failure_while_acquiring_gives_the_key_back():
 
 
 def test_reconcile_restores_missing_address_and_removes_stray_one():
-    s, acts = run(owner(), Reconcile(present=False))
+    s, acts = run(owner(), Reconcile(missing=True, present=False))
     assert acts == [ClaimAddress(1), Announce()]
-    s, acts = run(backup(owner=OTHER), Reconcile(present=True))
+    s, acts = run(owner(), Reconcile(missing=True, present=True))  # one address of a group gone
+    assert acts == [ClaimAddress(1), Announce()]
+    s, acts = run(backup(owner=OTHER), Reconcile(missing=True, present=True))
     assert acts == [RemoveAddress()]
-    s, acts = run(owner(), Reconcile(present=True))
+    s, acts = run(owner(), Reconcile(missing=False, present=True))
+    assert acts == []
+    s, acts = run(backup(owner=OTHER), Reconcile(missing=True, present=False))
     assert acts == []
 
 
@@ -263,7 +267,7 @@ def test_every_reachable_transition_is_in_the_table():
               OwnerObserved(ABSENT), OwnerObserved(MINE), OwnerObserved(replace(OTHER, revision=40)),
               CampaignWon(MINE), CampaignLost(OTHER), CampaignFailed("x"), AddressAdded(), AddressFailed("x"),
               AddressRemoved(), RemoveFailed("x"), KeyReleased(), ReleaseFailed("x"), ReleaseRequested(),
-              ShutdownRequested(), LinkUp(), EtcdRestored(), Reconcile(True), Reconcile(False), Tick()]
+              ShutdownRequested(), LinkUp(), EtcdRestored(), Reconcile(False, True), Reconcile(True, False), Tick()]
     seen = set()
     for st in State:
         for base in (owner(), backup(), backup(owner=MINE), replace(owner(), stopping=True, removed=True)):

@@ -13,7 +13,7 @@ from typing import Protocol
 import trio
 
 from vipd import log
-from vipd.config import VipSpec
+from vipd.config import Unit, VipSpec
 from vipd.errors import DataplaneError, EtcdError
 from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Announce, Campaign,
                         CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, DeleteOwnerKey, Event,
@@ -44,9 +44,12 @@ class MetricsPort(Protocol):
 
 
 class Controller:
-    def __init__(self, vip: VipSpec, params: fsm.Params, addresses: AddressPort, announcer: AnnouncePort,
+    """Owns one election unit: a VIP, or the VIPs of a group, always held together."""
+
+    def __init__(self, unit: Unit, params: fsm.Params, addresses: AddressPort, announcer: AnnouncePort,
                  keys: KeysPort, metrics: MetricsPort) -> None:
-        self.vip = vip
+        self.name = unit.name
+        self.vips = unit.vips
         self.params = params
         self._addresses = addresses
         self._announcer = announcer
@@ -93,36 +96,43 @@ class Controller:
                 if follow is not None:
                     queue.append(follow)
 
+    @property
+    def addresses(self) -> str:
+        return ",".join(str(v.address) for v in self.vips)
+
     def _transitioned(self, old: fsm.VipState, ev: Event) -> None:
         new = self.state
-        self._metrics.record_transition(self.vip.name, old.state, new.state)
-        self._metrics.set_epoch(self.vip.name, new.epoch)
+        self._metrics.record_transition(self.name, old.state, new.state)
+        self._metrics.set_epoch(self.name, new.epoch)
         owner = new.owner.node if new.owner else None
-        log.info("transition", vip=self.vip.name, address=self.vip.address, **{"from": old.state.value},
+        log.info("transition", vip=self.name, address=self.addresses, **{"from": old.state.value},
                  to=new.state.value, reason=new.reason or type(ev).__name__, epoch=new.epoch or None,
                  lease=f"{new.lease:x}" if new.lease else None, owner=owner)
 
     async def _do(self, action: Action) -> Event | None:
         if isinstance(action, ClaimAddress):
-            try:
-                await self._addresses.claim(self.vip, action.lifetime)
-            except DataplaneError as e:
-                self._metrics.count_dataplane_error(self.vip.name, "claim")
-                log.error("address_claim_failed", vip=self.vip.name, address=self.vip.address, error=e)
-                return AddressFailed(str(e))
+            for vip in self.vips:
+                try:
+                    await self._addresses.claim(vip, action.lifetime)
+                except DataplaneError as e:
+                    self._metrics.count_dataplane_error(self.name, "claim")
+                    log.error("address_claim_failed", vip=self.name, address=vip.address, error=e)
+                    return AddressFailed(str(e))
             return AddressAdded()
         if isinstance(action, RemoveAddress):
-            try:
-                await self._addresses.release(self.vip)
-            except DataplaneError as e:
-                self._metrics.count_dataplane_error(self.vip.name, "remove")
-                log.error("address_remove_failed", vip=self.vip.name, address=self.vip.address, error=e)
-                return RemoveFailed(str(e))
-            return AddressRemoved()
+            failed: DataplaneError | None = None
+            for vip in self.vips:  # remove every address even if one fails
+                try:
+                    await self._addresses.release(vip)
+                except DataplaneError as e:
+                    self._metrics.count_dataplane_error(self.name, "remove")
+                    log.error("address_remove_failed", vip=self.name, address=vip.address, error=e)
+                    failed = e
+            return RemoveFailed(str(failed)) if failed else AddressRemoved()
         if isinstance(action, Announce):
             self._announcing.cancel()
             self._announcing = trio.CancelScope()
-            self._spawn(self._announce, self._announcing)
+            self._spawn(self._announce_all, self._announcing)
         elif isinstance(action, StopAnnouncing):
             self._announcing.cancel()
         elif isinstance(action, Campaign):
@@ -135,21 +145,26 @@ class Controller:
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
 
-    async def _announce(self, scope: trio.CancelScope) -> None:
+    async def _announce_all(self, scope: trio.CancelScope) -> None:
         with scope:
-            try:
-                sent = await self._announcer.announce(self.vip)
-            except DataplaneError as e:
-                self._metrics.count_dataplane_error(self.vip.name, "announce")
-                log.warning("announce_failed", vip=self.vip.name, error=e)
-                return
-            if sent:
-                self._metrics.count_announcements(self.vip.name, sent)
-                log.info("announced", vip=self.vip.name, address=self.vip.address, frames=sent)
+            async with trio.open_nursery() as nursery:
+                for vip in self.vips:
+                    nursery.start_soon(self._announce, vip)
+
+    async def _announce(self, vip: VipSpec) -> None:
+        try:
+            sent = await self._announcer.announce(vip)
+        except DataplaneError as e:
+            self._metrics.count_dataplane_error(self.name, "announce")
+            log.warning("announce_failed", vip=self.name, address=vip.address, error=e)
+            return
+        if sent:
+            self._metrics.count_announcements(self.name, sent)
+            log.info("announced", vip=self.name, address=vip.address, frames=sent)
 
     async def _campaign(self, lease: int) -> None:
         try:
-            won, record = await self._keys.campaign(self.vip.name, lease)
+            won, record = await self._keys.campaign(self.name, lease)
         except EtcdError as e:
             self.post(CampaignFailed(str(e)))
             return
@@ -157,9 +172,9 @@ class Controller:
 
     async def _delete_key(self, epoch: int) -> None:
         try:
-            await self._keys.release(self.vip.name, epoch)
+            await self._keys.release(self.name, epoch)
         except EtcdError as e:
-            log.warning("owner_key_delete_failed", vip=self.vip.name, epoch=epoch, error=e)
+            log.warning("owner_key_delete_failed", vip=self.name, epoch=epoch, error=e)
             self.post(ReleaseFailed(str(e)))
             return
         self.post(KeyReleased())

@@ -221,7 +221,7 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
         return s, ([Announce()] if st is S.OWNER else [])
 
     if isinstance(ev, Reconcile):
-        if st is S.OWNER and not ev.present:
+        if st is S.OWNER and ev.missing:
             life = lifetime(p, s, now)
             return s, ([ClaimAddress(life), Announce()] if life >= 1 else [])
         if st in (S.BACKUP, S.FENCED) and ev.present:
