@@ -8,24 +8,22 @@ send progress notifications at least that often (etcd's default is 10 minutes).
 from __future__ import annotations
 
 import atexit
-import ctypes
 import json
 import os
 import signal
 import socket
 import ssl
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence, TypeVar
 
+from vipd.lab import netns as netns_mod
 from vipd.lab.certs import TlsFiles
 
 PROGRESS_NOTIFY_INTERVAL = 1.0  # seconds; matches EtcdClient.watch_prefix(progress_interval=1.0)
-_CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 _running: set["EtcdServer"] = set()  # stopped at interpreter exit if a finalizer was skipped
 atexit.register(lambda: [s.stop() for s in list(_running)])
@@ -40,30 +38,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """Run fn in a short-lived thread that has entered network namespace `netns` (None: just call it)."""
-    if netns is None:
-        return fn()
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({netns}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as e:  # handed to the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=run, name=f"netns-{netns}", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    """Run fn inside network namespace `netns` (None: just call it)."""
+    return fn() if netns is None else netns_mod.call_in(netns, fn)
 
 
 class EtcdServer:
@@ -129,7 +105,8 @@ class EtcdServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         cmd = self.args() if self.netns is None else ["ip", "netns", "exec", self.netns, *self.args()]
         self._log = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
         _running.add(self)
         if not in_netns(self.netns, lambda: self._wait_healthy(timeout)):
             why = "exited" if self._proc.poll() is not None else f"was not healthy after {timeout}s"
