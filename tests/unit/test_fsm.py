@@ -104,12 +104,33 @@ def test_campaign_failed_retries_on_tick():
     assert acts == [Campaign(LEASE)]
 
 
-def test_keepalive_refreshes_lifetime_from_send_time():
+def test_keepalive_refresh_is_phase_aligned_to_lose_no_lifetime():
+    # fence deadline 102.5 at t=100.6: floor(1.9) = 1 s. Refreshing now would expire at 101.6;
+    # refreshing at 102.5 - 1 - slack = 101.45 expires at 102.45, just inside the deadline.
     s, acts = run(owner(), LeaseValid(LEASE, 103.0), now=100.6)
-    # fence at 102.5, now 100.6 -> floor(1.9) = 1
-    assert acts == [ClaimAddress(1)] and s.valid_until == 103.0
-    s, acts = run(owner(), LeaseValid(LEASE, 105.0), now=100.0)
-    assert acts == [ClaimAddress(4)]
+    assert acts == [] and s.valid_until == 103.0
+    assert s.refresh_at == pytest.approx(102.5 - 1 - fsm.REFRESH_SLACK)
+    assert fsm.wakeup(P, s, 100.6) == s.refresh_at
+    s2, acts = run(s, Tick(), now=101.0)  # not yet
+    assert acts == [] and s2.refresh_at == s.refresh_at
+    s3, acts = run(s, Tick(), now=s.refresh_at + 0.001)
+    assert acts == [ClaimAddress(1)] and s3.refresh_at == 0.0
+    # the kernel expiry (refresh instant + lifetime) never passes the fence deadline
+    assert s.refresh_at + 0.001 + 1 <= fsm.fence_deadline(P, s)
+
+
+def test_keepalive_refresh_right_away_when_already_in_phase():
+    s, acts = run(owner(), LeaseValid(LEASE, 105.0), now=100.46)  # deadline 104.5: 4.04 s left -> 4
+    assert acts == [ClaimAddress(4)] and s.refresh_at == 0.0
+
+
+def test_refresh_plan_never_exceeds_the_deadline():
+    for i in range(200):
+        now = 100 + i * 0.013
+        s = replace(owner(), valid_until=now + 3.0 - (i % 7) * 0.01)
+        at, life = fsm.refresh_plan(P, s, now)
+        assert at >= now and (life == 0 or at + life <= fsm.fence_deadline(P, s))
+        assert life >= 1 and fsm.fence_deadline(P, s) - (at + life) <= fsm.REFRESH_SLACK + 1e-9
 
 
 @pytest.mark.parametrize("now,fenced", [(101.49, False), (101.5, True), (103.0, True)])

@@ -59,7 +59,7 @@ class HostLease:
                 self._metrics.set_etcd_reachable(False)
                 log.warning("lease_grant_failed", error=e, retry_in=f"{backoff:.1f}")
                 await trio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.1
             if not started:

@@ -75,10 +75,13 @@ class OwnerKeys:
         OwnerRecord(None, revision=listing revision)) and for every change after it."""
         wanted = set(names)
         backoff = 0.1
-        started = False
+        started = failed = False
         while True:
             try:
                 current, revision = await self.list()
+                if failed:
+                    log.info("watch_restored", prefix=self.prefix, revision=revision)
+                    failed = False
                 for name in names:
                     deliver(name, current.get(name, OwnerRecord(None, revision=revision)))
                 if not started:
@@ -104,6 +107,8 @@ class OwnerKeys:
                 # stream; a re-list + re-watch is cheap and proves the stream (level-triggered).
                 log.debug("watch_refreshed", prefix=self.prefix)
             except EtcdError as e:
-                log.warning("watch_failed", prefix=self.prefix, error=e, retry_in=f"{backoff:.1f}")
+                if not failed:
+                    log.warning("watch_failed", prefix=self.prefix, error=e)
+                failed = True
                 await trio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, 0.5)  # backups must see owner changes soon after etcd returns

@@ -17,7 +17,7 @@ from vipd.config import Unit, VipSpec
 from vipd.errors import DataplaneError, EtcdError
 from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Announce, Campaign,
                         CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, DeleteOwnerKey, Event,
-                        KeyReleased, OwnerRecord, ReleaseFailed, RemoveAddress, RemoveFailed, Start, State,
+                        KeyReleased, OwnerRecord, Reconcile, ReleaseFailed, RemoveAddress, RemoveFailed, Start, State,
                         StopAnnouncing, Tick)
 from vipd.ownership import fsm
 
@@ -89,6 +89,9 @@ class Controller:
             old = self.state
             self.state, actions = fsm.step(self.params, old, ev, now)
             self.last_step = now
+            if isinstance(ev, Reconcile) and ev.missing and old.state is State.OWNER:
+                log.warning("address_missing", vip=self.name, address=self.addresses,
+                            action="re-adding" if actions else "lease too old to re-add")
             if self.state.state is not old.state:
                 self._transitioned(old, ev)
             for action in actions:

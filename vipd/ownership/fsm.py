@@ -54,6 +54,7 @@ class VipState:
     holdoff_until: float = 0.0  # no campaign before this instant (after a voluntary release)
     removed: bool = False  # RELEASING: the address is confirmed gone
     stopping: bool = False
+    refresh_at: float = 0.0  # OWNER: when to refresh the address lifetime (0: nothing pending)
     reason: str = ""  # why the last state change happened
 
 
@@ -67,10 +68,24 @@ def lifetime(p: Params, s: VipState, now: float) -> int:
     return max(0, math.floor(fence_deadline(p, s) - now))
 
 
+REFRESH_SLACK = 0.05  # seconds; absorbs timer lateness at the refresh instant
+
+
+def refresh_plan(p: Params, s: VipState, now: float) -> tuple[float, int]:
+    """When to refresh the address after a keepalive ack, and with which lifetime.
+
+    Lifetimes are whole seconds, rounded down. Refreshing right away would lose up to a second of
+    the lease; refreshing when (deadline - now) has just passed a whole number of seconds makes the
+    kernel keep the address until REFRESH_SLACK before the fence deadline. The previous lifetime is
+    still running meanwhile, so waiting is safe (it only ever ends earlier)."""
+    life = lifetime(p, s, now)
+    return max(now, fence_deadline(p, s) - life - REFRESH_SLACK), life
+
+
 def wakeup(p: Params, s: VipState, now: float) -> float | None:
     """When the controller must call step(Tick) at the latest (a deadline the FSM is waiting on)."""
     if s.state in HOLDING:
-        return fence_deadline(p, s)
+        return min(fence_deadline(p, s), s.refresh_at) if s.refresh_at else fence_deadline(p, s)
     if s.state is S.BACKUP and s.holdoff_until > now:
         return s.holdoff_until
     return None
@@ -88,11 +103,12 @@ def _to(s: VipState, state: State, reason: str, **kw: object) -> VipState:
 
 
 def _fence(s: VipState, reason: str) -> tuple[VipState, list[Action]]:
-    return _to(s, S.FENCED, reason, epoch=0), [StopAnnouncing(), RemoveAddress()]
+    return _to(s, S.FENCED, reason, epoch=0, refresh_at=0.0), [StopAnnouncing(), RemoveAddress()]
 
 
 def _release(s: VipState, reason: str, stopping: bool) -> tuple[VipState, list[Action]]:
-    return _to(s, S.RELEASING, reason, removed=False, stopping=stopping), [StopAnnouncing(), RemoveAddress()]
+    return (_to(s, S.RELEASING, reason, removed=False, stopping=stopping, refresh_at=0.0),
+            [StopAnnouncing(), RemoveAddress()])
 
 
 def _released(p: Params, s: VipState, now: float, reason: str) -> tuple[VipState, list[Action]]:
@@ -140,8 +156,12 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
             return _fence(replace(s, lease=ev.lease, valid_until=ev.valid_until), "lease replaced")
         s = replace(s, lease=ev.lease, valid_until=ev.valid_until)
         if st is S.OWNER:
-            life = lifetime(p, s, now)
-            return s, ([ClaimAddress(life)] if life >= 1 else [])
+            at, life = refresh_plan(p, s, now)
+            if life < 1:
+                return s, []
+            if at <= now:
+                return replace(s, refresh_at=0.0), [ClaimAddress(life)]
+            return replace(s, refresh_at=at), []
         return _maybe_campaign(p, s, now)
 
     if isinstance(ev, LeaseGone):
@@ -231,6 +251,9 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
     if isinstance(ev, Tick):
         if st in HOLDING and now >= fence_deadline(p, s):
             return _fence(s, "lease deadline passed")
+        if st is S.OWNER and s.refresh_at and now >= s.refresh_at:
+            life = lifetime(p, s, now)
+            return replace(s, refresh_at=0.0), ([ClaimAddress(life)] if life >= 1 else [])
         if st is S.FENCED:
             return s, [RemoveAddress()]
         if st is S.RELEASING:
