@@ -1,0 +1,355 @@
+"""Address conflict detection: is another machine already using the VIP?
+
+* :func:`arp_probe` (IPv4, RFC 5227): broadcast ARP requests with sender IP 0.0.0.0 and target
+  = VIP; a conflict is any ARP frame from another MAC whose *sender* IP is the VIP (its reply, or
+  its own announcement), or another MAC probing for the same VIP at the same time.
+* :func:`ipv6_dad` (RFC 4862 DAD): a neighbour solicitation from :: to the VIP's solicited-node
+  multicast group; a conflict is a neighbour advertisement for the VIP from another MAC, or
+  another MAC's DAD solicitation for it.
+* :class:`DuplicateResponderWatch`: while owning, one per interface, reports (ip, mac) when another
+  MAC claims an owned VIP (gratuitous or broadcast ARP with that sender IP, an NA for it). Passive
+  listening sees broadcasts, multicast NAs and frames sent to us, not unicast replies between two
+  other machines; with ``probe_interval`` it also probes every owned VIP now and then, and a
+  foreign holder answers those probes.
+
+Frames are sent and received on AF_PACKET sockets bound to the interface and made in the
+Netlink's netns, as trio sockets (never blocking the loop); our own frames (PACKET_OUTGOING, or
+our MAC) never count. The IPv6 socket carries a classic BPF filter so that only neighbour
+solicitations and advertisements reach Python. A result of "no conflict" means nobody answered
+within ``probes * wait`` seconds: a machine that is down or filtered cannot be seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import math
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Optional, Union
+
+import trio
+from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
+from scapy.layers.l2 import ARP, Ether
+
+from vipd.config import VipSpec
+from vipd.dataplane.netlink import Netlink
+from vipd.errors import AddressError, DataplaneError
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+ETH_P_ARP = 0x0806
+ETH_P_IPV6 = 0x86DD
+PACKET_OUTGOING = 4
+SO_ATTACH_FILTER = 26
+BROADCAST = "ff:ff:ff:ff:ff:ff"
+ZERO_MAC = "00:00:00:00:00:00"
+_ANY4 = ipaddress.IPv4Address(0)
+_ND_NS, _ND_NA = 135, 136
+
+
+class ConflictProbeError(DataplaneError):
+    """Probing or watching could not be done (interface gone or down, no MAC, EPERM)."""
+
+
+class AddressConflict(AddressError):
+    """Another machine (``mac``) answers for ``ip``: the VIP must not be claimed."""
+
+    def __init__(self, ip: IPAddress, mac: str, interface: str) -> None:
+        super().__init__(f"{ip} on {interface} is in use by {mac}")
+        self.ip, self.mac, self.interface = ip, mac, interface
+
+
+# ------------------------------------------------------------------------------- frames
+
+def arp_probe_frame(mac: str, ip: ipaddress.IPv4Address) -> bytes:
+    """RFC 5227 probe: broadcast ARP request, sender IP 0.0.0.0, target MAC zero, target IP = ip."""
+    frame = bytes(Ether(src=mac, dst=BROADCAST) / ARP(op=1, hwsrc=mac, psrc="0.0.0.0", hwdst=ZERO_MAC, pdst=str(ip)))
+    return frame.ljust(60, b"\x00")
+
+
+def solicited_node(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv6Address, str]:
+    """The solicited-node multicast group of ``ip`` and its Ethernet address."""
+    low = ip.packed[-3:]
+    group = ipaddress.IPv6Address(b"\xff\x02" + b"\x00" * 9 + b"\x01\xff" + low)
+    return group, "33:33:" + ":".join(f"{b:02x}" for b in group.packed[-4:])
+
+
+def dad_ns_frame(mac: str, ip: ipaddress.IPv6Address) -> bytes:
+    """RFC 4862 DAD: NS for ``ip`` from :: to its solicited-node group, hop limit 255, no
+    source link-layer option (forbidden with an unspecified source)."""
+    group, group_mac = solicited_node(ip)
+    return bytes(Ether(src=mac, dst=group_mac) / IPv6(src="::", dst=str(group), hlim=255) / ICMPv6ND_NS(tgt=str(ip)))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one received frame says. kind: "arp" (mac uses ip as its sender address), "probe"
+    (mac probes for ip, ARP with sender 0.0.0.0), "na" (mac advertises ip), "dad" (mac runs DAD
+    for ip)."""
+
+    kind: str
+    ip: IPAddress
+    mac: str
+
+
+def _mac(b: bytes) -> str:
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def parse_arp(frame: bytes) -> Optional[Claim]:
+    """An Ethernet ARP frame (IPv4 over Ethernet) -> Claim, or None when it is something else."""
+    if len(frame) < 42 or frame[12:14] != b"\x08\x06":
+        return None
+    htype, ptype, hlen, plen, op = struct.unpack_from("!HHBBH", frame, 14)
+    if (htype, ptype, hlen, plen) != (1, 0x0800, 6, 4):
+        return None
+    sha, spa, tpa = frame[22:28], ipaddress.IPv4Address(frame[28:32]), ipaddress.IPv4Address(frame[38:42])
+    if spa != _ANY4:
+        return Claim("arp", spa, _mac(sha))
+    if op == 1:
+        return Claim("probe", tpa, _mac(sha))
+    return None
+
+
+def parse_nd(frame: bytes) -> Optional[Claim]:
+    """An Ethernet IPv6 NS/NA frame (no extension headers, hop limit 255) -> Claim, or None.
+    An NA's MAC is its target link-layer option, else the frame's source; only an NS from ::
+    (DAD) is a claim."""
+    if len(frame) < 78 or frame[12:14] != b"\x86\xdd" or frame[20] != 58 or frame[21] != 255:
+        return None
+    icmp_type, target = frame[54], ipaddress.IPv6Address(frame[62:78])
+    src = ipaddress.IPv6Address(frame[22:38])
+    if icmp_type == _ND_NS:
+        return Claim("dad", target, _mac(frame[6:12])) if src.is_unspecified else None
+    if icmp_type != _ND_NA:
+        return None
+    mac, off = _mac(frame[6:12]), 78
+    while off + 8 <= len(frame):  # options: type, length in units of 8 bytes
+        opt_type, opt_len = frame[off], frame[off + 1] * 8
+        if opt_len == 0:
+            break
+        if opt_type == 2 and opt_len >= 8:
+            mac = _mac(frame[off + 2:off + 8])
+            break
+        off += opt_len
+    return Claim("na", target, mac)
+
+
+# ------------------------------------------------------------------------------- sockets
+
+# cBPF: ether type IPv6, next header ICMPv6, ICMPv6 type NS or NA; anything else is dropped.
+_ND_FILTER = [
+    (0x28, 0, 0, 12), (0x15, 0, 6, ETH_P_IPV6),  # ldh [12]; jeq 0x86dd else drop
+    (0x30, 0, 0, 20), (0x15, 0, 4, 58),  # ldb [20]; jeq 58 else drop
+    (0x30, 0, 0, 54), (0x15, 1, 0, _ND_NS), (0x15, 0, 1, _ND_NA),  # ldb [54]; NS or NA
+    (0x06, 0, 0, 0xFFFF), (0x06, 0, 0, 0),  # accept; drop
+]
+
+
+def _attach_filter(sock: trio.socket.SocketType, program: list[tuple[int, int, int, int]]) -> None:
+    insns = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in program))
+    fprog = struct.pack("HL", len(program), ctypes.addressof(insns))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+async def _close(sock: trio.socket.SocketType) -> None:
+    """Closing an AF_PACKET socket waits for an RCU grace period (8-16 ms): in a worker thread."""
+    fd = sock.detach()
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(os.close, fd)
+
+
+class _PacketSocket:
+    """An AF_PACKET socket for one ether type, bound to one interface in the Netlink's netns."""
+
+    def __init__(self, nl: Netlink, ifname: str, proto: int) -> None:
+        self.nl, self.ifname, self.proto = nl, ifname, proto
+        self.sock: trio.socket.SocketType | None = None
+
+    async def __aenter__(self) -> "_PacketSocket":
+        try:
+            self.sock = await self.nl.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(self.proto))
+        except DataplaneError as e:
+            raise ConflictProbeError(f"{self.ifname}: {e}") from None
+        try:
+            if self.proto == ETH_P_IPV6:
+                _attach_filter(self.sock, _ND_FILTER)
+            await self.sock.bind((self.ifname, self.proto))
+        except OSError as e:
+            await _close(self.sock)
+            raise ConflictProbeError(f"{self.ifname}: {e.strerror or e} (errno {e.errno})") from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.sock is not None:
+            await _close(self.sock)
+
+    async def send(self, frame: bytes) -> None:
+        assert self.sock is not None
+        try:
+            await self.sock.send(frame)
+        except OSError as e:
+            raise ConflictProbeError(f"send on {self.ifname}: {e.strerror or e} (errno {e.errno})") from None
+
+    async def claims(self, mine: str) -> AsyncIterator[Claim]:
+        """Claims in frames that arrive on this interface from any MAC but ``mine``."""
+        assert self.sock is not None
+        parse = parse_arp if self.proto == ETH_P_ARP else parse_nd
+        while True:
+            try:
+                frame, addr = await self.sock.recvfrom(2048)
+            except OSError as e:
+                raise ConflictProbeError(f"receive on {self.ifname}: {e.strerror or e} (errno {e.errno})") from None
+            if addr[0] != self.ifname or addr[2] == PACKET_OUTGOING:
+                continue  # queued before bind from another interface, or our own frame
+            claim = parse(frame)
+            if claim is not None and claim.mac != mine and _mac(frame[6:12]) != mine:
+                yield claim
+
+
+async def _our_mac(nl: Netlink, ifname: str) -> str:
+    try:
+        link = await nl.link(ifname)
+    except DataplaneError as e:
+        raise ConflictProbeError(str(e)) from None
+    if link.mac is None:
+        raise ConflictProbeError(f"interface {ifname!r} has no hardware address")
+    return link.mac.lower()
+
+
+# ------------------------------------------------------------------------------- probes
+
+async def _probe(nl: Netlink, ifname: str, mac: str | None, proto: int, frame_for: Callable[[str], bytes],
+                 hit: Callable[[Claim], bool], probes: int, wait: float) -> str | None:
+    mine = (mac or await _our_mac(nl, ifname)).lower()
+    frame = frame_for(mine)
+    found: str | None = None
+    async with _PacketSocket(nl, ifname, proto) as ps:
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                for i in range(probes):
+                    if i:
+                        await trio.sleep(wait)
+                    await ps.send(frame)
+                await trio.sleep(wait)
+                nursery.cancel_scope.cancel()  # nobody answered in time
+
+            nursery.start_soon(send)
+            async with contextlib.aclosing(ps.claims(mine)) as claims:
+                async for claim in claims:
+                    if hit(claim):
+                        found = claim.mac
+                        nursery.cancel_scope.cancel()
+                        break
+    return found
+
+
+async def arp_probe(nl: Netlink, ifname: str, mac: str | None, ip: ipaddress.IPv4Address | str, *,
+                    probes: int = 2, wait: float = 0.2) -> str | None:
+    """RFC 5227 probe for ``ip`` on ``ifname`` (``mac``: ours; None looks it up): ``probes``
+    probes ``wait`` s apart, listening until ``wait`` s after the last. Returns the MAC of another
+    machine that uses or probes for ``ip``, or None. ConflictProbeError when it cannot probe."""
+    ip = ipaddress.IPv4Address(ip)
+    return await _probe(nl, ifname, mac, ETH_P_ARP, lambda m: arp_probe_frame(m, ip),
+                        lambda c: c.ip == ip and c.kind in ("arp", "probe"), probes, wait)
+
+
+async def ipv6_dad(nl: Netlink, ifname: str, mac: str | None, ip: ipaddress.IPv6Address | str, *,
+                   probes: int = 1, wait: float = 0.4) -> str | None:
+    """Duplicate address detection for ``ip`` on ``ifname``: the MAC of another machine that
+    advertises (or runs DAD for) ``ip``, or None. ConflictProbeError when it cannot probe."""
+    ip = ipaddress.IPv6Address(ip)
+    return await _probe(nl, ifname, mac, ETH_P_IPV6, lambda m: dad_ns_frame(m, ip),
+                        lambda c: c.ip == ip and c.kind in ("na", "dad"), probes, wait)
+
+
+async def probe_vip(nl: Netlink, vip: VipSpec, mac: str | None = None, *, wait: float = 0.2) -> str | None:
+    """The conflicting MAC for ``vip`` on its interface, or None (always None on ``lo``)."""
+    if vip.on_loopback:
+        return None
+    if vip.version == 4:
+        return await arp_probe(nl, vip.interface, mac, vip.ip, probes=2, wait=wait)
+    return await ipv6_dad(nl, vip.interface, mac, vip.ip, probes=1, wait=2 * wait)
+
+
+async def check_free(nl: Netlink, vip: VipSpec, mac: str | None = None, *, wait: float = 0.2) -> None:
+    """Raise AddressConflict (an AddressError) when another machine answers for ``vip``."""
+    other = await probe_vip(nl, vip, mac, wait=wait)
+    if other is not None:
+        raise AddressConflict(vip.ip, other, vip.interface)
+
+
+# ------------------------------------------------------------------------------- while owning
+
+class DuplicateResponderWatch:
+    """Reports another MAC claiming an owned VIP on one interface: ``on_duplicate(ip, mac)``, at
+    most once per (ip, mac) every ``repeat_after`` seconds. :meth:`watch` / :meth:`unwatch` say
+    which VIPs are owned right now (plain calls, from any task). Run it in a nursery:
+    ``await nursery.start(watch.run)``; started once its sockets listen. It raises
+    ConflictProbeError when the interface has no MAC or its sockets fail (e.g. the interface was
+    deleted): restart it when the link comes back. Unwatch a VIP *before* removing its address,
+    so the next owner's announcements are not reported against us.
+    """
+
+    def __init__(self, nl: Netlink, ifname: str, on_duplicate: Callable[[IPAddress, str], None], *,
+                 mac: str | None = None, repeat_after: float = 10.0, probe_interval: float | None = None) -> None:
+        self.nl, self.ifname, self.on_duplicate = nl, ifname, on_duplicate
+        self.mac = mac.lower() if mac else None
+        self.repeat_after = repeat_after
+        self.probe_interval = probe_interval
+        self._owned: set[IPAddress] = set()
+        self._last: dict[tuple[IPAddress, str], float] = {}
+        self._changed = trio.Event()
+
+    @property
+    def owned(self) -> frozenset[IPAddress]:
+        return frozenset(self._owned)
+
+    def watch(self, ip: IPAddress | str) -> None:
+        self._owned.add(ipaddress.ip_address(ip))
+        self._changed.set()
+
+    def unwatch(self, ip: IPAddress | str) -> None:
+        addr = ipaddress.ip_address(ip)
+        self._owned.discard(addr)
+        self._last = {k: t for k, t in self._last.items() if k[0] != addr}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        mine = self.mac or await _our_mac(self.nl, self.ifname)
+        async with _PacketSocket(self.nl, self.ifname, ETH_P_ARP) as arp, \
+                _PacketSocket(self.nl, self.ifname, ETH_P_IPV6) as nd:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen, arp, mine, "arp")
+                nursery.start_soon(self._listen, nd, mine, "na")
+                if self.probe_interval is not None:
+                    nursery.start_soon(self._probe_owned, arp, nd, mine)
+                task_status.started()
+
+    async def _listen(self, ps: _PacketSocket, mine: str, kind: str) -> None:
+        async with contextlib.aclosing(ps.claims(mine)) as claims:
+            async for claim in claims:
+                if claim.kind != kind or claim.ip not in self._owned:
+                    continue
+                now = trio.current_time()
+                key = (claim.ip, claim.mac)
+                if now - self._last.get(key, -math.inf) >= self.repeat_after:
+                    self._last[key] = now
+                    self.on_duplicate(claim.ip, claim.mac)
+
+    async def _probe_owned(self, arp: _PacketSocket, nd: _PacketSocket, mine: str) -> None:
+        assert self.probe_interval is not None
+        while True:
+            while not self._owned:  # nothing owned: sleep until something is
+                self._changed = trio.Event()
+                await self._changed.wait()
+            for ip in sorted(self._owned, key=lambda a: (a.version, a)):
+                if isinstance(ip, ipaddress.IPv4Address):
+                    await arp.send(arp_probe_frame(mine, ip))
+                else:
+                    await nd.send(dad_ns_frame(mine, ip))
+            await trio.sleep(self.probe_interval)

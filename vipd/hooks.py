@@ -1,0 +1,297 @@
+"""Operator hooks: a command run on a VIP's transitions, never in the transition's path.
+
+``[hooks]`` in the config (all keys optional)::
+
+    [hooks]
+    timeout = 10.0                                   # seconds; then the hook's process group is killed
+    owner  = ["/usr/local/sbin/vip-hook", "up"]      # became owner (address added and announced)
+    backup = ["/usr/local/sbin/vip-hook", "down"]    # lost ownership (released, or handed over)
+    fenced = ["/usr/local/sbin/vip-hook", "fenced"]  # the address was pulled because the lease is unproven
+    fault  = ["/usr/local/sbin/vip-hook", "fault"]   # a dataplane error, a conflict, a failed health check
+
+A hook gets the daemon's environment plus ``VIPD_EVENT``, ``VIPD_VIP``, ``VIPD_ADDRESS`` (the bare
+IP), ``VIPD_PREFIXLEN``, ``VIPD_INTERFACE``, ``VIPD_REASON``, ``VIPD_NODE`` and ``VIPD_EPOCH``.
+stdin is /dev/null; stdout and stderr are collected: ``on_result`` gets the last 2 KiB, the log
+line of a failed or killed hook the last 200 characters.
+
+:meth:`HookRunner.fire` only queues the hook and returns at once. Hooks of one VIP run one after
+the other in the order fired (an ``owner`` hook is never overtaken by the ``backup`` hook that
+follows it); hooks of different VIPs run concurrently. Each runs in a new session (its own process
+group); at ``timeout`` the whole group gets SIGKILL, and so does it when the runner is cancelled.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import trio
+
+from vipd import log
+from vipd.errors import ConfigError
+
+EVENTS = ("owner", "backup", "fenced", "fault")
+DEFAULT_TIMEOUT = 10.0
+OUTPUT_TAIL = 2048  # bytes of a hook's output kept for the log
+_DRAIN_AFTER_EXIT = 0.1  # s to read output still buffered after the process exited
+
+
+# ------------------------------------------------------------------------------- one command
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: tuple[str, ...]
+    returncode: int | None  # None when it was killed at its timeout (or cancelled)
+    timed_out: bool
+    duration: float
+    output: str  # the last OUTPUT_TAIL bytes of stdout + stderr, decoded leniently
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the whole group is gone already
+
+
+async def run_command(argv: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None,
+                      keep: int = OUTPUT_TAIL) -> CommandResult:
+    """Run ``argv`` in its own session; at ``timeout`` (or when cancelled) SIGKILL its whole
+    process group. Never raises for the command's own failure: OSError only when it cannot be
+    started (no such file, not executable), trio.Cancelled when the caller is cancelled (the
+    group is killed first).
+
+    The process's output is read as it comes, keeping only the tail. Once the process has exited,
+    output still buffered is read for a moment; a background child that keeps the pipe open does
+    not hold the result back (it is left running, but its output pipe is closed: a hook that
+    starts something long-lived should redirect that one's output). Only a timeout or a
+    cancellation kills the group.
+    """
+    argv = tuple(argv)
+    started = trio.current_time()
+    proc = await trio.lowlevel.open_process(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            env=dict(env) if env is not None else None)
+    tail = bytearray()
+    stdout = proc.stdout
+    assert stdout is not None
+
+    reader_done = trio.Event()
+
+    async def read() -> None:
+        try:
+            async for chunk in stdout:
+                tail.extend(chunk)
+                del tail[:-keep]
+        finally:
+            reader_done.set()
+
+    exited = False
+    try:
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await proc.wait()
+                exited = True
+                with trio.move_on_after(_DRAIN_AFTER_EXIT):
+                    await reader_done.wait()  # EOF, unless a background child holds the pipe
+                nursery.cancel_scope.cancel()
+    finally:
+        if not exited:
+            _kill_group(proc.pid)  # the group id is the leader's pid (new session)
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+        with trio.CancelScope(shield=True):
+            await stdout.aclose()
+    return CommandResult(argv, proc.returncode if exited else None, not exited, trio.current_time() - started,
+                         tail.decode("utf-8", "replace"))
+
+
+# ------------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class HooksConfig:
+    commands: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (event, argv) in EVENTS order
+    timeout: float = DEFAULT_TIMEOUT
+
+    def command(self, event: str) -> tuple[str, ...] | None:
+        return dict(self.commands).get(event)
+
+
+def parse_hooks(table: Any, key_path: str = "hooks") -> HooksConfig:
+    """The ``[hooks]`` table -> HooksConfig; ConfigError naming the key for anything wrong."""
+    if not isinstance(table, dict):
+        raise ConfigError(key_path, f"must be a table, got {type(table).__name__}")
+    for k in table:
+        if k != "timeout" and k not in EVENTS:
+            raise ConfigError(f"{key_path}.{k}", f"unknown key (events: {', '.join(EVENTS)}; and timeout)")
+    timeout = table.get("timeout", DEFAULT_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ConfigError(f"{key_path}.timeout", f"expected a number, got {type(timeout).__name__}")
+    if not 0 < timeout <= 3600:
+        raise ConfigError(f"{key_path}.timeout", f"must be > 0 and <= 3600, got {timeout}")
+    commands = []
+    for event in EVENTS:
+        if event not in table:
+            continue
+        argv = table[event]
+        key = f"{key_path}.{event}"
+        if not isinstance(argv, list) or not argv:
+            raise ConfigError(key, "expected a non-empty list of strings (program and arguments)")
+        for i, arg in enumerate(argv):
+            if not isinstance(arg, str) or (i == 0 and not arg) or "\0" in arg:
+                raise ConfigError(f"{key}[{i}]", f"expected a {'non-empty ' if i == 0 else ''}string, got {arg!r}")
+        commands.append((event, tuple(argv)))
+    return HooksConfig(tuple(commands), float(timeout))
+
+
+def check_hooks_host(cfg: HooksConfig, key_path: str = "hooks") -> None:
+    """Read-only host check: every hook program exists and is executable (PATH lookup for bare names)."""
+    for event, argv in cfg.commands:
+        program = argv[0]
+        found = program if os.sep in program else shutil.which(program)
+        if found is None or not os.path.isfile(found) or not os.access(found, os.X_OK):
+            raise ConfigError(f"{key_path}.{event}[0]", f"{program!r} is not an executable file")
+
+
+# ------------------------------------------------------------------------------- runner
+
+@dataclass(frozen=True)
+class HookResult:
+    event: str
+    vip: str
+    result: CommandResult | None  # None when the program could not be started
+    error: str = ""
+
+
+def hook_env(event: str, *, vip: str, address: object, interface: str, reason: str, node: str,
+             epoch: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The hook's environment: ``base`` (default: the daemon's) plus the VIPD_* variables."""
+    env = dict(os.environ if base is None else base)
+    ip, prefixlen = _split_address(address)
+    values = {"VIPD_EVENT": event, "VIPD_VIP": vip, "VIPD_ADDRESS": ip, "VIPD_PREFIXLEN": prefixlen,
+              "VIPD_INTERFACE": interface, "VIPD_REASON": reason, "VIPD_NODE": node, "VIPD_EPOCH": str(epoch)}
+    env.update({k: v.replace("\0", "") for k, v in values.items()})
+    return env
+
+
+def _split_address(address: object) -> tuple[str, str]:
+    if isinstance(address, (ipaddress.IPv4Interface, ipaddress.IPv6Interface)):
+        return str(address.ip), str(address.network.prefixlen)
+    text = str(address)
+    try:
+        iface = ipaddress.ip_interface(text)
+    except ValueError:
+        return text, ""
+    return str(iface.ip), str(iface.network.prefixlen) if "/" in text else ""
+
+
+class HookRunner:
+    """Runs the configured hooks in its own nursery (start it with ``nursery.start(runner.run)``).
+
+    ``on_result`` (optional) is called with a HookResult after every hook (for metrics, tests).
+    """
+
+    def __init__(self, commands: Mapping[str, Sequence[str]], timeout: float = DEFAULT_TIMEOUT, *,
+                 node: str = "", on_result: Callable[[HookResult], None] | None = None) -> None:
+        unknown = set(commands) - set(EVENTS)
+        if unknown:
+            raise ValueError(f"unknown hook events: {sorted(unknown)}")
+        self.commands = {e: tuple(argv) for e, argv in commands.items() if argv}
+        self.timeout = timeout
+        self.node = node
+        self.on_result = on_result
+        self._nursery: trio.Nursery | None = None
+        self._queues: dict[str, collections.deque[tuple[str, dict[str, str]]]] = {}
+        self._pending = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    @classmethod
+    def from_config(cls, cfg: HooksConfig, *, node: str = "",
+                    on_result: Callable[[HookResult], None] | None = None) -> "HookRunner":
+        return cls(dict(cfg.commands), cfg.timeout, node=node, on_result=on_result)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the hook tasks until cancelled; cancelling kills hooks still running."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def fire(self, event: str, *, vip: str, address: object = "", interface: str = "", reason: str = "",
+             epoch: int = 0) -> bool:
+        """Queue the hook for ``event``; returns at once. True when a hook was queued; False when
+        none is configured for the event, or the runner is not running (logged)."""
+        if event not in EVENTS:
+            raise ValueError(f"unknown hook event {event!r}")
+        argv = self.commands.get(event)
+        if argv is None:
+            return False
+        if self._nursery is None:
+            log.warning("hook_dropped", hook=event, vip=vip, reason="hook runner is not running")
+            return False
+        env = hook_env(event, vip=vip, address=address, interface=interface, reason=reason, node=self.node,
+                       epoch=epoch)
+        queue = self._queues.get(vip)
+        if queue is None:
+            queue = self._queues[vip] = collections.deque()
+            if self._idle.is_set():
+                self._idle = trio.Event()
+            self._nursery.start_soon(self._drain, vip, queue)
+        queue.append((event, env))
+        self._pending += 1
+        return True
+
+    def pending(self) -> int:
+        """Hooks queued or running."""
+        return self._pending
+
+    async def wait_idle(self) -> None:
+        """Until no hook is queued or running (e.g. at shutdown, bounded by the caller's scope)."""
+        while not self._idle.is_set():
+            await self._idle.wait()
+
+    async def _drain(self, vip: str, queue: collections.deque[tuple[str, dict[str, str]]]) -> None:
+        try:
+            while queue:
+                event, env = queue.popleft()
+                try:
+                    await self._run_one(event, vip, env)
+                finally:
+                    self._pending -= 1
+        finally:
+            del self._queues[vip]
+            self._pending -= len(queue)  # cancelled with hooks still queued
+            if not self._queues:
+                self._idle.set()
+
+    async def _run_one(self, event: str, vip: str, env: dict[str, str]) -> None:
+        argv = self.commands[event]
+        try:
+            res = await run_command(argv, timeout=self.timeout, env=env)
+        except OSError as e:
+            log.error("hook_failed", hook=event, vip=vip, program=argv[0], error=e.strerror or e)
+            self._report(HookResult(event, vip, None, e.strerror or str(e)))
+            return
+        fields = dict(hook=event, vip=vip, program=argv[0], seconds=f"{res.duration:.3f}")
+        if res.timed_out:
+            log.error("hook_killed", **fields, timeout=self.timeout, output=res.output[-200:] or None)
+        elif res.returncode != 0:
+            log.warning("hook_failed", **fields, exit=res.returncode, output=res.output[-200:] or None)
+        else:
+            log.info("hook_done", **fields)
+        self._report(HookResult(event, vip, res))
+
+    def _report(self, result: HookResult) -> None:
+        if self.on_result is not None:
+            self.on_result(result)
