@@ -85,6 +85,7 @@ class AddressAdded:
 @dataclass(frozen=True)
 class AddressFailed:
     error: str
+    conflict: bool = False  # another machine answers for the address
 
 
 @dataclass(frozen=True)
@@ -131,13 +132,34 @@ class Reconcile:
 
 
 @dataclass(frozen=True)
+class HealthChanged:
+    """This host's fitness to serve the unit (host checks and the unit's own checks) changed."""
+
+    healthy: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Candidate hosts for the unit, best first (healthy ones only; the first is its target)."""
+
+    ranking: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PreemptGranted:
+    """This host's one-at-a-time token for handing a unit to its preferred host."""
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed (a deadline may have been reached)."""
 
 
 Event = Union[Start, LeaseValid, LeaseGone, EtcdRestored, OwnerObserved, CampaignWon, CampaignLost,
               CampaignFailed, AddressAdded, AddressFailed, AddressRemoved, RemoveFailed, KeyReleased,
-              ReleaseFailed, ReleaseRequested, ShutdownRequested, LinkUp, Reconcile, Tick]
+              ReleaseFailed, ReleaseRequested, ShutdownRequested, LinkUp, Reconcile, HealthChanged, Placement,
+              PreemptGranted, Tick]
 
 
 # ---- actions (outputs of fsm.step) -----------------------------------------------------------
@@ -174,4 +196,11 @@ class DeleteOwnerKey:
     epoch: int
 
 
-Action = Union[ClaimAddress, RemoveAddress, Announce, StopAnnouncing, Campaign, DeleteOwnerKey]
+@dataclass(frozen=True)
+class RequestPreempt:
+    """Ask for the host-wide token to hand this unit to `target` (one handover at a time)."""
+
+    target: str
+
+
+Action = Union[ClaimAddress, RemoveAddress, Announce, StopAnnouncing, Campaign, DeleteOwnerKey, RequestPreempt]

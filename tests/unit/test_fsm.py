@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from vipd.model import (AddressAdded, AddressFailed, AddressRemoved, Announce, Campaign, CampaignFailed,
+from vipd.model import (HealthChanged, Placement, PreemptGranted,  # noqa: I001
+                        AddressAdded, AddressFailed, AddressRemoved, Announce, Campaign, CampaignFailed,
                         CampaignLost, CampaignWon, ClaimAddress, DeleteOwnerKey, EtcdRestored, KeyReleased,
                         LeaseGone, LeaseValid, LinkUp, OwnerObserved, OwnerRecord, Reconcile, ReleaseFailed,
                         ReleaseRequested, RemoveAddress, RemoveFailed, ShutdownRequested, Start, State,
@@ -288,7 +289,9 @@ def test_every_reachable_transition_is_in_the_table():
               OwnerObserved(ABSENT), OwnerObserved(MINE), OwnerObserved(replace(OTHER, revision=40)),
               CampaignWon(MINE), CampaignLost(OTHER), CampaignFailed("x"), AddressAdded(), AddressFailed("x"),
               AddressRemoved(), RemoveFailed("x"), KeyReleased(), ReleaseFailed("x"), ReleaseRequested(),
-              ShutdownRequested(), LinkUp(), EtcdRestored(), Reconcile(False, True), Reconcile(True, False), Tick()]
+              ShutdownRequested(), LinkUp(), EtcdRestored(), Reconcile(False, True), Reconcile(True, False), Tick(),
+              HealthChanged(False), HealthChanged(True), Placement(("h2", "h1")), Placement(()),
+              PreemptGranted(), AddressFailed("x", conflict=True)]
     seen = set()
     for st in State:
         for base in (owner(), backup(), backup(owner=MINE), replace(owner(), stopping=True, removed=True)):
@@ -301,3 +304,101 @@ def test_every_reachable_transition_is_in_the_table():
     allowed = {(a, b) for a, bs in fsm.TRANSITIONS.items() for b in bs}
     assert moved <= allowed
     assert moved == allowed, f"table entries never exercised: {allowed - moved}"
+
+
+# ---- health, placement, preemption --------------------------------------------------------------
+
+from vipd.model import RequestPreempt  # noqa: E402
+
+PP = Params(node="h1", fence_margin=0.5, release_holdoff=3.0, preempt_delay=5.0, campaign_stagger=0.2)
+
+
+def prun(s, *events, now=100.0):
+    actions = []
+    for ev in events:
+        s, acts = step(PP, s, ev, now)
+        actions.extend(acts)
+    return s, actions
+
+
+def test_unhealthy_backup_does_not_campaign_until_healthy():
+    s, acts = prun(VipState(state=State.BACKUP, healthy=False), OwnerObserved(ABSENT), LeaseValid(LEASE, 102.0))
+    assert acts == []
+    s, acts = prun(s, HealthChanged(True))
+    assert acts == [Campaign(LEASE)]
+
+
+def test_unhealthy_owner_releases_address_first():
+    s, acts = prun(owner(), HealthChanged(False, "check api failed"))
+    assert s.state is State.RELEASING and acts == [StopAnnouncing(), RemoveAddress()]
+    assert "unhealthy" in s.reason
+    s, acts = prun(s, AddressRemoved())
+    assert acts == [DeleteOwnerKey(11)]
+
+
+def test_campaign_is_staggered_by_ranking_so_the_preferred_host_wins():
+    base = backup(valid_until=105.0, owner=OTHER)
+    # h1 is second in the ranking: it waits one stagger after the key disappears
+    s, acts = prun(base, Placement(("h3", "h1", "h2")), OwnerObserved(OwnerRecord(None, revision=50)), now=100.0)
+    assert acts == [] and fsm.wakeup(PP, s, 100.0) == pytest.approx(100.2)
+    s2, acts = prun(s, Tick(), now=100.2)
+    assert acts == [Campaign(LEASE)]
+    # the host that just let go does not count: if h3 held it, h1 is first
+    base3 = backup(valid_until=105.0, owner=replace(OTHER, node="h3"))
+    s, acts = prun(base3, Placement(("h3", "h1", "h2")), OwnerObserved(OwnerRecord(None, revision=50)), now=100.0)
+    assert acts == [Campaign(LEASE)]
+
+
+def test_not_a_candidate_never_campaigns():
+    s, acts = prun(backup(valid_until=105.0), Placement(("h2", "h3")), Tick(), now=100.0)
+    assert acts == [] and fsm.wakeup(PP, s, 100.0) is None
+
+
+def test_preemption_after_hold_down_then_one_token_at_a_time():
+    s, _ = prun(owner(valid_until=200.0), Placement(("h2", "h1")), now=100.0)
+    assert s.preempt_target == "h2" and fsm.wakeup(PP, s, 100.0) == pytest.approx(min(105.0, 199.5))
+    s, acts = prun(s, Tick(), now=104.9)
+    assert acts == []
+    s, acts = prun(s, Tick(), now=105.0)
+    assert acts == [RequestPreempt("h2")]
+    s, acts = prun(s, Tick(), now=106.0)
+    assert acts == []  # asked once
+    s, acts = prun(s, PreemptGranted(), now=106.0)
+    assert s.state is State.RELEASING and acts == [StopAnnouncing(), RemoveAddress()]
+
+
+def test_flapping_target_restarts_the_hold_down():
+    s, _ = prun(owner(valid_until=200.0), Placement(("h2", "h1")), now=100.0)
+    s, _ = prun(s, Placement(("h1",)), now=103.0)  # h2 gone: we are the target again
+    assert s.preempt_target is None
+    s, _ = prun(s, Placement(("h2", "h1")), now=104.0)
+    s, acts = prun(s, Tick(), now=106.0)
+    assert acts == [] and s.preempt_since == 104.0
+    s, acts = prun(s, Tick(), now=109.0)
+    assert acts == [RequestPreempt("h2")]
+
+
+def test_preemption_disabled_never_asks():
+    s, _ = step(P, owner(valid_until=200.0), Placement(("h2", "h1")), 100.0)
+    s, acts = step(P, s, Tick(), 150.0)
+    assert acts == [] and s.preempt_target is None
+
+
+def test_grant_that_arrives_too_late_is_not_used():
+    s, _ = prun(owner(valid_until=200.0), Placement(("h2", "h1")), now=100.0)
+    s, _ = prun(s, Tick(), now=105.0)
+    s, _ = prun(s, Placement(("h1", "h2")), now=105.1)  # we are preferred again
+    s, acts = prun(s, PreemptGranted(), now=105.2)
+    assert s.state is State.OWNER and acts == [] and not s.preempt_asked
+
+
+def test_conflicts_back_off_the_next_campaign():
+    acq = replace(owner(), state=State.ACQUIRING)
+    s, _ = prun(acq, AddressFailed("02:00:00:00:00:99 answers", conflict=True), AddressRemoved(), KeyReleased(),
+                now=100.0)
+    assert s.state is State.BACKUP and s.holdoff_until == 103.0 and s.conflicts == 1
+    s2 = replace(s, state=State.ACQUIRING)
+    s2, _ = prun(s2, AddressFailed("again", conflict=True), AddressRemoved(), KeyReleased(), now=110.0)
+    assert s2.conflicts == 2 and s2.holdoff_until == 116.0
+    s3, _ = prun(replace(s2, state=State.ACQUIRING), AddressAdded(), now=120.0)
+    assert s3.conflicts == 0

@@ -17,7 +17,8 @@ from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Ann
                         CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, DeleteOwnerKey,
                         EtcdRestored, Event, KeyReleased, LeaseGone, LeaseValid, LinkUp, OwnerObserved,
                         OwnerRecord, Reconcile, ReleaseFailed, ReleaseRequested, RemoveAddress,
-                        RemoveFailed, ShutdownRequested, Start, State, StopAnnouncing, Tick)
+                        RemoveFailed, ShutdownRequested, Start, State, StopAnnouncing, Tick,
+                        HealthChanged, Placement, PreemptGranted, RequestPreempt)
 
 S = State
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -41,6 +42,8 @@ class Params:
     node: str
     fence_margin: float
     release_holdoff: float
+    preempt_delay: float | None = None  # hand a unit to its preferred host after this hold-down; None: never
+    campaign_stagger: float = 0.2  # per place behind in the ranking, wait this long before campaigning
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,14 @@ class VipState:
     removed: bool = False  # RELEASING: the address is confirmed gone
     stopping: bool = False
     refresh_at: float = 0.0  # OWNER: when to refresh the address lifetime (0: nothing pending)
+    healthy: bool = True  # host and unit checks pass: may campaign and keep serving
+    ranking: tuple[str, ...] | None = None  # healthy candidates, target first (None: no placement yet)
+    absent_since: float = 0.0  # when the owner key was last seen disappearing
+    last_owner: str | None = None  # who held the key before it disappeared
+    preempt_target: str | None = None  # OWNER: the preferred host we should hand over to
+    preempt_since: float = 0.0  # ... since when it has been the target
+    preempt_asked: bool = False  # the host-wide preemption token was requested
+    conflicts: int = 0  # consecutive claims refused because another machine answers for the address
     reason: str = ""  # why the last state change happened
 
 
@@ -82,10 +93,27 @@ def refresh_plan(p: Params, s: VipState, now: float) -> tuple[float, int]:
     return max(now, fence_deadline(p, s) - life - REFRESH_SLACK), life
 
 
+def campaign_at(p: Params, s: VipState) -> float:
+    """Candidates campaign in ranking order: the best (other than the host that just let go)
+    at once, each further one `campaign_stagger` later, so the preferred host wins without a race."""
+    if s.ranking is None:
+        return s.holdoff_until
+    order = [h for h in s.ranking if h != s.last_owner]
+    if p.node not in order:
+        return math.inf
+    return max(s.holdoff_until, s.absent_since + order.index(p.node) * p.campaign_stagger)
+
+
 def wakeup(p: Params, s: VipState, now: float) -> float | None:
     """When the controller must call step(Tick) at the latest (a deadline the FSM is waiting on)."""
     if s.state in HOLDING:
-        return min(fence_deadline(p, s), s.refresh_at) if s.refresh_at else fence_deadline(p, s)
+        times = [fence_deadline(p, s), s.refresh_at or math.inf]
+        if s.state is S.OWNER and s.preempt_target and not s.preempt_asked and p.preempt_delay is not None:
+            times.append(s.preempt_since + p.preempt_delay)
+        return min(times)
+    if s.state is S.BACKUP and s.owner is not None and s.owner.node is None:
+        at = campaign_at(p, s)
+        return at if now < at < math.inf else None
     if s.state is S.BACKUP and s.holdoff_until > now:
         return s.holdoff_until
     return None
@@ -114,17 +142,34 @@ def _release(s: VipState, reason: str, stopping: bool) -> tuple[VipState, list[A
 def _released(p: Params, s: VipState, now: float, reason: str) -> tuple[VipState, list[Action]]:
     if s.stopping:
         return _to(s, S.STOPPED, reason, epoch=0, pending=False), []
-    return _to(s, S.BACKUP, reason, epoch=0, pending=False, holdoff_until=now + p.release_holdoff), []
+    holdoff = p.release_holdoff * (2 ** min(s.conflicts - 1, 5) if s.conflicts else 1)  # back off on conflicts
+    return _to(s, S.BACKUP, reason, epoch=0, pending=False, holdoff_until=now + holdoff, preempt_target=None,
+               preempt_asked=False), []
+
+
+def _placed(p: Params, s: VipState, ranking: tuple[str, ...], now: float) -> VipState:
+    """Track the preferred host while we own the unit (restart the hold-down when it changes)."""
+    s = replace(s, ranking=ranking)
+    target = ranking[0] if ranking else None
+    if s.state is not S.OWNER or p.preempt_delay is None or target in (None, p.node):
+        return replace(s, preempt_target=None)
+    if target != s.preempt_target:
+        return replace(s, preempt_target=target, preempt_since=now)
+    return s
 
 
 def _maybe_campaign(p: Params, s: VipState, now: float) -> tuple[VipState, list[Action]]:
     """In BACKUP: campaign for an absent key, adopt our own key, or clear our stale one."""
     if s.state is not S.BACKUP or s.pending or s.stopping or s.owner is None or now < s.holdoff_until:
         return s, []
+    if not s.healthy:
+        return s, []
     if s.lease == 0 or lifetime(p, s, now) < 1:
         return s, []
     o = s.owner
     if o.node is None:
+        if now < campaign_at(p, s):
+            return s, []
         return replace(s, pending=True), [Campaign(s.lease)]
     if o.node == p.node and o.lease == s.lease:  # our key on our live lease: serve it again
         s = _to(s, S.ACQUIRING, "adopted own key", epoch=o.epoch)
@@ -182,6 +227,8 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
             if o.node != p.node or o.epoch != s.epoch:
                 return _fence(replace(s, owner=o), f"owner key now {o.node or 'absent'}")
             return replace(s, owner=o), []
+        if o.node is None and (s.owner is None or s.owner.node is not None):
+            s = replace(s, absent_since=now, last_owner=s.owner.node if s.owner else None)
         s = replace(s, owner=o)
         return _maybe_campaign(p, s, now)
 
@@ -202,13 +249,29 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
 
     if isinstance(ev, AddressAdded):
         if st is S.ACQUIRING:
-            return _to(s, S.OWNER, "address added"), [Announce()]
+            s = _to(s, S.OWNER, "address added", conflicts=0)
+            return _placed(p, s, s.ranking or (), now), [Announce()]
         return s, []
 
     if isinstance(ev, AddressFailed):
         if st in HOLDING:
+            s = replace(s, conflicts=s.conflicts + 1 if ev.conflict else 0)
             return _release(s, f"address failed: {ev.error}", stopping=s.stopping)
         return s, []
+
+    if isinstance(ev, HealthChanged):
+        s = replace(s, healthy=ev.healthy)
+        if not ev.healthy and st in HOLDING:
+            return _release(s, f"unhealthy: {ev.reason}", stopping=s.stopping)
+        return _maybe_campaign(p, s, now)
+
+    if isinstance(ev, Placement):
+        return _maybe_campaign(p, _placed(p, s, ev.ranking, now), now)
+
+    if isinstance(ev, PreemptGranted):
+        if st is S.OWNER and s.preempt_asked and s.preempt_target:
+            return _release(s, f"handing over to preferred host {s.preempt_target}", stopping=False)
+        return replace(s, preempt_asked=False), []
 
     if isinstance(ev, AddressRemoved):
         if st is S.FENCED:
@@ -254,6 +317,9 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
         if st is S.OWNER and s.refresh_at and now >= s.refresh_at:
             life = lifetime(p, s, now)
             return replace(s, refresh_at=0.0), ([ClaimAddress(life)] if life >= 1 else [])
+        if (st is S.OWNER and s.preempt_target and not s.preempt_asked and p.preempt_delay is not None
+                and now >= s.preempt_since + p.preempt_delay):
+            return replace(s, preempt_asked=True), [RequestPreempt(s.preempt_target)]
         if st is S.FENCED:
             return s, [RemoveAddress()]
         if st is S.RELEASING:
