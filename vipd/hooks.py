@@ -17,7 +17,8 @@ line of a failed or killed hook the last 200 characters.
 :meth:`HookRunner.fire` only queues the hook and returns at once. Hooks of one VIP run one after
 the other in the order fired (an ``owner`` hook is never overtaken by the ``backup`` hook that
 follows it); hooks of different VIPs run concurrently. Each runs in a new session (its own process
-group); at ``timeout`` the whole group gets SIGKILL, and so does it when the runner is cancelled.
+group); at ``timeout`` the whole group gets SIGKILL, and so does it when the runner is cancelled
+(:func:`vipd.procs.run_command`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ from __future__ import annotations
 import collections
 import ipaddress
 import os
-import shutil
-import signal
-import subprocess
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -35,82 +33,10 @@ import trio
 
 from vipd import log
 from vipd.errors import ConfigError
+from vipd.procs import CommandResult, is_executable, run_command
 
 EVENTS = ("owner", "backup", "fenced", "fault")
 DEFAULT_TIMEOUT = 10.0
-OUTPUT_TAIL = 2048  # bytes of a hook's output kept for the log
-_DRAIN_AFTER_EXIT = 0.1  # s to read output still buffered after the process exited
-
-
-# ------------------------------------------------------------------------------- one command
-
-@dataclass(frozen=True)
-class CommandResult:
-    argv: tuple[str, ...]
-    returncode: int | None  # None when it was killed at its timeout (or cancelled)
-    timed_out: bool
-    duration: float
-    output: str  # the last OUTPUT_TAIL bytes of stdout + stderr, decoded leniently
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # the whole group is gone already
-
-
-async def run_command(argv: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None,
-                      keep: int = OUTPUT_TAIL) -> CommandResult:
-    """Run ``argv`` in its own session; at ``timeout`` (or when cancelled) SIGKILL its whole
-    process group. Never raises for the command's own failure: OSError only when it cannot be
-    started (no such file, not executable), trio.Cancelled when the caller is cancelled (the
-    group is killed first).
-
-    The process's output is read as it comes, keeping only the tail. Once the process has exited,
-    output still buffered is read for a moment; a background child that keeps the pipe open does
-    not hold the result back (it is left running, but its output pipe is closed: a hook that
-    starts something long-lived should redirect that one's output). Only a timeout or a
-    cancellation kills the group.
-    """
-    argv = tuple(argv)
-    started = trio.current_time()
-    proc = await trio.lowlevel.open_process(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, start_new_session=True,
-                                            env=dict(env) if env is not None else None)
-    tail = bytearray()
-    stdout = proc.stdout
-    assert stdout is not None
-
-    reader_done = trio.Event()
-
-    async def read() -> None:
-        try:
-            async for chunk in stdout:
-                tail.extend(chunk)
-                del tail[:-keep]
-        finally:
-            reader_done.set()
-
-    exited = False
-    try:
-        with trio.move_on_after(timeout):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(read)
-                await proc.wait()
-                exited = True
-                with trio.move_on_after(_DRAIN_AFTER_EXIT):
-                    await reader_done.wait()  # EOF, unless a background child holds the pipe
-                nursery.cancel_scope.cancel()
-    finally:
-        if not exited:
-            _kill_group(proc.pid)  # the group id is the leader's pid (new session)
-            with trio.CancelScope(shield=True):
-                await proc.wait()
-        with trio.CancelScope(shield=True):
-            await stdout.aclose()
-    return CommandResult(argv, proc.returncode if exited else None, not exited, trio.current_time() - started,
-                         tail.decode("utf-8", "replace"))
 
 
 # ------------------------------------------------------------------------------- config
@@ -154,10 +80,8 @@ def parse_hooks(table: Any, key_path: str = "hooks") -> HooksConfig:
 def check_hooks_host(cfg: HooksConfig, key_path: str = "hooks") -> None:
     """Read-only host check: every hook program exists and is executable (PATH lookup for bare names)."""
     for event, argv in cfg.commands:
-        program = argv[0]
-        found = program if os.sep in program else shutil.which(program)
-        if found is None or not os.path.isfile(found) or not os.access(found, os.X_OK):
-            raise ConfigError(f"{key_path}.{event}[0]", f"{program!r} is not an executable file")
+        if not is_executable(argv[0]):
+            raise ConfigError(f"{key_path}.{event}[0]", f"{argv[0]!r} is not an executable file")
 
 
 # ------------------------------------------------------------------------------- runner

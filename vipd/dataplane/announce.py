@@ -79,7 +79,7 @@ def frames_for(vip: VipSpec, mac: str) -> list[bytes]:
     return [unsolicited_na(mac, vip.ip)]
 
 
-async def _close(sock: trio.socket.SocketType) -> None:
+async def close_packet_socket(sock: trio.socket.SocketType) -> None:
     """Closing an AF_PACKET socket waits for an RCU grace period (measured 8-16 ms): do it in a
     worker thread so the event loop does not stall (it holds no pyroute2 state)."""
     fd = sock.detach()
@@ -130,5 +130,5 @@ class Announcer:
                 f"announce {vip.name} on {ifname}: {reason} (errno {e.errno}) after {sent} frames"
             ) from None
         finally:
-            await _close(sock)
+            await close_packet_socket(sock)
         return sent

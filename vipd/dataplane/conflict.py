@@ -25,7 +25,6 @@ import contextlib
 import ctypes
 import ipaddress
 import math
-import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from vipd.config import VipSpec
+from vipd.dataplane.announce import BROADCAST, MIN_FRAME, ZERO_MAC, close_packet_socket
 from vipd.dataplane.netlink import Netlink
 from vipd.errors import AddressError, DataplaneError
 
@@ -45,8 +45,6 @@ ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD
 PACKET_OUTGOING = 4
 SO_ATTACH_FILTER = 26
-BROADCAST = "ff:ff:ff:ff:ff:ff"
-ZERO_MAC = "00:00:00:00:00:00"
 _ANY4 = ipaddress.IPv4Address(0)
 _ND_NS, _ND_NA = 135, 136
 
@@ -68,7 +66,7 @@ class AddressConflict(AddressError):
 def arp_probe_frame(mac: str, ip: ipaddress.IPv4Address) -> bytes:
     """RFC 5227 probe: broadcast ARP request, sender IP 0.0.0.0, target MAC zero, target IP = ip."""
     frame = bytes(Ether(src=mac, dst=BROADCAST) / ARP(op=1, hwsrc=mac, psrc="0.0.0.0", hwdst=ZERO_MAC, pdst=str(ip)))
-    return frame.ljust(60, b"\x00")
+    return frame.ljust(MIN_FRAME, b"\x00")
 
 
 def solicited_node(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv6Address, str]:
@@ -156,13 +154,6 @@ def _attach_filter(sock: trio.socket.SocketType, program: list[tuple[int, int, i
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
-async def _close(sock: trio.socket.SocketType) -> None:
-    """Closing an AF_PACKET socket waits for an RCU grace period (8-16 ms): in a worker thread."""
-    fd = sock.detach()
-    with trio.CancelScope(shield=True):
-        await trio.to_thread.run_sync(os.close, fd)
-
-
 class _PacketSocket:
     """An AF_PACKET socket for one ether type, bound to one interface in the Netlink's netns."""
 
@@ -180,13 +171,13 @@ class _PacketSocket:
                 _attach_filter(self.sock, _ND_FILTER)
             await self.sock.bind((self.ifname, self.proto))
         except OSError as e:
-            await _close(self.sock)
+            await close_packet_socket(self.sock)
             raise ConflictProbeError(f"{self.ifname}: {e.strerror or e} (errno {e.errno})") from None
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self.sock is not None:
-            await _close(self.sock)
+            await close_packet_socket(self.sock)
 
     async def send(self, frame: bytes) -> None:
         assert self.sock is not None
