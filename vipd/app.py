@@ -12,15 +12,20 @@ from vipd import log, systemd
 from vipd.config import Config, check_host
 from vipd.dataplane.address import AddressManager
 from vipd.dataplane.announce import Announcer
+from vipd.dataplane.conflict import check_free
 from vipd.dataplane.kernel_events import AddressRemoved as KernelAddressRemoved
 from vipd.dataplane.kernel_events import LinkChanged, kernel_events
 from vipd.dataplane.netlink import Netlink
 from vipd.election.etcd import EtcdClient
+from vipd.election.hosts import HostDirectory
 from vipd.election.lease import HostLease, forget_recorded_lease, read_recorded_lease
 from vipd.election.owners import OwnerKeys
 from vipd.errors import DataplaneError, EtcdError
+from vipd.fitness import Fitness
+from vipd.hooks import HookRunner
 from vipd.metrics import Metrics, serve
-from vipd.model import Event, LinkUp, OwnerObserved, Reconcile, ReleaseRequested, ShutdownRequested, State
+from vipd.model import (Event, LinkUp, OwnerObserved, Placement, Reconcile, ReleaseRequested, ShutdownRequested,
+                        State)
 from vipd.ownership import fsm
 from vipd.ownership.controller import Controller
 from vipd import control
@@ -41,13 +46,28 @@ class Daemon:
         self.announcer = Announcer(nl)
         self.nl = nl
         self.keys = OwnerKeys(client, cfg.etcd.prefix, cfg.node)
-        params = fsm.Params(cfg.node, cfg.timing.fence_margin, cfg.timing.release_holdoff)
-        self.controllers = {u.name: Controller(u, params, self.addresses, self.announcer, self.keys, self.metrics)
+        pl = cfg.placement
+        params = fsm.Params(cfg.node, cfg.timing.fence_margin, cfg.timing.release_holdoff,
+                            pl.preempt_delay if pl.preempt else None, pl.campaign_stagger)
+        self.hooks = HookRunner.from_config(cfg.hooks, node=cfg.node)
+        self.fitness = Fitness(cfg, self.post, lambda: self.lease.presence_changed(), self.metrics, nl)
+        gate = trio.Semaphore(1)  # one handover to a preferred host at a time, per host
+        self.controllers = {u.name: Controller(u, params, self.addresses, self.announcer, self.keys, self.metrics,
+                                               conflicts=self, hooks=self.hooks, preempt_gate=gate,
+                                               healthy=self.fitness.initial(u.name))
                             for u in cfg.units}
         self.lease = HostLease(client, ttl=cfg.etcd.lease_ttl, keepalives_per_ttl=cfg.timing.keepalives_per_ttl,
-                               presence_key=f"{cfg.etcd.prefix}hosts/{cfg.node}", presence_value=cfg.node,
+                               presence_key=f"{cfg.etcd.prefix}hosts/{cfg.node}", presence=self.fitness.presence,
                                publish=self.broadcast, metrics=self.metrics,
                                record_path=lease_record_path(cfg))
+        self.directory = HostDirectory(client, cfg.etcd.prefix, cfg.units,
+                                       lambda name, ranking: self.post(name, Placement(ranking)))
+
+    async def check_free(self, vip) -> None:  # type: ignore[no-untyped-def]
+        await check_free(self.nl, vip)
+
+    def post(self, unit: str, ev: Event) -> None:
+        self.controllers[unit].post(ev)
 
     def broadcast(self, ev: Event) -> None:
         for c in self.controllers.values():
@@ -155,6 +175,8 @@ class Daemon:
                     forget_recorded_lease(lease_record_path(self.cfg))
             except EtcdError as e:
                 log.warning("lease_revoke_failed", error=e)
+        with trio.move_on_after(2.0):
+            await self.hooks.wait_idle()  # let the "backup" hooks of the release finish
 
     async def run(self) -> None:
         await self.remove_stale()
@@ -165,12 +187,16 @@ class Daemon:
             if self.cfg.metrics_listen:
                 await nursery.start(serve, self.metrics, self.cfg.metrics_listen)
             await nursery.start(control.serve, self, self.cfg.control_socket)
+            await nursery.start(self.hooks.run)
             for c in self.controllers.values():
                 await nursery.start(c.run)
+            nursery.start_soon(self.fitness.run)
             nursery.start_soon(self.watch_kernel)
             systemd.notify("STATUS=waiting for etcd")
             await nursery.start(self.keys.watch, list(self.controllers), self._deliver_owner)
+            await nursery.start(self.directory.run)
             await nursery.start(self.lease.run)
+            nursery.start_soon(self.lease.sync_presence)
             nursery.start_soon(self.reconcile)
             interval = systemd.watchdog_interval()
             if interval:

@@ -17,6 +17,9 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from vipd.errors import ConfigError
+from vipd.health.spec import CheckSpec, parse_check
+from vipd.health.spec import check_host as check_check_host
+from vipd.hooks import HooksConfig, check_hooks_host, parse_hooks
 
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
 
@@ -39,6 +42,10 @@ class VipSpec:
     announce_interval: float = 0.2
     announce_reply: bool = False
     group: str | None = None  # VIPs of one group always have the same owner
+    prefer: tuple[str, ...] = ()  # placement: hosts to prefer, best first
+    avoid: tuple[str, ...] = ()  # placement: hosts to use only when nothing else is healthy
+    checks: tuple[CheckSpec, ...] = ()  # failing any releases the VIP (its whole group)
+    conflict_check: bool = True  # ARP probe / DAD before the first claim on a NIC
 
     @property
     def unit(self) -> str:
@@ -64,6 +71,31 @@ class Unit:
 
     name: str
     vips: tuple[VipSpec, ...]
+
+    @property
+    def checks(self) -> tuple[CheckSpec, ...]:
+        return tuple(c for v in self.vips for c in v.checks)
+
+    @property
+    def prefer(self) -> tuple[str, ...]:
+        return self.vips[0].prefer
+
+    @property
+    def avoid(self) -> tuple[str, ...]:
+        return self.vips[0].avoid
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    weight: float = 1.0  # placement weight (0: take VIPs only when no other host can)
+    checks: tuple[CheckSpec, ...] = ()  # failing any releases every VIP of this host
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    preempt: bool = True  # hand units back to their preferred host
+    preempt_delay: float = 5.0  # ... once it has been preferred and healthy this long
+    campaign_stagger: float = 0.2  # seconds per place behind in the ranking before campaigning
 
 
 @dataclass(frozen=True)
@@ -99,6 +131,9 @@ class Config:
     etcd: EtcdConfig
     timing: TimingConfig
     vips: tuple[VipSpec, ...]
+    host: HostConfig = HostConfig()
+    placement: PlacementConfig = PlacementConfig()
+    hooks: HooksConfig = HooksConfig()
     metrics_listen: str = "127.0.0.1:9654"  # "" disables the endpoint
     state_dir: str = "/run/vipd"
     log_level: str = "info"
@@ -251,8 +286,45 @@ def _parse_vip(t: _Table) -> VipSpec:
     group = t.get("group", str)
     if group is not None and not _NAME_RE.match(group):
         raise ConfigError(t.key("group"), f"{group!r} is not a valid group name")
+    prefer = _names(t, "prefer")
+    avoid = _names(t, "avoid")
+    both = set(prefer) & set(avoid)
+    if both:
+        raise ConfigError(t.key("avoid"), f"{sorted(both)[0]!r} is also in prefer")
+    checks = _checks(t, "check")
+    conflict = t.get("conflict_check", bool, True)
     t.done()
-    return VipSpec(name, address, interface, count, interval, reply, group)
+    return VipSpec(name, address, interface, count, interval, reply, group, prefer, avoid, checks, conflict)
+
+
+def _names(t: _Table, key: str) -> tuple[str, ...]:
+    names = t.get(key, list, [])
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not _NAME_RE.match(n):
+            raise ConfigError(f"{t.key(key)}[{i}]", f"{n!r} is not a valid node name")
+    return tuple(names)
+
+
+def _checks(t: _Table, key: str) -> tuple[CheckSpec, ...]:
+    raw = t.get(key, list, [])
+    return tuple(parse_check(c, f"{t.key(key)}[{i}]") for i, c in enumerate(raw))
+
+
+def _parse_host(t: _Table) -> HostConfig:
+    weight = float(t.get("weight", (int, float), 1.0))
+    if not 0 <= weight <= 1000:
+        raise ConfigError(t.key("weight"), f"must be between 0 and 1000, got {weight}")
+    checks = _checks(t, "check")
+    t.done()
+    return HostConfig(weight, checks)
+
+
+def _parse_placement(t: _Table) -> PlacementConfig:
+    preempt = t.get("preempt", bool, True)
+    delay = float(_positive(t.key("preempt_delay"), t.get("preempt_delay", (int, float), 5.0), 0, 3600))
+    stagger = float(_positive(t.key("campaign_stagger"), t.get("campaign_stagger", (int, float), 0.2), 0, 10))
+    t.done()
+    return PlacementConfig(preempt, delay, stagger)
 
 
 def parse(data: dict[str, Any], *, hostname: str | None = None) -> Config:
@@ -263,6 +335,10 @@ def parse(data: dict[str, Any], *, hostname: str | None = None) -> Config:
         raise ConfigError("node", f"{node!r} is not a valid node name")
     etcd = _parse_etcd(root.table("etcd"))
     timing = _parse_timing(root.table("timing"))
+    host = _parse_host(root.table("host"))
+    placement = _parse_placement(root.table("placement"))
+    root.used.add("hooks")
+    hooks = parse_hooks(root.data.get("hooks", {}), "hooks")
     metrics = root.table("metrics")
     listen = metrics.get("listen", str, "127.0.0.1:9654")
     if listen and not re.match(r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$", listen):
@@ -285,15 +361,21 @@ def parse(data: dict[str, Any], *, hostname: str | None = None) -> Config:
         if v.ip in addrs:
             raise ConfigError(f"vip[{i}].address", f"duplicate address {v.ip} (also vip[{addrs[v.ip]}])")
         addrs[v.ip] = i
+    first_of: dict[str, int] = {}
     for i, v in enumerate(vips):
         if v.group is not None and v.group in names and vips[names[v.group]].group != v.group:
             raise ConfigError(f"vip[{i}].group", f"{v.group!r} is also the name of vip[{names[v.group]}], "
                                                  "which is not in that group")
+        if v.group is not None:
+            j = first_of.setdefault(v.group, i)
+            if (v.prefer, v.avoid) != (vips[j].prefer, vips[j].avoid):
+                raise ConfigError(f"vip[{i}].prefer", f"members of group {v.group!r} must have the same "
+                                                      f"prefer/avoid lists as vip[{j}]")
     if etcd.lease_ttl - timing.fence_margin < 1:
         raise ConfigError("etcd.lease_ttl", f"must exceed timing.fence_margin by at least 1 s "
                                             f"(address lifetimes are whole seconds)")
     root.done()
-    return Config(node, etcd, timing, tuple(vips), listen, state_dir, log_level)
+    return Config(node, etcd, timing, tuple(vips), host, placement, hooks, listen, state_dir, log_level)
 
 
 def load(path: str | os.PathLike[str], *, hostname: str | None = None) -> Config:
@@ -318,3 +400,9 @@ def check_host(cfg: Config, sys_class_net: str = "/sys/class/net") -> None:
         f = getattr(cfg.etcd, k)
         if f is not None and not os.access(f, os.R_OK):
             raise ConfigError(f"etcd.{k}", f"cannot read {f}")
+    for i, c in enumerate(cfg.host.checks):
+        check_check_host(c, f"host.check[{i}]", sys_class_net)
+    for i, v in enumerate(cfg.vips):
+        for j, c in enumerate(v.checks):
+            check_check_host(c, f"vip[{i}].check[{j}]", sys_class_net)
+    check_hooks_host(cfg.hooks)

@@ -21,6 +21,10 @@ class Metrics:
                                     ["vip", "from_state", "to_state"], registry=r)
         self._announcements = Counter("vipd_announcements", "Gratuitous ARP / unsolicited NA frames sent",
                                       ["vip"], registry=r)
+        self._conflicts = Counter("vipd_address_conflicts", "Claims refused: another machine answers for the VIP",
+                                  ["vip"], registry=r)
+        self._healthy = Gauge("vipd_healthy", "1 while this host may serve the VIP (host and VIP checks pass)",
+                              ["vip"], registry=r)
         self._errors = Counter("vipd_dataplane_errors", "Failed kernel operations", ["vip", "op"], registry=r)
         self._keepalive = Histogram("vipd_lease_keepalive_seconds", "Lease keepalive round trip",
                                     buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2), registry=r)
@@ -43,6 +47,12 @@ class Metrics:
 
     def count_announcements(self, vip: str, frames: int) -> None:
         self._announcements.labels(vip).inc(frames)
+
+    def count_conflict(self, vip: str) -> None:
+        self._conflicts.labels(vip).inc()
+
+    def set_healthy(self, vip: str, healthy: bool) -> None:
+        self._healthy.labels(vip).set(1 if healthy else 0)
 
     def count_dataplane_error(self, vip: str, op: str) -> None:
         self._errors.labels(vip, op).inc()

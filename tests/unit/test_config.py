@@ -156,3 +156,33 @@ def test_groups_make_one_election_unit():
 def test_group_name_may_not_shadow_another_vip():
     with pytest.raises(ConfigError, match=r"vip\[1\].group: 'api' is also the name of vip\[0\]"):
         parse(vips=[{"name": "api", "address": "10.0.0.2"}, {"name": "x", "address": "10.0.0.1", "group": "api"}])
+
+
+def test_health_placement_hooks_sections():
+    cfg = parse({"host": {"weight": 2, "check": [{"type": "tcp", "host": "127.0.0.1", "port": 22}]},
+                 "placement": {"preempt": False, "preempt_delay": 7},
+                 "hooks": {"owner": ["/bin/true"], "timeout": 3}},
+                vips=[{"name": "a", "address": "10.0.0.1", "prefer": ["h2"], "avoid": ["h3"],
+                       "check": [{"type": "http", "url": "https://127.0.0.1:6443/readyz", "insecure": True}]}])
+    assert cfg.host.weight == 2.0 and len(cfg.host.checks) == 1
+    assert (cfg.placement.preempt, cfg.placement.preempt_delay) == (False, 7.0)
+    assert cfg.hooks.command("owner") == ("/bin/true",) and cfg.hooks.timeout == 3
+    u = cfg.units[0]
+    assert (u.prefer, u.avoid, len(u.checks)) == (("h2",), ("h3",), 1)
+
+
+@pytest.mark.parametrize("data,vips,key", [
+    ({"host": {"weight": -1}}, None, "host.weight"),
+    ({"host": {"wieght": 1}}, None, "host.wieght"),
+    ({"placement": {"preempt_delay": 0}}, None, "placement.preempt_delay"),
+    ({"hooks": {"promoted": ["/bin/true"]}}, None, "hooks.promoted"),
+    ({"host": {"check": [{"type": "tcp", "host": "127.0.0.1"}]}}, None, "host.check[0].port"),
+    ({}, [{"name": "a", "address": "10.0.0.1", "prefer": ["h1"], "avoid": ["h1"]}], "vip[0].avoid"),
+    ({}, [{"name": "a", "address": "10.0.0.1", "prefer": ["bad name"]}], "vip[0].prefer[0]"),
+    ({}, [{"name": "a", "address": "10.0.0.1", "group": "g", "prefer": ["h1"]},
+          {"name": "b", "address": "10.0.0.2", "group": "g"}], "vip[1].prefer"),
+])
+def test_invalid_health_placement_hooks(data, vips, key):
+    with pytest.raises(ConfigError) as ei:
+        parse(data, vips=vips)
+    assert ei.value.key == key, str(ei.value)

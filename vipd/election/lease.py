@@ -31,12 +31,14 @@ class LeaseMetrics(Protocol):
 
 class HostLease:
     def __init__(self, client: LeaseClient, *, ttl: int, keepalives_per_ttl: int, presence_key: str,
-                 presence_value: str, publish: Callable[[Event], None], metrics: LeaseMetrics,
+                 presence: Callable[[], str], publish: Callable[[Event], None], metrics: LeaseMetrics,
                  record_path: str | None = None) -> None:
         self._client = client
         self._ttl = ttl
         self._per_ttl = keepalives_per_ttl
-        self._presence = (presence_key, presence_value)
+        self._presence_key = presence_key
+        self._presence = presence
+        self._presence_dirty = trio.Event()
         self._publish = publish
         self._metrics = metrics
         self._record_path = record_path
@@ -72,7 +74,7 @@ class HostLease:
         lease_id, ttl = await self._client.grant(self._ttl)
         self.lease_id, self.granted_ttl = lease_id, ttl
         self._record(lease_id)
-        await self._client.put(self._presence[0], self._presence[1], lease_id)
+        await self._client.put(self._presence_key, self._presence(), lease_id)
         self._metrics.set_etcd_reachable(True)
         log.info("lease_granted", lease=f"{lease_id:x}", ttl=ttl, asked=self._ttl)
         self._valid(sent + ttl)
@@ -117,6 +119,24 @@ class HostLease:
                 log.info("etcd_restored", lease=f"{self.lease_id:x}")
                 self._publish(EtcdRestored())
                 failing = announced_gone = False
+
+    def presence_changed(self) -> None:
+        """The presence value (health, weight) changed: sync_presence puts it again."""
+        self._presence_dirty.set()
+
+    async def sync_presence(self) -> None:
+        """Keep `hosts/<node>` equal to presence(), on the current lease; retried until it lands."""
+        while True:
+            await self._presence_dirty.wait()
+            self._presence_dirty = trio.Event()
+            if not self.lease_id:
+                continue  # the next grant puts it
+            try:
+                await self._client.put(self._presence_key, self._presence(), self.lease_id)
+            except EtcdError as e:
+                log.warning("presence_update_failed", error=e)
+                self._presence_dirty.set()
+                await trio.sleep(0.5)
 
     def _gone(self, already: bool) -> None:
         self._metrics.set_lease_valid_until(0.0)

@@ -6,13 +6,11 @@ epoch (the fencing token). One watch on `<prefix>vips/` feeds every controller.
 
 from __future__ import annotations
 
-import contextlib
-from typing import AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 import trio
 
-from vipd import log
-from vipd.errors import EtcdAuthError, EtcdCompacted, EtcdError, EtcdWatchIdle
+from vipd.election.follow import follow
 from vipd.model import OwnerRecord
 
 
@@ -69,46 +67,19 @@ class OwnerKeys:
 
     async def watch(self, names: list[str], deliver: Callable[[str, OwnerRecord], None],
                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """List, then watch, forever; re-list after any stream failure (level-triggered).
-
-        deliver(name, record) is called for every configured VIP after each listing (absent keys as
-        OwnerRecord(None, revision=listing revision)) and for every change after it."""
+        """deliver(name, record) for every configured unit after each listing (absent keys as
+        OwnerRecord(None, revision=listing revision)) and for every change after it; forever."""
         wanted = set(names)
-        backoff = 0.1
-        started = failed = False
-        while True:
-            try:
-                current, revision = await self.list()
-                if failed:
-                    log.info("watch_restored", prefix=self.prefix, revision=revision)
-                    failed = False
-                for name in names:
-                    deliver(name, current.get(name, OwnerRecord(None, revision=revision)))
-                if not started:
-                    started = True
-                    task_status.started()
-                backoff = 0.1
-                async with contextlib.aclosing(self._client.watch_prefix(self.prefix, revision + 1)) as batches:
-                    async for batch in batches:
-                        for ev in batch.events:
-                            name = self.vip_of(ev.kv.key)
-                            if name not in wanted:
-                                continue
-                            if ev.type == "DELETE":
-                                deliver(name, OwnerRecord(None, revision=ev.kv.mod_revision))
-                            else:
-                                deliver(name, self.record(ev.kv))
-            except EtcdAuthError:
-                raise
-            except EtcdCompacted:
-                log.info("watch_compacted", prefix=self.prefix)
-            except EtcdWatchIdle:
-                # etcd without --experimental-watch-progress-notify-interval sends no progress on a quiet
-                # stream; a re-list + re-watch is cheap and proves the stream (level-triggered).
-                log.debug("watch_refreshed", prefix=self.prefix)
-            except EtcdError as e:
-                if not failed:
-                    log.warning("watch_failed", prefix=self.prefix, error=e)
-                failed = True
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 0.5)  # backups must see owner changes soon after etcd returns
+
+        def snapshot(kvs: Sequence[KeyValueLike], revision: int) -> None:
+            current = {self.vip_of(kv.key): self.record(kv) for kv in kvs}
+            for name in names:
+                deliver(name, current.get(name, OwnerRecord(None, revision=revision)))
+
+        def event(ev: Any) -> None:
+            name = self.vip_of(ev.kv.key)
+            if name in wanted:
+                deliver(name, OwnerRecord(None, revision=ev.kv.mod_revision) if ev.type == "DELETE"
+                        else self.record(ev.kv))
+
+        await follow(self._client, self.prefix, snapshot, event, task_status=task_status)

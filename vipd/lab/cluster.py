@@ -40,6 +40,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -57,7 +59,9 @@ def render_toml(top: dict[str, Any], tables: dict[str, dict[str, Any]], vips: It
 class Cluster:
     def __init__(self, lab: Lab, workdir: str | Path, vips: list[VipDef], *, endpoints: list[str],
                  lease_ttl: int = 3, etcd_extra: dict[str, Any] | None = None,
-                 timing: dict[str, Any] | None = None, prefix: str = "/vipd/lab/") -> None:
+                 timing: dict[str, Any] | None = None, prefix: str = "/vipd/lab/",
+                 placement: dict[str, Any] | None = None, host_extra: dict[str, dict[str, Any]] | None = None,
+                 top_extra: dict[str, dict[str, Any]] | None = None) -> None:
         self.lab = lab
         self.dir = Path(workdir)
         self.vips = vips
@@ -66,6 +70,10 @@ class Cluster:
         self.etcd_extra = dict(etcd_extra or {})
         self.timing = {"fence_margin": 1.5, "reconcile_interval": 0.5, "release_holdoff": 2.0, **(timing or {})}
         self.prefix = prefix
+        # preemption off unless asked: the core tests watch one failover at a time
+        self.placement = {"preempt": False, **(placement or {})}
+        self.host_extra = host_extra or {}  # per host name: extra [host] table keys (weight, check, ...)
+        self.top_extra = top_extra or {}  # extra tables for every host, e.g. {"hooks": {...}}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def host(self, name: str) -> Host:
@@ -84,9 +92,12 @@ class Cluster:
                 **self.etcd_extra, **etcd_overrides}
         vips = [{"name": v.name, "address": v.address, "interface": v.interface or host.ifname,
                  "announce_count": 3, "announce_interval": 0.1, **v.extra} for v in self.vips]
+        tables = {"etcd": etcd, "timing": self.timing, "metrics": {"listen": "127.0.0.1:9654"},
+                  "placement": self.placement, **self.top_extra}
+        if host.name in self.host_extra:
+            tables["host"] = self.host_extra[host.name]
         path.write_text(render_toml({"node": host.name, "state_dir": str(path.parent / "run"), "log_level": "info"},
-                                    {"etcd": etcd, "timing": self.timing, "metrics": {"listen": "127.0.0.1:9654"}},
-                                    vips))
+                                    tables, vips))
         return path
 
     def start(self, host: Host, **etcd_overrides: Any) -> subprocess.Popen[bytes]:

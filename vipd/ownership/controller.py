@@ -14,11 +14,11 @@ import trio
 
 from vipd import log
 from vipd.config import Unit, VipSpec
-from vipd.errors import DataplaneError, EtcdError
+from vipd.errors import AddressError, DataplaneError, EtcdError
 from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Announce, Campaign,
                         CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, DeleteOwnerKey, Event,
-                        KeyReleased, OwnerRecord, Reconcile, ReleaseFailed, RemoveAddress, RemoveFailed, Start, State,
-                        StopAnnouncing, Tick)
+                        KeyReleased, OwnerRecord, PreemptGranted, Reconcile, ReleaseFailed, RemoveAddress,
+                        RemoveFailed, RequestPreempt, Start, State, StopAnnouncing, Tick)
 from vipd.ownership import fsm
 
 
@@ -36,26 +36,44 @@ class KeysPort(Protocol):
     async def release(self, vip: str, epoch: int) -> bool: ...
 
 
+class ConflictPort(Protocol):
+    async def check_free(self, vip: VipSpec) -> None:
+        """Raise an AddressError (AddressConflict) when another machine answers for the VIP."""
+
+
+class HooksPort(Protocol):
+    def fire(self, event: str, *, vip: str, address: object = "", interface: str = "", reason: str = "",
+             epoch: int = 0) -> bool: ...
+
+
 class MetricsPort(Protocol):
     def record_transition(self, vip: str, old: State, new: State) -> None: ...
     def set_epoch(self, vip: str, epoch: int) -> None: ...
     def count_announcements(self, vip: str, frames: int) -> None: ...
     def count_dataplane_error(self, vip: str, op: str) -> None: ...
+    def count_conflict(self, vip: str) -> None: ...
 
 
 class Controller:
     """Owns one election unit: a VIP, or the VIPs of a group, always held together."""
 
     def __init__(self, unit: Unit, params: fsm.Params, addresses: AddressPort, announcer: AnnouncePort,
-                 keys: KeysPort, metrics: MetricsPort) -> None:
+                 keys: KeysPort, metrics: MetricsPort, *, conflicts: ConflictPort | None = None,
+                 hooks: HooksPort | None = None, preempt_gate: trio.Semaphore | None = None,
+                 healthy: bool = True) -> None:
         self.name = unit.name
         self.vips = unit.vips
+        self._conflicts = conflicts if unit.vips[0].conflict_check else None
+        self._probed = False  # conflict detection runs before the first claim only
+        self._hooks = hooks
+        self._gate = preempt_gate
+        self._holds_token = False
         self.params = params
         self._addresses = addresses
         self._announcer = announcer
         self._keys = keys
         self._metrics = metrics
-        self.state = fsm.VipState()
+        self.state = fsm.VipState(healthy=healthy)
         self._send, self._recv = trio.open_memory_channel[Event](math.inf)
         self._announcing = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -94,6 +112,10 @@ class Controller:
                             action="re-adding" if actions else "lease too old to re-add")
             if self.state.state is not old.state:
                 self._transitioned(old, ev)
+            if self._holds_token and not (self.state.state is State.RELEASING or self.state.preempt_asked):
+                self._holds_token = False  # the handover finished or was not needed
+                assert self._gate is not None
+                self._gate.release()
             for action in actions:
                 follow = await self._do(action)
                 if follow is not None:
@@ -108,12 +130,23 @@ class Controller:
         self._metrics.record_transition(self.name, old.state, new.state)
         self._metrics.set_epoch(self.name, new.epoch)
         owner = new.owner.node if new.owner else None
+        hook = ("owner" if new.state is State.OWNER else "fenced" if new.state is State.FENCED
+                else "fault" if isinstance(ev, AddressFailed)
+                else "backup" if old.state in (State.OWNER, State.RELEASING) else None)
+        if hook and self._hooks is not None:
+            for vip in self.vips:
+                self._hooks.fire(hook, vip=self.name, address=vip.address, interface=vip.interface,
+                                 reason=new.reason or type(ev).__name__, epoch=new.epoch or old.epoch)
         log.info("transition", vip=self.name, address=self.addresses, **{"from": old.state.value},
                  to=new.state.value, reason=new.reason or type(ev).__name__, epoch=new.epoch or None,
                  lease=f"{new.lease:x}" if new.lease else None, owner=owner)
 
     async def _do(self, action: Action) -> Event | None:
         if isinstance(action, ClaimAddress):
+            if self._conflicts is not None and not self._probed:
+                failed = await self._probe()
+                if failed is not None:
+                    return failed
             for vip in self.vips:
                 try:
                     await self._addresses.claim(vip, action.lifetime)
@@ -142,7 +175,34 @@ class Controller:
             self._spawn(self._campaign, action.lease)
         elif isinstance(action, DeleteOwnerKey):
             self._spawn(self._delete_key, action.epoch)
+        elif isinstance(action, RequestPreempt):
+            self._spawn(self._preempt_token, action.target)
         return None
+
+    async def _probe(self) -> Event | None:
+        """RFC 5227 ARP probe / IPv6 DAD for every NIC address before the first claim."""
+        assert self._conflicts is not None
+        for vip in self.vips:
+            try:
+                await self._conflicts.check_free(vip)
+            except AddressError as e:
+                self._metrics.count_conflict(self.name)
+                log.error("address_conflict", vip=self.name, address=vip.address, interface=vip.interface,
+                          error=e, mac=getattr(e, "mac", None))
+                return AddressFailed(str(e), conflict=True)
+            except DataplaneError as e:
+                log.warning("conflict_probe_failed", vip=self.name, address=vip.address, error=e)
+        self._probed = True
+        return None
+
+    async def _preempt_token(self, target: str) -> None:
+        if self._gate is None:
+            self.post(PreemptGranted())
+            return
+        await self._gate.acquire()
+        self._holds_token = True
+        log.info("handover_to_preferred", vip=self.name, target=target)
+        self.post(PreemptGranted())
 
     def _spawn(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         assert self._nursery is not None

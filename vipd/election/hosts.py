@@ -1,0 +1,88 @@
+"""The host directory: every host's presence (`<prefix>hosts/<node>`, on its lease) with its health
+and weight, and the placement each host derives from it: for every unit, the healthy candidates
+best first, the first being its target. Every host computes the same answer from the same keys."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import trio
+
+from vipd import log
+from vipd.config import Unit
+from vipd.election.follow import FollowClient, follow
+from vipd.placement import Item, assign, ranking
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    node: str
+    healthy: bool = True
+    weight: float = 1.0
+    down: tuple[str, ...] = ()  # units this host cannot serve (their own checks fail)
+    reasons: tuple[str, ...] = ()  # why the host or a unit is unhealthy, for `vipd status`
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, node: str, value: str) -> "HostInfo":
+        try:
+            d = json.loads(value)
+            return cls(node, bool(d.get("healthy", True)), float(d.get("weight", 1.0)),
+                       tuple(d.get("down", ())), tuple(d.get("reasons", ())))
+        except (ValueError, TypeError, AttributeError):
+            return cls(node)  # a value we do not understand: present, defaults
+
+
+def rankings(units: Sequence[Unit], hosts: Mapping[str, HostInfo]) -> dict[str, tuple[str, ...]]:
+    """Bounded-load rendezvous placement over the healthy hosts; per unit the hosts that can serve
+    it, its assigned target first, then the others in rendezvous order."""
+    healthy = {n: h.weight for n, h in hosts.items() if h.healthy}
+    targets = assign([Item(u.name, u.prefer, u.avoid, len(u.vips)) for u in units], healthy)
+    out = {}
+    for u in units:
+        cands = {n: w for n, w in healthy.items() if u.name not in hosts[n].down}
+        order = ranking(u.name, cands, u.prefer, u.avoid)
+        target = targets.get(u.name)
+        if target in cands:
+            order = [target] + [h for h in order if h != target]
+        out[u.name] = tuple(order)
+    return out
+
+
+class HostDirectory:
+    def __init__(self, client: FollowClient, prefix: str, units: Sequence[Unit],
+                 on_placement: Callable[[str, tuple[str, ...]], None]) -> None:
+        self._client = client
+        self.prefix = prefix + "hosts/"
+        self._units = list(units)
+        self._on_placement = on_placement
+        self.hosts: dict[str, HostInfo] = {}
+        self.placement: dict[str, tuple[str, ...]] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        def snapshot(kvs: Sequence[Any], revision: int) -> None:
+            self.hosts = {kv.key[len(self.prefix):]: HostInfo.from_json(kv.key[len(self.prefix):], kv.value)
+                          for kv in kvs}
+            self._recompute()
+
+        def event(ev: Any) -> None:
+            node = ev.kv.key[len(self.prefix):]
+            if ev.type == "DELETE":
+                self.hosts.pop(node, None)
+            else:
+                self.hosts[node] = HostInfo.from_json(node, ev.kv.value)
+            self._recompute()
+
+        await follow(self._client, self.prefix, snapshot, event, task_status=task_status)
+
+    def _recompute(self) -> None:
+        new = rankings(self._units, self.hosts)
+        for name, order in new.items():
+            if self.placement.get(name) != order:
+                log.debug("placement", vip=name, ranking=",".join(order) or "-")
+                self._on_placement(name, order)
+        self.placement = new

@@ -1,0 +1,66 @@
+"""Is this host fit to serve each unit? Host checks and unit checks -> HealthChanged per unit,
+and this host's presence value in etcd (health, weight, units it cannot serve, and why)."""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+
+from vipd import log
+from vipd.config import Config
+from vipd.election.hosts import HostInfo
+from vipd.health import HealthMonitor
+from vipd.health.spec import check_name
+from vipd.model import Event, HealthChanged
+
+
+class FitnessMetrics(Protocol):
+    def set_healthy(self, vip: str, healthy: bool) -> None: ...
+
+
+class Fitness:
+    def __init__(self, cfg: Config, post: Callable[[str, Event], None], presence_changed: Callable[[], None],
+                 metrics: FitnessMetrics, nl: object = None) -> None:
+        self._cfg = cfg
+        self._post = post
+        self._presence_changed = presence_changed
+        self._metrics = metrics
+        self._host_checks = [(f"host/{i}:{check_name(c)}", c) for i, c in enumerate(cfg.host.checks)]
+        self._unit_checks = {u.name: [(f"{u.name}/{i}:{check_name(c)}", c) for i, c in enumerate(u.checks)]
+                             for u in cfg.units}
+        checks = self._host_checks + [c for cs in self._unit_checks.values() for c in cs]
+        self.monitor = HealthMonitor(checks, self._changed, nl=nl) if checks else None  # type: ignore[arg-type]
+        self.ok = {u.name: self.initial(u.name) for u in cfg.units}
+        for name, ok in self.ok.items():
+            metrics.set_healthy(name, ok)
+
+    def initial(self, unit: str) -> bool:
+        """Without checks a unit is healthy from the start; with checks, only after `rise` passes."""
+        return not (self._host_checks or self._unit_checks[unit])
+
+    def _failing(self, checks: list[tuple[str, object]]) -> list[str]:
+        status = self.monitor.status() if self.monitor else {}
+        return [f"{name}: {status[name].reason}" for name, _ in checks if status[name].healthy is not True]
+
+    def _changed(self, name: str, healthy: bool, reason: str) -> None:
+        host_bad = self._failing(self._host_checks)  # type: ignore[arg-type]
+        for unit, checks in self._unit_checks.items():
+            bad = host_bad + self._failing(checks)  # type: ignore[arg-type]
+            ok = not bad
+            if ok != self.ok[unit]:
+                self.ok[unit] = ok
+                self._metrics.set_healthy(unit, ok)
+                log.info("health", vip=unit, healthy=ok, reason="; ".join(bad) or "all checks pass")
+                self._post(unit, HealthChanged(ok, "; ".join(bad)))
+        self._presence_changed()
+
+    def presence(self) -> str:
+        host_bad = self._failing(self._host_checks)  # type: ignore[arg-type]
+        down = tuple(u for u, ok in self.ok.items() if not ok) if not host_bad else ()
+        reasons = tuple(host_bad + [r for u in down for r in self._failing(self._unit_checks[u])])  # type: ignore
+        return HostInfo(self._cfg.node, not host_bad, self._cfg.host.weight, down, reasons).to_json()
+
+    async def run(self) -> None:
+        """Run the checks forever (returns at once when none are configured)."""
+        if self.monitor is not None:
+            await self.monitor.run()
