@@ -1,4 +1,5 @@
-"""`vipd status`: every VIP's owner, ownership epoch and lease time left, as etcd sees them."""
+"""`vipd status`: every VIP's owner, ownership epoch and lease time left, and every host's health,
+as etcd sees them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any
 
 from vipd.config import Config
 from vipd.election.etcd import EtcdClient
+from vipd.election.hosts import HostInfo, rankings
 from vipd.election.owners import OwnerKeys
 
 
@@ -13,12 +15,16 @@ async def collect(cfg: Config) -> dict[str, Any]:
     async with EtcdClient.from_config(cfg.etcd) as client:
         keys = OwnerKeys(client, cfg.etcd.prefix, cfg.node)
         owners, revision = await keys.list()
-        hosts_kvs, _ = await client.get_prefix(cfg.etcd.prefix + "hosts/")
+        hosts_prefix = cfg.etcd.prefix + "hosts/"
+        hosts_kvs, _ = await client.get_prefix(hosts_prefix)
+        hosts = {kv.key[len(hosts_prefix):]: HostInfo.from_json(kv.key[len(hosts_prefix):], kv.value)
+                 for kv in hosts_kvs}
         ttl: dict[int, int] = {}
         for rec in owners.values():
             if rec.lease and rec.lease not in ttl:
                 ttl[rec.lease] = await client.time_to_live(rec.lease)
         addresses = {u.name: ",".join(str(v.address) for v in u.vips) for u in cfg.units}
+        ranked = rankings(cfg.units, hosts)
         vips = []
         for name in sorted(set(owners) | set(addresses)):
             rec = owners.get(name)
@@ -29,16 +35,29 @@ async def collect(cfg: Config) -> dict[str, Any]:
                 "epoch": rec.epoch if rec else None,
                 "lease": f"{rec.lease:x}" if rec and rec.lease else None,
                 "lease_ttl_left": ttl.get(rec.lease) if rec else None,
+                "preferred": (ranked.get(name) or [None])[0],
+                "candidates": list(ranked.get(name, ())),
             })
-        hosts = sorted(kv.key[len(cfg.etcd.prefix + "hosts/"):] for kv in hosts_kvs)
-        return {"endpoint": client.endpoint, "revision": revision, "hosts": hosts, "vips": vips}
+        host_rows = [{"node": h.node, "healthy": h.healthy, "weight": h.weight, "down": list(h.down),
+                      "reasons": list(h.reasons)} for h in sorted(hosts.values(), key=lambda h: h.node)]
+        return {"endpoint": client.endpoint, "revision": revision, "hosts": host_rows, "vips": vips}
 
 
 def render(status: dict[str, Any]) -> str:
-    lines = [f"etcd {status['endpoint']} revision {status['revision']}; hosts up: "
-             f"{', '.join(status['hosts']) or 'none'}",
-             f"{'VIP':<16} {'ADDRESS':<28} {'OWNER':<16} {'EPOCH':>8} {'LEASE':>18} {'TTL LEFT':>8}"]
+    lines = [f"etcd {status['endpoint']} revision {status['revision']}",
+             f"{'HOST':<16} {'HEALTH':<10} {'WEIGHT':>6}  NOT A CANDIDATE FOR / WHY"]
+    for h in status["hosts"]:
+        why = "; ".join(h["reasons"])
+        if not h["healthy"]:
+            why = f"all VIPs: {why or 'host checks failing'}"
+        elif h["down"]:
+            why = f"{', '.join(h['down'])}: {why}"
+        lines.append(f"{h['node']:<16} {'healthy' if h['healthy'] else 'unhealthy':<10} {h['weight']:>6g}  {why or '-'}")
+    if not status["hosts"]:
+        lines.append("(no host holds a lease)")
+    lines += ["", f"{'VIP':<16} {'ADDRESS':<28} {'OWNER':<16} {'EPOCH':>8} {'LEASE':>18} {'TTL LEFT':>8}  PREFERRED"]
     for v in status["vips"]:
+        ttl = "-" if v["lease_ttl_left"] is None else f"{v['lease_ttl_left']}s"
         lines.append(f"{v['vip']:<16} {v['address']:<28} {v['owner'] or '-':<16} {v['epoch'] or '-':>8} "
-                     f"{v['lease'] or '-':>18} {'-' if v['lease_ttl_left'] is None else str(v['lease_ttl_left']) + 's':>8}")
+                     f"{v['lease'] or '-':>18} {ttl:>8}  {v['preferred'] or '-'}")
     return "\n".join(lines)

@@ -186,3 +186,10 @@ def test_invalid_health_placement_hooks(data, vips, key):
     with pytest.raises(ConfigError) as ei:
         parse(data, vips=vips)
     assert ei.value.key == key, str(ei.value)
+
+
+@pytest.mark.parametrize("name", ["kube-apiserver.toml", "haproxy.toml"])
+def test_recipes_parse(name):
+    cfg = config.load(ROOT / "conf" / name, hostname="cp1")
+    assert cfg.vips and all(v.interface for v in cfg.vips)
+    assert any(u.checks for u in cfg.units)

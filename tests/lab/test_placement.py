@@ -1,0 +1,170 @@
+"""Health-gated ownership, placement of many VIPs, preemption, hooks and conflict detection, with
+real etcd and namespaces. The make_cluster monitor fails any test that ever saw dual ownership."""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import json
+import re
+import time
+from pathlib import Path
+
+from vipd.lab.cluster import VipDef
+
+
+def ip_of(v: VipDef):  # type: ignore[no-untyped-def]
+    return ipaddress.ip_interface(v.address).ip
+
+
+def file_check(path: Path, fall: int = 2, rise: int = 2) -> dict:
+    """A command check that passes while `path` exists: tests flip health by touching files."""
+    return {"type": "command", "command": ["/usr/bin/test", "-e", str(path)], "interval": 0.2, "timeout": 0.2,
+            "rise": rise, "fall": fall}
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def test_failing_check_moves_vip_and_host_returns_after_rise(lab, make_cluster, tmp_path):
+    flags = {h.name: tmp_path / f"{h.name}.ok" for h in lab.hosts}
+    for f in flags.values():
+        f.touch()
+    vips = [VipDef("api", str(lab.vip4(0)))]
+    c = make_cluster(vips, start=False)  # each host checks its own flag file
+    for h in lab.hosts:
+        c.vips = [VipDef("api", str(lab.vip4(0)), extra={"check": [file_check(flags[h.name])]})]
+        c.start(h)
+    old = c.wait_owner(ip_of(vips[0]), timeout=10)
+    t0 = time.monotonic()
+    flags[old].unlink()  # the service behind the VIP dies on the owner; the host itself is fine
+    new = c.wait_owner(ip_of(vips[0]), exclude=[old], timeout=5)
+    assert time.monotonic() - t0 < 2.0
+    log = c.log_path(c.host(old)).read_text()
+    assert re.search(r'event=transition vip=api .*from=owner to=releasing reason="unhealthy', log), log[-1500:]
+    status = c.run_cli(c.host(new), "status")
+    assert re.search(rf"^{old}\s+healthy\s+1\s+api: .*exit status 1", status.stdout, re.M), status.stdout
+    # back after `rise` passes: a candidate again (visible in status), but no preemption here
+    flags[old].touch()
+    wait_for(lambda: re.search(rf"^{old}\s+healthy\s+1\s+-$", c.run_cli(c.host(new), "status").stdout, re.M),
+             5, "old owner a candidate again in status")
+    assert lab.holders(ip_of(vips[0])) == [new]
+
+
+def test_flapping_check_within_hysteresis_moves_nothing(lab, make_cluster, tmp_path):
+    flags = {h.name: tmp_path / f"{h.name}.ok" for h in lab.hosts}
+    for f in flags.values():
+        f.touch()
+    c = make_cluster([], start=False)
+    for h in lab.hosts:
+        c.vips = [VipDef("api", str(lab.vip4(0)), extra={"check": [file_check(flags[h.name], fall=4)]})]
+        c.start(h)
+    owner = c.wait_owner(lab.vip4(0).ip, timeout=10)
+    for _ in range(4):  # fail one or two check runs (0.2 s apart), never four in a row
+        flags[owner].unlink()
+        time.sleep(0.25)
+        flags[owner].touch()
+        time.sleep(0.5)
+    assert lab.holders(lab.vip4(0).ip) == [owner]
+    assert "to=releasing" not in c.log_path(c.host(owner)).read_text()
+
+
+def _spread(lab, vips) -> collections.Counter:  # type: ignore[no-untyped-def]
+    owners = collections.Counter()
+    for v in vips:
+        hs = lab.holders(ip_of(v))
+        owners[hs[0] if len(hs) == 1 else "?"] += 1
+    return owners
+
+
+def test_thirty_vips_spread_over_three_hosts_and_a_lost_host_spreads_its_share(lab, make_cluster):
+    vips = [VipDef(f"v{i:02d}", f"{lab.vip4(0).network.network_address + 100 + i}/24",
+                   extra={"conflict_check": False}) for i in range(30)]
+    c = make_cluster(vips, monitor=False, placement={"preempt": True, "preempt_delay": 1.0})
+    wait_for(lambda: all(8 <= _spread(lab, vips)[h.name] <= 12 for h in lab.hosts), 40,
+             f"10 +- 2 VIPs per host")
+    spread = _spread(lab, vips)
+    print("placement spread with 3 hosts and 30 VIPs:", dict(spread))
+    victim = lab.hosts[2]
+    lost = [v for v in vips if lab.holders(ip_of(v)) == [victim.name]]
+    c.kill(victim)
+    wait_for(lambda: all(len(lab.holders(ip_of(v))) == 1 and victim.name not in lab.holders(ip_of(v))
+                         for v in vips), 15, "the lost host's VIPs taken over")
+    moved = collections.Counter(lab.holders(ip_of(v))[0] for v in lost)
+    assert set(moved) == {lab.hosts[0].name, lab.hosts[1].name}, moved  # spread, not dumped on one host
+    assert _spread(lab, vips)[victim.name] == 0
+
+
+def test_returning_preferred_host_gets_vips_back_after_delay_one_at_a_time(lab, make_cluster):
+    vips = [VipDef(f"p{i}", f"{lab.vip4(0).network.network_address + 120 + i}/24",
+                   extra={"prefer": ["h3"], "conflict_check": False}) for i in range(3)]
+    delay = 2.0
+    c = make_cluster(vips, placement={"preempt": True, "preempt_delay": delay}, start=False)
+    h3 = c.host("h3")
+    for h in lab.hosts[:2]:
+        c.start(h)
+    for v in vips:
+        c.wait_owner(ip_of(v), timeout=10)
+    assert all(lab.holders(ip_of(v)) != ["h3"] for v in vips)
+    c.start(h3)
+    wait_for(lambda: "event=ready" in c.log_path(h3).read_text(), 10, "h3 ready")
+    t_ready = time.monotonic()
+    time.sleep(delay - 0.5)
+    assert all(lab.holders(ip_of(v)) != ["h3"] for v in vips), "handed back before preempt_delay"
+    wait_for(lambda: all(lab.holders(ip_of(v)) == ["h3"] for v in vips), 15, "all preferred VIPs on h3")
+    arrivals = sorted(t for v in vips for t, before, after in c.monitor.owner_changes(ip_of(v))
+                      if "h3" in after and "h3" not in before)
+    assert arrivals[0] - t_ready >= delay - 0.3
+    givers = collections.defaultdict(list)
+    for h in lab.hosts[:2]:
+        for line in c.log_path(h).read_text().splitlines():
+            if "event=handover_to_preferred" in line:
+                givers[h.name].append(line)
+    # each giving host hands over one unit at a time: its handovers never overlap
+    for name, lines in givers.items():
+        log = c.log_path(c.host(name)).read_text()
+        starts = [m.start() for m in re.finditer("event=handover_to_preferred", log)]
+        for a, b in zip(starts, starts[1:]):
+            assert "to=backup" in log[a:b], f"{name} started a second handover before the first finished"
+
+
+def test_foreign_machine_answering_arp_keeps_vip_unclaimed(lab, make_cluster):
+    vip = lab.vip4(7)
+    # the client namespace plays a foreign machine that already uses the address
+    lab.ip(lab.client, "addr", "add", str(vip), "dev", lab.client.ifname)
+    c = make_cluster([VipDef("api", str(vip))])
+    h = lab.hosts[0]
+    wait_for(lambda: "event=address_conflict" in c.log_path(h).read_text(), 10, "conflict logged")
+    assert lab.holders(vip.ip) == []
+    log = c.log_path(h).read_text()
+    assert lab.client.mac in log, "the log must name the MAC that answered"
+    assert re.search(r'vipd_address_conflicts_total\{vip="api"\} [1-9]', c.metrics(h))
+    lab.ip(lab.client, "addr", "del", str(vip), "dev", lab.client.ifname)
+    c.wait_owner(vip.ip, timeout=20)  # retried with back-off once the address is free
+
+
+def test_hooks_run_with_vip_environment(lab, make_cluster, tmp_path):
+    out = tmp_path / "hooks"
+    out.mkdir()
+    script = tmp_path / "hook.sh"
+    script.write_text(f"#!/bin/sh\nenv | grep ^VIPD_ | sort > {out}/$VIPD_NODE.$VIPD_EVENT.$$\n")
+    script.chmod(0o755)
+    c = make_cluster([VipDef("api", str(lab.vip4(0)))],
+                     top_extra={"hooks": {"owner": [str(script)], "backup": [str(script)], "timeout": 5}})
+    old = c.wait_owner(lab.vip4(0).ip)
+    path = wait_for(lambda: [p for p in out.glob(f"{old}.owner.*") if "VIPD_VIP=" in p.read_text()], 5,
+                    "owner hook ran")[0]
+    env = dict(line.split("=", 1) for line in path.read_text().splitlines())
+    assert env["VIPD_VIP"] == "api" and env["VIPD_ADDRESS"] == str(lab.vip4(0).ip)
+    assert env["VIPD_INTERFACE"] == c.host(old).ifname and env["VIPD_NODE"] == old
+    assert int(env["VIPD_EPOCH"]) > 0
+    c.run_cli(c.host(old), "release", "api")
+    wait_for(lambda: list(out.glob(f"{old}.backup.*")), 5, "backup hook ran on the old owner")
