@@ -22,6 +22,7 @@ from vipd.election.lease import HostLease, forget_recorded_lease, read_recorded_
 from vipd.election.owners import OwnerKeys
 from vipd.errors import DataplaneError, EtcdError
 from vipd.fitness import Fitness
+from vipd.routing import Routing
 from vipd.hooks import HookRunner
 from vipd.metrics import Metrics, serve
 from vipd.model import (Event, LinkUp, OwnerObserved, Placement, Reconcile, ReleaseRequested, ShutdownRequested,
@@ -47,14 +48,17 @@ class Daemon:
         self.nl = nl
         self.keys = OwnerKeys(client, cfg.etcd.prefix, cfg.node)
         pl = cfg.placement
-        params = fsm.Params(cfg.node, cfg.timing.fence_margin, cfg.timing.release_holdoff,
-                            pl.preempt_delay if pl.preempt else None, pl.campaign_stagger)
+        self.routing = Routing(cfg, nl, self.addresses, client)
+
+        def params(anycast: bool) -> fsm.Params:
+            return fsm.Params(cfg.node, cfg.timing.fence_margin, cfg.timing.release_holdoff,
+                              pl.preempt_delay if pl.preempt else None, pl.campaign_stagger, anycast)
         self.hooks = HookRunner.from_config(cfg.hooks, node=cfg.node)
         self.fitness = Fitness(cfg, self.post, lambda: self.lease.presence_changed(), self.metrics, nl)
         gate = trio.Semaphore(1)  # one handover to a preferred host at a time, per host
-        self.controllers = {u.name: Controller(u, params, self.addresses, self.announcer, self.keys, self.metrics,
-                                               conflicts=self, hooks=self.hooks, preempt_gate=gate,
-                                               healthy=self.fitness.initial(u.name))
+        self.controllers = {u.name: Controller(u, params(u.anycast), self.addresses, self.announcer, self.keys,
+                                               self.metrics, conflicts=self, hooks=self.hooks, preempt_gate=gate,
+                                               healthy=self.fitness.initial(u.name), egress=self.routing)
                             for u in cfg.units}
         self.lease = HostLease(client, ttl=cfg.etcd.lease_ttl, keepalives_per_ttl=cfg.timing.keepalives_per_ttl,
                                presence_key=f"{cfg.etcd.prefix}hosts/{cfg.node}", presence=self.fitness.presence,
@@ -88,8 +92,10 @@ class Daemon:
                 for name, c in self.controllers.items()}
 
     async def remove_stale(self) -> None:
-        """At start we own nothing: remove every address we tagged earlier."""
+        """At start we own nothing: remove every address we tagged earlier (but the BGP source)."""
         for t in await self.addresses.tagged():
+            if self.routing.is_source(t):
+                continue
             await self.addresses.remove(t)
             log.info("stale_address_removed", interface=t.interface, address=t.address)
 
@@ -119,6 +125,8 @@ class Daemon:
             present = set()
             for t in tagged:
                 vip = configured.get((t.interface, t.address.ip))
+                if vip is None and self.routing.is_source(t):
+                    continue
                 if vip is None:
                     await self.addresses.remove(t)
                     log.info("stray_address_removed", interface=t.interface, address=t.address)
@@ -127,6 +135,7 @@ class Daemon:
             for c in self.controllers.values():
                 held = [v.name in present for v in c.vips]
                 c.post(Reconcile(missing=not all(held), present=any(held)))
+            await self.routing.reconcile()
 
     async def watch_kernel(self) -> None:
         by_if: dict[str, list[Controller]] = {}
@@ -175,12 +184,20 @@ class Daemon:
                     forget_recorded_lease(lease_record_path(self.cfg))
             except EtcdError as e:
                 log.warning("lease_revoke_failed", error=e)
+        if self.routing.nft is not None:
+            try:
+                await self.routing.nft.remove_all()  # armed sets were flushed by the releases already
+            except DataplaneError as e:
+                log.warning("nft_cleanup_failed", error=e)
         with trio.move_on_after(2.0):
             await self.hooks.wait_idle()  # let the "backup" hooks of the release finish
 
     async def run(self) -> None:
+        if self.cfg.bgp.source is not None:
+            self.routing.source = self.cfg.bgp.source  # known before start: keep it through remove_stale
         await self.remove_stale()
         await self.revoke_recorded()
+        await self.routing.start()
         async with trio.open_nursery() as nursery:
             # first, so that SIGTERM during startup (etcd unreachable) still stops cleanly
             nursery.start_soon(self.stop_on_signal, nursery.cancel_scope)
@@ -213,4 +230,8 @@ class Daemon:
 async def run(cfg: Config) -> None:
     check_host(cfg)
     async with Netlink() as nl, EtcdClient.from_config(cfg.etcd) as client:
-        await Daemon(cfg, client, nl).run()
+        daemon = Daemon(cfg, client, nl)
+        try:
+            await daemon.run()
+        finally:
+            await daemon.routing.aclose()

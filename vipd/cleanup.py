@@ -11,6 +11,7 @@ from vipd.app import lease_record_path
 from vipd.config import Config
 from vipd.dataplane.address import AddressManager
 from vipd.dataplane.netlink import Netlink
+from vipd.dataplane.nft import NftManager
 from vipd.election.etcd import EtcdClient
 from vipd.election.lease import forget_recorded_lease, read_recorded_lease
 from vipd.errors import DataplaneError, EtcdError
@@ -21,8 +22,13 @@ async def cleanup(cfg: Config) -> None:
         async with Netlink() as nl:
             addresses = AddressManager(nl)
             for t in await addresses.tagged():
+                if cfg.bgp.source is not None and t.interface == "lo" and t.address.ip == cfg.bgp.source:
+                    continue  # the host's fixed BGP source stays: BGP sessions survive a restart
                 await addresses.remove(t)
                 log.info("cleanup_address_removed", interface=t.interface, address=t.address)
+            if cfg.egress or cfg.bgp.snat:
+                async with NftManager(nl) as nft:  # its sets expire anyway; drop the table now
+                    await nft.remove_all()
     except DataplaneError as e:
         # never revoke while an address may remain: the kernel lifetime will end it, then the lease expires
         log.error("cleanup_failed", error=e)

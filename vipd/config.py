@@ -16,6 +16,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+from vipd.configlib import IFNAME_RE as _IFNAME_RE
+from vipd.configlib import NAME_RE as _NAME_RE
+from vipd.configlib import Table
+from vipd.configlib import Table as _Table
+from vipd.configlib import positive as _positive
+from vipd.config_routing import BgpConfig, EgressConfig, check_egress, parse_bgp, parse_egress
 from vipd.errors import ConfigError
 from vipd.health.spec import CheckSpec, parse_check
 from vipd.health.spec import check_host as check_check_host
@@ -27,8 +33,6 @@ DEFAULT_PATH = "/etc/vipd/vipd.toml"
 # The kernel removes an expired address up to ~1.25 s late (check_lifetime runs at most once a second
 # and rounds up to a whole second); the fence margin must cover that plus slack.
 MIN_FENCE_MARGIN = 1.25
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class VipSpec:
     avoid: tuple[str, ...] = ()  # placement: hosts to use only when nothing else is healthy
     checks: tuple[CheckSpec, ...] = ()  # failing any releases the VIP (its whole group)
     conflict_check: bool = True  # ARP probe / DAD before the first claim on a NIC
+    mode: str = "single"  # single: one owner (elected); anycast: every fit host holds it (routed VIPs)
 
     @property
     def unit(self) -> str:
@@ -79,6 +84,10 @@ class Unit:
     @property
     def prefer(self) -> tuple[str, ...]:
         return self.vips[0].prefer
+
+    @property
+    def anycast(self) -> bool:
+        return self.vips[0].mode == "anycast"
 
     @property
     def avoid(self) -> tuple[str, ...]:
@@ -134,6 +143,8 @@ class Config:
     host: HostConfig = HostConfig()
     placement: PlacementConfig = PlacementConfig()
     hooks: HooksConfig = HooksConfig()
+    bgp: BgpConfig = BgpConfig()
+    egress: tuple[EgressConfig, ...] = ()
     metrics_listen: str = "127.0.0.1:9654"  # "" disables the endpoint
     state_dir: str = "/run/vipd"
     log_level: str = "info"
@@ -155,61 +166,6 @@ class Config:
             if name in (v.name, v.group):
                 return v.unit
         raise KeyError(name)
-
-
-class _Table:
-    """A TOML table being read: tracks its path and which keys were used."""
-
-    def __init__(self, data: Any, path: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(path or "<root>", f"must be a table, got {type(data).__name__}")
-        self.data = data
-        self.path = path
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def get(self, name: str, types: type | tuple[type, ...], default: Any = None) -> Any:
-        self.used.add(name)
-        if name not in self.data:
-            return default
-        value = self.data[name]
-        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-            raise ConfigError(self.key(name), f"expected {_typename(types)}, got a boolean")
-        if not isinstance(value, types):
-            raise ConfigError(self.key(name), f"expected {_typename(types)}, got {type(value).__name__}")
-        return value
-
-    def require(self, name: str, types: type | tuple[type, ...]) -> Any:
-        if name not in self.data:
-            self.used.add(name)
-            raise ConfigError(self.key(name), "is required")
-        return self.get(name, types)
-
-    def table(self, name: str) -> "_Table":
-        self.used.add(name)
-        return _Table(self.data.get(name, {}), self.key(name))
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(self.key(unknown[0]), "unknown key")
-
-
-def _typename(types: type | tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list"}
-    ts = types if isinstance(types, tuple) else (types,)
-    return " or ".join(names.get(t, t.__name__) for t in ts if not (t is int and float in ts))
-
-
-def _positive(key: str, value: float, minimum: float = 0.0, maximum: float | None = None) -> float:
-    """value > 0 when minimum is 0, else value >= minimum; and value <= maximum."""
-    if (value <= 0) if minimum == 0 else (value < minimum):
-        raise ConfigError(key, f"must be {'> 0' if minimum == 0 else f'>= {minimum}'}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(key, f"must be <= {maximum}, got {value}")
-    return value
 
 
 def _parse_etcd(t: _Table) -> EtcdConfig:
@@ -293,8 +249,13 @@ def _parse_vip(t: _Table) -> VipSpec:
         raise ConfigError(t.key("avoid"), f"{sorted(both)[0]!r} is also in prefer")
     checks = _checks(t, "check")
     conflict = t.get("conflict_check", bool, True)
+    mode = t.get("mode", str, "single")
+    if mode not in ("single", "anycast"):
+        raise ConfigError(t.key("mode"), f"must be single or anycast, got {mode!r}")
+    if mode == "anycast" and interface != "lo":
+        raise ConfigError(t.key("mode"), "anycast VIPs live on lo (a BGP speaker announces them): set interface = \"lo\"")
     t.done()
-    return VipSpec(name, address, interface, count, interval, reply, group, prefer, avoid, checks, conflict)
+    return VipSpec(name, address, interface, count, interval, reply, group, prefer, avoid, checks, conflict, mode)
 
 
 def _names(t: _Table, key: str) -> tuple[str, ...]:
@@ -371,11 +332,16 @@ def parse(data: dict[str, Any], *, hostname: str | None = None) -> Config:
             if (v.prefer, v.avoid) != (vips[j].prefer, vips[j].avoid):
                 raise ConfigError(f"vip[{i}].prefer", f"members of group {v.group!r} must have the same "
                                                       f"prefer/avoid lists as vip[{j}]")
+            if v.mode != vips[j].mode:
+                raise ConfigError(f"vip[{i}].mode", f"members of group {v.group!r} must have the same mode")
+    bgp = parse_bgp(root.table("bgp"))
+    egress = tuple(parse_egress(Table(e, f"egress[{i}]")) for i, e in enumerate(root.get("egress", list, [])))
+    check_egress(egress, {v.name: v.ip for v in vips})
     if etcd.lease_ttl - timing.fence_margin < 1:
         raise ConfigError("etcd.lease_ttl", f"must exceed timing.fence_margin by at least 1 s "
                                             f"(address lifetimes are whole seconds)")
     root.done()
-    return Config(node, etcd, timing, tuple(vips), host, placement, hooks, listen, state_dir, log_level)
+    return Config(node, etcd, timing, tuple(vips), host, placement, hooks, bgp, egress, listen, state_dir, log_level)
 
 
 def load(path: str | os.PathLike[str], *, hostname: str | None = None) -> Config:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 
@@ -166,9 +166,11 @@ Event = Union[Start, LeaseValid, LeaseGone, EtcdRestored, OwnerObserved, Campaig
 
 @dataclass(frozen=True)
 class ClaimAddress:
-    """Add or refresh the VIP address with a kernel lifetime of `lifetime` whole seconds."""
+    """Add or refresh the VIP address with a kernel lifetime of `lifetime` whole seconds; state tied
+    to the lease with finer timers (egress rules) may stay until `until` (trio clock)."""
 
     lifetime: int
+    until: float = field(default=0.0, compare=False)  # derived from the lease: not part of identity
 
 
 @dataclass(frozen=True)

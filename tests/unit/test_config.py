@@ -193,3 +193,36 @@ def test_recipes_parse(name):
     cfg = config.load(ROOT / "conf" / name, hostname="cp1")
     assert cfg.vips and all(v.interface for v in cfg.vips)
     assert any(u.checks for u in cfg.units)
+
+
+def test_bgp_egress_anycast():
+    cfg = parse({"bgp": {"source": "198.18.255.1", "peers": ["10.0.0.1"], "snat": True},
+                 "egress": [{"name": "web", "vip": "api", "destinations": ["198.51.100.0/24"], "protocol": "tcp",
+                             "ports": [80, 443], "sources": ["10.1.0.0/16"], "out_interface": "eth0"}]},
+                vips=[{"name": "api", "address": "10.0.0.10/24", "interface": "eth0"},
+                      {"name": "rt", "address": "198.18.0.10", "interface": "lo", "mode": "anycast"}])
+    assert cfg.bgp.enabled and str(cfg.bgp.source) == "198.18.255.1" and cfg.bgp.snat
+    assert cfg.egress[0].ports == (80, 443) and cfg.egress[0].vip == "api"
+    assert [u.anycast for u in cfg.units] == [False, True]
+
+
+@pytest.mark.parametrize("data,vips,key", [
+    ({"bgp": {"source": "198.18.255.1"}}, None, "bgp.peers"),
+    ({"bgp": {"source": "x", "peers": ["10.0.0.1"]}}, None, "bgp.source"),
+    ({"bgp": {"source": "198.18.255.1", "source_pool": "198.18.255.0/28", "peers": ["10.0.0.1"]}}, None,
+     "bgp.source_pool"),
+    ({"bgp": {"source_pool": "198.18.255.0/28", "peers": ["nope"]}}, None, "bgp.peers[0]"),
+    ({"egress": [{"name": "e", "vip": "nosuch"}]}, None, "egress[0].vip"),
+    ({"egress": [{"name": "e", "vip": "api", "ports": [80]}]}, None, "egress[0].ports"),
+    ({"egress": [{"name": "e", "vip": "api", "protocol": "icmp"}]}, None, "egress[0].protocol"),
+    ({"egress": [{"name": "e", "vip": "api", "destinations": ["2001:db8::/32"]}]}, None, "egress[0].destinations[0]"),
+    ({"egress": [{"name": "e", "vip": "api", "protocol": "tcp", "ports": [0]}]}, None, "egress[0].ports[0]"),
+    ({"egress": [{"name": "e", "vip": "api"}, {"name": "e", "vip": "api"}]}, None, "egress[1].name"),
+    ({}, [{"name": "rt", "address": "10.0.0.1", "interface": "eth0", "mode": "anycast"}], "vip[0].mode"),
+    ({}, [{"name": "rt", "address": "10.0.0.1", "mode": "both"}], "vip[0].mode"),
+])
+def test_invalid_bgp_egress(data, vips, key):
+    with pytest.raises(ConfigError) as ei:
+        parse(data, vips=vips if vips is not None else [{"name": "api", "address": "10.0.0.10/24",
+                                                          "interface": "eth0"}])
+    assert ei.value.key == key, str(ei.value)

@@ -402,3 +402,29 @@ def test_conflicts_back_off_the_next_campaign():
     assert s2.conflicts == 2 and s2.holdoff_until == 116.0
     s3, _ = prun(replace(s2, state=State.ACQUIRING), AddressAdded(), now=120.0)
     assert s3.conflicts == 0
+
+
+def test_claims_carry_the_fence_deadline_for_finer_timers():
+    s, acts = run(backup(pending=True), CampaignWon(MINE), now=100.3)
+    assert acts[0].until == fsm.fence_deadline(P, s) == 101.5
+
+
+AP = Params(node="h1", fence_margin=0.5, release_holdoff=3.0, anycast=True)
+
+
+def test_anycast_holds_without_election_while_fit():
+    s, acts = step(AP, VipState(state=State.BACKUP), LeaseValid(LEASE, 102.0), 100.0)
+    assert s.state is State.ACQUIRING and acts == [ClaimAddress(1)]
+    assert not any(isinstance(a, Campaign) for a in acts)
+    s, acts = step(AP, s, AddressAdded(), 100.0)
+    assert s.state is State.OWNER
+    # the owner key of anyone else means nothing to an anycast unit
+    s, acts = step(AP, s, OwnerObserved(replace(OTHER, revision=50)), 100.0)
+    assert s.state is State.OWNER and acts == []
+    # unfit: released without touching etcd
+    s, acts = step(AP, s, HealthChanged(False, "down"), 100.0)
+    s, acts = step(AP, s, AddressRemoved(), 100.0)
+    assert s.state is State.BACKUP and acts == []
+    # lease lost: fenced like any owner
+    s2, _ = step(AP, replace(owner(), epoch=0), LeaseGone(LEASE), 100.0)
+    assert s2.state is State.FENCED

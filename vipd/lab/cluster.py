@@ -47,12 +47,14 @@ def _toml_value(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_toml(top: dict[str, Any], tables: dict[str, dict[str, Any]], vips: Iterable[dict[str, Any]]) -> str:
+def render_toml(top: dict[str, Any], tables: dict[str, dict[str, Any]], vips: Iterable[dict[str, Any]],
+                egress: Iterable[dict[str, Any]] = ()) -> str:
     lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
     for name, table in tables.items():
         lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    for vip in vips:
-        lines += ["", "[[vip]]"] + [f"{k} = {_toml_value(v)}" for k, v in vip.items()]
+    for kind, items in (("vip", vips), ("egress", egress)):
+        for item in items:
+            lines += ["", f"[[{kind}]]"] + [f"{k} = {_toml_value(v)}" for k, v in item.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -74,6 +76,7 @@ class Cluster:
         self.placement = {"preempt": False, **(placement or {})}
         self.host_extra = host_extra or {}  # per host name: extra [host] table keys (weight, check, ...)
         self.top_extra = top_extra or {}  # extra tables for every host, e.g. {"hooks": {...}}
+        self.egress: list[dict[str, Any]] = []  # [[egress]] tables for every host
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def host(self, name: str) -> Host:
@@ -97,7 +100,7 @@ class Cluster:
         if host.name in self.host_extra:
             tables["host"] = self.host_extra[host.name]
         path.write_text(render_toml({"node": host.name, "state_dir": str(path.parent / "run"), "log_level": "info"},
-                                    tables, vips))
+                                    tables, vips, self.egress))
         return path
 
     def start(self, host: Host, **etcd_overrides: Any) -> subprocess.Popen[bytes]:

@@ -8,7 +8,7 @@ back as events; a fence therefore never waits on etcd.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import trio
 
@@ -41,6 +41,14 @@ class ConflictPort(Protocol):
         """Raise an AddressError (AddressConflict) when another machine answers for the VIP."""
 
 
+class EgressPort(Protocol):
+    """Lease-bound state besides the address (egress SNAT rules), with a finer deadline."""
+
+    def covers(self, vips: Sequence[VipSpec]) -> bool: ...
+    async def arm(self, vips: Sequence[VipSpec], until: float) -> None: ...
+    async def disarm(self, vips: Sequence[VipSpec]) -> None: ...
+
+
 class HooksPort(Protocol):
     def fire(self, event: str, *, vip: str, address: object = "", interface: str = "", reason: str = "",
              epoch: int = 0) -> bool: ...
@@ -60,12 +68,13 @@ class Controller:
     def __init__(self, unit: Unit, params: fsm.Params, addresses: AddressPort, announcer: AnnouncePort,
                  keys: KeysPort, metrics: MetricsPort, *, conflicts: ConflictPort | None = None,
                  hooks: HooksPort | None = None, preempt_gate: trio.Semaphore | None = None,
-                 healthy: bool = True) -> None:
+                 healthy: bool = True, egress: EgressPort | None = None) -> None:
         self.name = unit.name
         self.vips = unit.vips
         self._conflicts = conflicts if unit.vips[0].conflict_check else None
         self._probed = False  # conflict detection runs before the first claim only
         self._hooks = hooks
+        self._egress = egress if egress is not None and egress.covers(unit.vips) else None
         self._gate = preempt_gate
         self._holds_token = False
         self.params = params
@@ -154,9 +163,21 @@ class Controller:
                     self._metrics.count_dataplane_error(self.name, "claim")
                     log.error("address_claim_failed", vip=self.name, address=vip.address, error=e)
                     return AddressFailed(str(e))
+            if self._egress is not None:
+                try:
+                    await self._egress.arm(self.vips, action.until)
+                except DataplaneError as e:  # inbound still works: log loudly, keep serving
+                    self._metrics.count_dataplane_error(self.name, "egress")
+                    log.error("egress_arm_failed", vip=self.name, error=e)
             return AddressAdded()
         if isinstance(action, RemoveAddress):
             failed: DataplaneError | None = None
+            if self._egress is not None:
+                try:
+                    await self._egress.disarm(self.vips)
+                except DataplaneError as e:  # the rules' timeouts end them anyway
+                    self._metrics.count_dataplane_error(self.name, "egress")
+                    log.error("egress_disarm_failed", vip=self.name, error=e)
             for vip in self.vips:  # remove every address even if one fails
                 try:
                     await self._addresses.release(vip)

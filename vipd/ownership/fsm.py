@@ -44,6 +44,7 @@ class Params:
     release_holdoff: float
     preempt_delay: float | None = None  # hand a unit to its preferred host after this hold-down; None: never
     campaign_stagger: float = 0.2  # per place behind in the ranking, wait this long before campaigning
+    anycast: bool = False  # every fit host holds the unit at once: no owner key, no election
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,10 @@ def campaign_at(p: Params, s: VipState) -> float:
     return max(s.holdoff_until, s.absent_since + order.index(p.node) * p.campaign_stagger)
 
 
+def _claim(p: Params, s: VipState, now: float) -> ClaimAddress:
+    return ClaimAddress(lifetime(p, s, now), fence_deadline(p, s))
+
+
 def wakeup(p: Params, s: VipState, now: float) -> float | None:
     """When the controller must call step(Tick) at the latest (a deadline the FSM is waiting on)."""
     if s.state in HOLDING:
@@ -151,7 +156,7 @@ def _placed(p: Params, s: VipState, ranking: tuple[str, ...], now: float) -> Vip
     """Track the preferred host while we own the unit (restart the hold-down when it changes)."""
     s = replace(s, ranking=ranking)
     target = ranking[0] if ranking else None
-    if s.state is not S.OWNER or p.preempt_delay is None or target in (None, p.node):
+    if s.state is not S.OWNER or p.preempt_delay is None or p.anycast or target in (None, p.node):
         return replace(s, preempt_target=None)
     if target != s.preempt_target:
         return replace(s, preempt_target=target, preempt_since=now)
@@ -160,12 +165,17 @@ def _placed(p: Params, s: VipState, ranking: tuple[str, ...], now: float) -> Vip
 
 def _maybe_campaign(p: Params, s: VipState, now: float) -> tuple[VipState, list[Action]]:
     """In BACKUP: campaign for an absent key, adopt our own key, or clear our stale one."""
-    if s.state is not S.BACKUP or s.pending or s.stopping or s.owner is None or now < s.holdoff_until:
+    if s.state is not S.BACKUP or s.pending or s.stopping or now < s.holdoff_until:
+        return s, []
+    if s.owner is None and not p.anycast:
         return s, []
     if not s.healthy:
         return s, []
     if s.lease == 0 or lifetime(p, s, now) < 1:
         return s, []
+    if p.anycast:  # no election: hold it while fit and the lease is proven
+        s = _to(s, S.ACQUIRING, "anycast: healthy with a live lease", epoch=0)
+        return s, [_claim(p, s, now)]
     o = s.owner
     if o.node is None:
         if now < campaign_at(p, s):
@@ -173,7 +183,7 @@ def _maybe_campaign(p: Params, s: VipState, now: float) -> tuple[VipState, list[
         return replace(s, pending=True), [Campaign(s.lease)]
     if o.node == p.node and o.lease == s.lease:  # our key on our live lease: serve it again
         s = _to(s, S.ACQUIRING, "adopted own key", epoch=o.epoch)
-        return s, [ClaimAddress(lifetime(p, s, now))]
+        return s, [_claim(p, s, now)]
     if o.node == p.node:  # our key on a lease we no longer keep alive: give it back now
         return replace(s, pending=True), [DeleteOwnerKey(o.epoch)]
     return s, []
@@ -205,7 +215,7 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
             if life < 1:
                 return s, []
             if at <= now:
-                return replace(s, refresh_at=0.0), [ClaimAddress(life)]
+                return replace(s, refresh_at=0.0), [ClaimAddress(life, fence_deadline(p, s))]
             return replace(s, refresh_at=at), []
         return _maybe_campaign(p, s, now)
 
@@ -221,6 +231,8 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
 
     if isinstance(ev, OwnerObserved):
         o = ev.record
+        if p.anycast:
+            return replace(s, owner=o), []  # anycast units have no owner key
         if st in HOLDING:
             if o.revision <= s.epoch:
                 return s, []  # older than our claim: stale
@@ -239,7 +251,7 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
             # won, but can no longer serve it safely: hand the key straight back
             return replace(s, pending=True), [DeleteOwnerKey(o.epoch)]
         s = _to(s, S.ACQUIRING, "campaign won", epoch=o.epoch)
-        return s, [ClaimAddress(lifetime(p, s, now))]
+        return s, [_claim(p, s, now)]
 
     if isinstance(ev, CampaignLost):
         return _maybe_campaign(p, replace(s, pending=False, owner=ev.record), now)
@@ -306,7 +318,7 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
     if isinstance(ev, Reconcile):
         if st is S.OWNER and ev.missing:
             life = lifetime(p, s, now)
-            return s, ([ClaimAddress(life), Announce()] if life >= 1 else [])
+            return s, ([ClaimAddress(life, fence_deadline(p, s)), Announce()] if life >= 1 else [])
         if st in (S.BACKUP, S.FENCED) and ev.present:
             return s, [RemoveAddress()]
         return s, []
@@ -316,7 +328,7 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
             return _fence(s, "lease deadline passed")
         if st is S.OWNER and s.refresh_at and now >= s.refresh_at:
             life = lifetime(p, s, now)
-            return replace(s, refresh_at=0.0), ([ClaimAddress(life)] if life >= 1 else [])
+            return replace(s, refresh_at=0.0), ([ClaimAddress(life, fence_deadline(p, s))] if life >= 1 else [])
         if (st is S.OWNER and s.preempt_target and not s.preempt_asked and p.preempt_delay is not None
                 and now >= s.preempt_since + p.preempt_delay):
             return replace(s, preempt_asked=True), [RequestPreempt(s.preempt_target)]
