@@ -198,6 +198,7 @@ class Daemon:
         await self.remove_stale()
         await self.revoke_recorded()
         await self.routing.start()
+        self.fitness.bgp_source = str(self.routing.source or "")
         async with trio.open_nursery() as nursery:
             # first, so that SIGTERM during startup (etcd unreachable) still stops cleanly
             nursery.start_soon(self.stop_on_signal, nursery.cancel_scope)

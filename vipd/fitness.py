@@ -31,6 +31,7 @@ class Fitness:
         checks = self._host_checks + [c for cs in self._unit_checks.values() for c in cs]
         self.monitor = HealthMonitor(checks, self._changed, nl=nl) if checks else None  # type: ignore[arg-type]
         self.ok = {u.name: self.initial(u.name) for u in cfg.units}
+        self.bgp_source = ""  # set once routing knows it; published with the presence
         for name, ok in self.ok.items():
             metrics.set_healthy(name, ok)
 
@@ -58,7 +59,8 @@ class Fitness:
         host_bad = self._failing(self._host_checks)  # type: ignore[arg-type]
         down = tuple(u for u, ok in self.ok.items() if not ok) if not host_bad else ()
         reasons = tuple(host_bad + [r for u in down for r in self._failing(self._unit_checks[u])])  # type: ignore
-        return HostInfo(self._cfg.node, not host_bad, self._cfg.host.weight, down, reasons).to_json()
+        return HostInfo(self._cfg.node, not host_bad, self._cfg.host.weight, down, reasons,
+                        self.bgp_source).to_json()
 
     async def run(self) -> None:
         """Run the checks forever (returns at once when none are configured)."""

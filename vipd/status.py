@@ -9,6 +9,7 @@ from vipd.config import Config
 from vipd.election.etcd import EtcdClient
 from vipd.election.hosts import HostInfo, rankings
 from vipd.election.owners import OwnerKeys
+from vipd.model import OwnerRecord
 
 
 async def collect(cfg: Config) -> dict[str, Any]:
@@ -39,20 +40,26 @@ async def collect(cfg: Config) -> dict[str, Any]:
                 "candidates": list(ranked.get(name, ())),
             })
         host_rows = [{"node": h.node, "healthy": h.healthy, "weight": h.weight, "down": list(h.down),
-                      "reasons": list(h.reasons)} for h in sorted(hosts.values(), key=lambda h: h.node)]
-        return {"endpoint": client.endpoint, "revision": revision, "hosts": host_rows, "vips": vips}
+                      "reasons": list(h.reasons), "bgp_source": h.bgp_source or None}
+                     for h in sorted(hosts.values(), key=lambda h: h.node)]
+        unit_of = {v.name: v.unit for v in cfg.vips}
+        egress = [{"rule": e.name, "vip": e.vip, "active_on": (owners.get(unit_of[e.vip]) or OwnerRecord(None)).node}
+                  for e in cfg.egress]
+        return {"endpoint": client.endpoint, "revision": revision, "hosts": host_rows, "vips": vips,
+                "egress": egress}
 
 
 def render(status: dict[str, Any]) -> str:
     lines = [f"etcd {status['endpoint']} revision {status['revision']}",
-             f"{'HOST':<16} {'HEALTH':<10} {'WEIGHT':>6}  NOT A CANDIDATE FOR / WHY"]
+             f"{'HOST':<16} {'HEALTH':<10} {'WEIGHT':>6} {'BGP SOURCE':<15}  NOT A CANDIDATE FOR / WHY"]
     for h in status["hosts"]:
         why = "; ".join(h["reasons"])
         if not h["healthy"]:
             why = f"all VIPs: {why or 'host checks failing'}"
         elif h["down"]:
             why = f"{', '.join(h['down'])}: {why}"
-        lines.append(f"{h['node']:<16} {'healthy' if h['healthy'] else 'unhealthy':<10} {h['weight']:>6g}  {why or '-'}")
+        lines.append(f"{h['node']:<16} {'healthy' if h['healthy'] else 'unhealthy':<10} {h['weight']:>6g} "
+                     f"{h['bgp_source'] or '-':<15}  {why or '-'}")
     if not status["hosts"]:
         lines.append("(no host holds a lease)")
     lines += ["", f"{'VIP':<16} {'ADDRESS':<28} {'OWNER':<16} {'EPOCH':>8} {'LEASE':>18} {'TTL LEFT':>8}  PREFERRED"]
@@ -60,4 +67,8 @@ def render(status: dict[str, Any]) -> str:
         ttl = "-" if v["lease_ttl_left"] is None else f"{v['lease_ttl_left']}s"
         lines.append(f"{v['vip']:<16} {v['address']:<28} {v['owner'] or '-':<16} {v['epoch'] or '-':>8} "
                      f"{v['lease'] or '-':>18} {ttl:>8}  {v['preferred'] or '-'}")
+    if status.get("egress"):
+        lines += ["", f"{'EGRESS RULE':<16} {'VIP':<16} ACTIVE ON"]
+        lines += [f"{e['rule']:<16} {e['vip']:<16} {e['active_on'] or '- (nobody owns the VIP)'}"
+                  for e in status["egress"]]
     return "\n".join(lines)

@@ -71,3 +71,5 @@ def test_egress_follows_ownership_and_leaves_other_tables_alone(lab, make_cluste
     assert "vipd" not in nft(lab, owner, "list", "tables"), "the stopped host kept vipd's table"
     for h in lab.hosts:
         assert nft(lab, h, "list", "table", "inet", "vtuser") == before[h.name]
+    status = c.run_cli(new, "status")
+    assert f"web              api              {new.name}" in status.stdout, status.stdout

@@ -51,10 +51,10 @@ def test_failing_check_moves_vip_and_host_returns_after_rise(lab, make_cluster, 
     log = c.log_path(c.host(old)).read_text()
     assert re.search(r'event=transition vip=api .*from=owner to=releasing reason="unhealthy', log), log[-1500:]
     status = c.run_cli(c.host(new), "status")
-    assert re.search(rf"^{old}\s+healthy\s+1\s+api: .*exit status 1", status.stdout, re.M), status.stdout
+    assert re.search(rf"^{old}\s+healthy\s+1\s+-\s+api: .*exit status 1", status.stdout, re.M), status.stdout
     # back after `rise` passes: a candidate again (visible in status), but no preemption here
     flags[old].touch()
-    wait_for(lambda: re.search(rf"^{old}\s+healthy\s+1\s+-$", c.run_cli(c.host(new), "status").stdout, re.M),
+    wait_for(lambda: re.search(rf"^{old}\s+healthy\s+1\s+-\s+-$", c.run_cli(c.host(new), "status").stdout, re.M),
              5, "old owner a candidate again in status")
     assert lab.holders(ip_of(vips[0])) == [new]
 

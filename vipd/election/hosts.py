@@ -23,6 +23,7 @@ class HostInfo:
     weight: float = 1.0
     down: tuple[str, ...] = ()  # units this host cannot serve (their own checks fail)
     reasons: tuple[str, ...] = ()  # why the host or a unit is unhealthy, for `vipd status`
+    bgp_source: str = ""  # the host's fixed BGP source address, if any
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -32,7 +33,7 @@ class HostInfo:
         try:
             d = json.loads(value)
             return cls(node, bool(d.get("healthy", True)), float(d.get("weight", 1.0)),
-                       tuple(d.get("down", ())), tuple(d.get("reasons", ())))
+                       tuple(d.get("down", ())), tuple(d.get("reasons", ())), str(d.get("bgp_source", "")))
         except (ValueError, TypeError, AttributeError):
             return cls(node)  # a value we do not understand: present, defaults
 
