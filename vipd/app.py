@@ -117,6 +117,7 @@ class Daemon:
         configured = {(v.interface, v.ip): v for v in self.cfg.vips}
         while True:
             await trio.sleep(self.cfg.timing.reconcile_interval)
+            taken_at = trio.current_time()
             try:
                 tagged = await self.addresses.tagged()
             except DataplaneError as e:
@@ -134,7 +135,7 @@ class Daemon:
                     present.add(vip.name)
             for c in self.controllers.values():
                 held = [v.name in present for v in c.vips]
-                c.post(Reconcile(missing=not all(held), present=any(held)))
+                c.post(Reconcile(missing=not all(held), present=any(held), taken_at=taken_at))
             await self.routing.reconcile()
 
     async def watch_kernel(self) -> None:

@@ -28,6 +28,7 @@ class OwnerRecord:
     epoch: int = 0  # create_revision of the owner key: the fencing token
     lease: int = 0
     revision: int = 0  # etcd revision at which this was observed
+    released: bool = False  # the owner marked it as handed back cleanly (address already removed)
 
 
 # ---- events (inputs to fsm.step) -------------------------------------------------------------
@@ -129,6 +130,7 @@ class Reconcile:
 
     missing: bool
     present: bool
+    taken_at: float = field(default=0.0, compare=False)  # trio clock of the kernel snapshot (0: now)
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ class Campaign:
 @dataclass(frozen=True)
 class DeleteOwnerKey:
     epoch: int
+    clean: bool = False  # a hand-back after serving: mark it released first
 
 
 @dataclass(frozen=True)

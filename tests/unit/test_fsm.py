@@ -204,7 +204,7 @@ def test_voluntary_release_removes_address_before_deleting_key():
     s, acts = run(owner(), ReleaseRequested("operator"))
     assert s.state is State.RELEASING and acts == [StopAnnouncing(), RemoveAddress()]
     s, acts = run(s, AddressRemoved())
-    assert acts == [DeleteOwnerKey(11)]
+    assert acts == [DeleteOwnerKey(11, clean=True)]
     s, acts = run(s, KeyReleased(), now=100.0)
     assert s.state is State.BACKUP and s.holdoff_until == 103.0
     # no campaign during hold-off, even with the key absent
@@ -227,14 +227,14 @@ def test_release_retries_key_delete_on_tick():
     s, _ = run(owner(), ReleaseRequested(), AddressRemoved(), ReleaseFailed("etcd down"))
     assert s.state is State.RELEASING and not s.pending
     s, acts = run(s, Tick())
-    assert acts == [DeleteOwnerKey(11)]
+    assert acts == [DeleteOwnerKey(11, clean=True)]
 
 
 def test_shutdown_of_owner_releases_then_stops():
     s, acts = run(owner(), ShutdownRequested())
     assert s.state is State.RELEASING and s.stopping and acts == [StopAnnouncing(), RemoveAddress()]
     s, acts = run(s, AddressRemoved())
-    assert acts == [DeleteOwnerKey(11)]
+    assert acts == [DeleteOwnerKey(11, clean=True)]
     s, acts = run(s, KeyReleased())
     assert s.state is State.STOPPED
 
@@ -333,7 +333,7 @@ def test_unhealthy_owner_releases_address_first():
     assert s.state is State.RELEASING and acts == [StopAnnouncing(), RemoveAddress()]
     assert "unhealthy" in s.reason
     s, acts = prun(s, AddressRemoved())
-    assert acts == [DeleteOwnerKey(11)]
+    assert acts == [DeleteOwnerKey(11, clean=True)]
 
 
 def test_campaign_is_staggered_by_ranking_so_the_preferred_host_wins():
@@ -428,3 +428,17 @@ def test_anycast_holds_without_election_while_fit():
     # lease lost: fenced like any owner
     s2, _ = step(AP, replace(owner(), epoch=0), LeaseGone(LEASE), 100.0)
     assert s2.state is State.FENCED
+
+
+def test_address_failure_hands_back_without_the_clean_mark():
+    s, _ = run(replace(owner(), state=State.ACQUIRING), AddressFailed("in use by 02:00:00:00:00:99", conflict=True))
+    s, acts = run(s, AddressRemoved())
+    assert acts == [DeleteOwnerKey(11, clean=False)]
+
+
+def test_backup_remembers_whether_the_last_owner_handed_back_cleanly():
+    marked = replace(OTHER, released=True, revision=60)
+    s, _ = run(backup(owner=OTHER), OwnerObserved(marked), OwnerObserved(OwnerRecord(None, revision=61)))
+    assert s.last_owner == "h2" and s.last_clean
+    s, _ = run(backup(owner=OTHER), OwnerObserved(OwnerRecord(None, revision=61)))
+    assert s.last_owner == "h2" and not s.last_clean

@@ -383,6 +383,16 @@ class EtcdClient:
         })
         return bool(data.get("succeeded", False))
 
+    async def replace_if(self, key: str, old: str, new: str, create_revision: int, lease_id: int) -> bool:
+        """Overwrite key's value (keeping it on lease_id) only if it still holds old and create_revision."""
+        k = _b64(key)
+        data = await self._call("/v3/kv/txn", {
+            "compare": [{"key": k, "target": "VALUE", "result": "EQUAL", "value": _b64(old)},
+                        {"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": str(create_revision)}],
+            "success": [{"request_put": {"key": k, "value": _b64(new), "lease": str(lease_id)}}],
+        })
+        return bool(data.get("succeeded", False))
+
     # --- watch ---------------------------------------------------------------------------------
 
     async def watch_prefix(self, prefix: str, start_revision: int, *,

@@ -25,8 +25,12 @@ class KeyValueLike(Protocol):
 class OwnersClient(Protocol):
     async def create(self, key: str, value: str, lease_id: int) -> tuple[bool, KeyValueLike]: ...
     async def delete_if(self, key: str, value: str, create_revision: int) -> bool: ...
+    async def replace_if(self, key: str, old: str, new: str, create_revision: int, lease_id: int) -> bool: ...
     async def get_prefix(self, prefix: str) -> tuple[list[KeyValueLike], int]: ...
     def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator: ...
+
+
+RELEASED = "released"
 
 
 class OwnerKeys:
@@ -45,15 +49,23 @@ class OwnerKeys:
 
     @staticmethod
     def record(kv: KeyValueLike, revision: int | None = None) -> OwnerRecord:
-        return OwnerRecord(kv.value or None, kv.create_revision, kv.lease,
-                           revision if revision is not None else kv.mod_revision)
+        node, _, mark = (kv.value or "").partition(" ")
+        return OwnerRecord(node or None, kv.create_revision, kv.lease,
+                           revision if revision is not None else kv.mod_revision, mark == RELEASED)
 
     async def campaign(self, vip: str, lease: int) -> tuple[bool, OwnerRecord]:
         won, kv = await self._client.create(self.key(vip), self.node, lease)
         return won, self.record(kv)
 
-    async def release(self, vip: str, epoch: int) -> bool:
-        """Delete our owner key for this epoch; never someone else's."""
+    async def release(self, vip: str, epoch: int, lease: int = 0) -> bool:
+        """Delete our owner key for this epoch; never someone else's. With `lease` (a clean hand-back:
+        our address is already gone), first mark the value `<node> released` so the next owner knows
+        no stray copy of the address can answer and may skip its conflict probe."""
+        marked = f"{self.node} {RELEASED}"
+        if lease:
+            await self._client.replace_if(self.key(vip), self.node, marked, epoch, lease)
+            if await self._client.delete_if(self.key(vip), marked, epoch):
+                return True
         return await self._client.delete_if(self.key(vip), self.node, epoch)
 
     async def list(self) -> tuple[dict[str, OwnerRecord], int]:

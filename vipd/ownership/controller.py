@@ -33,7 +33,7 @@ class AnnouncePort(Protocol):
 
 class KeysPort(Protocol):
     async def campaign(self, vip: str, lease: int) -> tuple[bool, OwnerRecord]: ...
-    async def release(self, vip: str, epoch: int) -> bool: ...
+    async def release(self, vip: str, epoch: int, lease: int = 0) -> bool: ...
 
 
 class ConflictPort(Protocol):
@@ -77,6 +77,7 @@ class Controller:
         self._egress = egress if egress is not None and egress.covers(unit.vips) else None
         self._gate = preempt_gate
         self._holds_token = False
+        self._address_changed_at = 0.0  # trio clock of our last address claim/removal
         self.params = params
         self._addresses = addresses
         self._announcer = announcer
@@ -113,12 +114,16 @@ class Controller:
         while queue:
             ev = queue.pop(0)
             now = trio.current_time()
+            if isinstance(ev, Reconcile) and ev.taken_at and ev.taken_at < self._address_changed_at:
+                continue  # a kernel snapshot older than our own last address change says nothing
             old = self.state
             self.state, actions = fsm.step(self.params, old, ev, now)
             self.last_step = now
             if isinstance(ev, Reconcile) and ev.missing and old.state is State.OWNER:
-                log.warning("address_missing", vip=self.name, address=self.addresses,
-                            action="re-adding" if actions else "lease too old to re-add")
+                if actions:
+                    log.warning("address_missing", vip=self.name, address=self.addresses, action="re-adding")
+                else:  # the last lifetime ran out just before the fence deadline: expected when etcd is silent
+                    log.info("address_expired", vip=self.name, address=self.addresses, reason="lease not renewed")
             if self.state.state is not old.state:
                 self._transitioned(old, ev)
             if self._holds_token and not (self.state.state is State.RELEASING or self.state.preempt_asked):
@@ -152,13 +157,21 @@ class Controller:
 
     async def _do(self, action: Action) -> Event | None:
         if isinstance(action, ClaimAddress):
-            if self._conflicts is not None and not self._probed:
+            self._address_changed_at = trio.current_time()
+            if self._conflicts is not None and not self._probed and not self.state.last_clean:
+                # first claim, and no vipd peer handed it back cleanly: someone else may answer for it
                 failed = await self._probe()
                 if failed is not None:
                     return failed
             for vip in self.vips:
+                # the lifetime is computed now, from the deadline: a slow probe or netlink call before
+                # this point must never stretch the address past the fence deadline
+                life = math.floor(action.until - trio.current_time()) if action.until else action.lifetime
+                if life < 1:
+                    log.warning("address_claim_too_late", vip=self.name, address=vip.address)
+                    return AddressFailed("lease deadline too close to add the address")
                 try:
-                    await self._addresses.claim(vip, action.lifetime)
+                    await self._addresses.claim(vip, life)
                 except DataplaneError as e:
                     self._metrics.count_dataplane_error(self.name, "claim")
                     log.error("address_claim_failed", vip=self.name, address=vip.address, error=e)
@@ -171,6 +184,7 @@ class Controller:
                     log.error("egress_arm_failed", vip=self.name, error=e)
             return AddressAdded()
         if isinstance(action, RemoveAddress):
+            self._address_changed_at = trio.current_time()
             failed: DataplaneError | None = None
             if self._egress is not None:
                 try:
@@ -195,7 +209,7 @@ class Controller:
         elif isinstance(action, Campaign):
             self._spawn(self._campaign, action.lease)
         elif isinstance(action, DeleteOwnerKey):
-            self._spawn(self._delete_key, action.epoch)
+            self._spawn(self._delete_key, action.epoch, action.clean)
         elif isinstance(action, RequestPreempt):
             self._spawn(self._preempt_token, action.target)
         return None
@@ -254,9 +268,9 @@ class Controller:
             return
         self.post(CampaignWon(record) if won else CampaignLost(record))
 
-    async def _delete_key(self, epoch: int) -> None:
+    async def _delete_key(self, epoch: int, clean: bool) -> None:
         try:
-            await self._keys.release(self.name, epoch)
+            await self._keys.release(self.name, epoch, self.state.lease if clean else 0)
         except EtcdError as e:
             log.warning("owner_key_delete_failed", vip=self.name, epoch=epoch, error=e)
             self.post(ReleaseFailed(str(e)))

@@ -63,6 +63,8 @@ class VipState:
     ranking: tuple[str, ...] | None = None  # healthy candidates, target first (None: no placement yet)
     absent_since: float = 0.0  # when the owner key was last seen disappearing
     last_owner: str | None = None  # who held the key before it disappeared
+    last_clean: bool = False  # ... and whether it marked its hand-back clean (address removed first)
+    release_clean: bool = True  # RELEASING: we served the unit fine (not an address failure or conflict)
     preempt_target: str | None = None  # OWNER: the preferred host we should hand over to
     preempt_since: float = 0.0  # ... since when it has been the target
     preempt_asked: bool = False  # the host-wide preemption token was requested
@@ -139,8 +141,8 @@ def _fence(s: VipState, reason: str) -> tuple[VipState, list[Action]]:
     return _to(s, S.FENCED, reason, epoch=0, refresh_at=0.0), [StopAnnouncing(), RemoveAddress()]
 
 
-def _release(s: VipState, reason: str, stopping: bool) -> tuple[VipState, list[Action]]:
-    return (_to(s, S.RELEASING, reason, removed=False, stopping=stopping, refresh_at=0.0),
+def _release(s: VipState, reason: str, stopping: bool, clean: bool = True) -> tuple[VipState, list[Action]]:
+    return (_to(s, S.RELEASING, reason, removed=False, stopping=stopping, refresh_at=0.0, release_clean=clean),
             [StopAnnouncing(), RemoveAddress()])
 
 
@@ -240,7 +242,8 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
                 return _fence(replace(s, owner=o), f"owner key now {o.node or 'absent'}")
             return replace(s, owner=o), []
         if o.node is None and (s.owner is None or s.owner.node is not None):
-            s = replace(s, absent_since=now, last_owner=s.owner.node if s.owner else None)
+            s = replace(s, absent_since=now, last_owner=s.owner.node if s.owner else None,
+                        last_clean=bool(s.owner and s.owner.released))
         s = replace(s, owner=o)
         return _maybe_campaign(p, s, now)
 
@@ -268,7 +271,7 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
     if isinstance(ev, AddressFailed):
         if st in HOLDING:
             s = replace(s, conflicts=s.conflicts + 1 if ev.conflict else 0)
-            return _release(s, f"address failed: {ev.error}", stopping=s.stopping)
+            return _release(s, f"address failed: {ev.error}", stopping=s.stopping, clean=False)
         return s, []
 
     if isinstance(ev, HealthChanged):
@@ -291,7 +294,7 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
         if st is S.RELEASING and not s.removed:
             if s.epoch == 0 or s.lease == 0:  # nothing left to give back in etcd
                 return _released(p, replace(s, removed=True), now, s.reason)
-            return replace(s, removed=True, pending=True), [DeleteOwnerKey(s.epoch)]
+            return replace(s, removed=True, pending=True), [DeleteOwnerKey(s.epoch, s.release_clean)]
         return s, []
 
     if isinstance(ev, RemoveFailed):
@@ -338,7 +341,7 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
             if not s.removed:
                 return s, [RemoveAddress()]
             if not s.pending:
-                return replace(s, pending=True), [DeleteOwnerKey(s.epoch)]
+                return replace(s, pending=True), [DeleteOwnerKey(s.epoch, s.release_clean)]
             return s, []
         return _maybe_campaign(p, s, now)
 
