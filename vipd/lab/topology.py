@@ -48,6 +48,7 @@ DEFAULT_HOST_SYSCTLS = {
     "net.ipv4.conf.default.promote_secondaries": 1,
 }
 _BRIDGE_SYSCTLS = {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1}
+PARTITION_TABLE = "vtchaos"  # Lab.partition()'s nftables table inside a host namespace
 STOP_GRACE = 3.0  # seconds a process gets between SIGTERM and SIGKILL at down()
 
 
@@ -169,6 +170,32 @@ class Lab:
                                    f"addr add {h.ip6} dev {h.ifname} nodad"]))
         netns.run_all((["ip", "-n", ns, "-batch", "-"], "".join(line + "\n" for line in lines))
                       for ns, lines in batches)
+
+    def add_node(self, name: str, key: str, offset: int, mac_low: int) -> Host:
+        """Attach one more namespace {prefix}{key} (key: one letter, e.g. "r" for a router) to the
+        segment of a lab that is up: lo up, NIC {prefix}n with .offset and its IPv6 twin, MAC
+        02:76:74:00:00:<mac_low>, no host sysctls. It becomes one of `nodes`: popen/run/ip work in
+        it and down() removes it like the others."""
+        with self._lock:
+            if not self._up:
+                raise RuntimeError(f"lab {self.prefix} is not up")
+            node = Host(name=name, ns=self.prefix + key, ifname=self.nic,
+                        ip=IPv4Interface(f"{self.net[offset]}/{self.net.prefixlen}"),
+                        ip6=IPv6Interface(f"{self.net6[_hex_like(offset)]}/{self.net6.prefixlen}"),
+                        mac=f"02:76:74:00:00:{mac_low:02x}", port=f"{self.prefix}p{key}")
+            taken = [h for h in self.nodes if h.name == name or h.ns == node.ns or h.ip == node.ip or h.mac == node.mac]
+            if not re.fullmatch(r"[a-z]", key) or taken or len(node.port) > _IFNAMSIZ:
+                raise ValueError(f"node {name!r} key {key!r} .{offset}: bad key or clashes with {taken}")
+            netns.ip("netns", "add", node.ns)
+            self._owned.append(node.ns)
+            self.namespaces.append(node.ns)
+            self.nodes.append(node)
+            netns.ip_batch([f"link add {node.ifname} netns {node.ns} address {node.mac} type veth "
+                            f"peer name {node.port} netns {self.bridge_ns}"])
+            netns.ip_batch([f"link set {node.port} master {self.bridge} up"], ns=self.bridge_ns)
+            netns.ip_batch(["link set lo up", f"link set {node.ifname} up", f"addr add {node.ip} dev {node.ifname}",
+                            f"addr add {node.ip6} dev {node.ifname} nodad"], ns=node.ns)
+            return node
 
     def down(self) -> None:
         """Stop monitors/probes, kill every process started in the lab (and any other process found
@@ -349,6 +376,32 @@ class Lab:
         return [h.name for h in (self.hosts if hosts is None else hosts)
                 if any(a.ip == want and a.usable for a in netns.addresses(h.ns))]
 
+    # ------------------------------------------------------------------ partitions (nftables)
+
+    def partition(self, host: Host, peers: Sequence[Host]) -> None:
+        """Drop every IPv4/IPv6 packet between `host` and the node addresses of `peers`, with an
+        nftables table PARTITION_TABLE inside the host's namespace (created or replaced in one atomic
+        batch). The host keeps its link and everything else: e.g. peers=[lab.etcd] cuts it off etcd
+        but not from the clients. heal() removes the table."""
+        v4 = ", ".join(str(p.ip.ip) for p in peers)
+        v6 = ", ".join(str(p.ip6.ip) for p in peers)
+        t = f"inet {PARTITION_TABLE}"
+        script = (f"table {t}\ndelete table {t}\ntable {t} {{\n"
+                  f"  chain in {{ type filter hook input priority -300; policy accept;\n"
+                  f"    ip saddr {{ {v4} }} drop\n    ip6 saddr {{ {v6} }} drop\n  }}\n"
+                  f"  chain out {{ type filter hook output priority -300; policy accept;\n"
+                  f"    ip daddr {{ {v4} }} drop\n    ip6 daddr {{ {v6} }} drop\n  }}\n}}\n")
+        netns.run(netns.exec_argv(self._ns(host), ["nft", "-f", "-"]), input=script)
+
+    def heal(self, host: Host) -> None:
+        """Undo partition() (a no-op when the host is not partitioned)."""
+        netns.run(netns.exec_argv(self._ns(host), ["nft", "-f", "-"]),
+                  input=f"table inet {PARTITION_TABLE}\ndelete table inet {PARTITION_TABLE}\n")
+
+    def partitioned(self, host: Host) -> bool:
+        return netns.run(netns.exec_argv(self._ns(host), ["nft", "list", "table", "inet", PARTITION_TABLE]),
+                         check=False).returncode == 0
+
     def __repr__(self) -> str:
         return f"Lab({self.prefix}, hosts={[h.name for h in self.hosts]}, up={self._up})"
 
@@ -370,7 +423,7 @@ def purge(prefix: str) -> list[str]:
     namespaces and delete them. Only names a Lab(prefix) creates are touched. Returns them."""
     if not _PREFIX_RE.match(prefix):
         raise ValueError(f"lab prefix {prefix!r} must match {_PREFIX_RE.pattern}")
-    pattern = re.compile(re.escape(prefix) + r"(br|e|c|h[0-9]+)$")
+    pattern = re.compile(re.escape(prefix) + r"(br|[a-z]|h[0-9]+)$")  # [a-z]: e, c and add_node()'s
     names = [n for n in netns.list_ns(prefix) if pattern.match(n)]
     for n in names:
         netns.kill_pids(netns.pids_in(n), ns=n, grace=STOP_GRACE)
