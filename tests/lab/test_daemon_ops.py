@@ -68,23 +68,24 @@ def test_sd_notify_ready_status_and_watchdog(lab, make_cluster, tmp_path):
         sock.close()
 
 
-def test_cleanup_after_crash_fails_over_as_fast_as_a_planned_stop(lab, make_cluster):
+def test_cleanup_after_crash_revokes_the_lease_after_removing_the_address(lab, lab_etcd, make_cluster):
     c = make_cluster([VipDef("api", str(lab.vip4(0)))])
     v = c.vips[0]
     old = c.wait_owner(_ip(v))
     host = c.host(old)
+    lease = int((c.config_path(host).parent / "run" / "lease").read_text())
     c.kill(host)
-    t0 = time.monotonic()
     # what systemd's ExecStopPost runs after the crash
     r = c.run_cli(host, "cleanup")
     assert r.returncode == 0, r.stderr
     assert old not in lab.holders(_ip(v)), "cleanup left the VIP on the crashed host"
-    new = c.wait_owner(_ip(v), exclude=[old], timeout=3)
-    elapsed = time.monotonic() - t0
-    assert new != old
-    # far below the lease TTL: the standby won because the lease was revoked, not because it expired
-    assert elapsed < c.lease_ttl - 1, f"failover after cleanup took {elapsed:.2f}s"
     assert "cleanup_lease_revoked" in r.stderr
+    # revoked, not left to expire: the standby may win at once (bench/failover.py measures how fast)
+    ttl = lab_etcd.request("/v3/lease/timetolive", {"ID": str(lease)})
+    assert int(ttl.get("TTL", -1)) == -1, ttl
+    new = c.wait_owner(_ip(v), exclude=[old], timeout=c.lease_ttl)
+    assert new != old
+    assert not (c.config_path(host).parent / "run" / "lease").exists()
 
 
 def test_link_flap_reannounces(lab, make_cluster):
