@@ -68,7 +68,9 @@ class Daemon:
                                        lambda name, ranking: self.post(name, Placement(ranking)))
 
     async def check_free(self, vip) -> None:  # type: ignore[no-untyped-def]
-        await check_free(self.nl, vip)
+        # a LAN answers an ARP probe in well under a millisecond: 2 x 0.1 s is plenty, and keeps a
+        # takeover after a crash short
+        await check_free(self.nl, vip, wait=0.1)
 
     def post(self, unit: str, ev: Event) -> None:
         self.controllers[unit].post(ev)

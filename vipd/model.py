@@ -90,6 +90,11 @@ class AddressFailed:
 
 
 @dataclass(frozen=True)
+class ClaimDeferred:
+    """Too little lease left to add the address (a probe took time): wait for the next keepalive."""
+
+
+@dataclass(frozen=True)
 class AddressRemoved:
     pass
 
@@ -159,7 +164,7 @@ class Tick:
 
 
 Event = Union[Start, LeaseValid, LeaseGone, EtcdRestored, OwnerObserved, CampaignWon, CampaignLost,
-              CampaignFailed, AddressAdded, AddressFailed, AddressRemoved, RemoveFailed, KeyReleased,
+              CampaignFailed, AddressAdded, AddressFailed, ClaimDeferred, AddressRemoved, RemoveFailed, KeyReleased,
               ReleaseFailed, ReleaseRequested, ShutdownRequested, LinkUp, Reconcile, HealthChanged, Placement,
               PreemptGranted, Tick]
 

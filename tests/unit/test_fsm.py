@@ -442,3 +442,14 @@ def test_backup_remembers_whether_the_last_owner_handed_back_cleanly():
     assert s.last_owner == "h2" and s.last_clean
     s, _ = run(backup(owner=OTHER), OwnerObserved(OwnerRecord(None, revision=61)))
     assert s.last_owner == "h2" and not s.last_clean
+
+
+def test_deferred_claim_waits_for_the_next_keepalive():
+    from vipd.model import ClaimDeferred
+    acq = replace(owner(), state=State.ACQUIRING)
+    s, acts = run(acq, ClaimDeferred())
+    assert s.state is State.ACQUIRING and acts == []
+    s, acts = run(s, LeaseValid(LEASE, 103.0), now=100.2)
+    assert acts == [ClaimAddress(2)]
+    s, acts = run(acq, Tick(), now=101.6)  # no keepalive came: the deadline fences
+    assert s.state is State.FENCED

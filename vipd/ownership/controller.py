@@ -17,7 +17,7 @@ from vipd.config import Unit, VipSpec
 from vipd.errors import AddressError, DataplaneError, EtcdError
 from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Announce, Campaign,
                         CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, DeleteOwnerKey, Event,
-                        KeyReleased, OwnerRecord, PreemptGranted, Reconcile, ReleaseFailed, RemoveAddress,
+                        ClaimDeferred, KeyReleased, OwnerRecord, PreemptGranted, Reconcile, ReleaseFailed, RemoveAddress,
                         RemoveFailed, RequestPreempt, Start, State, StopAnnouncing, Tick)
 from vipd.ownership import fsm
 
@@ -168,8 +168,9 @@ class Controller:
                 # this point must never stretch the address past the fence deadline
                 life = math.floor(action.until - trio.current_time()) if action.until else action.lifetime
                 if life < 1:
-                    log.warning("address_claim_too_late", vip=self.name, address=vip.address)
-                    return AddressFailed("lease deadline too close to add the address")
+                    log.info("address_claim_deferred", vip=self.name, address=vip.address,
+                             reason="less than 1 s of lease left; waiting for the next keepalive")
+                    return ClaimDeferred()
                 try:
                     await self._addresses.claim(vip, life)
                 except DataplaneError as e:

@@ -18,7 +18,7 @@ from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Ann
                         EtcdRestored, Event, KeyReleased, LeaseGone, LeaseValid, LinkUp, OwnerObserved,
                         OwnerRecord, Reconcile, ReleaseFailed, ReleaseRequested, RemoveAddress,
                         RemoveFailed, ShutdownRequested, Start, State, StopAnnouncing, Tick,
-                        HealthChanged, Placement, PreemptGranted, RequestPreempt)
+                        HealthChanged, Placement, PreemptGranted, RequestPreempt, ClaimDeferred)
 
 S = State
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -212,6 +212,8 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
         if st in HOLDING and ev.lease != s.lease:
             return _fence(replace(s, lease=ev.lease, valid_until=ev.valid_until), "lease replaced")
         s = replace(s, lease=ev.lease, valid_until=ev.valid_until)
+        if st is S.ACQUIRING:  # a deferred (or slow) first claim: try again with the fresher lease
+            return s, ([_claim(p, s, now)] if lifetime(p, s, now) >= 1 else [])
         if st is S.OWNER:
             at, life = refresh_plan(p, s, now)
             if life < 1:
@@ -273,6 +275,9 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
             s = replace(s, conflicts=s.conflicts + 1 if ev.conflict else 0)
             return _release(s, f"address failed: {ev.error}", stopping=s.stopping, clean=False)
         return s, []
+
+    if isinstance(ev, ClaimDeferred):
+        return s, []  # stay ACQUIRING: the next LeaseValid claims, or the deadline fences
 
     if isinstance(ev, HealthChanged):
         s = replace(s, healthy=ev.healthy)
