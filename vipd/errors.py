@@ -58,3 +58,11 @@ class AddressError(DataplaneError):
 
 class AnnounceError(DataplaneError):
     """Sending gratuitous ARP / unsolicited NA failed."""
+
+
+class NftError(DataplaneError):
+    """Programming vipd's nftables table failed, or an egress rule cannot be expressed."""
+
+
+class RouteError(DataplaneError):
+    """Installing or removing a source route failed."""

@@ -25,7 +25,7 @@ import trio.testing
 from vipd.config import VipSpec
 from vipd.dataplane.address import VIPD_PROTO, AddressManager, TaggedAddress
 from vipd.dataplane.announce import Announcer
-from vipd.dataplane.kernel_events import AddressRemoved, LinkChanged, kernel_events
+from vipd.dataplane.kernel_events import AddressAdded, AddressRemoved, LinkChanged, kernel_events
 from vipd.dataplane.netlink import Netlink
 from vipd.errors import AddressError, AnnounceError, DataplaneError
 
@@ -223,6 +223,37 @@ async def test_claim_refuses_untagged_address(host: tuple[str, str], nl: Netlink
     assert not await am.holds(vip(claimed, ifname))
 
 
+async def test_permanent_claim_for_the_bgp_source(host: tuple[str, str], nl: Netlink) -> None:
+    """lifetime=None: the fixed BGP source address, tagged like a VIP but with no countdown."""
+    ns, ifname = host
+    am = AddressManager(nl)
+    src4, src6 = vip("10.20.0.90/32", "lo"), vip("fd20::90/128", "lo")
+    for v in (src4, src6):
+        await am.claim(v, None)
+        await am.claim(v, None)  # again: no second entry, still forever
+    for a in ("10.20.0.90", "fd20::90"):
+        info = addr_info(ns, "lo", a)
+        assert info is not None and info["valid_life_time"] == 0xFFFFFFFF == info["preferred_life_time"]
+        assert not info.get("dynamic")
+    assert {(t.interface, t.address, t.valid_lft) for t in await am.tagged()} == {
+        ("lo", V4("10.20.0.90/32"), None), ("lo", V6("fd20::90/128"), None)}
+    assert await am.holds(src4) and await am.lifetime_left(src4) is None
+    # a lifetime turns it into a lease-bound address, and None back into a permanent one
+    await am.claim(src4, 20)
+    assert 18 <= (await am.lifetime_left(src4) or 0) <= 20
+    await am.claim(src4, None)
+    assert await am.lifetime_left(src4) is None and await am.holds(src4)
+    # still refuses to take over an untagged duplicate, permanent or not
+    ip("-n", ns, "addr", "add", "10.20.0.91/32", "dev", "lo")
+    with pytest.raises(AddressError, match="without vipd's tag"):
+        await am.claim(vip("10.20.0.91/32", "lo"), None)
+    with pytest.raises(AddressError, match="or None"):
+        await am.claim(src4, 0)
+    await am.release(src4)
+    await am.release(src6)
+    assert await am.tagged() == [] and addr_info(ns, "lo", "10.20.0.91") is not None
+
+
 async def test_tagged_lists_only_ours_and_remove(host: tuple[str, str], nl: Netlink) -> None:
     ns, ifname = host
     am = AddressManager(nl)
@@ -377,7 +408,7 @@ async def test_kernel_events_link_and_address(nslab: NsLab, host: tuple[str, str
         with trio.fail_after(3):
             while len(got) < len(wanted):
                 event = await receive.receive()
-                if not (isinstance(event, AddressRemoved) and event.address.ip.is_link_local):
+                if not (isinstance(event, (AddressAdded, AddressRemoved)) and event.address.ip.is_link_local):
                     got.append(event)
         assert collections.Counter(got) == collections.Counter(wanted)
 
@@ -398,6 +429,7 @@ async def test_kernel_events_link_and_address(nslab: NsLab, host: tuple[str, str
         await expect(AddressRemoved(ifname, V4("10.20.0.70/24"), None))
         start = trio.current_time()
         await am.claim(vip("10.20.0.72/24", ifname), 1)
+        await expect(AddressAdded(ifname, V4("10.20.0.72/24"), VIPD_PROTO))
         await expect(AddressRemoved(ifname, V4("10.20.0.72/24"), VIPD_PROTO))  # the kernel's own expiry
         assert 0.9 <= trio.current_time() - start <= 2.4
         ip("-n", peer_ns, "link", "del", peer_if)  # the pair vanishes while up: one "down"
@@ -408,10 +440,58 @@ async def test_kernel_events_link_and_address(nslab: NsLab, host: tuple[str, str
         nursery.cancel_scope.cancel()
 
 
+async def test_kernel_events_address_added(nslab: NsLab, host: tuple[str, str], nl: Netlink) -> None:
+    """AddressAdded: once per appearance (refreshes are swallowed), IPv6 only once DAD is done,
+    addresses present at start are not reported, and a removed address coming back is."""
+    ns, ifname = host
+    ip("-n", ns, "addr", "add", "10.20.0.60/24", "dev", ifname)  # present before: never reported
+    am = AddressManager(nl)
+    src = vip("10.20.0.61/32", "lo")
+    send, receive = trio.open_memory_channel[Any](1000)
+
+    async def consume() -> None:
+        async with send, contextlib.aclosing(kernel_events(nl)) as events:
+            async for event in events:
+                await send.send(event)
+
+    async def next_added() -> AddressAdded:
+        with trio.fail_after(4):
+            while True:
+                event = await receive.receive()
+                if isinstance(event, AddressAdded) and not event.address.ip.is_link_local:
+                    return event
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consume)
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        await am.claim(src, None)
+        assert await next_added() == AddressAdded("lo", V4("10.20.0.61/32"), VIPD_PROTO)
+        lease = vip("10.20.0.62/24", ifname)
+        await am.claim(lease, 30)
+        for _ in range(3):
+            await am.claim(lease, 30)  # refreshes: RTM_NEWADDR again, but nothing new
+        await am.claim(src, None)
+        ip("-n", ns, "addr", "add", "10.20.0.63/24", "dev", ifname)
+        assert await next_added() == AddressAdded(ifname, V4("10.20.0.62/24"), VIPD_PROTO)
+        assert await next_added() == AddressAdded(ifname, V4("10.20.0.63/24"), None)
+        # the source address goes and comes back: reported again (routes with prefsrc must follow)
+        await am.release(src)
+        await am.claim(src, None)
+        assert await next_added() == AddressAdded("lo", V4("10.20.0.61/32"), VIPD_PROTO)
+        # with DAD, an IPv6 address is reported when it becomes usable, not while tentative
+        ip("-n", ns, "addr", "add", "fd20::64/64", "dev", ifname)
+        assert await next_added() == AddressAdded(ifname, V6("fd20::64/64"), None)
+        info = addr_info(ns, ifname, "fd20::64")
+        assert info is not None and not info.get("tentative")
+        nursery.cancel_scope.cancel()
+    assert all(not isinstance(e, AddressAdded) or e.address.ip.is_link_local
+               for e in [receive.receive_nowait() for _ in range(receive.statistics().current_buffer_used)])
+
+
 async def test_kernel_events_overflow_resyncs_links(host: tuple[str, str], nl: Netlink,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     ns, ifname = host
-    send, receive = trio.open_memory_channel[Any](10000)
+    send, receive = trio.open_memory_channel[Any](20000)
 
     async def consume() -> None:
         async with send, contextlib.aclosing(kernel_events(nl)) as events:
@@ -426,12 +506,18 @@ async def test_kernel_events_overflow_resyncs_links(host: tuple[str, str], nl: N
         batch = "".join(f"address add 10.{50 + i // 250}.{i % 250}.1/32 dev lo\n" for i in range(6000))
         subprocess.run(["ip", "-n", ns, "-batch", "-"], input=batch, text=True, check=True, timeout=20)
         ip("-n", ns, "link", "set", ifname, "down")
+        added: collections.Counter[Any] = collections.Counter()
+        links = []
         with trio.fail_after(5):
-            while True:
+            while sum(added.values()) < 6000 or not links:
                 event = await receive.receive()
                 if isinstance(event, LinkChanged):
-                    break
-        assert event == LinkChanged(ifname, False)  # found again by the dump after the overflow
+                    links.append(event)
+                elif isinstance(event, AddressAdded) and event.ifname == "lo":
+                    added[event.address] += 1
+        assert links == [LinkChanged(ifname, False)]  # found again by the dump after the overflow
+        # every address reported exactly once: before the overflow, or by the address dump after it
+        assert len(added) == 6000 and set(added.values()) == {1}
         assert "overflowed" in caplog.text
         nursery.cancel_scope.cancel()
 

@@ -11,11 +11,10 @@ import pytest
 from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE
 from pyroute2.netlink.nfnetlink import nftsocket as nfts
 
-from vipd.dataplane.nft import (
+from vipd.dataplane.nft_build import (
     BGP_SET,
     BgpSnat,
     EgressRule,
-    NftError,
     base_ops,
     bgp_exprs,
     disarm_ops,
@@ -25,6 +24,7 @@ from vipd.dataplane.nft import (
     lease_ops,
     rule_exprs,
 )
+from vipd.errors import NftError
 
 IP = ipaddress.ip_address
 NET = ipaddress.ip_network
@@ -202,3 +202,12 @@ def test_overlapping_destinations_are_merged() -> None:
 ])
 def test_kernel_timeout_update_detection(release: str, expected: bool) -> None:
     assert kernel_has_timeout_update(release) is expected
+
+
+def test_old_import_paths_still_work() -> None:
+    from vipd import errors
+    from vipd.dataplane import nft, routes
+
+    assert nft.NftError is errors.NftError and routes.RouteError is errors.RouteError
+    assert issubclass(errors.NftError, errors.DataplaneError) and issubclass(errors.RouteError, errors.DataplaneError)
+    assert nft.EgressRule is EgressRule and nft.BgpSnat is BgpSnat and nft.NftManager

@@ -3,7 +3,9 @@
 ``claim`` adds or replaces (RTM_NEWADDR + NLM_F_REPLACE) the address with
 valid_lft = preferred_lft = lifetime; calling it again is the refresh that restarts the kernel's
 countdown. If vipd stops refreshing (crash, hang, lost lease) the kernel removes the address by
-itself when the lifetime runs out: that is the fence.
+itself when the lifetime runs out: that is the fence. ``lifetime=None`` makes a permanent
+(valid_lft forever) address: only for the host's own fixed BGP source address, which is not
+lease-bound but is still tagged, so vipd's ownership rules below apply to it too.
 
 Ownership: every address vipd adds carries IFA_PROTO = VIPD_PROTO (kernel >= 6.3 stores it).
 vipd never replaces, refreshes or deletes an address without that tag. The kernel's replace
@@ -42,7 +44,7 @@ class TaggedAddress:
 
     interface: str
     address: IPInterface
-    valid_lft: Optional[int]  # seconds left; None = forever (vipd never sets that)
+    valid_lft: Optional[int]  # seconds left; None = forever (only a claim with lifetime=None)
 
 
 class _Entry(NamedTuple):
@@ -115,14 +117,18 @@ class AddressManager:
         except OSError as e:
             raise AddressError(f"{what}: {e}") from None
 
-    async def claim(self, vip: VipSpec, lifetime: int) -> None:
-        """Add, or replace and so refresh, ``vip.address`` with a ``lifetime`` s countdown.
+    async def claim(self, vip: VipSpec, lifetime: Optional[int]) -> None:
+        """Add, or replace and so refresh, ``vip.address`` with a ``lifetime`` s countdown;
+        ``lifetime=None`` (explicitly: there is no default) adds it with no lifetime at all, for
+        the fixed BGP source address. Either way the address carries vipd's tag.
 
         Raises AddressError when the interface is missing, when the same IP is on that
         interface without our tag, or when the kernel refuses.
         """
-        if isinstance(lifetime, bool) or not isinstance(lifetime, int) or not 1 <= lifetime < _FOREVER:
-            raise AddressError(f"{vip.name}: lifetime must be whole seconds >= 1, got {lifetime!r}")
+        if lifetime is None:
+            lifetime = _FOREVER
+        elif isinstance(lifetime, bool) or not isinstance(lifetime, int) or not 1 <= lifetime < _FOREVER:
+            raise AddressError(f"{vip.name}: lifetime must be whole seconds >= 1 or None, got {lifetime!r}")
         address, ifname = vip.address, vip.interface
         what = f"claim {address} on {ifname}"
 
@@ -215,6 +221,6 @@ class AddressManager:
 
     async def lifetime_left(self, vip: VipSpec) -> Optional[int]:
         """Seconds the kernel will keep our address (rounded down), or None when we do not hold
-        it (or, never the case for addresses vipd adds, its lifetime is infinite)."""
+        it or its lifetime is infinite (a claim with lifetime=None; ``holds`` tells which)."""
         e = await self._find(vip)
         return None if e is None else e.valid_lft

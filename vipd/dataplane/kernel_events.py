@@ -11,11 +11,17 @@ link and IPv4/IPv6 address notifications and yields:
   link dump at start and is not reported.
 * :class:`AddressRemoved` for every address deletion, including the kernel's own removal of an
   address whose lifetime ran out; ``proto`` is its IFA_PROTO tag (None when untagged).
+* :class:`AddressAdded` when an address appears (e.g. the fixed BGP source address coming back,
+  after which prefsrc routes must be re-installed). Only a real appearance: replacing an address
+  that is already there (vipd's own lifetime refreshes) is swallowed, and an IPv6 address is
+  reported once it is usable (DAD done), not while tentative. The initial addresses come from
+  an address dump at start and are not reported.
 
 No threads, no polling: the socket is a trio socket, messages are decoded with pyroute2's
 ``MarshalRtnl``. If the kernel drops notifications because we did not read fast enough
-(ENOBUFS), the link state is re-read from a fresh dump and changes found that way are reported;
-address deletions lost that way are not (vipd's periodic reconcile covers them).
+(ENOBUFS), links and addresses are re-read from fresh dumps: link changes and added addresses
+found that way are reported; address deletions lost that way are not (vipd's periodic reconcile
+covers them).
 
 Use it from a task that is cancelled to stop, or close it with ``contextlib.aclosing``.
 """
@@ -32,7 +38,9 @@ from typing import Any, AsyncIterator, Optional, Union
 
 import trio
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
-from pyroute2.netlink.rtnl import RTM_DELADDR, RTM_DELLINK, RTM_GETLINK, RTM_NEWLINK
+from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELLINK, RTM_GETADDR, RTM_GETLINK, RTM_NEWADDR,
+                                   RTM_NEWLINK)
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
@@ -50,6 +58,7 @@ GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
 RECV_SIZE = 1 << 16  # larger than any single rtnetlink skb, so nothing is truncated
 RCVBUF = 1 << 20
 SO_RCVBUFFORCE = 33
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,15 @@ class AddressRemoved:
     proto: Optional[int]
 
 
-Event = Union[LinkChanged, AddressRemoved]
+@dataclass(frozen=True)
+class AddressAdded:
+    ifname: str
+    address: IPInterface
+    proto: Optional[int]
+
+
+Event = Union[LinkChanged, AddressRemoved, AddressAdded]
+_AddrKey = tuple[int, IPInterface]  # interface index, address/prefix
 
 
 async def open_socket(nl: Optional[Netlink] = None) -> trio.socket.SocketType:
@@ -123,50 +140,59 @@ def _some(event: Optional[Event]) -> list[Event]:
 
 
 class _Reader:
-    """Decodes what the socket delivers: our link dumps and the kernel's notifications."""
+    """Decodes what the socket delivers: our link and address dumps and the kernel's
+    notifications."""
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
         self.marshal = MarshalRtnl()
         self.links = _Links()
+        self.addrs: set[_AddrKey] = set()  # usable addresses present now
         self.portid = sock.getsockname()[0]
         self.seq = int.from_bytes(os.urandom(2), "big") + 1
         self.dump_seq: Optional[int] = None  # the dump in progress
-        self.seeding = True  # the first dump sets the initial state silently
-        self.seen: set[int] = set()
-        self.redump = False
+        self.dump_kind = ""  # its kind: "link" or "addr"
+        self.pending: list[str] = []  # dumps to do after it, in order
+        self.seeding = True  # the first link and address dumps set the initial state silently
+        self.seen: set[Any] = set()  # link indexes / address keys in the dump in progress
+        self.before: set[_AddrKey] = set()  # addresses known when the address dump began
 
-    async def request_dump(self) -> None:
-        if self.dump_seq is not None:
-            self.redump = True  # one dump at a time per socket; do another when this one ends
+    async def request_dumps(self) -> None:
+        """Re-read links, then addresses (one dump at a time per socket)."""
+        for kind in ("link", "addr"):
+            if kind not in self.pending:
+                self.pending.append(kind)
+        await self._next_dump()
+
+    async def _next_dump(self) -> None:
+        if self.dump_seq is not None or not self.pending:
             return
+        kind = self.pending.pop(0)
         self.seq += 1
-        msg = ifinfmsg()
-        msg["header"]["type"] = RTM_GETLINK
+        msg = ifinfmsg() if kind == "link" else ifaddrmsg()
+        msg["header"]["type"] = RTM_GETLINK if kind == "link" else RTM_GETADDR
         msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
         msg["header"]["sequence_number"] = self.seq
         msg["header"]["pid"] = self.portid
         msg["family"] = socket.AF_UNSPEC
         msg.encode()
         await self.sock.send(msg.data)
-        self.dump_seq = self.seq
-        self.seen = set()
+        self.dump_seq, self.dump_kind = self.seq, kind
+        self.seen, self.before = set(), set(self.addrs)
 
     async def read(self) -> list[Event]:
         try:
             data = await self.sock.recv(RECV_SIZE)
         except OSError as e:
             if e.errno == errno.ENOBUFS:
-                log.warning("rtnetlink events overflowed; re-reading link state")
-                await self.request_dump()
+                log.warning("rtnetlink events overflowed; re-reading links and addresses")
+                await self.request_dumps()
                 return []
             raise DataplaneError(f"reading rtnetlink events failed: {e.strerror}") from None
         events: list[Event] = []
         for msg in self.marshal.parse(data):
             events.extend(self._handle(msg))
-        if self.dump_seq is None and self.redump:
-            self.redump = False
-            await self.request_dump()
+        await self._next_dump()
         return events
 
     def _ours(self, msg: Any) -> bool:
@@ -178,46 +204,75 @@ class _Reader:
         kind = msg["header"]["type"]
         if self._ours(msg):
             if kind == NLMSG_ERROR and msg["header"].get("error") is not None:
-                raise DataplaneError(f"rtnetlink link dump failed: {msg['header']['error']}")
+                raise DataplaneError(f"rtnetlink {self.dump_kind} dump failed: {msg['header']['error']}")
             if kind == NLMSG_DONE:
                 return self._dump_done()
             if kind == RTM_NEWLINK and msg["family"] == socket.AF_UNSPEC:
                 self.seen.add(msg["index"])
                 return _some(self.links.update(msg, report=not self.seeding, report_new=not self.seeding))
+            if kind == RTM_NEWADDR:
+                key = _addr_key(msg)
+                if key is not None:
+                    self.seen.add(key)
+                return _some(self._address_added(msg, key))
             return []
         # AF_BRIDGE link messages describe bridge ports (a DELLINK there is a port leaving): skip
         if kind == RTM_NEWLINK and msg["family"] == socket.AF_UNSPEC:
             return _some(self.links.update(msg, report=True, report_new=not self.seeding))
         if kind == RTM_DELLINK and msg["family"] == socket.AF_UNSPEC:
             return _some(self.links.delete(msg["index"]))
+        if kind == RTM_NEWADDR:
+            return _some(self._address_added(msg, _addr_key(msg)))
         if kind == RTM_DELADDR:
-            return [self._address_removed(msg)]
+            key = _addr_key(msg, usable_only=False)
+            self.addrs.discard(key)  # type: ignore[arg-type]
+            return [self._address_event(AddressRemoved, msg, key)]  # type: ignore[arg-type]
         return []
 
     def _dump_done(self) -> list[Event]:
-        """End of a dump: after an overflow, interfaces missing from it were deleted meanwhile."""
-        self.dump_seq = None
+        """End of a dump: after an overflow, interfaces missing from a link dump were deleted
+        meanwhile (reported), addresses missing from an address dump too (forgotten quietly)."""
+        kind, self.dump_seq = self.dump_kind, None
+        if kind == "addr":
+            self.addrs -= self.before - self.seen  # (not those a notification added meanwhile)
+            self.seeding = self.seeding and bool(self.pending)
+            return []
         if self.seeding:
-            self.seeding = False
             return []
         gone = [i for i in self.links.state if i not in self.seen]
         return [e for e in (self.links.delete(i) for i in gone) if e is not None]
 
-    def _address_removed(self, msg: Any) -> AddressRemoved:
-        ip = msg.get("IFA_LOCAL") if msg["family"] == socket.AF_INET else None
-        ip = ip or msg.get("IFA_ADDRESS")
-        index = msg["index"]
+    def _address_added(self, msg: Any, key: Optional[_AddrKey]) -> Optional[AddressAdded]:
+        if key is None or key in self.addrs:
+            return None  # tentative (reported once DAD is done), or a refresh of a present address
+        self.addrs.add(key)
+        return None if self.seeding else self._address_event(AddressAdded, msg, key)
+
+    def _address_event(self, cls: Any, msg: Any, key: _AddrKey) -> Any:
+        index, address = key
         ifname = self.links.name(index) or msg.get("IFA_LABEL") or f"if{index}"
-        address = ipaddress.ip_interface(f"{ip}/{msg['prefixlen']}")
-        return AddressRemoved(ifname, address, msg.get("IFA_PROTO"))
+        return cls(ifname, address, msg.get("IFA_PROTO"))
+
+
+def _addr_key(msg: Any, usable_only: bool = True) -> Optional[_AddrKey]:
+    """(index, address) of an address message; None for an address that is not usable yet
+    (IPv6 tentative or failed DAD) when ``usable_only``."""
+    flags = msg.get("IFA_FLAGS")
+    flags = msg["flags"] if flags is None else flags
+    if usable_only and flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+        return None
+    ip = msg.get("IFA_LOCAL") if msg["family"] == socket.AF_INET else None
+    ip = ip or msg.get("IFA_ADDRESS")
+    return msg["index"], ipaddress.ip_interface(f"{ip}/{msg['prefixlen']}")
 
 
 async def kernel_events(nl: Optional[Netlink] = None) -> AsyncIterator[Event]:
-    """Yield link up/down changes and address deletions in the current netns (or, given ``nl``,
-    in its netns: tests and the lab watch named namespaces from the root netns), forever."""
+    """Yield link up/down changes and address additions and deletions in the current netns (or,
+    given ``nl``, in its netns: tests and the lab watch named namespaces from the root netns),
+    forever."""
     with await open_socket(nl) as sock:
         reader = _Reader(sock)
-        await reader.request_dump()
+        await reader.request_dumps()
         while True:
             for event in await reader.read():
                 yield event

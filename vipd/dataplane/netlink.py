@@ -15,6 +15,7 @@ that need certainty read the state back (``AddressManager.holds``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -22,7 +23,7 @@ import queue
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import outcome
 import trio
@@ -94,17 +95,33 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+@contextlib.contextmanager
+def enter_netns(netns: Optional[str]) -> Iterator[None]:
+    """Run the ``with`` body with the calling thread (only) in ``netns`` (a name as for
+    :func:`netns_path`, or a path; None: stay where it is), then move it back to its own netns.
+
+    Sockets opened inside stay in ``netns``. Meant for short bodies in a thread nothing else uses
+    meanwhile (the Netlink owner thread during a job): trio code must not await inside it.
+    FileNotFoundError when the netns does not exist.
+    """
+    if netns is None:
+        yield
+        return
+    with open("/proc/thread-self/ns/net", "rb") as home, open(netns_path(netns), "rb") as target:
+        _setns(target.fileno())
+        try:
+            yield
+        finally:
+            _setns(home.fileno())
+
+
 def socket_in_netns(netns: str, family: int, type_: int, proto: int) -> socket.socket:
     """A socket created in /run/netns/``netns``; the calling thread returns to its own netns.
 
     Meant for the Netlink owner thread, which nothing else uses while it runs a job.
     """
-    with open("/proc/thread-self/ns/net", "rb") as home, open(netns_path(netns), "rb") as target:
-        _setns(target.fileno())
-        try:
-            return socket.socket(family, type_, proto)
-        finally:
-            _setns(home.fileno())
+    with enter_netns(netns):
+        return socket.socket(family, type_, proto)
 
 
 class _Job:

@@ -27,7 +27,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vipd.dataplane.netlink import Netlink, netlink_error_text
-from vipd.errors import DataplaneError
+from vipd.errors import RouteError
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -37,10 +37,6 @@ _RTN_UNICAST = 1
 _SCOPE_UNIVERSE, _SCOPE_LINK = 0, 253
 _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 _ENOENT, _ESRCH, _EINVAL, _ENETUNREACH = 2, 3, 22, 101
-
-
-class RouteError(DataplaneError):
-    """Installing or removing a source route failed."""
 
 
 @dataclass(frozen=True)
