@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := etcd-server nftables iproute2 iputils-ping procps tcpdump openssl python3-venv
+APT_PACKAGES := etcd-server nftables bird2 frr iproute2 iputils-ping procps tcpdump openssl python3-venv
 PYTEST_ARGS ?=
 
 .PHONY: test demo deps apt venv unit lab bench clean
@@ -33,6 +33,7 @@ apt:
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install:$$missing" >&2; exit 1; fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  for svc in etcd bird frr; do systemctl disable --now $$svc >/dev/null 2>&1 || true; done; \
 	fi
 
 venv: $(VENV)/.installed

@@ -32,10 +32,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.lab)
 
 
+def _tools_missing(item: pytest.Item) -> str | None:
+    for marker in item.iter_markers("needs_tools"):
+        for tool in marker.args:
+            if (os.path.exists(tool) if os.sep in tool else shutil.which(tool)) is None or (
+                    os.sep in tool and not os.path.exists(tool)):
+                return f"needs {tool!r} (run `make test`, which installs it)"
+    return None
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("lab") is None:
         return
-    reason = lab_missing()
+    reason = lab_missing() or _tools_missing(item)
     if reason is None:
         return
     if os.environ.get("VIPD_REQUIRE_LAB") == "1":

@@ -13,6 +13,7 @@ from vipd.config import Config, check_host
 from vipd.dataplane.address import AddressManager
 from vipd.dataplane.announce import Announcer
 from vipd.dataplane.conflict import check_free
+from vipd.dataplane.kernel_events import AddressAdded as KernelAddressAdded
 from vipd.dataplane.kernel_events import AddressRemoved as KernelAddressRemoved
 from vipd.dataplane.kernel_events import LinkChanged, kernel_events
 from vipd.dataplane.netlink import Netlink
@@ -150,6 +151,9 @@ class Daemon:
                 if isinstance(ev, LinkChanged) and ev.up:
                     for c in by_if.get(ev.ifname, []):
                         c.post(LinkUp())
+                elif (isinstance(ev, KernelAddressAdded) and self.routing.source is not None
+                      and ev.address.ip == self.routing.source):
+                    await self.routing.reconcile()  # the kernel dropped our prefsrc routes with it
                 elif isinstance(ev, KernelAddressRemoved):
                     for c in by_if.get(ev.ifname, []):
                         if any(v.ip == ev.address.ip for v in c.vips):

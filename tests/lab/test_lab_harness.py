@@ -146,6 +146,25 @@ def test_every_node_reaches_every_other(lab: Lab) -> None:
     assert "10.213.0." not in root and "fd00:213:" not in root and lab.prefix not in root
 
 
+def test_add_node_joins_the_segment_and_goes_with_the_lab(tmp_path: Path) -> None:
+    prefix = new_prefix()
+    lab = Lab(prefix, n_hosts=1).up()
+    try:
+        r = lab.add_node("router", "r", 1, 0xA0)
+        assert (r.ns, str(r.ip), r.mac) == (prefix + "r", "10.213.0.1/24", "02:76:74:00:00:a0")
+        assert r in lab.nodes and r.ns in lab.namespaces and lab.host_by_mac(r.mac) is r
+        assert lab.ping(r, lab.hosts[0].ip) and lab.ping(lab.hosts[0], r.ip6)
+        for clash in (("router", "x", 5, 0xA5), ("x", "r", 5, 0xA5), ("x", "x", 11, 0xA5), ("x", "br", 5, 0xA5)):
+            with pytest.raises(ValueError):
+                lab.add_node(*clash)
+        lab.popen(r, ["sleep", "60"], log=tmp_path / "r.log")
+    finally:
+        lab.down()
+    assert leftovers(prefix) == []
+    netns.ip("netns", "add", prefix + "r")  # what a crashed lab would leave: purge knows the name
+    assert topology.purge(prefix) == [prefix + "r"] and leftovers(prefix) == []
+
+
 def test_holders_and_announce(lab: Lab) -> None:
     vip = lab.vip4(7)
     h1, h2, _ = lab.hosts

@@ -76,6 +76,7 @@ class Cluster:
         self.placement = {"preempt": False, **(placement or {})}
         self.host_extra = host_extra or {}  # per host name: extra [host] table keys (weight, check, ...)
         self.top_extra = top_extra or {}  # extra tables for every host, e.g. {"hooks": {...}}
+        self.host_tables: dict[str, dict[str, dict[str, Any]]] = {}  # per host name: its own tables, e.g. [bgp]
         self.egress: list[dict[str, Any]] = []  # [[egress]] tables for every host
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -99,6 +100,7 @@ class Cluster:
                   "placement": self.placement, **self.top_extra}
         if host.name in self.host_extra:
             tables["host"] = self.host_extra[host.name]
+        tables.update(self.host_tables.get(host.name, {}))
         path.write_text(render_toml({"node": host.name, "state_dir": str(path.parent / "run"), "log_level": "info"},
                                     tables, vips, self.egress))
         return path

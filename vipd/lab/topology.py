@@ -4,6 +4,7 @@
     {prefix}e    the etcd node            (key "e")      .2    ::2
     {prefix}c    the client               (key "c")      .3    ::3
     {prefix}h<i> host i, i = 1..n_hosts   (key "h<i>")   .10+i         (h1: 10.213.0.11, fd00:213::11)
+    {prefix}<x>  an extra node attached later by Lab.add_node (key: one letter; vipd.lab.bgp's router is "r")
     VIPs: vip4(i) = .100+i, vip6(i) (vip6(1) = fd00:213::101), with the subnet's prefix length
     (an IPv6 host part is spelled like the IPv4 one: .11 <-> ::11, i.e. the decimal digits read as hex)
 
