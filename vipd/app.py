@@ -12,7 +12,7 @@ from vipd import log, systemd
 from vipd.config import Config, check_host
 from vipd.dataplane.address import AddressManager
 from vipd.dataplane.announce import Announcer
-from vipd.dataplane.conflict import check_free
+from vipd.dataplane.conflict import DuplicateResponderWatch, check_free
 from vipd.dataplane.kernel_events import AddressAdded as KernelAddressAdded
 from vipd.dataplane.kernel_events import AddressRemoved as KernelAddressRemoved
 from vipd.dataplane.kernel_events import LinkChanged, kernel_events
@@ -59,12 +59,17 @@ class Daemon:
         gate = trio.Semaphore(1)  # one handover to a preferred host at a time, per host
         self.controllers = {u.name: Controller(u, params(u.anycast), self.addresses, self.announcer, self.keys,
                                                self.metrics, conflicts=self, hooks=self.hooks, preempt_gate=gate,
-                                               healthy=self.fitness.initial(u.name), egress=self.routing)
+                                               healthy=self.fitness.initial(u.name), egress=self.routing,
+                                               ownership=self.owning)
                             for u in cfg.units}
         self.lease = HostLease(client, ttl=cfg.etcd.lease_ttl, keepalives_per_ttl=cfg.timing.keepalives_per_ttl,
                                presence_key=f"{cfg.etcd.prefix}hosts/{cfg.node}", presence=self.fitness.presence,
                                publish=self.broadcast, metrics=self.metrics,
                                record_path=lease_record_path(cfg))
+        self.duplicates = {ifname: DuplicateResponderWatch(nl, ifname, self._duplicate)
+                           for ifname in sorted({v.interface for v in cfg.vips
+                                                 if v.conflict_check and not v.on_loopback})}
+        self._unit_of_ip = {v.ip: v.unit for v in cfg.vips}
         self.directory = HostDirectory(client, cfg.etcd.prefix, cfg.units,
                                        lambda name, ranking: self.post(name, Placement(ranking)))
 
@@ -75,6 +80,27 @@ class Daemon:
 
     def post(self, unit: str, ev: Event) -> None:
         self.controllers[unit].post(ev)
+
+    def owning(self, vips, owned: bool) -> None:  # type: ignore[no-untyped-def]
+        """Controllers report ownership changes: watch for another MAC answering for our VIPs."""
+        for v in vips:
+            watch = self.duplicates.get(v.interface)
+            if watch is not None:
+                (watch.watch if owned else watch.unwatch)(v.ip)
+
+    def _duplicate(self, ip, mac: str) -> None:  # type: ignore[no-untyped-def]
+        unit = self._unit_of_ip.get(ip, "?")
+        self.metrics.count_conflict(unit)
+        log.error("duplicate_responder", vip=unit, address=ip, mac=mac,
+                  reason="another machine answers for a VIP this host owns")
+
+    async def run_duplicate_watch(self, watch: DuplicateResponderWatch) -> None:
+        while True:  # restarted when the interface goes away and comes back
+            try:
+                await watch.run()
+            except DataplaneError as e:
+                log.warning("duplicate_watch_failed", interface=watch.ifname, error=e)
+            await trio.sleep(1.0)
 
     def broadcast(self, ev: Event) -> None:
         for c in self.controllers.values():
@@ -216,6 +242,8 @@ class Daemon:
             for c in self.controllers.values():
                 await nursery.start(c.run)
             nursery.start_soon(self.fitness.run)
+            for watch in self.duplicates.values():
+                nursery.start_soon(self.run_duplicate_watch, watch)
             nursery.start_soon(self.watch_kernel)
             systemd.notify("STATUS=waiting for etcd")
             await nursery.start(self.keys.watch, list(self.controllers), self._deliver_owner)

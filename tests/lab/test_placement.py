@@ -168,3 +168,18 @@ def test_hooks_run_with_vip_environment(lab, make_cluster, tmp_path):
     assert int(env["VIPD_EPOCH"]) > 0
     c.run_cli(c.host(old), "release", "api")
     wait_for(lambda: list(out.glob(f"{old}.backup.*")), 5, "backup hook ran on the old owner")
+
+
+def test_duplicate_responder_while_owning_raises_the_alarm(lab, make_cluster):
+    c = make_cluster([VipDef("api", str(lab.vip4(0)))])
+    owner = c.host(c.wait_owner(lab.vip4(0).ip))
+    time.sleep(0.5)  # our own announcements are done
+    assert "duplicate_responder" not in c.log_path(owner).read_text()
+    lab.announce(lab.client, lab.vip4(0).ip)  # a foreign machine claims the VIP with a gratuitous ARP
+    wait_for(lambda: "event=duplicate_responder" in c.log_path(owner).read_text(), 5, "duplicate responder alarm")
+    line = next(x for x in c.log_path(owner).read_text().splitlines() if "duplicate_responder" in x)
+    assert lab.client.mac in line
+    assert re.search(r'vipd_address_conflicts_total\{vip="api"\} [1-9]', c.metrics(owner))
+    for h in lab.hosts:  # peers never raise it for each other's announcements
+        if h is not owner:
+            assert "duplicate_responder" not in c.log_path(h).read_text()

@@ -8,7 +8,7 @@ back as events; a fence therefore never waits on etcd.
 from __future__ import annotations
 
 import math
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import trio
 
@@ -68,12 +68,14 @@ class Controller:
     def __init__(self, unit: Unit, params: fsm.Params, addresses: AddressPort, announcer: AnnouncePort,
                  keys: KeysPort, metrics: MetricsPort, *, conflicts: ConflictPort | None = None,
                  hooks: HooksPort | None = None, preempt_gate: trio.Semaphore | None = None,
-                 healthy: bool = True, egress: EgressPort | None = None) -> None:
+                 healthy: bool = True, egress: EgressPort | None = None,
+                 ownership: Callable[[Sequence[VipSpec], bool], None] | None = None) -> None:
         self.name = unit.name
         self.vips = unit.vips
         self._conflicts = conflicts if unit.vips[0].conflict_check else None
         self._probed = False  # conflict detection runs before the first claim only
         self._hooks = hooks
+        self._ownership = ownership  # told when we start/stop owning (duplicate-responder watch)
         self._egress = egress if egress is not None and egress.covers(unit.vips) else None
         self._gate = preempt_gate
         self._holds_token = False
@@ -141,6 +143,8 @@ class Controller:
 
     def _transitioned(self, old: fsm.VipState, ev: Event) -> None:
         new = self.state
+        if self._ownership is not None and State.OWNER in (old.state, new.state):
+            self._ownership(self.vips, new.state is State.OWNER)  # before any address is removed
         self._metrics.record_transition(self.name, old.state, new.state)
         self._metrics.set_epoch(self.name, new.epoch)
         owner = new.owner.node if new.owner else None
