@@ -22,6 +22,7 @@ demo: deps
 	$(PY) -m vipd demo
 
 bench: deps
+	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) bench/failover.py
 
 deps: apt venv
