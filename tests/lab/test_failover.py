@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.lab.util import wait_for
 from vipd.lab.cluster import VipDef
 
 
@@ -26,17 +27,6 @@ def neigh_mac(ns: str, ip) -> str | None:  # type: ignore[no-untyped-def]
 def ping(ns: str, ip, count: int = 1) -> bool:  # type: ignore[no-untyped-def]
     return subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", str(count), "-W", "1", "-i", "0.2", str(ip)],
                           capture_output=True).returncode == 0
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.02):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def test_exactly_one_owner_after_start_status_and_metrics(lab, make_cluster):

@@ -4,12 +4,14 @@ real etcd and namespaces. The make_cluster monitor fails any test that ever saw 
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import json
 import re
 import time
 from pathlib import Path
 
+from tests.lab import util
 from vipd.lab.cluster import VipDef
 
 
@@ -23,15 +25,7 @@ def file_check(path: Path, fall: int = 2, rise: int = 2) -> dict:
             "rise": rise, "fall": fall}
 
 
-def wait_for(pred, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+wait_for = functools.partial(util.wait_for, interval=0.05)  # these tests poll every 50 ms
 
 
 def test_failing_check_moves_vip_and_host_returns_after_rise(lab, make_cluster, tmp_path):

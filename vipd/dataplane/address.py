@@ -27,7 +27,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from vipd.config import VipSpec
-from vipd.dataplane.netlink import Netlink, netlink_error_text
+from vipd.dataplane.netlink import Netlink
 from vipd.errors import AddressError
 
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
@@ -109,14 +109,6 @@ class AddressManager:
     def __init__(self, nl: Netlink) -> None:
         self.nl = nl
 
-    async def _run(self, what: str, fn: Any) -> Any:
-        try:
-            return await self.nl.call(fn)
-        except NetlinkError as e:
-            raise AddressError(f"{what}: {netlink_error_text(e)}") from None
-        except OSError as e:
-            raise AddressError(f"{what}: {e}") from None
-
     async def claim(self, vip: VipSpec, lifetime: Optional[int]) -> None:
         """Add, or replace and so refresh, ``vip.address`` with a ``lifetime`` s countdown;
         ``lifetime=None`` (explicitly: there is no default) adds it with no lifetime at all, for
@@ -160,7 +152,7 @@ class AddressManager:
                 **kwargs,
             )
 
-        await self._run(what, job)
+        await self.nl.call_checked(what, job, AddressError)
 
     async def release(self, vip: VipSpec) -> None:
         """Delete our tagged address for ``vip`` if present. Absent or untagged: nothing to do."""
@@ -174,7 +166,7 @@ class AddressManager:
                 if e.ours:
                     _delete(ipr, e)
 
-        await self._run(f"release {address} on {ifname}", job)
+        await self.nl.call_checked(f"release {address} on {ifname}", job, AddressError)
 
     async def tagged(self) -> list[TaggedAddress]:
         """Every address in this netns carrying VIPD_PROTO."""
@@ -186,7 +178,7 @@ class AddressManager:
             names = {m["index"]: m.get("IFLA_IFNAME") for m in ipr.link("dump")}
             return [TaggedAddress(names.get(e.index, f"if{e.index}"), e.address, e.valid_lft) for e in ours]
 
-        return await self._run("list tagged addresses", job)
+        return await self.nl.call_checked("list tagged addresses", job, AddressError)
 
     async def remove(self, t: TaggedAddress) -> None:
         """Delete one tagged address (stale cleanup). Gone already, or no longer tagged: nothing."""
@@ -199,7 +191,7 @@ class AddressManager:
                 if e.address == t.address and e.ours:
                     _delete(ipr, e)
 
-        await self._run(f"remove {t.address} from {t.interface}", job)
+        await self.nl.call_checked(f"remove {t.address} from {t.interface}", job, AddressError)
 
     async def _find(self, vip: VipSpec) -> Optional[_Entry]:
         address, ifname = vip.address, vip.interface
@@ -213,7 +205,7 @@ class AddressManager:
                     return e
             return None
 
-        return await self._run(f"look up {address} on {ifname}", job)
+        return await self.nl.call_checked(f"look up {address} on {ifname}", job, AddressError)
 
     async def holds(self, vip: VipSpec) -> bool:
         """Our tagged ``vip.address`` (same prefix length) is on ``vip.interface``."""

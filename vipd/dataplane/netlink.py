@@ -268,6 +268,15 @@ class Netlink:
         self._jobs.put(job)
         return await self._wait(job)
 
+    async def call_checked(self, what: str, fn: Callable[[IPRoute], T], error: type[Exception]) -> T:
+        """:meth:`call`, with pyroute2's ``NetlinkError`` and ``OSError`` raised as ``error("WHAT: why")``."""
+        try:
+            return await self.call(fn)
+        except NetlinkError as e:
+            raise error(f"{what}: {netlink_error_text(e)}") from None
+        except OSError as e:
+            raise error(f"{what}: {e}") from None
+
     async def socket(self, family: int, type_: int, proto: int = 0) -> trio.socket.SocketType:
         """A trio socket in this Netlink's netns (for AF_PACKET / rtnetlink sockets whose
         interface names must resolve there). DataplaneError if it cannot be made."""

@@ -19,7 +19,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink import nftsocket as nfts
 from pyroute2.nftables.main import NFTables
 
-from vipd.dataplane.netlink import Netlink, enter_netns, netlink_error_text
+from vipd.dataplane.netlink import Netlink, enter_netns
 from vipd.dataplane.nft_build import (NFPROTO_INET, TABLE, BgpSnat, EgressRule, IPAddress, base_ops, disarm_ops,
                                      drop_table_ops, encode_batch, kernel_has_timeout_update, lease_ops)
 from vipd.errors import DataplaneError, NftError
@@ -75,12 +75,7 @@ class NftManager:
                 self._nft = _open_nft(self.nl.netns)
             return fn(self._nft)
 
-        try:
-            return await self.nl.call(job)
-        except NetlinkError as e:
-            raise NftError(f"{what}: {netlink_error_text(e)}") from None
-        except OSError as e:
-            raise NftError(f"{what}: {e}") from None
+        return await self.nl.call_checked(what, job, NftError)
 
     def _vip_rules(self, vips: tuple[IPAddress, ...]) -> list[EgressRule]:
         if self._rules is None:

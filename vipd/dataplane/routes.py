@@ -111,14 +111,6 @@ class SourceRoutes:
     def __init__(self, nl: Netlink) -> None:
         self.nl = nl
 
-    async def _run(self, what: str, fn: Any) -> Any:
-        try:
-            return await self.nl.call(fn)
-        except NetlinkError as e:
-            raise RouteError(f"{what}: {netlink_error_text(e)}") from None
-        except OSError as e:
-            raise RouteError(f"{what}: {e}") from None
-
     async def ensure(self, peers: Iterable[IPAddress], source: IPAddress) -> None:
         """Make vipd's routes exactly: one per peer, via what the main table resolves, prefsrc
         ``source``. Routes already right are left alone; vipd's routes to other destinations (of
@@ -144,7 +136,7 @@ class SourceRoutes:
             if failures:
                 raise RouteError("; ".join(failures))
 
-        await self._run(f"source routes via {source}", job)
+        await self.nl.call_checked(f"source routes via {source}", job, RouteError)
 
     async def missing(self, peers: Iterable[IPAddress], source: IPAddress) -> list[IPAddress]:
         """The peers that have no route of vipd's with prefsrc ``source`` (e.g. after the kernel
@@ -168,7 +160,7 @@ class SourceRoutes:
                         ))
             return out
 
-        return await self._run("list source routes", job)
+        return await self.nl.call_checked("list source routes", job, RouteError)
 
     async def remove_all(self) -> None:
         """Delete every route vipd installed in the main table; nothing else."""
@@ -179,7 +171,7 @@ class SourceRoutes:
                     if r.ours:
                         _delete(ipr, r)
 
-        await self._run("remove source routes", job)
+        await self.nl.call_checked("remove source routes", job, RouteError)
 
 
 def _install(ipr: IPRoute, routes: list[_Route], peer: IPAddress, source: IPAddress) -> None:

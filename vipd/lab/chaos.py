@@ -8,26 +8,24 @@ Every fault draws the same random numbers in the same order, so a seed replays t
 VIPs and durations (the target, "the holder of VIP x", depends on where the VIPs are then).
 Recovered = every VIP has one holder, whose daemon says it owns it, and every daemon answers its control
 socket and agrees. At the end all daemons get SIGTERM at once: a VIP left on a host, a key left in etcd,
-or after teardown a namespace or process left, is a leak.
+or after teardown a namespace or process left, is a leak. The figures: vipd.lab.chaos_report.
 """
 
 from __future__ import annotations
 
 import base64
-import collections
 import contextlib
 import random
-import re
 import secrets
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from vipd import control
-from vipd.lab import netns
+from vipd.lab import chaos_report, netns
 from vipd.lab.cluster import Cluster, VipDef
 from vipd.lab.etcd import EtcdServer
 from vipd.lab.monitor import AddressMonitor
@@ -35,7 +33,6 @@ from vipd.lab.probe import Probe
 from vipd.lab.topology import Host, Lab, to_ip
 
 KINDS = ("handover", "sigkill", "hang", "link_cut", "etcd_restart", "partition_etcd", "partition_hosts")
-_LOG_RE = re.compile(r"^\S+Z (\w+) event=(\S+)")
 
 
 @dataclass
@@ -72,28 +69,6 @@ class Fault:
     @property
     def recovery_ms(self) -> float | None:
         return None if self.t_recovered is None or self.t_heal is None else (self.t_recovered - self.t_heal) * 1e3
-
-
-def pct(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100)."""
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))] if s else None
-
-
-def describe(values: list[float]) -> dict[str, Any]:
-    return {"n": len(values), "median": pct(values, 50), "p90": pct(values, 90), "max": max(values, default=None),
-            "total": sum(values)}
-
-
-def windows(line: list[tuple[float, frozenset[str]]], pred: Callable[[frozenset[str]], bool],
-            lo: float, hi: float) -> list[tuple[float, float]]:
-    """The periods within [lo, hi] during which pred(holders) held, from a monitor timeline."""
-    out = []
-    for i, (t, holders) in enumerate(line):
-        s, e = max(t, lo), min(line[i + 1][0] if i + 1 < len(line) else hi, hi)
-        if e > s and pred(holders):
-            out.append((s, e))
-    return out
 
 
 class Chaos:
@@ -156,7 +131,7 @@ class Chaos:
             self.monitor.stop()
             for p in self.probes.values():
                 p.stop()
-            end["report"] = self._report(t0, t1)
+            end["report"] = chaos_report.report(self, t0, t1, KINDS)
         finally:
             with _deferred_signals():  # a Ctrl-C now would leave half a lab behind: take it afterwards
                 before = self._our_processes()
@@ -168,7 +143,7 @@ class Chaos:
         leaks = end.setdefault("leaks", {})
         leaks["namespaces"] = [n for n in netns.list_ns(cfg.prefix) if n in self.lab.namespaces]
         leaks["processes"] = [f"{pid} {cmd}" for pid, cmd in before.items() if _cmdline(pid) == cmd]
-        return self._result(end)
+        return chaos_report.result(self, end)
 
     def _holders(self) -> dict[str, list[str]]:
         return {v.name: sorted(self.monitor.holders_now(to_ip(v.address))) for v in self.vips}
@@ -246,7 +221,8 @@ class Chaos:
         hi = f.t_recovered or time.monotonic()
         for v in self.vips:
             line = self.monitor.holders_timeline(to_ip(v.address))
-            f.no_holder_ms[v.name] = sum(e - s for s, e in windows(line, lambda h: not h, f.t_inject, hi)) * 1e3
+            gaps = chaos_report.windows(line, lambda h: not h, f.t_inject, hi)
+            f.no_holder_ms[v.name] = sum(e - s for s, e in gaps) * 1e3
         for ip, s, e, hs in self.monitor.dual_windows()[duals:]:
             self._fail(f, f"DUAL OWNERSHIP of {ip} by {sorted(hs)} for {(e - s) * 1e3:.1f} ms")
         self.say(f"  #{f.n:<3} {f.kind:<15} {f.host or '-':<3} {f.detail:<34} "
@@ -344,61 +320,6 @@ class Chaos:
         for ns in self.lab.namespaces if self.lab.is_up else []:
             pids.update(netns.pids_in(ns))
         return {pid: cmd for pid in pids if (cmd := _cmdline(pid))}
-
-    def _report(self, t0: float, t1: float) -> dict[str, Any]:
-        per_vip: dict[str, Any] = {}
-        off = time.time() - time.monotonic()
-        for v in self.vips:
-            ip = to_ip(v.address)
-            line = self.monitor.holders_timeline(ip)
-            gaps = [(e - s) * 1e3 for s, e in windows(line, lambda h: not h, t0, t1)]
-            changes = [c for c in self.monitor.owner_changes(ip) if t0 <= c[0] <= t1]
-            row = {"address": v.address, "transitions": len(changes),
-                   "acquisitions": sum(1 for _, a, b in changes if len(b) == 1 and not a),  # none -> one
-                   "dual_ms": sum(e - s for i, s, e, _ in self.monitor.dual_windows() if i == ip) * 1e3,
-                   "no_holder_ms": describe(gaps), "availability": 1 - sum(gaps) / 1e3 / max(t1 - t0, 1e-9),
-                   "timeline": [[round(t + off, 3), sorted(h)] for t, h in line]}  # wall-clock (epoch) times
-            if v.name in self.probes:
-                outs = [o for o in self.probes[v.name].outages() if t0 <= o.end and o.start <= t1]
-                row["probe_outage_ms"] = describe([o.ms for o in outs])
-                row["probe"] = self.probes[v.name].summary()
-            per_vip[v.name] = row
-        by_kind: dict[str, Any] = {}
-        for kind in KINDS:
-            fs = [f for f in self.faults if f.kind == kind]
-            if fs:
-                by_kind[kind] = {"count": len(fs), "failed": sum(1 for f in fs if f.error),
-                                 "recovery_ms": describe([f.recovery_ms for f in fs if f.recovery_ms is not None]),
-                                 "worst_no_holder_ms": describe([max(f.no_holder_ms.values(), default=0.0)
-                                                                 for f in fs])}
-        logs: dict[str, Any] = {}
-        for h in self.lab.hosts:  # warnings and errors by event; lines not in vipd's format (tracebacks)
-            counts: collections.Counter[str] = collections.Counter()
-            path = self.cluster.log_path(h)
-            for ln in path.read_text(errors="replace").splitlines() if path.exists() else []:
-                m = _LOG_RE.match(ln)
-                if not m or m.group(1) != "info":
-                    counts[f"{m.group(1)} {m.group(2)}" if m else "(unparsed line)"] += 1
-            logs[h.name] = dict(counts.most_common())
-        return {"elapsed": t1 - t0, "per_vip": per_vip, "by_kind": by_kind, "log_warnings": logs,
-                "monitor": self.monitor.stats()}
-
-    def _result(self, end: dict[str, Any]) -> dict[str, Any]:
-        leaks, report = end["leaks"], end.get("report", {})
-        n_leaks = (sum(len(v) for v in leaks.get("vips", {}).values()) + len(leaks.get("etcd_keys", []))
-                   + len(leaks["namespaces"]) + len(leaks["processes"]))
-        dual = sum(r["dual_ms"] for r in report.get("per_vip", {}).values())
-        failures = list(self.failures) + [f"vipd on {k} exit code {v} at the clean stop"
-                                          for k, v in end.get("exit_codes", {}).items() if v != 0]
-        final_ok = all(len(h) == 1 for h in end.get("final_holders", {}).values())
-        return {"seed": self.seed, "prefix": self.cfg.prefix, "workdir": str(self.dir),
-                "duration": self.cfg.duration, "interrupted": self.interrupted, "kinds": list(self.cfg.kinds),
-                "faults_total": len(self.faults),
-                "faults_by_kind": dict(collections.Counter(f.kind for f in self.faults)),
-                "transitions_total": sum(r["transitions"] for r in report.get("per_vip", {}).values()),
-                "dual_ownership_ms": dual, "leaks_total": n_leaks, "final_ok": final_ok, "failures": failures,
-                "ok": dual == 0 and n_leaks == 0 and not failures and final_ok, **end,
-                "faults": [asdict(f) | {"recovery_ms": f.recovery_ms} for f in self.faults]}
 
 
 def _wall() -> str:

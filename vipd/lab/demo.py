@@ -6,9 +6,10 @@ with the Cluster defaults (lease_ttl 3 s, fence_margin 1.5 s). The client probes
 and names the host that answered (vipd.lab.probe); an AddressMonitor records which hosts hold each VIP,
 and every change of owner is printed as it happens (one plain line per change: fine in a CI log).
 
-The story, one function per step: planned handover (`vipd release`), planned stop (SIGTERM), crash
-(SIGKILL), link cut (and restore), etcd stopped and restarted. After each step: what the client saw
-(outage in ms, the host answering before and after) and whether two hosts ever held a VIP at once.
+The story, one function per step (vipd.lab.demo_steps): planned handover (`vipd release`), planned
+stop (SIGTERM), crash (SIGKILL), link cut (and restore), etcd stopped and restarted. After each step:
+what the client saw (outage in ms, the host answering before and after) and whether two hosts ever
+held a VIP at once (printed by vipd.lab.demo_report).
 
 Exit codes: 0 every step behaved, 1 a step failed (named) or the demo broke, 2 not runnable here
 (not root, a binary missing), 130 interrupted. Everything is torn down on every exit path; the working
@@ -24,14 +25,14 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
 from vipd.lab import netns
 from vipd.lab.cluster import Cluster, VipDef, vipd_argv
+from vipd.lab.demo_report import Console, OwnerBoard, Seen, StepResult, responder_at, who
+from vipd.lab.demo_steps import STORY, StepFailed
 from vipd.lab.etcd import EtcdServer
 from vipd.lab.monitor import AddressMonitor
 from vipd.lab.probe import Probe
@@ -43,12 +44,6 @@ STORY_BUDGET = 90.0  # seconds from start after which remaining steps are skippe
 HARD_STOP = 100.0  # seconds from start past which no wait of the story extends (teardown takes < 15 s)
 PROBE_INTERVAL = 0.01
 CLIENT_WAIT = 3.0  # seconds for the client to get an answer from a new owner
-WATCH_AFTER_RESTORE = 2.0  # seconds the cut host is watched after it is back
-INDENT = " " * 10  # continuation lines start under the message, past "[ 12.34s] "
-
-
-class StepFailed(Exception):
-    """A step did not behave; the message says how."""
 
 
 # ---------------------------------------------------------------------------- preconditions
@@ -64,138 +59,6 @@ def preflight(path: str | None = None, euid: int | None = None) -> str | None:
         names = ", ".join(f"`{b}`" for b in missing)
         return f"needs {names} on PATH (Debian: apt-get install {pkgs}; `make demo` installs it)"
     return None
-
-
-# ---------------------------------------------------------------------------- output
-
-class Console:
-    """Timestamped lines (seconds since start), one lock for every writer. A hook runs before each
-    line so the owner board prints the changes that happened before it first."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stdout
-        self.t0 = time.monotonic()
-        self.lock = threading.RLock()
-        self.before_line: Callable[[], None] | None = None
-        self.broken = False  # stdout went away (e.g. `| head`): keep going silently, still tear down
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    def say(self, msg: str, t: float | None = None, *, sync: bool = True) -> None:
-        with self.lock:
-            if sync and self.before_line is not None:
-                self.before_line()
-            stamp = (time.monotonic() if t is None else t) - self.t0
-            self._write(f"[{stamp:6.2f}s] {msg}")
-
-    def more(self, msg: str) -> None:
-        """A continuation line of the previous message."""
-        with self.lock:
-            self._write(INDENT + msg)
-
-    def _write(self, line: str) -> None:
-        if self.broken:
-            return
-        try:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-        except (BrokenPipeError, ValueError, OSError):
-            self.broken = True
-
-
-def _who(holders: frozenset[str] | set[str] | list[str]) -> str:
-    if not holders:
-        return "-"
-    return "+".join(sorted(holders)) + ("  (!! two holders)" if len(holders) > 1 else "")
-
-
-class OwnerBoard:
-    """Prints one status line (`owners  api=h2  api6=h1`) at each change of any VIP's holders, stamped
-    with the AddressMonitor's own time of the change.
-
-    The monitor offers no "wait for any change", so a thread looks at its timeline every 50 ms; the
-    printed times are the monitor's, exact whatever the lag, and every other line first prints the
-    changes that precede it (Console.before_line)."""
-
-    PERIOD = 0.05
-
-    def __init__(self, console: Console, monitor: Any, vips: list[tuple[str, Any]]) -> None:
-        self.console = console
-        self.monitor = monitor
-        self.vips = vips  # [(name, ip)]
-        self._seen = {ip: 0 for _, ip in vips}
-        self._state: dict[Any, frozenset[str]] = {ip: frozenset() for _, ip in vips}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "OwnerBoard":
-        self.console.before_line = self.catch_up
-        self._thread = threading.Thread(target=self._run, name="vipd-demo-board", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5.0)
-        self.console.before_line = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.PERIOD):
-            self.catch_up()
-
-    def line(self) -> str:
-        return "owners  " + "  ".join(f"{name}={_who(self._state[ip])}" for name, ip in self.vips)
-
-    def catch_up(self) -> None:
-        with self.console.lock:  # the console's lock orders the board's lines among everyone's
-            timeline = self.monitor.holders_timeline()
-            changes: dict[float, list[tuple[Any, frozenset[str]]]] = {}
-            for _, ip in self.vips:
-                line = timeline[ip]
-                for t, holders in line[self._seen[ip]:]:
-                    changes.setdefault(t, []).append((ip, holders))
-                self._seen[ip] = len(line)
-            for t in sorted(changes):
-                for ip, holders in changes[t]:
-                    self._state[ip] = holders
-                self.console.say("  " + self.line(), t, sync=False)
-
-
-# ---------------------------------------------------------------------------- what the client saw
-
-@dataclass
-class Seen:
-    """One VIP over one step, from the client's probes and the address monitor."""
-
-    name: str
-    owner_before: str | None
-    owner_after: str | None
-    answered_before: str | None
-    answered_after: str | None
-    outage_ms: float = 0.0
-    lost: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    def line(self) -> str:
-        lost = f" ({self.lost} probe{'s' if self.lost != 1 else ''} lost)" if self.lost else ""
-        return (f"{self.name:<5} {self.answered_before or '-'} -> {self.answered_after or '-'}   "
-                f"client outage {self.outage_ms:6.0f} ms{lost}")
-
-
-@dataclass
-class StepResult:
-    name: str
-    ok: bool
-    headline: str
-    problems: list[str] = field(default_factory=list)
-
-
-def _responder_at(probe: Any, t: float) -> str | None:
-    """The host that answered the client's probes at time t (the last change of responder before t)."""
-    before = [host for ts, host in probe.responders() if ts <= t]
-    return before[-1] if before else None
 
 
 # ---------------------------------------------------------------------------- the demo
@@ -284,13 +147,6 @@ class Demo:
         self.out.say(f"-- step {n}/5  {title}: {action}")
         return time.monotonic()
 
-    def change_time(self, v: Any, since: float, host: str, *, gained: bool) -> float | None:
-        """Monitor time at which `host` started (gained) or stopped holding v, after `since`."""
-        for t, before, after in self.monitor.owner_changes(self.ip(v)):
-            if t >= since and (host in after) == gained and (host in before) != gained:
-                return t
-        return None
-
     def duals_since(self, since: float) -> list[str]:
         return [f"{ip} held by {' and '.join(sorted(holders))} at once for {(end - start) * 1e3:.1f} ms"
                 for ip, start, end, holders in self.monitor.dual_windows() if end >= since]
@@ -305,7 +161,7 @@ class Demo:
         for v in self.vips:
             probe = self.probes[v.name]
             s = Seen(v.name, owner_before=self._owner_at(v, t0), owner_after=None,
-                     answered_before=_responder_at(probe, t0), answered_after=None)
+                     answered_before=responder_at(probe, t0), answered_after=None)
             must_leave = leaving.get(v.name)
             wait = self.left(timeout if v.name in leaving else 5)
             try:
@@ -314,7 +170,7 @@ class Demo:
             except AssertionError:
                 holders = self.lab.holders(self.ip(v))
                 what = "new owner" if v.name in leaving else "owner"
-                s.problems.append(f"{v.name}: no single {what} after {wait:.1f} s (holders: {_who(holders)})")
+                s.problems.append(f"{v.name}: no single {what} after {wait:.1f} s (holders: {who(holders)})")
             if s.owner_after and not probe.wait_responder(s.owner_after, timeout=self.left(CLIENT_WAIT)):
                 s.problems.append(f"{v.name}: the client gets no answer from {s.owner_after}")
             outages = [o for o in probe.outages(since=t0) if not o.ongoing]
@@ -358,133 +214,18 @@ class Demo:
                 self.out.more(f"!! {p}")
         return StepResult(name, ok, headline, problems)
 
-    # ------------------------------------------------------------------ the story: one step each
+    # ------------------------------------------------------------------ the story (vipd.lab.demo_steps)
 
-    def step_release(self) -> StepResult:
-        v = self.vip("api")
-        old = self.require_owner(v)
-        t0 = self.begin(1, "planned handover", f"`vipd release {v.name}` on {old}")
-        r = self.cluster.run_cli(self.cluster.host(old), "release", v.name)
-        if r.returncode != 0:
-            raise StepFailed(f"`vipd release {v.name}` on {old} failed: {(r.stderr or r.stdout).strip()}")
-        seen = self.settle(t0, {v.name: old}, timeout=5)
-        new = seen[0].owner_after
-        notes = [f"{old} answered `{r.stdout.strip()}`; {new} took {v.name} "
-                 f"{self._after(v, t0, new, gained=True)} after the command"]
-        return self.report("planned handover", t0, seen, v.name, notes, [])
-
-    def step_sigterm(self) -> StepResult:
-        v = self.vip("api")
-        old = self.require_owner(v)
-        host = self.cluster.host(old)
-        held = [x.name for x in self.vips if self.owner(x) == old]
-        t0 = self.begin(2, "planned stop", f"SIGTERM to vipd on {old} (systemctl stop; it holds {', '.join(held)})")
-        log = self.cluster.log_path(host)
-        log_offset = log.stat().st_size if log.exists() else 0
-        rc = self.cluster.term(host)
-        took = time.monotonic() - t0
-        seen = self.settle(t0, {name: old for name in held}, timeout=5)
-        problems = [] if rc == 0 else [f"vipd on {old} exited with {rc} after SIGTERM"]
-        with open(log, "rb") as f:
-            f.seek(log_offset)
-            revoked = b"event=lease_revoked" in f.read()
-        notes = [f"vipd on {old} exited {rc} after {took:.2f} s"
-                 + (", revoking its lease on the way out" if revoked else " (no lease_revoked in its log)")]
-        self.cluster.start(host)
-        notes.append(f"vipd on {old} started again: it joins as a backup")
-        return self.report("planned stop", t0, seen, v.name, notes, problems)
-
-    def step_crash(self) -> StepResult:
-        v = self.vip("api")
-        old = self.require_owner(v)
-        host = self.cluster.host(old)
-        held = [x.name for x in self.vips if self.owner(x) == old]
-        t0 = self.begin(3, "owner crash", f"SIGKILL to vipd on {old} (no code runs on {old} after this)")
-        self.cluster.kill(host)
-        seen = self.settle(t0, {name: old for name in held}, timeout=self.cluster.lease_ttl + 5)
-        new = seen[0].owner_after
-        notes = [f"the kernel removed {v.name} from {old} {self._after(v, t0, old, gained=False)} after the kill "
-                 f"(address lifetime); {new} took it {self._after(v, t0, new, gained=True)} after"]
-        problems = self._order_problem(v, t0, old, new)
-        self.cluster.start(host)
-        notes.append(f"vipd on {old} started again (as systemd's Restart=on-failure would)")
-        return self.report("owner crash", t0, seen, v.name, notes, problems)
-
-    def step_link_cut(self) -> StepResult:
-        v = self.vip("api")
-        old = self.require_owner(v)
-        host = self.cluster.host(old)
-        held = [x.name for x in self.vips if self.owner(x) == old]
-        t0 = self.begin(4, "link cut", f"{old}'s switch port goes down ({old} loses etcd and the clients)")
-        self.lab.cut(host)
-        try:
-            seen = self.settle(t0, {name: old for name in held}, timeout=self.cluster.lease_ttl + 5)
-        finally:
-            t_back = time.monotonic()
-            self.lab.restore(host)
-        new = seen[0].owner_after
-        notes = [f"{old} dropped {v.name} by itself {self._after(v, t0, old, gained=False)} after the cut "
-                 f"(its lease could no longer be proven); {new} took it {self._after(v, t0, new, gained=True)} after"]
-        problems = self._order_problem(v, t0, old, new)
-        # A deliberate observation window: nothing should happen, so there is nothing to wait for.
-        time.sleep(self.left(WATCH_AFTER_RESTORE))
-        retaken = [x.name for x in self.vips if self.change_time(x, t_back, old, gained=True) is not None]
-        if retaken:
-            problems.append(f"{old} took {', '.join(retaken)} again after its link came back")
-        notes.append(f"{old}'s link restored: {WATCH_AFTER_RESTORE:.0f} s later it holds "
-                     f"{', '.join(retaken) or 'nothing'}; " + ", ".join(f"{x.name} on {self.owner(x) or '-'}"
-                                                                     for x in self.vips))
-        return self.report("link cut", t0, seen, v.name, notes, problems)
-
-    def step_etcd_restart(self) -> StepResult:
-        v = self.vip("api")
-        self.require_owner(v)
-        ttl = self.cluster.lease_ttl
-        t0 = self.begin(5, "etcd stopped and restarted", "SIGTERM to etcd; started again once no host holds a VIP")
-        self.etcd.stop()
-        problems, notes = [], []
-        for x in self.vips:
-            if not self.monitor.wait_holders(self.ip(x), [], timeout=self.left(ttl + 1.5)):
-                problems.append(f"{x.name} still held by {_who(self.monitor.holders_now(self.ip(x)))} "
-                                f"{ttl + 1.5:.1f} s after etcd stopped")
-        t_gone = time.monotonic() - t0
-        notes.append(f"every host dropped its VIPs within {t_gone:.2f} s of etcd stopping (lease_ttl {ttl} s): "
-                     "no lease, no VIP")
-        t_start = time.monotonic()
-        try:
-            self.etcd.start(timeout=self.left(10))
-        except RuntimeError as e:
-            raise StepFailed(f"etcd did not come back: {str(e).splitlines()[0]}") from None
-        healthy = time.monotonic() - t_start
-        seen = self.settle(t0, {x.name: None for x in self.vips}, timeout=15)
-        back = ", ".join(f"{s.name} on {s.owner_after or '-'} after "
-                         f"{self._after(self.vip(s.name), t_start, s.owner_after, gained=True)}" for s in seen)
-        notes.append(f"etcd restarted (healthy after {healthy:.2f} s); VIPs back: {back}")
-        return self.report("etcd stopped and restarted", t0, seen, v.name, notes, problems)
-
-    def _after(self, v: Any, t0: float, host: str | None, *, gained: bool) -> str:
-        t = self.change_time(v, t0, host, gained=gained) if host else None
-        return "?" if t is None else f"{t - t0:.2f} s"
-
-    def _order_problem(self, v: Any, t0: float, old: str, new: str | None) -> list[str]:
-        """The old owner's copy must be gone before the new owner's appears."""
-        lost = self.change_time(v, t0, old, gained=False)
-        won = self.change_time(v, t0, new, gained=True) if new else None
-        if lost is not None and won is not None and won < lost:
-            return [f"{new} added {v.name} {(lost - won) * 1e3:.0f} ms before {old} removed it"]
-        return []
-
-    STEPS = ("step_release", "step_sigterm", "step_crash", "step_link_cut", "step_etcd_restart")
-    TITLES = ("planned handover", "planned stop", "owner crash", "link cut", "etcd stopped and restarted")
+    TITLES = tuple(title for title, _ in STORY)
 
     def story(self) -> None:
-        for n, (method, title) in enumerate(zip(self.STEPS, self.TITLES), 1):
+        for title, step in STORY:
             if self.out.elapsed() > STORY_BUDGET:
                 self.out.say(f"{title}: skipped, out of time    FAILED")
                 self.results.append(StepResult(title, False, title, ["skipped: out of time"]))
                 continue
             try:
-                self.results.append(getattr(self, method)())
+                self.results.append(step(self))
             except Exception as e:  # StepFailed, or the harness gave up: this step failed, go on
                 why = str(e) if isinstance(e, StepFailed) else f"{type(e).__name__}: {e}"
                 why = why.splitlines()[0] if why else type(e).__name__
@@ -505,7 +246,7 @@ class Demo:
             self.out.more(f"FAILED: {r.name}: {'; '.join(r.problems)}")
         for d in duals:
             self.out.more(f"FAILED: {d}")
-        return not failed and not duals and len(self.results) == len(self.STEPS)
+        return not failed and not duals and len(self.results) == len(STORY)
 
     def teardown(self) -> list[str]:
         """Stop everything and remove the lab; returns what could not be removed (normally nothing)."""

@@ -20,6 +20,9 @@ VIP in the NIC's subnet is a secondary address, and removing a primary must not 
 Everything else is the kernel default on purpose: arp_ignore=0 (with one NIC a host answers ARP
 exactly for the addresses it holds), arp_accept=0 and IPv6 DAD on (what real clients and hosts do;
 vipd must cope with them). Override with `host_sysctls`.
+
+Cutting a host off (Lab.cut/restore at its bridge port, Lab.partition/heal with nftables) is
+vipd.lab.partition's, mixed into Lab.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
 from vipd.lab import netns
+from vipd.lab.partition import Partitions
 
 IPv4Interface = ipaddress.IPv4Interface
 IPv6Interface = ipaddress.IPv6Interface
@@ -49,7 +53,6 @@ DEFAULT_HOST_SYSCTLS = {
     "net.ipv4.conf.default.promote_secondaries": 1,
 }
 _BRIDGE_SYSCTLS = {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1}
-PARTITION_TABLE = "vtchaos"  # Lab.partition()'s nftables table inside a host namespace
 STOP_GRACE = 3.0  # seconds a process gets between SIGTERM and SIGKILL at down()
 
 
@@ -79,7 +82,7 @@ class Host:
         return f"Host({self.name}, ns={self.ns}, {self.ifname} {self.ip} {self.ip6} {self.mac})"
 
 
-class Lab:
+class Lab(Partitions):
     """Namespaces + bridge + veths, processes started inside them, and their complete removal.
 
     Use as a context manager (or up()/down()); down() is idempotent, runs after a partial up(), and is
@@ -102,15 +105,9 @@ class Lab:
         self.bridge = prefix + "br"
         self.nic = prefix + "n"
 
-        def node(name: str, key: str, offset: int, mac_low: int) -> Host:
-            return Host(name=name, ns=prefix + key, ifname=self.nic,
-                        ip=IPv4Interface(f"{self.net[offset]}/{self.net.prefixlen}"),
-                        ip6=IPv6Interface(f"{self.net6[_hex_like(offset)]}/{self.net6.prefixlen}"),
-                        mac=f"02:76:74:00:00:{mac_low:02x}", port=f"{prefix}p{key}")
-
-        self.etcd = node("etcd", "e", 2, 0xE0)
-        self.client = node("client", "c", 3, 0xC0)
-        self.hosts = [node(f"h{i}", f"h{i}", 10 + i, i) for i in range(1, n_hosts + 1)]
+        self.etcd = self._node("etcd", "e", 2, 0xE0)
+        self.client = self._node("client", "c", 3, 0xC0)
+        self.hosts = [self._node(f"h{i}", f"h{i}", 10 + i, i) for i in range(1, n_hosts + 1)]
         self.nodes: list[Host] = [self.etcd, self.client, *self.hosts]
         for name in (self.bridge, self.nic, *(h.port for h in self.nodes)):
             if len(name) > _IFNAMSIZ:
@@ -121,6 +118,13 @@ class Lab:
         self._cleanups: list[Callable[[], None]] = []
         self._lock = threading.RLock()
         self._up = False
+
+    def _node(self, name: str, key: str, offset: int, mac_low: int) -> Host:
+        """Namespace {prefix}{key}: NIC {prefix}n with .offset and its IPv6 twin, MAC ...:<mac_low>."""
+        return Host(name=name, ns=self.prefix + key, ifname=self.nic,
+                    ip=IPv4Interface(f"{self.net[offset]}/{self.net.prefixlen}"),
+                    ip6=IPv6Interface(f"{self.net6[_hex_like(offset)]}/{self.net6.prefixlen}"),
+                    mac=f"02:76:74:00:00:{mac_low:02x}", port=f"{self.prefix}p{key}")
 
     # ------------------------------------------------------------------ life cycle
 
@@ -180,10 +184,7 @@ class Lab:
         with self._lock:
             if not self._up:
                 raise RuntimeError(f"lab {self.prefix} is not up")
-            node = Host(name=name, ns=self.prefix + key, ifname=self.nic,
-                        ip=IPv4Interface(f"{self.net[offset]}/{self.net.prefixlen}"),
-                        ip6=IPv6Interface(f"{self.net6[_hex_like(offset)]}/{self.net6.prefixlen}"),
-                        mac=f"02:76:74:00:00:{mac_low:02x}", port=f"{self.prefix}p{key}")
+            node = self._node(name, key, offset, mac_low)
             taken = [h for h in self.nodes if h.name == name or h.ns == node.ns or h.ip == node.ip or h.mac == node.mac]
             if not re.fullmatch(r"[a-z]", key) or taken or len(node.port) > _IFNAMSIZ:
                 raise ValueError(f"node {name!r} key {key!r} .{offset}: bad key or clashes with {taken}")
@@ -348,24 +349,6 @@ class Lab:
         frame = garp_request(host.mac, addr) if addr.version == 4 else unsolicited_na(host.mac, addr)
         netns.send_frames(self._ns(host), host.ifname, frame, count, interval)
 
-    def cut(self, host: Host, *, silent: bool = False) -> None:
-        """Disconnect `host` from the segment: it loses etcd and clients. Default: its bridge port
-        goes down, so the host sees its NIC lose carrier. silent=True: the port stays up but the
-        bridge drops its frames (port state disabled) - a partition the host cannot see."""
-        if silent:
-            self._port_state(host, 0)
-        else:
-            self.ip(self.bridge_ns, "link", "set", host.port, "down")
-
-    def restore(self, host: Host) -> None:
-        """Undo cut() (either kind)."""
-        self.ip(self.bridge_ns, "link", "set", host.port, "up")
-        self._port_state(host, 3)
-
-    def _port_state(self, host: Host, state: int) -> None:
-        # 0 disabled, 3 forwarding (`ip link set type bridge_slave state` is silently ignored here)
-        netns.run(["bridge", "-n", self.bridge_ns, "link", "set", "dev", host.port, "state", str(state)])
-
     def addresses(self, host: Host | str) -> list[netns.Addr]:
         """Every address in the host's namespace (one netlink dump)."""
         return netns.addresses(self._ns(host))
@@ -376,32 +359,6 @@ class Lab:
         want = to_ip(ip)
         return [h.name for h in (self.hosts if hosts is None else hosts)
                 if any(a.ip == want and a.usable for a in netns.addresses(h.ns))]
-
-    # ------------------------------------------------------------------ partitions (nftables)
-
-    def partition(self, host: Host, peers: Sequence[Host]) -> None:
-        """Drop every IPv4/IPv6 packet between `host` and the node addresses of `peers`, with an
-        nftables table PARTITION_TABLE inside the host's namespace (created or replaced in one atomic
-        batch). The host keeps its link and everything else: e.g. peers=[lab.etcd] cuts it off etcd
-        but not from the clients. heal() removes the table."""
-        v4 = ", ".join(str(p.ip.ip) for p in peers)
-        v6 = ", ".join(str(p.ip6.ip) for p in peers)
-        t = f"inet {PARTITION_TABLE}"
-        script = (f"table {t}\ndelete table {t}\ntable {t} {{\n"
-                  f"  chain in {{ type filter hook input priority -300; policy accept;\n"
-                  f"    ip saddr {{ {v4} }} drop\n    ip6 saddr {{ {v6} }} drop\n  }}\n"
-                  f"  chain out {{ type filter hook output priority -300; policy accept;\n"
-                  f"    ip daddr {{ {v4} }} drop\n    ip6 daddr {{ {v6} }} drop\n  }}\n}}\n")
-        netns.run(netns.exec_argv(self._ns(host), ["nft", "-f", "-"]), input=script)
-
-    def heal(self, host: Host) -> None:
-        """Undo partition() (a no-op when the host is not partitioned)."""
-        netns.run(netns.exec_argv(self._ns(host), ["nft", "-f", "-"]),
-                  input=f"table inet {PARTITION_TABLE}\ndelete table inet {PARTITION_TABLE}\n")
-
-    def partitioned(self, host: Host) -> bool:
-        return netns.run(netns.exec_argv(self._ns(host), ["nft", "list", "table", "inet", PARTITION_TABLE]),
-                         check=False).returncode == 0
 
     def __repr__(self) -> str:
         return f"Lab({self.prefix}, hosts={[h.name for h in self.hosts]}, up={self._up})"
