@@ -10,7 +10,7 @@ import trio
 
 from vipd import log, systemd
 from vipd.config import Config, check_host
-from vipd.dataplane.address import AddressManager
+from vipd.dataplane.address import AddressManager, RefreshBatcher
 from vipd.dataplane.announce import Announcer
 from vipd.dataplane.conflict import DuplicateResponderWatch, check_free
 from vipd.dataplane.kernel_events import AddressAdded as KernelAddressAdded
@@ -57,10 +57,11 @@ class Daemon:
         self.hooks = HookRunner.from_config(cfg.hooks, node=cfg.node)
         self.fitness = Fitness(cfg, self.post, lambda: self.lease.presence_changed(), self.metrics, nl)
         gate = trio.Semaphore(1)  # one handover to a preferred host at a time, per host
+        refresher = RefreshBatcher(self.addresses)
         self.controllers = {u.name: Controller(u, params(u.anycast), self.addresses, self.announcer, self.keys,
                                                self.metrics, conflicts=self, hooks=self.hooks, preempt_gate=gate,
                                                healthy=self.fitness.initial(u.name), egress=self.routing,
-                                               ownership=self.owning)
+                                               ownership=self.owning, refresher=refresher)
                             for u in cfg.units}
         self.lease = HostLease(client, ttl=cfg.etcd.lease_ttl, keepalives_per_ttl=cfg.timing.keepalives_per_ttl,
                                presence_key=f"{cfg.etcd.prefix}hosts/{cfg.node}", presence=self.fitness.presence,

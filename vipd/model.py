@@ -178,6 +178,7 @@ class ClaimAddress:
 
     lifetime: int
     until: float = field(default=0.0, compare=False)  # derived from the lease: not part of identity
+    refresh: bool = field(default=False, compare=False)  # we hold it already: restart the countdown only
 
 
 @dataclass(frozen=True)

@@ -453,3 +453,19 @@ def test_deferred_claim_waits_for_the_next_keepalive():
     assert acts == [ClaimAddress(2)]
     s, acts = run(acq, Tick(), now=101.6)  # no keepalive came: the deadline fences
     assert s.state is State.FENCED
+
+
+def test_lone_host_reclaims_after_its_own_release_and_holdoff():
+    s, _ = prun(owner(valid_until=200.0), Placement(("h1",)), now=100.0)
+    s, _ = prun(s, ReleaseRequested(), AddressRemoved(), KeyReleased(), now=100.0)
+    s, acts = prun(s, OwnerObserved(OwnerRecord(None, revision=70)), now=100.1)
+    assert acts == [] and s.last_owner == "h1"
+    s, acts = prun(s, Tick(), now=103.0)  # hold-off over; nobody else is a candidate
+    assert acts == [Campaign(LEASE)]
+
+
+def test_refreshes_are_marked_as_such():
+    s, acts = run(owner(), LeaseValid(LEASE, 105.0), now=100.46)
+    assert acts[0].refresh
+    s, acts = run(backup(pending=True), CampaignWon(MINE), now=100.3)
+    assert not acts[0].refresh

@@ -20,14 +20,16 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple, Optional, Union
+from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
+
+import trio
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
 from vipd.config import VipSpec
-from vipd.dataplane.netlink import Netlink
+from vipd.dataplane.netlink import Netlink, netlink_error_text
 from vipd.errors import AddressError
 
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
@@ -154,6 +156,32 @@ class AddressManager:
 
         await self.nl.call_checked(what, job, AddressError)
 
+    async def refresh_many(self, items: Sequence[tuple[VipSpec, int]]) -> dict[str, AddressError]:
+        """Restart the countdown of addresses we hold, all in one netlink job and without listing
+        the interface (claim() checked for a foreign copy when it first added them; the reconcile
+        tick lists tagged addresses). Returns the failures by VIP name."""
+        failures: dict[str, AddressError] = {}
+
+        def job(ipr: IPRoute) -> None:
+            indexes: dict[str, Optional[int]] = {}
+            for vip, lifetime in items:
+                if vip.interface not in indexes:
+                    indexes[vip.interface] = _index(ipr, vip.interface)
+                index = indexes[vip.interface]
+                if index is None:
+                    failures[vip.name] = AddressError(f"refresh {vip.address}: no interface {vip.interface!r}")
+                    continue
+                kwargs: dict[str, Any] = {"flags": IFA_F_NODAD} if vip.version == 6 else {}
+                try:
+                    ipr.addr("replace", index=index, address=str(vip.ip), prefixlen=vip.address.network.prefixlen,
+                             proto=VIPD_PROTO, valid_lft=lifetime, preferred_lft=lifetime, **kwargs)
+                except NetlinkError as e:
+                    failures[vip.name] = AddressError(f"refresh {vip.address} on {vip.interface}: "
+                                                      f"{netlink_error_text(e)}")
+
+        await self.nl.call_checked(f"refresh {len(items)} addresses", job, AddressError)
+        return failures
+
     async def release(self, vip: VipSpec) -> None:
         """Delete our tagged address for ``vip`` if present. Absent or untagged: nothing to do."""
         address, ifname = vip.address, vip.interface
@@ -216,3 +244,42 @@ class AddressManager:
         it or its lifetime is infinite (a claim with lifetime=None; ``holds`` tells which)."""
         e = await self._find(vip)
         return None if e is None else e.valid_lft
+
+
+class RefreshBatcher:
+    """Coalesces the lifetime refreshes that many controllers make after the same keepalive into
+    one netlink job: the first caller of a scheduler pass leads, the others wait for its result."""
+
+    def __init__(self, addresses: AddressManager) -> None:
+        self._addresses = addresses
+        self._pending: list[_Refresh] = []
+        self._leading = False
+
+    async def refresh(self, vip: VipSpec, lifetime: int) -> None:
+        item = _Refresh(vip, lifetime)
+        self._pending.append(item)
+        if self._leading:
+            await item.done.wait()
+        else:
+            self._leading = True
+            try:
+                await trio.sleep(0)  # every controller woken by the same deadline enqueues first
+            finally:  # even when cancelled: the others wait on this job, so always run it
+                batch, self._pending, self._leading = self._pending, [], False
+                with trio.CancelScope(shield=True):
+                    try:
+                        failures = await self._addresses.refresh_many([(r.vip, r.lifetime) for r in batch])
+                    except AddressError as e:
+                        failures = {r.vip.name: e for r in batch}
+                    for r in batch:
+                        r.error = failures.get(r.vip.name)
+                        r.done.set()
+        if item.error is not None:
+            raise item.error
+
+
+class _Refresh:
+    def __init__(self, vip: VipSpec, lifetime: int) -> None:
+        self.vip, self.lifetime = vip, lifetime
+        self.done = trio.Event()
+        self.error: Optional[AddressError] = None

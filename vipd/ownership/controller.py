@@ -36,6 +36,10 @@ class KeysPort(Protocol):
     async def release(self, vip: str, epoch: int, lease: int = 0) -> bool: ...
 
 
+class RefreshPort(Protocol):
+    async def refresh(self, vip: VipSpec, lifetime: int) -> None: ...
+
+
 class ConflictPort(Protocol):
     async def check_free(self, vip: VipSpec) -> None:
         """Raise an AddressError (AddressConflict) when another machine answers for the VIP."""
@@ -69,13 +73,15 @@ class Controller:
                  keys: KeysPort, metrics: MetricsPort, *, conflicts: ConflictPort | None = None,
                  hooks: HooksPort | None = None, preempt_gate: trio.Semaphore | None = None,
                  healthy: bool = True, egress: EgressPort | None = None,
-                 ownership: Callable[[Sequence[VipSpec], bool], None] | None = None) -> None:
+                 ownership: Callable[[Sequence[VipSpec], bool], None] | None = None,
+                 refresher: RefreshPort | None = None) -> None:
         self.name = unit.name
         self.vips = unit.vips
         self._conflicts = conflicts if unit.vips[0].conflict_check else None
         self._probed = False  # conflict detection runs before the first claim only
         self._hooks = hooks
         self._ownership = ownership  # told when we start/stop owning (duplicate-responder watch)
+        self._refresher = refresher  # batched, listing-free lifetime refresh of addresses we hold
         self._egress = egress if egress is not None and egress.covers(unit.vips) else None
         self._gate = preempt_gate
         self._holds_token = False
@@ -176,7 +182,10 @@ class Controller:
                              reason="less than 1 s of lease left; waiting for the next keepalive")
                     return ClaimDeferred()
                 try:
-                    await self._addresses.claim(vip, life)
+                    if action.refresh and self._refresher is not None:
+                        await self._refresher.refresh(vip, life)
+                    else:
+                        await self._addresses.claim(vip, life)
                 except DataplaneError as e:
                     self._metrics.count_dataplane_error(self.name, "claim")
                     log.error("address_claim_failed", vip=self.name, address=vip.address, error=e)

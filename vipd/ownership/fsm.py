@@ -102,9 +102,13 @@ def campaign_at(p: Params, s: VipState) -> float:
     if s.ranking is None:
         return s.holdoff_until
     order = [h for h in s.ranking if h != s.last_owner]
-    if p.node not in order:
+    if p.node == s.last_owner and p.node in s.ranking:
+        place = len(order)  # we just let go: campaign last, after everyone else had their turn
+    elif p.node in order:
+        place = order.index(p.node)
+    else:
         return math.inf
-    return max(s.holdoff_until, s.absent_since + order.index(p.node) * p.campaign_stagger)
+    return max(s.holdoff_until, s.absent_since + place * p.campaign_stagger)
 
 
 def _claim(p: Params, s: VipState, now: float) -> ClaimAddress:
@@ -219,7 +223,7 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
             if life < 1:
                 return s, []
             if at <= now:
-                return replace(s, refresh_at=0.0), [ClaimAddress(life, fence_deadline(p, s))]
+                return replace(s, refresh_at=0.0), [ClaimAddress(life, fence_deadline(p, s), refresh=True)]
             return replace(s, refresh_at=at), []
         return _maybe_campaign(p, s, now)
 
@@ -336,7 +340,8 @@ def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list
             return _fence(s, "lease deadline passed")
         if st is S.OWNER and s.refresh_at and now >= s.refresh_at:
             life = lifetime(p, s, now)
-            return replace(s, refresh_at=0.0), ([ClaimAddress(life, fence_deadline(p, s))] if life >= 1 else [])
+            return replace(s, refresh_at=0.0), ([ClaimAddress(life, fence_deadline(p, s), refresh=True)]
+                                                if life >= 1 else [])
         if (st is S.OWNER and s.preempt_target and not s.preempt_asked and p.preempt_delay is not None
                 and now >= s.preempt_since + p.preempt_delay):
             return replace(s, preempt_asked=True), [RequestPreempt(s.preempt_target)]
