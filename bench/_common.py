@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: holds the vipd package
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# VIPD_BENCH_SRC: a snapshot of the vipd package (see snapshot_vipd) that the bench and every daemon it
+# starts import instead of the working tree, so edits made while a bench runs change nothing.
+SRC = Path(os.environ["VIPD_BENCH_SRC"]) if os.environ.get("VIPD_BENCH_SRC") else ROOT
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
 
 T = TypeVar("T")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -210,12 +213,15 @@ def environment() -> dict[str, Any]:
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
         "git_dirty_files": status.splitlines()[:50] if status else [],
+        "vipd_src": str(SRC / "vipd"),
+        "vipd_src_commit": (SRC / "COMMIT").read_text().strip() if (SRC / "COMMIT").exists() else None,
+        "vipd_src_is_snapshot": SRC != ROOT,
         "vipd_source_digest": source_digest(),
         "vipd_source_files": source_files(),
     }
 
 
-def source_files(root: Path = ROOT / "vipd") -> dict[str, str]:
+def source_files(root: Path = SRC / "vipd") -> dict[str, str]:
     """sha256 (16 hex digits) of every .py under root, by relative path."""
     import hashlib
 
@@ -229,8 +235,8 @@ def source_files(root: Path = ROOT / "vipd") -> dict[str, str]:
 
 
 def source_digest(files: dict[str, str] | None = None) -> str:
-    """One digest of the daemon's sources: shows whether its code changed while the bench ran (a
-    daemon restarted later would load the new code)."""
+    """One digest of the daemon's sources (the snapshot the bench runs, or the working tree): shows
+    whether its code changed while the bench ran (a daemon restarted later would load the new code)."""
     import hashlib
 
     files = source_files() if files is None else files
@@ -259,3 +265,95 @@ def install_signal_handlers() -> None:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- the vipd under test
+
+def snapshot_vipd(rev: str) -> Path:
+    """`git archive REV vipd` unpacked under bench/out/src-<commit>/ (reused when present); returns
+    the directory to put first on sys.path / PYTHONPATH. The bench then runs exactly that commit's
+    vipd, whatever happens to the working tree meanwhile."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                            capture_output=True, text=True, timeout=10)
+    if commit.returncode != 0:
+        raise SystemExit(f"--vipd-src {rev}: not a commit: {commit.stderr.strip()}")
+    sha = commit.stdout.strip()
+    dest = ROOT / "bench" / "out" / f"src-{sha[:12]}"
+    if not (dest / "vipd" / "__init__.py").exists():
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "vipd"], capture_output=True,
+                                 timeout=60, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True, timeout=60)
+        (tmp / "COMMIT").write_text(sha + "\n")
+        if dest.exists():
+            subprocess.run(["rm", "-rf", str(dest)], check=True)
+        tmp.rename(dest)
+    return dest
+
+
+# --------------------------------------------------------------------------- daemons' own logs
+
+class PipeLogger:
+    """Reads a process's stdout pipe (stderr merged into it) line by line and appends each line to
+    `path` in vipd's log format, stamped on arrival with millisecond UTC time:
+    `2026-11-23T18:40:01.123Z info event=EVENT msg="the line"`. `classify(line)` names the event
+    ("" -> "log"). Daemons that stamp their own logs only to the second (keepalived, vip-manager)
+    become readable by KeyValueLog. The thread drains the pipe until EOF, so the daemon never blocks
+    on a full pipe."""
+
+    def __init__(self, stream: Any, path: Path, classify: Callable[[str], str], src: str = "") -> None:
+        import threading
+
+        self.path = path
+        self.classify = classify
+        self.src = src
+        self._stream = stream
+        self._thread = threading.Thread(target=self._run, name=f"pipelog-{path.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with open(self.path, "a", buffering=1) as out:
+            for raw in iter(self._stream.readline, b""):
+                t = time.time()
+                line = raw.decode(errors="replace").rstrip("\n")
+                ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+                msg = line.replace("\\", "\\\\").replace('"', '\\"')
+                src = f" src={self.src}" if self.src else ""
+                out.write(f'{ts} info event={self.classify(line) or "log"}{src} msg="{msg}"\n')
+        try:
+            self._stream.close()
+        except OSError:
+            pass
+
+    def join(self, timeout: float = 2.0) -> None:
+        self._thread.join(timeout)
+
+
+# --------------------------------------------------------------------------- process groups
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(d.name))
+    return sorted(out)
+
+
+def proc_pss_kib(pid: int) -> int | None:
+    """Proportional set size (kB) from /proc/PID/smaps_rollup: pages shared between the processes
+    of one daemon are counted once in the sum."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
