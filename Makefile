@@ -22,6 +22,7 @@ demo: deps
 	$(PY) -m vipd demo
 
 bench: deps
+	@for p in keepalived vip-manager; do dpkg -s $$p >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends keepalived vip-manager; systemctl disable --now keepalived vip-manager >/dev/null 2>&1 || true; break; }; done
 	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) bench/failover.py
 
