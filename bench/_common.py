@@ -357,3 +357,16 @@ def proc_pss_kib(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def reexec_with_snapshot(vipd_src: str, seed: int, script: str) -> None:
+    """Run the whole bench (and every vipd it starts) on a `git archive` snapshot of `vipd_src`:
+    re-executes `script` with the snapshot first on PYTHONPATH and the seed fixed. No-op for
+    'worktree' or when already running on a snapshot."""
+    if vipd_src == "worktree" or os.environ.get("VIPD_BENCH_SRC"):
+        return
+    src = snapshot_vipd(vipd_src)
+    env = dict(os.environ, VIPD_BENCH_SRC=str(src),
+               PYTHONPATH=os.pathsep.join([str(src), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    argv = sys.argv[1:] + ([] if "--seed" in sys.argv[1:] else ["--seed", str(seed)])
+    os.execve(sys.executable, [sys.executable, str(Path(script).resolve()), *argv], env)

@@ -182,15 +182,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def reexec_with_snapshot(args: argparse.Namespace) -> None:
-    if args.vipd_src == "worktree" or os.environ.get("VIPD_BENCH_SRC"):
-        return
-    src = C.snapshot_vipd(args.vipd_src)
-    env = dict(os.environ, VIPD_BENCH_SRC=str(src),
-               PYTHONPATH=os.pathsep.join([str(src), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    argv = sys.argv[1:] + ([] if "--seed" in sys.argv else ["--seed", str(args.seed)])
-    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], env)
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -201,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"missing: {missing} (apt-get install bird2; etcd as for the lab tests)", file=sys.stderr)
         return 2
-    reexec_with_snapshot(args)
+    C.reexec_with_snapshot(args.vipd_src, args.seed, __file__)
     C.install_signal_handlers()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = C.ROOT / "bench" / "out"

@@ -689,19 +689,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def reexec_with_snapshot(args: argparse.Namespace) -> None:
-    """Run the whole bench (and every vipd it starts) on a snapshot of --vipd-src."""
-    if args.vipd_src == "worktree" or os.environ.get("VIPD_BENCH_SRC"):
-        return
-    src = C.snapshot_vipd(args.vipd_src)
-    env = dict(os.environ, VIPD_BENCH_SRC=str(src),
-               PYTHONPATH=os.pathsep.join([str(src), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    # the seed is fixed now so that the re-executed bench uses it
-    argv = [a for a in sys.argv[1:]]
-    if "--seed" not in " ".join(argv):
-        argv += ["--seed", str(args.seed)]
-    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], env)
-
 
 def run_daemon(args: argparse.Namespace, daemon: str, workdir: Path, clock: C.Clock, res: dict[str, Any]) -> None:
     """Everything for one daemon, in a fresh lab; fills `res` as it goes (kept on errors/interrupts)."""
@@ -764,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
             print("matplotlib is missing: .venv/bin/pip install -r bench/requirements.txt (or --no-chart)",
                   file=sys.stderr)
             return 2
-    reexec_with_snapshot(args)
+    C.reexec_with_snapshot(args.vipd_src, args.seed, __file__)
     C.install_signal_handlers()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = C.ROOT / "bench" / "out"
