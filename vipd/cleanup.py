@@ -26,9 +26,8 @@ async def cleanup(cfg: Config) -> None:
                     continue  # the host's fixed BGP source stays: BGP sessions survive a restart
                 await addresses.remove(t)
                 log.info("cleanup_address_removed", interface=t.interface, address=t.address)
-            if cfg.egress or cfg.bgp.snat:
-                async with NftManager(nl) as nft:  # its sets expire anyway; drop the table now
-                    await nft.remove_all()
+            async with NftManager(nl) as nft:  # its sets expire anyway; drop the table now, whatever the
+                await nft.remove_all()            # config says today (an earlier one may have made it)
     except DataplaneError as e:
         # never revoke while an address may remain: the kernel lifetime will end it, then the lease expires
         log.error("cleanup_failed", error=e)

@@ -44,6 +44,9 @@ class Routing:
             snat = BgpSnat(self.source, self._cfg.bgp.peers) if self.source and self._cfg.bgp.snat else None
             await self.nft.ensure_base(self._rules, snat)
             log.info("nft_table_ready", egress_rules=len(self._rules), bgp_snat=snat is not None)
+        else:  # the config no longer needs it: drop a table an earlier run left (only ever vipd's own)
+            async with NftManager(self._nl) as nft:
+                await nft.remove_all()
 
     async def aclose(self) -> None:
         if self.nft is not None:

@@ -73,3 +73,31 @@ def test_egress_follows_ownership_and_leaves_other_tables_alone(lab, make_cluste
         assert nft(lab, h, "list", "table", "inet", "vtuser") == before[h.name]
     status = c.run_cli(new, "status")
     assert f"web              api              {new.name}" in status.stdout, status.stdout
+
+
+def test_table_left_by_an_earlier_config_is_removed_at_start_and_by_cleanup(lab, make_cluster, tmp_path):
+    vip = lab.vip4(0)
+    c = make_cluster([VipDef("api", str(vip))], start=False)
+    c.egress = [{"name": "web", "vip": "api", "destinations": [f"{lab.client.ip.ip}/32"]}]
+    h = lab.hosts[0]
+    c.start(h)
+    c.wait_owner(vip.ip)
+    assert "table inet vipd" in nft(lab, h, "list", "tables")
+    c.kill(h)  # a crash leaves the table (its sets expire by themselves)
+    assert "table inet vipd" in nft(lab, h, "list", "tables")
+    c.egress = []  # the operator removed the egress rules
+    c.write_config(h)
+    r = c.run_cli(h, "cleanup")  # ExecStopPost after the crash, with the new config
+    assert r.returncode == 0, r.stderr
+    assert "vipd" not in nft(lab, h, "list", "tables")
+    c.egress = [{"name": "web", "vip": "api", "destinations": [f"{lab.client.ip.ip}/32"]}]
+    c.start(h)
+    c.wait_owner(vip.ip)
+    c.kill(h)
+    c.egress = []
+    c.start(h)  # a restart with the new config drops the old table too
+    c.wait_owner(vip.ip, timeout=10)
+    deadline = time.monotonic() + 5
+    while "table inet vipd" in nft(lab, h, "list", "tables") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "vipd" not in nft(lab, h, "list", "tables")
