@@ -17,9 +17,6 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
-UNKNOWN = "?"  # owner not yet observed (before the first listing of the prefix)
-
-
 @dataclass(frozen=True)
 class OwnerRecord:
     """What etcd says about a VIP's owner key. node is None when the key is absent."""

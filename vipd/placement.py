@@ -24,8 +24,8 @@ neither list the second, avoid-list hosts the last; rendezvous order within each
 healthy preferred host always wins, and an avoided host is chosen only when nothing else is
 healthy. A weight of 0 ranks a host last within its tier (drain).
 
-:class:`Preemption` is the hold-down for handing a VIP to its preferred host: a target must stay
-the same for ``delay`` seconds, and an owner hands over one VIP at a time.
+The hold-down before handing a VIP to its preferred host lives in the ownership state machine
+(vipd/ownership/fsm.py: preempt_target / preempt_since) with a host-wide token in the controller.
 """
 
 from __future__ import annotations
@@ -121,60 +121,3 @@ def assign(items: Iterable[Item], candidates: Mapping[str, float], *, overload: 
         room[host] -= item.size
         out[item.key] = host
     return out
-
-
-class Preemption:
-    """Hold-down before an owner hands VIPs to their preferred hosts (pure; time is passed in).
-
-    The owner reports, for every VIP it owns, the host it should go to (``None`` when it is
-    already in the right place). A target counts only after it stayed the same for ``delay``
-    seconds, so a flapping host (appears, disappears, appears) restarts the clock each time and
-    causes no move; and :meth:`due` offers at most one VIP while a handover is in progress, so a
-    returning host does not trigger a storm. ``delay`` None disables preemption.
-    """
-
-    def __init__(self, delay: float | None) -> None:
-        self.delay = delay
-        self._since: dict[str, tuple[str, float]] = {}  # vip -> (target, since)
-        self._busy: str | None = None
-
-    def observe(self, vip: str, target: str | None, now: float) -> None:
-        """The current target for an owned VIP (None: stay). A changed target restarts its clock."""
-        if target is None:
-            self._since.pop(vip, None)
-            return
-        held = self._since.get(vip)
-        if held is None or held[0] != target:
-            self._since[vip] = (target, now)
-
-    def forget(self, vip: str) -> None:
-        """The VIP is no longer ours (moved, fenced, released)."""
-        self._since.pop(vip, None)
-        if self._busy == vip:
-            self._busy = None
-
-    def begin(self, vip: str) -> None:
-        """A handover of ``vip`` started; :meth:`due` offers nothing until :meth:`forget` /
-        :meth:`end` for it."""
-        self._busy = vip
-
-    def end(self, vip: str) -> None:
-        """The handover finished or was abandoned (the VIP may still be ours)."""
-        if self._busy == vip:
-            self._busy = None
-
-    def due(self, now: float) -> tuple[str, str] | None:
-        """(vip, target) to hand over now, the longest-waiting first, or None."""
-        if self.delay is None or self._busy is not None:
-            return None
-        ready = [(since, vip, target) for vip, (target, since) in self._since.items() if now - since >= self.delay]
-        if not ready:
-            return None
-        _, vip, target = min(ready)
-        return vip, target
-
-    def wakeup(self, now: float) -> float | None:
-        """When :meth:`due` may next return something (for the caller's timer), or None."""
-        if self.delay is None or self._busy is not None or not self._since:
-            return None
-        return max(now, min(since for _, since in self._since.values()) + self.delay)

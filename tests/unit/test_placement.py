@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from vipd.placement import (Item, Preemption, assign, capacities, preferred, ranking, score, unit_hash)
+from vipd.placement import (Item, assign, capacities, preferred, ranking, score, unit_hash)
 
 HOSTS = {"h1": 1.0, "h2": 1.0, "h3": 1.0}
 VIPS = [f"vip{i}" for i in range(30)]
@@ -149,39 +149,3 @@ def test_assign_weights_groups_and_prefer() -> None:
 def test_assign_overload_lets_rendezvous_decide_more() -> None:
     loose = assign([Item(v) for v in VIPS], {"node1": 1, "node2": 1, "node3": 1}, overload=0.2)
     assert max(counts(loose)) == 12
-
-
-def test_preemption_hold_down_and_one_at_a_time() -> None:
-    p = Preemption(delay=5.0)
-    assert p.due(0.0) is None and p.wakeup(0.0) is None
-    p.observe("a", "h2", 0.0)
-    p.observe("b", "h2", 1.0)
-    assert p.wakeup(0.0) == 5.0
-    assert p.due(4.9) is None
-    p.observe("a", "h2", 3.0)  # same target again: the clock keeps running
-    assert p.due(5.0) == ("a", "h2")
-    p.begin("a")
-    assert p.due(100.0) is None and p.wakeup(100.0) is None  # one at a time
-    p.forget("a")  # moved
-    assert p.due(6.0) == ("b", "h2")
-
-
-def test_preemption_flapping_target_never_moves() -> None:
-    p = Preemption(delay=3.0)
-    t = 0.0
-    for _ in range(20):  # the preferred host comes and goes every 2 s
-        p.observe("a", "h2", t)
-        assert p.due(t + 1.9) is None
-        t += 2.0
-        p.observe("a", None, t)
-        assert p.due(t) is None
-        t += 2.0
-    p.observe("a", "h2", t)
-    p.observe("a", "h3", t + 2)  # a different target restarts the clock
-    assert p.due(t + 4) is None and p.due(t + 5) == ("a", "h3")
-
-
-def test_preemption_disabled() -> None:
-    p = Preemption(delay=None)
-    p.observe("a", "h2", 0.0)
-    assert p.due(1e9) is None and p.wakeup(0.0) is None

@@ -95,7 +95,6 @@ class Controller:
         self._send, self._recv = trio.open_memory_channel[Event](math.inf)
         self._announcing = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
-        self.last_step = 0.0  # trio clock of the last processed event (watchdog: is this task alive?)
         self.stopped = trio.Event()
 
     def post(self, ev: Event) -> None:
@@ -126,7 +125,6 @@ class Controller:
                 continue  # a kernel snapshot older than our own last address change says nothing
             old = self.state
             self.state, actions = fsm.step(self.params, old, ev, now)
-            self.last_step = now
             if isinstance(ev, Reconcile) and ev.missing and old.state is State.OWNER:
                 if actions:
                     log.warning("address_missing", vip=self.name, address=self.addresses, action="re-adding")
