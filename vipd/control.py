@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import trio
 
 from vipd import log
+from vipd.streams import read_until
 
 
 class Controllable(Protocol):
@@ -48,12 +49,7 @@ async def serve(daemon: Controllable, path: str, *, task_status=trio.TASK_STATUS
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
             with trio.move_on_after(5):
-                data = b""
-                while b"\n" not in data and len(data) < 4096:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        break
-                    data += chunk
+                data = await read_until(stream, b"\n", 4096)
                 line = data.decode(errors="replace").strip()
                 reply = _answer(daemon, line)
                 log.info("control_request", request=line, ok=reply["ok"])

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from vipd import log
+from vipd.streams import read_until
 from vipd.model import State
 
 
@@ -81,12 +82,9 @@ async def serve(metrics: Metrics, listen: str, *, task_status=trio.TASK_STATUS_I
 
     async def handle(stream: trio.SocketStream) -> None:
         with trio.move_on_after(5):
-            data = b""
-            while b"\r\n\r\n" not in data and len(data) < 8192:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                data += chunk
+            data = await read_until(stream, b"\r\n\r\n", 8192)
+            if b"\r\n\r\n" not in data and len(data) < 8192:
+                return  # the peer closed before sending a whole request
             path = data.split(b" ", 2)[1] if data.count(b" ") >= 2 else b""
             if path.split(b"?")[0] in (b"/metrics", b"/"):
                 body, status, ctype = metrics.render(), b"200 OK", CONTENT_TYPE_LATEST.encode()
