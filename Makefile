@@ -7,10 +7,13 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := etcd-server nftables bird2 frr iproute2 iputils-ping procps tcpdump openssl python3-venv
 PYTEST_ARGS ?=
 
-.PHONY: test demo deps apt venv unit lab bench clean
+.PHONY: test demo deps apt venv unit lab bench clean typecheck
 
-test: deps
+test: deps typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+typecheck: venv
+	$(PY) -m mypy
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

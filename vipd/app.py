@@ -8,9 +8,10 @@ import signal
 
 import trio
 
-from vipd import log, systemd
+from vipd import log, signals, systemd
 from vipd.config import Config, check_host
-from vipd.dataplane.address import AddressManager, RefreshBatcher
+from vipd.model import Unit
+from vipd.dataplane.address import AddressManager, RefreshBatcher, TaggedAddress
 from vipd.dataplane.announce import Announcer
 from vipd.dataplane.conflict import DuplicateResponderWatch, check_free
 from vipd.dataplane.kernel_events import AddressAdded as KernelAddressAdded
@@ -19,7 +20,7 @@ from vipd.dataplane.kernel_events import LinkChanged, kernel_events
 from vipd.dataplane.netlink import Netlink
 from vipd.election.etcd import EtcdClient
 from vipd.election.hosts import HostDirectory
-from vipd.election.lease import HostLease, forget_recorded_lease, read_recorded_lease
+from vipd.election.lease import HostLease, forget_recorded_lease, lease_record_path, read_recorded_lease
 from vipd.election.owners import OwnerKeys
 from vipd.errors import DataplaneError, EtcdError
 from vipd.fitness import Fitness
@@ -28,15 +29,12 @@ from vipd.hooks import HookRunner
 from vipd.metrics import Metrics, serve
 from vipd.model import (Event, LinkUp, OwnerObserved, Placement, Reconcile, ReleaseRequested, ShutdownRequested,
                         State)
-from vipd.ownership import fsm
+from vipd.fence import Fence, LifetimeFence
 from vipd.ownership.controller import Controller
+from vipd.ownership.state import Params
 from vipd import control
 
 SHUTDOWN_GRACE = 3.0  # seconds the controllers get to remove addresses and give keys back
-
-
-def lease_record_path(cfg: Config) -> str:
-    return os.path.join(cfg.state_dir, "lease")
 
 
 class Daemon:
@@ -51,17 +49,20 @@ class Daemon:
         pl = cfg.placement
         self.routing = Routing(cfg, nl, self.addresses, client)
 
-        def params(anycast: bool) -> fsm.Params:
-            return fsm.Params(cfg.node, cfg.timing.fence_margin, cfg.timing.release_holdoff,
-                              pl.preempt_delay if pl.preempt else None, pl.campaign_stagger, anycast)
+        def params(u: Unit) -> Params:
+            return Params(cfg.node, cfg.timing.fence_margin, cfg.timing.release_holdoff,
+                          pl.preempt_delay if pl.preempt else None, pl.campaign_stagger, u.anycast,
+                          conflict_check=any(v.conflict_check and not v.on_loopback for v in u.vips))
         self.hooks = HookRunner.from_config(cfg.hooks, node=cfg.node)
         self.fitness = Fitness(cfg, self.post, lambda: self.lease.presence_changed(), self.metrics, nl)
         gate = trio.Semaphore(1)  # one handover to a preferred host at a time, per host
-        refresher = RefreshBatcher(self.addresses)
-        self.controllers = {u.name: Controller(u, params(u.anycast), self.addresses, self.announcer, self.keys,
-                                               self.metrics, conflicts=self, hooks=self.hooks, preempt_gate=gate,
-                                               healthy=self.fitness.initial(u.name), egress=self.routing,
-                                               ownership=self.owning, refresher=refresher)
+        self.lifetime = LifetimeFence(RefreshBatcher(self.addresses))
+        fences: list[Fence] = [self.routing]
+        self.controllers = {u.name: Controller(u, params(u), self.addresses, self.announcer, self.keys,
+                                               self.metrics, self.lifetime, fences=fences, conflicts=self,
+                                               hooks=self.hooks, preempt_gate=gate, lease=self,
+                                               healthy=self.fitness.initial(u.name), ownership=self.owning,
+                                               holdoff=self.fitness.hold)
                             for u in cfg.units}
         self.lease = HostLease(client, ttl=cfg.etcd.lease_ttl, keepalives_per_ttl=cfg.timing.keepalives_per_ttl,
                                presence_key=f"{cfg.etcd.prefix}hosts/{cfg.node}", presence=self.fitness.presence,
@@ -71,6 +72,7 @@ class Daemon:
                            for ifname in sorted({v.interface for v in cfg.vips
                                                  if v.conflict_check and not v.on_loopback})}
         self._unit_of_ip = {v.ip: v.unit for v in cfg.vips}
+        self._running: list[Controller] = []  # started controllers (a stop during startup waits for these)
         self.directory = HostDirectory(client, cfg.etcd.prefix, cfg.units,
                                        lambda name, ranking: self.post(name, Placement(ranking)))
 
@@ -78,6 +80,9 @@ class Daemon:
         # a LAN answers an ARP probe in well under a millisecond: 2 x 0.1 s is plenty, and keeps a
         # takeover after a crash short
         await check_free(self.nl, vip, wait=0.1)
+
+    def renew(self) -> None:
+        self.lease.renew()
 
     def post(self, unit: str, ev: Event) -> None:
         self.controllers[unit].post(ev)
@@ -116,7 +121,8 @@ class Daemon:
 
     def status(self) -> dict[str, dict[str, object]]:
         now = trio.current_time()
-        return {name: {"state": c.state.state.value, "epoch": c.state.epoch,
+        return {name: {"state": c.state.state.value, "sub": c.state.sub.value, "epoch": c.state.epoch,
+                       "why_not": c.state.why_not or None,
                        "owner": c.state.owner.node if c.state.owner else None,
                        "lease_left": round(max(0.0, c.state.valid_until - now), 3) if c.state.lease else 0.0}
                 for name, c in self.controllers.items()}
@@ -126,8 +132,15 @@ class Daemon:
         for t in await self.addresses.tagged():
             if self.routing.is_source(t):
                 continue
+            await self._remove_stray(t, "stale_address_removed")
+
+    async def _remove_stray(self, t: TaggedAddress, what: str) -> None:
+        try:
             await self.addresses.remove(t)
-            log.info("stale_address_removed", interface=t.interface, address=t.address)
+        except DataplaneError as e:  # its lifetime ends it anyway; the next tick tries again
+            log.error("stray_address_remove_failed", interface=t.interface, address=t.address, error=e)
+            return
+        log.info(what, interface=t.interface, address=t.address)
 
     async def revoke_recorded(self) -> None:
         """A previous run's lease (crash without ExecStopPost): its addresses are gone, so revoke it."""
@@ -159,8 +172,7 @@ class Daemon:
                 if vip is None and self.routing.is_source(t):
                     continue
                 if vip is None:
-                    await self.addresses.remove(t)
-                    log.info("stray_address_removed", interface=t.interface, address=t.address)
+                    await self._remove_stray(t, "stray_address_removed")
                 else:
                     present.add(vip.name)
             for c in self.controllers.values():
@@ -173,7 +185,7 @@ class Daemon:
         for c in self.controllers.values():
             for v in c.vips:
                 by_if.setdefault(v.interface, []).append(c)
-        async with contextlib.aclosing(kernel_events()) as events:
+        async with contextlib.aclosing(kernel_events()) as events:  # type: ignore[type-var]
             async for ev in events:
                 if isinstance(ev, LinkChanged) and ev.up:
                     for c in by_if.get(ev.ifname, []):
@@ -197,9 +209,13 @@ class Daemon:
 
     async def stop_on_signal(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-            async for signum in sigs:
-                log.info("signal", signal=signal.Signals(signum).name)
-                break
+            early = signals.early()
+            if early is not None:
+                log.info("signal", signal=signal.Signals(early).name, during="startup")
+            else:
+                async for signum in sigs:
+                    log.info("signal", signal=signal.Signals(signum).name)
+                    break
         await self.stop()
         scope.cancel()
 
@@ -208,7 +224,7 @@ class Daemon:
         systemd.notify("STOPPING=1", "STATUS=releasing VIPs")
         self.broadcast(ShutdownRequested())
         with trio.move_on_after(SHUTDOWN_GRACE):
-            for c in self.controllers.values():
+            for c in self._running:
                 await c.stopped.wait()
         if self.lease.lease_id:
             try:
@@ -229,19 +245,20 @@ class Daemon:
     async def run(self) -> None:
         if self.cfg.bgp.source is not None:
             self.routing.source = self.cfg.bgp.source  # known before start: keep it through remove_stale
-        await self.remove_stale()
-        await self.revoke_recorded()
-        await self.routing.start()
-        self.fitness.bgp_source = str(self.routing.source or "")
         async with trio.open_nursery() as nursery:
             # first, so that SIGTERM during startup (etcd unreachable) still stops cleanly
             nursery.start_soon(self.stop_on_signal, nursery.cancel_scope)
+            await self.remove_stale()
+            await self.revoke_recorded()
+            await self.routing.start()
+            self.fitness.bgp_source = str(self.routing.source or "")
             if self.cfg.metrics_listen:
                 await nursery.start(serve, self.metrics, self.cfg.metrics_listen)
             await nursery.start(control.serve, self, self.cfg.control_socket)
             await nursery.start(self.hooks.run)
             for c in self.controllers.values():
                 await nursery.start(c.run)
+                self._running.append(c)
             nursery.start_soon(self.fitness.run)
             for watch in self.duplicates.values():
                 nursery.start_soon(self.run_duplicate_watch, watch)

@@ -7,13 +7,12 @@ from __future__ import annotations
 import trio
 
 from vipd import log
-from vipd.app import lease_record_path
 from vipd.config import Config
 from vipd.dataplane.address import AddressManager
 from vipd.dataplane.netlink import Netlink
 from vipd.dataplane.nft import NftManager
 from vipd.election.etcd import EtcdClient
-from vipd.election.lease import forget_recorded_lease, read_recorded_lease
+from vipd.election.lease import forget_recorded_lease, lease_record_path, read_recorded_lease
 from vipd.errors import DataplaneError, EtcdError
 
 

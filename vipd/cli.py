@@ -37,6 +37,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from vipd import signals
+    signals.catch_early()  # a stop during startup must still stop cleanly
     cfg = _load(args)
     log.setup(cfg.log_level)
     from vipd import app

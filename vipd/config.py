@@ -26,72 +26,12 @@ from vipd.errors import ConfigError
 from vipd.health.spec import CheckSpec, parse_check
 from vipd.health.spec import check_host as check_check_host
 from vipd.hooks import HooksConfig, check_hooks_host, parse_hooks
-
-IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+from vipd.model import IPInterface, Unit, VipSpec  # re-exported: shared value types live in model.py
 
 DEFAULT_PATH = "/etc/vipd/vipd.toml"
 # The kernel removes an expired address up to ~1.25 s late (check_lifetime runs at most once a second
 # and rounds up to a whole second); the fence margin must cover that plus slack.
 MIN_FENCE_MARGIN = 1.25
-
-
-@dataclass(frozen=True)
-class VipSpec:
-    """One virtual IP: where it lives and how it is announced."""
-
-    name: str
-    address: IPInterface  # address with prefix length, e.g. 10.0.0.10/24
-    interface: str
-    announce_count: int = 3
-    announce_interval: float = 0.2
-    announce_reply: bool = False
-    group: str | None = None  # VIPs of one group always have the same owner
-    prefer: tuple[str, ...] = ()  # placement: hosts to prefer, best first
-    avoid: tuple[str, ...] = ()  # placement: hosts to use only when nothing else is healthy
-    checks: tuple[CheckSpec, ...] = ()  # failing any releases the VIP (its whole group)
-    conflict_check: bool = True  # ARP probe / DAD before the first claim on a NIC
-    mode: str = "single"  # single: one owner (elected); anycast: every fit host holds it (routed VIPs)
-
-    @property
-    def unit(self) -> str:
-        """The election unit this VIP belongs to: its group, or itself."""
-        return self.group or self.name
-
-    @property
-    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        return self.address.ip
-
-    @property
-    def version(self) -> int:
-        return self.address.version
-
-    @property
-    def on_loopback(self) -> bool:
-        return self.interface == "lo"
-
-
-@dataclass(frozen=True)
-class Unit:
-    """What one owner key elects: a single VIP, or every VIP of a group (they move together)."""
-
-    name: str
-    vips: tuple[VipSpec, ...]
-
-    @property
-    def checks(self) -> tuple[CheckSpec, ...]:
-        return tuple(c for v in self.vips for c in v.checks)
-
-    @property
-    def prefer(self) -> tuple[str, ...]:
-        return self.vips[0].prefer
-
-    @property
-    def anycast(self) -> bool:
-        return self.vips[0].mode == "anycast"
-
-    @property
-    def avoid(self) -> tuple[str, ...]:
-        return self.vips[0].avoid
 
 
 @dataclass(frozen=True)

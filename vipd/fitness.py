@@ -32,6 +32,7 @@ class Fitness:
         self.monitor = HealthMonitor(checks, self._changed, nl=nl) if checks else None  # type: ignore[arg-type]
         self.ok = {u.name: self.initial(u.name) for u in cfg.units}
         self.bgp_source = ""  # set once routing knows it; published with the presence
+        self._held: set[str] = set()  # units in their release hold-off: the others campaign first
         for name, ok in self.ok.items():
             metrics.set_healthy(name, ok)
 
@@ -55,10 +56,18 @@ class Fitness:
                 self._post(unit, HealthChanged(ok, "; ".join(bad)))
         self._presence_changed()
 
+    def hold(self, unit: str, active: bool) -> None:
+        """The unit's release hold-off started or ended on this host: publish it with the presence."""
+        if active != (unit in self._held):
+            (self._held.add if active else self._held.discard)(unit)
+            self._presence_changed()
+
     def presence(self) -> str:
         host_bad = self._failing(self._host_checks)  # type: ignore[arg-type]
-        down = tuple(u for u, ok in self.ok.items() if not ok) if not host_bad else ()
-        reasons = tuple(host_bad + [r for u in down for r in self._failing(self._unit_checks[u])])  # type: ignore
+        unfit = [u for u, ok in self.ok.items() if not ok]
+        down = tuple(u for u in self.ok if u in unfit or u in self._held) if not host_bad else ()
+        reasons = tuple(host_bad + [r for u in unfit for r in self._failing(self._unit_checks[u])]  # type: ignore
+                        + [f"{u}: release hold-off" for u in sorted(self._held)])
         return HostInfo(self._cfg.node, not host_bad, self._cfg.host.weight, down, reasons,
                         self.bgp_source).to_json()
 

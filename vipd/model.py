@@ -3,8 +3,75 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass, field
-from typing import Union
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from vipd.health.spec import CheckSpec
+
+IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+
+
+@dataclass(frozen=True)
+class VipSpec:
+    """One virtual IP: where it lives and how it is announced."""
+
+    name: str
+    address: IPInterface  # address with prefix length, e.g. 10.0.0.10/24
+    interface: str
+    announce_count: int = 3
+    announce_interval: float = 0.2
+    announce_reply: bool = False
+    group: str | None = None  # VIPs of one group always have the same owner
+    prefer: tuple[str, ...] = ()  # placement: hosts to prefer, best first
+    avoid: tuple[str, ...] = ()  # placement: hosts to use only when nothing else is healthy
+    checks: tuple["CheckSpec", ...] = ()  # failing any releases the VIP (its whole group)
+    conflict_check: bool = True  # ARP probe / DAD before the first claim on a NIC
+    mode: str = "single"  # single: one owner (elected); anycast: every fit host holds it (routed VIPs)
+
+    @property
+    def unit(self) -> str:
+        """The election unit this VIP belongs to: its group, or itself."""
+        return self.group or self.name
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return self.address.ip
+
+    @property
+    def version(self) -> int:
+        return self.address.version
+
+    @property
+    def on_loopback(self) -> bool:
+        return self.interface == "lo"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one owner key elects: a single VIP, or every VIP of a group (they move together)."""
+
+    name: str
+    vips: tuple[VipSpec, ...]
+
+    @property
+    def checks(self) -> tuple["CheckSpec", ...]:
+        return tuple(c for v in self.vips for c in v.checks)
+
+    @property
+    def prefer(self) -> tuple[str, ...]:
+        return self.vips[0].prefer
+
+    @property
+    def anycast(self) -> bool:
+        return self.vips[0].mode == "anycast"
+
+    @property
+    def avoid(self) -> tuple[str, ...]:
+        return self.vips[0].avoid
+
+
 
 
 class State(enum.Enum):
@@ -26,9 +93,11 @@ class OwnerRecord:
     lease: int = 0
     revision: int = 0  # etcd revision at which this was observed
     released: bool = False  # the owner marked it as handed back cleanly (address already removed)
+    successor: str | None = None  # the standby the owner designated for a fast takeover
 
 
 # ---- events (inputs to fsm.step) -------------------------------------------------------------
+# Facts the controller reports; the core decides what they mean.
 
 @dataclass(frozen=True)
 class Start:
@@ -76,6 +145,14 @@ class CampaignFailed:
 
 
 @dataclass(frozen=True)
+class ProbeDone:
+    """The conflict probe before a first claim finished; `conflict` names the other machine's MAC
+    (or the reason) when another machine answers for an address of the unit."""
+
+    conflict: str | None = None
+
+
+@dataclass(frozen=True)
 class AddressAdded:
     pass
 
@@ -83,12 +160,11 @@ class AddressAdded:
 @dataclass(frozen=True)
 class AddressFailed:
     error: str
-    conflict: bool = False  # another machine answers for the address
 
 
 @dataclass(frozen=True)
 class ClaimDeferred:
-    """Too little lease left to add the address (a probe took time): wait for the next keepalive."""
+    """At the netlink call less than one whole second of lease was left: nothing was added."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +208,7 @@ class Reconcile:
 
     missing: bool
     present: bool
-    taken_at: float = field(default=0.0, compare=False)  # trio clock of the kernel snapshot (0: now)
+    taken_at: float = field(default=0.0, compare=False)  # clock of the kernel snapshot (0: now)
 
 
 @dataclass(frozen=True)
@@ -157,30 +233,41 @@ class PreemptGranted:
 
 @dataclass(frozen=True)
 class Tick:
-    """Time passed (a deadline may have been reached)."""
+    """Time passed (a deadline the state names may have been reached)."""
 
 
 Event = Union[Start, LeaseValid, LeaseGone, EtcdRestored, OwnerObserved, CampaignWon, CampaignLost,
-              CampaignFailed, AddressAdded, AddressFailed, ClaimDeferred, AddressRemoved, RemoveFailed, KeyReleased,
-              ReleaseFailed, ReleaseRequested, ShutdownRequested, LinkUp, Reconcile, HealthChanged, Placement,
-              PreemptGranted, Tick]
+              CampaignFailed, ProbeDone, AddressAdded, AddressFailed, ClaimDeferred, AddressRemoved, RemoveFailed,
+              KeyReleased, ReleaseFailed, ReleaseRequested, ShutdownRequested, LinkUp, Reconcile, HealthChanged,
+              Placement, PreemptGranted, Tick]
 
 
 # ---- actions (outputs of fsm.step) -----------------------------------------------------------
+# The controller carries them out in order and reports the outcome as an event.
+
+@dataclass(frozen=True)
+class ProbeConflicts:
+    """RFC 5227 ARP probe / IPv6 DAD for every NIC address of the unit: answered by ProbeDone."""
+
 
 @dataclass(frozen=True)
 class ClaimAddress:
-    """Add or refresh the VIP address with a kernel lifetime of `lifetime` whole seconds; state tied
-    to the lease with finer timers (egress rules) may stay until `until` (trio clock)."""
+    """Add the unit's addresses and arm every fence until `until` (the address lifetime is the
+    whole seconds left at the netlink call): answered by AddressAdded, AddressFailed or ClaimDeferred."""
 
-    lifetime: int
     until: float = field(default=0.0, compare=False)  # derived from the lease: not part of identity
-    refresh: bool = field(default=False, compare=False)  # we hold it already: restart the countdown only
+
+
+@dataclass(frozen=True)
+class ArmFence:
+    """We hold the addresses: extend every fence (address lifetime, kernel tokens) to `until`."""
+
+    until: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
 class RemoveAddress:
-    pass
+    """Disarm every fence and remove the unit's addresses: answered by AddressRemoved or RemoveFailed."""
 
 
 @dataclass(frozen=True)
@@ -195,13 +282,31 @@ class StopAnnouncing:
 
 @dataclass(frozen=True)
 class Campaign:
+    """Create the owner key on `lease`: answered by CampaignWon, CampaignLost or CampaignFailed."""
+
     lease: int
 
 
 @dataclass(frozen=True)
 class DeleteOwnerKey:
+    """Delete our owner key of `epoch`: answered by KeyReleased or ReleaseFailed. With `lease` (a
+    clean hand-back: the address is gone) the key is first marked released on that lease."""
+
     epoch: int
-    clean: bool = False  # a hand-back after serving: mark it released first
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class RenewLease:
+    """Ask the host lease for a keepalive now (a claim found less than a second of lease left)."""
+
+
+@dataclass(frozen=True)
+class HoldOff:
+    """Tell the other hosts (through this host's presence) that it will not campaign for the unit
+    for a while after a release (`active`), or that it may again: their campaign order skips it."""
+
+    active: bool
 
 
 @dataclass(frozen=True)
@@ -211,4 +316,10 @@ class RequestPreempt:
     target: str
 
 
-Action = Union[ClaimAddress, RemoveAddress, Announce, StopAnnouncing, Campaign, DeleteOwnerKey, RequestPreempt]
+@dataclass(frozen=True)
+class ReturnPreemptToken:
+    """The handover the token was taken for is over (or not needed): give the token back."""
+
+
+Action = Union[ProbeConflicts, ClaimAddress, ArmFence, RemoveAddress, Announce, StopAnnouncing, Campaign,
+               DeleteOwnerKey, RenewLease, HoldOff, RequestPreempt, ReturnPreemptToken]

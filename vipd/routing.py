@@ -10,7 +10,8 @@ from typing import Any, Sequence
 import trio
 
 from vipd import log
-from vipd.config import Config, VipSpec
+from vipd.config import Config
+from vipd.model import VipSpec
 from vipd.dataplane.address import AddressManager, TaggedAddress
 from vipd.dataplane.nft import BgpSnat, EgressRule, NftManager
 from vipd.dataplane.routes import SourceRoutes
@@ -27,6 +28,7 @@ class Routing:
         self._rules = [EgressRule(e.name, ips[e.vip], e.destinations, e.protocol, e.ports, e.sources,
                                   e.out_interface) for e in cfg.egress]
         self._egress_ips = {r.vip for r in self._rules}
+        self._armed: dict[Any, float] = {}  # egress VIP -> deadline its set elements carry
         self.nft: NftManager | None = None
         if self._rules or (cfg.bgp.enabled and cfg.bgp.snat):
             self.nft = NftManager(nl)
@@ -107,8 +109,16 @@ class Routing:
             ms = int((until - trio.current_time()) * 1000)
             if ms > 0:
                 await self.nft.arm(ips, ms)
+                for ip in ips:
+                    self._armed[ip] = until
 
     async def disarm(self, vips: Sequence[VipSpec]) -> None:
         ips = [v.ip for v in vips if v.ip in self._egress_ips]
+        for ip in ips:
+            self._armed.pop(ip, None)
         if ips and self.nft is not None:
             await self.nft.disarm(ips)
+
+    def armed_until(self, vips: Sequence[VipSpec]) -> float | None:
+        times = [self._armed.get(v.ip) for v in vips if v.ip in self._egress_ips]
+        return None if not times or any(t is None for t in times) else min(t for t in times if t is not None)

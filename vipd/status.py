@@ -21,9 +21,9 @@ async def collect(cfg: Config) -> dict[str, Any]:
         hosts = {kv.key[len(hosts_prefix):]: HostInfo.from_json(kv.key[len(hosts_prefix):], kv.value)
                  for kv in hosts_kvs}
         ttl: dict[int, int] = {}
-        for rec in owners.values():
-            if rec.lease and rec.lease not in ttl:
-                ttl[rec.lease] = await client.time_to_live(rec.lease)
+        for held in owners.values():
+            if held.lease and held.lease not in ttl:
+                ttl[held.lease] = await client.time_to_live(held.lease)
         addresses = {u.name: ",".join(str(v.address) for v in u.vips) for u in cfg.units}
         ranked = rankings(cfg.units, hosts)
         vips = []

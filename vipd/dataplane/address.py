@@ -28,9 +28,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
-from vipd.config import VipSpec
+from vipd.model import VipSpec
 from vipd.dataplane.netlink import Netlink, netlink_error_text
-from vipd.errors import AddressError
+from vipd.errors import AddressError, DataplaneError
 
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
 
@@ -52,7 +52,7 @@ class TaggedAddress:
 class _Entry(NamedTuple):
     """One kernel address, reduced to what vipd looks at."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # the interface index (shadows tuple.index on purpose)
     address: IPInterface
     proto: Optional[int]
     valid_lft: Optional[int]
@@ -267,13 +267,18 @@ class RefreshBatcher:
             finally:  # even when cancelled: the others wait on this job, so always run it
                 batch, self._pending, self._leading = self._pending, [], False
                 with trio.CancelScope(shield=True):
+                    failures: dict[str, AddressError] = {}
                     try:
                         failures = await self._addresses.refresh_many([(r.vip, r.lifetime) for r in batch])
-                    except AddressError as e:
-                        failures = {r.vip.name: e for r in batch}
-                    for r in batch:
-                        r.error = failures.get(r.vip.name)
-                        r.done.set()
+                    except DataplaneError as e:
+                        failures = {r.vip.name: AddressError(str(e)) for r in batch}
+                    except BaseException as e:  # never leave a follower waiting, whatever happened
+                        failures = {r.vip.name: AddressError(f"refresh failed: {e!r}") for r in batch}
+                        raise
+                    finally:
+                        for r in batch:
+                            r.error = failures.get(r.vip.name)
+                            r.done.set()
         if item.error is not None:
             raise item.error
 

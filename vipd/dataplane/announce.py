@@ -22,7 +22,7 @@ import trio
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
 from scapy.layers.l2 import ARP, Ether
 
-from vipd.config import VipSpec
+from vipd.model import VipSpec
 from vipd.dataplane.netlink import Netlink
 from vipd.errors import AnnounceError, DataplaneError
 
@@ -71,12 +71,13 @@ def unsolicited_na(mac: str, ip: ipaddress.IPv6Address) -> bytes:
 
 def frames_for(vip: VipSpec, mac: str) -> list[bytes]:
     """One announcement burst for ``vip`` from ``mac``."""
-    if vip.version == 4:
-        frames = [garp_request(mac, vip.ip)]
+    ip = vip.ip
+    if isinstance(ip, ipaddress.IPv4Address):
+        frames = [garp_request(mac, ip)]
         if vip.announce_reply:
-            frames.append(garp_reply(mac, vip.ip))
+            frames.append(garp_reply(mac, ip))
         return frames
-    return [unsolicited_na(mac, vip.ip)]
+    return [unsolicited_na(mac, ip)]
 
 
 async def close_packet_socket(sock: trio.socket.SocketType) -> None:

@@ -34,7 +34,7 @@ import trio
 from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import ARP, Ether
 
-from vipd.config import VipSpec
+from vipd.model import VipSpec
 from vipd.dataplane.announce import BROADCAST, MIN_FRAME, ZERO_MAC, close_packet_socket
 from vipd.dataplane.netlink import Netlink
 from vipd.errors import AddressError, DataplaneError
@@ -231,7 +231,7 @@ async def _probe(nl: Netlink, ifname: str, mac: str | None, proto: int, frame_fo
                 nursery.cancel_scope.cancel()  # nobody answered in time
 
             nursery.start_soon(send)
-            async with contextlib.aclosing(ps.claims(mine)) as claims:
+            async with contextlib.aclosing(ps.claims(mine)) as claims:  # type: ignore[type-var]
                 async for claim in claims:
                     if hit(claim):
                         found = claim.mac
@@ -264,8 +264,8 @@ async def probe_vip(nl: Netlink, vip: VipSpec, mac: str | None = None, *, wait: 
     if vip.on_loopback:
         return None
     if vip.version == 4:
-        return await arp_probe(nl, vip.interface, mac, vip.ip, probes=2, wait=wait)
-    return await ipv6_dad(nl, vip.interface, mac, vip.ip, probes=1, wait=2 * wait)
+        return await arp_probe(nl, vip.interface, mac, str(vip.ip), probes=2, wait=wait)
+    return await ipv6_dad(nl, vip.interface, mac, str(vip.ip), probes=1, wait=2 * wait)
 
 
 async def check_free(nl: Netlink, vip: VipSpec, mac: str | None = None, *, wait: float = 0.2) -> None:
@@ -322,7 +322,7 @@ class DuplicateResponderWatch:
                 task_status.started()
 
     async def _listen(self, ps: _PacketSocket, mine: str, kind: str) -> None:
-        async with contextlib.aclosing(ps.claims(mine)) as claims:
+        async with contextlib.aclosing(ps.claims(mine)) as claims:  # type: ignore[type-var]
             async for claim in claims:
                 if claim.kind != kind or claim.ip not in self._owned:
                     continue

@@ -93,7 +93,7 @@ class EgressRule:
     def destinations(self) -> list[IPNetwork]:
         """Non-overlapping destination prefixes (the whole address space when none is given)."""
         nets = self.dst or (ipaddress.ip_network("0.0.0.0/0" if self.vip.version == 4 else "::/0"),)
-        return list(ipaddress.collapse_addresses(nets))  # type: ignore[arg-type]
+        return list(ipaddress.collapse_addresses(nets))  # type: ignore[arg-type,type-var]
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,7 @@ def base_ops(rules: Sequence[EgressRule], bgp: Optional[BgpSnat],
         if r.vip in armed and armed[r.vip] > 0:
             ops += lease_ops([r], armed[r.vip])
         if r.src:
-            src = interval_elems(ipaddress.collapse_addresses(r.src))  # type: ignore[arg-type]
+            src = interval_elems(ipaddress.collapse_addresses(r.src))  # type: ignore[arg-type,type-var]
             ops += [new_set(r.set_name("src"), key, flags=("NFT_SET_INTERVAL",)), _elems(r.set_name("src"), src)]
         if r.dports:
             ports = [{"attrs": [("NFTA_SET_ELEM_KEY", _value(p.to_bytes(2, "big")))]} for p in sorted(set(r.dports))]
@@ -299,4 +299,4 @@ def encode_batch(ops: Sequence[Op]) -> list[Any]:
 def kernel_has_timeout_update(release: Optional[str] = None) -> bool:
     """Element timeout update (``timeout T expires T`` on an existing element): Linux >= 6.11."""
     m = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
-    return bool(m) and (int(m[1]), int(m[2])) >= (6, 11)
+    return m is not None and (int(m[1]), int(m[2])) >= (6, 11)

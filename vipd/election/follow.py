@@ -12,7 +12,7 @@ from vipd.errors import EtcdAuthError, EtcdCompacted, EtcdError, EtcdWatchIdle
 
 
 class FollowClient(Protocol):
-    async def get_prefix(self, prefix: str) -> tuple[list[Any], int]: ...
+    async def get_prefix(self, prefix: str) -> tuple[Sequence[Any], int]: ...
     def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[Any]: ...
 
 
@@ -34,7 +34,7 @@ async def follow(client: FollowClient, prefix: str, on_snapshot: Callable[[Seque
                 started = True
                 task_status.started()
             backoff = 0.1
-            async with contextlib.aclosing(client.watch_prefix(prefix, revision + 1)) as batches:
+            async with contextlib.aclosing(client.watch_prefix(prefix, revision + 1)) as batches:  # type: ignore[type-var]
                 async for batch in batches:
                     for ev in batch.events:
                         on_event(ev)

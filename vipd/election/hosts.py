@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 import trio
 
 from vipd import log
-from vipd.config import Unit
+from vipd.model import Unit
 from vipd.election.follow import FollowClient, follow
 from vipd.placement import Item, assign, ranking
 

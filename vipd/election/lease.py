@@ -8,7 +8,7 @@ Every deadline in vipd derives from it.
 from __future__ import annotations
 
 import os
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import trio
 
@@ -45,6 +45,11 @@ class HostLease:
         self.lease_id = 0
         self.granted_ttl = 0
         self.valid_until = 0.0
+        self._renew = trio.Event()
+
+    def renew(self) -> None:
+        """Send the next keepalive now (a claim found less than a second of lease left)."""
+        self._renew.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Grant, keep alive, re-grant when lost; forever. Reports started after the first grant.
@@ -92,7 +97,9 @@ class HostLease:
         next_at = trio.current_time() + period
         failing = announced_gone = False
         while True:
-            await trio.sleep_until(next_at)
+            with trio.move_on_at(next_at):
+                await self._renew.wait()
+            self._renew = trio.Event()
             sent = trio.current_time()
             next_at = sent + period
             try:
@@ -155,6 +162,11 @@ class HostLease:
             os.replace(tmp, self._record_path)
         except OSError as e:
             log.warning("lease_record_failed", path=self._record_path, error=e.strerror)
+
+
+def lease_record_path(cfg: Any) -> str:
+    """Where the daemon records its lease id for `vipd cleanup` (a file in state_dir)."""
+    return os.path.join(cfg.state_dir, "lease")
 
 
 def read_recorded_lease(path: str) -> int | None:

@@ -15,18 +15,23 @@ from vipd.model import OwnerRecord
 
 
 class KeyValueLike(Protocol):
-    key: str
-    value: str
-    create_revision: int
-    mod_revision: int
-    lease: int
+    @property
+    def key(self) -> str: ...
+    @property
+    def value(self) -> str: ...
+    @property
+    def create_revision(self) -> int: ...
+    @property
+    def mod_revision(self) -> int: ...
+    @property
+    def lease(self) -> int: ...
 
 
 class OwnersClient(Protocol):
     async def create(self, key: str, value: str, lease_id: int) -> tuple[bool, KeyValueLike]: ...
     async def delete_if(self, key: str, value: str, create_revision: int) -> bool: ...
     async def replace_if(self, key: str, old: str, new: str, create_revision: int, lease_id: int) -> bool: ...
-    async def get_prefix(self, prefix: str) -> tuple[list[KeyValueLike], int]: ...
+    async def get_prefix(self, prefix: str) -> tuple[Sequence[KeyValueLike], int]: ...
     def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator: ...
 
 
@@ -77,11 +82,11 @@ class OwnerKeys:
                 out[name] = self.record(kv)
         return out, revision
 
-    async def watch(self, names: list[str], deliver: Callable[[str, OwnerRecord], None],
+    async def watch(self, names: Sequence[str], deliver: Callable[[str, OwnerRecord], None],
                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """deliver(name, record) for every configured unit after each listing (absent keys as
         OwnerRecord(None, revision=listing revision)) and for every change after it; forever."""
-        wanted = set(names)
+        wanted: set[str | None] = set(names)
 
         def snapshot(kvs: Sequence[KeyValueLike], revision: int) -> None:
             current = {self.vip_of(kv.key): self.record(kv) for kv in kvs}
@@ -90,7 +95,7 @@ class OwnerKeys:
 
         def event(ev: Any) -> None:
             name = self.vip_of(ev.kv.key)
-            if name in wanted:
+            if name is not None and name in wanted:
                 deliver(name, OwnerRecord(None, revision=ev.kv.mod_revision) if ev.type == "DELETE"
                         else self.record(ev.kv))
 

@@ -98,7 +98,7 @@ def parse_routes(text: str) -> list[BirdRoute]:
             continue
         via = re.match(r"^\s+via\s+(\S+)", line)
         if via and cur is not None:
-            cur["via"].append(via[1])  # type: ignore[union-attr]
+            cur["via"].append(via[1])  # type: ignore[union-attr,attr-defined]
     flush()
     return routes
 

@@ -184,7 +184,7 @@ class Chaos:
 
     def _soak(self, t0: float) -> None:
         while time.monotonic() - t0 < self.cfg.duration:
-            d = {"kind": self.rng.choice(self.cfg.kinds), "vip": self.rng.randrange(len(self.vips)),
+            d: dict[str, Any] = {"kind": self.rng.choice(self.cfg.kinds), "vip": self.rng.randrange(len(self.vips)),
                  "owner": self.rng.random(), "host": self.rng.randrange(3), "variant": self.rng.random(),
                  "hold": self.rng.uniform(*self.cfg.hold), "pause": self.rng.uniform(0.5, 5.0),
                  "down": self.rng.uniform(0.0, 3.0), "settle": self.rng.uniform(*self.cfg.settle)}
@@ -221,7 +221,8 @@ class Chaos:
         hi = f.t_recovered or time.monotonic()
         for v in self.vips:
             line = self.monitor.holders_timeline(to_ip(v.address))
-            gaps = chaos_report.windows(line, lambda h: not h, f.t_inject, hi)
+            gaps = chaos_report.windows(line,  # type: ignore[arg-type]
+                                        lambda h: not h, f.t_inject, hi)
             f.no_holder_ms[v.name] = sum(e - s for s, e in gaps) * 1e3
         for ip, s, e, hs in self.monitor.dual_windows()[duals:]:
             self._fail(f, f"DUAL OWNERSHIP of {ip} by {sorted(hs)} for {(e - s) * 1e3:.1f} ms")

@@ -49,13 +49,13 @@ def report(chaos: Chaos, t0: float, t1: float, kinds: Sequence[str]) -> dict[str
     for v in chaos.vips:
         ip = to_ip(v.address)
         line = chaos.monitor.holders_timeline(ip)
-        gaps = [(e - s) * 1e3 for s, e in windows(line, lambda h: not h, t0, t1)]
+        gaps = [(e - s) * 1e3 for s, e in windows(line, lambda h: not h, t0, t1)]  # type: ignore[arg-type]
         changes = [c for c in chaos.monitor.owner_changes(ip) if t0 <= c[0] <= t1]
         row = {"address": v.address, "transitions": len(changes),
                "acquisitions": sum(1 for _, a, b in changes if len(b) == 1 and not a),  # none -> one
                "dual_ms": sum(e - s for i, s, e, _ in chaos.monitor.dual_windows() if i == ip) * 1e3,
                "no_holder_ms": describe(gaps), "availability": 1 - sum(gaps) / 1e3 / max(t1 - t0, 1e-9),
-               "timeline": [[round(t + off, 3), sorted(h)] for t, h in line]}  # wall-clock (epoch) times
+               "timeline": [[round(t + off, 3), sorted(h)] for t, h in line]}  # type: ignore[misc]  # wall-clock (epoch) times
         if v.name in chaos.probes:
             outs = [o for o in chaos.probes[v.name].outages() if t0 <= o.end and o.start <= t1]
             row["probe_outage_ms"] = describe([o.ms for o in outs])

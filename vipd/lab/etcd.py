@@ -26,7 +26,7 @@ from vipd.lab.certs import TlsFiles
 PROGRESS_NOTIFY_INTERVAL = 1.0  # seconds; matches EtcdClient.watch_prefix(progress_interval=1.0)
 T = TypeVar("T")
 _running: set["EtcdServer"] = set()  # stopped at interpreter exit if a finalizer was skipped
-atexit.register(lambda: [s.stop() for s in list(_running)])
+atexit.register(lambda: [s.stop() for s in list(_running)])  # type: ignore[func-returns-value]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

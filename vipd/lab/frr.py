@@ -77,7 +77,7 @@ class Frr:
             self.dir = None
 
     def log_tail(self, lines: int = 20) -> str:
-        out = []
+        out: list[str] = []
         for name in ("zebra.out", "bgpd.out", "frr.log"):
             try:
                 out += (self.dir / name).read_text(errors="replace").splitlines()[-lines:]  # type: ignore[operator]

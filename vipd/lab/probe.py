@@ -350,7 +350,7 @@ def _child(ip: str, ifname: str, interval: float, max_duration: float) -> int:
                     next_send = now + interval
                 out.flush()
                 continue
-            readable, _, _ = select.select([rx, wake_r], [], [], next_send - now)
+            readable, _, _ = select.select([rx, wake_r], [], [], next_send - now)  # type: ignore[type-var]
             if wake_r in readable:
                 try:
                     os.read(wake_r, 512)

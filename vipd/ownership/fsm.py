@@ -1,358 +1,425 @@
-"""Per-VIP ownership as a pure function: step(params, state, event, now) -> (state, actions).
+"""Per-unit ownership as a pure function: step(params, state, event, now) -> (state, actions).
 
-No I/O and no clock: `now` is passed in. Every state change is checked against TRANSITIONS.
-The invariants it keeps:
-- the address is only added while the lease is proven (ClaimAddress carries a kernel lifetime that
-  ends `fence_margin` before the lease can expire in etcd);
-- giving up voluntarily removes the address before the owner key is deleted;
-- fencing (deadline passed, lease gone, key lost) removes the address without waiting on etcd.
+No I/O and no clock. Dispatch is a table keyed by (state, event type); an event a state has no
+entry for changes nothing. Every result is checked: the state change against TRANSITIONS, the
+sub-state against SUBSTATES (vipd/ownership/state.py, which also derives every timer: `wakeup`).
+
+The invariants it keeps (the safety argument, with the kernel fences in vipd/fence.py):
+- Take: win the owner key in etcd, then (after a conflict probe when the previous owner did not
+  hand back cleanly) add the addresses and arm every fence until the lease's fence deadline, then
+  announce. The deadline is `fence_margin` before the lease can expire in etcd, and every fence
+  is kernel-enforced (address lifetime, nftables token): a dead, hung or partitioned owner stops
+  serving by that deadline without running any code, before etcd can let another host win.
+- Give up: remove the addresses (disarming the fences), and only then delete the owner key.
+- Fence (deadline passed, lease gone, key lost or replaced): remove at once, never waiting on etcd.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import Callable
 
-from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Announce, Campaign,
-                        CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, DeleteOwnerKey,
-                        EtcdRestored, Event, KeyReleased, LeaseGone, LeaseValid, LinkUp, OwnerObserved,
-                        OwnerRecord, Reconcile, ReleaseFailed, ReleaseRequested, RemoveAddress,
-                        RemoveFailed, ShutdownRequested, Start, State, StopAnnouncing, Tick,
-                        HealthChanged, Placement, PreemptGranted, RequestPreempt, ClaimDeferred)
+from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Announce, ArmFence, Campaign,
+                        CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, ClaimDeferred, DeleteOwnerKey,
+                        EtcdRestored, Event, HealthChanged, HoldOff, KeyReleased, LeaseGone, LeaseValid, LinkUp,
+                        OwnerObserved, OwnerRecord, Placement, PreemptGranted, ProbeConflicts, ProbeDone, Reconcile,
+                        ReleaseFailed, ReleaseRequested, RemoveAddress, RemoveFailed, RenewLease, RequestPreempt,
+                        ReturnPreemptToken, ShutdownRequested, Start, State, StopAnnouncing, Tick)
+from vipd.ownership.state import (HOLDING, RETRY_CAMPAIGN, RETRY_DELETE, RETRY_REMOVE, SUBSTATES, TRANSITIONS,
+                                  Params, Preempt, Release, Sub, VipState, fence_deadline, lifetime,
+                                  why_not_campaign)
 
 S = State
-TRANSITIONS: dict[State, frozenset[State]] = {
-    S.INIT: frozenset({S.BACKUP, S.STOPPED}),
-    S.BACKUP: frozenset({S.ACQUIRING, S.STOPPED}),
-    S.ACQUIRING: frozenset({S.OWNER, S.FENCED, S.RELEASING}),
-    S.OWNER: frozenset({S.FENCED, S.RELEASING}),
-    S.RELEASING: frozenset({S.BACKUP, S.STOPPED}),
-    S.FENCED: frozenset({S.BACKUP, S.STOPPED}),
-    S.STOPPED: frozenset(),
-}
-HOLDING = (S.ACQUIRING, S.OWNER)  # states in which the address may be in the kernel with our blessing
+Result = tuple[VipState, list[Action]]
+Handler = Callable[[Params, VipState, Event, float], Result]
 
 
 class InvalidTransition(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class Params:
-    node: str
-    fence_margin: float
-    release_holdoff: float
-    preempt_delay: float | None = None  # hand a unit to its preferred host after this hold-down; None: never
-    campaign_stagger: float = 0.2  # per place behind in the ranking, wait this long before campaigning
-    anycast: bool = False  # every fit host holds the unit at once: no owner key, no election
-
-
-@dataclass(frozen=True)
-class VipState:
-    state: State = S.INIT
-    owner: OwnerRecord | None = None  # None until the first observation of the owner key
-    lease: int = 0  # current host lease (0: none)
-    valid_until: float = 0.0  # the lease cannot expire in etcd before this instant
-    epoch: int = 0  # our ownership epoch (owner key create_revision) while we hold or release it
-    pending: bool = False  # an etcd request (campaign or key delete) is in flight
-    holdoff_until: float = 0.0  # no campaign before this instant (after a voluntary release)
-    removed: bool = False  # RELEASING: the address is confirmed gone
-    stopping: bool = False
-    refresh_at: float = 0.0  # OWNER: when to refresh the address lifetime (0: nothing pending)
-    healthy: bool = True  # host and unit checks pass: may campaign and keep serving
-    ranking: tuple[str, ...] | None = None  # healthy candidates, target first (None: no placement yet)
-    absent_since: float = 0.0  # when the owner key was last seen disappearing
-    last_owner: str | None = None  # who held the key before it disappeared
-    last_clean: bool = False  # ... and whether it marked its hand-back clean (address removed first)
-    release_clean: bool = True  # RELEASING: we served the unit fine (not an address failure or conflict)
-    preempt_target: str | None = None  # OWNER: the preferred host we should hand over to
-    preempt_since: float = 0.0  # ... since when it has been the target
-    preempt_asked: bool = False  # the host-wide preemption token was requested
-    conflicts: int = 0  # consecutive claims refused because another machine answers for the address
-    reason: str = ""  # why the last state change happened
-
-
-def fence_deadline(p: Params, s: VipState) -> float:
-    """The instant by which the address must be gone: margin before the lease can expire."""
-    return s.valid_until - p.fence_margin
-
-
-def lifetime(p: Params, s: VipState, now: float) -> int:
-    """Whole seconds of kernel address lifetime that still end before the fence deadline."""
-    return max(0, math.floor(fence_deadline(p, s) - now))
-
-
-REFRESH_SLACK = 0.05  # seconds; absorbs timer lateness at the refresh instant
-
-
-def refresh_plan(p: Params, s: VipState, now: float) -> tuple[float, int]:
-    """When to refresh the address after a keepalive ack, and with which lifetime.
-
-    Lifetimes are whole seconds, rounded down. Refreshing right away would lose up to a second of
-    the lease; refreshing when (deadline - now) has just passed a whole number of seconds makes the
-    kernel keep the address until REFRESH_SLACK before the fence deadline. The previous lifetime is
-    still running meanwhile, so waiting is safe (it only ever ends earlier)."""
-    life = lifetime(p, s, now)
-    return max(now, fence_deadline(p, s) - life - REFRESH_SLACK), life
-
-
-def campaign_at(p: Params, s: VipState) -> float:
-    """Candidates campaign in ranking order: the best (other than the host that just let go)
-    at once, each further one `campaign_stagger` later, so the preferred host wins without a race."""
-    if s.ranking is None:
-        return s.holdoff_until
-    order = [h for h in s.ranking if h != s.last_owner]
-    if p.node == s.last_owner and p.node in s.ranking:
-        place = len(order)  # we just let go: campaign last, after everyone else had their turn
-    elif p.node in order:
-        place = order.index(p.node)
-    else:
-        return math.inf
-    return max(s.holdoff_until, s.absent_since + place * p.campaign_stagger)
-
-
-def _claim(p: Params, s: VipState, now: float) -> ClaimAddress:
-    return ClaimAddress(lifetime(p, s, now), fence_deadline(p, s))
-
-
-def wakeup(p: Params, s: VipState, now: float) -> float | None:
-    """When the controller must call step(Tick) at the latest (a deadline the FSM is waiting on)."""
-    if s.state in HOLDING:
-        times = [fence_deadline(p, s), s.refresh_at or math.inf]
-        if s.state is S.OWNER and s.preempt_target and not s.preempt_asked and p.preempt_delay is not None:
-            times.append(s.preempt_since + p.preempt_delay)
-        return min(times)
-    if s.state is S.BACKUP and s.owner is not None and s.owner.node is None:
-        at = campaign_at(p, s)
-        return at if now < at < math.inf else None
-    if s.state is S.BACKUP and s.holdoff_until > now:
-        return s.holdoff_until
-    return None
-
-
-def step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list[Action]]:
-    new, actions = _step(p, s, ev, now)
+def step(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    if s.state is S.STOPPED:
+        return s, []
+    s = _observe(p, s, ev, now)
+    handler = HANDLERS.get((s.state, type(ev)))
+    new, actions = handler(p, s, ev, now) if handler else (s, [])
     if new.state is not s.state and new.state not in TRANSITIONS[s.state]:
         raise InvalidTransition(f"{s.state.value} -> {new.state.value} on {type(ev).__name__}")
+    if new.sub not in SUBSTATES[new.state]:
+        raise InvalidTransition(f"{new.state.value} has no sub-state {new.sub.value} ({type(ev).__name__})")
+    if new.state is S.BACKUP and new.sub is Sub.IDLE:
+        if new.holdoff_until and now >= new.holdoff_until:
+            new, actions = replace(new, holdoff_until=0.0), actions + [HoldOff(False)]
+        new, more = _campaign_if_allowed(p, new, now)
+        actions = actions + more
     return new, actions
 
 
-def _to(s: VipState, state: State, reason: str, **kw: object) -> VipState:
-    return replace(s, state=state, reason=reason, **kw)
+# ---- bookkeeping every state does before its handler ------------------------------------------
 
-
-def _fence(s: VipState, reason: str) -> tuple[VipState, list[Action]]:
-    return _to(s, S.FENCED, reason, epoch=0, refresh_at=0.0), [StopAnnouncing(), RemoveAddress()]
-
-
-def _release(s: VipState, reason: str, stopping: bool, clean: bool = True) -> tuple[VipState, list[Action]]:
-    return (_to(s, S.RELEASING, reason, removed=False, stopping=stopping, refresh_at=0.0, release_clean=clean),
-            [StopAnnouncing(), RemoveAddress()])
-
-
-def _released(p: Params, s: VipState, now: float, reason: str) -> tuple[VipState, list[Action]]:
-    if s.stopping:
-        return _to(s, S.STOPPED, reason, epoch=0, pending=False), []
-    holdoff = p.release_holdoff * (2 ** min(s.conflicts - 1, 5) if s.conflicts else 1)  # back off on conflicts
-    return _to(s, S.BACKUP, reason, epoch=0, pending=False, holdoff_until=now + holdoff, preempt_target=None,
-               preempt_asked=False), []
-
-
-def _placed(p: Params, s: VipState, ranking: tuple[str, ...], now: float) -> VipState:
-    """Track the preferred host while we own the unit (restart the hold-down when it changes)."""
-    s = replace(s, ranking=ranking)
-    target = ranking[0] if ranking else None
-    if s.state is not S.OWNER or p.preempt_delay is None or p.anycast or target in (None, p.node):
-        return replace(s, preempt_target=None)
-    if target != s.preempt_target:
-        return replace(s, preempt_target=target, preempt_since=now)
-    return s
-
-
-def _maybe_campaign(p: Params, s: VipState, now: float) -> tuple[VipState, list[Action]]:
-    """In BACKUP: campaign for an absent key, adopt our own key, or clear our stale one."""
-    if s.state is not S.BACKUP or s.pending or s.stopping or now < s.holdoff_until:
-        return s, []
-    if s.owner is None and not p.anycast:
-        return s, []
-    if not s.healthy:
-        return s, []
-    if s.lease == 0 or lifetime(p, s, now) < 1:
-        return s, []
-    if p.anycast:  # no election: hold it while fit and the lease is proven
-        s = _to(s, S.ACQUIRING, "anycast: healthy with a live lease", epoch=0)
-        return s, [_claim(p, s, now)]
-    o = s.owner
-    if o.node is None:
-        if now < campaign_at(p, s):
-            return s, []
-        return replace(s, pending=True), [Campaign(s.lease)]
-    if o.node == p.node and o.lease == s.lease:  # our key on our live lease: serve it again
-        s = _to(s, S.ACQUIRING, "adopted own key", epoch=o.epoch)
-        return s, [_claim(p, s, now)]
-    if o.node == p.node:  # our key on a lease we no longer keep alive: give it back now
-        return replace(s, pending=True), [DeleteOwnerKey(o.epoch)]
-    return s, []
-
-
-def _step(p: Params, s: VipState, ev: Event, now: float) -> tuple[VipState, list[Action]]:
-    st = s.state
-    if st is S.STOPPED:
-        return s, []
-
-    if isinstance(ev, ShutdownRequested):
-        if st in HOLDING:
-            return _release(s, "shutdown", stopping=True)
-        if st is S.RELEASING:
-            return replace(s, stopping=True), []
-        return _to(s, S.STOPPED, "shutdown"), [RemoveAddress()]
-
-    if isinstance(ev, Start):
-        if st is S.INIT:
-            return _to(s, S.BACKUP, "started"), [RemoveAddress()]
-        return s, []
-
-    if isinstance(ev, LeaseValid):
-        if st in HOLDING and ev.lease != s.lease:
-            return _fence(replace(s, lease=ev.lease, valid_until=ev.valid_until), "lease replaced")
-        s = replace(s, lease=ev.lease, valid_until=ev.valid_until)
-        if st is S.ACQUIRING:  # a deferred (or slow) first claim: try again with the fresher lease
-            return s, ([_claim(p, s, now)] if lifetime(p, s, now) >= 1 else [])
-        if st is S.OWNER:
-            at, life = refresh_plan(p, s, now)
-            if life < 1:
-                return s, []
-            if at <= now:
-                return replace(s, refresh_at=0.0), [ClaimAddress(life, fence_deadline(p, s), refresh=True)]
-            return replace(s, refresh_at=at), []
-        return _maybe_campaign(p, s, now)
-
-    if isinstance(ev, LeaseGone):
-        if ev.lease != s.lease:
-            return s, []
-        s = replace(s, lease=0, valid_until=0.0)
-        if st in HOLDING:
-            return _fence(s, "lease lost")
-        if st is S.RELEASING and s.removed:
-            return _released(p, s, now, "lease lost while releasing")
-        return s, []
-
-    if isinstance(ev, OwnerObserved):
+def _observe(p: Params, s: VipState, ev: Event, now: float) -> VipState:
+    if isinstance(ev, LeaseValid) and ev.lease == s.lease:
+        return replace(s, valid_until=ev.valid_until)
+    if isinstance(ev, LeaseValid) and s.state not in HOLDING:
+        return replace(s, lease=ev.lease, valid_until=ev.valid_until)
+    if isinstance(ev, HealthChanged):
+        return replace(s, healthy=ev.healthy)
+    if isinstance(ev, Placement):
+        return _track_target(p, replace(s, ranking=ev.ranking), now)
+    if isinstance(ev, OwnerObserved) and s.state not in HOLDING:
         o = ev.record
-        if p.anycast:
-            return replace(s, owner=o), []  # anycast units have no owner key
-        if st in HOLDING:
-            if o.revision <= s.epoch:
-                return s, []  # older than our claim: stale
-            if o.node != p.node or o.epoch != s.epoch:
-                return _fence(replace(s, owner=o), f"owner key now {o.node or 'absent'}")
-            return replace(s, owner=o), []
         if o.node is None and (s.owner is None or s.owner.node is not None):
             s = replace(s, absent_since=now, last_owner=s.owner.node if s.owner else None,
                         last_clean=bool(s.owner and s.owner.released))
-        s = replace(s, owner=o)
-        return _maybe_campaign(p, s, now)
+        return replace(s, owner=o)
+    return s
 
-    if isinstance(ev, CampaignWon):
-        o = ev.record
-        s = replace(s, pending=False, owner=o)
-        if st is not S.BACKUP or s.stopping or o.lease != s.lease or lifetime(p, s, now) < 1:
-            # won, but can no longer serve it safely: hand the key straight back
-            return replace(s, pending=True), [DeleteOwnerKey(o.epoch)]
-        s = _to(s, S.ACQUIRING, "campaign won", epoch=o.epoch)
-        return s, [_claim(p, s, now)]
 
-    if isinstance(ev, CampaignLost):
-        return _maybe_campaign(p, replace(s, pending=False, owner=ev.record), now)
+def _track_target(p: Params, s: VipState, now: float) -> VipState:
+    """OWNER: follow the preferred host; the hold-down restarts whenever it changes."""
+    target = s.ranking[0] if s.ranking else None
+    if s.state is not S.OWNER or p.preempt_delay is None or p.anycast or target in (None, p.node):
+        return replace(s, preempt=None)
+    if s.preempt is None or s.preempt.target != target:
+        return replace(s, preempt=Preempt(target, now))
+    return s
 
-    if isinstance(ev, CampaignFailed):
-        return replace(s, pending=False), []
 
-    if isinstance(ev, AddressAdded):
-        if st is S.ACQUIRING:
-            s = _to(s, S.OWNER, "address added", conflicts=0)
-            return _placed(p, s, s.ranking or (), now), [Announce()]
+# ---- shared moves ----------------------------------------------------------------------------
+
+def _to(s: VipState, state: State, sub: Sub, reason: str, **kw: object) -> VipState:
+    return replace(s, state=state, sub=sub, reason=reason, why_not="", **kw)  # type: ignore[arg-type]
+
+
+def _claim(p: Params, s: VipState, now: float) -> Result:
+    return _to(s, S.ACQUIRING, Sub.ADDING, s.reason, changed_at=now), [ClaimAddress(fence_deadline(p, s))]
+
+
+def _acquire(p: Params, s: VipState, now: float, reason: str, epoch: int) -> Result:
+    s = _to(s, S.ACQUIRING, Sub.ADDING, reason, epoch=epoch, retry_at=0.0)
+    if p.conflict_check and not s.probed and not s.last_clean:
+        # no vipd peer handed it back cleanly: another machine may answer for it
+        return _to(s, S.ACQUIRING, Sub.PROBING, reason), [ProbeConflicts()]
+    return _claim(p, s, now)
+
+
+def _fence(s: VipState, reason: str, now: float) -> Result:
+    s = _to(s, S.FENCED, Sub.REMOVING, reason, epoch=0, preempt=None, retry_at=0.0, changed_at=now)
+    return s, [StopAnnouncing(), RemoveAddress()]
+
+
+def _release(s: VipState, now: float, reason: str, *, then: State = S.BACKUP, clean: bool = True,
+             preempt: bool = False) -> Result:
+    s = _to(s, S.RELEASING, Sub.REMOVING, reason, release=Release(reason, then, clean, preempt), preempt=None,
+            retry_at=0.0, changed_at=now)
+    return s, [StopAnnouncing(), RemoveAddress()]
+
+
+def _released(p: Params, s: VipState, now: float, reason: str) -> Result:
+    rel = s.release or Release(reason)
+    actions: list[Action] = [ReturnPreemptToken()] if rel.preempt else []
+    if rel.then is S.STOPPED:
+        return _to(s, S.STOPPED, Sub.NONE, reason, epoch=0, release=None), actions
+    backoff = 2 ** min(s.conflicts - 1, 5) if s.conflicts else 1  # back off on repeated conflicts
+    holdoff = p.release_holdoff * backoff
+    if not p.anycast and s.owner is not None and s.owner.node == p.node:  # we gave it back: it is absent
+        s = replace(s, owner=OwnerRecord(None, revision=s.owner.revision), last_owner=p.node,
+                    last_clean=rel.clean, absent_since=now)
+    return (_to(s, S.BACKUP, Sub.IDLE, reason, epoch=0, release=None, retry_at=0.0,
+                holdoff_until=now + holdoff if holdoff > 0 else 0.0),
+            actions + ([HoldOff(True)] if holdoff > 0 else []))
+
+
+def _give_key_back(s: VipState) -> Result:
+    """RELEASING with the addresses gone: delete the key (marked clean when we served fine)."""
+    rel = s.release or Release(s.reason)
+    return _to(s, S.RELEASING, Sub.DELETING, s.reason), [DeleteOwnerKey(s.epoch, s.lease if rel.clean else 0)]
+
+
+def _campaign_if_allowed(p: Params, s: VipState, now: float) -> Result:
+    """BACKUP/IDLE: campaign for an absent key, adopt our own key, or clear our stale one."""
+    why = why_not_campaign(p, s, now)
+    if why:
+        return replace(s, why_not=why), []
+    if p.anycast:
+        return _acquire(p, s, now, "anycast: healthy with a live lease", 0)
+    o = s.owner
+    assert o is not None
+    if o.node is None:
+        return _to(s, S.BACKUP, Sub.CAMPAIGNING, s.reason), [Campaign(s.lease)]
+    if o.lease == s.lease:  # our key on our live lease: serve it again
+        return _acquire(p, s, now, "adopted own key", o.epoch)
+    return _to(s, S.BACKUP, Sub.CLEARING, "own key on a dead lease"), [DeleteOwnerKey(o.epoch)]
+
+
+# ---- handlers, by state ----------------------------------------------------------------------
+
+def _start(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    return _to(s, S.BACKUP, Sub.IDLE, "started", changed_at=now), [RemoveAddress()]
+
+
+def _stop_idle(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    return _to(s, S.STOPPED, Sub.NONE, "shutdown"), [RemoveAddress()]
+
+
+def _backup_won(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, CampaignWon)
+    o = ev.record
+    s = replace(s, owner=o)
+    if s.sub is not Sub.CAMPAIGNING or o.lease != s.lease or not s.healthy or now >= fence_deadline(p, s):
+        # won, but can no longer serve it safely: hand the key straight back
+        return _to(s, S.BACKUP, Sub.CLEARING, "won, but the lease or health no longer allows serving"), \
+            [DeleteOwnerKey(o.epoch)]
+    return _acquire(p, s, now, "campaign won", o.epoch)
+
+
+def _backup_lost(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, CampaignLost)
+    return _to(s, S.BACKUP, Sub.IDLE, s.reason, owner=ev.record), []
+
+
+def _backup_campaign_failed(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    return _to(s, S.BACKUP, Sub.IDLE, s.reason, retry_at=now + RETRY_CAMPAIGN), []
+
+
+def _backup_key_done(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    if s.sub is not Sub.CLEARING:
         return s, []
+    retry = now + RETRY_DELETE if isinstance(ev, ReleaseFailed) else 0.0
+    return _to(s, S.BACKUP, Sub.IDLE, s.reason, retry_at=retry), []
 
-    if isinstance(ev, AddressFailed):
-        if st in HOLDING:
-            s = replace(s, conflicts=s.conflicts + 1 if ev.conflict else 0)
-            return _release(s, f"address failed: {ev.error}", stopping=s.stopping, clean=False)
+
+def _backup_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, LeaseGone)
+    if ev.lease != s.lease:
         return s, []
+    sub = Sub.IDLE if s.sub is Sub.CLEARING else s.sub  # our stale key went with the lease
+    return _to(s, S.BACKUP, sub, s.reason, lease=0, valid_until=0.0), []
 
-    if isinstance(ev, ClaimDeferred):
-        return s, []  # stay ACQUIRING: the next LeaseValid claims, or the deadline fences
 
-    if isinstance(ev, HealthChanged):
-        s = replace(s, healthy=ev.healthy)
-        if not ev.healthy and st in HOLDING:
-            return _release(s, f"unhealthy: {ev.reason}", stopping=s.stopping)
-        return _maybe_campaign(p, s, now)
+def _present_stray(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, Reconcile)
+    if ev.present and not _stale(s, ev) and s.sub is not Sub.REMOVING:
+        return replace(s, changed_at=now), [RemoveAddress()]
+    return s, []
 
-    if isinstance(ev, Placement):
-        return _maybe_campaign(p, _placed(p, s, ev.ranking, now), now)
 
-    if isinstance(ev, PreemptGranted):
-        if st is S.OWNER and s.preempt_asked and s.preempt_target:
-            return _release(s, f"handing over to preferred host {s.preempt_target}", stopping=False)
-        return replace(s, preempt_asked=False), []
+def _holding_lease(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, LeaseValid)
+    if ev.lease != s.lease:
+        return _fence(replace(s, lease=ev.lease, valid_until=ev.valid_until), "lease replaced", now)
+    if s.sub is Sub.DEFERRED:
+        return _claim(p, s, now)
+    if s.state is S.OWNER:
+        return s, [ArmFence(fence_deadline(p, s))]
+    return s, []
 
-    if isinstance(ev, AddressRemoved):
-        if st is S.FENCED:
-            return _to(s, S.BACKUP, s.reason), []
-        if st is S.RELEASING and not s.removed:
-            if s.epoch == 0 or s.lease == 0:  # nothing left to give back in etcd
-                return _released(p, replace(s, removed=True), now, s.reason)
-            return replace(s, removed=True, pending=True), [DeleteOwnerKey(s.epoch, s.release_clean)]
+
+def _holding_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, LeaseGone)
+    if ev.lease != s.lease:
         return s, []
+    return _fence(replace(s, lease=0, valid_until=0.0), "lease lost", now)
 
-    if isinstance(ev, RemoveFailed):
-        return s, []  # retried on the next Tick; the kernel lifetime bounds the damage
 
-    if isinstance(ev, KeyReleased):
-        if st is S.RELEASING:
-            return _released(p, s, now, s.reason)
-        return replace(s, pending=False), []
+def _holding_owner(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, OwnerObserved)
+    o = ev.record
+    if p.anycast or o.revision <= s.epoch:
+        return s, []  # anycast has no key; an observation older than our claim is stale
+    if o.node != p.node or o.epoch != s.epoch:
+        return _fence(replace(s, owner=o), f"owner key now {o.node or 'absent'}", now)
+    return replace(s, owner=o), []
 
-    if isinstance(ev, ReleaseFailed):
-        if st is S.RELEASING and s.stopping:
-            return _released(p, s, now, f"{s.reason}; key left to its lease: {ev.error}")
-        return replace(s, pending=False), []
 
-    if isinstance(ev, ReleaseRequested):
-        if st in HOLDING:
-            return _release(s, ev.reason, stopping=False)
+def _probe_done(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, ProbeDone)
+    if s.sub is not Sub.PROBING:
         return s, []
+    if ev.conflict is not None:
+        s = replace(s, conflicts=s.conflicts + 1)
+        return _release(s, now, f"address conflict: {ev.conflict}", clean=False)
+    return _claim(p, replace(s, probed=True), now)
 
-    if isinstance(ev, (LinkUp, EtcdRestored)):
-        return s, ([Announce()] if st is S.OWNER else [])
 
-    if isinstance(ev, Reconcile):
-        if st is S.OWNER and ev.missing:
-            life = lifetime(p, s, now)
-            return s, ([ClaimAddress(life, fence_deadline(p, s)), Announce()] if life >= 1 else [])
-        if st in (S.BACKUP, S.FENCED) and ev.present:
-            return s, [RemoveAddress()]
+def _added(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    if s.sub is not Sub.ADDING:
         return s, []
+    s = _to(s, S.OWNER, Sub.SERVING, "address added", conflicts=0)
+    return _track_target(p, s, now), [Announce()]
 
-    if isinstance(ev, Tick):
-        if st in HOLDING and now >= fence_deadline(p, s):
-            return _fence(s, "lease deadline passed")
-        if st is S.OWNER and s.refresh_at and now >= s.refresh_at:
-            life = lifetime(p, s, now)
-            return replace(s, refresh_at=0.0), ([ClaimAddress(life, fence_deadline(p, s), refresh=True)]
-                                                if life >= 1 else [])
-        if (st is S.OWNER and s.preempt_target and not s.preempt_asked and p.preempt_delay is not None
-                and now >= s.preempt_since + p.preempt_delay):
-            return replace(s, preempt_asked=True), [RequestPreempt(s.preempt_target)]
-        if st is S.FENCED:
-            return s, [RemoveAddress()]
-        if st is S.RELEASING:
-            if not s.removed:
-                return s, [RemoveAddress()]
-            if not s.pending:
-                return replace(s, pending=True), [DeleteOwnerKey(s.epoch, s.release_clean)]
-            return s, []
-        return _maybe_campaign(p, s, now)
 
-    raise TypeError(f"unknown event {ev!r}")
+def _add_failed(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, AddressFailed)
+    return _release(s, now, f"address failed: {ev.error}", clean=False)
+
+
+def _deferred(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    if s.state is S.ACQUIRING and s.sub is Sub.ADDING:
+        return _to(s, S.ACQUIRING, Sub.DEFERRED, s.reason), [RenewLease()]
+    return s, [RenewLease()]  # OWNER: a re-add found the lease nearly spent: renew, re-add on reconcile
+
+
+def _holding_health(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, HealthChanged)
+    if not ev.healthy:
+        return _release(s, now, f"unhealthy: {ev.reason}")
+    return s, []
+
+
+def _holding_release(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, ReleaseRequested)
+    return _release(s, now, ev.reason)
+
+
+def _holding_shutdown(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    return _release(s, now, "shutdown", then=S.STOPPED)
+
+
+def _owner_preempt_granted(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    if s.sub is Sub.HANDING_OVER and s.preempt is not None:
+        return _release(s, now, f"handing over to preferred host {s.preempt.target}", preempt=True)
+    return _to(s, S.OWNER, Sub.SERVING, s.reason), [ReturnPreemptToken()]  # the target went away meanwhile
+
+
+def _token_not_needed(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    if s.release is not None and s.release.preempt:
+        return s, []  # RELEASING for a handover: the token returns when it ends
+    return s, [ReturnPreemptToken()]
+
+
+def _owner_reannounce(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    return s, [Announce()]
+
+
+def _owner_reconcile(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, Reconcile)
+    if not ev.missing or _stale(s, ev):
+        return s, []
+    if lifetime(p, s, now) < 1:
+        return s, []  # the last lifetime ran out just before the fence deadline: expected when etcd is silent
+    return replace(s, changed_at=now), [ClaimAddress(fence_deadline(p, s)), Announce()]
+
+
+def _holding_tick(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    if now >= fence_deadline(p, s):
+        return _fence(s, "lease deadline passed", now)
+    pre = s.preempt
+    if (s.sub is Sub.SERVING and pre is not None and p.preempt_delay is not None
+            and now >= pre.since + p.preempt_delay):
+        return _to(s, S.OWNER, Sub.HANDING_OVER, s.reason), [RequestPreempt(pre.target)]
+    return s, []
+
+
+def _removed(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    if s.sub is not Sub.REMOVING:
+        return s, []
+    if s.state is S.FENCED:
+        return _to(s, S.BACKUP, Sub.IDLE, s.reason), []
+    if s.epoch == 0 or s.lease == 0:  # nothing left to give back in etcd
+        return _released(p, s, now, s.reason)
+    return _give_key_back(s)
+
+
+def _remove_failed(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    return (replace(s, retry_at=now + RETRY_REMOVE), []) if s.sub is Sub.REMOVING else (s, [])
+
+
+def _retry_tick(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    if not s.retry_at or now < s.retry_at:
+        return s, []
+    if s.sub is Sub.REMOVING:
+        return replace(s, retry_at=0.0, changed_at=now), [RemoveAddress()]
+    if s.sub is Sub.RETRY_DELETE:
+        return _give_key_back(replace(s, retry_at=0.0))
+    return s, []
+
+
+def _releasing_key_released(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    return _released(p, s, now, s.reason) if s.sub is Sub.DELETING else (s, [])
+
+
+def _releasing_key_failed(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, ReleaseFailed)
+    if s.sub is not Sub.DELETING:
+        return s, []
+    if s.release is not None and s.release.then is S.STOPPED:
+        return _released(p, s, now, f"{s.reason}; key left to its lease: {ev.error}")
+    return _to(s, S.RELEASING, Sub.RETRY_DELETE, s.reason, retry_at=now + RETRY_DELETE), []
+
+
+def _releasing_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, LeaseGone)
+    if ev.lease != s.lease:
+        return s, []
+    s = replace(s, lease=0, valid_until=0.0)
+    if s.sub in (Sub.DELETING, Sub.RETRY_DELETE):  # addresses gone; the key went with the lease
+        return _released(p, s, now, f"{s.reason}; key went with the lease")
+    return s, []
+
+
+def _releasing_shutdown(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    rel = s.release or Release(s.reason)
+    return replace(s, release=replace(rel, then=S.STOPPED)), []
+
+
+def _fenced_shutdown(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    return _to(s, S.STOPPED, Sub.NONE, "shutdown"), [RemoveAddress()]
+
+
+def _stale(s: VipState, ev: Reconcile) -> bool:
+    """A kernel snapshot taken before our own last address change says nothing about it."""
+    return bool(ev.taken_at) and ev.taken_at < s.changed_at
+
+
+def _table() -> dict[tuple[State, type], Handler]:
+    t: dict[tuple[State, type], Handler] = {
+        (S.INIT, Start): _start,
+        (S.INIT, ShutdownRequested): _stop_idle,
+        (S.BACKUP, CampaignWon): _backup_won,
+        (S.BACKUP, CampaignLost): _backup_lost,
+        (S.BACKUP, CampaignFailed): _backup_campaign_failed,
+        (S.BACKUP, KeyReleased): _backup_key_done,
+        (S.BACKUP, ReleaseFailed): _backup_key_done,
+        (S.BACKUP, LeaseGone): _backup_lease_gone,
+        (S.BACKUP, Reconcile): _present_stray,
+        (S.BACKUP, ShutdownRequested): _stop_idle,
+        (S.BACKUP, PreemptGranted): _token_not_needed,
+        (S.ACQUIRING, ProbeDone): _probe_done,
+        (S.ACQUIRING, AddressAdded): _added,
+        (S.ACQUIRING, ClaimDeferred): _deferred,
+        (S.OWNER, ClaimDeferred): _deferred,
+        (S.OWNER, PreemptGranted): _owner_preempt_granted,
+        (S.OWNER, LinkUp): _owner_reannounce,
+        (S.OWNER, EtcdRestored): _owner_reannounce,
+        (S.OWNER, Reconcile): _owner_reconcile,
+        (S.RELEASING, AddressRemoved): _removed,
+        (S.RELEASING, RemoveFailed): _remove_failed,
+        (S.RELEASING, KeyReleased): _releasing_key_released,
+        (S.RELEASING, ReleaseFailed): _releasing_key_failed,
+        (S.RELEASING, LeaseGone): _releasing_lease_gone,
+        (S.RELEASING, ShutdownRequested): _releasing_shutdown,
+        (S.RELEASING, Tick): _retry_tick,
+        (S.RELEASING, PreemptGranted): _token_not_needed,
+        (S.FENCED, AddressRemoved): _removed,
+        (S.FENCED, RemoveFailed): _remove_failed,
+        (S.FENCED, Tick): _retry_tick,
+        (S.FENCED, Reconcile): _present_stray,
+        (S.FENCED, ShutdownRequested): _fenced_shutdown,
+        (S.FENCED, PreemptGranted): _token_not_needed,
+        (S.ACQUIRING, PreemptGranted): _token_not_needed,
+    }
+    for st in HOLDING:
+        t[(st, LeaseValid)] = _holding_lease
+        t[(st, LeaseGone)] = _holding_lease_gone
+        t[(st, OwnerObserved)] = _holding_owner
+        t[(st, AddressFailed)] = _add_failed
+        t[(st, HealthChanged)] = _holding_health
+        t[(st, ReleaseRequested)] = _holding_release
+        t[(st, ShutdownRequested)] = _holding_shutdown
+        t[(st, Tick)] = _holding_tick
+    return t
+
+
+HANDLERS = _table()

@@ -1,0 +1,189 @@
+"""The real controller with in-memory fakes of its ports: the scenarios that only the root lab
+reached before, on trio's MockClock (autojump), with etcd failures injected at every action."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from tests.unit.controller_fakes import FakeEtcd, FakeHost, make_host, vip
+from vipd.errors import AddressError
+from vipd.model import HealthChanged, LeaseValid, OwnerObserved, OwnerRecord, ReleaseRequested, ShutdownRequested, State
+from vipd.ownership.state import Params, Sub
+
+
+async def keepalives(host: FakeHost, alive: list[bool], period: float = 0.5) -> None:
+    while True:
+        if alive[0]:
+            host.controller.post(LeaseValid(host.lease.lease_id, trio.current_time() + host.lease.ttl))
+        await trio.sleep(period)
+
+
+async def never_two(hosts: list[FakeHost], name: str = "api") -> None:
+    """The invariant, sampled every millisecond of (mock) time."""
+    while True:
+        holders = [h.node for h in hosts if h.kernel.holds(name)]
+        assert len(holders) <= 1, f"two holders at {trio.current_time():.3f}: {holders}"
+        await trio.sleep(0.001)
+
+
+async def wait_state(host: FakeHost, state: State, limit: float = 30.0) -> None:
+    with trio.fail_after(limit):
+        while host.controller.state.state is not state:
+            await trio.sleep(0.01)
+
+
+async def start(nursery: trio.Nursery, etcd: FakeEtcd, hosts: list[FakeHost]) -> list[list[bool]]:
+    alive = []
+    for h in hosts:
+        await nursery.start(h.controller.run)
+        flag = [True]
+        alive.append(flag)
+        nursery.start_soon(keepalives, h, flag)
+    for h in hosts:
+        h.controller.post(OwnerObserved(OwnerRecord(None, revision=etcd.revision)))
+    nursery.start_soon(never_two, hosts)
+    return alive
+
+
+def owner_of(hosts: list[FakeHost]) -> FakeHost:
+    owners = [h for h in hosts if h.controller.state.state is State.OWNER]
+    assert len(owners) == 1, [h.controller.state for h in hosts]
+    return owners[0]
+
+
+async def test_one_of_two_hosts_takes_the_vip(autojump_clock):
+    etcd = FakeEtcd()
+    hosts = [make_host(etcd, "h1", 1), make_host(etcd, "h2", 2)]
+    async with trio.open_nursery() as n:
+        await start(n, etcd, hosts)
+        await trio.sleep(2)
+        o = owner_of(hosts)
+        assert o.kernel.holds("api") and etcd.keys["api"].node == o.node
+        n.cancel_scope.cancel()
+
+
+async def test_silent_lease_fences_before_etcd_lets_the_other_host_win(autojump_clock):
+    etcd = FakeEtcd()
+    hosts = [make_host(etcd, "h1", 1), make_host(etcd, "h2", 2)]
+    async with trio.open_nursery() as n:
+        alive = await start(n, etcd, hosts)
+        await trio.sleep(2)
+        o = owner_of(hosts)
+        other = hosts[1] if o is hosts[0] else hosts[0]
+        alive[hosts.index(o)][0] = False  # keepalives stop being acknowledged
+        await wait_state(o, State.BACKUP)
+        assert not o.kernel.holds("api")  # fenced by the controller, without a word from etcd
+        await trio.sleep(o.lease.ttl)  # etcd expires the silent lease only later
+        etcd.expire_lease(o.lease.lease_id)
+        await wait_state(other, State.OWNER)
+        n.cancel_scope.cancel()
+
+
+async def test_health_release_survives_an_etcd_blip_on_the_key_delete(autojump_clock):
+    """The old core's liveness bug: the delete failed once and the unit stayed RELEASING for good."""
+    etcd = FakeEtcd()
+    hosts = [make_host(etcd, "h1", 1), make_host(etcd, "h2", 2)]
+    async with trio.open_nursery() as n:
+        await start(n, etcd, hosts)
+        await trio.sleep(2)
+        o = owner_of(hosts)
+        other = hosts[1] if o is hosts[0] else hosts[0]
+        etcd.fail.add("release")
+        o.controller.post(HealthChanged(False, "check failed"))
+        with trio.fail_after(5):
+            while o.controller.state.sub is not Sub.RETRY_DELETE:
+                await trio.sleep(0.01)
+        assert not o.kernel.holds("api") and etcd.keys["api"].node == o.node
+        etcd.fail.discard("release")  # etcd answers again: the retry gives the key back
+        await wait_state(other, State.OWNER, limit=5)
+        assert o.controller.state.state is State.BACKUP
+        n.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("fail", ["campaign", "release"])
+async def test_etcd_failing_at_every_action_recovers_when_it_answers(autojump_clock, fail):
+    etcd = FakeEtcd()
+    hosts = [make_host(etcd, "h1", 1), make_host(etcd, "h2", 2)]
+    etcd.fail.add(fail)
+    async with trio.open_nursery() as n:
+        await start(n, etcd, hosts)
+        await trio.sleep(2)
+        if fail == "campaign":
+            assert all(h.controller.state.state is State.BACKUP for h in hosts)
+            assert sum(1 for op, _ in etcd.calls if op == "campaign") > 4  # retried, bounded pace
+            etcd.fail.clear()
+            await trio.sleep(2)
+            owner_of(hosts)
+        else:
+            o = owner_of(hosts)
+            o.controller.post(ReleaseRequested("operator"))
+            await trio.sleep(2)
+            assert not o.kernel.holds("api")
+            etcd.fail.clear()
+            await trio.sleep(3)
+            assert etcd.keys.get("api") is None or etcd.keys["api"].node != o.node or o.controller.state.state is State.OWNER
+        n.cancel_scope.cancel()
+
+
+async def test_address_failure_gives_the_key_back_and_the_other_host_serves(autojump_clock):
+    etcd = FakeEtcd()
+    h1, h2 = make_host(etcd, "h1", 1), make_host(etcd, "h2", 2)
+    h1.kernel.fail_add = True
+    async with trio.open_nursery() as n:
+        await start(n, etcd, [h1])
+        await trio.sleep(0.5)
+        assert "claim" in h1.metrics.errors and "api" not in etcd.keys  # tried, failed, gave it back
+        await start(n, etcd, [h2])
+        await trio.sleep(3)
+        assert h2.controller.state.state is State.OWNER and h2.kernel.holds("api")
+        assert not h1.kernel.holds("api")
+        n.cancel_scope.cancel()
+
+
+async def test_claim_with_less_than_a_second_left_renews_the_lease_at_once(autojump_clock):
+    etcd = FakeEtcd()
+    h1 = make_host(etcd, "h1", 1, params=Params("h1", fence_margin=0.5, release_holdoff=1.0))
+    async with trio.open_nursery() as n:
+        await n.start(h1.controller.run)
+        now = trio.current_time()
+        h1.controller.post(LeaseValid(1, now + 1.3))  # fence deadline now + 0.8: no whole second left
+        h1.controller.post(OwnerObserved(OwnerRecord(None, revision=1)))
+        await wait_state(h1, State.OWNER, limit=1)
+        assert h1.lease.renewals == 1 and trio.current_time() - now < 0.1
+        n.cancel_scope.cancel()
+
+
+async def test_conflict_probe_refusal_releases_and_backs_off(autojump_clock):
+    class Conflicts:
+        calls = 0
+
+        async def check_free(self, v):  # type: ignore[no-untyped-def]
+            Conflicts.calls += 1
+            raise AddressError("02:00:00:00:00:99 answers for it")
+
+    etcd = FakeEtcd()
+    h1 = make_host(etcd, "h1", 1, params=Params("h1", 0.5, 1.0, conflict_check=True), conflicts=Conflicts())
+    async with trio.open_nursery() as n:
+        await start(n, etcd, [h1])
+        await trio.sleep(10)
+        assert not [op for _, op, _ in h1.kernel.history if op == "add"]  # never added
+        assert 2 <= Conflicts.calls <= 5  # backed off: 1 s, 2 s, 4 s ...
+        assert "api" not in etcd.keys or etcd.keys["api"].node != "h1" or h1.controller.state.sub is Sub.PROBING
+        n.cancel_scope.cancel()
+
+
+async def test_shutdown_removes_then_gives_the_key_back(autojump_clock):
+    etcd = FakeEtcd()
+    hosts = [make_host(etcd, "h1", 1, [vip(), vip("api2", "10.0.0.11/24")])]
+    async with trio.open_nursery() as n:
+        await start(n, etcd, hosts)
+        await trio.sleep(2)
+        h = owner_of(hosts)
+        h.controller.post(ShutdownRequested())
+        with trio.fail_after(2):
+            await h.controller.stopped.wait()
+        assert not h.kernel.held and "api" not in etcd.keys
+        dels = [t for t, op, _ in h.kernel.history if op == "del"]
+        assert dels and max(dels) <= trio.current_time()
+        n.cancel_scope.cancel()
