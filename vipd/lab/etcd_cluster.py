@@ -31,6 +31,7 @@ from vipd.lab.topology import Host, Lab
 _MEMBER_KEYS = ("x", "y", "z", "w", "v")  # namespace suffixes (one letter each, see Lab.add_node)
 _FIRST_OFFSET = 4  # member i (0-based) is .4+i
 STATUS_TIMEOUT = 1.0  # seconds per member for a /v3/maintenance/status
+FAULTS = ("leader-kill", "leader-cut", "leader-pause", "follower-kill")  # see EtcdCluster.inject
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,43 @@ class EtcdCluster:
     def restore(self, m: Member) -> None:
         self.lab.restore(m.node)
         self._cut.discard(m.node.name)
+
+    def inject(self, fault: str, hold: float = 3.0, timeout: float = 20.0) -> Member:
+        """One fault of FAULTS, held for `hold` seconds, then undone; returns the member it hit.
+
+        leader-kill: SIGKILL the leader, wait for a new one, hold, start it again (it rejoins).
+        leader-cut: cut the leader's link, wait for a new leader, hold (the cut-off member keeps
+        campaigning, raising its term), restore (without pre-vote its term deposes the new leader).
+        leader-pause: SIGSTOP the leader for `hold`, then SIGCONT (it comes back believing it leads).
+        follower-kill: SIGKILL a follower, hold, start it again."""
+        lead = self.wait_for_leader(timeout)
+        if lead is None:
+            raise RuntimeError(f"no etcd leader to inject {fault} into\n{self.log_tail()}")
+        if fault == "follower-kill":
+            victim = next(m for m in self.members if m is not lead)
+            self.kill(victim)
+            time.sleep(hold)
+            self.start_member(victim)
+            return victim
+        if fault == "leader-pause":
+            self.stop(lead)
+            time.sleep(hold)
+            self.cont(lead)
+            return lead
+        if fault not in ("leader-kill", "leader-cut"):
+            raise ValueError(f"unknown fault {fault!r}; one of {FAULTS}")
+        if fault == "leader-kill":
+            self.kill(lead)
+        else:
+            self.cut(lead)
+        if self.wait_for_leader(timeout, exclude=[lead]) is None:
+            raise RuntimeError(f"{fault}: no new leader within {timeout}s\n{self.log_tail()}")
+        time.sleep(hold)
+        if fault == "leader-kill":
+            self.start_member(lead)
+        else:
+            self.restore(lead)
+        return lead
 
     def log_tail(self, lines: int = 10) -> str:
         return "\n".join(f"--- {m.name} ---\n{m.log_tail(lines)}" for m in self.members)
