@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -33,7 +34,8 @@ PROBE_INTERVAL = 0.02
 
 
 @pytest.fixture
-def vipd_on_etcd_cluster(lab: Lab, lab_etcd_cluster: EtcdCluster, tmp_path) -> Iterator[Cluster]:  # type: ignore[no-untyped-def]
+def vipd_on_etcd_cluster(lab: Lab, lab_etcd_cluster: EtcdCluster,
+                         tmp_path: Path) -> Iterator[Cluster]:
     """make_cluster's pattern on the 3-member cluster, with vipd's own defaults (not the lab's fast profile)."""
     vip = VipDef("api", str(lab.vip4(0)))
     e, t = EtcdConfig(), TimingConfig()

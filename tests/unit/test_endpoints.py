@@ -22,7 +22,7 @@ class Members:
     or an exception to raise); records who was asked when, and who was cancelled."""
 
     def __init__(self, **behaviour: Any) -> None:
-        self.behaviour = {A: ("ok", 0.01), B: ("ok", 0.01), C: ("ok", 0.01)}
+        self.behaviour: dict[str, tuple[Any, ...]] = {A: ("ok", 0.01), B: ("ok", 0.01), C: ("ok", 0.01)}
         self.behaviour.update({k: v for k, v in behaviour.items()})
         self.asked: list[tuple[str, float]] = []
         self.cancelled: list[str] = []
