@@ -47,12 +47,24 @@ class PlacementConfig:
     campaign_stagger: float = 0.2  # seconds per place behind in the ranking before campaigning
 
 
+# Defaults that ride out an etcd leader change with etcd's default flags (heartbeat 100 ms, election
+# 1000 ms: an election leaves keepalives unanswered for up to ~3 s, a rejoining cut-off leader forces
+# a second one): the owner's fence deadline is TTL - fence_margin = 8.5 s after its last acknowledged
+# keepalive, one keepalive a second. Host loss is detected by peer heartbeats, not by the lease, so a
+# long TTL costs only the failover time of a host lost without that fast path (~TTL).
+DEFAULT_LEASE_TTL = 10
+DEFAULT_REQUEST_TIMEOUT = 1.0
+DEFAULT_KEEPALIVES_PER_TTL = 10
+
+
 @dataclass(frozen=True)
 class EtcdConfig:
     endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
     prefix: str = "/vipd/default/"
-    lease_ttl: int = 3
-    request_timeout: float = 0.5
+    lease_ttl: int = DEFAULT_LEASE_TTL
+    # Per request and member: the last member that answered is asked first, the others after half
+    # of this (hedged), so one call takes at most 2 x request_timeout.
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -66,8 +78,8 @@ class TimingConfig:
     # the kernel removes an expired address (up to ~1.25 s: its lifetime check runs at most once a
     # second, rounded up), so that a dead daemon's VIP is gone before another host can win.
     fence_margin: float = 1.5
-    # Keepalives per granted TTL (6 means one every TTL/6).
-    keepalives_per_ttl: int = 6
+    # Keepalives per granted TTL (10 means one every TTL/10).
+    keepalives_per_ttl: int = DEFAULT_KEEPALIVES_PER_TTL
     # Level-triggered reconcile of kernel state.
     reconcile_interval: float = 1.0
     # After a voluntary release this host does not campaign for that VIP for this long.
@@ -120,8 +132,9 @@ def _parse_etcd(t: _Table) -> EtcdConfig:
         raise ConfigError(t.key("prefix"), "must start with '/'")
     if not prefix.endswith("/"):
         prefix += "/"
-    ttl = int(_positive(t.key("lease_ttl"), t.get("lease_ttl", int, 3), 1, 3600))
-    timeout = float(_positive(t.key("request_timeout"), t.get("request_timeout", (int, float), 0.5), 0, 30))
+    ttl = int(_positive(t.key("lease_ttl"), t.get("lease_ttl", int, DEFAULT_LEASE_TTL), 1, 3600))
+    timeout = float(_positive(t.key("request_timeout"),
+                              t.get("request_timeout", (int, float), DEFAULT_REQUEST_TIMEOUT), 0, 30))
     files = {}
     for k in ("ca_file", "cert_file", "key_file"):
         files[k] = t.get(k, str)
@@ -147,7 +160,8 @@ def _parse_etcd(t: _Table) -> EtcdConfig:
 
 def _parse_timing(t: _Table) -> TimingConfig:
     margin = float(_positive(t.key("fence_margin"), t.get("fence_margin", (int, float), 1.5), MIN_FENCE_MARGIN, 10))
-    per_ttl = int(_positive(t.key("keepalives_per_ttl"), t.get("keepalives_per_ttl", int, 6), 2, 20))
+    per_ttl = int(_positive(t.key("keepalives_per_ttl"),
+                            t.get("keepalives_per_ttl", int, DEFAULT_KEEPALIVES_PER_TTL), 2, 20))
     reconcile = float(_positive(t.key("reconcile_interval"), t.get("reconcile_interval", (int, float), 1.0), 0, 60))
     holdoff = float(_positive(t.key("release_holdoff"), t.get("release_holdoff", (int, float), 3.0), 0, 3600))
     t.done()
@@ -280,6 +294,13 @@ def parse(data: dict[str, Any], *, hostname: str | None = None) -> Config:
     if etcd.lease_ttl - timing.fence_margin < 1:
         raise ConfigError("etcd.lease_ttl", f"must exceed timing.fence_margin by at least 1 s "
                                             f"(address lifetimes are whole seconds)")
+    # A keepalive that finds every member dead or slow must still leave room for the next one before
+    # the fence deadline: one request timeout per member, after one keepalive interval.
+    budget = etcd.lease_ttl - timing.fence_margin - etcd.lease_ttl / timing.keepalives_per_ttl
+    if etcd.request_timeout * len(etcd.endpoints) > budget:
+        raise ConfigError("etcd.request_timeout", f"{etcd.request_timeout:g} s x {len(etcd.endpoints)} endpoints "
+                                                  f"does not fit in lease_ttl - fence_margin - one keepalive "
+                                                  f"interval ({budget:.2f} s): lower it or raise etcd.lease_ttl")
     root.done()
     return Config(node, etcd, timing, tuple(vips), host, placement, hooks, bgp, egress, listen, state_dir, log_level)
 

@@ -11,6 +11,7 @@ import pytest
 
 from vipd.lab.cluster import Cluster, VipDef
 from vipd.lab.etcd import EtcdServer
+from vipd.lab.etcd_cluster import EtcdCluster
 from vipd.lab.monitor import AddressMonitor
 from vipd.lab.topology import Lab
 
@@ -30,6 +31,13 @@ def lab_etcd(lab: Lab, tmp_path) -> Iterator[EtcdServer]:  # type: ignore[no-unt
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def lab_etcd_cluster(lab: Lab, tmp_path) -> Iterator[EtcdCluster]:  # type: ignore[no-untyped-def]
+    """Three etcd members (namespaces {prefix}x/y/z, 10.213.0.4-6) with etcd's default flags."""
+    with EtcdCluster(lab, tmp_path / "etcd-cluster") as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def test_example_config_parses():
     cfg = config.load(ROOT / "conf" / "vipd.toml", hostname="cp1")
     assert cfg.node == "cp1"
     assert [v.name for v in cfg.vips] == ["api", "api-v6"]
-    assert cfg.etcd.lease_ttl == 3 and cfg.etcd.endpoints[0].startswith("https://")
+    assert cfg.etcd.lease_ttl == 10 and cfg.etcd.endpoints[0].startswith("https://")
 
 
 def test_defaults_and_types():
@@ -51,6 +51,19 @@ def test_prefix_gets_trailing_slash():
     assert parse({"etcd": {"prefix": "/vipd/x"}}).etcd.prefix == "/vipd/x/"
 
 
+THREE = ["http://10.0.0.11:2379", "http://10.0.0.12:2379", "http://10.0.0.13:2379"]
+
+
+def test_defaults_fit_three_members_and_ride_out_an_election():
+    cfg = parse({"etcd": {"endpoints": THREE}})
+    e, t = cfg.etcd, cfg.timing
+    assert (e.lease_ttl, e.request_timeout, t.fence_margin, t.keepalives_per_ttl) == (10, 1.0, 1.5, 10)
+    # a request timeout per member still fits between one keepalive interval and the fence deadline
+    assert e.request_timeout * 3 <= e.lease_ttl - t.fence_margin - e.lease_ttl / t.keepalives_per_ttl
+    # the fast single-etcd profile the lab uses stays valid
+    assert parse({"etcd": {"lease_ttl": 3, "request_timeout": 0.5}, "timing": {"keepalives_per_ttl": 6}})
+
+
 @pytest.mark.parametrize("data,key,why", [
     ({"bogus": 1}, "bogus", "unknown key"),
     ({"etcd": {"endpoint": ["http://a:1"]}}, "etcd.endpoint", "unknown key"),
@@ -60,6 +73,9 @@ def test_prefix_gets_trailing_slash():
     ({"etcd": {"lease_ttl": "3"}}, "etcd.lease_ttl", "expected an integer"),
     ({"etcd": {"lease_ttl": True}}, "etcd.lease_ttl", "boolean"),
     ({"etcd": {"lease_ttl": 2}}, "etcd.lease_ttl", "fence_margin"),
+    ({"etcd": {"endpoints": THREE, "request_timeout": 2.6}}, "etcd.request_timeout", "does not fit"),
+    ({"etcd": {"endpoints": THREE, "lease_ttl": 3}}, "etcd.request_timeout", "3 endpoints"),
+    ({"etcd": {"lease_ttl": 3, "request_timeout": 1.5}}, "etcd.request_timeout", "(1.20 s)"),
     ({"etcd": {"prefix": "vipd/"}}, "etcd.prefix", "start with '/'"),
     ({"etcd": {"cert_file": "/x"}}, "etcd.key_file", "go together"),
     ({"etcd": {"username": "u"}}, "etcd.password", "go together"),

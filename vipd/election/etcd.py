@@ -1,8 +1,9 @@
 """etcd v3 client over etcd's JSON gateway (/v3/...), for trio. Knows nothing about IPs.
 
-Every call tries the endpoints in turn, starting with the last one that worked; each attempt is
-bounded by `timeout` with a trio cancel scope, so a blackholed endpoint cannot hang a call (that
-and TLS, auth tokens and error decoding: vipd.election.etcd_transport). Gateway quirks: keys and
+Every call goes to the last endpoint that worked and is hedged to the others when that one fails or
+is slow; each attempt is bounded by `timeout` with a trio cancel scope, so a blackholed endpoint
+cannot hang a call (that and TLS, auth tokens and error decoding: vipd.election.etcd_transport and
+vipd.election.endpoints). Gateway quirks: keys and
 values are base64, int64 fields are strings, default values are omitted.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncGenerator, AsyncIterator, Literal
 
 import httpx
 import trio
@@ -47,6 +48,11 @@ class WatchBatch:
 
     revision: int
     events: tuple[WatchEvent, ...]
+
+
+@dataclass(frozen=True)
+class _Created:
+    revision: int  # the member's revision when the watch was created
 
 
 def _b64(s: str | bytes) -> str:
@@ -188,7 +194,7 @@ class EtcdClient(EtcdTransport):
     # --- watch ---------------------------------------------------------------------------------
 
     async def watch_prefix(self, prefix: str, start_revision: int, *,
-                           progress_interval: float = 1.0) -> AsyncIterator[WatchBatch]:
+                           progress_interval: float = 1.0) -> AsyncGenerator[WatchBatch, None]:
         """Batches of events under prefix from start_revision on, in order, plus progress batches.
 
         Needs etcd to send progress notifications at least every progress_interval
@@ -203,7 +209,7 @@ class EtcdClient(EtcdTransport):
         silence = 3 * progress_interval + self.timeout
         resp: httpx.Response | None = None
 
-        async def attempt(ep: str) -> tuple[httpx.Response, AsyncIterator[str]]:
+        async def attempt(ep: str) -> tuple[str, httpx.Response, AsyncIterator[str]]:
             request = self._client().build_request("POST", ep + "/v3/watch", json=body, headers=self._headers(),
                                                    timeout=httpx.Timeout(self.timeout, read=None))
             r: httpx.Response | None = None
@@ -212,9 +218,13 @@ class EtcdClient(EtcdTransport):
                 lines = r.aiter_lines()
                 if r.status_code != 200:
                     self._decode(r.status_code, (await r.aread()).decode(errors="replace"))
-                if await self._watch_message(lines) is not None:  # expect "created" (or a cancellation)
+                created = await self._watch_message(lines)  # expect "created" (or a cancellation)
+                if not isinstance(created, _Created):
                     raise EndpointFailed("watch answered without confirming its creation")
-                return r, lines
+                if created.revision < start_revision - 1:  # a store that went back (restored, wiped)
+                    raise EtcdCompacted(f"etcd is at revision {created.revision}, before the watch's "
+                                        f"start {start_revision}: re-list")
+                return ep, r, lines
             except httpx.HTTPError as e:
                 await close_response(r)
                 raise await self._transport_failure(ep, e) from e
@@ -223,7 +233,10 @@ class EtcdClient(EtcdTransport):
                 raise
 
         try:
-            resp, lines = await self._authenticated(attempt)
+            async def discard(opened: tuple[str, httpx.Response, AsyncIterator[str]]) -> None:
+                await close_response(opened[1])
+
+            ep, resp, lines = await self._authenticated(attempt, discard)
             last = trio.current_time()  # when the last message arrived
             while True:
                 # silence counts from the last message, not from this call (the consumer may be slow);
@@ -232,19 +245,21 @@ class EtcdClient(EtcdTransport):
                     try:
                         batch = await self._watch_message(lines)
                     except (httpx.HTTPError, EndpointFailed, TokenInvalid) as e:
-                        raise EtcdUnavailable(f"watch on {self.endpoint} broke: {e}") from e
+                        self._endpoint_broke(ep)  # resume on another member
+                        raise EtcdUnavailable(f"watch on {ep} broke: {e}") from e
                 if scope.cancelled_caught:
-                    raise EtcdWatchIdle(f"watch on {self.endpoint}: no event or progress notification "
+                    self._endpoint_broke(ep)
+                    raise EtcdWatchIdle(f"watch on {ep}: no event or progress notification "
                                           f"for {trio.current_time() - last:.1f}s")
                 last = trio.current_time()
-                if batch is not None:
+                if isinstance(batch, WatchBatch):
                     yield batch
         finally:
             await close_response(resp)
 
     @staticmethod
-    async def _watch_message(lines: AsyncIterator[str]) -> WatchBatch | None:
-        """Read one watch message: a batch, or None for the "created" confirmation."""
+    async def _watch_message(lines: AsyncIterator[str]) -> WatchBatch | _Created:
+        """Read one watch message: a batch, or the "created" confirmation."""
         async for line in lines:
             if line.strip():
                 break
@@ -262,7 +277,7 @@ class EtcdClient(EtcdTransport):
                 raise EtcdCompacted(f"watch start revision compacted (etcd compacted up to {r['compact_revision']})")
             raise_etcd_error(200, {"error": r.get("cancel_reason", "watch canceled by etcd")})
         if r.get("created"):
-            return None
+            return _Created(int(r.get("header", {}).get("revision", 0)))
         events = tuple(WatchEvent(e.get("type", "PUT"), _kv(e["kv"])) for e in r.get("events", []))
         revision = events[-1].kv.mod_revision if events else int(r["header"]["revision"])
         return WatchBatch(revision, events)

@@ -1,8 +1,12 @@
-"""The transport under vipd.election.etcd's client: endpoints in turn, TLS, auth tokens, decoding.
+"""The transport under vipd.election.etcd's client: endpoint choice, TLS, auth tokens, decoding.
 
-Every call tries the endpoints in turn, starting with the last one that worked; each attempt is
-bounded by `timeout` with a trio cancel scope, so a blackholed endpoint cannot hang a call. A
-certificate rejection is reported as EtcdAuthError, an invalid token is renewed once.
+Every call goes to the last endpoint that worked and is hedged to the others when that one fails or
+is slow (vipd.election.endpoints); each attempt is bounded by `timeout` with a trio cancel scope, so
+a blackholed endpoint cannot hang a call. Every request carries gRPC metadata `hasleader` (the
+gateway passes `Grpc-Metadata-*` headers on): a member that knows no leader answers "no leader" at
+once instead of holding the request for etcd's 7 s request timeout, and cancels a watch when it
+loses its leader. A certificate rejection is reported as EtcdAuthError, an invalid token is
+renewed once.
 """
 
 from __future__ import annotations
@@ -14,20 +18,16 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 import httpx
 import trio
 
+from vipd.election.endpoints import AllFailed, EndpointFailed, EndpointPool, hedged
 from vipd.errors import EtcdAuthError, EtcdRequestError, EtcdUnavailable, LeaseLost
+
+__all__ = ["EndpointFailed", "EtcdTransport", "TokenInvalid", "close_response", "raise_etcd_error"]
 
 T = TypeVar("T")
 _S = TypeVar("_S", bound="EtcdTransport")
 _RETRY_CODES = {4, 14}  # gRPC DeadlineExceeded, Unavailable: this member cannot serve, try the next
 _TLS_AUTH_WORDS = ("CERTIFICATE", "UNKNOWN_CA", "BAD_CERT", "HANDSHAKE_FAILURE", "ACCESS_DENIED")
-
-
-class EndpointFailed(Exception):
-    """This endpoint did not serve the request; the next one may. auth=True: TLS rejected us."""
-
-    def __init__(self, message: str, auth: bool = False) -> None:
-        super().__init__(message)
-        self.auth = auth
+_REQUIRE_LEADER = {"Grpc-Metadata-Hasleader": "true"}  # etcd's rpctypes.MetadataRequireLeaderKey
 
 
 class TokenInvalid(Exception):
@@ -81,11 +81,10 @@ class EtcdTransport:
     def __init__(self, endpoints: Sequence[str], *, timeout: float = 0.5, ca_file: str | None = None,
                  cert_file: str | None = None, key_file: str | None = None, username: str | None = None,
                  password: str | None = None) -> None:
-        if not endpoints:
-            raise ValueError("at least one etcd endpoint is needed")
-        self._endpoints = tuple(e.rstrip("/") for e in endpoints)
-        self._idx = 0
+        self._pool = EndpointPool([e.rstrip("/") for e in endpoints])
+        self._endpoints = self._pool.endpoints
         self.timeout = timeout
+        self.hedge_after = timeout / 2
         self._has_cert = cert_file is not None
         self._ssl: ssl.SSLContext | None = None
         if any(e.startswith("https:") for e in self._endpoints):
@@ -99,7 +98,7 @@ class EtcdTransport:
     @property
     def endpoint(self) -> str:
         """The endpoint last used successfully (the first one before any call)."""
-        return self._endpoints[self._idx]
+        return self._pool.preferred
 
     async def __aenter__(self: _S) -> _S:
         self._http = httpx.AsyncClient(verify=self._ssl or False, timeout=self.timeout, trust_env=False)
@@ -120,41 +119,34 @@ class EtcdTransport:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
                 await http.aclose()
 
-    # --- one request, on each endpoint in turn ------------------------------------------------
+    # --- one request, hedged over the endpoints ----------------------------------------------
 
-    async def _each_endpoint(self, attempt: Callable[[str], Awaitable[T]]) -> T:
-        """Run attempt(endpoint) on each endpoint in turn, each bounded by timeout; first success wins."""
-        errors: list[str] = []
-        auth_error: str | None = None
-        n = len(self._endpoints)
-        for i in range(n):
-            idx = (self._idx + i) % n
-            ep = self._endpoints[idx]
-            with trio.move_on_after(self.timeout) as scope:
-                try:
-                    result = await attempt(ep)
-                except EndpointFailed as e:
-                    errors.append(f"{ep}: {e}")
-                    auth_error = auth_error or (f"{ep}: {e}" if e.auth else None)
-                    continue
-                self._idx = idx
-                return result
-            if scope.cancelled_caught:
-                errors.append(f"{ep}: no answer within {self.timeout}s")
-        if auth_error:
-            raise EtcdAuthError(f"etcd refused the TLS connection: {auth_error}")
-        raise EtcdUnavailable(f"no etcd endpoint answered: {'; '.join(errors)}")
+    async def _each_endpoint(self, attempt: Callable[[str], Awaitable[T]],
+                             discard: Callable[[T], Awaitable[None]] | None = None) -> T:
+        """attempt(endpoint) on the preferred endpoint, hedged to the others (first success wins)."""
+        try:
+            return await hedged(self._pool, attempt, timeout=self.timeout, hedge_after=self.hedge_after,
+                                discard=discard)
+        except AllFailed as e:
+            if e.auth:
+                raise EtcdAuthError(f"etcd refused the TLS connection: {e.auth}") from None
+            raise EtcdUnavailable(f"no etcd endpoint answered: {e}") from None
 
-    async def _authenticated(self, attempt: Callable[[str], Awaitable[T]]) -> T:
+    def _endpoint_broke(self, ep: str) -> None:
+        """A stream on ep broke (watch): ask the others first for a while."""
+        self._pool.failed(ep, trio.current_time())
+
+    async def _authenticated(self, attempt: Callable[[str], Awaitable[T]],
+                             discard: Callable[[T], Awaitable[None]] | None = None) -> T:
         """_each_endpoint, re-authenticating once if etcd rejects our token."""
         try:
-            return await self._each_endpoint(attempt)
+            return await self._each_endpoint(attempt, discard)
         except TokenInvalid as e:
             if self._username is None:
                 raise EtcdAuthError(f"etcd requires authentication and no username is configured ({e})") from None
         await self._authenticate()
         try:
-            return await self._each_endpoint(attempt)
+            return await self._each_endpoint(attempt, discard)
         except TokenInvalid as e:
             raise EtcdAuthError(f"etcd rejected the token of user {self._username!r} ({e})") from None
 
@@ -173,7 +165,7 @@ class EtcdTransport:
         self._token = (await self._each_endpoint(attempt)).get("token")
 
     def _headers(self, token: bool = True) -> dict[str, str]:
-        return {"Authorization": self._token} if token and self._token else {}
+        return {**_REQUIRE_LEADER, "Authorization": self._token} if token and self._token else dict(_REQUIRE_LEADER)
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:

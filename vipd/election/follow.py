@@ -1,9 +1,11 @@
-"""List a prefix, then watch it, forever: level-triggered (every failure re-lists)."""
+"""List a prefix, then watch it, forever. A broken or silent watch resumes (on another member) from
+the last revision it delivered, so no event is missed and no leader is needed to carry on; only a
+compacted revision (or the first start) re-lists."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, AsyncIterator, Callable, Protocol, Sequence
+from typing import Any, AsyncGenerator, Callable, Protocol, Sequence
 
 import trio
 
@@ -13,7 +15,7 @@ from vipd.errors import EtcdAuthError, EtcdCompacted, EtcdError, EtcdWatchIdle
 
 class FollowClient(Protocol):
     async def get_prefix(self, prefix: str) -> tuple[Sequence[Any], int]: ...
-    def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[Any]: ...
+    def watch_prefix(self, prefix: str, start_revision: int) -> AsyncGenerator[Any, None]: ...
 
 
 async def follow(client: FollowClient, prefix: str, on_snapshot: Callable[[Sequence[Any], int], None],
@@ -23,28 +25,32 @@ async def follow(client: FollowClient, prefix: str, on_snapshot: Callable[[Seque
     Reports started after the first listing. Only EtcdAuthError escapes."""
     backoff = 0.1
     started = failed = False
+    revision = 0  # everything up to here was delivered (0: list first)
     while True:
         try:
-            kvs, revision = await client.get_prefix(prefix)
-            if failed:
-                log.info("watch_restored", prefix=prefix, revision=revision)
-                failed = False
-            on_snapshot(kvs, revision)
-            if not started:
-                started = True
-                task_status.started()
-            backoff = 0.1
-            async with contextlib.aclosing(client.watch_prefix(prefix, revision + 1)) as batches:  # type: ignore[type-var]
+            if not revision:
+                kvs, revision = await client.get_prefix(prefix)
+                on_snapshot(kvs, revision)
+                if not started:
+                    started = True
+                    task_status.started()
+            async with contextlib.aclosing(client.watch_prefix(prefix, revision + 1)) as batches:
                 async for batch in batches:
+                    if failed:
+                        log.info("watch_restored", prefix=prefix, revision=revision)
+                        failed = False
+                    backoff = 0.1
                     for ev in batch.events:
                         on_event(ev)
+                    revision = max(revision, batch.revision)
         except EtcdAuthError:
             raise
         except EtcdCompacted:
             log.info("watch_compacted", prefix=prefix)
+            revision = 0
         except EtcdWatchIdle:
             # etcd without --experimental-watch-progress-notify-interval sends no progress on a quiet
-            # stream; a re-list + re-watch is cheap and proves the stream (level-triggered).
+            # stream (or the member hangs): resume, preferring another member.
             log.debug("watch_refreshed", prefix=prefix)
         except EtcdError as e:
             if not failed:

@@ -96,6 +96,7 @@ class HostLease:
         period = self.granted_ttl / self._per_ttl
         next_at = trio.current_time() + period
         failing = announced_gone = False
+        last_ok = trio.current_time()  # when the last acknowledged keepalive (or the grant) was sent
         while True:
             with trio.move_on_at(next_at):
                 await self._renew.wait()
@@ -121,11 +122,15 @@ class HostLease:
                 continue
             self._metrics.observe_keepalive(trio.current_time() - sent)
             self._metrics.set_etcd_reachable(True)
+            left = self.valid_until - trio.current_time()  # what the lease had left at this ack
             self._valid(sent + min(self.granted_ttl, max(remaining, 0)))
             if failing:
-                log.info("etcd_restored", lease=f"{self.lease_id:x}")
+                # unrenewed: how long etcd could not renew the lease; left: how close it came to expiry
+                log.info("etcd_restored", lease=f"{self.lease_id:x}", unrenewed=f"{sent - last_ok:.2f}",
+                         left=f"{left:.2f}")
                 self._publish(EtcdRestored())
                 failing = announced_gone = False
+            last_ok = sent
 
     def presence_changed(self) -> None:
         """The presence value (health, weight) changed: sync_presence puts it again."""

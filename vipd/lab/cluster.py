@@ -69,8 +69,11 @@ class Cluster:
         self.vips = vips
         self.endpoints = endpoints
         self.lease_ttl = lease_ttl
-        self.etcd_extra = dict(etcd_extra or {})
-        self.timing = {"fence_margin": 1.5, "reconcile_interval": 0.5, "release_holdoff": 2.0, **(timing or {})}
+        # The lab's fast profile (one etcd, lease TTL 3 s): vipd's pre-cluster defaults, pinned here so
+        # that lab tests keep their timing; vipd's own defaults ride out etcd leader changes instead.
+        self.etcd_extra = {"request_timeout": 0.5, **(etcd_extra or {})}
+        self.timing = {"fence_margin": 1.5, "keepalives_per_ttl": 6, "reconcile_interval": 0.5,
+                       "release_holdoff": 2.0, **(timing or {})}
         self.prefix = prefix
         # preemption off unless asked: the core tests watch one failover at a time
         self.placement = {"preempt": False, **(placement or {})}
