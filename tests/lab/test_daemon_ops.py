@@ -137,3 +137,60 @@ def test_invalid_config_changes_nothing(lab, lab_etcd, make_cluster):
     r = subprocess.run(["ip", "netns", "exec", h.ns, *vipd_argv(), "check", "-c", str(path)],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 2 and re.search(r"vip\[0\]\.interface: no interface 'vtnosuch0'", r.stderr), r.stderr
+
+
+def test_second_daemon_on_the_same_state_dir_changes_nothing(lab, lab_etcd, make_cluster):
+    """A second `vipd run` with the running daemon's config: exit 1 with one line naming the holder's
+    pid, before touching the host or etcd (the owner keeps its VIP, key and lease); the same for a
+    metrics port that another process holds."""
+    c = make_cluster([VipDef("api", str(lab.vip4(0)))])
+    v = c.vips[0]
+    owner = c.wait_owner(_ip(v))
+    host = c.host(owner)
+    time.sleep(0.5)  # let the owner key settle
+    before = lab_etcd.request("/v3/kv/range", {"key": "Lw==", "range_end": "MA=="})
+    r = c.run_cli(host, "run", timeout=20)
+    assert r.returncode == 1, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pid {c.procs[host.name].pid}" in lines[0], r.stderr
+    after = lab_etcd.request("/v3/kv/range", {"key": "Lw==", "range_end": "MA=="})
+    assert [(kv["key"], kv["create_revision"], kv.get("lease")) for kv in after["kvs"]] == \
+           [(kv["key"], kv["create_revision"], kv.get("lease")) for kv in before["kvs"]]
+    assert lab.holders(_ip(v)) == [owner]
+    assert c.procs[host.name].poll() is None
+    # `vipd cleanup` (ExecStopPost) is refused too while the daemon runs: it would pull its VIP
+    r = c.run_cli(host, "cleanup")
+    assert r.returncode == 1 and "another vipd" in r.stderr, r
+    assert lab.holders(_ip(v)) == [owner]
+    # another host's config pointing at a metrics port in use: one line, exit 1, nothing added
+    other = next(h for h in lab.hosts if h.name != owner)
+    c.term(other)
+    blocker = lab.popen(other.ns, [sys.executable, "-c", "import socket,time;s=socket.socket();"
+                                   "s.bind(('127.0.0.1',9654));s.listen(1);print('up',flush=True);time.sleep(30)"],
+                        log=c.dir / "blocker.log")
+    try:
+        deadline = time.monotonic() + 10
+        while "up" not in (c.dir / "blocker.log").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = c.run_cli(other, "run", timeout=20)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "metrics.listen" in r.stderr, r
+        assert "in use" in r.stderr
+    finally:
+        blocker.kill()
+        blocker.wait(5)
+
+
+def test_release_says_whether_the_vip_comes_back_and_exits_3_when_not_owner(lab, make_cluster):
+    c = make_cluster([VipDef("api", str(lab.vip4(0)))])
+    v = c.vips[0]
+    owner = c.wait_owner(_ip(v))
+    backup = next(h for h in lab.hosts if h.name != owner)
+    r = c.run_cli(backup, "release", "api")
+    assert r.returncode == 3 and "api is not owned by this host" in r.stderr, r
+    r = c.run_cli(backup, "release", "nosuch")
+    assert r.returncode == 1 and "no VIP named 'nosuch'" in r.stderr, r
+    r = c.run_cli(c.host(owner), "release", "api")
+    assert r.returncode == 0, r
+    assert "preemption is off: it stays with its new owner" in r.stdout, r.stdout  # the lab's placement
+    c.wait_owner(_ip(v), exclude=[owner])
