@@ -11,6 +11,9 @@ from vipd import log
 from vipd.errors import EtcdAuthError, EtcdCompacted, EtcdError, EtcdWatchIdle
 
 
+LOG_EVERY = 5.0  # s between "still failing" warnings
+
+
 class FollowClient(Protocol):
     async def get_prefix(self, prefix: str) -> tuple[list[Any], int]: ...
     def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[Any]: ...
@@ -23,12 +26,13 @@ async def follow(client: FollowClient, prefix: str, on_snapshot: Callable[[Seque
     Reports started after the first listing. Only EtcdAuthError escapes."""
     backoff = 0.1
     started = failed = False
+    failures, next_log = 0, 0.0  # while failing: a warning at once, then every LOG_EVERY seconds
     while True:
         try:
             kvs, revision = await client.get_prefix(prefix)
             if failed:
-                log.info("watch_restored", prefix=prefix, revision=revision)
-                failed = False
+                log.info("watch_restored", prefix=prefix, revision=revision, attempts=failures)
+                failed, failures, next_log = False, 0, 0.0
             on_snapshot(kvs, revision)
             if not started:
                 started = True
@@ -47,8 +51,10 @@ async def follow(client: FollowClient, prefix: str, on_snapshot: Callable[[Seque
             # stream; a re-list + re-watch is cheap and proves the stream (level-triggered).
             log.debug("watch_refreshed", prefix=prefix)
         except EtcdError as e:
-            if not failed:
-                log.warning("watch_failed", prefix=prefix, error=e)
+            failures += 1
+            if trio.current_time() >= next_log:
+                log.warning("watch_failed", prefix=prefix, error=e, attempts=failures)
+                next_log = trio.current_time() + LOG_EVERY
             failed = True
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 0.5)  # backups must see changes soon after etcd returns
