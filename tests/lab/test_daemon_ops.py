@@ -194,3 +194,44 @@ def test_release_says_whether_the_vip_comes_back_and_exits_3_when_not_owner(lab,
     assert r.returncode == 0, r
     assert "preemption is off: it stays with its new owner" in r.stdout, r.stdout  # the lab's placement
     c.wait_owner(_ip(v), exclude=[owner])
+
+
+def _filter_set(name: str, seen: set[str] | None = None) -> set[str]:
+    """Every system call in a systemd syscall group, nested groups expanded."""
+    out = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True, text=True,
+                         check=True).stdout
+    calls: set[str] = set()
+    for line in out.splitlines()[1:]:
+        t = line.strip()
+        if t and not t.startswith("#"):
+            calls |= _filter_set(t) if t.startswith("@") else {t}
+    return calls
+
+
+def test_the_daemon_stays_inside_the_units_system_call_filter(lab, make_cluster, tmp_path):
+    """Every system call `vipd run` makes while claiming, announcing, serving metrics and releasing
+    (strace -f) is allowed by the unit's SystemCallFilter: the sandbox would not kill it."""
+    import configparser
+    from pathlib import Path
+
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read(Path(__file__).resolve().parents[2] / "systemd" / "vipd.service")
+    allowed: set[str] = set()
+    for word in cp["Service"]["SystemCallFilter"].split():
+        allowed |= _filter_set(word) if word.startswith("@") else {word}
+    c = make_cluster([VipDef("api", str(lab.vip4(0)))], start=False)
+    h = lab.hosts[0]
+    counts = tmp_path / "strace.txt"
+    proc = lab.popen(h.ns, ["strace", "-f", "-qq", "-c", "-o", str(counts), *vipd_argv(), "run", "-c",
+                            str(c.write_config(h))], log=c.log_path(h))
+    c.procs[h.name] = proc
+    assert c.wait_owner(_ip(c.vips[0]), timeout=30) == h.name
+    assert "vipd_vip_owner" in c.metrics(h)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    os.kill(int(children[0]), 15)  # the daemon itself (strace is its parent): a planned stop
+    assert proc.wait(20) == 0
+    used = {line.split()[-1] for line in counts.read_text().splitlines()
+            if line and line.split()[0][0].isdigit() and line.split()[-1] != "total"}
+    assert {"sendto", "bind", "socket"} <= used  # the parse found the netlink and packet traffic
+    assert sorted(used - allowed) == [], f"calls outside SystemCallFilter: {sorted(used - allowed)}"
