@@ -74,3 +74,25 @@ def test_every_argument_and_command_has_help() -> None:
     missing = [f"{path}: {a.option_strings or a.dest}" for path, a in _actions(parser()) if not a.help]
     assert missing == []
     assert "exit codes" in (parser().epilog or "")
+
+
+def test_metrics_endpoint_taken_after_the_check_is_a_typed_error() -> None:
+    """If the port is taken between the check and the daemon's bind: a VipdError (one line from the
+    CLI), not an OSError traceback."""
+    import trio
+
+    from vipd.errors import VipdError
+    from vipd.metrics import Metrics, serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+
+        async def main() -> None:
+            async with trio.open_nursery() as n:
+                await n.start(serve, Metrics("x"), f"127.0.0.1:{s.getsockname()[1]}")
+
+        with pytest.raises(BaseException) as ei:
+            trio.run(main)
+        errors = ei.value.exceptions if isinstance(ei.value, BaseExceptionGroup) else [ei.value]
+        assert any(isinstance(e, VipdError) and "metrics.listen: cannot listen" in str(e) for e in errors), errors
