@@ -52,10 +52,10 @@ def check_program(key: str, program: str) -> None:
     if st.st_mode & (stat.S_IWOTH | stat.S_IWGRP):
         raise ConfigError(key, f"{path} is {'world' if st.st_mode & stat.S_IWOTH else 'group'}-writable: "
                                f"anyone who can change it runs code as vipd (chmod go-w {path})")
-    parent = os.path.dirname(path)
-    if os.stat(parent).st_mode & stat.S_IWOTH:
-        raise ConfigError(key, f"{path} is in a world-writable directory ({parent}): move it somewhere only root "
-                               "can write")
+    for parent in sorted({os.path.dirname(path), os.path.dirname(os.path.abspath(found))}):
+        if os.stat(parent).st_mode & stat.S_IWOTH:  # the file itself, or the symlink to it
+            raise ConfigError(key, f"{found} is in a world-writable directory ({parent}): move it somewhere only "
+                                   "root can write")
 
 
 def check_state_dir(key: str, path: str) -> None:

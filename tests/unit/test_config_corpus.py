@@ -149,6 +149,12 @@ def _program(tmp: Path, name: str, mode: int) -> str:
     return str(p)
 
 
+def _link(tmp: Path, name: str) -> str:
+    p = tmp / name
+    p.symlink_to("/bin/true")  # a safe program, reached through a link anyone could replace
+    return str(p)
+
+
 def _host_cases(tmp: Path) -> list[tuple[dict[str, str], str, str]]:
     wdir = tmp / "shared"
     wdir.mkdir(mode=0o777)
@@ -171,12 +177,13 @@ def _host_cases(tmp: Path) -> list[tuple[dict[str, str], str, str]]:
          "world-writable directory"),
         ({"vip": f'[[vip.check]]\ntype = "command"\ncommand = ["{_program(tmp, "chk.sh", 0o777)}"]\n'},
          "vip[0].check[0].command[0]", "world-writable"),
+        ({"extra": f'[hooks]\nfault = ["{_link(wdir, "true")}"]\n'}, "hooks.fault[0]", "world-writable directory"),
     ]
 
 
 HOST_KEYS = ["state_dir", "state_dir-sub", "etcd.ca_file", "etcd.ca_file-missing", "etcd.cert_file",
              "vip[0].check[0].ca_file", "hooks.owner[0]-o", "hooks.owner[0]-g", "hooks.backup[0]",
-             "vip[0].check[0].command[0]"]
+             "vip[0].check[0].command[0]", "hooks.fault[0]-symlink"]
 
 
 @pytest.mark.parametrize("index", range(len(HOST_KEYS)), ids=HOST_KEYS)
