@@ -109,7 +109,11 @@ def test_link_flap_reannounces(lab, make_cluster):
 def test_sigterm_while_etcd_unreachable_stops_cleanly(lab, lab_etcd, make_cluster):
     lab_etcd.kill()
     c = make_cluster([VipDef("api", str(lab.vip4(0)))])
-    time.sleep(1.5)
+    deadline = time.monotonic() + 20  # until each daemon runs and has found etcd unreachable (startup
+    for h in lab.hosts:               # takes seconds on a loaded 2-core machine; before it, SIGTERM kills)
+        while "event=watch_failed" not in c.log_path(h).read_text():
+            assert time.monotonic() < deadline, c.log_tail()
+            time.sleep(0.05)
     for h in lab.hosts:
         assert c.term(h, timeout=10) == 0
     assert all(lab.holders(_ip(v)) == [] for v in c.vips)

@@ -64,7 +64,8 @@ def _root_cause(exc: BaseException, ep: str) -> str:
                    "http:// member?) or drops this client"
         if str(e):
             last = e
-        e = e.__cause__ or e.__context__
+        group = getattr(e, "exceptions", None)  # trio's "all attempts to connect ... failed": the first why
+        e = group[0] if group else (e.__cause__ or e.__context__)
     text = str(last) or repr(last)
     if ep.startswith("http:") and isinstance(exc, httpx.RemoteProtocolError):
         text += " (a TLS member closes plain-HTTP connections: if it has TLS, use https:// endpoints)"
