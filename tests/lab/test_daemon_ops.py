@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from vipd.lab.cluster import VipDef, vipd_argv
 
 
@@ -212,6 +214,7 @@ def _filter_set(name: str, seen: set[str] | None = None) -> set[str]:
     return calls
 
 
+@pytest.mark.needs_tools("strace", "systemd-analyze")
 def test_the_daemon_stays_inside_the_units_system_call_filter(lab, make_cluster, tmp_path):
     """Every system call `vipd run` makes while claiming, announcing, serving metrics and releasing
     (strace -f) is allowed by the unit's SystemCallFilter: the sandbox would not kill it."""
