@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := etcd-server nftables bird2 frr iproute2 iputils-ping procps tcpdump openssl python3-venv
+APT_PACKAGES := etcd-server nftables bird2 frr iproute2 iputils-ping procps tcpdump openssl python3-venv strace systemd
 PYTEST_ARGS ?=
 
 .PHONY: test demo deps apt venv unit lab bench clean typecheck

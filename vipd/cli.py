@@ -1,16 +1,24 @@
-"""argv -> subcommand. Exit codes: 0 ok, 1 runtime error, 2 invalid configuration or usage."""
+"""argv -> subcommand.
+
+Exit codes (README "Exit codes"): 0 ok; 1 runtime error (etcd unreachable, another vipd holds the
+state_dir, the metrics port is taken, the daemon cannot be reached); 2 invalid configuration or
+usage, nothing changed; 3 `vipd release`: the VIP is not owned by this host, nothing released;
+130 interrupted."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
 import trio
 
-from vipd import config, log
+from vipd import __version__, config, log
 from vipd.errors import ConfigError, EtcdAuthError, EtcdError, VipdError
+
+EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG, EXIT_NOT_OWNER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _first_vipd_error(exc: BaseException) -> VipdError | None:
@@ -40,10 +48,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vipd import signals
     signals.catch_early()  # a stop during startup must still stop cleanly
     cfg = _load(args)
+    from vipd import instance
+
+    # before anything touches the host or etcd: one daemon per state_dir, and a free metrics port
+    lock = instance.acquire(cfg.state_dir, "vipd run")
+    if cfg.metrics_listen:
+        instance.check_port_free(cfg.metrics_listen)
     log.setup(cfg.log_level)
     from vipd import app
 
-    trio.run(app.run, cfg)
+    try:
+        trio.run(app.run, cfg)
+    finally:
+        os.close(lock)
     return 0
 
 
@@ -58,9 +75,37 @@ def cmd_release(args: argparse.Namespace) -> int:
         return 1
     if not reply.get("ok"):
         print(f"vipd release: {reply.get('error')}", file=sys.stderr)
-        return 1
-    print(f"{args.name}: {reply['result']}")
+        return EXIT_NOT_OWNER if reply.get("not_owner") else 1
+    print(f"{args.name}: {reply['result']}; {comeback(cfg, args.name)}")
     return 0
+
+
+def comeback(cfg: config.Config, name: str) -> str:
+    """Whether preemption brings a released VIP back to this host, and when (from the config and,
+    when etcd answers within a second, the placement every host computes)."""
+    pl, holdoff = cfg.placement, cfg.timing.release_holdoff
+    if not pl.preempt:
+        return "preemption is off: it stays with its new owner until that one lets it go"
+    from vipd.status import collect
+
+    async def preferred_host() -> str | None:
+        with trio.move_on_after(1.0):
+            rows = (await collect(cfg))["vips"]
+            return next((r["preferred"] for r in rows if r["vip"] == cfg.unit_of(name)), None)
+        return None
+
+    try:
+        preferred = trio.run(preferred_host)
+    except (VipdError, KeyError):
+        preferred = None
+    back = f"in about {max(holdoff, pl.preempt_delay):g} s (preempt_delay {pl.preempt_delay:g} s, " \
+           f"release_holdoff {holdoff:g} s)"
+    if preferred == cfg.node:
+        return f"preemption is on and this host is its preferred host: it comes back here {back}; " \
+               "`vipd drain` keeps VIPs away"
+    if preferred is not None:
+        return f"preemption is on: its preferred host is {preferred}, so it stays away from this host"
+    return f"preemption is on: if this host is its preferred host it comes back {back}"
 
 
 def cmd_state(args: argparse.Namespace) -> int:
@@ -87,6 +132,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
+    from vipd import instance
+
+    instance.acquire(cfg.state_dir, "vipd cleanup")  # never under a running daemon's feet; held until exit
     log.setup(cfg.log_level)
     from vipd.cleanup import cleanup
 
@@ -101,23 +149,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vipd", description="Virtual-IP failover daemon bound to etcd leases.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(
+        prog="vipd", description="Virtual-IP failover daemon bound to etcd leases.",
+        epilog="exit codes: 0 ok; 1 runtime error (etcd unreachable, another vipd holds the state_dir, metrics "
+               "port taken, daemon not reachable); 2 invalid configuration or usage (nothing changed); "
+               "3 release: the VIP is not owned by this host; 130 interrupted")
+    p.add_argument("-V", "--version", action="version", version=f"vipd {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def add(name: str, fn, help: str) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
-        sp = sub.add_parser(name, help=help)
-        sp.add_argument("-c", "--config", default=config.DEFAULT_PATH, help="TOML file (default %(default)s)")
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("-c", "--config", default=config.DEFAULT_PATH, metavar="FILE",
+                        help="the TOML configuration (default %(default)s)")
         sp.set_defaults(fn=fn)
         return sp
 
-    add("run", cmd_run, "run the daemon")
-    add("check", cmd_check, "validate the configuration without touching the host")
-    add("status", cmd_status, "every VIP's owner, epoch and lease time left, read from etcd").add_argument(
-        "--json", action="store_true")
-    add("release", cmd_release, "hand one VIP over on purpose").add_argument("name")
-    add("state", cmd_state, "this host's view of its VIPs (from the running daemon)")
-    add("cleanup", cmd_cleanup, "remove vipd's addresses and revoke the recorded lease (ExecStopPost)")
-    demo = sub.add_parser("demo", help="a live multi-host failover in network namespaces (root)")
+    add("run", cmd_run, "run the daemon (what the systemd unit starts); one per state_dir")
+    add("check", cmd_check, "validate the configuration against this host without changing anything; "
+                            "exit 0, or 2 with the key and the reason")
+    add("status", cmd_status, "every VIP's owner, epoch and lease time left, and every host's health, "
+                              "read from etcd").add_argument("--json", action="store_true",
+                                                             help="print JSON instead of a table")
+    add("release", cmd_release, "hand one VIP (or group) this host owns over to another host; exit 3 "
+                                "when this host does not own it").add_argument(
+        "name", metavar="NAME", help="the VIP's name (or its group's) as in the configuration")
+    add("state", cmd_state, "this host's view of its VIPs, from the running daemon's control socket")
+    add("cleanup", cmd_cleanup, "remove vipd's addresses and revoke the recorded lease (the unit's "
+                                "ExecStopPost); refused while a vipd runs with the same state_dir")
+    demo = sub.add_parser("demo", help="a live multi-host failover in network namespaces (root)",
+                          description="a live multi-host failover in network namespaces (root)")
     demo.set_defaults(fn=cmd_demo)
     return p
 
@@ -127,14 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - unwrap trio's exception groups into a plain message
         err = _first_vipd_error(exc)
         if err is None:
             raise
         if isinstance(err, ConfigError):
             print(f"vipd: invalid configuration: {err}", file=sys.stderr)
-            return 2
+            return EXIT_CONFIG
         if isinstance(err, EtcdAuthError):
             print(f"vipd: etcd refused our credentials: {err}", file=sys.stderr)
             return 1

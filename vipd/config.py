@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -20,12 +19,13 @@ from vipd.configlib import IFNAME_RE as _IFNAME_RE
 from vipd.configlib import NAME_RE as _NAME_RE
 from vipd.configlib import Table
 from vipd.configlib import Table as _Table
+from vipd.configlib import absolute_path, check_unicast, host_port, http_url
 from vipd.configlib import positive as _positive
+from vipd.config_rules import check_rules
 from vipd.config_routing import BgpConfig, EgressConfig, check_egress, parse_bgp, parse_egress
 from vipd.errors import ConfigError
 from vipd.health.spec import CheckSpec, parse_check
-from vipd.health.spec import check_host as check_check_host
-from vipd.hooks import HooksConfig, check_hooks_host, parse_hooks
+from vipd.hooks import HooksConfig, parse_hooks
 from vipd.model import IPInterface, Unit, VipSpec  # re-exported: shared value types live in model.py
 
 DEFAULT_PATH = "/etc/vipd/vipd.toml"
@@ -125,8 +125,11 @@ def _parse_etcd(t: _Table) -> EtcdConfig:
     if not endpoints:
         raise ConfigError(t.key("endpoints"), "needs at least one endpoint")
     for i, ep in enumerate(endpoints):
-        if not isinstance(ep, str) or not re.match(r"^https?://[^/\s]+(:\d+)?/?$", ep):
-            raise ConfigError(f"{t.key('endpoints')}[{i}]", f"not an http(s)://host:port URL: {ep!r}")
+        if not isinstance(ep, str):
+            raise ConfigError(f"{t.key('endpoints')}[{i}]", f"expected a string, got {type(ep).__name__}")
+        http_url(f"{t.key('endpoints')}[{i}]", ep, path_allowed=False)
+    if len(set(endpoints)) != len(endpoints):
+        raise ConfigError(t.key("endpoints"), "lists an endpoint twice")
     prefix = t.get("prefix", str, "/vipd/default/")
     if not prefix.startswith("/"):
         raise ConfigError(t.key("prefix"), "must start with '/'")
@@ -138,6 +141,8 @@ def _parse_etcd(t: _Table) -> EtcdConfig:
     files = {}
     for k in ("ca_file", "cert_file", "key_file"):
         files[k] = t.get(k, str)
+        if files[k] is not None:
+            files[k] = absolute_path(t.key(k), files[k])
     if (files["cert_file"] is None) != (files["key_file"] is None):
         raise ConfigError(t.key("cert_file" if files["cert_file"] is None else "key_file"),
                           "cert_file and key_file go together")
@@ -147,6 +152,7 @@ def _parse_etcd(t: _Table) -> EtcdConfig:
     if password is not None and password_file is not None:
         raise ConfigError(t.key("password_file"), "give password or password_file, not both")
     if password_file is not None:
+        password_file = absolute_path(t.key("password_file"), password_file)
         try:
             password = Path(password_file).read_text().strip()
         except OSError as e:
@@ -180,8 +186,10 @@ def _parse_vip(t: _Table) -> VipSpec:
     ip = address.ip
     if "/" not in raw:
         address = ipaddress.ip_interface(f"{ip}/{ip.max_prefixlen}")
-    if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip.is_link_local:
-        raise ConfigError(t.key("address"), f"{ip} cannot be a VIP (unspecified, multicast, loopback or link-local)")
+    check_unicast(t.key("address"), ip, "a VIP")
+    if address.network.prefixlen == 0:
+        raise ConfigError(t.key("address"), f"{address}: a /0 prefix puts every address on the link; give the "
+                                            f"subnet's prefix length (or none: /{ip.max_prefixlen})")
     if address.version == 4 and address.network.prefixlen < 31 and ip in (address.network.network_address,
                                                                           address.network.broadcast_address):
         raise ConfigError(t.key("address"), f"{ip} is the network or broadcast address of {address.network}")
@@ -256,10 +264,12 @@ def parse(data: dict[str, Any], *, hostname: str | None = None) -> Config:
     hooks = parse_hooks(root.data.get("hooks", {}), "hooks")
     metrics = root.table("metrics")
     listen = metrics.get("listen", str, "127.0.0.1:9654")
-    if listen and not re.match(r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$", listen):
-        raise ConfigError(metrics.key("listen"), f"expected host:port or '' to disable, got {listen!r}")
+    if listen:
+        host_port(metrics.key("listen"), listen)
     metrics.done()
-    state_dir = root.get("state_dir", str, "/run/vipd")
+    state_dir = absolute_path("state_dir", root.get("state_dir", str, "/run/vipd"))
+    if state_dir == "/":
+        raise ConfigError("state_dir", "must be a directory of vipd's own, not /")
     log_level = root.get("log_level", str, "info")
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level", "must be one of debug, info, warning, error")
@@ -302,7 +312,9 @@ def parse(data: dict[str, Any], *, hostname: str | None = None) -> Config:
                                                   f"does not fit in lease_ttl - fence_margin - one keepalive "
                                                   f"interval ({budget:.2f} s): lower it or raise etcd.lease_ttl")
     root.done()
-    return Config(node, etcd, timing, tuple(vips), host, placement, hooks, bgp, egress, listen, state_dir, log_level)
+    cfg = Config(node, etcd, timing, tuple(vips), host, placement, hooks, bgp, egress, listen, state_dir, log_level)
+    check_rules(cfg)
+    return cfg
 
 
 def load(path: str | os.PathLike[str], *, hostname: str | None = None) -> Config:
@@ -311,6 +323,8 @@ def load(path: str | os.PathLike[str], *, hostname: str | None = None) -> Config
         raw = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError("<file>", f"cannot read {path}: {e.strerror}") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte order mark (some editors add one): not part of the TOML
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -318,18 +332,4 @@ def load(path: str | os.PathLike[str], *, hostname: str | None = None) -> Config
     return parse(data, hostname=hostname)
 
 
-def check_host(cfg: Config, sys_class_net: str = "/sys/class/net") -> None:
-    """Read-only checks against this host: every VIP interface exists. Changes nothing."""
-    for i, v in enumerate(cfg.vips):
-        if not os.path.exists(os.path.join(sys_class_net, v.interface)):
-            raise ConfigError(f"vip[{i}].interface", f"no interface {v.interface!r} on this host")
-    for k in ("ca_file", "cert_file", "key_file"):
-        f = getattr(cfg.etcd, k)
-        if f is not None and not os.access(f, os.R_OK):
-            raise ConfigError(f"etcd.{k}", f"cannot read {f}")
-    for i, c in enumerate(cfg.host.checks):
-        check_check_host(c, f"host.check[{i}]", sys_class_net)
-    for i, v in enumerate(cfg.vips):
-        for j, c in enumerate(v.checks):
-            check_check_host(c, f"vip[{i}].check[{j}]", sys_class_net)
-    check_hooks_host(cfg.hooks)
+from vipd.config_host import check_host  # noqa: E402  (re-exported: config.check_host)

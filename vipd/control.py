@@ -21,13 +21,23 @@ class Controllable(Protocol):
     def status(self) -> dict[str, dict[str, object]]: ...
 
 
+class NotOwner(Exception):
+    """Daemon.release may raise this: the VIP is not owned here, nothing was released."""
+
+
 def _answer(daemon: Controllable, line: str) -> dict[str, Any]:
     words = line.split()
     if words[:1] == ["release"] and len(words) == 2:
         try:
-            return {"ok": True, "result": daemon.release(words[1])}
+            result = daemon.release(words[1])
         except KeyError:
             return {"ok": False, "error": f"no VIP named {words[1]!r}"}
+        except NotOwner as e:
+            return {"ok": False, "not_owner": True, "error": f"{words[1]} is not owned by this host ({e})"}
+        if result.startswith("not owner"):  # the daemon's answer when it holds nothing to release
+            return {"ok": False, "not_owner": True, "error": f"{words[1]} is not owned by this host "
+                                                             f"({result[len('not owner'):].strip(' ()') or '-'})"}
+        return {"ok": True, "result": result}
     if words == ["state"]:
         return {"ok": True, "result": daemon.status()}
     return {"ok": False, "error": f"unknown request {line!r}"}

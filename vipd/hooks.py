@@ -32,8 +32,10 @@ from typing import Any, Callable, Mapping, Sequence
 import trio
 
 from vipd import log
+from vipd.configlib import finite, program_path
 from vipd.errors import ConfigError
-from vipd.procs import CommandResult, is_executable, run_command
+from vipd.hostchecks import check_program
+from vipd.procs import CommandResult, run_command
 
 EVENTS = ("owner", "backup", "fenced", "fault")
 DEFAULT_TIMEOUT = 10.0
@@ -60,6 +62,7 @@ def parse_hooks(table: Any, key_path: str = "hooks") -> HooksConfig:
     timeout = table.get("timeout", DEFAULT_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise ConfigError(f"{key_path}.timeout", f"expected a number, got {type(timeout).__name__}")
+    finite(f"{key_path}.timeout", timeout)
     if not 0 < timeout <= 3600:
         raise ConfigError(f"{key_path}.timeout", f"must be > 0 and <= 3600, got {timeout}")
     commands = []
@@ -73,15 +76,16 @@ def parse_hooks(table: Any, key_path: str = "hooks") -> HooksConfig:
         for i, arg in enumerate(argv):
             if not isinstance(arg, str) or (i == 0 and not arg) or "\0" in arg:
                 raise ConfigError(f"{key}[{i}]", f"expected a {'non-empty ' if i == 0 else ''}string, got {arg!r}")
+        program_path(f"{key}[0]", argv[0])
         commands.append((event, tuple(argv)))
     return HooksConfig(tuple(commands), float(timeout))
 
 
 def check_hooks_host(cfg: HooksConfig, key_path: str = "hooks") -> None:
-    """Read-only host check: every hook program exists and is executable (PATH lookup for bare names)."""
+    """Read-only host check: every hook program exists, is executable (PATH lookup for bare names)
+    and cannot be changed by anyone but its owner (it runs as vipd, with vipd's capabilities)."""
     for event, argv in cfg.commands:
-        if not is_executable(argv[0]):
-            raise ConfigError(f"{key_path}.{event}[0]", f"{argv[0]!r} is not an executable file")
+        check_program(f"{key_path}.{event}[0]", argv[0])
 
 
 # ------------------------------------------------------------------------------- runner

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from vipd import log
+from vipd.errors import VipdError
 from vipd.streams import read_until
 from vipd.model import State
 
@@ -76,7 +77,10 @@ async def serve(metrics: Metrics, listen: str, *, task_status=trio.TASK_STATUS_I
     """Serve GET /metrics on host:port until cancelled."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
-    listeners = await trio.open_tcp_listeners(int(port), host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(int(port), host=host)
+    except OSError as e:  # taken since `vipd run` checked it: one line from the CLI, not a traceback
+        raise VipdError(f"metrics.listen: cannot listen on {listen}: {e.strerror or e}") from None
     log.info("metrics_listening", listen=listen)
     task_status.started(listeners)
 

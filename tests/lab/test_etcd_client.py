@@ -304,3 +304,16 @@ async def test_from_config(etcd_server: EtcdServer) -> None:
         await c.put("/cfg", "1")
     etcd_auth_cfg = EtcdConfig(endpoints=(etcd_server.endpoint,), username="u", password="p")
     assert EtcdClient.from_config(etcd_auth_cfg)._username == "u"
+
+
+async def test_scheme_mismatch_is_named(etcd_server: EtcdServer, etcd_tls: EtcdServer, tls_files: TlsFiles) -> None:
+    """https:// to a plain-http member, and http:// to a TLS member: the error says which (it used to
+    say only ConnectError(BrokenResourceError()))."""
+    plain_as_https = etcd_server.endpoint.replace("http://", "https://")
+    async with EtcdClient([plain_as_https], timeout=1.0, ca_file=str(tls_files.ca)) as c:
+        with pytest.raises(EtcdUnavailable, match=r"does not speak TLS \(is it a plain http:// member\?\)"):
+            await c.get("/k")
+    tls_as_http = etcd_tls.endpoint.replace("https://", "http://")
+    async with EtcdClient([tls_as_http], timeout=1.0) as c:
+        with pytest.raises(EtcdUnavailable, match="if it has TLS, use https:// endpoints"):
+            await c.get("/k")

@@ -293,7 +293,7 @@ def test_parse_examples() -> None:
     assert check_name(spec) == "command:true"
     assert parse_check({"type": "carrier", "interface": "eth0"}, "k") == CarrierCheck("eth0")
     assert parse_check({"type": "http", "url": "https://[::1]:8443/", "insecure": True}, "k").insecure
-    assert parse_check({"type": "http", "url": "https://h:1/", "cert_file": "c", "key_file": "k"}, "k").cert_file == "c"
+    assert parse_check({"type": "http", "url": "https://h:1/", "cert_file": "/c", "key_file": "/k"}, "k").cert_file == "/c"
 
 
 @pytest.mark.parametrize("table, key, words", [
@@ -314,11 +314,11 @@ def test_parse_examples() -> None:
     ({"type": "http", "url": "ftp://h/"}, "vip[0].check[1].url", "http(s)"),
     ({"type": "http", "url": "http://h:99999/"}, "vip[0].check[1].url", "port"),
     ({"type": "http", "url": "http://h/", "expect_status": 99}, "vip[0].check[1].expect_status", "between"),
-    ({"type": "http", "url": "https://h/", "cert_file": "c"}, "vip[0].check[1].key_file", "together"),
-    ({"type": "http", "url": "http://h/", "ca_file": "c"}, "vip[0].check[1].ca_file", "https"),
+    ({"type": "http", "url": "https://h/", "cert_file": "/c"}, "vip[0].check[1].key_file", "together"),
+    ({"type": "http", "url": "http://h/", "ca_file": "/c"}, "vip[0].check[1].ca_file", "https"),
     ({"type": "http", "url": "https://10.0.0.1/", "insecure": True}, "vip[0].check[1].insecure", "loopback"),
     ({"type": "http", "url": "http://127.0.0.1/", "insecure": True}, "vip[0].check[1].insecure", "https"),
-    ({"type": "http", "url": "https://localhost/", "insecure": True, "ca_file": "c"}, "vip[0].check[1].insecure",
+    ({"type": "http", "url": "https://localhost/", "insecure": True, "ca_file": "/c"}, "vip[0].check[1].insecure",
      "not both"),
     ({"type": "http", "url": "https://localhost/", "insecure": "yes"}, "vip[0].check[1].insecure", "boolean"),
     ({"type": "command", "command": []}, "vip[0].check[1].command", "program"),

@@ -236,7 +236,7 @@ class EtcdClient(EtcdTransport):
             async def discard(opened: tuple[str, httpx.Response, AsyncIterator[str]]) -> None:
                 await close_response(opened[1])
 
-            ep, resp, lines = await self._authenticated(attempt, discard)
+            ep, resp, lines = await self._authenticated(attempt, discard)  # type: ignore[arg-type]
             last = trio.current_time()  # when the last message arrived
             while True:
                 # silence counts from the last message, not from this call (the consumer may be slow);

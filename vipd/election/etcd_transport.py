@@ -19,6 +19,7 @@ import httpx
 import trio
 
 from vipd.election.endpoints import AllFailed, EndpointFailed, EndpointPool, hedged
+from vipd.hostchecks import tls_context
 from vipd.errors import EtcdAuthError, EtcdRequestError, EtcdUnavailable, LeaseLost
 
 __all__ = ["EndpointFailed", "EtcdTransport", "TokenInvalid", "close_response", "raise_etcd_error"]
@@ -46,6 +47,29 @@ def _tls_rejection(exc: BaseException) -> str | None:
             return f"TLS handshake rejected ({e.reason or e}): etcd does not accept our client certificate"
         e = e.__cause__ or e.__context__
     return None
+
+
+def _root_cause(exc: BaseException, ep: str) -> str:
+    """The deepest useful reason in an exception chain (httpx wraps trio wraps ssl/OSError), with a
+    hint for the usual mistakes: https:// to a plain-http member, and the reverse."""
+    e: BaseException | None = exc
+    last = exc
+    for _ in range(10):  # bounded walk of __cause__/__context__
+        if e is None:
+            break
+        if isinstance(e, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(e).upper():
+            return f"{ep} does not speak TLS (is it a plain http:// member?)"
+        if isinstance(e, ssl.SSLError) and "UNEXPECTED_EOF" in str(e).upper():
+            return f"{ep} closed the connection in the TLS handshake: it does not speak TLS (is it a plain " \
+                   "http:// member?) or drops this client"
+        if str(e):
+            last = e
+        group = getattr(e, "exceptions", None)  # trio's "all attempts to connect ... failed": the first why
+        e = group[0] if group else (e.__cause__ or e.__context__)
+    text = str(last) or repr(last)
+    if ep.startswith("http:") and isinstance(exc, httpx.RemoteProtocolError):
+        text += " (a TLS member closes plain-HTTP connections: if it has TLS, use https:// endpoints)"
+    return text
 
 
 async def close_response(resp: httpx.Response | None) -> None:
@@ -87,10 +111,8 @@ class EtcdTransport:
         self.hedge_after = timeout / 2
         self._has_cert = cert_file is not None
         self._ssl: ssl.SSLContext | None = None
-        if any(e.startswith("https:") for e in self._endpoints):
-            self._ssl = ssl.create_default_context(cafile=ca_file)
-            if cert_file:
-                self._ssl.load_cert_chain(cert_file, key_file)
+        if any(e.startswith("https:") for e in self._endpoints):  # ConfigError naming the file, not a traceback
+            self._ssl = tls_context(ca_file, cert_file, key_file, "etcd")
         self._username, self._password = username, password
         self._token: str | None = None
         self._http: httpx.AsyncClient | None = None
@@ -194,8 +216,7 @@ class EtcdTransport:
             if not self._has_cert and "server certificate" not in reason:
                 reason += "; no client certificate is configured (cert_file/key_file)"
             return EndpointFailed(reason, auth=True)
-        detail = str(e) or repr(e.__cause__)
-        return EndpointFailed(f"{type(e).__name__}: {detail}")
+        return EndpointFailed(f"{type(e).__name__}: {_root_cause(e, ep)}")
 
     async def _tls_probe(self, ep: str) -> str | None:
         url = httpx.URL(ep)

@@ -13,6 +13,9 @@ from vipd import log
 from vipd.errors import EtcdAuthError, EtcdCompacted, EtcdError, EtcdWatchIdle
 
 
+LOG_EVERY = 5.0  # s between "still failing" warnings
+
+
 class FollowClient(Protocol):
     async def get_prefix(self, prefix: str) -> tuple[Sequence[Any], int]: ...
     def watch_prefix(self, prefix: str, start_revision: int) -> AsyncGenerator[Any, None]: ...
@@ -26,6 +29,7 @@ async def follow(client: FollowClient, prefix: str, on_snapshot: Callable[[Seque
     backoff = 0.1
     started = failed = False
     revision = 0  # everything up to here was delivered (0: list first)
+    failures, next_log = 0, 0.0  # while failing: a warning at once, then every LOG_EVERY seconds
     while True:
         try:
             if not revision:
@@ -53,8 +57,10 @@ async def follow(client: FollowClient, prefix: str, on_snapshot: Callable[[Seque
             # stream (or the member hangs): resume, preferring another member.
             log.debug("watch_refreshed", prefix=prefix)
         except EtcdError as e:
-            if not failed:
-                log.warning("watch_failed", prefix=prefix, error=e)
+            failures += 1
+            if trio.current_time() >= next_log:
+                log.warning("watch_failed", prefix=prefix, error=e, attempts=failures)
+                next_log = trio.current_time() + LOG_EVERY
             failed = True
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 0.5)  # backups must see changes soon after etcd returns

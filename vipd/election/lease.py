@@ -13,11 +13,14 @@ from typing import Any, Callable, Protocol
 import trio
 
 from vipd import log
+from vipd.election.presence import Presence, PresenceClient
 from vipd.errors import EtcdAuthError, EtcdError, EtcdUnavailable, LeaseLost
 from vipd.model import EtcdRestored, Event, LeaseGone, LeaseValid
 
+UNREACHABLE_LOG_EVERY = 5.0  # s between "still cannot reach etcd" warnings while granting
 
-class LeaseClient(Protocol):
+
+class LeaseClient(PresenceClient, Protocol):
     async def grant(self, ttl: int) -> tuple[int, int]: ...
     async def keepalive(self, lease_id: int) -> int: ...
     async def put(self, key: str, value: str, lease_id: int = 0) -> int: ...
@@ -38,6 +41,9 @@ class HostLease:
         self._per_ttl = keepalives_per_ttl
         self._presence_key = presence_key
         self._presence = presence
+        # hosts/<node> is created only if absent or ours: a second host with this node name is refused
+        self._presence_claim = Presence(client, presence_key, endpoint=getattr(client, "endpoint", None),
+                                        state_dir=os.path.dirname(record_path) if record_path else "")
         self._presence_dirty = trio.Event()
         self._publish = publish
         self._metrics = metrics
@@ -57,6 +63,7 @@ class HostLease:
         Raises EtcdAuthError (a configuration problem: never retried)."""
         backoff = 0.1
         started = False
+        failures, first_failure, next_log = 0, 0.0, 0.0
         while True:
             try:
                 await self._grant()
@@ -64,10 +71,19 @@ class HostLease:
                 raise
             except EtcdError as e:
                 self._metrics.set_etcd_reachable(False)
-                log.warning("lease_grant_failed", error=e, retry_in=f"{backoff:.1f}")
+                now = trio.current_time()
+                failures, first_failure = failures + 1, first_failure if failures else now
+                if now >= next_log:  # the first failure, then one line every UNREACHABLE_LOG_EVERY
+                    log.warning("lease_grant_failed", error=e, attempts=failures,
+                                failing_for=f"{now - first_failure:.1f}", retry_in=f"{backoff:.1f}")
+                    next_log = now + UNREACHABLE_LOG_EVERY
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
+            if failures:
+                log.info("lease_grant_restored", attempts=failures,
+                         failed_for=f"{trio.current_time() - first_failure:.1f}")
+                failures, next_log = 0, 0.0
             backoff = 0.1
             if not started:
                 started = True
@@ -79,7 +95,7 @@ class HostLease:
         lease_id, ttl = await self._client.grant(self._ttl)
         self.lease_id, self.granted_ttl = lease_id, ttl
         self._record(lease_id)
-        await self._client.put(self._presence_key, self._presence(), lease_id)
+        await self._presence_claim.claim(self._presence(), lease_id)  # DuplicateNode: never valid, never campaigns
         self._metrics.set_etcd_reachable(True)
         log.info("lease_granted", lease=f"{lease_id:x}", ttl=ttl, asked=self._ttl)
         self._valid(sent + ttl)
@@ -144,7 +160,7 @@ class HostLease:
             if not self.lease_id:
                 continue  # the next grant puts it
             try:
-                await self._client.put(self._presence_key, self._presence(), self.lease_id)
+                await self._presence_claim.update(self._presence(), self.lease_id)
             except EtcdError as e:
                 log.warning("presence_update_failed", error=e)
                 self._presence_dirty.set()

@@ -99,4 +99,4 @@ class OwnerKeys:
                 deliver(name, OwnerRecord(None, revision=ev.kv.mod_revision) if ev.type == "DELETE"
                         else self.record(ev.kv))
 
-        await follow(self._client, self.prefix, snapshot, event, task_status=task_status)
+        await follow(self._client, self.prefix, snapshot, event, task_status=task_status)  # type: ignore[arg-type]

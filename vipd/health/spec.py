@@ -31,12 +31,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Union
 
+from vipd.configlib import absolute_path, finite, http_url, program_path
 from vipd.errors import ConfigError
-from vipd.procs import is_executable
 
 TYPES = ("tcp", "http", "command", "carrier")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
@@ -117,6 +116,7 @@ class _Reader:
         v = self.table[k]
         if isinstance(v, bool) != (bool in types) or not isinstance(v, types):
             raise ConfigError(self.key(k), f"expected {what or types[0].__name__}, got {type(v).__name__}")
+        finite(self.key(k), v)
         return v
 
     def require(self, k: str, types: tuple[type, ...], what: str = "") -> Any:
@@ -153,15 +153,11 @@ def _loopback(host: str) -> bool:
 
 def _parse_http(r: _Reader) -> dict[str, Any]:
     url = r.require("url", (str,), "a string")
-    parts = urllib.parse.urlsplit(url)
-    try:
-        parts.port
-    except ValueError:
-        raise ConfigError(r.key("url"), f"bad port in {url!r}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(r.key("url"), f"not an http(s)://host[:port]/path URL: {url!r}")
+    parts = http_url(r.key("url"), url, path_allowed=True)
+    assert parts.hostname is not None
     status = r.integer("expect_status", 200, 100, 599)
     files = {k: r.get(k, (str,), None, "a string") for k in ("ca_file", "cert_file", "key_file")}
+    files = {k: None if f is None else absolute_path(r.key(k), f) for k, f in files.items()}
     if (files["cert_file"] is None) != (files["key_file"] is None):
         raise ConfigError(r.key("cert_file" if files["cert_file"] is None else "key_file"),
                           "cert_file and key_file go together")
@@ -212,6 +208,7 @@ def parse_check(table: Any, key_path: str) -> CheckSpec:
         for i, a in enumerate(argv):
             if not isinstance(a, str) or (i == 0 and not a) or "\0" in a:
                 raise ConfigError(f"{r.key('command')}[{i}]", f"expected a {'non-empty ' if i == 0 else ''}string")
+        program_path(f"{r.key('command')}[0]", argv[0])
         spec = CommandCheck(tuple(argv), **common)
     else:
         ifname = r.require("interface", (str,), "a string")
@@ -223,14 +220,14 @@ def parse_check(table: Any, key_path: str) -> CheckSpec:
 
 
 def check_host(spec: CheckSpec, key_path: str, sys_class_net: str = "/sys/class/net") -> None:
-    """Read-only checks against this host: files readable, program executable, interface present."""
+    """Read-only checks against this host: TLS files load, the program is executable and only its
+    owner can change it, the interface is present."""
+    from vipd.hostchecks import check_program, tls_context
+
     if isinstance(spec, HttpCheck):
-        for k in ("ca_file", "cert_file", "key_file"):
-            f = getattr(spec, k)
-            if f is not None and not os.access(f, os.R_OK):
-                raise ConfigError(f"{key_path}.{k}", f"cannot read {f}")
+        if spec.url.startswith("https:"):
+            tls_context(spec.ca_file, spec.cert_file, spec.key_file, key_path, verify=not spec.insecure)
     elif isinstance(spec, CommandCheck):
-        if not is_executable(spec.argv[0]):
-            raise ConfigError(f"{key_path}.command[0]", f"{spec.argv[0]!r} is not an executable file")
+        check_program(f"{key_path}.command[0]", spec.argv[0])
     elif isinstance(spec, CarrierCheck) and not os.path.exists(os.path.join(sys_class_net, spec.interface)):
         raise ConfigError(f"{key_path}.interface", f"no interface {spec.interface!r} on this host")
