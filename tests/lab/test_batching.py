@@ -1,0 +1,110 @@
+"""The dataplane ports batch per host, transparently (real kernel, namespaces vtb-<tag>-*): many
+concurrent claims / releases are a few netlink jobs and each still gets its own verdict; many
+concurrent announcements on one interface share one sender and one AF_PACKET socket, and every
+VIP's frames still go out."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+import pytest
+import trio
+
+from tests.lab.test_dataplane import NsLab, host, ip, nl, nslab, vip  # noqa: F401 - fixtures
+from vipd.dataplane.address import AddressManager
+from vipd.dataplane.announce import Announcer
+from vipd.dataplane.conflict import parse_arp, parse_nd
+from vipd.dataplane.netlink import Netlink
+from vipd.errors import AddressError
+
+N = 300
+
+
+def addresses(ifname: str, n: int) -> list[Any]:
+    return [vip(f"10.21.{i // 250}.{1 + i % 250}/32", ifname) if i % 2 == 0 else vip(f"fd21::{i:x}/128", ifname)
+            for i in range(n)]
+
+
+async def run_all(fn: Any, items: list[Any]) -> dict[int, BaseException | Any]:
+    out: dict[int, BaseException | Any] = {}
+
+    async def one(n: int, item: Any) -> None:
+        try:
+            out[n] = await fn(item)
+        except AddressError as e:
+            out[n] = e
+
+    async with trio.open_nursery() as nursery:
+        for n, item in enumerate(items):
+            nursery.start_soon(one, n, item)
+    return out
+
+
+async def test_concurrent_claims_and_releases_are_batched(host: tuple[str, str], nl: Netlink) -> None:  # noqa: F811
+    ns, ifname = host
+    vips = addresses(ifname, N)
+    ip("-n", ns, "addr", "add", "10.21.0.5/32", "dev", ifname)  # an untagged copy of vips[4]: not ours
+    am = AddressManager(nl)
+    results = await run_all(lambda v: am.claim(v, 30), vips)
+    assert isinstance(results[4], AddressError) and "without vipd's tag" in str(results[4])
+    assert all(results[n] is None for n in range(N) if n != 4)
+    assert am._claims.batches <= 3  # not one netlink job (and interface listing) per claim
+    tagged = {(t.interface, t.address) for t in await am.tagged()}
+    assert tagged == {(ifname, v.address) for n, v in enumerate(vips) if n != 4}
+    results = await run_all(am.release, vips)
+    assert all(r is None for r in results.values())
+    assert am._releases.batches <= 3
+    assert await am.tagged() == []
+    assert "10.21.0.5/32" in ip("-n", ns, "addr", "show", "dev", ifname)  # the foreign copy stays
+
+
+async def test_concurrent_announcements_share_one_socket(host: tuple[str, str], nl: Netlink, nslab: NsLab) -> None:  # noqa: F811
+    ns, ifname = host
+    peer_ns, peer_if = nslab.namespaces[1], nslab.link("p")
+    vips = [vip(str(v.address), ifname, announce_count=2, announce_interval=0.05) for v in addresses(ifname, 100)]
+    async with Netlink(peer_ns) as peer:
+        listener = await peer.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        await listener.bind((peer_if, 0))
+        seen: dict[Any, int] = {}
+
+        async def listen() -> None:
+            while True:
+                frame = await listener.recv(2048)
+                claim = parse_arp(frame) or parse_nd(frame)
+                if claim is not None:
+                    seen[claim.ip] = seen.get(claim.ip, 0) + 1
+
+        ann = Announcer(nl)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listen)
+            await trio.sleep(0.05)
+            cancelled = trio.CancelScope()
+
+            async def first() -> None:  # runs the sender, and is cancelled while the others are due
+                with cancelled:
+                    await ann.announce(vip("10.21.9.8/32", ifname, announce_count=1000, announce_interval=0.01))
+
+            results: dict[int, Any] = {}
+
+            async def rest() -> None:
+                results.update(await run_all(ann.announce, vips[1:] + [vip("10.21.9.9/32", ifname, announce_count=1)]))
+
+            nursery.start_soon(first)
+            await trio.sleep(0.02)
+            assert ann.sockets_opened(ifname) == 1
+            nursery.start_soon(rest)
+            await trio.sleep(0.02)  # the others' first bursts are out, their second ones are due
+            cancelled.cancel()
+            with trio.fail_after(5):
+                while len(results) < len(vips):
+                    await trio.sleep(0.02)
+            await trio.sleep(0.2)  # the last frames cross the veth
+            nursery.cancel_scope.cancel()
+        listener.close()
+    assert all(results[n] == 2 for n in range(len(vips) - 1)) and results[len(vips) - 1] == 1
+    assert ann.sockets_opened(ifname) == 2  # one sender, then the caller that took over from it
+    for v in vips[1:]:
+        assert seen.get(v.ip) == 2, v.ip
+    assert seen.get(ipaddress.ip_address("10.21.9.9")) == 1
