@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import trio
 
+from tests.lab.test_conflict import Pair, pair  # noqa: F401 - fixtures
 from tests.lab.test_dataplane import NsLab, host, ip, nl, nslab, vip  # noqa: F401 - fixtures
 from vipd.dataplane.address import AddressManager
 from vipd.dataplane.announce import Announcer
-from vipd.dataplane.conflict import parse_arp, parse_nd
+from vipd.dataplane import conflict
+from vipd.dataplane.conflict import AddressConflict, check_free, parse_arp, parse_nd
 from vipd.dataplane.netlink import Netlink
 from vipd.errors import AddressError
 
@@ -108,3 +110,28 @@ async def test_concurrent_announcements_share_one_socket(host: tuple[str, str], 
     for v in vips[1:]:
         assert seen.get(v.ip) == 2, v.ip
     assert seen.get(ipaddress.ip_address("10.21.9.9")) == 1
+
+
+async def test_concurrent_conflict_checks_share_one_probe_round(pair: Pair) -> None:  # noqa: F811
+    taken = ["192.0.2.77", "2001:db8::77"]
+    pair.foreign_holds(f"{taken[0]}/24", f"{taken[1]}/64")
+    vips = [vip(a, pair.our_if) for a in [f"192.0.2.{100 + i}/24" for i in range(40)]
+            + [f"2001:db8::{0x100 + i:x}/64" for i in range(40)] + [f"{taken[0]}/24", f"{taken[1]}/64"]]
+    async with Netlink(pair.ours) as nl:
+        results: dict[str, BaseException | None] = {}
+
+        async def one(v: Any) -> None:
+            try:
+                await check_free(nl, v, wait=0.1)
+                results[str(v.ip)] = None
+            except AddressConflict as e:
+                results[str(v.ip)] = e
+
+        async with trio.open_nursery() as nursery:
+            for v in vips:
+                nursery.start_soon(one, v)
+        [batcher] = conflict._batchers[nl].values()
+        assert batcher.batches == 1  # one ARP and one ND socket for all of them, not a pair per VIP
+    conflicts = {a: e for a, e in results.items() if e is not None}
+    assert sorted(conflicts) == sorted(taken)
+    assert all(isinstance(e, AddressConflict) and e.mac == pair.foreign_mac for e in conflicts.values())

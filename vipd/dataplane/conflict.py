@@ -27,11 +27,13 @@ import ipaddress
 import math
 import socket
 import struct
+import weakref
 from dataclasses import dataclass
 from typing import AsyncGenerator, Callable, Optional, Union
 
 import trio
 
+from vipd.coalesce import Coalescer
 from vipd.config import VipSpec
 from vipd.dataplane.announce import close_packet_socket
 from vipd.dataplane.frames import arp_probe as arp_probe_frame
@@ -252,9 +254,63 @@ async def probe_vip(nl: Netlink, vip: VipSpec, mac: str | None = None, *, wait: 
     return await ipv6_dad(nl, vip.interface, mac, vip.ip, probes=1, wait=2 * wait)
 
 
+async def probe_many(nl: Netlink, ifname: str, ips: list[IPAddress], mac: str | None = None, *,
+                     wait: float = 0.2) -> dict[IPAddress, str]:
+    """probe_vip for many addresses on one interface at once, through one ARP and one ND socket
+    (not one pair per address, each receiving every other address's probes): every IPv4 address
+    probed twice ``wait`` apart, every IPv6 one once; all listened for until ``2 * wait`` s after
+    the first probe. Returns the conflicting MAC by address (absent: nobody answered)."""
+    mine = (mac or await _our_mac(nl, ifname)).lower()
+    found: dict[IPAddress, str] = {}
+    v4 = [ip for ip in ips if isinstance(ip, ipaddress.IPv4Address)]
+    v6 = [ip for ip in ips if isinstance(ip, ipaddress.IPv6Address)]
+
+    async def run(proto: int, frames: list[bytes], targets: set[IPAddress], kinds: tuple[str, ...],
+                  probes: int) -> None:
+        async with _PacketSocket(nl, ifname, proto) as ps, trio.open_nursery() as nursery:
+            async def send() -> None:
+                for i in range(probes):
+                    if i:
+                        await trio.sleep(2 * wait / probes)
+                    for frame in frames:
+                        await ps.send(frame)
+                await trio.sleep(2 * wait / probes)
+                nursery.cancel_scope.cancel()  # nobody else answered in time
+
+            nursery.start_soon(send)
+            async with contextlib.aclosing(ps.claims(mine)) as claims:
+                async for claim in claims:
+                    if claim.ip in targets and claim.kind in kinds and claim.ip not in found:
+                        found[claim.ip] = claim.mac
+                        if len(found) == len(targets):
+                            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        if v4:
+            nursery.start_soon(run, ETH_P_ARP, [arp_probe_frame(mine, ip) for ip in v4], set(v4), ("arp", "probe"), 2)
+        if v6:
+            nursery.start_soon(run, ETH_P_IPV6, [dad_ns_frame(mine, ip) for ip in v6], set(v6), ("na", "dad"), 1)
+    return found
+
+
+_batchers: "weakref.WeakKeyDictionary[Netlink, dict[tuple[str, Optional[str], float], Coalescer[IPAddress, Optional[str]]]]" = \
+    weakref.WeakKeyDictionary()
+
+
 async def check_free(nl: Netlink, vip: VipSpec, mac: str | None = None, *, wait: float = 0.2) -> None:
-    """Raise AddressConflict (an AddressError) when another machine answers for ``vip``."""
-    other = await probe_vip(nl, vip, mac, wait=wait)
+    """Raise AddressConflict (an AddressError) when another machine answers for ``vip``. The
+    checks that many tasks start in the same moment on one interface share one probe_many."""
+    if vip.on_loopback:
+        return
+    per_nl = _batchers.setdefault(nl, {})
+    key = (vip.interface, mac, wait)
+    if key not in per_nl:
+        async def batch(ips: list[IPAddress]) -> list[Optional[str]]:
+            found = await probe_many(nl, vip.interface, ips, mac, wait=wait)
+            return [found.get(ip) for ip in ips]
+
+        per_nl[key] = Coalescer(batch)
+    other = await per_nl[key].submit(vip.ip)
     if other is not None:
         raise AddressConflict(vip.ip, other, vip.interface)
 
