@@ -1,0 +1,113 @@
+"""A fast address dump: RTM_GETADDR over a plain NETLINK_ROUTE socket, decoded with struct.
+
+pyroute2 decodes every attribute of every message into Python objects: ~75 us per address, so a
+dump of 2,000 addresses costs ~150 ms of CPU, and vipd dumps on every reconcile tick and every
+claim batch. This reads only what vipd looks at (index, address, prefix length, IFA_PROTO, valid
+lifetime, flags): a few microseconds per address. Runs in the Netlink owner thread
+(``Netlink.route_socket``), blocking, bounded by the socket's timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from typing import NamedTuple, Optional, Union
+
+IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+
+RTM_NEWADDR, RTM_GETADDR = 20, 22
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
+IFA_ADDRESS, IFA_LOCAL, IFA_CACHEINFO, IFA_FLAGS, IFA_PROTO = 1, 2, 6, 8, 11
+FOREVER = 0xFFFFFFFF
+_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+_IFA = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
+_RTA = struct.Struct("=HH")
+_RETRIES = 5  # dumps interrupted by concurrent changes (NLM_F_DUMP_INTR) are redone
+
+
+class RawAddress(NamedTuple):
+    index: int  # type: ignore[assignment]  # (shadows tuple.index)
+    address: IPInterface
+    proto: Optional[int]
+    valid_lft: Optional[int]  # None: forever
+    flags: int
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _decode(data: bytes, off: int, end: int) -> Optional[RawAddress]:
+    family, prefixlen, flags, _scope, index = _IFA.unpack_from(data, off)
+    pos = off + _IFA.size
+    local = address = None
+    proto: Optional[int] = None
+    valid = FOREVER
+    while pos + 4 <= end:
+        rta_len, rta_type = _RTA.unpack_from(data, pos)
+        if rta_len < 4:
+            break
+        value = data[pos + 4:pos + rta_len]
+        if rta_type == IFA_LOCAL:
+            local = value
+        elif rta_type == IFA_ADDRESS:
+            address = value
+        elif rta_type == IFA_PROTO and value:
+            proto = value[0]
+        elif rta_type == IFA_CACHEINFO and len(value) >= 8:
+            valid = struct.unpack_from("=I", value, 4)[0]  # ifa_prefered, ifa_valid, ...
+        elif rta_type == IFA_FLAGS and len(value) >= 4:
+            flags = struct.unpack_from("=I", value)[0]
+        pos += _align(rta_len)
+    # IPv4: IFA_LOCAL is the local address (IFA_ADDRESS is the peer on point-to-point links)
+    raw = (local or address) if family == socket.AF_INET else (address or local)
+    if raw is None:
+        return None
+    ip: IPInterface
+    if family == socket.AF_INET:
+        ip = ipaddress.IPv4Interface((raw, prefixlen))
+    elif family == socket.AF_INET6:
+        ip = ipaddress.IPv6Interface((raw, prefixlen))
+    else:
+        return None
+    return RawAddress(index, ip, proto, None if valid == FOREVER else valid, flags)
+
+
+def _dump_once(sock: socket.socket, seq: int) -> tuple[list[RawAddress], bool]:
+    sock.send(_HDR.pack(_HDR.size + _IFA.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+              + _IFA.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+    out: list[RawAddress] = []
+    interrupted = False
+    while True:
+        data = sock.recv(1 << 17)
+        off = 0
+        while off + _HDR.size <= len(data):
+            length, kind, flags, mseq, _pid = _HDR.unpack_from(data, off)
+            if length < _HDR.size:
+                raise OSError(errno.EPROTO, "malformed netlink message")
+            if mseq == seq:
+                interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+                if kind == NLMSG_DONE:
+                    return out, interrupted
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, off + _HDR.size)[0]
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                elif kind == RTM_NEWADDR:
+                    entry = _decode(data, off + _HDR.size, off + length)
+                    if entry is not None:
+                        out.append(entry)
+            off += _align(length)
+
+
+def dump(sock: socket.socket, seq: int) -> list[RawAddress]:
+    """Every address in the socket's netns (IPv4 and IPv6). OSError on failure."""
+    for attempt in range(_RETRIES):
+        entries, interrupted = _dump_once(sock, seq + attempt)
+        if not interrupted:
+            return entries
+    return entries  # still changing: the last complete dump (callers re-check level-triggered)
