@@ -135,3 +135,31 @@ async def test_concurrent_conflict_checks_share_one_probe_round(pair: Pair) -> N
     conflicts = {a: e for a, e in results.items() if e is not None}
     assert sorted(conflicts) == sorted(taken)
     assert all(isinstance(e, AddressConflict) and e.mac == pair.foreign_mac for e in conflicts.values())
+
+
+async def test_raw_address_dump_matches_pyroute2(host: tuple[str, str], nl: Netlink) -> None:  # noqa: F811
+    ns, ifname = host
+    am = AddressManager(nl)
+    await run_all(lambda v: am.claim(v, 30), addresses(ifname, 50))
+    ip("-n", ns, "addr", "add", "10.22.0.1/24", "dev", ifname)  # untagged, forever
+    ip("-n", ns, "addr", "add", "10.22.0.9", "peer", "10.22.1.1/32", "dev", ifname)  # point-to-point: local != peer
+    await am.claim(vip("fd22::1/64", "lo"), 40)
+
+    def both(ipr: Any) -> tuple[set[Any], set[Any]]:
+        from vipd.dataplane.address import _entries
+        raw = {(e.index, e.address, e.proto, e.valid_lft) for e in _entries(nl)}
+        ref = set()
+        for m in ipr.addr("dump"):
+            local = m.get("IFA_LOCAL") if m["family"] == socket.AF_INET else None
+            cache = m.get("IFA_CACHEINFO")
+            valid = cache["ifa_valid"] if cache else 0xFFFFFFFF
+            ref.add((m["index"], ipaddress.ip_interface(f"{local or m.get('IFA_ADDRESS')}/{m['prefixlen']}"),
+                     m.get("IFA_PROTO"), None if valid == 0xFFFFFFFF else valid))
+        return raw, ref
+
+    raw, ref = await nl.call(both)
+    assert len(raw) >= 55 and {r[:3] for r in raw} == {r[:3] for r in ref}
+    lifetimes = {r[:3]: r[3] for r in ref}  # the two dumps may straddle a second boundary
+    assert all((lft is None) == (lifetimes[r[:3]] is None) and abs((lft or 0) - (lifetimes[r[:3]] or 0)) <= 1
+               for *r, lft in raw)
+    assert (ipaddress.ip_interface("10.22.0.9/32") in {a for _, a, _, _ in raw})
