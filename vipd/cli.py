@@ -7,8 +7,6 @@ import json
 import sys
 from typing import Sequence
 
-import trio
-
 from vipd import config, log
 from vipd.errors import ConfigError, EtcdAuthError, EtcdError, VipdError
 
@@ -39,6 +37,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     log.setup(cfg.log_level)
+    import trio
+
     from vipd import app
 
     trio.run(app.run, cfg)
@@ -76,6 +76,8 @@ def cmd_state(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
+    import trio
+
     from vipd.status import collect, render
 
     rows = trio.run(collect, cfg)
@@ -86,9 +88,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     log.setup(cfg.log_level)
-    from vipd.cleanup import cleanup
+    from vipd.cleanup import cleanup  # addresses first, before trio / pyroute2 / httpx load
 
-    trio.run(cleanup, cfg)
+    cleanup(cfg)
     return 0
 
 
