@@ -19,9 +19,10 @@ link and IPv4/IPv6 address notifications and yields:
 
 No threads, no polling: the socket is a trio socket, messages are decoded with pyroute2's
 ``MarshalRtnl``. If the kernel drops notifications because we did not read fast enough
-(ENOBUFS), links and addresses are re-read from fresh dumps: link changes and added addresses
-found that way are reported; address deletions lost that way are not (vipd's periodic reconcile
-covers them).
+(ENOBUFS), an :class:`Overflowed` event is yielded at once (whatever the consumer believed about
+the kernel may be stale: it must re-list and reconcile now, not at its next tick), then links and
+addresses are re-read from fresh dumps: link changes and added addresses found that way are
+reported; address deletions lost that way are not (the consumer's re-list covers them).
 
 Use it from a task that is cancelled to stop, or close it with ``contextlib.aclosing``.
 """
@@ -81,7 +82,12 @@ class AddressAdded:
     proto: Optional[int]
 
 
-Event = Union[LinkChanged, AddressRemoved, AddressAdded]
+@dataclass(frozen=True)
+class Overflowed:
+    """The kernel dropped notifications (ENOBUFS): any view built from them may be stale."""
+
+
+Event = Union[LinkChanged, AddressRemoved, AddressAdded, Overflowed]
 _AddrKey = tuple[int, IPInterface]  # interface index, address/prefix
 
 
@@ -187,7 +193,7 @@ class _Reader:
             if e.errno == errno.ENOBUFS:
                 log.warning("rtnetlink events overflowed; re-reading links and addresses")
                 await self.request_dumps()
-                return []
+                return [Overflowed()]
             raise DataplaneError(f"reading rtnetlink events failed: {e.strerror}") from None
         events: list[Event] = []
         for msg in self.marshal.parse(data):
