@@ -164,3 +164,17 @@ async def test_raw_address_dump_matches_pyroute2(host: tuple[str, str], nl: Netl
         ref_lft = lifetimes[r[:3]]
         assert (r[3] is None) == (ref_lft is None) and abs((r[3] or 0) - (ref_lft or 0)) <= 1, r
     assert (ipaddress.ip_interface("10.22.0.9/32") in {a for _, a, _, _ in raw})
+
+
+async def test_listing_reflects_claims_started_before_it(host: tuple[str, str], nl: Netlink) -> None:  # noqa: F811
+    ns, ifname = host
+    vips = addresses(ifname, 1200)  # more than one netlink job's worth
+    am = AddressManager(nl)
+    listed: list[Any] = []
+
+    async with trio.open_nursery() as nursery:
+        for v in vips:
+            nursery.start_soon(am.claim, v, 30)
+        await trio.sleep(0)  # every claim has started; their batches wait for the netlink thread
+        listed = await am.tagged()  # a reconcile tick here must not report them missing
+    assert {t.address for t in listed} == {v.address for v in vips}

@@ -108,6 +108,17 @@ class AddressManager:
         self.nl = nl
         self._claims: Coalescer[tuple[VipSpec, int], None] = Coalescer(self._claim_batch, max_batch=BATCH)
         self._releases: Coalescer[VipSpec, None] = Coalescer(self._release_batch, max_batch=BATCH)
+        # claims and releases started and not yet done: tagged() waits for them (see there)
+        self._inflight: set[trio.Event] = set()
+
+    async def _tracked(self, op: Any, item: Any) -> None:
+        done = trio.Event()
+        self._inflight.add(done)
+        try:
+            await op.submit(item)
+        finally:
+            self._inflight.discard(done)
+            done.set()
 
     async def claim(self, vip: VipSpec, lifetime: Optional[int]) -> None:
         """Add, or replace and so refresh, ``vip.address`` with a ``lifetime`` s countdown;
@@ -122,7 +133,7 @@ class AddressManager:
             lifetime = _FOREVER
         elif isinstance(lifetime, bool) or not isinstance(lifetime, int) or not 1 <= lifetime < _FOREVER:
             raise AddressError(f"{vip.name}: lifetime must be whole seconds >= 1 or None, got {lifetime!r}")
-        await self._claims.submit((vip, lifetime))
+        await self._tracked(self._claims, (vip, lifetime))
 
     async def claim_many(self, items: Sequence[tuple[VipSpec, int]]) -> list[Optional[AddressError]]:
         """claim() for many addresses in one netlink job (lifetime: seconds, or _FOREVER): one
@@ -192,7 +203,7 @@ class AddressManager:
     async def release(self, vip: VipSpec) -> None:
         """Delete our tagged address for ``vip`` if present. Absent or untagged: nothing to do.
         Concurrent releases share one netlink job."""
-        await self._releases.submit(vip)
+        await self._tracked(self._releases, vip)
 
     async def release_many(self, vips: Sequence[VipSpec]) -> list[Optional[AddressError]]:
         """release() for many VIPs in one netlink job with one address dump; failures in order."""
@@ -226,7 +237,11 @@ class AddressManager:
         return [e if e is not None else None for e in await self.release_many(vips)]
 
     async def tagged(self) -> list[TaggedAddress]:
-        """Every address in this netns carrying VIPD_PROTO."""
+        """Every address in this netns carrying VIPD_PROTO. The listing reflects every claim and
+        release started before this call (it waits for them): a batched claim may wait a moment
+        for its netlink job, and a reconcile must not take its listing for "the address is gone"."""
+        for done in list(self._inflight):
+            await done.wait()
 
         def job(ipr: IPRoute) -> list[TaggedAddress]:
             ours = [e for e in _entries(self.nl) if e.ours]
