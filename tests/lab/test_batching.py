@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from tests.lab.test_conflict import Pair, pair  # noqa: F401 - fixtures
 from tests.lab.test_dataplane import NsLab, host, ip, nl, nslab, vip  # noqa: F401 - fixtures
@@ -175,6 +176,6 @@ async def test_listing_reflects_claims_started_before_it(host: tuple[str, str], 
     async with trio.open_nursery() as nursery:
         for v in vips:
             nursery.start_soon(am.claim, v, 30)
-        await trio.sleep(0)  # every claim has started; their batches wait for the netlink thread
+        await trio.testing.wait_all_tasks_blocked()  # every claim has started: its batch is queued
         listed = await am.tagged()  # a reconcile tick here must not report them missing
     assert {t.address for t in listed} == {v.address for v in vips}
