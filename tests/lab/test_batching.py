@@ -6,6 +6,7 @@ VIP's frames still go out."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 from typing import Any
 
@@ -179,3 +180,21 @@ async def test_listing_reflects_claims_started_before_it(host: tuple[str, str], 
         await trio.testing.wait_all_tasks_blocked()  # every claim has started: its batch is queued
         listed = await am.tagged()  # a reconcile tick here must not report them missing
     assert {t.address for t in listed} == {v.address for v in vips}
+
+
+async def test_refresh_many_restarts_every_lifetime(host: tuple[str, str], nl: Netlink) -> None:  # noqa: F811
+    ns, ifname = host
+    vips = addresses(ifname, 300)
+    am = AddressManager(nl)
+    await run_all(lambda v: am.claim(v, 5), vips)
+    gone = vip("10.21.9.1/32", "vtbnosuchif")
+    failures = await am.refresh_many([(v, 40) for v in vips] + [(gone, 40)])
+    assert set(failures) == {gone.name} and "no interface" in str(failures[gone.name])
+    info = {ipaddress.ip_address(a["local"]): a for link in json.loads(ip("-n", ns, "-j", "-d", "addr", "show", "dev", ifname))
+            for a in link.get("addr_info", [])}
+    for v in vips:
+        a = info[v.ip]
+        assert a["prefixlen"] == v.address.network.prefixlen
+        assert 38 <= a["valid_life_time"] <= 40 and 38 <= a["preferred_life_time"] <= 40, a
+        assert not a.get("tentative")  # IPv6: no DAD
+    assert {t.address for t in await am.tagged() if 38 <= (t.valid_lft or 0) <= 40} == {v.address for v in vips}

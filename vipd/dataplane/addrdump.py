@@ -146,3 +146,46 @@ def delete(sock: socket.socket, seq: int, entry: RawAddress) -> None:
                     raise OSError(code, os.strerror(code))
                 return
             off += _align(length)
+
+
+NLM_F_REPLACE, NLM_F_CREATE = 0x100, 0x400
+IFA_F_NODAD = 0x02
+_CHUNK = 200  # messages per send: well under the socket buffers (each message ~80 bytes, each ACK ~36)
+
+
+def replace_many(sock: socket.socket, seq: int, items: list[tuple[int, IPInterface, int, int]]) -> list[int]:
+    """RTM_NEWADDR with NLM_F_CREATE | NLM_F_REPLACE for each (index, address, lifetime, proto):
+    add the address, or restart the lifetime of one that is there (valid = preferred = lifetime
+    seconds; IPv6 with IFA_F_NODAD), what ``ip addr replace`` does. Many messages per send, one ACK
+    each. Returns each item's errno (0: done), in order. OSError when the socket itself fails."""
+    errors = [0] * len(items)
+    for start in range(0, len(items), _CHUNK):
+        part = items[start:start + _CHUNK]
+        out = []
+        for n, (index, address, lifetime, proto) in enumerate(part):
+            ip = address.ip
+            v4 = ip.version == 4
+            flags = 0 if v4 else IFA_F_NODAD
+            attrs = b"".join(_RTA.pack(4 + len(ip.packed), kind) + ip.packed
+                             for kind in ((IFA_LOCAL, IFA_ADDRESS) if v4 else (IFA_ADDRESS,)))
+            attrs += _RTA.pack(20, IFA_CACHEINFO) + struct.pack("=IIII", lifetime, lifetime, 0, 0)
+            attrs += _RTA.pack(5, IFA_PROTO) + bytes([proto]) + b"\0\0\0"
+            attrs += _RTA.pack(8, IFA_FLAGS) + struct.pack("=I", flags)
+            body = _IFA.pack(socket.AF_INET if v4 else socket.AF_INET6, address.network.prefixlen, flags, 0, index)
+            body += attrs
+            out.append(_HDR.pack(_HDR.size + len(body), RTM_NEWADDR,
+                                 NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, seq + start + n, 0) + body)
+        sock.send(b"".join(out))
+        pending = {seq + start + n for n in range(len(part))}
+        while pending:
+            data = sock.recv(1 << 17)
+            off = 0
+            while off + _HDR.size <= len(data):
+                length, kind, _flags, mseq, _pid = _HDR.unpack_from(data, off)
+                if length < _HDR.size:
+                    raise OSError(errno.EPROTO, "malformed netlink message")
+                if kind == NLMSG_ERROR and mseq in pending:
+                    pending.discard(mseq)
+                    errors[mseq - seq] = -struct.unpack_from("=i", data, off + _HDR.size)[0]
+                off += _align(length)
+    return errors

@@ -260,8 +260,13 @@ class Netlink:
             sock.settimeout(5.0)  # a dump never takes that long; never hang the owner thread
             sock.bind((0, 0))
             self._route = sock
-        self._seq = (self._seq + 8) & 0x7FFFFFFF
+        self._seq = (self._seq + 8) & 0x3FFFFFFF
         return self._route, self._seq
+
+    def reserve_seq(self, count: int) -> None:
+        """Inside a job: the request about to go out uses ``count`` sequence numbers from the one
+        route_socket() returned; the next request starts after them."""
+        self._seq = (self._seq + count) & 0x3FFFFFFF
 
     # -- calls ----------------------------------------------------------------------------
 
