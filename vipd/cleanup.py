@@ -1,36 +1,66 @@
 """`vipd cleanup` (systemd ExecStopPost): after the daemon stopped or crashed, remove every address
 vipd tagged on this host, then revoke the lease it recorded. Order matters: address first, so a
-standby that wins after the revoke never overlaps with us."""
+standby that wins after the revoke never overlaps with us.
+
+This is the crash path, so it starts fast: the addresses go first, through a plain rtnetlink
+socket built and decoded with struct (vipd.dataplane.addrdump), before trio, pyroute2 or httpx is
+imported. Only then are vipd's nftables table dropped and the lease revoked.
+"""
 
 from __future__ import annotations
 
-import trio
+import os
+import socket
 
 from vipd import log
 from vipd.config import Config
-from vipd.dataplane.address import AddressManager
-from vipd.dataplane.netlink import Netlink
-from vipd.dataplane.nft import NftManager
-from vipd.election.etcd import EtcdClient
-from vipd.election.lease import forget_recorded_lease, lease_record_path, read_recorded_lease
-from vipd.errors import DataplaneError, EtcdError
+from vipd.errors import DataplaneError
+
+VIPD_PROTO = 0x56  # vipd.dataplane.address.VIPD_PROTO (not imported: that module loads pyroute2)
 
 
-async def cleanup(cfg: Config) -> None:
+def lease_record_path(cfg: Config) -> str:
+    """Where the daemon records its lease id (vipd.app.lease_record_path: the same file)."""
+    return os.path.join(cfg.state_dir, "lease")
+
+
+def remove_addresses(cfg: Config) -> int:
+    """Delete every address carrying vipd's tag in this netns but the fixed BGP source; returns how
+    many. DataplaneError when the kernel cannot be read or refuses a deletion."""
+    from vipd.dataplane import addrdump
+
+    removed = 0
     try:
-        async with Netlink() as nl:
-            addresses = AddressManager(nl)
-            for t in await addresses.tagged():
-                if cfg.bgp.source is not None and t.interface == "lo" and t.address.ip == cfg.bgp.source:
+        with addrdump.open_socket() as sock:
+            for n, a in enumerate(addrdump.dump(sock, 1)):
+                if a.proto != VIPD_PROTO:
+                    continue
+                try:
+                    ifname = socket.if_indextoname(a.index)
+                except OSError:
+                    ifname = f"if{a.index}"
+                if cfg.bgp.source is not None and ifname == "lo" and a.address.ip == cfg.bgp.source:
                     continue  # the host's fixed BGP source stays: BGP sessions survive a restart
-                await addresses.remove(t)
-                log.info("cleanup_address_removed", interface=t.interface, address=t.address)
-            async with NftManager(nl) as nft:  # its sets expire anyway; drop the table now, whatever the
-                await nft.remove_all()            # config says today (an earlier one may have made it)
-    except DataplaneError as e:
-        # never revoke while an address may remain: the kernel lifetime will end it, then the lease expires
-        log.error("cleanup_failed", error=e)
-        raise
+                addrdump.delete(sock, 100 + n, a)
+                removed += 1
+                log.info("cleanup_address_removed", interface=ifname, address=a.address)
+    except OSError as e:
+        raise DataplaneError(f"removing vipd's addresses: {e.strerror or e}") from None
+    return removed
+
+
+async def finish(cfg: Config) -> None:
+    """After the addresses: drop vipd's nftables table, then revoke the recorded lease."""
+    import trio
+
+    from vipd.dataplane.netlink import Netlink
+    from vipd.dataplane.nft import NftManager
+    from vipd.election.etcd import EtcdClient
+    from vipd.election.lease import forget_recorded_lease, read_recorded_lease
+    from vipd.errors import EtcdError
+
+    async with Netlink() as nl, NftManager(nl) as nft:  # its sets expire anyway; drop the table now,
+        await nft.remove_all()                           # whatever the config says today
     path = lease_record_path(cfg)
     lease = read_recorded_lease(path)
     if lease is None:
@@ -43,3 +73,19 @@ async def cleanup(cfg: Config) -> None:
     except EtcdError as e:
         log.warning("cleanup_revoke_failed", lease=f"{lease:x}", error=e)
     forget_recorded_lease(path)
+
+
+def cleanup(cfg: Config) -> None:
+    try:
+        remove_addresses(cfg)
+    except DataplaneError as e:
+        # never revoke while an address may remain: the kernel lifetime will end it, then the lease expires
+        log.error("cleanup_failed", error=e)
+        raise
+    import trio
+
+    try:
+        trio.run(finish, cfg)
+    except DataplaneError as e:
+        log.error("cleanup_failed", error=e)
+        raise

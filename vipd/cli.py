@@ -13,8 +13,6 @@ import os
 import sys
 from typing import Sequence
 
-import trio
-
 from vipd import __version__, config, log
 from vipd.errors import ConfigError, EtcdAuthError, EtcdError, VipdError
 
@@ -55,6 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.metrics_listen:
         instance.check_port_free(cfg.metrics_listen)
     log.setup(cfg.log_level)
+    import trio
+
     from vipd import app
 
     try:
@@ -86,6 +86,8 @@ def comeback(cfg: config.Config, name: str) -> str:
     pl, holdoff = cfg.placement, cfg.timing.release_holdoff
     if not pl.preempt:
         return "preemption is off: it stays with its new owner until that one lets it go"
+    import trio
+
     from vipd.status import collect
 
     async def preferred_host() -> str | None:
@@ -123,6 +125,8 @@ def cmd_state(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
+    import trio
+
     from vipd.status import collect, render
 
     rows = trio.run(collect, cfg)
@@ -136,9 +140,9 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
     instance.acquire(cfg.state_dir, "vipd cleanup")  # never under a running daemon's feet; held until exit
     log.setup(cfg.log_level)
-    from vipd.cleanup import cleanup
+    from vipd.cleanup import cleanup  # addresses first, before trio / pyroute2 / httpx load
 
-    trio.run(cleanup, cfg)
+    cleanup(cfg)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The announcement frames, byte for byte (no root, no network)."""
+"""The frames vipd sends (vipd.dataplane.frames: struct, no scapy), byte for byte and decoded
+field by field by scapy, the independent decoder (no root, no network)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import struct
 from typing import Any
 
 import pytest
-from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
+from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6NDOptDstLLAddr, IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from vipd.config import VipSpec
-from vipd.dataplane.announce import Announcer, frames_for, garp_reply, garp_request, unsolicited_na
+from vipd.dataplane.announce import Announcer, frames_for
+from vipd.dataplane.frames import arp_probe, dad_ns, garp_reply, garp_request, solicited_node, unsolicited_na
 
 MAC = "02:56:00:0a:0b:0c"
 MAC_BYTES = bytes.fromhex("0256000a0b0c")
@@ -100,3 +102,63 @@ async def test_nothing_is_sent_for_loopback_or_zero_count() -> None:
     ann = Announcer(nl=None)  # type: ignore[arg-type]
     assert await ann.announce(vip("192.0.2.10/32", interface="lo")) == 0
     assert await ann.announce(vip("192.0.2.10/24", announce_count=0)) == 0
+
+
+# --- the same frames built by scapy, and scapy's own checksums ------------------------------------
+
+V4S = [ipaddress.IPv4Address(a) for a in ("192.0.2.10", "10.0.0.1", "255.255.255.254", "0.0.0.1")]
+V6S = [ipaddress.IPv6Address(a) for a in ("2001:db8::10", "fd00:214::3e7", "fe80::1", "::1",
+                                         "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe")]
+MACS = [MAC, "ff:ff:ff:ff:ff:fe", "00:00:00:00:00:01"]
+
+
+def scapy_arp(mac: str, op: int, psrc: str, hwdst: str, pdst: str) -> bytes:
+    return bytes(Ether(src=mac, dst="ff:ff:ff:ff:ff:ff")
+                 / ARP(op=op, hwsrc=mac, psrc=psrc, hwdst=hwdst, pdst=pdst)).ljust(60, b"\x00")
+
+
+@pytest.mark.parametrize("mac", MACS)
+@pytest.mark.parametrize("ip", V4S)
+def test_arp_frames_equal_scapys(mac: str, ip: ipaddress.IPv4Address) -> None:
+    assert garp_request(mac, ip) == scapy_arp(mac, 1, str(ip), "00:00:00:00:00:00", str(ip))
+    assert garp_reply(mac, ip) == scapy_arp(mac, 2, str(ip), mac, str(ip))
+    assert arp_probe(mac, ip) == scapy_arp(mac, 1, "0.0.0.0", "00:00:00:00:00:00", str(ip))
+    a = Ether(arp_probe(mac, ip))[ARP]
+    assert (a.op, a.hwsrc, a.psrc, a.hwdst, a.pdst) == (1, mac, "0.0.0.0", "00:00:00:00:00:00", str(ip))
+
+
+@pytest.mark.parametrize("mac", MACS)
+@pytest.mark.parametrize("ip", V6S)
+def test_na_equals_scapys(mac: str, ip: ipaddress.IPv6Address) -> None:
+    frame = unsolicited_na(mac, ip)
+    built = bytes(Ether(src=mac, dst="33:33:00:00:00:01") / IPv6(src=str(ip), dst="ff02::1", hlim=255)
+                  / ICMPv6ND_NA(R=0, S=0, O=1, tgt=str(ip)) / ICMPv6NDOptDstLLAddr(lladdr=mac))
+    assert frame == built  # scapy computes the checksum itself: equal bytes = equal checksum
+    p = Ether(frame)
+    assert (p[IPv6].src, p[IPv6].dst, p[IPv6].hlim, p[IPv6].plen) == (str(ip), "ff02::1", 255, 32)
+    assert (p[ICMPv6ND_NA].O, p[ICMPv6ND_NA].tgt, p[ICMPv6NDOptDstLLAddr].lladdr) == (1, str(ip), mac)
+
+
+@pytest.mark.parametrize("mac", MACS)
+@pytest.mark.parametrize("ip", V6S)
+def test_dad_ns_equals_scapys(mac: str, ip: ipaddress.IPv6Address) -> None:
+    group, group_mac = solicited_node(ip)
+    assert group == ipaddress.IPv6Address("ff02::1:ff00:0") + (int(ip) & 0xFFFFFF)  # RFC 4291 2.7.1
+    frame = dad_ns(mac, ip)
+    built = bytes(Ether(src=mac, dst=group_mac) / IPv6(src="::", dst=str(group), hlim=255) / ICMPv6ND_NS(tgt=str(ip)))
+    assert frame == built
+    p = Ether(frame)
+    assert p.dst == group_mac == "33:33:" + ":".join(f"{b:02x}" for b in group.packed[-4:])
+    assert (p[IPv6].src, p[IPv6].dst, p[ICMPv6ND_NS].tgt, p[ICMPv6ND_NS].type) == ("::", str(group), str(ip), 135)
+    pseudo = bytes(16) + group.packed + struct.pack("!I3xB", len(frame) - 54, 58)
+    assert checksum(pseudo + frame[54:]) == 0
+
+
+def test_daemon_modules_do_not_import_scapy() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, vipd.app, vipd.cleanup, vipd.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scapy', 'vipd.lab')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

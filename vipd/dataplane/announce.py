@@ -1,83 +1,49 @@
 """Gratuitous ARP and unsolicited IPv6 NA: tell the segment the VIP now lives at our MAC.
 
-Frames are built with scapy's l2 / inet6 layers only (``scapy.all`` costs ~30 MiB more RSS) and
-sent through an AF_PACKET socket bound to the VIP's interface (made in the Netlink's netns), as
-a trio socket, so sending never blocks the event loop. What receivers do with them (Linux, see
-FACTS.md):
+Frames come from vipd.dataplane.frames (struct, no scapy) and are sent through an AF_PACKET
+socket bound to the VIP's interface (made in the Netlink's netns), as a trio socket, so sending
+never blocks the event loop. What receivers do with them (Linux, see FACTS.md):
 
 * ARP request with sender IP = target IP = VIP updates an existing neighbour entry in any state
   but PERMANENT, whatever ``arp_accept`` is; it creates none unless ``arp_accept`` >= 1.
 * ARP reply counts only if its target MAC equals its sender MAC (the form built here).
 * NA to ff02::1, hop limit 255, Override=1, with the target link-layer address option, updates
   existing entries (creates none).
+
+Batching: the announcements of every VIP on one interface are sent by one task through one
+socket. The first caller for an idle interface runs the sender; later callers add their VIP to
+its schedule (its first burst goes out at once, the next ones on the VIP's own interval) and wait
+for their VIP's last burst. When the running caller is cancelled (its VIP stopped announcing), a
+waiting caller takes over; the socket lives as long as there is something to send.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
+from typing import Optional
 
 import trio
-from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, IPv6
-from scapy.layers.l2 import ARP, Ether
 
 from vipd.model import VipSpec
+from vipd.dataplane.frames import (ALL_NODES, ALL_NODES_MAC, ARP_REPLY, ARP_REQUEST, BROADCAST,  # noqa: F401
+                                   MIN_FRAME, ZERO_MAC, garp_reply, garp_request, unsolicited_na)
 from vipd.dataplane.netlink import Netlink
 from vipd.errors import AnnounceError, DataplaneError
-
-BROADCAST = "ff:ff:ff:ff:ff:ff"
-ZERO_MAC = "00:00:00:00:00:00"
-ALL_NODES = "ff02::1"
-ALL_NODES_MAC = "33:33:00:00:00:01"
-MIN_FRAME = 60  # Ethernet minimum without FCS; padded here so no driver has to
-ARP_REQUEST = 1
-ARP_REPLY = 2
-
-
-def _pad(frame: bytes) -> bytes:
-    return frame + b"\x00" * (MIN_FRAME - len(frame)) if len(frame) < MIN_FRAME else frame
-
-
-def _arp(mac: str, ip: ipaddress.IPv4Address, op: int, hwdst: str) -> bytes:
-    if not isinstance(ip, ipaddress.IPv4Address):
-        raise TypeError(f"ARP needs an IPv4Address, got {ip!r}")
-    frame = Ether(src=mac, dst=BROADCAST) / ARP(op=op, hwsrc=mac, psrc=str(ip), hwdst=hwdst, pdst=str(ip))
-    return _pad(bytes(frame))
-
-
-def garp_request(mac: str, ip: ipaddress.IPv4Address) -> bytes:
-    """Broadcast ARP request asking for ``ip`` from ``ip`` (sender = target), target MAC zero."""
-    return _arp(mac, ip, ARP_REQUEST, ZERO_MAC)
-
-
-def garp_reply(mac: str, ip: ipaddress.IPv4Address) -> bytes:
-    """Broadcast ARP reply for ``ip``; target MAC = sender MAC, the only form Linux accepts."""
-    return _arp(mac, ip, ARP_REPLY, mac)
-
-
-def unsolicited_na(mac: str, ip: ipaddress.IPv6Address) -> bytes:
-    """NA from ``ip`` to all nodes: hop limit 255, R=0 S=0 O=1, target link-layer address option."""
-    if not isinstance(ip, ipaddress.IPv6Address):
-        raise TypeError(f"NA needs an IPv6Address, got {ip!r}")
-    frame = (
-        Ether(src=mac, dst=ALL_NODES_MAC)
-        / IPv6(src=str(ip), dst=ALL_NODES, hlim=255)
-        / ICMPv6ND_NA(R=0, S=0, O=1, tgt=str(ip))
-        / ICMPv6NDOptDstLLAddr(lladdr=mac)
-    )
-    return bytes(frame)
 
 
 def frames_for(vip: VipSpec, mac: str) -> list[bytes]:
     """One announcement burst for ``vip`` from ``mac``."""
-    ip = vip.ip
-    if isinstance(ip, ipaddress.IPv4Address):
-        frames = [garp_request(mac, ip)]
+    if vip.version == 4:
+        assert isinstance(vip.ip, ipaddress.IPv4Address)
+        frames = [garp_request(mac, vip.ip)]
         if vip.announce_reply:
-            frames.append(garp_reply(mac, ip))
+            frames.append(garp_reply(mac, vip.ip))
         return frames
-    return [unsolicited_na(mac, ip)]
+    assert isinstance(vip.ip, ipaddress.IPv6Address)
+    return [unsolicited_na(mac, vip.ip)]
 
 
 async def close_packet_socket(sock: trio.socket.SocketType) -> None:
@@ -88,11 +54,125 @@ async def close_packet_socket(sock: trio.socket.SocketType) -> None:
         await trio.to_thread.run_sync(os.close, fd)
 
 
+class _Request:
+    """One caller's VIP in an interface's schedule."""
+
+    def __init__(self, vip: VipSpec) -> None:
+        self.vip = vip
+        self.left = vip.announce_count  # bursts still to send
+        self.next_at = -math.inf  # the first burst: at once
+        self.frames: Optional[list[bytes]] = None
+        self.sent = 0
+        self.error: Optional[AnnounceError] = None
+        self.finished = False
+        self.wake = trio.Event()
+
+    def finish(self, error: Optional[AnnounceError] = None) -> None:
+        self.error, self.finished = error, True
+        self.wake.set()
+
+
+class _Interface:
+    """The schedule and sender of one interface."""
+
+    def __init__(self, nl: Netlink, ifname: str) -> None:
+        self.nl, self.ifname = nl, ifname
+        self.requests: list[_Request] = []
+        self.running = False
+        self.arrived = trio.Event()
+        self.sockets = 0  # AF_PACKET sockets opened (for tests and benchmarks)
+
+    async def announce(self, vip: VipSpec) -> int:
+        req = _Request(vip)
+        self.requests.append(req)
+        self.arrived.set()
+        try:
+            while not req.finished:
+                if not self.running:
+                    self.running = True
+                    try:
+                        await self._send_all()
+                    finally:
+                        self.running = False
+                        self._hand_over(req)
+                else:
+                    await req.wake.wait()
+                    req.wake = trio.Event()
+        finally:
+            if req in self.requests:
+                self.requests.remove(req)
+        if req.error is not None:
+            raise req.error
+        return req.sent
+
+    def _hand_over(self, leaving: _Request) -> None:
+        """The sender stops (done, or its caller was cancelled): wake a waiting caller to take over."""
+        waiting = [r for r in self.requests if not r.finished and r is not leaving]
+        if waiting:
+            waiting[0].wake.set()
+
+    def _fail_all(self, reason: str) -> None:
+        for r in list(self.requests):
+            r.finish(AnnounceError(f"announce {r.vip.name} on {self.ifname}: {reason} after {r.sent} frames"))
+            self.requests.remove(r)
+
+    async def _send_all(self) -> None:
+        try:
+            link = await self.nl.link(self.ifname)
+        except DataplaneError as e:
+            for r in list(self.requests):
+                r.finish(AnnounceError(f"announce {r.vip.name}: {e}"))
+                self.requests.remove(r)
+            return
+        if link.mac is None:
+            self._fail_all(f"interface {self.ifname!r} has no hardware address;")
+            return
+        try:
+            # protocol 0: a send-only socket, nothing is queued for us to read
+            sock = await self.nl.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        except DataplaneError as e:
+            self._fail_all(str(e))
+            return
+        self.sockets += 1
+        try:
+            await sock.bind((self.ifname, 0))
+            while self.requests:
+                now = trio.current_time()
+                for r in list(self.requests):
+                    if r.next_at > now:
+                        continue
+                    if r.frames is None:
+                        r.frames = frames_for(r.vip, link.mac)  # built once per announcement
+                    for frame in r.frames:
+                        await sock.send(frame)
+                        r.sent += 1
+                    r.left -= 1
+                    r.next_at = now + r.vip.announce_interval
+                    if r.left <= 0:
+                        self.requests.remove(r)
+                        r.finish()
+                if not self.requests:
+                    break
+                self.arrived = trio.Event()
+                with trio.move_on_at(min(r.next_at for r in self.requests)):
+                    await self.arrived.wait()
+        except OSError as e:
+            self._fail_all(f"{e.strerror or e} (errno {e.errno})")
+        finally:
+            await close_packet_socket(sock)
+
+
 class Announcer:
-    """Sends a VIP's announcement bursts out of its interface."""
+    """Sends VIPs' announcement bursts out of their interfaces, one sender task and one socket per
+    interface at a time."""
 
     def __init__(self, nl: Netlink) -> None:
         self.nl = nl
+        self._interfaces: dict[str, _Interface] = {}
+
+    def sockets_opened(self, ifname: str) -> int:
+        i = self._interfaces.get(ifname)
+        return i.sockets if i else 0
 
     async def announce(self, vip: VipSpec) -> int:
         """Send ``vip.announce_count`` bursts, ``vip.announce_interval`` s apart, the first at
@@ -103,33 +183,7 @@ class Announcer:
         """
         if vip.on_loopback or vip.announce_count <= 0:
             return 0
-        ifname = vip.interface
-        try:
-            link = await self.nl.link(ifname)
-        except DataplaneError as e:
-            raise AnnounceError(f"announce {vip.name}: {e}") from None
-        if link.mac is None:
-            raise AnnounceError(f"announce {vip.name}: interface {ifname!r} has no hardware address")
-        frames = frames_for(vip, link.mac)
-        try:
-            # protocol 0: a send-only socket, nothing is queued for us to read
-            sock = await self.nl.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-        except DataplaneError as e:
-            raise AnnounceError(f"announce {vip.name} on {ifname}: {e}") from None
-        sent = 0
-        try:
-            await sock.bind((ifname, 0))
-            for burst in range(vip.announce_count):
-                if burst:
-                    await trio.sleep(vip.announce_interval)
-                for frame in frames:
-                    await sock.send(frame)
-                    sent += 1
-        except OSError as e:
-            reason = e.strerror or str(e)
-            raise AnnounceError(
-                f"announce {vip.name} on {ifname}: {reason} (errno {e.errno}) after {sent} frames"
-            ) from None
-        finally:
-            await close_packet_socket(sock)
-        return sent
+        iface = self._interfaces.get(vip.interface)
+        if iface is None:
+            iface = self._interfaces[vip.interface] = _Interface(self.nl, vip.interface)
+        return await iface.announce(vip)

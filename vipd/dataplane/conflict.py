@@ -27,15 +27,18 @@ import ipaddress
 import math
 import socket
 import struct
+import weakref
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional, Union
+from typing import AsyncGenerator, Callable, Optional, Union
 
 import trio
-from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
-from scapy.layers.l2 import ARP, Ether
 
+from vipd.coalesce import Coalescer
 from vipd.model import VipSpec
-from vipd.dataplane.announce import BROADCAST, MIN_FRAME, ZERO_MAC, close_packet_socket
+from vipd.dataplane.announce import close_packet_socket
+from vipd.dataplane.frames import arp_probe as arp_probe_frame
+from vipd.dataplane.frames import dad_ns as dad_ns_frame
+from vipd.dataplane.frames import solicited_node
 from vipd.dataplane.netlink import Netlink
 from vipd.errors import AddressError, DataplaneError
 
@@ -63,24 +66,7 @@ class AddressConflict(AddressError):
 
 # ------------------------------------------------------------------------------- frames
 
-def arp_probe_frame(mac: str, ip: ipaddress.IPv4Address) -> bytes:
-    """RFC 5227 probe: broadcast ARP request, sender IP 0.0.0.0, target MAC zero, target IP = ip."""
-    frame = bytes(Ether(src=mac, dst=BROADCAST) / ARP(op=1, hwsrc=mac, psrc="0.0.0.0", hwdst=ZERO_MAC, pdst=str(ip)))
-    return frame.ljust(MIN_FRAME, b"\x00")
-
-
-def solicited_node(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv6Address, str]:
-    """The solicited-node multicast group of ``ip`` and its Ethernet address."""
-    low = ip.packed[-3:]
-    group = ipaddress.IPv6Address(b"\xff\x02" + b"\x00" * 9 + b"\x01\xff" + low)
-    return group, "33:33:" + ":".join(f"{b:02x}" for b in group.packed[-4:])
-
-
-def dad_ns_frame(mac: str, ip: ipaddress.IPv6Address) -> bytes:
-    """RFC 4862 DAD: NS for ``ip`` from :: to its solicited-node group, hop limit 255, no
-    source link-layer option (forbidden with an unspecified source)."""
-    group, group_mac = solicited_node(ip)
-    return bytes(Ether(src=mac, dst=group_mac) / IPv6(src="::", dst=str(group), hlim=255) / ICMPv6ND_NS(tgt=str(ip)))
+# arp_probe_frame, dad_ns_frame and solicited_node: imported above from vipd.dataplane.frames (struct, no scapy)
 
 
 @dataclass(frozen=True)
@@ -186,7 +172,7 @@ class _PacketSocket:
         except OSError as e:
             raise ConflictProbeError(f"send on {self.ifname}: {e.strerror or e} (errno {e.errno})") from None
 
-    async def claims(self, mine: str) -> AsyncIterator[Claim]:
+    async def claims(self, mine: str) -> AsyncGenerator[Claim, None]:
         """Claims in frames that arrive on this interface from any MAC but ``mine``."""
         assert self.sock is not None
         parse = parse_arp if self.proto == ETH_P_ARP else parse_nd
@@ -245,32 +231,86 @@ async def arp_probe(nl: Netlink, ifname: str, mac: str | None, ip: ipaddress.IPv
     """RFC 5227 probe for ``ip`` on ``ifname`` (``mac``: ours; None looks it up): ``probes``
     probes ``wait`` s apart, listening until ``wait`` s after the last. Returns the MAC of another
     machine that uses or probes for ``ip``, or None. ConflictProbeError when it cannot probe."""
-    ip = ipaddress.IPv4Address(ip)
-    return await _probe(nl, ifname, mac, ETH_P_ARP, lambda m: arp_probe_frame(m, ip),
-                        lambda c: c.ip == ip and c.kind in ("arp", "probe"), probes, wait)
+    addr = ipaddress.IPv4Address(ip)
+    return await _probe(nl, ifname, mac, ETH_P_ARP, lambda m: arp_probe_frame(m, addr),
+                        lambda c: c.ip == addr and c.kind in ("arp", "probe"), probes, wait)
 
 
 async def ipv6_dad(nl: Netlink, ifname: str, mac: str | None, ip: ipaddress.IPv6Address | str, *,
                    probes: int = 1, wait: float = 0.4) -> str | None:
     """Duplicate address detection for ``ip`` on ``ifname``: the MAC of another machine that
     advertises (or runs DAD for) ``ip``, or None. ConflictProbeError when it cannot probe."""
-    ip = ipaddress.IPv6Address(ip)
-    return await _probe(nl, ifname, mac, ETH_P_IPV6, lambda m: dad_ns_frame(m, ip),
-                        lambda c: c.ip == ip and c.kind in ("na", "dad"), probes, wait)
+    addr = ipaddress.IPv6Address(ip)
+    return await _probe(nl, ifname, mac, ETH_P_IPV6, lambda m: dad_ns_frame(m, addr),
+                        lambda c: c.ip == addr and c.kind in ("na", "dad"), probes, wait)
 
 
 async def probe_vip(nl: Netlink, vip: VipSpec, mac: str | None = None, *, wait: float = 0.2) -> str | None:
     """The conflicting MAC for ``vip`` on its interface, or None (always None on ``lo``)."""
     if vip.on_loopback:
         return None
-    if vip.version == 4:
-        return await arp_probe(nl, vip.interface, mac, str(vip.ip), probes=2, wait=wait)
-    return await ipv6_dad(nl, vip.interface, mac, str(vip.ip), probes=1, wait=2 * wait)
+    if isinstance(vip.ip, ipaddress.IPv4Address):
+        return await arp_probe(nl, vip.interface, mac, vip.ip, probes=2, wait=wait)
+    return await ipv6_dad(nl, vip.interface, mac, vip.ip, probes=1, wait=2 * wait)
+
+
+async def probe_many(nl: Netlink, ifname: str, ips: list[IPAddress], mac: str | None = None, *,
+                     wait: float = 0.2) -> dict[IPAddress, str]:
+    """probe_vip for many addresses on one interface at once, through one ARP and one ND socket
+    (not one pair per address, each receiving every other address's probes): every IPv4 address
+    probed twice ``wait`` apart, every IPv6 one once; all listened for until ``2 * wait`` s after
+    the first probe. Returns the conflicting MAC by address (absent: nobody answered)."""
+    mine = (mac or await _our_mac(nl, ifname)).lower()
+    found: dict[IPAddress, str] = {}
+    v4 = [ip for ip in ips if isinstance(ip, ipaddress.IPv4Address)]
+    v6 = [ip for ip in ips if isinstance(ip, ipaddress.IPv6Address)]
+
+    async def run(proto: int, frames: list[bytes], targets: set[IPAddress], kinds: tuple[str, ...],
+                  probes: int) -> None:
+        async with _PacketSocket(nl, ifname, proto) as ps, trio.open_nursery() as nursery:
+            async def send() -> None:
+                for i in range(probes):
+                    if i:
+                        await trio.sleep(2 * wait / probes)
+                    for frame in frames:
+                        await ps.send(frame)
+                await trio.sleep(2 * wait / probes)
+                nursery.cancel_scope.cancel()  # nobody else answered in time
+
+            nursery.start_soon(send)
+            async with contextlib.aclosing(ps.claims(mine)) as claims:
+                async for claim in claims:
+                    if claim.ip in targets and claim.kind in kinds and claim.ip not in found:
+                        found[claim.ip] = claim.mac
+                        if len(found) == len(targets):
+                            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        if v4:
+            nursery.start_soon(run, ETH_P_ARP, [arp_probe_frame(mine, ip) for ip in v4], set(v4), ("arp", "probe"), 2)  # type: ignore[arg-type]
+        if v6:
+            nursery.start_soon(run, ETH_P_IPV6, [dad_ns_frame(mine, ip) for ip in v6], set(v6), ("na", "dad"), 1)  # type: ignore[arg-type]
+    return found
+
+
+_batchers: "weakref.WeakKeyDictionary[Netlink, dict[tuple[str, Optional[str], float], Coalescer[IPAddress, Optional[str]]]]" = \
+    weakref.WeakKeyDictionary()
 
 
 async def check_free(nl: Netlink, vip: VipSpec, mac: str | None = None, *, wait: float = 0.2) -> None:
-    """Raise AddressConflict (an AddressError) when another machine answers for ``vip``."""
-    other = await probe_vip(nl, vip, mac, wait=wait)
+    """Raise AddressConflict (an AddressError) when another machine answers for ``vip``. The
+    checks that many tasks start in the same moment on one interface share one probe_many."""
+    if vip.on_loopback:
+        return
+    per_nl = _batchers.setdefault(nl, {})
+    key = (vip.interface, mac, wait)
+    if key not in per_nl:
+        async def batch(ips: list[IPAddress]) -> list[Optional[str]]:
+            found = await probe_many(nl, vip.interface, ips, mac, wait=wait)
+            return [found.get(ip) for ip in ips]
+
+        per_nl[key] = Coalescer(batch)
+    other = await per_nl[key].submit(vip.ip)
     if other is not None:
         raise AddressConflict(vip.ip, other, vip.interface)
 

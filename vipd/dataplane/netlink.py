@@ -164,6 +164,8 @@ class Netlink:
         self._jobs: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._route: socket.socket | None = None  # owner thread only: see route_socket()
+        self._seq = 0
 
     def __repr__(self) -> str:
         return f"Netlink(netns={self.netns!r})"
@@ -232,6 +234,8 @@ class Netlink:
                     continue
                 job.hand_back(outcome.capture(job.fn, ipr))
         finally:
+            if self._route is not None:
+                self._route.close()
             try:
                 ipr.close()
             except Exception:  # noqa: BLE001 - nothing useful to do while shutting down
@@ -244,6 +248,25 @@ class Netlink:
                     break
                 if job is not _STOP:
                     job.hand_back(outcome.Error(DataplaneError("netlink owner thread is closed")))
+
+    def route_socket(self) -> tuple[socket.socket, int]:
+        """Inside a job only (the owner thread): a plain blocking NETLINK_ROUTE socket in this
+        Netlink's netns, for raw dumps decoded with struct (vipd.dataplane.addrdump), and a fresh
+        sequence number for the request. Made on first use, closed with the thread."""
+        if self._route is None:
+            family, type_ = socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC
+            sock = (socket_in_netns(self.netns, family, type_, socket.NETLINK_ROUTE) if self.netns
+                    else socket.socket(family, type_, socket.NETLINK_ROUTE))
+            sock.settimeout(5.0)  # a dump never takes that long; never hang the owner thread
+            sock.bind((0, 0))
+            self._route = sock
+        self._seq = (self._seq + 8) & 0x3FFFFFFF
+        return self._route, self._seq
+
+    def reserve_seq(self, count: int) -> None:
+        """Inside a job: the request about to go out uses ``count`` sequence numbers from the one
+        route_socket() returned; the next request starts after them."""
+        self._seq = (self._seq + count) & 0x3FFFFFFF
 
     # -- calls ----------------------------------------------------------------------------
 

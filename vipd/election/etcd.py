@@ -22,6 +22,8 @@ from vipd.election.etcd_transport import (EndpointFailed, EtcdTransport, TokenIn
                                           raise_etcd_error)
 from vipd.errors import EtcdCompacted, EtcdRequestError, EtcdUnavailable, EtcdWatchIdle, LeaseLost
 
+MAX_TXN_OPS = 128  # etcd's --max-txn-ops default: ops per level of one transaction
+
 
 @dataclass(frozen=True)
 class KeyValue:
@@ -141,20 +143,10 @@ class EtcdClient(EtcdTransport):
         Its create_revision is the ownership epoch. A key found attached to lease_id with our value is
         reported as ours: that is what a retry sees after an attempt whose answer was lost.
         """
-        k = _b64(key)
-        data = await self._call("/v3/kv/txn", {
-            "compare": [{"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
-            "success": [{"request_put": {"key": k, "value": _b64(value), "lease": str(lease_id)}}],
-            "failure": [{"request_range": {"key": k}}],
-        })
-        rev = int(data["header"]["revision"])
-        if data.get("succeeded", False):
-            return True, KeyValue(key, value, rev, rev, lease_id)
-        kvs = data["responses"][0]["response_range"].get("kvs", [])
-        if not kvs:  # cannot happen: the compare failed, so the key existed in this same txn
-            raise EtcdRequestError(f"create {key!r}: compare failed but the key is absent")
-        kv = _kv(kvs[0])
-        return (lease_id != 0 and kv.lease == lease_id and kv.value == value), kv
+        data = await self._call("/v3/kv/txn", self.create_op(key, value, lease_id))
+        responses = data.get("responses", [])
+        return self.create_result(key, value, lease_id, bool(data.get("succeeded", False)), responses,
+                                  int(data["header"]["revision"]))
 
     async def get(self, key: str) -> KeyValue | None:
         data = await self._call("/v3/kv/range", {"key": _b64(key)})
@@ -190,6 +182,70 @@ class EtcdClient(EtcdTransport):
             "success": [{"request_put": {"key": k, "value": _b64(new), "lease": str(lease_id)}}],
         })
         return bool(data.get("succeeded", False))
+
+    # --- many independent conditional requests in one round trip ------------------------------
+
+    async def txn_each(self, ops: list[dict[str, Any]]) -> tuple[list[tuple[bool, list[dict[str, Any]]]], int]:
+        """Run independent transactions (each a txn body: compare / success / failure, in the JSON
+        gateway's form) as the nested transactions of ONE etcd transaction (etcd >= 3.3): one round
+        trip, one revision. Each op's compares decide only its own branch. etcd refuses a txn with
+        two writes to one key, or with more ops than --max-txn-ops (MAX_TXN_OPS by default) where a
+        nested txn's allowance is the limit minus its parent's op count: callers stay well under it
+        and send one op per key. Returns ((succeeded, responses) per op, the
+        revision)."""
+        if not ops:
+            return [], 0
+        data = await self._call("/v3/kv/txn", {"success": [{"request_txn": op} for op in ops]})
+        responses = data.get("responses", [])
+        if len(responses) != len(ops):
+            raise EtcdRequestError(f"txn of {len(ops)} ops answered {len(responses)} responses")
+        out = []
+        for r in responses:
+            t = r.get("response_txn", {})
+            out.append((bool(t.get("succeeded", False)), list(t.get("responses", []))))
+        return out, int(data["header"]["revision"])
+
+    @staticmethod
+    def create_op(key: str, value: str, lease_id: int) -> dict[str, Any]:
+        """A txn body for txn_each: put key (on lease_id) only if absent, else read it."""
+        k = _b64(key)
+        return {"compare": [{"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+                "success": [{"request_put": {"key": k, "value": _b64(value), "lease": str(lease_id)}}],
+                "failure": [{"request_range": {"key": k}}]}
+
+    @staticmethod
+    def create_result(key: str, value: str, lease_id: int, succeeded: bool, responses: list[dict[str, Any]],
+                      revision: int) -> tuple[bool, KeyValue]:
+        """create_op's outcome, as create() reports it."""
+        if succeeded:
+            return True, KeyValue(key, value, revision, revision, lease_id)
+        kvs = responses[0].get("response_range", {}).get("kvs", []) if responses else []
+        if not kvs:
+            raise EtcdRequestError(f"create {key!r}: compare failed but the key is absent")
+        kv = _kv(kvs[0])
+        return (lease_id != 0 and kv.lease == lease_id and kv.value == value), kv
+
+    @staticmethod
+    def if_value_op(key: str, value: str, create_revision: int, then: dict[str, Any],
+                    otherwise: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A txn body for txn_each: ``then`` (a request op) only if key holds value and
+        create_revision; else ``otherwise`` (a request op, e.g. another such txn) if given."""
+        k = _b64(key)
+        op: dict[str, Any] = {
+            "compare": [{"key": k, "target": "VALUE", "result": "EQUAL", "value": _b64(value)},
+                        {"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": str(create_revision)}],
+            "success": [then]}
+        if otherwise is not None:
+            op["failure"] = [otherwise]
+        return op
+
+    @staticmethod
+    def put_request(key: str, value: str, lease_id: int) -> dict[str, Any]:
+        return {"request_put": {"key": _b64(key), "value": _b64(value), "lease": str(lease_id)}}
+
+    @staticmethod
+    def delete_request(key: str) -> dict[str, Any]:
+        return {"request_delete_range": {"key": _b64(key)}}
 
     # --- watch ---------------------------------------------------------------------------------
 

@@ -2,16 +2,29 @@
 
 Created only by a transaction requiring create_revision == 0; that create_revision is the ownership
 epoch (the fencing token). One watch on `<prefix>vips/` feeds every controller.
+
+Campaigns and releases are batched per host: the calls that many controllers make in the same moment
+(start, a host leaving, shutdown) go to etcd as the nested transactions of a few transactions (at
+most TXN_BATCH each, PARALLEL_TXNS in flight), not one request per VIP. Each unit's compare still
+decides only its own key, so a batch changes nothing about who wins.
 """
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Callable, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence, TypeVar, Union
 
 import trio
 
+from vipd.coalesce import Coalescer
+from vipd.election.etcd import EtcdClient
 from vipd.election.follow import follow
 from vipd.model import OwnerRecord
+
+T = TypeVar("T")
+# etcd checks a nested txn against --max-txn-ops minus its parent's op count (default 128: measured,
+# 127 nested creates or 124 nested two-level deletes fit in one transaction): 100 leaves room
+TXN_BATCH = 100
+PARALLEL_TXNS = 2  # batched transactions in flight at once: the keepalive must never queue behind them
 
 
 class KeyValueLike(Protocol):
@@ -28,9 +41,7 @@ class KeyValueLike(Protocol):
 
 
 class OwnersClient(Protocol):
-    async def create(self, key: str, value: str, lease_id: int) -> tuple[bool, KeyValueLike]: ...
-    async def delete_if(self, key: str, value: str, create_revision: int) -> bool: ...
-    async def replace_if(self, key: str, old: str, new: str, create_revision: int, lease_id: int) -> bool: ...
+    async def txn_each(self, ops: list[dict[str, Any]]) -> tuple[list[tuple[bool, list[dict[str, Any]]]], int]: ...
     async def get_prefix(self, prefix: str) -> tuple[Sequence[KeyValueLike], int]: ...
     def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator: ...
 
@@ -43,6 +54,10 @@ class OwnerKeys:
         self._client = client
         self.prefix = prefix + "vips/"
         self.node = node
+        self._campaigns: Coalescer[tuple[str, int], tuple[bool, OwnerRecord]] = Coalescer(
+            self._campaign_batch, max_batch=TXN_BATCH, parallel=PARALLEL_TXNS)
+        self._releases: Coalescer[tuple[str, int, int], bool] = Coalescer(
+            self._release_batch, max_batch=TXN_BATCH, parallel=PARALLEL_TXNS)
 
     def key(self, vip: str) -> str:
         return f"{self.prefix}{vip}/owner"
@@ -59,19 +74,51 @@ class OwnerKeys:
                            revision if revision is not None else kv.mod_revision, mark == RELEASED)
 
     async def campaign(self, vip: str, lease: int) -> tuple[bool, OwnerRecord]:
-        won, kv = await self._client.create(self.key(vip), self.node, lease)
-        return won, self.record(kv)
+        """Create our owner key for ``vip`` on ``lease`` if there is none: (won, the key's record)."""
+        return await self._campaigns.submit((vip, lease))
 
     async def release(self, vip: str, epoch: int, lease: int = 0) -> bool:
         """Delete our owner key for this epoch; never someone else's. With `lease` (a clean hand-back:
         our address is already gone), first mark the value `<node> released` so the next owner knows
         no stray copy of the address can answer and may skip its conflict probe."""
+        return await self._releases.submit((vip, epoch, lease))
+
+    @property
+    def batches(self) -> int:
+        """etcd transactions sent for campaigns and releases so far."""
+        return self._campaigns.batches + self._releases.batches
+
+    async def _campaign_batch(self, items: list[tuple[str, int]]) -> list[Union[tuple[bool, OwnerRecord], BaseException]]:
+        done: dict[int, tuple[bool, OwnerRecord]] = {}
+        for part in _unique_keys(items, lambda i: i[0]):  # one write per key and transaction
+            ops = [EtcdClient.create_op(self.key(vip), self.node, lease) for _, (vip, lease) in part]
+            results, revision = await self._client.txn_each(ops)
+            for (n, (vip, lease)), (ok, responses) in zip(part, results):
+                won, kv = EtcdClient.create_result(self.key(vip), self.node, lease, ok, responses, revision)
+                done[n] = (won, self.record(kv))
+        return [done[n] for n in range(len(items))]
+
+    async def _release_batch(self, items: list[tuple[str, int, int]]) -> list[Union[bool, BaseException]]:
         marked = f"{self.node} {RELEASED}"
-        if lease:
-            await self._client.replace_if(self.key(vip), self.node, marked, epoch, lease)
-            if await self._client.delete_if(self.key(vip), marked, epoch):
-                return True
-        return await self._client.delete_if(self.key(vip), self.node, epoch)
+        done: dict[int, bool] = {}
+        for part in _unique_keys(items, lambda i: i[0]):
+            clean = [(vip, epoch, lease) for _, (vip, epoch, lease) in part if lease]
+            if clean:  # first mark the clean hand-backs (their watchers see "released" before the delete)
+                await self._client.txn_each([
+                    EtcdClient.if_value_op(self.key(vip), self.node, epoch,
+                                           EtcdClient.put_request(self.key(vip), marked, lease))
+                    for vip, epoch, lease in clean])
+            ops = []
+            for _, (vip, epoch, lease) in part:
+                key = self.key(vip)
+                plain = EtcdClient.if_value_op(key, self.node, epoch, EtcdClient.delete_request(key))
+                ops.append(EtcdClient.if_value_op(key, marked, epoch, EtcdClient.delete_request(key),
+                                                  otherwise={"request_txn": plain}) if lease else plain)
+            results, _ = await self._client.txn_each(ops)
+            for (n, _), (ok, responses) in zip(part, results):
+                inner = responses[0].get("response_txn", {}) if responses and not ok else {}
+                done[n] = ok or bool(inner.get("succeeded", False))
+        return [done[n] for n in range(len(items))]
 
     async def list(self) -> tuple[dict[str, OwnerRecord], int]:
         kvs, revision = await self._client.get_prefix(self.prefix)
@@ -89,7 +136,7 @@ class OwnerKeys:
         wanted: set[str | None] = set(names)
 
         def snapshot(kvs: Sequence[KeyValueLike], revision: int) -> None:
-            current = {self.vip_of(kv.key): self.record(kv) for kv in kvs}
+            current = {self.vip_of(kv.key): self.record(kv) for kv in kvs}  # type: ignore[misc]
             for name in names:
                 deliver(name, current.get(name, OwnerRecord(None, revision=revision)))
 
@@ -100,3 +147,21 @@ class OwnerKeys:
                         else self.record(ev.kv))
 
         await follow(self._client, self.prefix, snapshot, event, task_status=task_status)  # type: ignore[arg-type]
+
+
+def _unique_keys(items: list[T], key: Callable[[T], str]) -> list[list[tuple[int, T]]]:
+    """Split (index, item) pairs into parts in which no key repeats (etcd refuses two writes to one
+    key in a transaction); almost always one part."""
+    parts: list[list[tuple[int, T]]] = []
+    seen: list[set[str]] = []
+    for item in enumerate(items):
+        k = key(item[1])
+        for part, keys in zip(parts, seen):
+            if k not in keys:
+                part.append(item)
+                keys.add(k)
+                break
+        else:
+            parts.append([item])
+            seen.append({k})
+    return parts

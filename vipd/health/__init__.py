@@ -10,10 +10,27 @@ A check starts *unknown*, which counts as unhealthy, so a daemon that just start
 campaign on an unproven service; a check that outlives its timeout counts as failed.
 """
 
-from vipd.health.monitor import CheckStatus, HealthMonitor, Hysteresis, Runner
-from vipd.health.probes import CheckFailed, run_check, ssl_context
-from vipd.health.spec import (TYPES, CarrierCheck, CheckSpec, CommandCheck, HttpCheck, TcpCheck, check_host,
-                              check_name, parse_check)
+from typing import Any
+
+# Loaded on first use (PEP 562): `vipd.config` needs only `vipd.health.spec`, and paths that must
+# start fast (`vipd cleanup`, `vipd check`) must not pay for trio and httpx through this package.
+_HOME = {
+    "CheckStatus": "monitor", "HealthMonitor": "monitor", "Hysteresis": "monitor", "Runner": "monitor",
+    "CheckFailed": "probes", "run_check": "probes", "ssl_context": "probes",
+    "TYPES": "spec", "CarrierCheck": "spec", "CheckSpec": "spec", "CommandCheck": "spec", "HttpCheck": "spec",
+    "TcpCheck": "spec", "check_host": "spec", "check_name": "spec", "parse_check": "spec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'vipd.health' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"vipd.health.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "TYPES", "CarrierCheck", "CheckFailed", "CheckSpec", "CheckStatus", "CommandCheck", "HealthMonitor", "HttpCheck",

@@ -343,7 +343,7 @@ class Lab(Partitions):
     def announce(self, host: Host, ip: AnyIP, count: int = 1, interval: float = 0.0) -> None:
         """Gratuitous ARP request (IPv4) / unsolicited NA with Override (IPv6) for `ip` at the host's
         MAC, out of its NIC: the frames vipd itself sends (vipd.dataplane.announce)."""
-        from vipd.dataplane.announce import garp_request, unsolicited_na  # scapy: only when used
+        from vipd.dataplane.frames import garp_request, unsolicited_na
 
         addr = to_ip(ip)
         frame = garp_request(host.mac, addr) if addr.version == 4 else unsolicited_na(host.mac, addr)

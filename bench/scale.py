@@ -1,0 +1,302 @@
+"""vipd at scale (issue 13): many VIPs on one host, and a 3-host cluster with many more.
+
+Single host (`--host-vips N`, default 1000): N VIPs on the host's NIC (IPv4 /32 and IPv6 /128
+alternating) plus N on `lo`, one etcd, vipd with the shipped [timing] defaults, started as systemd
+starts it. Measured from the `lease_granted` log line: when 10/50/90/100 % of the 2N addresses are
+present (raw rtnetlink dumps every ~50 ms), when the last NIC VIP was announced; then, for
+`--steady S` seconds: CPU (share of one core) and RSS of vipd, etcd requests per second (etcd's own
+gRPC counters, which the JSON gateway goes through), and every expiry / re-add / fence / failed etcd
+request in vipd's log. Then SIGTERM: time until every address is gone and how many were left when
+the process exited. Also the footprint at 10 VIPs: idle RSS, start to ready, and `vipd cleanup`
+start to first removal.
+
+Cluster (`--cluster-vips M`, default 10000, 0 skips it): three hosts with the same M VIPs (on lo:
+the NIC's neighbour tables are not the point here), default placement. Settled = every VIP held by
+exactly one host; then etcd requests per second at steady state; then a planned stop (SIGTERM) of
+h3 and the time until every VIP it held is held by another host.
+
+Runs as root, in namespaces named vts* (removed on exit; a killed run's leftovers are removed by the
+next). Output: a table on stdout and bench/out/scale-<ts>.json, with every log in bench/out/scale-<ts>/.
+
+    sudo .venv/bin/python bench/scale.py                       # everything
+    sudo .venv/bin/python bench/scale.py --cluster-vips 0      # single host only
+    sudo .venv/bin/python bench/scale.py --host-vips 100 --steady 30 --cluster-vips 3000 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import _common as C
+
+from vipd.config import TimingConfig
+from vipd.lab import topology
+from vipd.lab.cluster import Cluster, vipd_argv
+from vipd.lab.etcd import EtcdServer
+from vipd.lab.scale import log_events, scale_vips, tagged_addresses, trouble, vip_ips
+from vipd.lab.topology import Lab
+
+PREFIX = "vts"
+_TS_RE = re.compile(r"^(\S+)Z \w+ event=(\w+)")
+
+
+def log_time(path: Path, event: str, nth: int = 1) -> float | None:
+    """time.time() of the nth line with this event."""
+    seen = 0
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        m = _TS_RE.match(line)
+        if m and m.group(2) == event:
+            seen += 1
+            if seen == nth:
+                return dt.datetime.fromisoformat(m.group(1)).replace(tzinfo=dt.timezone.utc).timestamp()
+    return None
+
+
+def etcd_requests(lab: Lab, etcd: EtcdServer) -> float:
+    """etcd's total of gRPC request messages received, unary and streamed (keepalives, watches):
+    the JSON gateway's requests go through gRPC."""
+    out = lab.run(lab.etcd_ns, [sys.executable, "-c", "import urllib.request;print(urllib.request.urlopen("
+                                f"'{etcd.endpoint}/metrics',timeout=3).read().decode())"], check=False).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
+               if line.startswith("grpc_server_msg_received_total{"))
+
+
+def cpu_rss(pid: int) -> tuple[float, int]:
+    return C.proc_cpu_seconds(pid), C.proc_status(pid).get("VmRSS", 0)
+
+
+def steady(lab: Lab, etcd: EtcdServer, pids: list[int], seconds: float) -> dict[str, Any]:
+    cpu0 = [C.proc_cpu_seconds(p) for p in pids]
+    ops0, t0 = etcd_requests(lab, etcd), time.monotonic()
+    rss_max = [0] * len(pids)
+    while time.monotonic() - t0 < seconds:
+        time.sleep(min(1.0, seconds))
+        rss_max = [max(m, C.proc_status(p).get("VmRSS", 0)) for m, p in zip(rss_max, pids)]
+    elapsed = time.monotonic() - t0
+    return {"seconds": round(elapsed, 1),
+            "cpu_percent": [round(100 * (C.proc_cpu_seconds(p) - c) / elapsed, 2) for p, c in zip(pids, cpu0)],
+            "rss_mib_max": [round(r / 1024, 1) for r in rss_max],
+            "etcd_requests_per_s": round((etcd_requests(lab, etcd) - ops0) / elapsed, 2)}
+
+
+def single_host(args: argparse.Namespace, work: Path, n: int, run: int) -> dict[str, Any]:
+    vips = scale_vips(n, n)
+    wanted = vip_ips(vips)
+    with Lab(PREFIX, n_hosts=1) as lab:
+        etcd = EtcdServer(work / f"etcd-{n}-{run}", host=str(lab.etcd_ip), client_port=2379, peer_port=2380,
+                          netns=lab.etcd_ns, name=f"{PREFIX}etcd")
+        etcd.start(timeout=15.0)
+        try:
+            cluster = Cluster(lab, work / f"host-{n}-{run}", vips, endpoints=[etcd.endpoint],
+                              timing=asdict(TimingConfig()))
+            h = lab.hosts[0]
+            started = time.time()
+            proc = cluster.start(h)
+            pid = C.main_pid(proc.pid)
+            marks: dict[int, float] = {}
+            deadline = time.monotonic() + args.settle_timeout
+            while time.monotonic() < deadline and 100 not in marks:
+                count = len(tagged_addresses(h.ns) & wanted)
+                for pct in (10, 50, 90, 100):
+                    if pct not in marks and count >= pct * len(wanted) / 100:
+                        marks[pct] = time.time()
+                time.sleep(0.05)
+            log = cluster.log_path(h)
+            granted = log_time(log, "lease_granted") or started
+            ready = log_time(log, "ready")
+            nic = sum(1 for v in vips if v.interface is None)
+            announced = C.wait_until(lambda: log_time(log, "announced", nth=nic), 10) if nic else None
+            before = log_events(log)
+            result: dict[str, Any] = {
+                "nic_vips": nic, "lo_vips": len(vips) - nic,
+                "start_to_ready_s": round(ready - started, 3) if ready else None,
+                "claimed_s_after_lease": {f"{p}%": round(marks[p] - granted, 3) if p in marks else None
+                                          for p in (10, 50, 90, 100)},
+                "announced_all_s_after_lease": round(announced - granted, 3) if announced else None,
+                "trouble_while_settling": trouble(before)}
+            if 100 in marks and args.steady > 0:
+                result["steady"] = steady(lab, etcd, [pid], args.steady)
+                after = log_events(log)
+                result["trouble_while_steady"] = {k: v - before.get(k, 0) for k, v in trouble(after).items()
+                                                  if v - before.get(k, 0)}
+                result["present_after_steady"] = len(tagged_addresses(h.ns) & wanted)
+            t0 = time.monotonic()
+            cluster.signal(h, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            result["stop_exit_s"] = round(time.monotonic() - t0, 3)
+            result["left_after_exit"] = len(tagged_addresses(h.ns) & wanted)
+            return result
+        finally:
+            etcd.stop()
+
+
+def footprint(args: argparse.Namespace, work: Path, run: int) -> dict[str, Any]:
+    """10 VIPs: start to ready, idle RSS and CPU, and vipd cleanup's start to first removal."""
+    vips = scale_vips(5, 5)
+    with Lab(PREFIX, n_hosts=1) as lab:
+        etcd = EtcdServer(work / f"etcd-fp-{run}", host=str(lab.etcd_ip), client_port=2379, peer_port=2380,
+                          netns=lab.etcd_ns, name=f"{PREFIX}etcd")
+        etcd.start(timeout=15.0)
+        try:
+            cluster = Cluster(lab, work / f"fp-{run}", vips, endpoints=[etcd.endpoint], timing=asdict(TimingConfig()))
+            h = lab.hosts[0]
+            started = time.time()
+            proc = cluster.start(h)
+            pid = C.main_pid(proc.pid)
+            C.wait_until(lambda: log_time(cluster.log_path(h), "ready"), 15)
+            ready = log_time(cluster.log_path(h), "ready")
+            C.wait_until(lambda: len(tagged_addresses(h.ns)) >= len(vips), 15)
+            idle = steady(lab, etcd, [pid], args.idle)
+            # a crash under systemd: SIGKILL, then ExecStopPost=vipd cleanup
+            os.kill(pid, signal.SIGKILL)
+            proc.wait(10)
+            t = time.time()
+            out = subprocess.run(["ip", "netns", "exec", h.ns, *vipd_argv(), "cleanup", "-c",
+                                  str(cluster.config_path(h))], capture_output=True, text=True, timeout=30)
+            done = time.time()
+            first = None
+            for line in (out.stdout + out.stderr).splitlines():
+                m = _TS_RE.match(line)
+                if m and m.group(2) == "cleanup_address_removed":
+                    first = dt.datetime.fromisoformat(m.group(1)).replace(tzinfo=dt.timezone.utc).timestamp()
+                    break
+            return {"start_to_ready_s": round(ready - started, 3) if ready else None,
+                    "idle_rss_mib": idle["rss_mib_max"][0], "idle_cpu_percent": idle["cpu_percent"][0],
+                    "cleanup_first_removal_s": round(first - t, 3) if first else None,
+                    "cleanup_total_s": round(done - t, 3), "left_after_cleanup": len(tagged_addresses(h.ns))}
+        finally:
+            etcd.stop()
+
+
+def holders(lab: Lab) -> dict[str, set[Any]]:
+    return {h.name: tagged_addresses(h.ns) for h in lab.hosts}
+
+
+def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict[str, Any]:
+    vips = scale_vips(0, m)
+    wanted = vip_ips(vips)
+    with Lab(PREFIX, n_hosts=3) as lab:
+        etcd = EtcdServer(work / f"etcd-c{m}-{run}", host=str(lab.etcd_ip), client_port=2379, peer_port=2380,
+                          netns=lab.etcd_ns, name=f"{PREFIX}etcd")
+        etcd.start(timeout=15.0)
+        try:
+            cluster = Cluster(lab, work / f"cluster-{m}-{run}", vips, endpoints=[etcd.endpoint],
+                              timing=asdict(TimingConfig()))
+            t0 = time.monotonic()
+            cluster.start_all()
+            pids = [C.main_pid(p.pid) for p in cluster.procs.values()]
+
+            def settled() -> bool:
+                held = holders(lab)
+                return all(sum(ip in s for s in held.values()) == 1 for ip in wanted)
+
+            ok = C.wait_until(settled, args.settle_timeout, interval=0.2)
+            result: dict[str, Any] = {"vips": m, "settled_s": round(time.monotonic() - t0, 2) if ok else None,
+                                      "per_host": {k: len(v & wanted) for k, v in holders(lab).items()}}
+            if not ok:
+                return result
+            result["steady"] = steady(lab, etcd, pids, args.steady)
+            h3 = lab.hosts[2]
+            moved = holders(lab)[h3.name] & wanted
+            t1 = time.monotonic()
+            cluster.signal(h3, signal.SIGTERM)
+
+            def taken_over() -> bool:
+                held = holders(lab)
+                return all(any(ip in held[h.name] for h in lab.hosts[:2]) for ip in moved)
+
+            ok = C.wait_until(taken_over, 60, interval=0.05)
+            result["planned_stop"] = {"vips_moved": len(moved),
+                                      "all_held_elsewhere_s": round(time.monotonic() - t1, 3) if ok else None}
+            result["trouble"] = {h.name: trouble(log_events(cluster.log_path(h))) for h in lab.hosts}
+            return result
+        finally:
+            cluster.stop_all()
+            etcd.stop()
+
+
+def med(values: list[Any]) -> Any:
+    nums = [v for v in values if isinstance(v, (int, float))]
+    return round(statistics.median(nums), 3) if nums else None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host-vips", type=int, default=1000, help="NIC VIPs (and as many on lo) on one host; 0 skips")
+    p.add_argument("--cluster-vips", type=int, default=10000, help="VIPs in the 3-host cluster; 0 skips")
+    p.add_argument("--steady", type=float, default=60.0, help="seconds of steady state measured")
+    p.add_argument("--idle", type=float, default=10.0, help="seconds of idle measurement at 10 VIPs")
+    p.add_argument("--settle-timeout", type=float, default=120.0)
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--no-footprint", action="store_true")
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("bench/scale.py needs root (network namespaces)", file=sys.stderr)
+        return 2
+    ts = time.strftime("%Y%m%d-%H%M%S")
+    work = C.ROOT / "bench" / "out" / f"scale-{ts}"
+    work.mkdir(parents=True, exist_ok=True)
+    left = topology.purge(PREFIX)
+    if left:
+        print(f"removed leftovers of an earlier bench: {left}")
+    out: dict[str, Any] = {"environment": C.environment(), "args": vars(args), "host": [], "footprint": [],
+                           "cluster": []}
+    for run in range(args.runs):
+        if not args.no_footprint:
+            out["footprint"].append(footprint(args, work, run))
+            print("[footprint]", out["footprint"][-1], flush=True)
+        if args.host_vips:
+            out["host"].append(single_host(args, work, args.host_vips, run))
+            print("[host]", out["host"][-1], flush=True)
+        if args.cluster_vips:
+            out["cluster"].append(cluster_case(args, work, args.cluster_vips, run))
+            print("[cluster]", out["cluster"][-1], flush=True)
+    rows: list[list[Any]] = []
+    if out["footprint"]:
+        fp = out["footprint"]
+        rows += [["10 VIPs: start to ready (s)", med([r["start_to_ready_s"] for r in fp])],
+                 ["10 VIPs: idle RSS (MiB)", med([r["idle_rss_mib"] for r in fp])],
+                 ["10 VIPs: idle CPU (% of a core)", med([r["idle_cpu_percent"] for r in fp])],
+                 ["vipd cleanup: start to first removal (s)", med([r["cleanup_first_removal_s"] for r in fp])]]
+    if out["host"]:
+        hs = out["host"]
+        n = hs[0]["nic_vips"]
+        for pct in ("10%", "50%", "90%", "100%"):
+            rows.append([f"{n}+{n} VIPs: {pct} claimed after lease (s)",
+                         med([h["claimed_s_after_lease"][pct] for h in hs])])
+        rows += [[f"{n}+{n} VIPs: all NIC VIPs announced after lease (s)", med([h["announced_all_s_after_lease"] for h in hs])],
+                 [f"{n}+{n} VIPs: steady CPU (% of a core)", med([h.get("steady", {}).get("cpu_percent", [None])[0] for h in hs])],
+                 [f"{n}+{n} VIPs: steady RSS max (MiB)", med([h.get("steady", {}).get("rss_mib_max", [None])[0] for h in hs])],
+                 [f"{n}+{n} VIPs: etcd requests/s steady", med([h.get("steady", {}).get("etcd_requests_per_s") for h in hs])],
+                 [f"{n}+{n} VIPs: trouble lines while steady", sum(sum(h.get("trouble_while_steady", {}).values()) for h in hs)],
+                 [f"{n}+{n} VIPs: SIGTERM to exit (s)", med([h["stop_exit_s"] for h in hs])],
+                 [f"{n}+{n} VIPs: left after exit", max(h["left_after_exit"] for h in hs)]]
+    for c in out["cluster"]:
+        rows += [[f"3 hosts, {c['vips']} VIPs: settled (s)", c.get("settled_s")],
+                 [f"3 hosts, {c['vips']} VIPs: etcd requests/s steady", c.get("steady", {}).get("etcd_requests_per_s")],
+                 [f"3 hosts, {c['vips']} VIPs: h3 stop, its VIPs held elsewhere (s)",
+                  c.get("planned_stop", {}).get("all_held_elsewhere_s")]]
+    print(C.table(["measure", "median"], rows, right=[1]))
+    path = work.with_suffix(".json")
+    path.write_text(json.dumps(out, indent=2, default=str))
+    print(f"JSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Owner keys batched per host (OwnerKeys over a real etcd): many concurrent campaigns and releases
+go out as a few nested transactions, and each unit's compare still decides only its own key."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from typing import Any
+
+import trio
+
+from vipd.election.etcd import EtcdClient
+from vipd.election.owners import RELEASED, TXN_BATCH, OwnerKeys
+from vipd.lab.etcd import EtcdServer
+
+PREFIX = "/vipd/vtbatch/"
+
+
+async def campaign_all(keys: OwnerKeys, names: list[str], lease: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+
+    async def one(name: str) -> None:
+        results[name] = await keys.campaign(name, lease)
+
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            nursery.start_soon(one, name)
+    return results
+
+
+async def test_concurrent_campaigns_are_batched_and_exclusive(etcd_server: EtcdServer) -> None:
+    names = [f"v{i}" for i in range(300)]
+    async with EtcdClient([etcd_server.endpoint], timeout=2.0) as c:
+        lease_a, _ = await c.grant(30)
+        lease_b, _ = await c.grant(30)
+        a, b = OwnerKeys(c, PREFIX, "a"), OwnerKeys(c, PREFIX, "b")
+        await c.put(a.key("v7"), "b", lease_b)  # one key already held by b: a must lose exactly that one
+        won = await campaign_all(a, names, lease_a)
+        assert a.batches <= 2 * (len(names) // TXN_BATCH + 1)  # not one request per VIP
+        assert [n for n, (ok, _) in won.items() if not ok] == ["v7"]
+        assert won["v7"][1].node == "b"
+        epochs = {n: rec.epoch for n, (ok, rec) in won.items() if ok}
+        kvs, _ = await c.get_prefix(a.prefix)
+        stored = {a.vip_of(kv.key): kv for kv in kvs}
+        assert {n: kv.create_revision for n, kv in stored.items() if kv.value == "a"} == epochs
+        assert all(kv.lease == lease_a for n, kv in stored.items() if n != "v7")
+        # b campaigns for all of them now: loses every one, and sees a as the owner with a's epoch
+        lost = await campaign_all(b, names, lease_b)
+        assert {n for n, (ok, _) in lost.items() if ok} == {"v7"}  # b's own key on b's lease: reported won
+        assert all(rec.node == "a" and rec.epoch == epochs[n] for n, (ok, rec) in lost.items() if n != "v7")
+
+
+async def test_batched_releases_delete_only_our_epoch(etcd_server: EtcdServer) -> None:
+    names = [f"v{i}" for i in range(200)]
+    async with EtcdClient([etcd_server.endpoint], timeout=2.0) as c:
+        lease, _ = await c.grant(30)
+        a = OwnerKeys(c, PREFIX, "a")
+        won = await campaign_all(a, names, lease)
+        _, start = await c.get_prefix(a.prefix)
+        results: dict[str, bool] = {}
+
+        async def release(name: str, epoch: int, clean: bool) -> None:
+            results[name] = await a.release(name, epoch, lease if clean else 0)
+
+        async with trio.open_nursery() as nursery:
+            for i, name in enumerate(names):
+                epoch = won[name][1].epoch + (1 if i % 10 == 0 else 0)  # every 10th: a stale epoch
+                nursery.start_soon(release, name, epoch, i % 2 == 0)
+        assert {n for n, ok in results.items() if not ok} == {names[i] for i in range(0, 200, 10)}
+        kvs, _ = await c.get_prefix(a.prefix)
+        assert sorted(a.vip_of(kv.key) or "" for kv in kvs) == sorted(names[i] for i in range(0, 200, 10))
+        # clean releases were marked "<node> released" before their delete (what the next owner reads)
+        _, now = await c.get_prefix(a.prefix)
+        seen: dict[str, list[str]] = {}
+        for ev in await _events(c, a.prefix, start + 1, now):
+            seen.setdefault(a.vip_of(ev.kv.key) or "", []).append("DELETE" if ev.type == "DELETE" else ev.kv.value)
+        for i, name in enumerate(names):
+            expected = [] if i % 10 == 0 else [f"a {RELEASED}", "DELETE"] if i % 2 == 0 else ["DELETE"]
+            assert seen.get(name, []) == expected, name
+
+
+async def _events(c: EtcdClient, prefix: str, start: int, until: int) -> list[Any]:
+    out: list[Any] = []
+    async with aclosing(c.watch_prefix(prefix, start)) as batches:
+        async for batch in batches:
+            out.extend(batch.events)
+            if batch.revision >= until:
+                return out
+    return out
