@@ -1,0 +1,405 @@
+"""The nftables token fence: a VIP is served only while its kernel-held token is alive.
+
+The owner of a VIP arms a token (an element of the ``token4``/``token6`` set of vipd's own table
+``netdev vipd_fence``, see :mod:`vipd.dataplane.fence_build`) with a millisecond timeout; the
+daemon refreshes it every 10-20 ms. Base chains on the ingress AND egress hooks of every device
+carrying a fenced VIP drop IPv4, ARP, IPv6 and ND to/from a *managed* VIP (a configured one)
+whose token is absent or expired. So a SIGKILLed or SIGSTOPped daemon loses the VIP at its token
+deadline with no code running: the kernel stops its ARP/ND replies, its frames sent through
+AF_PACKET, and every packet to or from the address. A thawed daemon re-opens nothing: only an
+explicit :meth:`NftFence.arm` with a new deadline does, and an arm whose deadline has passed
+removes the token.
+
+Deadlines are on trio's clock (``trio.current_time()``). The relative timeout is computed in the
+Netlink owner thread immediately before the batch is sent: ``until - now`` rounded down to the
+ms (the kernel then rounds down to its 4 ms tick: cut 0-4 ms early, never late); under
+``MIN_TOKEN_MS`` the token is removed instead (a sub-tick timeout would be a permanent element).
+If the thread was held up between reading the clock and the kernel's ack (preemption, a stop)
+so that an element could outlive its deadline, the same batch is recomputed and sent again at once.
+The remaining window (a stop landing between the clock read and the send, microseconds) is for
+the core's margins to cover.
+
+Routed VIPs (on ``lo``) are NOT covered (``covers`` is False): their packets arrive on whichever
+uplink the router picks and never cross ``lo``'s hooks, and it is the address disappearing that
+makes the BGP speaker withdraw the route. They keep the address lifetime as their fence.
+A VIP whose token lapsed stays configured and is dropped on every fenced device (a stricter
+reading of "managed on that device": a fenced host answers for it nowhere).
+
+Setup (:meth:`NftFence.ensure`) is one atomic batch, idempotent; :meth:`NftFence.verify` (cheap:
+three dumps) rebuilds the table if anything of it is missing, re-arming tokens from vipd's own
+record (never longer than armed). Nothing outside ``netdev vipd_fence`` is ever touched. All
+kernel work runs in the Netlink owner thread, in its netns.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import trio
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink import nftsocket as nfts
+from pyroute2.nftables.main import NFTables
+
+from vipd.config import VipSpec
+from vipd.dataplane.fence_build import (MANAGED, NFPROTO_NETDEV, TABLE, TOKEN, IPAddress, Op, chain_names,
+                                        drop_table_ops, kernel_has_timeout_update, parse_acks, rules_per_chain,
+                                        setup_ops, token_batch, token_ms)
+from vipd.dataplane.netlink import Netlink, enter_netns, netlink_error_text
+from vipd.errors import DataplaneError, FenceError
+
+__all__ = ["FenceError", "NftFence"]
+
+_ENOENT = 2
+_NETLINK_NETFILTER = 12
+_SOL_NETLINK, _NETLINK_CAP_ACK = 270, 10
+_ACK_WAIT = 5.0  # seconds; the kernel answers a batch in well under a millisecond
+_MAX_PASSES = 3  # sends of one token batch when the thread is held up (see the module docstring)
+
+
+class _Sockets:
+    """The owner thread's sockets: pyroute2 for setup and dumps, a raw one for token batches."""
+
+    def __init__(self, netns: Optional[str]) -> None:
+        with enter_netns(netns):
+            self.nft = NFTables(nfgen_family=NFPROTO_NETDEV)
+            self.raw = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
+        self.raw.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
+        self.raw.bind((0, 0))
+        self.raw.settimeout(_ACK_WAIT)
+        self.seq = 1
+
+    def close(self) -> None:
+        self.raw.close()
+        self.nft.close()
+
+
+class NftFence:
+    """vipd's token fence in ``nl``'s netns (implements vipd.fence.Fence). Use as
+    ``async with NftFence(nl) as fence:`` inside ``async with Netlink(...)``; call
+    :meth:`ensure` with the configured VIPs before arming any."""
+
+    def __init__(self, nl: Netlink, *, timeout_update: Optional[bool] = None) -> None:
+        self.nl = nl
+        self.timeout_update = kernel_has_timeout_update() if timeout_update is None else timeout_update
+        self._socks: Optional[_Sockets] = None  # touched only in the owner thread
+        self._managed: Optional[dict[IPAddress, str]] = None  # VIP -> device, from the last ensure
+        self._until: dict[IPAddress, float] = {}  # VIP -> last deadline armed (trio clock)
+        self._lapse_counted: set[IPAddress] = set()
+        self._refreshes = 0
+        self._lapses = 0
+        self._repairs = 0
+
+    async def __aenter__(self) -> "NftFence":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the sockets (the table and its tokens stay: they expire by themselves)."""
+
+        def job(_ipr: Any = None) -> None:
+            socks, self._socks = self._socks, None
+            if socks is not None:
+                socks.close()
+
+        try:
+            await self.nl.call(job)
+        except DataplaneError:  # the Netlink was closed first
+            job()
+
+    # -- the Fence port -----------------------------------------------------------------------
+
+    def covers(self, vips: Sequence[VipSpec]) -> bool:
+        """True when every VIP is on a NIC (routed VIPs on ``lo`` are not fenced here)."""
+        return all(not v.on_loopback for v in vips)
+
+    async def arm(self, vips: Sequence[VipSpec], until: float) -> None:
+        """Serve ``vips`` until ``until`` (trio clock) and not one tick longer."""
+        await self.arm_many([(vips, until)])
+
+    async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]]) -> None:
+        """Arm every unit to its own deadline in ONE netlink batch."""
+        wanted: dict[IPAddress, float] = {}
+        for vips, until in items:
+            for ip in self._managed_ips(vips, "arm"):
+                wanted[ip] = min(until, wanted.get(ip, until))
+        if not wanted:
+            return
+        now = trio.current_time()
+        for ip in wanted:
+            prev = self._until.get(ip)
+            if prev is not None and prev <= now and ip not in self._lapse_counted:
+                self._lapses += 1  # it ran out while we held it: counted once, here or in verify()
+            self._lapse_counted.discard(ip)
+        deadlines = _to_perf(wanted)
+        armed = await self._run(f"arm fence tokens of {_shown(wanted)}", lambda s: self._send_tokens(s, deadlines))
+        self._until.update(wanted)
+        self._refreshes += armed
+
+    async def disarm(self, vips: Sequence[VipSpec]) -> None:
+        """Stop serving ``vips`` now (their tokens are removed; absent ones are fine)."""
+        ips = [v.ip for v in vips]
+        for ip in ips:
+            self._until.pop(ip, None)
+            self._lapse_counted.discard(ip)
+        if self._managed is None or not ips:
+            return
+        gone = {ip: 0.0 for ip in ips}
+        await self._run(f"disarm fence tokens of {_shown(gone)}", lambda s: self._send_tokens(s, gone))
+
+    def armed_until(self, vips: Sequence[VipSpec]) -> Optional[float]:
+        """The deadline last armed for ``vips`` (the earliest of them; None if any is disarmed).
+        It may be in the past: the token then lapsed."""
+        found = [self._until.get(v.ip) for v in vips]
+        if not found or any(u is None for u in found):
+            return None
+        return min(u for u in found if u is not None)
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    async def ensure(self, vips: Sequence[VipSpec]) -> None:
+        """Make the table fence exactly the covered VIPs of ``vips`` (routed ones are skipped):
+        one atomic batch, idempotent. Tokens already armed stay armed; tokens of VIPs no longer
+        configured are removed."""
+        managed: dict[IPAddress, str] = {}
+        for v in vips:
+            if v.on_loopback:
+                continue
+            if managed.setdefault(v.ip, v.interface) != v.interface:
+                raise FenceError(f"fence: VIP {v.ip} is configured on two interfaces")
+        dropped = [ip for ip in self._until if ip not in managed]
+
+        def job(s: _Sockets) -> None:
+            try:
+                current = _dump_chains(s.nft)
+            except NetlinkError as e:
+                if e.code != _ENOENT:
+                    raise
+                current = {}
+            stale = {c.split("_", 1)[1] for c in current}
+            s.nft.nlm_request_batch(_encode(setup_ops(managed.items(), stale)))
+            if dropped:
+                self._send_tokens(s, {ip: 0.0 for ip in dropped})
+
+        devs = ", ".join(sorted(set(managed.values()))) or "no device"
+        await self._run(f"build table netdev {TABLE} on {devs}", job)
+        self._managed = managed
+        for ip in dropped:
+            self._until.pop(ip, None)
+
+    async def verify(self) -> bool:
+        """Check the table is whole (chains, rules, managed sets); rebuild it in one batch if not,
+        tokens re-armed from our record. Also counts tokens that lapsed since the last call.
+        Returns True when it had to repair. Cheap: one dump each of chains, rules, two sets."""
+        now = trio.current_time()
+        for ip, until in self._until.items():
+            if until <= now and ip not in self._lapse_counted:
+                self._lapse_counted.add(ip)
+                self._lapses += 1
+        managed = self._managed
+        if managed is None:
+            return False
+        deadlines = _to_perf({ip: u for ip, u in self._until.items() if ip in managed})
+
+        def job(s: _Sockets) -> bool:
+            if _is_whole(s.nft, managed):
+                return False
+            self._rebuild(s, managed, deadlines)
+            return True
+
+        repaired: bool = await self._run(f"verify table netdev {TABLE}", job)
+        self._repairs += repaired
+        return repaired
+
+    async def remove_all(self) -> None:
+        """Delete vipd's fence table (cleanup, clean stop). Absent is fine; nothing else touched."""
+
+        def job(s: _Sockets) -> None:
+            s.nft.nlm_request_batch(_encode(drop_table_ops()))
+
+        await self._run(f"delete table netdev {TABLE}", job)
+        self._managed = None
+        self._until.clear()
+        self._lapse_counted.clear()
+
+    # -- metrics hooks ----------------------------------------------------------------------------
+
+    def refreshes(self) -> int:
+        """Token elements armed so far (each VIP of each arm counts one)."""
+        return self._refreshes
+
+    def lapses(self) -> int:
+        """Tokens that ran out while we held them (not disarmed, not refreshed in time)."""
+        return self._lapses
+
+    def repairs(self) -> int:
+        """Times verify() had to rebuild the table."""
+        return self._repairs
+
+    # -- in the owner thread ----------------------------------------------------------------------
+
+    def _managed_ips(self, vips: Sequence[VipSpec], what: str) -> list[IPAddress]:
+        if not self.covers(vips):
+            raise FenceError(f"{what}: {_names(vips)}: routed VIPs (on lo) are not fenced by nftables")
+        if self._managed is None:
+            raise FenceError(f"{what}: {_names(vips)}: the fence is not set up (ensure() first)")
+        missing = [str(v.ip) for v in vips if v.ip not in self._managed]
+        if missing:
+            raise FenceError(f"{what}: VIP {', '.join(missing)} is not managed by the fence (not in ensure())")
+        return [v.ip for v in vips]
+
+    async def _run(self, what: str, fn: Callable[[_Sockets], Any]) -> Any:
+        def job(_ipr: Any) -> Any:
+            if self._socks is None:
+                self._socks = _Sockets(self.nl.netns)
+            return fn(self._socks)
+
+        try:
+            return await self.nl.call(job)
+        except NetlinkError as e:
+            raise FenceError(f"{what}: {netlink_error_text(e)}") from None
+        except FileNotFoundError:
+            raise FenceError(f"{what}: network namespace {self.nl.netns!r} does not exist") from None
+        except OSError as e:
+            raise FenceError(f"{what}: {e}") from None
+
+    def _send_tokens(self, s: _Sockets, deadlines: dict[IPAddress, float]) -> int:
+        """Arm each VIP to its deadline (time.perf_counter clock; <= now: remove), in one batch,
+        recomputed and resent when the thread was held up long enough for an element to outlive
+        its deadline. A missing table or set: rebuilt from the last ensure(). Returns the number
+        of elements armed."""
+        for _ in range(_MAX_PASSES):
+            t0 = time.perf_counter()
+            arm = [(ip, ms) for ip, d in deadlines.items() if (ms := token_ms(d, t0))]
+            remove = [ip for ip, d in deadlines.items() if not token_ms(d, t0)]
+            err = self._batch(s, arm, remove)
+            if err == _ENOENT and self._managed is not None:
+                self._rebuild(s, self._managed, deadlines)
+                return len(arm)
+            if err:
+                raise NetlinkError(err)
+            held = time.perf_counter() - t0  # every element expires by its ms after t0 + held
+            if all(ms / 1000.0 + t0 + held <= deadlines[ip] for ip, ms in arm):
+                return len(arm)
+        return len(arm)  # each pass shortened: the last one was sent with the freshest clock
+
+    def _batch(self, s: _Sockets, arm: list[tuple[IPAddress, int]], remove: list[IPAddress]) -> int:
+        """Send one token batch; 0 or the errno of the first failing message."""
+        data, last = token_batch(arm, remove, s.seq, self.timeout_update)
+        first = s.seq
+        s.seq = (s.seq + len(arm) + len(remove) + 16) & 0x7FFFFFFF or 1
+        if last < 0:
+            return 0
+        s.raw.send(data)
+        err = 0
+        while True:
+            try:
+                reply = s.raw.recv(1 << 16)
+            except socket.timeout:
+                raise FenceError(f"no answer from nf_tables within {_ACK_WAIT:g} s") from None
+            for seq, code in parse_acks(reply):
+                if first <= seq <= last:
+                    err = err or code
+                    if seq == last:
+                        return err
+
+    def _rebuild(self, s: _Sockets, managed: dict[IPAddress, str], deadlines: dict[IPAddress, float]) -> None:
+        """Delete and rebuild the whole table in one batch, then re-arm the tokens (deadlines on
+        the perf_counter clock) in the next one: until then every managed VIP is dropped."""
+        s.nft.nlm_request_batch(_encode(drop_table_ops() + setup_ops(managed.items())))
+        live = {ip: d for ip, d in deadlines.items() if ip in managed}
+        if live:
+            t0 = time.perf_counter()
+            arm = [(ip, ms) for ip, d in live.items() if (ms := token_ms(d, t0))]
+            err = self._batch(s, arm, [])
+            if err:
+                raise NetlinkError(err)
+
+
+def _to_perf(until: dict[IPAddress, float]) -> dict[IPAddress, float]:
+    """Trio-clock deadlines -> time.perf_counter deadlines (the owner thread cannot read trio's
+    clock). The offset is read trio-clock-last, so a deadline can only come out earlier."""
+    t_perf = time.perf_counter()
+    offset = trio.current_time() - t_perf
+    return {ip: u - offset for ip, u in until.items()}
+
+
+def _encode(ops: Sequence[Op]) -> list[Any]:
+    """pyroute2 messages: batch begin, every op (each asks for an ack), batch end."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
+
+    def marker(t: int) -> nfgen_msg:
+        m = nfgen_msg()
+        m["res_id"] = NFNL_SUBSYS_NFTABLES
+        m["header"]["type"] = t
+        m["header"]["flags"] = NLM_F_REQUEST
+        return m
+
+    msgs = [marker(0x10)]
+    for op in ops:
+        m = nfts.AsyncNFTSocket.policy[op.msg_type]()
+        m["attrs"] = [list(a) for a in op.attrs]
+        m["nfgen_family"] = NFPROTO_NETDEV
+        m["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | op.msg_type
+        m["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | op.flags
+        msgs.append(m)
+    return msgs + [marker(0x11)]
+
+
+def _dump_chains(nft: NFTables) -> dict[str, Optional[str]]:
+    """Chain name -> hooked device, for the fence table's chains."""
+    msg = nfts.nft_chain_msg()
+    msg["attrs"] = [("NFTA_CHAIN_TABLE", TABLE)]
+    out: dict[str, Optional[str]] = {}
+    for c in nft.request_get(msg, nfts.NFT_MSG_GETCHAIN):
+        if c.get_attr("NFTA_CHAIN_TABLE") != TABLE:
+            continue
+        hook = c.get_attr("NFTA_CHAIN_HOOK")
+        out[c.get_attr("NFTA_CHAIN_NAME")] = hook.get_attr("NFTA_HOOK_DEV") if hook is not None else None
+    return out
+
+
+def _is_whole(nft: NFTables, managed: dict[IPAddress, str]) -> bool:
+    """Every chain hooked to its device with every rule, and the managed sets complete."""
+    try:
+        chains = _dump_chains(nft)
+        want = {c: dev for dev in set(managed.values()) for c in chain_names(dev)}
+        if any(chains.get(c) != dev for c, dev in want.items()):
+            return False
+        msg = nfts.nft_rule_msg()
+        msg["attrs"] = [("NFTA_RULE_TABLE", TABLE)]
+        count: dict[str, int] = {}
+        for r in nft.request_get(msg, nfts.NFT_MSG_GETRULE):
+            if r.get_attr("NFTA_RULE_TABLE") == TABLE:
+                name = r.get_attr("NFTA_RULE_CHAIN")
+                count[name] = count.get(name, 0) + 1
+        if any(count.get(c, 0) != rules_per_chain() for c in want):
+            return False
+        for v in (4, 6):
+            req = nfts.nft_set_elem_list_msg()
+            req["attrs"] = [("NFTA_SET_ELEM_LIST_TABLE", TABLE), ("NFTA_SET_ELEM_LIST_SET", MANAGED[v])]
+            got = sum(len(m.get_attr("NFTA_SET_ELEM_LIST_ELEMENTS") or [])
+                      for m in nft.request_get(req, nfts.NFT_MSG_GETSETELEM))
+            if got != sum(1 for ip in managed if ip.version == v):
+                return False
+            req = nfts.nft_set_elem_list_msg()  # the token set must exist (it may be empty)
+            req["attrs"] = [("NFTA_SET_ELEM_LIST_TABLE", TABLE), ("NFTA_SET_ELEM_LIST_SET", TOKEN[v])]
+            nft.request_get(req, nfts.NFT_MSG_GETSETELEM)
+    except NetlinkError as e:
+        if e.code == _ENOENT:
+            return False
+        raise
+    return True
+
+
+def _shown(ips: dict[IPAddress, float]) -> str:
+    names = sorted(map(str, ips))
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _names(vips: Sequence[VipSpec]) -> str:
+    return ", ".join(f"{v.name} ({v.ip})" for v in vips)
