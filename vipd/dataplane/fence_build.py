@@ -33,7 +33,8 @@ import re
 import struct
 from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
 
-from pyroute2.netlink import NLM_F_APPEND, NLM_F_CREATE
+from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
 from pyroute2.netlink.nfnetlink import nftsocket as nfts
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -56,6 +57,7 @@ _NF_ACCEPT = 1
 _NF_DROP = 0
 _META_PROTOCOL, _META_L4PROTO = 1, 16
 _BASE_NETWORK, _BASE_TRANSPORT = 1, 2
+_BATCH_BEGIN, _BATCH_END = 0x10, 0x11
 _ETH_P = {"ip": 0x0800, "arp": 0x0806, "ip6": 0x86DD}
 _ICMPV6, _ND_NS, _ND_NA = 58, 135, 136
 
@@ -182,6 +184,28 @@ def setup_ops(managed: Iterable[tuple[IPAddress, str]], stale_devs: Iterable[str
     return ops
 
 
+def encode_setup(ops: Sequence[Op]) -> list[Any]:
+    """pyroute2 messages (for ``nlm_request_batch``): batch begin, every op (each asks for an
+    ack), batch end."""
+
+    def marker(t: int) -> nfgen_msg:
+        m = nfgen_msg()
+        m["res_id"] = NFNL_SUBSYS_NFTABLES
+        m["header"]["type"] = t
+        m["header"]["flags"] = NLM_F_REQUEST
+        return m
+
+    msgs = [marker(_BATCH_BEGIN)]
+    for op in ops:
+        m = nfts.AsyncNFTSocket.policy[op.msg_type]()
+        m["attrs"] = [list(a) for a in op.attrs]
+        m["nfgen_family"] = NFPROTO_NETDEV
+        m["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | op.msg_type
+        m["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | op.flags
+        msgs.append(m)
+    return msgs + [marker(_BATCH_END)]
+
+
 def rules_per_chain() -> int:
     return len(rule_exprs("in"))
 
@@ -191,7 +215,6 @@ def rules_per_chain() -> int:
 _NLA_F_NESTED = 0x8000
 _NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
 _NFNL_SUBSYS_NFTABLES = 10
-_BATCH_BEGIN, _BATCH_END = 0x10, 0x11
 _NEWSETELEM = (_NFNL_SUBSYS_NFTABLES << 8) | nfts.NFT_MSG_NEWSETELEM
 _DELSETELEM = (_NFNL_SUBSYS_NFTABLES << 8) | nfts.NFT_MSG_DELSETELEM
 # NFTA_SET_ELEM_LIST_{TABLE,SET,ELEMENTS}, NFTA_LIST_ELEM, NFTA_SET_ELEM_{KEY,TIMEOUT,EXPIRATION}, NFTA_DATA_VALUE
@@ -203,12 +226,26 @@ def _nla(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", n, kind) + payload + b"\0" * (-n & 3)
 
 
+_KEY_ATTR: dict[IPAddress, bytes] = {}  # VIP -> its NFTA_SET_ELEM_KEY attribute (a refresh re-encodes only times)
+_TIMES = struct.Struct("=HH8sHH8s")
+
+
+def _key_attr(ip: IPAddress) -> bytes:
+    attr = _KEY_ATTR.get(ip)
+    if attr is None:
+        if len(_KEY_ATTR) > 100_000:
+            _KEY_ATTR.clear()
+        attr = _KEY_ATTR[ip] = _nla(_E_KEY | _NLA_F_NESTED, _nla(_D_VALUE, ip.packed))
+    return attr
+
+
 def _elem(ip: IPAddress, ms: Optional[int]) -> bytes:
-    body = _nla(_E_KEY | _NLA_F_NESTED, _nla(_D_VALUE, ip.packed))
-    if ms is not None:
-        t = struct.pack("!Q", ms)
-        body += _nla(_E_TIMEOUT, t) + _nla(_E_EXPIRATION, t)
-    return _nla(_LIST_ELEM | _NLA_F_NESTED, body)
+    key = _key_attr(ip)
+    if ms is None:
+        return struct.pack("=HH", 4 + len(key), _LIST_ELEM | _NLA_F_NESTED) + key
+    t = ms.to_bytes(8, "big")
+    return (struct.pack("=HH", 28 + len(key), _LIST_ELEM | _NLA_F_NESTED) + key
+            + _TIMES.pack(12, _E_TIMEOUT, t, 12, _E_EXPIRATION, t))
 
 
 def _msg(kind: int, flags: int, seq: int, payload: bytes, res_id: int = 0) -> bytes:
@@ -273,4 +310,4 @@ def token_ms(until: float, now: float) -> int:
 def kernel_has_timeout_update(release: Optional[str] = None) -> bool:
     """Element timeout update (``timeout T expires T`` on an existing element): Linux >= 6.11."""
     m = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
-    return bool(m) and (int(m[1]), int(m[2])) >= (6, 11)
+    return m is not None and (int(m[1]), int(m[2])) >= (6, 11)

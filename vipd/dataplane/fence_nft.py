@@ -14,8 +14,9 @@ Deadlines are on trio's clock (``trio.current_time()``). The relative timeout is
 Netlink owner thread immediately before the batch is sent: ``until - now`` rounded down to the
 ms (the kernel then rounds down to its 4 ms tick: cut 0-4 ms early, never late); under
 ``MIN_TOKEN_MS`` the token is removed instead (a sub-tick timeout would be a permanent element).
-If the thread was held up between reading the clock and the kernel's ack (preemption, a stop)
-so that an element could outlive its deadline, the same batch is recomputed and sent again at once.
+Each timeout counts from when the kernel is expected to have inserted the element (the clock read
+plus a lead learnt from past batches); if the thread was held up longer (preemption, a stop), the
+batch is recomputed and sent again at once, so no element outlives its deadline.
 The remaining window (a stop landing between the clock read and the send, microseconds) is for
 the core's margins to cover.
 
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import trio
 from pyroute2.netlink.exceptions import NetlinkError
@@ -44,7 +45,7 @@ from pyroute2.nftables.main import NFTables
 
 from vipd.config import VipSpec
 from vipd.dataplane.fence_build import (MANAGED, NFPROTO_NETDEV, TABLE, TOKEN, IPAddress, Op, chain_names,
-                                        drop_table_ops, kernel_has_timeout_update, parse_acks, rules_per_chain,
+                                        drop_table_ops, encode_setup, kernel_has_timeout_update, parse_acks, rules_per_chain,
                                         setup_ops, token_batch, token_ms)
 from vipd.dataplane.netlink import Netlink, enter_netns, netlink_error_text
 from vipd.errors import DataplaneError, FenceError
@@ -56,6 +57,7 @@ _NETLINK_NETFILTER = 12
 _SOL_NETLINK, _NETLINK_CAP_ACK = 270, 10
 _ACK_WAIT = 5.0  # seconds; the kernel answers a batch in well under a millisecond
 _MAX_PASSES = 3  # sends of one token batch when the thread is held up (see the module docstring)
+_LEAD_BASE = 0.0003  # seconds: clock read -> kernel insert for a small batch, with room to spare
 
 
 class _Sockets:
@@ -90,6 +92,7 @@ class NftFence:
         self._refreshes = 0
         self._lapses = 0
         self._repairs = 0
+        self._per_elem = 2e-6  # seconds per element from clock read to kernel insert (running mean)
 
     async def __aenter__(self) -> "NftFence":
         return self
@@ -135,7 +138,8 @@ class NftFence:
                 self._lapses += 1  # it ran out while we held it: counted once, here or in verify()
             self._lapse_counted.discard(ip)
         deadlines = _to_perf(wanted)
-        armed = await self._run(f"arm fence tokens of {_shown(wanted)}", lambda s: self._send_tokens(s, deadlines))
+        armed = await self._run(lambda: f"arm fence tokens of {_shown(wanted)}",
+                               lambda s: self._send_tokens(s, deadlines))
         self._until.update(wanted)
         self._refreshes += armed
 
@@ -148,7 +152,7 @@ class NftFence:
         if self._managed is None or not ips:
             return
         gone = {ip: 0.0 for ip in ips}
-        await self._run(f"disarm fence tokens of {_shown(gone)}", lambda s: self._send_tokens(s, gone))
+        await self._run(lambda: f"disarm fence tokens of {_shown(gone)}", lambda s: self._send_tokens(s, gone))
 
     def armed_until(self, vips: Sequence[VipSpec]) -> Optional[float]:
         """The deadline last armed for ``vips`` (the earliest of them; None if any is disarmed).
@@ -180,7 +184,7 @@ class NftFence:
                     raise
                 current = {}
             stale = {c.split("_", 1)[1] for c in current}
-            s.nft.nlm_request_batch(_encode(setup_ops(managed.items(), stale)))
+            s.nft.nlm_request_batch(encode_setup(setup_ops(managed.items(), stale)))
             if dropped:
                 self._send_tokens(s, {ip: 0.0 for ip in dropped})
 
@@ -199,9 +203,9 @@ class NftFence:
             if until <= now and ip not in self._lapse_counted:
                 self._lapse_counted.add(ip)
                 self._lapses += 1
-        managed = self._managed
-        if managed is None:
+        if self._managed is None:
             return False
+        managed: dict[IPAddress, str] = self._managed
         deadlines = _to_perf({ip: u for ip, u in self._until.items() if ip in managed})
 
         def job(s: _Sockets) -> bool:
@@ -218,7 +222,7 @@ class NftFence:
         """Delete vipd's fence table (cleanup, clean stop). Absent is fine; nothing else touched."""
 
         def job(s: _Sockets) -> None:
-            s.nft.nlm_request_batch(_encode(drop_table_ops()))
+            s.nft.nlm_request_batch(encode_setup(drop_table_ops()))
 
         await self._run(f"delete table netdev {TABLE}", job)
         self._managed = None
@@ -242,16 +246,19 @@ class NftFence:
     # -- in the owner thread ----------------------------------------------------------------------
 
     def _managed_ips(self, vips: Sequence[VipSpec], what: str) -> list[IPAddress]:
+        managed = self._managed
+        ips = [v.ip for v in vips]
+        if managed is not None and self.covers(vips) and all(ip in managed for ip in ips):
+            return ips
         if not self.covers(vips):
             raise FenceError(f"{what}: {_names(vips)}: routed VIPs (on lo) are not fenced by nftables")
-        if self._managed is None:
+        if managed is None:
             raise FenceError(f"{what}: {_names(vips)}: the fence is not set up (ensure() first)")
-        missing = [str(v.ip) for v in vips if v.ip not in self._managed]
-        if missing:
-            raise FenceError(f"{what}: VIP {', '.join(missing)} is not managed by the fence (not in ensure())")
-        return [v.ip for v in vips]
+        missing = ", ".join(str(ip) for ip in ips if ip not in managed)
+        raise FenceError(f"{what}: VIP {missing} is not managed by the fence (not in ensure())")
 
-    async def _run(self, what: str, fn: Callable[[_Sockets], Any]) -> Any:
+    async def _run(self, what: Union[str, Callable[[], str]], fn: Callable[[_Sockets], Any]) -> Any:
+        """fn(sockets) in the owner thread; pyroute2/OS errors raised as FenceError("WHAT: why")."""
         def job(_ipr: Any) -> Any:
             if self._socks is None:
                 self._socks = _Sockets(self.nl.netns)
@@ -260,40 +267,51 @@ class NftFence:
         try:
             return await self.nl.call(job)
         except NetlinkError as e:
-            raise FenceError(f"{what}: {netlink_error_text(e)}") from None
+            why = netlink_error_text(e)
         except FileNotFoundError:
-            raise FenceError(f"{what}: network namespace {self.nl.netns!r} does not exist") from None
+            why = f"network namespace {self.nl.netns!r} does not exist"
         except OSError as e:
-            raise FenceError(f"{what}: {e}") from None
+            why = str(e)
+        raise FenceError(f"{what if isinstance(what, str) else what()}: {why}")
 
     def _send_tokens(self, s: _Sockets, deadlines: dict[IPAddress, float]) -> int:
-        """Arm each VIP to its deadline (time.perf_counter clock; <= now: remove), in one batch,
-        recomputed and resent when the thread was held up long enough for an element to outlive
-        its deadline. A missing table or set: rebuilt from the last ensure(). Returns the number
-        of elements armed."""
+        """Arm each VIP to its deadline (time.perf_counter clock; <= now: remove), in one batch.
+        Each timeout is counted from the moment the kernel is expected to have inserted the last
+        element (``_lead``); if the send took longer, the batch is recomputed and sent again at
+        once. A missing table or set: rebuilt from the last ensure(). Returns elements armed."""
+        arm: list[tuple[IPAddress, int]] = []
         for _ in range(_MAX_PASSES):
             t0 = time.perf_counter()
-            arm = [(ip, ms) for ip, d in deadlines.items() if (ms := token_ms(d, t0))]
-            remove = [ip for ip, d in deadlines.items() if not token_ms(d, t0)]
-            err = self._batch(s, arm, remove)
+            lead = _LEAD_BASE + 2.0 * self._per_elem * len(deadlines)
+            arm, remove = [], []
+            for ip, d in deadlines.items():
+                ms = token_ms(d, t0 + lead)
+                if ms:
+                    arm.append((ip, ms))
+                else:
+                    remove.append(ip)
+            err, sent = self._batch(s, arm, remove)
             if err == _ENOENT and self._managed is not None:
                 self._rebuild(s, self._managed, deadlines)
                 return len(arm)
             if err:
                 raise NetlinkError(err)
-            held = time.perf_counter() - t0  # every element expires by its ms after t0 + held
-            if all(ms / 1000.0 + t0 + held <= deadlines[ip] for ip, ms in arm):
+            took = sent - t0  # the kernel inserted every element before send() returned
+            self._per_elem += 0.2 * (took / max(1, len(deadlines)) - self._per_elem)
+            if took <= lead:  # so each expires by t0 + took + ms <= its deadline
                 return len(arm)
         return len(arm)  # each pass shortened: the last one was sent with the freshest clock
 
-    def _batch(self, s: _Sockets, arm: list[tuple[IPAddress, int]], remove: list[IPAddress]) -> int:
-        """Send one token batch; 0 or the errno of the first failing message."""
+    def _batch(self, s: _Sockets, arm: list[tuple[IPAddress, int]], remove: list[IPAddress]) -> tuple[int, float]:
+        """Send one token batch: (0 or the errno of the first failing message, the perf_counter
+        time right after the kernel processed it)."""
         data, last = token_batch(arm, remove, s.seq, self.timeout_update)
         first = s.seq
         s.seq = (s.seq + len(arm) + len(remove) + 16) & 0x7FFFFFFF or 1
         if last < 0:
-            return 0
-        s.raw.send(data)
+            return 0, time.perf_counter()
+        s.raw.send(data)  # nfnetlink processes the whole batch inside this call
+        sent = time.perf_counter()
         err = 0
         while True:
             try:
@@ -304,17 +322,17 @@ class NftFence:
                 if first <= seq <= last:
                     err = err or code
                     if seq == last:
-                        return err
+                        return err, sent
 
     def _rebuild(self, s: _Sockets, managed: dict[IPAddress, str], deadlines: dict[IPAddress, float]) -> None:
         """Delete and rebuild the whole table in one batch, then re-arm the tokens (deadlines on
         the perf_counter clock) in the next one: until then every managed VIP is dropped."""
-        s.nft.nlm_request_batch(_encode(drop_table_ops() + setup_ops(managed.items())))
+        s.nft.nlm_request_batch(encode_setup(drop_table_ops() + setup_ops(managed.items())))
         live = {ip: d for ip, d in deadlines.items() if ip in managed}
         if live:
             t0 = time.perf_counter()
-            arm = [(ip, ms) for ip, d in live.items() if (ms := token_ms(d, t0))]
-            err = self._batch(s, arm, [])
+            arm = [(ip, ms) for ip, d in live.items() if (ms := token_ms(d, t0 + _LEAD_BASE))]
+            err, _ = self._batch(s, arm, [])
             if err:
                 raise NetlinkError(err)
 
@@ -325,29 +343,6 @@ def _to_perf(until: dict[IPAddress, float]) -> dict[IPAddress, float]:
     t_perf = time.perf_counter()
     offset = trio.current_time() - t_perf
     return {ip: u - offset for ip, u in until.items()}
-
-
-def _encode(ops: Sequence[Op]) -> list[Any]:
-    """pyroute2 messages: batch begin, every op (each asks for an ack), batch end."""
-    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
-    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
-
-    def marker(t: int) -> nfgen_msg:
-        m = nfgen_msg()
-        m["res_id"] = NFNL_SUBSYS_NFTABLES
-        m["header"]["type"] = t
-        m["header"]["flags"] = NLM_F_REQUEST
-        return m
-
-    msgs = [marker(0x10)]
-    for op in ops:
-        m = nfts.AsyncNFTSocket.policy[op.msg_type]()
-        m["attrs"] = [list(a) for a in op.attrs]
-        m["nfgen_family"] = NFPROTO_NETDEV
-        m["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | op.msg_type
-        m["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | op.flags
-        msgs.append(m)
-    return msgs + [marker(0x11)]
 
 
 def _dump_chains(nft: NFTables) -> dict[str, Optional[str]]:
