@@ -90,11 +90,11 @@ class NftFence:
         self.nl = nl
         self.timeout_update = kernel_has_timeout_update() if timeout_update is None else timeout_update
         self._socks: Optional[_Sockets] = None  # touched only in the owner thread
-        # Keys are VipSpec.address (IPv4Interface/IPv6Interface: an IP address subclass, hashed ~10x
-        # faster than the IPv4Address VipSpec.ip builds on every access).
-        self._managed: Optional[dict[Key, str]] = None  # VIP -> device, from the last ensure
-        self._until: dict[Key, float] = {}  # VIP -> last deadline armed (trio clock)
-        self._lapse_counted: set[Key] = set()
+        # Records are keyed by VipSpec.name (unique in a config; str hashes are cached, which keeps
+        # a 1,000-unit refresh cheap); ensure() checks that a name keeps its address.
+        self._managed: Optional[dict[str, tuple[Key, str]]] = None  # name -> (VIP, device), last ensure
+        self._until: dict[str, float] = {}  # name -> last deadline armed (trio clock)
+        self._lapse_counted: set[str] = set()
         self._refreshes = 0
         self._lapses = 0
         self._repairs = 0
@@ -132,39 +132,45 @@ class NftFence:
 
     async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]]) -> None:
         """Arm every unit to its own deadline in ONE netlink batch."""
-        wanted: dict[Key, float] = {}
+        wanted: dict[str, float] = {}
+        pairs: list[tuple[Key, float]] = []
         for vips, until in items:
-            for ip in self._managed_ips(vips, "arm"):
-                wanted[ip] = min(until, wanted.get(ip, until))
+            for name, addr in self._managed_vips(vips, "arm"):
+                u = until
+                if name in wanted:  # a VIP in two units: the earlier deadline
+                    u = min(u, wanted[name])
+                    pairs = [(a, d) for a, d in pairs if a is not addr and a != addr]
+                wanted[name] = u
+                pairs.append((addr, u))
         if not wanted:
             return
         now = trio.current_time()
-        for ip in wanted:
-            prev = self._until.get(ip)
-            if prev is not None and prev <= now and ip not in self._lapse_counted:
+        until_was, counted = self._until, self._lapse_counted
+        for name in wanted:
+            prev = until_was.get(name)
+            if prev is not None and prev <= now and name not in counted:
                 self._lapses += 1  # it ran out while we held it: counted once, here or in verify()
-            self._lapse_counted.discard(ip)
-        deadlines = _to_perf(wanted)
-        armed = await self._run(lambda: f"arm fence tokens of {_shown(wanted)}",
+        counted.difference_update(wanted)
+        deadlines = _to_perf(pairs)
+        armed = await self._run(lambda: f"arm fence tokens of {_shown(pairs)}",
                                lambda s: self._send_tokens(s, deadlines))
         self._until.update(wanted)
         self._refreshes += armed
 
     async def disarm(self, vips: Sequence[VipSpec]) -> None:
         """Stop serving ``vips`` now (their tokens are removed; absent ones are fine)."""
-        ips = [v.address for v in vips]
-        for ip in ips:
-            self._until.pop(ip, None)
-            self._lapse_counted.discard(ip)
-        if self._managed is None or not ips:
+        for v in vips:
+            self._until.pop(v.name, None)
+            self._lapse_counted.discard(v.name)
+        if self._managed is None or not vips:
             return
-        gone = {ip: 0.0 for ip in ips}
+        gone = [(v.address, 0.0) for v in vips]
         await self._run(lambda: f"disarm fence tokens of {_shown(gone)}", lambda s: self._send_tokens(s, gone))
 
     def armed_until(self, vips: Sequence[VipSpec]) -> Optional[float]:
         """The deadline last armed for ``vips`` (the earliest of them; None if any is disarmed).
         It may be in the past: the token then lapsed."""
-        found = [self._until.get(v.address) for v in vips]
+        found = [self._until.get(v.name) for v in vips]
         if not found or any(u is None for u in found):
             return None
         return min(u for u in found if u is not None)
@@ -175,16 +181,20 @@ class NftFence:
         """Make the table fence exactly the covered VIPs of ``vips`` (routed ones are skipped):
         one atomic batch, idempotent. Tokens already armed stay armed; tokens of VIPs no longer
         configured are removed."""
-        managed: dict[Key, str] = {}
+        managed: dict[str, tuple[Key, str]] = {}
         seen: set[object] = set()
         for v in vips:
             if v.on_loopback:
                 continue
-            if v.ip in seen:
-                raise FenceError(f"fence: VIP {v.ip} is configured twice")
+            if v.ip in seen or v.name in managed:
+                raise FenceError(f"fence: VIP {v.name} ({v.ip}) is configured twice")
             seen.add(v.ip)
-            managed[v.address] = v.interface
-        dropped = [ip for ip in self._until if ip not in managed]
+            managed[v.name] = (v.address, v.interface)
+        old = self._managed or {}
+        # no longer configured, or the name now stands for another address: its token goes
+        dropped = [name for name in old if name not in managed or managed[name][0] != old[name][0]]
+        gone = [(old[name][0], 0.0) for name in dropped]
+        vip_devs = list(managed.values())
 
         def job(s: _Sockets) -> None:
             try:
@@ -194,34 +204,35 @@ class NftFence:
                     raise
                 current = {}
             stale = {c.split("_", 1)[1] for c in current}
-            s.nft.nlm_request_batch(encode_setup(setup_ops(managed.items(), stale)))
-            if dropped:
-                self._send_tokens(s, {ip: 0.0 for ip in dropped})
+            s.nft.nlm_request_batch(encode_setup(setup_ops(vip_devs, stale)))
+            if gone:
+                self._send_tokens(s, gone)
 
-        devs = ", ".join(sorted(set(managed.values()))) or "no device"
+        devs = ", ".join(sorted({dev for _, dev in vip_devs})) or "no device"
         await self._run(f"build table netdev {TABLE} on {devs}", job)
         self._managed = managed
-        for ip in dropped:
-            self._until.pop(ip, None)
+        for name in dropped:
+            self._until.pop(name, None)
+            self._lapse_counted.discard(name)
 
     async def verify(self) -> bool:
         """Check the table is whole (chains, rules, managed sets); rebuild it in one batch if not,
         tokens re-armed from our record. Also counts tokens that lapsed since the last call.
         Returns True when it had to repair. Cheap: one dump each of chains, rules, two sets."""
         now = trio.current_time()
-        for ip, until in self._until.items():
-            if until <= now and ip not in self._lapse_counted:
-                self._lapse_counted.add(ip)
+        for name, until in self._until.items():
+            if until <= now and name not in self._lapse_counted:
+                self._lapse_counted.add(name)
                 self._lapses += 1
         if self._managed is None:
             return False
-        managed: dict[Key, str] = self._managed
-        deadlines = _to_perf({ip: u for ip, u in self._until.items() if ip in managed})
+        vip_devs = list(self._managed.values())
+        deadlines = _to_perf([(self._managed[n][0], u) for n, u in self._until.items() if n in self._managed])
 
         def job(s: _Sockets) -> bool:
-            if is_whole(s.nft, managed.items()):
+            if is_whole(s.nft, vip_devs):
                 return False
-            self._rebuild(s, managed, deadlines)
+            self._rebuild(s, vip_devs, deadlines)
             return True
 
         repaired: bool = await self._run(f"verify table netdev {TABLE}", job)
@@ -259,16 +270,23 @@ class NftFence:
 
     # -- in the owner thread ----------------------------------------------------------------------
 
-    def _managed_ips(self, vips: Sequence[VipSpec], what: str) -> list[Key]:
+    def _managed_vips(self, vips: Sequence[VipSpec], what: str) -> list[tuple[str, Key]]:
+        """(name, address) of each VIP; FenceError unless every one is fenced here."""
         managed = self._managed
-        ips = [v.address for v in vips]
-        if managed is not None and self.covers(vips) and all(ip in managed for ip in ips):
-            return ips
+        out = []
+        for v in vips:
+            m = managed.get(v.name) if managed is not None else None
+            if m is None or (m[0] is not v.address and m[0] != v.address):
+                break
+            out.append((v.name, m[0]))
+        else:
+            return out
         if not self.covers(vips):
             raise FenceError(f"{what}: {_names(vips)}: routed VIPs (on lo) are not fenced by nftables")
         if managed is None:
             raise FenceError(f"{what}: {_names(vips)}: the fence is not set up (ensure() first)")
-        missing = ", ".join(str(v.ip) for v in vips if v.address not in managed)
+        missing = ", ".join(f"{v.name} ({v.ip})" for v in vips
+                            if v.name not in managed or managed[v.name][0] != v.address)
         raise FenceError(f"{what}: VIP {missing} is not managed by the fence (not in ensure())")
 
     async def _run(self, what: Union[str, Callable[[], str]], fn: Callable[[_Sockets], Any]) -> Any:
@@ -288,7 +306,7 @@ class NftFence:
             why = str(e)
         raise FenceError(f"{what if isinstance(what, str) else what()}: {why}")
 
-    def _send_tokens(self, s: _Sockets, deadlines: dict[Key, float]) -> int:
+    def _send_tokens(self, s: _Sockets, deadlines: Sequence[tuple[Key, float]]) -> int:
         """Arm each VIP to its deadline (time.perf_counter clock; <= now: remove), in one batch.
         Each timeout is counted from the moment the kernel is expected to have inserted the last
         element (``_lead``); if the send took longer, the batch is recomputed and sent again at
@@ -298,15 +316,16 @@ class NftFence:
             t0 = time.perf_counter()
             lead = _LEAD_BASE + 2.0 * self._per_elem * len(deadlines)
             arm, remove = [], []
-            for ip, d in deadlines.items():
+            for ip, d in deadlines:
                 ms = token_ms(d, t0 + lead)
                 if ms:
                     arm.append((ip, ms))
                 else:
                     remove.append(ip)
             err, sent = self._batch(s, arm, remove)
-            if err == _ENOENT and self._managed is not None:
-                self._rebuild(s, self._managed, deadlines)
+            managed = self._managed  # replaced, never changed in place, by the trio thread
+            if err == _ENOENT and managed is not None:
+                self._rebuild(s, list(managed.values()), deadlines)
                 return len(arm)
             if err:
                 raise NetlinkError(err)
@@ -339,29 +358,28 @@ class NftFence:
                     if seq == last:
                         return err, sent
 
-    def _rebuild(self, s: _Sockets, managed: dict[Key, str], deadlines: dict[Key, float]) -> None:
+    def _rebuild(self, s: _Sockets, vip_devs: Sequence[tuple[Key, str]], deadlines: Sequence[tuple[Key, float]]) -> None:
         """Delete and rebuild the whole table in one batch, then re-arm the tokens (deadlines on
         the perf_counter clock) in the next one: until then every managed VIP is dropped."""
-        s.nft.nlm_request_batch(encode_setup(drop_table_ops() + setup_ops(managed.items())))
-        live = {ip: d for ip, d in deadlines.items() if ip in managed}
-        if live:
+        s.nft.nlm_request_batch(encode_setup(drop_table_ops() + setup_ops(vip_devs)))
+        if deadlines:
             t0 = time.perf_counter()
-            arm = [(ip, ms) for ip, d in live.items() if (ms := token_ms(d, t0 + _LEAD_BASE))]
+            arm = [(ip, ms) for ip, d in deadlines if (ms := token_ms(d, t0 + _LEAD_BASE))]
             err, _ = self._batch(s, arm, [])
             if err:
                 raise NetlinkError(err)
 
 
-def _to_perf(until: dict[Key, float]) -> dict[Key, float]:
+def _to_perf(until: Sequence[tuple[Key, float]]) -> list[tuple[Key, float]]:
     """Trio-clock deadlines -> time.perf_counter deadlines (the owner thread cannot read trio's
     clock). The offset is read trio-clock-last, so a deadline can only come out earlier."""
     t_perf = time.perf_counter()
     offset = trio.current_time() - t_perf
-    return {ip: u - offset for ip, u in until.items()}
+    return [(ip, u - offset) for ip, u in until]
 
 
-def _shown(ips: dict[Key, float]) -> str:
-    names = sorted(str(ip).split("/")[0] for ip in ips)
+def _shown(pairs: Sequence[tuple[Key, float]]) -> str:
+    names = sorted(str(ip.ip) for ip, _ in pairs)
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
