@@ -12,13 +12,14 @@ removes the token.
 
 Deadlines are on trio's clock (``trio.current_time()``). The relative timeout is computed in the
 Netlink owner thread immediately before the batch is sent: ``until - now`` rounded down to the
-ms (the kernel then rounds down to its 4 ms tick: cut 0-4 ms early, never late); under
-``MIN_TOKEN_MS`` the token is removed instead (a sub-tick timeout would be a permanent element).
-Each timeout counts from when the kernel is expected to have inserted the element (the clock read
-plus a lead learnt from past batches); if the thread was held up longer (preemption, a stop), the
-batch is recomputed and sent again at once, so no element outlives its deadline.
-The remaining window (a stop landing between the clock read and the send, microseconds) is for
-the core's margins to cover.
+ms (the kernel counts it from its last tick and in whole ticks, both rounded down: bench/fence.py
+measured the cut 2-8 ms early, never late); under ``MIN_TOKEN_MS`` the token is removed instead
+(a sub-tick timeout would be a permanent element). Each timeout counts from when the kernel is
+expected to have inserted the element (the clock read plus a lead learnt from past batches); if
+the send took longer (preemption, a stop), the batch is recomputed and sent again at once, so when
+``arm`` returns no element outlives its deadline. One window is left for the core's margins: a
+stop landing in the microseconds between the clock read and the send makes the thawed thread send
+a stale timeout, which re-opens a lapsed VIP for one round trip (< ~2 ms) until the resend.
 
 Routed VIPs (on ``lo``) are NOT covered (``covers`` is False): their packets arrive on whichever
 uplink the router picks and never cross ``lo``'s hooks, and it is the address disappearing that
