@@ -66,3 +66,8 @@ class NftError(DataplaneError):
 
 class RouteError(DataplaneError):
     """Installing or removing a source route failed."""
+
+
+class FenceError(DataplaneError):
+    """Setting up or arming the kernel fence (nftables tokens) failed, or it was asked for
+    something it cannot do (a VIP it does not cover or manage)."""

@@ -1,0 +1,333 @@
+"""The nftables token fence against a real kernel, in a vt* lab (bridge, client, hosts h1..h3).
+
+The VIP (vip4(1), vip6(1)) is on h1's NIC; the client pings it, resolves it, talks TCP to it.
+The oracle for "h1 sends nothing from the VIP" is a `table bridge vtwatch` of counters in the
+bridge namespace (frames from h1's MAC sourced from the VIP, ARP from it, NA for it).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.lab.util import wait_for
+from vipd.config import VipSpec
+from vipd.dataplane.fence_build import MIN_TOKEN_MS
+from vipd.dataplane.fence_nft import FenceError, NftFence
+from vipd.dataplane.netlink import Netlink
+from vipd.lab import netns
+from vipd.lab.topology import Lab
+
+TOKEN_S = 0.3  # the short token of the lapse tests
+SLACK_S = 1.0  # generous: the shared 2-core machine
+
+
+def vips_of(lab: Lab) -> list[VipSpec]:
+    return [VipSpec("v4", lab.vip4(1), lab.nic), VipSpec("v6", lab.vip6(1), lab.nic)]
+
+
+def put_vips(lab: Lab) -> None:
+    h1 = lab.host("h1")
+    lab.ip(h1, "addr", "add", str(lab.vip4(1)), "dev", lab.nic)
+    lab.ip(h1, "addr", "add", str(lab.vip6(1)), "dev", lab.nic, "nodad")
+
+
+def nft(lab: Lab, ns: str, *args: str) -> str:
+    return lab.run(ns, ["nft", *args]).stdout
+
+
+def watch(lab: Lab) -> None:
+    """Counters in the bridge for everything h1 sends from (or announces for) the VIPs."""
+    h1 = lab.host("h1")
+    v4, v6 = lab.vip4(1).ip, lab.vip6(1).ip
+    target = "0x" + v6.packed.hex()
+    text = f"""table bridge vtwatch {{
+  chain vtsee {{ type filter hook forward priority 0; policy accept;
+    ether saddr {h1.mac} ip saddr {v4} counter
+    ether saddr {h1.mac} arp saddr ip {v4} counter
+    ether saddr {h1.mac} ip6 saddr {v6} counter
+    ether saddr {h1.mac} icmpv6 type nd-neighbor-advert @th,64,128 {target} counter
+  }}
+}}
+"""
+    subprocess.run(netns.exec_argv(lab.bridge_ns, ["nft", "-f", "-"]), input=text, text=True, check=True,
+                   capture_output=True, timeout=10)
+
+
+def seen(lab: Lab) -> list[int]:
+    """Packets counted by each vtwatch rule (ipv4, arp, ipv6, na)."""
+    doc = json.loads(nft(lab, lab.bridge_ns, "-j", "list", "table", "bridge", "vtwatch"))
+    out = []
+    for item in doc["nftables"]:
+        rule = item.get("rule")
+        if rule:
+            out.append(next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e))
+    return out
+
+
+def neighbour(lab: Lab, ip: Any) -> str:
+    """The client's neighbour entry for ip ('' if none)."""
+    return lab.ip(lab.client, "neigh", "show", str(ip), "dev", lab.nic).stdout.strip()
+
+
+def resolved(lab: Lab, ip: Any) -> bool:
+    return "lladdr" in neighbour(lab, ip)
+
+
+def reachable(lab: Lab) -> bool:
+    """Both VIPs answer the client's ping (fresh neighbour resolution first)."""
+    lab.ip(lab.client, "neigh", "flush", "dev", lab.nic)
+    return all(lab.ping(lab.client, ip, count=1, timeout=0.5) for ip in (lab.vip4(1), lab.vip6(1)))
+
+
+def dark(lab: Lab) -> bool:
+    """Neither VIP answers ping, ARP or ND (a fresh resolution is attempted)."""
+    lab.ip(lab.client, "neigh", "flush", "dev", lab.nic)
+    if any(lab.ping(lab.client, ip, count=2, timeout=0.4) for ip in (lab.vip4(1), lab.vip6(1))):
+        return False
+    return not resolved(lab, lab.vip4(1).ip) and not resolved(lab, lab.vip6(1).ip)
+
+
+def tcp_pair(lab: Lab, port: int) -> tuple[socket.socket, socket.socket, socket.socket]:
+    """(listener on h1 at the VIP, client socket, accepted server socket), connected."""
+    srv = netns.socket_in(lab.host("h1").ns, socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((str(lab.vip4(1).ip), port))
+    srv.listen(4)
+    srv.settimeout(3)
+    cli = netns.socket_in(lab.client.ns, socket.AF_INET, socket.SOCK_STREAM)
+    cli.settimeout(3)
+    cli.connect((str(lab.vip4(1).ip), port))
+    conn, _ = srv.accept()
+    conn.settimeout(1.5)
+    return srv, cli, conn
+
+
+def tcp_connects(lab: Lab, port: int) -> bool:
+    cli = netns.socket_in(lab.client.ns, socket.AF_INET, socket.SOCK_STREAM)
+    cli.settimeout(1.0)
+    try:
+        cli.connect((str(lab.vip4(1).ip), port))
+        return True
+    except OSError:
+        return False
+    finally:
+        cli.close()
+
+
+async def test_token_gates_traffic_and_lapses_by_itself(lab: Lab) -> None:
+    put_vips(lab)
+    watch(lab)
+    vips = vips_of(lab)
+    async with Netlink(lab.host("h1").ns) as nl, NftFence(nl) as fence:
+        assert fence.covers(vips) and not fence.covers([VipSpec("r", lab.vip4(2), "lo")])
+        await fence.ensure(vips)
+        # managed without a token: dropped from the start
+        assert await trio.to_thread.run_sync(dark, lab)
+        await fence.arm(vips, trio.current_time() + 60)
+        assert await trio.to_thread.run_sync(reachable, lab)
+        srv, cli, conn = await trio.to_thread.run_sync(tcp_pair, lab, 8080)
+        try:
+            cli.sendall(b"hello")
+            assert conn.recv(5) == b"hello"
+            before = seen(lab)
+            assert before[0] > 0 and before[1] > 0 and before[2] > 0  # the oracle sees h1's traffic
+            # a short token, then nothing: the kernel alone ends it
+            until = trio.current_time() + TOKEN_S
+            await fence.arm(vips, until)
+            assert fence.armed_until(vips) == until
+            await trio.sleep_until(until + 0.05)
+            after_deadline = seen(lab)
+            assert await trio.to_thread.run_sync(dark, lab)
+            assert not await trio.to_thread.run_sync(tcp_connects, lab, 8080)
+            cli.sendall(b"stalled")  # the established connection stalls (no reset, no data)
+            with pytest.raises(socket.timeout):
+                conn.recv(7)
+            for ip in (lab.vip4(1).ip, lab.vip6(1).ip):  # AF_PACKET frames from the VIP: dropped too
+                try:
+                    lab.announce(lab.host("h1"), ip)
+                except OSError as e:  # the egress hook's drop, reported to the sender
+                    assert e.errno == errno.ENOBUFS
+            assert seen(lab) == after_deadline  # h1 sent nothing from (or for) the VIPs
+            assert fence.lapses() == 0
+            assert not await fence.verify()
+            assert fence.lapses() == 2  # each lapsed element is noticed, once
+            assert not await fence.verify() and fence.lapses() == 2
+            # a new proof re-opens it; the stalled connection resumes
+            await fence.arm(vips, trio.current_time() + 60)
+            assert await trio.to_thread.run_sync(reachable, lab)
+            assert conn.recv(7) == b"stalled"
+        finally:
+            for s in (cli, conn, srv):
+                s.close()
+        # disarm cuts at once
+        await fence.disarm(vips)
+        assert fence.armed_until(vips) is None
+        assert await trio.to_thread.run_sync(dark, lab)
+        await fence.remove_all()
+
+
+REFRESHER = r"""
+import ipaddress, os, sys, time, trio
+from vipd.config import VipSpec
+from vipd.dataplane.netlink import Netlink
+from vipd.dataplane.fence_nft import NftFence
+state, go, iface, lifetime, *addrs = sys.argv[1:]
+vips = [VipSpec(f"v{i}", ipaddress.ip_interface(a), iface) for i, a in enumerate(addrs)]
+async def main():
+    async with Netlink() as nl, NftFence(nl) as fence:
+        await fence.ensure(vips)
+        last = time.monotonic()
+        while True:
+            if time.monotonic() - last > 0.2:  # frozen meanwhile: nothing until a new proof comes
+                with open(state, "a") as f:
+                    f.write("frozen\n")
+                while not os.path.exists(go):
+                    await trio.sleep(0.01)
+            await fence.arm(vips, trio.current_time() + float(lifetime))
+            last = time.monotonic()
+            with open(state, "a") as f:
+                f.write(f"armed {last}\n")
+            await trio.sleep(0.02)
+trio.run(main)
+"""
+
+
+def start_refresher(lab: Lab, tmp: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    state, go = tmp / "state", tmp / "go"
+    argv = [sys.executable, "-c", REFRESHER, str(state), str(go), lab.nic, str(TOKEN_S),
+            str(lab.vip4(1)), str(lab.vip6(1))]
+    proc = lab.popen(lab.host("h1"), argv, log=tmp / "refresher.log")
+    wait_for(lambda: state.exists() and "armed" in state.read_text(), 20, "the refresher's first arm")
+    return proc, state, go
+
+
+def last_refresh(state: Path) -> float:
+    return max(float(line.split()[1]) for line in state.read_text().splitlines() if line.startswith("armed"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_dead_or_frozen_refresher_loses_the_vip(lab: Lab, tmp_path: Path, sig: signal.Signals) -> None:
+    put_vips(lab)
+    proc, state, go = start_refresher(lab, tmp_path)
+    assert wait_for(lambda: reachable(lab), 10, "the VIP served while the token is refreshed")
+    os.killpg(proc.pid, sig)
+    deadline = last_refresh(state) + TOKEN_S  # the kernel ends it here, no code running
+    time.sleep(max(0.0, deadline + SLACK_S - time.monotonic()))
+    assert dark(lab), f"VIP still served {SLACK_S}s after its last token ran out"
+    if sig == signal.SIGKILL:
+        return
+    os.killpg(proc.pid, signal.SIGCONT)
+    wait_for(lambda: "frozen" in state.read_text(), 10, "the thawed refresher to notice its freeze")
+    assert dark(lab), "a thawed process re-opened the VIP without a new proof"
+    go.touch()
+    assert wait_for(lambda: reachable(lab), 10, "the VIP served again after an explicit re-arm")
+
+
+def token_elements(lab: Lab, set_name: str) -> dict[str, int]:
+    """Element -> its timeout (ms), from `nft -j list set`."""
+    doc = json.loads(nft(lab, lab.host("h1").ns, "-j", "list", "set", "netdev", "vipd_fence", set_name))
+    out: dict[str, int] = {}
+    for item in doc["nftables"]:
+        for el in item.get("set", {}).get("elem", []):
+            e = el["elem"]
+            out[str(e["val"])] = int(e["timeout"] * 1000) if isinstance(e["timeout"], (int, float)) else e["timeout"]
+    return out
+
+
+@pytest.mark.parametrize("timeout_update", [True, False], ids=["element-update", "delete-add"])
+async def test_arm_many_one_batch_and_timeouts(lab: Lab, timeout_update: bool) -> None:
+    nic = lab.nic
+    many = [VipSpec(f"m{i}", ipaddress.ip_interface(f"10.214.{i // 250}.{i % 250 + 1}/32"), nic)
+            for i in range(1000)]
+    async with Netlink(lab.host("h1").ns) as nl, NftFence(nl, timeout_update=timeout_update) as fence:
+        await fence.ensure(many)
+        now = trio.current_time()
+        await fence.arm_many([((v,), now + 100 + i) for i, v in enumerate(many)])  # unit i: 100+i s
+        got = token_elements(lab, "token4")
+        assert len(got) == 1000
+        for i, v in enumerate(many):
+            assert (100 + i) * 1000 - 5000 < got[str(v.ip)] <= (100 + i) * 1000  # rounded down, never up
+        assert fence.refreshes() == 1000
+        # a refresh restarts the countdown, also to a SHORTER one
+        await fence.arm_many([((v,), trio.current_time() + 20) for v in many[:10]])
+        got = token_elements(lab, "token4")
+        assert all(15000 < got[str(v.ip)] <= 20000 for v in many[:10])
+        assert got[str(many[10].ip)] > 100000
+        # a deadline in the past, or closer than one safe tick: removed, never a permanent element
+        await fence.arm([many[0]], trio.current_time() - 1)
+        await fence.arm([many[1]], trio.current_time() + MIN_TOKEN_MS / 2000)
+        await fence.disarm([many[2]])
+        await fence.disarm([many[2]])  # absent: fine
+        got = token_elements(lab, "token4")
+        assert len(got) == 997 and not {str(v.ip) for v in many[:3]} & set(got)
+        with pytest.raises(FenceError, match="not managed"):
+            await fence.arm([VipSpec("x", lab.vip4(9), nic)], trio.current_time() + 10)
+        with pytest.raises(FenceError, match="routed"):
+            await fence.arm([VipSpec("x", lab.vip4(9), "lo")], trio.current_time() + 10)
+        await fence.remove_all()
+
+
+USER_TABLE = """table inet vtuser {
+	set vtkeep {
+		type ipv4_addr
+		elements = { 10.1.2.3 }
+	}
+
+	chain vtin {
+		type filter hook input priority 0; policy accept;
+		ip saddr 10.9.9.9 counter packets 0 bytes 0 drop
+	}
+}
+"""
+
+
+async def test_own_table_only_cleanup_and_repair(lab: Lab) -> None:
+    ns = lab.host("h1").ns
+    subprocess.run(netns.exec_argv(ns, ["nft", "-f", "-"]), input=USER_TABLE, text=True, check=True, timeout=10)
+
+    def user() -> str:
+        return nft(lab, ns, "list", "table", "inet", "vtuser")
+
+    before = user()
+    vips = vips_of(lab)
+    async with Netlink(ns) as nl, NftFence(nl) as fence:
+        await fence.ensure(vips)
+        await fence.ensure(vips)  # idempotent
+        await fence.arm(vips, trio.current_time() + 60)
+        assert not await fence.verify()
+        await fence.ensure(vips[:1])  # the IPv6 VIP no longer configured: unmanaged, token gone
+        assert token_elements(lab, "token6") == {}
+        assert json.loads(nft(lab, ns, "-j", "list", "set", "netdev", "vipd_fence", "managed6"))["nftables"][1][
+            "set"].get("elem") is None
+        await fence.ensure(vips)
+        await fence.arm(vips, trio.current_time() + 60)
+        assert user() == before
+        tables = nft(lab, ns, "list", "tables").split("\n")
+        assert "table netdev vipd_fence" in tables and "table inet vtuser" in tables
+        # someone deletes everything: verify() rebuilds, tokens re-armed from vipd's record
+        nft(lab, ns, "flush", "ruleset")
+        assert await fence.verify()
+        assert set(token_elements(lab, "token4")) == {str(lab.vip4(1).ip)}
+        assert not await fence.verify()
+        # a flushed managed set (the fence would fail open) is repaired too
+        nft(lab, ns, "flush", "set", "netdev", "vipd_fence", "managed4")
+        assert await fence.verify() and fence.repairs() == 2
+        subprocess.run(netns.exec_argv(ns, ["nft", "-f", "-"]), input=USER_TABLE, text=True, check=True,
+                       timeout=10)
+        await fence.remove_all()
+        assert nft(lab, ns, "list", "tables").split() == ["table", "inet", "vtuser"]
+        assert user() == before
+        await fence.remove_all()  # absent: fine

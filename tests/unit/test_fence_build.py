@@ -1,0 +1,59 @@
+"""Pure parts of the nftables token fence: timeouts, the hand-encoded token batch, acks."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from vipd.dataplane.fence_build import (MIN_TOKEN_MS, kernel_has_timeout_update, parse_acks, token_batch,
+                                        token_ms)
+
+V4 = ipaddress.ip_address("10.0.0.1")
+V6 = ipaddress.ip_address("fd00::1")
+
+
+def messages(data: bytes) -> list[tuple[int, int, int]]:
+    """(type, flags, seq) of every netlink message, checking that lengths tile the buffer."""
+    out, off = [], 0
+    while off < len(data):
+        length, kind, flags, seq, _ = struct.unpack_from("=IHHII", data, off)
+        assert length >= 20 and off + length <= len(data)
+        out.append((kind, flags, seq))
+        off += (length + 3) & ~3
+    assert off == len(data)
+    return out
+
+
+def test_token_ms_rounds_down_and_refuses_sub_tick_timeouts() -> None:
+    assert token_ms(10.9999, 10.0) == 999
+    assert token_ms(10.0 + MIN_TOKEN_MS / 1000 + 1e-9, 10.0) == MIN_TOKEN_MS
+    assert token_ms(10.0 + (MIN_TOKEN_MS - 1) / 1000, 10.0) == 0  # would be a permanent element
+    assert token_ms(9.0, 10.0) == 0
+
+
+def test_token_batch_update_kernel_one_message_per_family() -> None:
+    data, last = token_batch([(V4, 500), (V6, 500)], [], seq=7)
+    kinds = messages(data)
+    assert [k for k, _, _ in kinds] == [0x10, 0x0A0C, 0x0A0C, 0x11]  # begin, NEWSETELEM x2, end
+    assert last == 9 and kinds[2][1] & 0x4 and not kinds[1][1] & 0x4  # only the last asks for an ack
+    assert struct.pack("!Q", 500) * 1 in data and V6.packed in data
+
+
+def test_token_batch_old_kernel_and_removal_never_fail_on_absent_elements() -> None:
+    data, last = token_batch([(V4, 500)], [V6], seq=1, timeout_update=False)
+    kinds = [k for k, _, _ in messages(data)]
+    # v4: add, delete, add (re-adding does not reset a timeout on < 6.11); v6: add, delete
+    assert kinds == [0x10, 0x0A0C, 0x0A0E, 0x0A0C, 0x0A0C, 0x0A0E, 0x11]
+    assert last == 6
+    assert token_batch([], [], seq=1)[1] == -1
+
+
+def test_parse_acks() -> None:
+    ack = struct.pack("=IHHII", 36, 2, 0, 5, 0) + struct.pack("=i", 0) + b"\0" * 16
+    err = struct.pack("=IHHII", 36, 2, 0, 6, 0) + struct.pack("=i", -2) + b"\0" * 16
+    assert parse_acks(ack + err) == [(5, 0), (6, 2)]
+
+
+def test_kernel_has_timeout_update() -> None:
+    assert kernel_has_timeout_update("6.11.0") and kernel_has_timeout_update("6.18.1-amd64")
+    assert not kernel_has_timeout_update("6.10.14") and not kernel_has_timeout_update("5.15.0")
