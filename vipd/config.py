@@ -21,6 +21,7 @@ from vipd.configlib import NAME_RE as _NAME_RE
 from vipd.configlib import Table
 from vipd.configlib import Table as _Table
 from vipd.configlib import positive as _positive
+from vipd.config_peers import PeersConfig, parse_peers  # [peers] (fast takeover)
 from vipd.config_routing import BgpConfig, EgressConfig, check_egress, parse_bgp, parse_egress
 from vipd.errors import ConfigError
 from vipd.health.spec import CheckSpec, parse_check
@@ -148,6 +149,7 @@ class Config:
     metrics_listen: str = "127.0.0.1:9654"  # "" disables the endpoint
     state_dir: str = "/run/vipd"
     log_level: str = "info"
+    peers: PeersConfig = PeersConfig()  # [peers]: host-to-host heartbeats (vipd/peers)
 
     @property
     def control_socket(self) -> str:
@@ -340,8 +342,10 @@ def parse(data: dict[str, Any], *, hostname: str | None = None) -> Config:
     if etcd.lease_ttl - timing.fence_margin < 1:
         raise ConfigError("etcd.lease_ttl", f"must exceed timing.fence_margin by at least 1 s "
                                             f"(address lifetimes are whole seconds)")
+    peers = parse_peers(root.table("peers"))  # [peers] (fast takeover)
     root.done()
-    return Config(node, etcd, timing, tuple(vips), host, placement, hooks, bgp, egress, listen, state_dir, log_level)
+    return Config(node, etcd, timing, tuple(vips), host, placement, hooks, bgp, egress, listen, state_dir, log_level,
+                  peers)
 
 
 def load(path: str | os.PathLike[str], *, hostname: str | None = None) -> Config:
