@@ -149,3 +149,23 @@ def _udp_payload(pcap: bytes) -> bytes:
     return ip[ihl + 8:]
 
 
+
+
+async def test_cluster_key_is_created_once_through_etcd(etcd_server: Any) -> None:
+    import trio
+
+    from vipd.election.etcd import EtcdClient
+    from vipd.peers.keyring import cluster_key, key_name
+
+    got: list[bytes] = []
+    async with EtcdClient([etcd_server.endpoint], timeout=2.0) as a, EtcdClient([etcd_server.endpoint],
+                                                                                 timeout=2.0) as b:
+        async with trio.open_nursery() as n:
+            for c in (a, b, a):
+                async def one(c: EtcdClient = c) -> None:
+                    got.append(await cluster_key(c, "/vt/"))
+                n.start_soon(one)
+        assert len(got) == 3 and len(set(got)) == 1 and len(got[0]) == 32
+        kv = await a.get(key_name("/vt/"))
+        assert kv is not None and bytes.fromhex(kv.value) == got[0] and kv.lease == 0
+        assert await cluster_key(b, "/vt/", b"k" * 16) == b"k" * 16  # configured key wins, etcd untouched
