@@ -22,6 +22,7 @@ from vipd.configlib import Table as _Table
 from vipd.configlib import absolute_path, check_unicast, host_port, http_url
 from vipd.configlib import positive as _positive
 from vipd.config_rules import check_rules
+from vipd.config_peers import PeersConfig, parse_peers  # [peers] (fast takeover)
 from vipd.config_routing import BgpConfig, EgressConfig, check_egress, parse_bgp, parse_egress
 from vipd.errors import ConfigError
 from vipd.health.spec import CheckSpec, parse_check
@@ -100,6 +101,7 @@ class Config:
     metrics_listen: str = "127.0.0.1:9654"  # "" disables the endpoint
     state_dir: str = "/run/vipd"
     log_level: str = "info"
+    peers: PeersConfig = PeersConfig()  # [peers]: host-to-host heartbeats (vipd/peers)
 
     @property
     def control_socket(self) -> str:
@@ -311,8 +313,10 @@ def parse(data: dict[str, Any], *, hostname: str | None = None) -> Config:
         raise ConfigError("etcd.request_timeout", f"{etcd.request_timeout:g} s x {len(etcd.endpoints)} endpoints "
                                                   f"does not fit in lease_ttl - fence_margin - one keepalive "
                                                   f"interval ({budget:.2f} s): lower it or raise etcd.lease_ttl")
+    peers = parse_peers(root.table("peers"))  # [peers] (fast takeover)
     root.done()
-    cfg = Config(node, etcd, timing, tuple(vips), host, placement, hooks, bgp, egress, listen, state_dir, log_level)
+    cfg = Config(node, etcd, timing, tuple(vips), host, placement, hooks, bgp, egress, listen, state_dir, log_level,
+                 peers)
     check_rules(cfg)
     return cfg
 

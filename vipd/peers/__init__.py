@@ -1,0 +1,1 @@
+"""Host-to-host heartbeats: failure detection and successor leases for fast takeover."""
