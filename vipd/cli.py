@@ -92,6 +92,16 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from vipd.doctor.findings import exit_status, render, to_json
+    from vipd.doctor.run import doctor
+
+    findings = trio.run(doctor, cfg)
+    print(to_json(findings) if args.json else render(findings, verbose=args.verbose))
+    return exit_status(findings)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vipd.lab.demo import main as demo_main
 
@@ -114,6 +124,9 @@ def parser() -> argparse.ArgumentParser:
         "--json", action="store_true")
     add("release", cmd_release, "hand one VIP over on purpose").add_argument("name")
     add("state", cmd_state, "this host's view of its VIPs (from the running daemon)")
+    doc = add("doctor", cmd_doctor, "check this host against the config: findings, fixes; exit 1 if any blocks")
+    doc.add_argument("--json", action="store_true")
+    doc.add_argument("-v", "--verbose", action="store_true", help="details for passing checks too")
     add("cleanup", cmd_cleanup, "remove vipd's addresses and revoke the recorded lease (ExecStopPost)")
     demo = sub.add_parser("demo", help="a live multi-host failover in network namespaces (root)")
     demo.set_defaults(fn=cmd_demo)

@@ -56,6 +56,13 @@ def garp_reply(mac: str, ip: ipaddress.IPv4Address) -> bytes:
     return _arp(mac, ip, ARP_REPLY, mac)
 
 
+def arp_request(mac: str, sender: ipaddress.IPv4Address, target: ipaddress.IPv4Address) -> bytes:
+    """An ordinary broadcast ARP request "who has ``target``, tell ``sender``" (what arping sends)."""
+    frame = Ether(src=mac, dst=BROADCAST) / ARP(op=ARP_REQUEST, hwsrc=mac, psrc=str(sender), hwdst=ZERO_MAC,
+                                                pdst=str(target))
+    return _pad(bytes(frame))
+
+
 def unsolicited_na(mac: str, ip: ipaddress.IPv6Address) -> bytes:
     """NA from ``ip`` to all nodes: hop limit 255, R=0 S=0 O=1, target link-layer address option."""
     if not isinstance(ip, ipaddress.IPv6Address):

@@ -35,7 +35,7 @@ from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from vipd.config import VipSpec
-from vipd.dataplane.announce import BROADCAST, MIN_FRAME, ZERO_MAC, close_packet_socket
+from vipd.dataplane.announce import BROADCAST, MIN_FRAME, ZERO_MAC, arp_request, close_packet_socket
 from vipd.dataplane.netlink import Netlink
 from vipd.errors import AddressError, DataplaneError
 
@@ -248,6 +248,17 @@ async def arp_probe(nl: Netlink, ifname: str, mac: str | None, ip: ipaddress.IPv
     ip = ipaddress.IPv4Address(ip)
     return await _probe(nl, ifname, mac, ETH_P_ARP, lambda m: arp_probe_frame(m, ip),
                         lambda c: c.ip == ip and c.kind in ("arp", "probe"), probes, wait)
+
+
+async def arp_who_has(nl: Netlink, ifname: str, mac: str | None, target: ipaddress.IPv4Address | str,
+                      sender: ipaddress.IPv4Address | str, *, probes: int = 3, wait: float = 0.3) -> str | None:
+    """Ask "who has ``target``, tell ``sender``" the way arping does (``probes`` requests ``wait`` s
+    apart, listening until ``wait`` s after the last): the MAC of the first other machine that answers
+    (or otherwise uses ``target`` as its sender address), or None. Unlike :func:`arp_probe` this is
+    an ordinary request, which routers that proxy ARP answer (they ignore RFC 5227 probes)."""
+    tpa, spa = ipaddress.IPv4Address(target), ipaddress.IPv4Address(sender)
+    return await _probe(nl, ifname, mac, ETH_P_ARP, lambda m: arp_request(m, spa, tpa),
+                        lambda c: c.ip == tpa and c.kind == "arp", probes, wait)
 
 
 async def ipv6_dad(nl: Netlink, ifname: str, mac: str | None, ip: ipaddress.IPv6Address | str, *,
