@@ -66,10 +66,8 @@ def _options(p: argparse.ArgumentParser) -> list[tuple[str, str]]:
     for a in p._actions:
         if isinstance(a, argparse._HelpAction):
             continue
-        if a.option_strings:
-            flag = ", ".join(a.option_strings) + ("" if a.nargs == 0 else f" {a.metavar or a.dest.upper()}")
-        else:
-            flag = a.metavar or a.dest.upper()
+        meta = a.metavar if isinstance(a.metavar, str) else a.dest.upper()
+        flag = ", ".join(a.option_strings) + ("" if a.nargs == 0 else f" {meta}") if a.option_strings else meta
         helptext = (a.help or "") % {"default": a.default} if a.help else ""
         out.append((flag, helptext))
     return out
