@@ -174,3 +174,28 @@ def test_render_json_and_exit_status() -> None:
     assert exit_status(findings) == 1 and exit_status(findings[:1]) == 0
     doc = json.loads(to_json(findings))
     assert doc["blocking"] and doc["findings"][1]["data"]["mac"] == "ee:ff:ff:ff:ff:ff"
+
+
+def test_report_l2_blockers_logs_and_sets_the_metric(caplog: pytest.LogCaptureFixture) -> None:
+    from vipd.doctor.checks_l2 import proxy_finding, report_l2_blockers
+    from vipd.dataplane.proxyarp import judge
+    from vipd.metrics import Metrics
+
+    c = cfg(["a 10.0.0.10/24 eth0", "b 10.1.0.10/24 eth1", "r 198.18.0.1/32 lo"])
+    verdict = judge("eth0", NET, {IP("10.0.0.7"): "ee:ff:ff:ff:ff:ff", IP("10.0.0.9"): "ee:ff:ff:ff:ff:ff"},
+                    None, None, IP("10.0.0.5"))
+    m = Metrics("n1")
+    import logging
+    vlog = logging.getLogger("vipd")
+    before, vlog.propagate = vlog.propagate, True  # let caplog see vipd's own logger
+    try:
+        with caplog.at_level(logging.ERROR, logger="vipd"):
+            report_l2_blockers(c, {"eth0": proxy_finding("eth0", verdict)}, m)
+    finally:
+        vlog.propagate = before
+    text = m.render().decode()
+    assert 'vipd_l2_blocked{interface="eth0"} 1.0' in text and 'vipd_l2_blocked{interface="eth1"} 0.0' in text
+    assert "lo" not in [line.split('"')[1] for line in text.splitlines() if line.startswith("vipd_l2_blocked{")]
+    [rec] = caplog.records
+    assert "event=l2_blocked" in rec.getMessage() and "mac=ee:ff:ff:ff:ff:ff" in rec.getMessage()
+    assert "vips=a" in rec.getMessage() and "fix=" in rec.getMessage()

@@ -7,10 +7,11 @@ interfaces where L2 mode cannot work, with the finding to log, count and show in
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Protocol
 
 import trio
 
+from vipd import log
 from vipd.config import Config, VipSpec
 from vipd.dataplane.conflict import arp_who_has, ipv6_dad
 from vipd.dataplane.netlink import Netlink
@@ -96,6 +97,21 @@ async def l2_blockers(nl: Netlink, cfg: Config, *, wait: float = 0.3) -> dict[st
     (``Metrics.set_l2_blocked``). Interfaces that could not be tested are not blockers."""
     findings = await proxy_arp_findings(nl, cfg, wait=wait)
     return {ifname: f for ifname, f in findings.items() if f.blocks}
+
+
+class L2Metrics(Protocol):
+    def set_l2_blocked(self, interface: str, blocked: bool) -> None: ...
+
+
+def report_l2_blockers(cfg: Config, blocked: dict[str, Finding], metrics: L2Metrics) -> None:
+    """What the daemon does with :func:`l2_blockers`' answer: one error line per refused interface
+    (``event=l2_blocked interface= mac= reason= fix=``) and the metric for every L2 interface."""
+    for ifname in l2_vips(cfg):
+        f = blocked.get(ifname)
+        metrics.set_l2_blocked(ifname, f is not None)
+        if f is not None:
+            log.error("l2_blocked", interface=ifname, mac=f.data.get("mac"), vips=",".join(
+                v.name for v in l2_vips(cfg)[ifname]), reason=f.detail, fix=f.fix)
 
 
 async def vip_answered_findings(nl: Netlink, cfg: Config, proxy: dict[str, Finding],
