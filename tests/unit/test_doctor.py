@@ -80,7 +80,8 @@ def test_leader_loss_is_free_only_when_the_election_fits_the_slack() -> None:
     assert leader(1.0, 3) == pytest.approx(2 * 1.0 + 0.5 - (3 - 1.5 - 0.5) + 0.05)  # FACTS: fenced 15/15
     assert leader(0.5, 10) == 0.0  # a 10 s TTL rides out any election with these flags
     unknown = TimingInputs(3, 1.5, 6, 0.5, granted_ttl=3)
-    assert math.isnan(next(c for c in failover_costs(unknown) if c.fault == "etcd leader loss").high)
+    leader = next(c for c in failover_costs(unknown) if c.fault == "etcd leader loss")
+    assert math.isnan(leader.high) and leader.as_dict()["high"] is None
 
 
 def test_ttl_in_force_without_a_grant_is_raised_to_etcds_minimum() -> None:

@@ -78,7 +78,10 @@ class FaultCost:
     note: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"fault": self.fault, "low": round(self.low, 3), "high": round(self.high, 3), "note": self.note}
+        def num(x: float) -> Optional[float]:
+            return None if math.isnan(x) else round(x, 3)  # JSON has no NaN: unknown is null
+
+        return {"fault": self.fault, "low": num(self.low), "high": num(self.high), "note": self.note}
 
 
 def failover_costs(t: TimingInputs) -> list[FaultCost]:
