@@ -4,10 +4,11 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := etcd-server nftables bird2 frr iproute2 iputils-ping procps tcpdump openssl python3-venv strace systemd
+APT_PACKAGES := etcd-server nftables bird2 frr iproute2 iputils-ping procps tcpdump openssl python3-venv strace systemd \
+	debhelper dh-virtualenv dpkg-dev build-essential lintian prometheus
 PYTEST_ARGS ?=
 
-.PHONY: test demo deps apt venv unit lab bench clean typecheck
+.PHONY: test demo deps apt venv unit lab bench clean typecheck deb
 
 test: deps typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -38,7 +39,7 @@ apt:
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install:$$missing" >&2; exit 1; fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	  for svc in etcd bird frr; do systemctl disable --now $$svc >/dev/null 2>&1 || true; done; \
+	  for svc in etcd bird frr prometheus prometheus-node-exporter; do systemctl disable --now $$svc >/dev/null 2>&1 || true; done; \
 	fi
 
 venv: $(VENV)/.installed
@@ -48,6 +49,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+# The Debian package (dh-virtualenv), checked by lintian: build/deb/vipd_<version>_<arch>.deb
+deb: apt
+	packaging/build-deb.sh build/deb
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

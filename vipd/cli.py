@@ -37,7 +37,7 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = config.load(args.config) if args.no_host else _load(args)
     print(f"{args.config}: ok (node {cfg.node}, {len(cfg.vips)} VIPs, etcd {', '.join(cfg.etcd.endpoints)})")
     return 0
 
@@ -146,6 +146,18 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    import trio
+
+    from vipd.doctor.findings import exit_status, render, to_json
+    from vipd.doctor.run import doctor
+
+    findings = trio.run(doctor, cfg)
+    print(to_json(findings) if args.json else render(findings, verbose=args.verbose))
+    return exit_status(findings)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vipd.lab.demo import main as demo_main
 
@@ -171,7 +183,9 @@ def parser() -> argparse.ArgumentParser:
 
     add("run", cmd_run, "run the daemon (what the systemd unit starts); one per state_dir")
     add("check", cmd_check, "validate the configuration against this host without changing anything; "
-                            "exit 0, or 2 with the key and the reason")
+                            "exit 0, or 2 with the key and the reason").add_argument(
+        "--no-host", action="store_true",
+        help="check the file only, not this host (interfaces exist, key files readable): for examples and CI")
     add("status", cmd_status, "every VIP's owner, epoch and lease time left, and every host's health, "
                               "read from etcd").add_argument("--json", action="store_true",
                                                              help="print JSON instead of a table")
@@ -179,6 +193,9 @@ def parser() -> argparse.ArgumentParser:
                                 "when this host does not own it").add_argument(
         "name", metavar="NAME", help="the VIP's name (or its group's) as in the configuration")
     add("state", cmd_state, "this host's view of its VIPs, from the running daemon's control socket")
+    doc = add("doctor", cmd_doctor, "check this host against the config: findings, fixes; exit 1 if any blocks")
+    doc.add_argument("--json", action="store_true", help="print JSON instead of text")
+    doc.add_argument("-v", "--verbose", action="store_true", help="details for passing checks too")
     add("cleanup", cmd_cleanup, "remove vipd's addresses and revoke the recorded lease (the unit's "
                                 "ExecStopPost); refused while a vipd runs with the same state_dir")
     demo = sub.add_parser("demo", help="a live multi-host failover in network namespaces (root)",

@@ -36,6 +36,17 @@ class Metrics:
         self._valid_until = 0.0
         self._validity.set_function(lambda: max(0.0, self._valid_until - trio.current_time())
                                     if self._valid_until else 0.0)
+        self._l2_blocked = Gauge("vipd_l2_blocked", "1 while L2 VIPs on the interface are refused (proxy-ARP segment)",
+                                 ["interface"], registry=r)
+        self._address_present = Gauge("vipd_vip_address_present",
+                                      "1 while the VIP's address is in the kernel (compare with vipd_vip_owner)",
+                                      ["vip"], registry=r)
+        self._takeovers = Counter("vipd_takeovers", "VIPs this host took over, by what freed them "
+                                  "(released: a planned hand-over; expired: the previous owner's lease ran out)",
+                                  ["vip", "cause"], registry=r)
+        self._takeover_seconds = Histogram("vipd_takeover_seconds", "From the owner key's deletion seen to the "
+                                           "address added here", ["cause"],
+                                           buckets=(.005, .01, .02, .05, .1, .2, .5, 1, 2, 5), registry=r)
         Gauge("vipd_info", "This daemon", ["node"], registry=r).labels(node).set(1)
 
     def record_transition(self, vip: str, old: State, new: State) -> None:
@@ -68,6 +79,21 @@ class Metrics:
     def set_lease_valid_until(self, valid_until: float) -> None:
         """valid_until on trio's clock; 0 when there is no lease."""
         self._valid_until = valid_until
+
+    def set_l2_blocked(self, interface: str, blocked: bool) -> None:
+        """After vipd.doctor.checks_l2.l2_blockers: 1 for each refused interface, 0 for the others."""
+        self._l2_blocked.labels(interface).set(1 if blocked else 0)
+
+    def set_address_present(self, vip: str, present: bool) -> None:
+        """From the reconcile tick: is the VIP's (tagged) address in the kernel right now?"""
+        self._address_present.labels(vip).set(1 if present else 0)
+
+    def record_takeover(self, vip: str, cause: str, seconds: float | None = None) -> None:
+        """A claim of a VIP another host held: cause "released" or "expired"; seconds from the owner
+        key's deletion (as this host saw it) to the address added, when known."""
+        self._takeovers.labels(vip, cause).inc()
+        if seconds is not None:
+            self._takeover_seconds.labels(cause).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -39,6 +39,8 @@ from vipd.dataplane.announce import close_packet_socket
 from vipd.dataplane.frames import arp_probe as arp_probe_frame
 from vipd.dataplane.frames import dad_ns as dad_ns_frame
 from vipd.dataplane.frames import solicited_node
+from vipd.dataplane.frames import arp_request
+from vipd.dataplane.frames import BROADCAST, MIN_FRAME, ZERO_MAC  # noqa: F401
 from vipd.dataplane.netlink import Netlink
 from vipd.errors import AddressError, DataplaneError
 
@@ -234,6 +236,17 @@ async def arp_probe(nl: Netlink, ifname: str, mac: str | None, ip: ipaddress.IPv
     addr = ipaddress.IPv4Address(ip)
     return await _probe(nl, ifname, mac, ETH_P_ARP, lambda m: arp_probe_frame(m, addr),
                         lambda c: c.ip == addr and c.kind in ("arp", "probe"), probes, wait)
+
+
+async def arp_who_has(nl: Netlink, ifname: str, mac: str | None, target: ipaddress.IPv4Address | str,
+                      sender: ipaddress.IPv4Address | str, *, probes: int = 3, wait: float = 0.3) -> str | None:
+    """Ask "who has ``target``, tell ``sender``" the way arping does (``probes`` requests ``wait`` s
+    apart, listening until ``wait`` s after the last): the MAC of the first other machine that answers
+    (or otherwise uses ``target`` as its sender address), or None. Unlike :func:`arp_probe` this is
+    an ordinary request, which routers that proxy ARP answer (they ignore RFC 5227 probes)."""
+    tpa, spa = ipaddress.IPv4Address(target), ipaddress.IPv4Address(sender)
+    return await _probe(nl, ifname, mac, ETH_P_ARP, lambda m: arp_request(m, spa, tpa),
+                        lambda c: c.ip == tpa and c.kind == "arp", probes, wait)
 
 
 async def ipv6_dad(nl: Netlink, ifname: str, mac: str | None, ip: ipaddress.IPv6Address | str, *,

@@ -80,6 +80,11 @@ def arp_probe(mac: str, ip: ipaddress.IPv4Address) -> bytes:
     return _arp(mac_bytes(mac), ARP_REQUEST, bytes(4), bytes(6), _v4(ip).packed)
 
 
+def arp_request(mac: str, sender: ipaddress.IPv4Address, target: ipaddress.IPv4Address) -> bytes:
+    """An ordinary broadcast ARP request "who has ``target``, tell ``sender``" (what arping sends)."""
+    return _arp(mac_bytes(mac), ARP_REQUEST, _v4(sender).packed, bytes(6), _v4(target).packed)
+
+
 def checksum(data: bytes) -> int:
     """The Internet checksum (RFC 1071) of ``data``."""
     if len(data) % 2:

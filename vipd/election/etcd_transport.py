@@ -241,5 +241,24 @@ class EtcdTransport:
             raise EndpointFailed(f"unexpected answer {text[:80]!r}")
         return data
 
+    async def get_json(self, path: str) -> dict[str, Any]:
+        """GET a JSON document that etcd serves outside the v3 gateway (/version, /debug/vars), from the
+        endpoints in turn. EtcdUnavailable when none answers with JSON."""
+
+        async def attempt(ep: str) -> dict[str, Any]:
+            try:
+                resp = await self._client().get(ep + path, headers=self._headers())
+            except httpx.HTTPError as e:
+                raise await self._transport_failure(ep, e) from e
+            try:
+                data = json.loads(resp.text)
+            except ValueError:
+                raise EndpointFailed(f"HTTP {resp.status_code}, not JSON: {resp.text[:80]!r}") from None
+            if resp.status_code != 200 or not isinstance(data, dict):
+                raise EndpointFailed(f"HTTP {resp.status_code}: {resp.text[:80]!r}")
+            return data
+
+        return await self._each_endpoint(attempt)
+
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self._authenticated(lambda ep: self._post(ep, path, body))
