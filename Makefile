@@ -4,29 +4,38 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := etcd-server nftables bird2 frr iproute2 iputils-ping procps tcpdump openssl python3-venv
+APT_PACKAGES := etcd-server nftables bird2 frr iproute2 iputils-ping procps tcpdump openssl python3-venv \
+                clang llvm libbpf-dev libbpf1 linux-libc-dev
 PYTEST_ARGS ?=
 
-.PHONY: test demo deps apt venv unit lab bench clean
+.PHONY: test demo deps apt venv unit lab bench bpf clean
 
-test: deps
+test: deps bpf
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-lab: deps
+lab: deps bpf
 	$(PY) -m pytest tests/lab $(PYTEST_ARGS)
 
-demo: deps
+demo: deps bpf
 	$(PY) -m vipd demo
 
-bench: deps
+bench: deps bpf
 	@for p in keepalived vip-manager; do dpkg -s $$p >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends keepalived vip-manager; systemctl disable --now keepalived vip-manager >/dev/null 2>&1 || true; break; }; done
 	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) bench/failover.py
 
 deps: apt venv
+
+# The DSR director (tc eBPF), compiled here and never committed: build/ is gitignored.
+BPF_CFLAGS := -O2 -g -Wall -target bpf -I/usr/include/$(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
+bpf: build/dsr.o
+
+build/dsr.o: bpf/dsr.c
+	@mkdir -p build
+	clang $(BPF_CFLAGS) -c $< -o $@
 
 # Installs the Debian packages only when one is missing (needs root, as do the lab tests).
 apt:
@@ -47,4 +56,4 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build
