@@ -11,9 +11,11 @@
  * frames, truncated or malformed headers, protocols other than TCP/UDP (ICMP ...), IPv6 extension
  * headers, every fragment (first or not: a non-first fragment carries no ports, so the pieces of one
  * datagram could not be kept together), addresses/ports without a service, frames from a peer
- * (source MAC of a known backend: already directed once, never direct twice), and services whose
- * VIP is not armed or whose deadline has passed (the lease-bound fence: vipd refreshes the deadline
- * with each lease proof; a dead vipd stops directing by itself).
+ * (source MAC of a known backend: already directed once, never direct twice).
+ *
+ * The lease-bound fence: each VIP directs only while armed with a deadline in the future (vipd
+ * refreshes it with each lease proof; a dead vipd stops directing by itself). Unarmed or expired, a
+ * service's frames go up the stack on a host that is one of its backends, and are dropped elsewhere.
  *
  * Table updates are atomic: each service has two table halves; vipd writes the inactive one, then
  * flips `active` with one map update.
@@ -43,10 +45,11 @@ enum reason {
 	R_PASS_FRAGMENT,  /* any fragment */
 	R_PASS_NO_SERVICE,
 	R_PASS_PEER,      /* from a backend's MAC: already directed */
-	R_PASS_NOT_ARMED, /* VIP not armed on this director */
-	R_PASS_EXPIRED,   /* deadline passed: ownership no longer proven */
+	R_PASS_NOT_ARMED, /* VIP not armed here, and this host is one of the service's backends */
+	R_PASS_EXPIRED,   /* deadline passed, and this host is one of the service's backends */
 	R_DROP_NO_BACKEND,
 	R_DROP_NO_IFACE,  /* this interface's MAC unknown */
+	R_DROP_FENCED,    /* not armed or deadline passed, and this host is no backend: never answer with RST */
 	R_MAX,
 };
 
@@ -57,9 +60,12 @@ struct svc_key {
 	__u8 family;   /* 4 or 6 */
 };
 
+#define SVC_SELF_BACKEND 1 /* this host is one of the service's backends */
+
 struct svc_val {
 	__u32 id;     /* 0..MAX_SERVICES-1 */
 	__u32 active; /* table half in use: 0 or 1 */
+	__u32 flags;  /* SVC_* */
 };
 
 struct vip_key {
@@ -263,11 +269,14 @@ int vipd_dsr(struct __sk_buff *skb)
 
 	__builtin_memcpy(vk.addr, sk.addr, 16);
 	vk.family = sk.family;
+	/* Not (or no longer) proven owner: a backend host takes the frame up its stack (a peer may have
+	 * directed it here); any other host drops it, so a stale owner never answers a flow with RST. */
 	__u64 *deadline = bpf_map_lookup_elem(&fence, &vk);
-	if (!deadline)
-		return count(R_PASS_NOT_ARMED, TC_ACT_OK);
-	if (bpf_ktime_get_ns() >= *deadline)
-		return count(R_PASS_EXPIRED, TC_ACT_OK);
+	if (!deadline || bpf_ktime_get_ns() >= *deadline) {
+		if (!(svc->flags & SVC_SELF_BACKEND))
+			return count(R_DROP_FENCED, TC_ACT_SHOT);
+		return count(deadline ? R_PASS_EXPIRED : R_PASS_NOT_ARMED, TC_ACT_OK);
+	}
 
 	__u32 h = murmur3(words, nwords);
 	__u32 slot = ((svc->id % MAX_SERVICES) * 2 + (svc->active & 1)) * TABLE_SIZE + h % TABLE_SIZE;

@@ -21,6 +21,7 @@ from vipd.configlib import NAME_RE as _NAME_RE
 from vipd.configlib import Table
 from vipd.configlib import Table as _Table
 from vipd.configlib import positive as _positive
+from vipd.config_dsr import ServiceSpec, parse_services  # DSR hook (issue 10)
 from vipd.config_routing import BgpConfig, EgressConfig, check_egress, parse_bgp, parse_egress
 from vipd.errors import ConfigError
 from vipd.health.spec import CheckSpec, parse_check
@@ -51,6 +52,7 @@ class VipSpec:
     checks: tuple[CheckSpec, ...] = ()  # failing any releases the VIP (its whole group)
     conflict_check: bool = True  # ARP probe / DAD before the first claim on a NIC
     mode: str = "single"  # single: one owner (elected); anycast: every fit host holds it (routed VIPs)
+    services: tuple[ServiceSpec, ...] = ()  # DSR hook (issue 10): [[vip.service]], see vipd/config_dsr.py
 
     @property
     def unit(self) -> str:
@@ -254,8 +256,10 @@ def _parse_vip(t: _Table) -> VipSpec:
         raise ConfigError(t.key("mode"), f"must be single or anycast, got {mode!r}")
     if mode == "anycast" and interface != "lo":
         raise ConfigError(t.key("mode"), "anycast VIPs live on lo (a BGP speaker announces them): set interface = \"lo\"")
+    services = parse_services(t, ip, interface)  # DSR hook (issue 10)
     t.done()
-    return VipSpec(name, address, interface, count, interval, reply, group, prefer, avoid, checks, conflict, mode)
+    return VipSpec(name, address, interface, count, interval, reply, group, prefer, avoid, checks, conflict, mode,
+                   services)
 
 
 def _names(t: _Table, key: str) -> tuple[str, ...]:

@@ -126,8 +126,21 @@ def test_pass_through_untouched(director: tuple[BpfObject, DirectorMaps], kind: 
     assert counts["directed"] == 0
 
 
-def test_fence_not_armed_and_expired_pass(director: tuple[BpfObject, DirectorMaps]) -> None:
+def test_fence_unarmed_or_expired_drops_on_a_director_that_is_no_backend(director: tuple[BpfObject, DirectorMaps]) -> None:
     obj, maps = director
+    maps.clear_deadline(VIP)
+    assert run(obj, tcp())[0] == TC_ACT_SHOT
+    arm(maps, VIP, -0.001)
+    assert run(obj, tcp())[0] == TC_ACT_SHOT
+    arm(maps, VIP, 60)
+    assert run(obj, tcp())[0] == TC_ACT_REDIRECT
+    counts = maps.reason_counts()
+    assert (counts["drop_fenced"], counts["directed"]) == (2, 1)
+
+
+def test_fence_unarmed_or_expired_passes_on_a_backend_host(director: tuple[BpfObject, DirectorMaps]) -> None:
+    obj, maps = director
+    maps.set_service(VIP, "tcp", 80, BACKENDS, self_backend=True)
     maps.clear_deadline(VIP)
     assert run(obj, tcp()) == (TC_ACT_OK, tcp())
     arm(maps, VIP, -0.001)  # a deadline just passed
@@ -168,7 +181,7 @@ def _slots_seen(obj: BpfObject, maps: DirectorMaps, frames: list[bytes], vip: ip
         n = maglev.TABLE_SIZE
         maps.tables.update_batch(struct.pack(f"={n}I", *range(base, base + n)),
                                  struct.pack(f"={n}I", *(((s >> shift) & 0xFF) for s in range(n))), n)
-        maps.services.update(svc_key(vip, "tcp", 80), struct.pack("=II", sid, 0))
+        maps.services.update(svc_key(vip, "tcp", 80), struct.pack("=III", sid, 0, 0))
         for j, f in enumerate(frames):
             verdict, out = run(obj, f)
             assert verdict == TC_ACT_REDIRECT

@@ -22,7 +22,8 @@ MAX_BACKENDS = 256
 PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 # bpf/dsr.c enum reason, in order
 REASONS = ("directed", "local", "pass_not_ip", "pass_vlan", "pass_truncated", "pass_proto", "pass_fragment",
-           "pass_no_service", "pass_peer", "pass_not_armed", "pass_expired", "drop_no_backend", "drop_no_iface")
+           "pass_no_service", "pass_peer", "pass_not_armed", "pass_expired", "drop_no_backend", "drop_no_iface",
+           "drop_fenced")
 
 
 def mac_bytes(mac: str) -> bytes:
@@ -43,7 +44,7 @@ def vip_key(vip: IPAddress) -> bytes:
 @dataclass(frozen=True)
 class BackendSlot:
     name: str  # node name or static address: what Maglev hashes
-    mac: str
+    mac: str | None  # None: not resolved yet; its slots drop (counted) rather than go elsewhere
     local: bool  # this host itself: delivered up the stack
 
 
@@ -67,6 +68,7 @@ class DirectorMaps:
         self.peers = obj.map("peers")
         self._svc_ids: dict[bytes, int] = {}
         self._active: dict[bytes, int] = {}
+        self._flags: dict[bytes, int] = {}
         self.generation: dict[bytes, int] = {}  # table generation per service key
         self._ids: dict[str, int] = {}  # backend name -> id
         self._slots: dict[str, BackendSlot] = {}
@@ -76,15 +78,21 @@ class DirectorMaps:
 
     # -------------------------------------------------------------- services and tables
 
-    def set_service(self, vip: IPAddress, proto: str, port: int, backends: Sequence[BackendSlot]) -> bool:
+    def set_service(self, vip: IPAddress, proto: str, port: int, backends: Sequence[BackendSlot],
+                    self_backend: bool = False) -> bool:
         """Make the service's table direct to exactly `backends` (by name). Writes the inactive
-        half, then flips: a packet sees the old table or the new one, never a mix. Returns True
-        when the table changed."""
+        half, then flips: a packet sees the old table or the new one, never a mix. `self_backend`:
+        this host is one of the service's backends (unarmed, its frames go up the stack instead of
+        being dropped). Returns True when the table changed."""
         key = svc_key(vip, proto, port)
         for b in backends:
             self._backend(b)
         names = tuple(sorted({b.name for b in backends}))
-        if self._tables.get(key) == names and key in self._svc_ids:
+        flags = int(self_backend)
+        if self._tables.get(key) == names and key in self._svc_ids:  # same members: the same table
+            if self._flags.get(key) != flags:
+                self.services.update(key, struct.pack("=III", self._svc_ids[key], self._active[key], flags))
+                self._flags[key] = flags
             return False
         sid = self._svc_ids.get(key)
         if sid is None:
@@ -99,8 +107,8 @@ class DirectorMaps:
         base = (sid * 2 + half) * maglev.TABLE_SIZE
         keys = struct.pack(f"={maglev.TABLE_SIZE}I", *range(base, base + maglev.TABLE_SIZE))
         self.tables.update_batch(keys, values, maglev.TABLE_SIZE)
-        self.services.update(key, struct.pack("=II", sid, half))  # the flip: one element, atomic
-        self._svc_ids[key], self._active[key] = sid, half
+        self.services.update(key, struct.pack("=III", sid, half, flags))  # the flip: one element, atomic
+        self._svc_ids[key], self._active[key], self._flags[key] = sid, half, flags
         self._tables[key] = names
         self.generation[key] = self.generation.get(key, 0) + 1
         self._gc()
@@ -111,6 +119,7 @@ class DirectorMaps:
         self.services.delete(key)
         self._svc_ids.pop(key, None)
         self._active.pop(key, None)
+        self._flags.pop(key, None)
         self._tables.pop(key, None)
         self._gc()
 
@@ -133,12 +142,20 @@ class DirectorMaps:
                 raise BpfError(f"more than {MAX_BACKENDS} DSR backends")
             bid = free[0]
             self.traffic_reset(bid)
-        self.backends.update(struct.pack("=I", bid), mac_bytes(b.mac) + bytes([int(b.local), 1]))
+        if b.mac is None:
+            self.backends.update(struct.pack("=I", bid), bytes(8))  # valid = 0
+        else:
+            self.backends.update(struct.pack("=I", bid), mac_bytes(b.mac) + bytes([int(b.local), 1]))
         old = self._slots.get(b.name)
-        if old is not None and old.mac != b.mac:
-            self.peers.delete(mac_bytes(old.mac) + b"\0\0")
-        self.peers.update(mac_bytes(b.mac) + b"\0\0", b"\1")
         self._ids[b.name], self._slots[b.name] = bid, b
+        if old is not None and old.mac is not None and old.mac != b.mac:
+            self._unpeer(old.mac)
+        if b.mac is not None:
+            self.peers.update(mac_bytes(b.mac) + b"\0\0", b"\1")
+
+    def _unpeer(self, mac: str) -> None:
+        if not any(s.mac == mac for s in self._slots.values()):
+            self.peers.delete(mac_bytes(mac) + b"\0\0")
 
     def _gc(self) -> None:
         """Forget backends no table refers to (after the flip, so no packet can still pick them)."""
@@ -146,8 +163,8 @@ class DirectorMaps:
         for name in [n for n in self._ids if n not in used]:
             bid, slot = self._ids.pop(name), self._slots.pop(name)
             self.backends.update(struct.pack("=I", bid), bytes(8))
-            if not any(s.mac == slot.mac for s in self._slots.values()):
-                self.peers.delete(mac_bytes(slot.mac) + b"\0\0")
+            if slot.mac is not None:
+                self._unpeer(slot.mac)
 
     def traffic_reset(self, bid: int) -> None:
         self._baseline[bid] = self._raw_traffic(bid)
