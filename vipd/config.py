@@ -21,7 +21,7 @@ from vipd.configlib import NAME_RE as _NAME_RE
 from vipd.configlib import Table
 from vipd.configlib import Table as _Table
 from vipd.configlib import positive as _positive
-from vipd.config_dsr import ServiceSpec, parse_services  # DSR hook (issue 10)
+from vipd.config_dsr import ServiceSpec, check_services_host, parse_services  # DSR hook (issue 10)
 from vipd.config_routing import BgpConfig, EgressConfig, check_egress, parse_bgp, parse_egress
 from vipd.errors import ConfigError
 from vipd.health.spec import CheckSpec, parse_check
@@ -376,3 +376,4 @@ def check_host(cfg: Config, sys_class_net: str = "/sys/class/net") -> None:
         for j, c in enumerate(v.checks):
             check_check_host(c, f"vip[{i}].check[{j}]", sys_class_net)
     check_hooks_host(cfg.hooks)
+    check_services_host(cfg.vips, sys_class_net)  # DSR hook (issue 10)

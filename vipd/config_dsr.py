@@ -121,3 +121,13 @@ def _parse_backend(t: Table, vip_ip: IPAddress) -> BackendSpec:
         raise ConfigError(t.key("address"), f"{address} cannot be a backend address")
     t.done()
     return BackendSpec(address, node)
+
+
+def check_services_host(vips: Any, sys_class_net: str = "/sys/class/net") -> None:
+    """Read-only: every director interface a service names exists here."""
+    import os
+
+    for i, v in enumerate(vips):
+        for j, s in enumerate(v.services):
+            if s.interface is not None and not os.path.exists(os.path.join(sys_class_net, s.interface)):
+                raise ConfigError(f"vip[{i}].service[{j}].interface", f"no interface {s.interface!r} on this host")

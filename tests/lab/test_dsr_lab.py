@@ -20,7 +20,7 @@ from vipd.lab import netns
 from vipd.lab.dsr import PORT, Capture, Node, app_argv, config_toml, peers_seen, start_servers
 from vipd.lab.topology import Host, Lab
 
-pytestmark = pytest.mark.needs_tools("clang", "tcpdump")
+pytestmark = pytest.mark.needs_tools("clang", "tcpdump", "arping")
 
 
 @pytest.fixture
@@ -194,3 +194,104 @@ def _directed_via(lab: Lab, client: Host, director: Host, vip: ipaddress.IPv4Int
     netns.send_frames(client.ns, client.ifname, frame, 3, 0.05)
     time.sleep(0.3)  # let the frames cross the bridge before the captures stop (not an assertion on time)
     return any(c.stop() for c in caps)
+
+
+@pytest.mark.needs_tools("bird", "birdc")
+def test_anycast_dsr_behind_ecmp_survives_the_loss_of_a_director(lab: Lab, tmp_path: Path) -> None:
+    """Every host directs and serves; BIRD announces the VIP from each to the router, which spreads
+    flows with ECMP (L4 hash). A stream whose router-chosen director is not its backend survives that
+    director's death: the router re-hashes the flow to another director, which computes the same
+    backend from the same table."""
+    from vipd.lab.bgp import BgpLab, kernel_nexthops
+
+    bgp = BgpLab(lab, tmp_path / "bird")
+    lab.add_cleanup(bgp.stop)
+    router, client = bgp.router, lab.client
+    vip = ipaddress.ip_interface("198.18.0.30/32")
+    for h in lab.hosts:  # the host's fixed BGP source on lo (vipd keeps it there); the backend role's
+        src = bgp.sources[h.name]  # arp_ignore=1 hides it from ARP, so the router is given its neighbours
+        lab.ip(h, "addr", "add", f"{src}/32", "dev", "lo")
+        lab.ip(router, "neigh", "replace", src, "lladdr", h.mac, "dev", router.ifname, "nud", "permanent")
+    lab.ip(client, "route", "add", "198.18.0.0/24", "via", str(router.ip.ip))
+    nodes = {h.name: Node(lab, h, tmp_path, config_toml(h.name, str(vip), "lo", lab.hosts, mode="anycast",
+                                                       service_interface=lab.nic)) for h in lab.hosts}
+    for n in nodes.values():
+        assert n.ready["unavailable"] is None and n.ready["refused"] is None, n.ready
+        n.cmd("hosts h1,h2,h3")
+        n.cmd("own 30")  # anycast: every fit host holds the VIP on lo and directs
+    start_servers(lab, lab.hosts, tmp_path)
+    bgp.start()
+    wait_for("the router's multipath route over all three", lambda: len(kernel_nexthops(lab, router, str(vip))) == 3)
+
+    res = fan(lab, client, str(vip.ip), 90)  # 30 each expected, sd 4.5: accept 12..50 (4 sd)
+    assert res["errors"] == 0 and set(res["backends"]) == {"h1", "h2", "h3"}, res
+    assert all(12 <= c <= 50 for c in res["backends"].values()), res
+
+    def director_of(sport: int) -> str:
+        out = lab.ip(router, "route", "get", str(vip.ip), "from", str(client.ip.ip), "iif", router.ifname,
+                     "ipproto", "tcp", "sport", str(sport), "dport", str(PORT)).stdout
+        m = re.search(r" via (\S+)", out)
+        assert m, out
+        return bgp.host_of(m[1])
+
+    names = ["h1", "h2", "h3"]
+    table = maglev.build(names)
+
+    def backend_of(sport: int) -> str | None:
+        return maglev.lookup(table, names, maglev.flow_hash(client.ip.ip, vip.ip, sport, PORT, 6))
+
+    sport = next(p for p in range(41000, 42000) if director_of(p) != backend_of(p))
+    doomed, backend = director_of(sport), backend_of(sport)
+    stream = Stream(lab, client, str(vip.ip), tmp_path, sport=sport)
+    assert stream.backend() == backend  # the Python reference predicted the program's choice
+    stream.advances()
+    st = nodes[doomed].cmd("status")["services"][0]
+    assert {b["backend"]: b["packets"] for b in st["backends"]}[backend] > 0  # the router did send it via `doomed`
+
+    # the director dies: vipd SIGKILLed, its BGP session gone; the router re-hashes its flows
+    nodes[doomed].kill()
+    bgp.speakers[doomed].stop()
+    survivors = [h for h in names if h != doomed]
+    for h in survivors:
+        nodes[h].cmd(f"hosts {','.join(survivors)}")  # its etcd presence ends with it
+    wait_for("the router to drop the dead director", lambda: len(kernel_nexthops(lab, router, str(vip))) == 2)
+    assert director_of(sport) != doomed
+    stream.advances()
+    done = stream.stop()
+    assert done["error"] is None and done["backend"] == backend, done
+
+
+def test_backend_role_refuses_when_it_would_answer_arp_and_restores_sysctls(lab: Lab, tmp_path: Path) -> None:
+    h = lab.hosts[2]
+    vip = lab.vip4(5)
+    toml = config_toml(h.name, str(vip), lab.nic, [h])
+
+    def sysctl(key: str) -> str:
+        return lab.run(h, ["sysctl", "-n", key]).stdout.strip()
+
+    def on_lo() -> bool:
+        return f"{vip.ip}/32" in lab.ip(h, "-4", "addr", "show", "dev", "lo").stdout
+
+    lab.ip(h, "addr", "add", str(vip), "dev", lab.nic)  # someone put the VIP on the NIC: ARP answers it
+    n = Node(lab, h, tmp_path / "a", toml)
+    assert n.ready["refused"] and f"{vip.ip} is on {lab.nic}" in n.ready["refused"], n.ready
+    assert (sysctl("net.ipv4.conf.all.arp_ignore"), on_lo()) == ("0", False)  # nothing left changed
+    n.stop()
+    lab.ip(h, "addr", "del", str(vip), "dev", lab.nic)
+
+    lab.run(h, ["sysctl", "-qw", f"net.ipv4.conf.{lab.nic}.arp_ignore=5"])  # reserved: the kernel answers
+    n = Node(lab, h, tmp_path / "b", toml)
+    assert n.ready["refused"] and f"net.ipv4.conf.{lab.nic}.arp_ignore is 5" in n.ready["refused"], n.ready
+    n.stop()
+    lab.run(h, ["sysctl", "-qw", f"net.ipv4.conf.{lab.nic}.arp_ignore=0", "net.ipv4.conf.all.arp_announce=1"])
+
+    n = Node(lab, h, tmp_path / "c", toml)
+    assert n.ready["refused"] is None
+    assert (sysctl("net.ipv4.conf.all.arp_ignore"), sysctl("net.ipv4.conf.all.arp_announce"), on_lo()) == ("1", "2", True)
+
+    def arp_replies(ip: object) -> int:
+        return lab.run(lab.client, ["arping", "-c", "2", "-w", "2", "-I", lab.nic, str(ip)], check=False).stdout.count("reply from")
+
+    assert arp_replies(h.ip.ip) > 0 and arp_replies(vip.ip) == 0  # its own address answers, the VIP does not
+    n.stop()
+    assert (sysctl("net.ipv4.conf.all.arp_ignore"), sysctl("net.ipv4.conf.all.arp_announce"), on_lo()) == ("0", "1", False)

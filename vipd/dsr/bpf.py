@@ -250,3 +250,16 @@ def find_object() -> Path:
             return OBJECT
         raise BpfError(f"neither {OBJECT} nor its source {SOURCE} is installed")
     return compile_object()
+
+
+def unavailable() -> str | None:
+    """Why this host cannot run the DSR director (None: libbpf loads and the object is there or
+    buildable). Read-only apart from building build/dsr.o; the kernel's own verdict comes at load."""
+    try:
+        libbpf()
+        find_object()
+    except BpfError as e:
+        return str(e)
+    if not os.path.exists("/sys/fs/bpf") and not os.path.exists("/proc/sys/kernel/unprivileged_bpf_disabled"):
+        return "this kernel has no BPF support (no /proc/sys/kernel/unprivileged_bpf_disabled)"
+    return None
