@@ -290,7 +290,7 @@ def test_backend_role_refuses_when_it_would_answer_arp_and_restores_sysctls(lab:
     assert (sysctl("net.ipv4.conf.all.arp_ignore"), sysctl("net.ipv4.conf.all.arp_announce"), on_lo()) == ("1", "2", True)
 
     def arp_replies(ip: object) -> int:
-        return lab.run(lab.client, ["arping", "-c", "2", "-w", "2", "-I", lab.nic, str(ip)], check=False).stdout.count("reply from")
+        return lab.run(lab.client, ["arping", "-c", "2", "-w", "2", "-i", lab.nic, str(ip)], check=False).stdout.count("bytes from")
 
     assert arp_replies(h.ip.ip) > 0 and arp_replies(vip.ip) == 0  # its own address answers, the VIP does not
     n.stop()
