@@ -115,6 +115,17 @@ def test_l2_dsr_spreads_preserves_the_client_and_survives_move_and_sigkill(lab5:
     assert st["reasons"]["directed"] >= 200 * 3  # SYN, ACK, data, FIN ... of 200 connections
     traffic = {b["backend"]: b["packets"] for b in st["services"][0]["backends"]}
     assert all(traffic[b.name] > 0 for b in backends), traffic
+    text = h1.cmd("metrics")["text"]
+    for b in backends:
+        m = re.search(rf'vipd_dsr_backend_packets_total{{backend="{b.name}",service="tcp/{PORT}",vip="web"}} (\S+)', text)
+        assert m and float(m[1]) == traffic[b.name], text
+    assert f'vipd_dsr_program_attached{{interface="{lab.nic}"}} 1.0' in text
+    assert re.search(r'vipd_dsr_frames_total{reason="directed",verdict="directed"} (\d+)', text)
+    m = re.search(rf'vipd_dsr_table_generation{{service="tcp/{PORT}",vip="web"}} (\S+)', text)
+    assert m and float(m[1]) == st["services"][0]["generation"] >= 1, text
+    # someone deletes vipd's filter: the next reconcile puts it back
+    lab.run(directors[0], ["tc", "filter", "del", "dev", lab.nic, "ingress"])
+    wait_for("the filter to come back", lambda: "vipd_dsr" in lab.run(directors[0], ["tc", "filter", "show", "dev", lab.nic, "ingress"]).stdout)
 
     # tcpdump: replies leave the backend straight to the client (backend MAC -> client MAC), VIP as source;
     # the director sees the client's packets only

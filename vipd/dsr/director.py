@@ -109,6 +109,11 @@ class Director:
                 raise BpfError(f"cannot attach the DSR director to {ifname}: {netlink_error_text(e)}") from None
             log.info("dsr_attached", interface=ifname)
 
+    async def reattach(self, ifname: str) -> None:
+        assert self.obj is not None
+        fd = self.obj.program_fd(PROG)
+        self.indexes[ifname] = await self.nl.call(lambda ipr: _attach(ipr, ifname, fd))
+
     async def attached(self) -> dict[str, bool]:
         out = {}
         for name, index in self.indexes.items():

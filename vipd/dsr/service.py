@@ -73,6 +73,7 @@ class DsrService:
         self.backend_role = BackendRole(nl, [v for v in self.vips
                                              if any(b.node == node for s in v.services for b in s.backends)])
         self.unavailable: str | None = None  # why DSR directing is off on this host
+        self.attached: dict[str, bool] = {}  # interface -> vipd's filter is there (checked at each reconcile)
         self.backend_refused: str | None = None
         self.hosts: dict[str, HostInfo] = {}
         self.states: dict[tuple[str, str], list[BackendState]] = {
@@ -123,6 +124,12 @@ class DsrService:
     async def reconcile(self) -> None:
         """Health, MACs, then every service's table (a no-op when its backend set is unchanged)."""
         self._retry_soon = False
+        if self.directing:
+            self.attached = await self.director.attached()
+            for name, ok in self.attached.items():
+                if not ok:  # someone removed it (tc filter del, qdisc del): put it back
+                    log.warning("dsr_reattach", interface=name)
+                    await self.director.reattach(name)
         for v in self.vips:
             for s in v.services:
                 states = self.states[(v.name, s.label)]

@@ -11,6 +11,7 @@ Commands (one per line; each answered by one JSON line on stdout):
                           stops the refresh: address and directing then end by themselves.
     release               stop refreshing, disarm, remove the addresses
     status                the service status, reason counters and fence state
+    metrics               the Prometheus text of vipd.dsr.metrics
 First line written: {"ready": true, "unavailable": ..., "refused": ...}.
 """
 
@@ -28,6 +29,9 @@ from vipd import config
 from vipd.dataplane.address import AddressManager
 from vipd.dataplane.announce import Announcer
 from vipd.dataplane.netlink import Netlink
+from prometheus_client import CollectorRegistry, generate_latest
+
+from vipd.dsr.metrics import register
 from vipd.dsr.service import DsrService
 from vipd.election.hosts import HostInfo
 
@@ -60,6 +64,8 @@ async def main(path: str) -> None:
     async with Netlink() as nl:
         svc = DsrService(cfg.node, cfg.vips, nl, resolve_interval=0.5)
         addrs, announcer = AddressManager(nl), Announcer(nl)
+        registry = CollectorRegistry()
+        register(registry, svc)
         async with trio.open_nursery() as nursery:
             await nursery.start(svc.run)
             say({"ready": True, "unavailable": svc.unavailable, "refused": svc.backend_refused})
@@ -97,6 +103,8 @@ async def main(path: str) -> None:
                         say({"services": svc.status(), "reasons": maps.reason_counts() if maps else {},
                              "covered": svc.fence.covers(svc.vips),
                              "attached": await svc.director.attached()})
+                    elif cmd == "metrics":
+                        say({"text": generate_latest(registry).decode()})
                     else:
                         say({"error": f"unknown command {cmd!r}"})
             nursery.cancel_scope.cancel()
