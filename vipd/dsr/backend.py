@@ -96,11 +96,11 @@ class BackendRole:
                     log.info("dsr_backend_sysctl", key=f"net.ipv4.conf.all.{name}", old=old, new=value)
         try:
             for v in self.vips:
-                reason = await self.nl.call(lambda ipr, v=v: arp_exposure(ipr, v))
+                reason = await self.nl.call(lambda ipr: arp_exposure(ipr, v))
                 if reason:
                     raise BackendRefused(f"refusing to be a DSR backend for {v.name}: {reason}")
                 if v.mode != "anycast":
-                    await self.nl.call(lambda ipr, v=v: _add_lo(ipr, v))
+                    await self.nl.call(lambda ipr: _add_lo(ipr, v))
                     self._added.append(v)
         except BaseException:
             await self.stop()
@@ -108,7 +108,7 @@ class BackendRole:
 
     async def stop(self) -> None:
         for v in self._added:
-            await self.nl.call(lambda ipr, v=v: _del_lo(ipr, v.ip))
+            await self.nl.call(lambda ipr: _del_lo(ipr, v.ip))
         self._added = []
         for name, old in self._saved.items():
             write_sysctl("all", name, old)

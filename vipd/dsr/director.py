@@ -104,7 +104,7 @@ class Director:
             self.maps.set_iface(link.index, link.mac)
             self.macs[ifname] = link.mac
             try:
-                self.indexes[ifname] = await self.nl.call(lambda ipr, n=ifname: _attach(ipr, n, fd))
+                self.indexes[ifname] = await self.nl.call(lambda ipr: _attach(ipr, ifname, fd))
             except NetlinkError as e:
                 raise BpfError(f"cannot attach the DSR director to {ifname}: {netlink_error_text(e)}") from None
             log.info("dsr_attached", interface=ifname)
@@ -117,14 +117,14 @@ class Director:
     async def attached(self) -> dict[str, bool]:
         out = {}
         for name, index in self.indexes.items():
-            out[name] = await self.nl.call(lambda ipr, i=index: _attached(ipr, i))
+            out[name] = await self.nl.call(lambda ipr: _attached(ipr, index))
         return out
 
     async def stop(self) -> None:
         """Detach (only vipd's filter) and close the object: nothing of DSR stays in the kernel."""
         for name, index in list(self.indexes.items()):
             try:
-                await self.nl.call(lambda ipr, i=index: _detach_index(ipr, i))
+                await self.nl.call(lambda ipr: _detach_index(ipr, index))
             except NetlinkError as e:
                 log.warning("dsr_detach_failed", interface=name, error=netlink_error_text(e))
             self.indexes.pop(name, None)
