@@ -6,7 +6,8 @@
     fan IP PORT N          N connections one after the other; prints {"backends": {name: count}}
     stream IP PORT [SPORT] one long download; every 0.1 s prints {"bytes": .., "backend": ..}; on SIGTERM
                            or a broken connection prints {"done": .., "error": .., "max_gap": ..} and exits
-    get IP PORT BYTES N    N sequential downloads of BYTES each; prints {"seconds": .., "bytes": ..}
+    get IP[,IP..] PORT BYTES N  N sequential downloads of BYTES each (from the addresses in turn);
+                           prints {"seconds": .., "bytes": ..}
 """
 
 from __future__ import annotations
@@ -131,10 +132,11 @@ def stream(ip: str, port: int, sport: int = 0) -> None:
     say({"done": total, "backend": backend, "error": error, "max_gap": round(max_gap, 3)})
 
 
-def get(ip: str, port: int, size: int, n: int) -> None:
+def get(ips: str, port: int, size: int, n: int) -> None:
     t0, got = time.monotonic(), 0
-    for _ in range(n):
-        with _connect(ip, port, timeout=30) as s:
+    targets = ips.split(",")
+    for i in range(n):
+        with _connect(targets[i % len(targets)], port, timeout=30) as s:
             _name(s)
             s.sendall(f"get {size}\n".encode())
             while True:
