@@ -9,6 +9,7 @@ import ipaddress
 import json
 import re
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -306,3 +307,29 @@ def test_backend_role_refuses_when_it_would_answer_arp_and_restores_sysctls(lab:
     assert arp_replies(h.ip.ip) > 0 and arp_replies(vip.ip) == 0  # its own address answers, the VIP does not
     n.stop()
     assert (sysctl("net.ipv4.conf.all.arp_ignore"), sysctl("net.ipv4.conf.all.arp_announce"), on_lo()) == ("0", "1", False)
+
+
+def test_without_the_program_dsr_is_unavailable_with_the_reason_and_the_rest_runs(lab: Lab, tmp_path: Path) -> None:
+    """No object to load (as on a host without clang): the director is off and says why; the backend
+    role and everything else still run."""
+    h = lab.hosts[0]
+    vip = lab.vip4(6)
+    missing = {"VIPD_DSR_OBJECT": str(tmp_path / "no-such-dsr.o")}
+    n = Node(lab, h, tmp_path, config_toml(h.name, str(vip), lab.nic, [h]), env=missing)
+    assert n.ready["unavailable"] and "no-such-dsr.o does not exist" in n.ready["unavailable"], n.ready
+    assert n.ready["refused"] is None
+    assert f"{vip.ip}/32" in lab.ip(h, "-4", "addr", "show", "dev", "lo").stdout  # the backend role runs
+    n.cmd("own 5")  # ownership (address, announcements) is unaffected
+    assert vip.ip in [a.ip for a in lab.addresses(h) if a.ifindex != 1]
+    text = n.cmd("metrics")["text"]
+    assert "vipd_dsr_available 0.0" in text
+    assert "vipd_dsr_program_attached" not in text.replace("# HELP vipd_dsr_program_attached", "").replace(
+        "# TYPE vipd_dsr_program_attached", "")
+    assert "vipd_dsr" not in lab.run(h, ["tc", "filter", "show", "dev", lab.nic, "ingress"]).stdout
+    n.stop()
+    check = lab.run(h, ["env", f"VIPD_DSR_OBJECT={missing['VIPD_DSR_OBJECT']}", sys.executable, "-m", "vipd", "check",
+                        "-c", str(n.config)], check=False)
+    assert check.returncode == 0, check.stderr  # the config is fine: DSR's absence is not an error
+    assert "DSR unavailable here: VIPD_DSR_OBJECT=" in check.stdout and "every other feature runs" in check.stdout
+    check = lab.run(h, [sys.executable, "-m", "vipd", "check", "-c", str(n.config)], check=False)
+    assert "DSR: ready" in check.stdout, check.stdout

@@ -33,7 +33,7 @@ def config_toml(node: str, vip: str, interface: str, backends: Sequence[Host], *
 class Node:
     """One host's vipd.lab.dsr_node process."""
 
-    def __init__(self, lab: Lab, host: Host, workdir: Path, toml: str) -> None:
+    def __init__(self, lab: Lab, host: Host, workdir: Path, toml: str, env: dict[str, str] | None = None) -> None:
         self.lab, self.host = lab, host
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / f"{host.name}.toml"
@@ -41,7 +41,7 @@ class Node:
         self.log = open(workdir / f"{host.name}.log", "ab")
         self.proc = subprocess.Popen(netns.exec_argv(host.ns, [sys.executable, "-m", "vipd.lab.dsr_node", str(self.config)]),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         lab.add_cleanup(self.stop)
         self.ready = self._read(30.0)
 
