@@ -5,12 +5,13 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := etcd-server nftables bird2 frr iproute2 iputils-ping procps tcpdump openssl python3-venv strace systemd \
-	debhelper dh-virtualenv dpkg-dev build-essential lintian prometheus
+	debhelper dh-virtualenv dpkg-dev build-essential lintian prometheus \
+	clang llvm libbpf-dev libbpf1 linux-libc-dev
 PYTEST_ARGS ?=
 
-.PHONY: test demo deps apt venv unit lab bench clean typecheck deb
+.PHONY: test demo deps apt venv unit lab bench clean typecheck deb bpf
 
-test: deps typecheck
+test: deps bpf typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 typecheck: venv
@@ -19,18 +20,26 @@ typecheck: venv
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-lab: deps
+lab: deps bpf
 	$(PY) -m pytest tests/lab $(PYTEST_ARGS)
 
-demo: deps
+demo: deps bpf
 	$(PY) -m vipd demo
 
-bench: deps
+bench: deps bpf
 	@for p in keepalived vip-manager; do dpkg -s $$p >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends keepalived vip-manager; systemctl disable --now keepalived vip-manager >/dev/null 2>&1 || true; break; }; done
 	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) bench/failover.py
 
 deps: apt venv
+
+# The DSR director (tc eBPF), compiled here and never committed: build/ is gitignored.
+BPF_CFLAGS := -O2 -g -Wall -target bpf -I/usr/include/$(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
+bpf: build/dsr.o
+
+build/dsr.o: bpf/dsr.c
+	@mkdir -p build
+	clang $(BPF_CFLAGS) -c $< -o $@
 
 # Installs the Debian packages only when one is missing (needs root, as do the lab tests).
 apt:
@@ -55,4 +64,4 @@ deb: apt
 	packaging/build-deb.sh build/deb
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build

@@ -39,6 +39,11 @@ def _load(args: argparse.Namespace) -> config.Config:
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = config.load(args.config) if args.no_host else _load(args)
     print(f"{args.config}: ok (node {cfg.node}, {len(cfg.vips)} VIPs, etcd {', '.join(cfg.etcd.endpoints)})")
+    if any(v.services for v in cfg.vips):
+        from vipd.dsr.bpf import unavailable
+
+        why = unavailable()
+        print("DSR: ready" if why is None else f"DSR unavailable here: {why} (every other feature runs)")
     return 0
 
 

@@ -23,6 +23,7 @@ from vipd.configlib import absolute_path, check_unicast, host_port, http_url
 from vipd.configlib import positive as _positive
 from vipd.config_rules import check_rules
 from vipd.config_peers import PeersConfig, parse_peers  # [peers] (fast takeover)
+from vipd.config_dsr import ServiceSpec, check_services_host, parse_services  # DSR hook (issue 10)
 from vipd.config_routing import BgpConfig, EgressConfig, check_egress, parse_bgp, parse_egress
 from vipd.errors import ConfigError
 from vipd.health.spec import CheckSpec, parse_check
@@ -218,8 +219,10 @@ def _parse_vip(t: _Table) -> VipSpec:
         raise ConfigError(t.key("mode"), f"must be single or anycast, got {mode!r}")
     if mode == "anycast" and interface != "lo":
         raise ConfigError(t.key("mode"), "anycast VIPs live on lo (a BGP speaker announces them): set interface = \"lo\"")
+    services = parse_services(t, ip, interface)  # DSR hook (issue 10)
     t.done()
-    return VipSpec(name, address, interface, count, interval, reply, group, prefer, avoid, checks, conflict, mode)
+    return VipSpec(name, address, interface, count, interval, reply, group, prefer, avoid, checks, conflict, mode,
+                   services)
 
 
 def _names(t: _Table, key: str) -> tuple[str, ...]:

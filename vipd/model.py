@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
+    from vipd.config_dsr import ServiceSpec
     from vipd.health.spec import CheckSpec
 
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
@@ -29,6 +30,7 @@ class VipSpec:
     checks: tuple["CheckSpec", ...] = ()  # failing any releases the VIP (its whole group)
     conflict_check: bool = True  # ARP probe / DAD before the first claim on a NIC
     mode: str = "single"  # single: one owner (elected); anycast: every fit host holds it (routed VIPs)
+    services: tuple["ServiceSpec", ...] = ()  # DSR: [[vip.service]], see vipd/config_dsr.py
 
     @property
     def unit(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from vipd.config import Config
+from vipd.dsr import status as dsr_status
 from vipd.election.etcd import EtcdClient
 from vipd.election.hosts import HostInfo, rankings
 from vipd.election.owners import OwnerKeys
@@ -46,7 +47,7 @@ async def collect(cfg: Config) -> dict[str, Any]:
         egress = [{"rule": e.name, "vip": e.vip, "active_on": (owners.get(unit_of[e.vip]) or OwnerRecord(None)).node}
                   for e in cfg.egress]
         return {"endpoint": client.endpoint, "revision": revision, "hosts": host_rows, "vips": vips,
-                "egress": egress}
+                "egress": egress, "dsr": dsr_status.rows(cfg.vips, hosts)}
 
 
 def render(status: dict[str, Any]) -> str:
@@ -71,4 +72,5 @@ def render(status: dict[str, Any]) -> str:
         lines += ["", f"{'EGRESS RULE':<16} {'VIP':<16} ACTIVE ON"]
         lines += [f"{e['rule']:<16} {e['vip']:<16} {e['active_on'] or '- (nobody owns the VIP)'}"
                   for e in status["egress"]]
+    lines += dsr_status.render(status.get("dsr", []))
     return "\n".join(lines)

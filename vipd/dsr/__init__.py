@@ -1,0 +1,1 @@
+"""Direct server return: a tc eBPF director with a Maglev table (see README, "Direct server return")."""
