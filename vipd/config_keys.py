@@ -79,6 +79,7 @@ KEYS: tuple[Key, ...] = (
     Key("vip[].announce_reply", "false", "also send the ARP reply form", True),
     Key("vip[].conflict_check", "true", "ARP probe / DAD before the first claim on a NIC", False),
     Key("vip[].check", "[]", "VIP checks ([[vip.check]]); failing any releases the VIP (its whole group)", None),
+    Key("vip[].service", "[]", "DSR services ([[vip.service]]: protocol, port, backends) directed by the owner", None),
     Key("check[].type", "-", "tcp, http, command or carrier", None),
     Key("check[].name", "-", "a label for logs and status", None),
     Key("check[].interval", "2.0", "seconds between runs", None),

@@ -54,6 +54,7 @@ def test_every_parsed_field_is_documented(section: str, cls: type) -> None:
 
 def test_vip_fields_are_documented() -> None:
     documented = {k.key.split(".", 1)[1] for k in KEYS if k.key.startswith("vip[].")}
-    fields = {"check" if f.name == "checks" else f.name for f in dataclasses.fields(config.VipSpec)}
+    fields = {"check" if f.name == "checks" else "service" if f.name == "services" else f.name
+              for f in dataclasses.fields(config.VipSpec)}
     assert fields - documented == set()
     assert ".SH [[vip]]" in man5()
