@@ -28,7 +28,9 @@ from vipd.lab.topology import Host, Lab
 def write_config(path: Path, host: Host, endpoint: str, vips: list[dict[str, Any]], lease_ttl: int = 3) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_toml({"node": host.name, "state_dir": str(path.parent / "run")},
-                                {"etcd": {"endpoints": [endpoint], "prefix": "/vipd/doctor/", "lease_ttl": lease_ttl},
+                                {"etcd": {"endpoints": [endpoint], "prefix": "/vipd/doctor/", "lease_ttl": lease_ttl,
+                                          "request_timeout": 0.5},  # the timing the figures below assume
+                                 "timing": {"keepalives_per_ttl": 6},
                                  "metrics": {"listen": ""}}, vips))
     return path
 
