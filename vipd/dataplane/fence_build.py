@@ -34,8 +34,10 @@ import struct
 from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
 from pyroute2.netlink.nfnetlink import nftsocket as nfts
+
+from vipd.dataplane.nft_build import Op, encode_batch  # one batch encoder and op type for both tables
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -60,13 +62,6 @@ _BASE_NETWORK, _BASE_TRANSPORT = 1, 2
 _BATCH_BEGIN, _BATCH_END = 0x10, 0x11
 _ETH_P = {"ip": 0x0800, "arp": 0x0806, "ip6": 0x86DD}
 _ICMPV6, _ND_NS, _ND_NA = 58, 135, 136
-
-
-class Op(NamedTuple):
-    """One message of a setup batch: its nf_tables type, attributes and extra netlink flags."""
-    msg_type: int
-    attrs: tuple[tuple[str, Any], ...]
-    flags: int = 0
 
 
 def chain_names(dev: str) -> tuple[str, str]:
@@ -185,25 +180,8 @@ def setup_ops(managed: Iterable[tuple[IPAddress, str]], stale_devs: Iterable[str
 
 
 def encode_setup(ops: Sequence[Op]) -> list[Any]:
-    """pyroute2 messages (for ``nlm_request_batch``): batch begin, every op (each asks for an
-    ack), batch end."""
-
-    def marker(t: int) -> nfgen_msg:
-        m = nfgen_msg()
-        m["res_id"] = NFNL_SUBSYS_NFTABLES
-        m["header"]["type"] = t
-        m["header"]["flags"] = NLM_F_REQUEST
-        return m
-
-    msgs = [marker(_BATCH_BEGIN)]
-    for op in ops:
-        m = nfts.AsyncNFTSocket.policy[op.msg_type]()
-        m["attrs"] = [list(a) for a in op.attrs]
-        m["nfgen_family"] = NFPROTO_NETDEV
-        m["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | op.msg_type
-        m["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | op.flags
-        msgs.append(m)
-    return msgs + [marker(_BATCH_END)]
+    """pyroute2 messages (for ``nlm_request_batch``): one begin ... end batch of the fence table."""
+    return encode_batch(ops, NFPROTO_NETDEV)
 
 
 def rules_per_chain() -> int:

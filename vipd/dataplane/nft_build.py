@@ -275,8 +275,9 @@ def base_ops(rules: Sequence[EgressRule], bgp: Optional[BgpSnat],
     return ops + rule_ops
 
 
-def encode_batch(ops: Sequence[Op]) -> list[Any]:
-    """pyroute2 messages: batch begin, every op (each asks for an ack), batch end."""
+def encode_batch(ops: Sequence[Op], family: int = NFPROTO_INET) -> list[Any]:
+    """pyroute2 messages: batch begin, every op (each asks for an ack), batch end. Shared by vipd's
+    inet table (nft.py) and its netdev fence table (fence_nft.py, family NFPROTO_NETDEV)."""
 
     def marker(t: int) -> nfgen_msg:
         m = nfgen_msg()
@@ -289,7 +290,7 @@ def encode_batch(ops: Sequence[Op]) -> list[Any]:
     for op in ops:
         m = nfts.AsyncNFTSocket.policy[op.msg_type]()
         m["attrs"] = [list(a) for a in op.attrs]
-        m["nfgen_family"] = NFPROTO_INET
+        m["nfgen_family"] = family
         m["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | op.msg_type
         m["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | op.flags
         msgs.append(m)
