@@ -59,8 +59,11 @@ async def finish(cfg: Config) -> None:
     from vipd.election.lease import forget_recorded_lease, read_recorded_lease
     from vipd.errors import EtcdError
 
-    async with Netlink() as nl, NftManager(nl) as nft:  # its sets expire anyway; drop the table now,
-        await nft.remove_all()                           # whatever the config says today
+    from vipd.dataplane.fence_nft import NftFence
+
+    async with Netlink() as nl, NftManager(nl) as nft, NftFence(nl) as fence:  # their sets expire anyway;
+        await nft.remove_all()                                                # drop the tables now, whatever
+        await fence.remove_all()                                              # the config says today
     path = lease_record_path(cfg)
     lease = read_recorded_lease(path)
     if lease is None:

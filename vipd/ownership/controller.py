@@ -20,7 +20,7 @@ from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Ann
                         CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, ClaimDeferred, DeleteOwnerKey,
                         Event, HoldOff, KeyReleased, OwnerRecord, PreemptGranted, ProbeConflicts, ProbeDone, Reconcile,
                         ReleaseFailed, RemoveAddress, RemoveFailed, RenewLease, RequestPreempt, ReturnPreemptToken,
-                        Start, State, StopAnnouncing, Tick, Unit, VipSpec)
+                        Start, State, StopAnnouncing, TakeOver, Tick, Unit, VipSpec)
 from vipd.ownership import fsm
 from vipd.ownership.state import Params, VipState, wakeup
 
@@ -37,6 +37,12 @@ class AnnouncePort(Protocol):
 class KeysPort(Protocol):
     async def campaign(self, vip: str, lease: int) -> tuple[bool, OwnerRecord]: ...
     async def release(self, vip: str, epoch: int, lease: int = 0) -> bool: ...
+
+
+class TakeoverPort(Protocol):
+    async def take_over(self, unit: str, record: OwnerRecord, lease: int) -> tuple[bool, OwnerRecord]:
+        """Replace the suspect owner's record, only if the owner is still suspect at the moment of
+        sending (vipd/succession.py): (won, the key's record now)."""
 
 
 class ConflictPort(Protocol):
@@ -81,7 +87,8 @@ class Controller:
                  hooks: HooksPort | None = None, preempt_gate: GatePort | None = None,
                  lease: LeasePort | None = None, healthy: bool = True,
                  ownership: Callable[[Sequence[VipSpec], bool], None] | None = None,
-                 holdoff: Callable[[str, bool], None] | None = None) -> None:
+                 holdoff: Callable[[str, bool], None] | None = None,
+                 takeover: TakeoverPort | None = None) -> None:
         self.name = unit.name
         self.vips = unit.vips
         self.params = params
@@ -97,6 +104,7 @@ class Controller:
         self._lease = lease or _NoLease()
         self._ownership = ownership  # told when we start/stop owning (duplicate-responder watch)
         self._holdoff = holdoff  # publishes this host's release hold-off for the unit (presence)
+        self._takeover = takeover
         self.state = VipState(healthy=healthy)
         self._send, self._recv = trio.open_memory_channel[Event](math.inf)
         self._announcing = trio.CancelScope()
@@ -187,6 +195,8 @@ class Controller:
             self._announcing.cancel()
         elif isinstance(action, Campaign):
             self._spawn(self._campaign, action.lease)
+        elif isinstance(action, TakeOver):
+            self._spawn(self._take_over, action.record, action.lease)
         elif isinstance(action, DeleteOwnerKey):
             self._spawn(self._delete_key, action.epoch, action.lease)
         elif isinstance(action, HoldOff):
@@ -307,6 +317,19 @@ class Controller:
             self.post(CampaignFailed(str(e)))
             return
         self.post(CampaignWon(record) if won else CampaignLost(record))
+
+    async def _take_over(self, record: OwnerRecord, lease: int) -> None:
+        if self._takeover is None:
+            self.post(CampaignLost(record))
+            return
+        try:
+            won, now = await self._takeover.take_over(self.name, record, lease)
+        except EtcdError as e:
+            self.post(CampaignFailed(str(e)))
+            return
+        if won:
+            log.info("took_over", vip=self.name, previous=record.node, epoch=now.epoch)
+        self.post(CampaignWon(now) if won else CampaignLost(now))
 
     async def _delete_key(self, epoch: int, lease: int) -> None:
         try:
