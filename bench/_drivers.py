@@ -222,7 +222,7 @@ class VipdDriver(DaemonDriver):
     runs it (no ExecStopPost: a SIGKILL leaves only the kernel lifetimes to fence)."""
 
     name = "vipd"
-    REJOIN_EVENTS = ("ready", "lease_granted", "etcd_restored")
+    REJOIN_EVENTS = ("ready", "lease_granted", "etcd_restored", "transition")  # transition: a thawed owner fenced
 
     def __init__(self, lab: Lab, workdir: Path, vips: list[VipDef], *, etcd: EtcdServer | None,
                  clock: C.Clock, tag: str = "", timing: dict[str, Any] | None = None,

@@ -36,6 +36,7 @@ from vipd import control
 from vipd.dataplane.fence_nft import NftFence
 from vipd.election.hosts import HostInfo
 from vipd.peers.protocol import Event as PeerEvent
+from vipd.peers.metrics import PeerCollector
 from vipd.peers.service import PeerService
 from vipd.succession import Succession
 
@@ -64,6 +65,8 @@ class Daemon:
         if self.nft is None:
             self.succession.enabled = False
         self.keys.listeners.append(self.succession.observe)
+        self.metrics.registry.register(PeerCollector(
+            lambda: self.peers.transport.peers.links if self.peers.transport else {}, self.nft, self.succession))
 
         def params(u: Unit) -> Params:
             return Params(cfg.node, cfg.timing.fence_margin, cfg.timing.release_holdoff,

@@ -46,6 +46,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import trio
 
 from vipd import log
+from vipd.coalesce import Coalescer
 from vipd.errors import DataplaneError, EtcdError
 from vipd.model import Event, OwnerRecord, PeerRecovered, PeerSuspected, VipSpec
 from vipd.peers.protocol import Acked, Challenged, Generation, Recovered, Suspected
@@ -116,6 +117,8 @@ class Succession:
         self._naming: dict[str, tuple[str | None, Generation | None]] = {}  # rename in flight: unit -> (target, its gen then)
         self._suspected_at: dict[str, float] = {}  # peer -> last suspicion
         self._lock = trio.Lock()  # token arms and disarms never interleave
+        self._arms: Coalescer[str, None] = Coalescer(self._arm_batch)
+        self._disarms: Coalescer[tuple[VipSpec, ...], None] = Coalescer(self._disarm_batch)
         self._refresh = trio.Event()
         self._wake = trio.Event()
         self.enabled = True  # off when the token fence or the heartbeats cannot run: lease takeover only
@@ -167,17 +170,26 @@ class Succession:
         unit = vips[0].unit
         owned = self._owned.setdefault(unit, _Owned(vips, until))
         owned.h_etcd = until
-        async with self._lock:
-            if self._owned.get(unit) is owned:
-                await self._arm([(unit, owned)])
+        await self._arms.submit(unit)  # one batch for every unit armed at the same moment (a keepalive)
         self._wake.set()
 
     async def disarm(self, vips: Sequence[VipSpec]) -> None:
         self._owned.pop(vips[0].unit, None)
         if not self.enabled:
             return
+        await self._disarms.submit(tuple(vips))
+
+    async def _arm_batch(self, units: list[str]) -> list[None]:
+        async with self._lock:  # re-read under the lock: a unit disarmed meanwhile is not re-opened
+            live = [(u, self._owned[u]) for u in dict.fromkeys(units) if u in self._owned]
+            if live:
+                await self._arm(live)
+        return [None] * len(units)
+
+    async def _disarm_batch(self, items: list[tuple[VipSpec, ...]]) -> list[None]:
         async with self._lock:
-            await self._fence.disarm(vips)
+            await self._fence.disarm([v for vips in items for v in vips])
+        return [None] * len(items)
 
     def armed_until(self, vips: Sequence[VipSpec]) -> Optional[float]:
         return self._fence.armed_until(vips)
