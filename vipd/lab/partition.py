@@ -94,5 +94,5 @@ class Partitions:
     def _loss(self, rules: str) -> None:
         t = f"bridge {LOSS_TABLE}"
         script = (f"table {t}\ndelete table {t}\ntable {t} {{\n"
-                  f"  chain fwd {{ type filter hook forward priority -300; policy accept;\n{rules}\n  }}\n}}\n")
+                  f"  chain vtforward {{ type filter hook forward priority -300; policy accept;\n{rules}\n  }}\n}}\n")
         netns.run(netns.exec_argv(self.bridge_ns, ["nft", "-f", "-"]), input=script)
