@@ -32,7 +32,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from vipd.lab import netns
+from vipd.lab import fence_tokens, netns
+from vipd.lab.fence_tokens import TokenGates
 from vipd.lab.topology import AnyIP, to_ip
 
 if TYPE_CHECKING:
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 Timeline = list[tuple[float, frozenset[str]]]
 _MAX_PASSES = 20  # dumps + re-checks per wake-up before a state is recorded unsettled (address storm)
+_LATE = 0.0002  # seconds past a token end at which to wake (select may return a hair early)
+_INF = float("inf")
+Socks = list[tuple[str, socket.socket, socket.socket, socket.socket | None]]  # name, events, dump, nf
 
 
 class IPMap(dict):  # type: ignore[type-arg]
@@ -69,7 +73,7 @@ class AddressMonitor:
     """Samples every host's addresses every `interval` seconds (and on every address event)."""
 
     def __init__(self, lab: "Lab", ips: Iterable[AnyIP], interval: float = 0.01, *,
-                 hosts: Sequence["Host"] | None = None) -> None:
+                 hosts: Sequence["Host"] | None = None, address_only: bool = False) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.lab = lab
@@ -79,7 +83,11 @@ class AddressMonitor:
         self.interval = interval
         self.hosts = list(lab.hosts if hosts is None else hosts)
         self._watched = frozenset(self.ips)
-        self._timeline: dict[IP, Timeline] = {ip: [] for ip in self.ips}
+        self.address_only = address_only  # True: holding = having the address (the fence ignored)
+        self._timeline: dict[IP, Timeline] = {ip: [] for ip in self.ips}  # who serves (see the docstring)
+        self._addr_timeline: dict[IP, Timeline] = {ip: [] for ip in self.ips}  # who has the address
+        self._gates = TokenGates()
+        self._gated: set[tuple[str, IP]] = set()  # (host, VIP) served through a token at the last record
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -94,6 +102,7 @@ class AddressMonitor:
         self.unsettled = 0  # wake-ups recorded without a stable pass (only under address storms)
         self.overflows = 0  # event socket overflows (each followed by a dump)
         self.busy = 0.0  # seconds spent dumping and recording
+        self.token_wakeups = 0  # wake-ups at a known token end (no event announces one)
         self.started_at: float | None = None
         self.stopped_at: float | None = None
         self._last_record: float | None = None
@@ -153,7 +162,10 @@ class AddressMonitor:
                 ev.setblocking(False)
                 dump = netns.netlink_socket(h.ns)
                 opened.append(dump)
-                socks.append((h.name, ev, dump))
+                nf = None if self.address_only else fence_tokens.netfilter_socket(h.ns)
+                if nf is not None:
+                    opened.append(nf)
+                socks.append((h.name, ev, dump, nf))
             self._loop(wake_r, socks)
         except BaseException as e:  # reported by start()/stop() and self.error
             self.error = e
@@ -166,22 +178,26 @@ class AddressMonitor:
             with self._cond:
                 self._cond.notify_all()
 
-    def _loop(self, wake_r: int, socks: list[tuple[str, socket.socket, socket.socket]]) -> None:
+    def _loop(self, wake_r: int, socks: Socks) -> None:
         state: dict[str, frozenset[IP]] = {}
         watched = self._watched
-        by_fd = {ev.fileno(): i for i, (_, ev, _) in enumerate(socks)}
+        by_fd = {ev.fileno(): i for i, (_, ev, _, _) in enumerate(socks)}
+        nf = {name: sock for name, _, _, sock in socks if sock is not None}
         fds = [*by_fd, wake_r]
         self.started_at = next_sample = time.monotonic()
         last_sample: float | None = None
+        token_end = _INF
         while not self._stop.is_set():
-            timeout = next_sample - time.monotonic()
+            timeout = min(next_sample, token_end + _LATE) - time.monotonic()
             if timeout > 0:
                 readable, _, _ = select.select(fds, [], [], timeout)
                 if wake_r in readable:
                     break
             t0 = time.monotonic()
             sample = t0 >= next_sample
+            self.token_wakeups += not sample and t0 >= token_end
             dirty = set(range(len(socks))) if sample else set()
+            changed: set[str] = set()
             stable = False
             for _ in range(_MAX_PASSES):
                 # One poll of every event socket (one syscall: few GIL hand-offs), then read the busy ones.
@@ -196,12 +212,14 @@ class AddressMonitor:
                     stable = True  # every host read quiet after its last dump
                     break
                 for i in dirty:
-                    name, _, dump = socks[i]
+                    name, _, dump, _ = socks[i]
                     state[name] = frozenset(a.ip for a in netns.dump_addresses(dump) if a.usable) & watched
+                    changed.add(name)
                 dirty.clear()
-            t = time.monotonic()
+            t = time.monotonic() if self.address_only else self._gates.settle(nf, state, changed, self.ips)
             self.unsettled += not stable
             self._record(t, state)
+            token_end = _INF if self.address_only else self._gates.next_end(state, t)
             self.busy += time.monotonic() - t0
             if sample:
                 self.samples += 1
@@ -213,12 +231,31 @@ class AddressMonitor:
                     next_sample = t + self.interval
                 self._ready.set()
 
+    def _serves(self, name: str, ip: IP, t: float) -> bool:
+        return self.address_only or self._gates.serves(name, ip, t)
+
     def _record(self, t: float, state: dict[str, frozenset[IP]]) -> None:
+        gates, gated_before, last = self._gates, self._gated, self._last_record
+        gated: set[tuple[str, IP]] = set()
         with self._cond:
             for ip, line in self._timeline.items():
-                holders = frozenset(name for name, held in state.items() if ip in held)
+                having = frozenset(name for name, held in state.items() if ip in held)
+                holders = frozenset(name for name in having if self._serves(name, ip, t))
+                gated.update((name, ip) for name in holders if gates.gated_end(name, ip) is not None)
+                if line and last is not None and line[-1][1] != holders:
+                    # a token that ended since the last record: the holder is gone from its end on
+                    # (no event marks it; the state at `t` was read after it)
+                    cut = sorted((end, name) for name in line[-1][1] - holders
+                                 if (name, ip) in gated_before
+                                 and (end := gates.gated_end(name, ip)) is not None and last < end < t)
+                    for end, name in cut:
+                        line.append((end, line[-1][1] - {name}))
                 if not line or line[-1][1] != holders:
                     line.append((t, holders))
+                addr_line = self._addr_timeline[ip]
+                if not addr_line or addr_line[-1][1] != having:
+                    addr_line.append((t, having))
+            self._gated = gated
             self._last_record = t
             self.wakeups += 1
             self._cond.notify_all()
@@ -235,6 +272,12 @@ class AddressMonitor:
             if ip is not None:
                 return list(self._timeline[to_ip(ip)])
             return IPMap((k, list(v)) for k, v in self._timeline.items())
+
+    def address_timeline(self, ip: AnyIP) -> Timeline:
+        """Like holders_timeline(ip), but of the hosts that have the address configured, whether
+        or not their fence lets it through (a fenced host whose token ran out keeps it)."""
+        with self._cond:
+            return list(self._addr_timeline[to_ip(ip)])
 
     def holders_now(self, ip: AnyIP) -> frozenset[str]:
         """The holders in the latest recorded state."""
@@ -302,10 +345,13 @@ class AddressMonitor:
             "unsettled": self.unsettled, "overflows": self.overflows,
             "busy_per_wakeup_ms": self.busy / self.wakeups * 1e3 if self.wakeups else 0.0,
             "busy_fraction": self.busy / duration if duration > 0 else 0.0,
+            "token_reads": self._gates.reads, "token_wakeups": self.token_wakeups,
+            "token_rereads": self._gates.rereads,
+            "token_busy_fraction": self._gates.busy / duration if duration > 0 else 0.0,
         }
 
     def summary(self) -> str:
         s = self.stats()
         return (f"{s['samples']} samples in {s['duration']:.2f} s, mean gap {s['mean_gap'] * 1e3:.1f} ms, "
                 f"max gap {s['max_gap'] * 1e3:.1f} ms, {s['events']} events, "
-                f"cpu {s['busy_fraction'] * 100:.1f} %")
+                f"{s['token_reads']} token reads, cpu {s['busy_fraction'] * 100:.1f} %")
