@@ -1,7 +1,16 @@
-"""AddressMonitor: which lab hosts hold which watched addresses, over time, and dual ownership.
+"""AddressMonitor: which lab hosts serve which watched addresses, over time, and dual ownership.
+
+A host *holds* (serves) a VIP at t when the address is configured on it AND its nftables token
+fence lets it through: no table ``netdev vipd_fence``, or the VIP not in its managed set, or the
+VIP's token alive at t (:mod:`vipd.lab.fence_tokens`). vipd keeps a fenced owner's address while
+the kernel drops all its traffic, so a frozen or killed owner keeps the address for seconds but
+stops answering at its token's end: that is not dual ownership; live tokens overlapping are.
+``address_only=True`` judges by the address alone (the old meaning); `address_timeline` always
+shows who has the address.
 
 One background thread owns two netlink sockets per host, both opened inside the host's namespace:
-a dump socket (RTM_GETADDR) and an event socket subscribed to the IPv4/IPv6 address groups.
+a dump socket (RTM_GETADDR) and an event socket subscribed to the IPv4/IPv6 address groups; and
+(unless address_only) a NETLINK_NETFILTER socket that dumps the fence's sets (NFT_MSG_GETSETELEM).
 - Every `interval` (a *sample*) it dumps every host's addresses.
 - Between samples it sleeps in select() on the event sockets, so a change wakes it at once and the
   changed host is dumped again (events are used only as "look again" signals: the dump is the truth,
@@ -12,13 +21,30 @@ a dump socket (RTM_GETADDR) and an event socket subscribed to the IPv4/IPv6 addr
   stable pass). A clean move (delete on A, then add on B) never shows as dual, however close the two
   changes; an overlap is timed from the wake-up that saw it begin to the one that saw it end
   (sub-millisecond when the thread is idle, as it is between changes).
+- Tokens: per host and VIP it keeps the latest known token end (read time + the element's remaining
+  ``expires``: never earlier than the kernel's cut, at most a tick (4 ms at HZ 250) later). A host
+  dumped in a wake-up (every host on a sample) is read if it has a watched address it does not
+  serve through a live known token (no table, lapsed, unknown), so a new arm is seen within a
+  sample. A host serving through its token is read again at that token's known end (the thread
+  wakes there: no event announces an end): refreshed, it goes on; not, it stopped serving AT that
+  end (the timeline is cut there). A read that finds a token absent keeps its known end (a token
+  ends early only by an explicit disarm, after which vipd removes the address: erring toward an
+  overlap). Before a state showing two holders is recorded, every holder not read in that
+  wake-up is read again. So a recorded overlap of tokens is real (up to that tick), begins within
+  a sample of the later arm (arms raise no event) and ends at the earlier token's end.
+  The rule trusts the table to be whole (chains on the VIP's device; vipd's verify() repairs it).
 
-Measured (2 CPUs, interval 10 ms): 0.13-0.2 ms of CPU per wake-up, 1.4 % of a core with 3 hosts,
-2.2 % with 5 hosts and 20 addresses; mean gap 10.0 ms, max gap ~11 ms. Overlaps of >= 1 ms were
-caught 199 times out of 200 (duration within ~0.5 ms), overlaps of ~0.3 ms 35 times out of 200.
-The thread shares the test process's GIL: a CPU-bound main thread stretched the gaps to 16 ms mean,
-40 ms max. `max_gap` reports the largest interval actually achieved: a stalled monitor is visible
-(assert_never_dual(max_gap=...) can require it).
+Measured (2 CPUs, interval 10 ms; first figures on a quiet machine): 0.13-0.2 ms of CPU per
+wake-up, 1.4 % of a core with 3 hosts, 2.2 % with 5 hosts and 20 addresses; mean gap 10.0 ms, max
+gap ~11 ms. Overlaps of >= 1 ms were caught 199 times out of 200 (duration within ~0.5 ms), overlaps
+of ~0.3 ms 35 times out of 200. The fence costs (bench/monitor.py, machine shared, load ~3.5; CPU
+per sample, address only -> fence aware): 3 hosts, owner unfenced 0.28 -> 0.33 ms (2 set dumps per
+sample, ~15 us each), owner fenced 0.27 -> 0.27 ms (no dump: read at its token's end only), plus
+a lapsed host keeping the address 0.33 ms (4 dumps); 5 hosts, 20 VIPs, all fenced 0.50 -> 0.60 ms.
+A dump's cost grows with the set: ~0.45 ms for a set of 1,000 tokens (a key is found by a byte
+search, not a full parse). The thread shares the test process's GIL: a CPU-bound main thread
+stretched the gaps to 16 ms mean, 40 ms max. `max_gap` reports the largest interval actually
+achieved: a stalled monitor is visible (assert_never_dual(max_gap=...) can require it).
 An IPv6 address whose DAD failed is held by nobody; a tentative one counts as held.
 """
 
@@ -33,7 +59,7 @@ import time
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from vipd.lab import fence_tokens, netns
-from vipd.lab.fence_tokens import TokenGates
+from vipd.lab.fence_tokens import Judgement, TokenGates
 from vipd.lab.topology import AnyIP, to_ip
 
 if TYPE_CHECKING:
@@ -216,10 +242,11 @@ class AddressMonitor:
                     state[name] = frozenset(a.ip for a in netns.dump_addresses(dump) if a.usable) & watched
                     changed.add(name)
                 dirty.clear()
-            t = time.monotonic() if self.address_only else self._gates.settle(nf, state, changed, self.ips)
+            j = self._by_address(state) if self.address_only else self._gates.settle(nf, state, changed)
+            t = j.t
             self.unsettled += not stable
-            self._record(t, state)
-            token_end = _INF if self.address_only else self._gates.next_end(state, t)
+            self._record(j, state)
+            token_end = j.next_end
             self.busy += time.monotonic() - t0
             if sample:
                 self.samples += 1
@@ -231,31 +258,35 @@ class AddressMonitor:
                     next_sample = t + self.interval
                 self._ready.set()
 
-    def _serves(self, name: str, ip: IP, t: float) -> bool:
-        return self.address_only or self._gates.serves(name, ip, t)
+    @staticmethod
+    def _by_address(state: dict[str, frozenset[IP]]) -> Judgement:
+        serving: dict[IP, set[str]] = {}
+        for name, held in state.items():
+            for ip in held:
+                serving.setdefault(ip, set()).add(name)
+        return Judgement(time.monotonic(), {ip: frozenset(n) for ip, n in serving.items()}, set(), _INF, set())
 
-    def _record(self, t: float, state: dict[str, frozenset[IP]]) -> None:
-        gates, gated_before, last = self._gates, self._gated, self._last_record
-        gated: set[tuple[str, IP]] = set()
+    def _record(self, j: Judgement, state: dict[str, frozenset[IP]]) -> None:
+        t, gated_before, last = j.t, self._gated, self._last_record
+        empty: frozenset[str] = frozenset()
         with self._cond:
             for ip, line in self._timeline.items():
-                having = frozenset(name for name, held in state.items() if ip in held)
-                holders = frozenset(name for name in having if self._serves(name, ip, t))
-                gated.update((name, ip) for name in holders if gates.gated_end(name, ip) is not None)
-                if line and last is not None and line[-1][1] != holders:
+                holders = j.serving.get(ip, empty)
+                if line and line[-1][1] != holders and last is not None and gated_before:
                     # a token that ended since the last record: the holder is gone from its end on
                     # (no event marks it; the state at `t` was read after it)
                     cut = sorted((end, name) for name in line[-1][1] - holders
                                  if (name, ip) in gated_before
-                                 and (end := gates.gated_end(name, ip)) is not None and last < end < t)
+                                 and (end := self._gates.gated_end(name, ip)) is not None and last < end < t)
                     for end, name in cut:
                         line.append((end, line[-1][1] - {name}))
                 if not line or line[-1][1] != holders:
                     line.append((t, holders))
                 addr_line = self._addr_timeline[ip]
+                having = frozenset(name for name, held in state.items() if ip in held)
                 if not addr_line or addr_line[-1][1] != having:
                     addr_line.append((t, having))
-            self._gated = gated
+            self._gated = j.gated
             self._last_record = t
             self.wakeups += 1
             self._cond.notify_all()
