@@ -1,7 +1,16 @@
-"""AddressMonitor: which lab hosts hold which watched addresses, over time, and dual ownership.
+"""AddressMonitor: which lab hosts serve which watched addresses, over time, and dual ownership.
+
+A host *holds* (serves) a VIP at t when the address is configured on it AND its nftables token
+fence lets it through: no table ``netdev vipd_fence``, or the VIP not in its managed set, or the
+VIP's token alive at t (:mod:`vipd.lab.fence_tokens`). vipd keeps a fenced owner's address while
+the kernel drops all its traffic, so a frozen or killed owner keeps the address for seconds but
+stops answering at its token's end: that is not dual ownership; live tokens overlapping are.
+``address_only=True`` judges by the address alone (the old meaning); `address_timeline` always
+shows who has the address.
 
 One background thread owns two netlink sockets per host, both opened inside the host's namespace:
-a dump socket (RTM_GETADDR) and an event socket subscribed to the IPv4/IPv6 address groups.
+a dump socket (RTM_GETADDR) and an event socket subscribed to the IPv4/IPv6 address groups; and
+(unless address_only) a NETLINK_NETFILTER socket that dumps the fence's sets (NFT_MSG_GETSETELEM).
 - Every `interval` (a *sample*) it dumps every host's addresses.
 - Between samples it sleeps in select() on the event sockets, so a change wakes it at once and the
   changed host is dumped again (events are used only as "look again" signals: the dump is the truth,
@@ -12,13 +21,30 @@ a dump socket (RTM_GETADDR) and an event socket subscribed to the IPv4/IPv6 addr
   stable pass). A clean move (delete on A, then add on B) never shows as dual, however close the two
   changes; an overlap is timed from the wake-up that saw it begin to the one that saw it end
   (sub-millisecond when the thread is idle, as it is between changes).
+- Tokens: per host and VIP it keeps the latest known token end (read time + the element's remaining
+  ``expires``: never earlier than the kernel's cut, at most a tick (4 ms at HZ 250) later). A host
+  dumped in a wake-up (every host on a sample) is read if it has a watched address it does not
+  serve through a live known token (no table, lapsed, unknown), so a new arm is seen within a
+  sample. A host serving through its token is read again at that token's known end (the thread
+  wakes there: no event announces an end): refreshed, it goes on; not, it stopped serving AT that
+  end (the timeline is cut there). A read that finds a token absent keeps its known end (a token
+  ends early only by an explicit disarm, after which vipd removes the address: erring toward an
+  overlap). Before a state showing two holders is recorded, every holder not read in that
+  wake-up is read again. So a recorded overlap of tokens is real (up to that tick), begins within
+  a sample of the later arm (arms raise no event) and ends at the earlier token's end.
+  The rule trusts the table to be whole (chains on the VIP's device; vipd's verify() repairs it).
 
-Measured (2 CPUs, interval 10 ms): 0.13-0.2 ms of CPU per wake-up, 1.4 % of a core with 3 hosts,
-2.2 % with 5 hosts and 20 addresses; mean gap 10.0 ms, max gap ~11 ms. Overlaps of >= 1 ms were
-caught 199 times out of 200 (duration within ~0.5 ms), overlaps of ~0.3 ms 35 times out of 200.
-The thread shares the test process's GIL: a CPU-bound main thread stretched the gaps to 16 ms mean,
-40 ms max. `max_gap` reports the largest interval actually achieved: a stalled monitor is visible
-(assert_never_dual(max_gap=...) can require it).
+Measured (2 CPUs, interval 10 ms; first figures on a quiet machine): 0.13-0.2 ms of CPU per
+wake-up, 1.4 % of a core with 3 hosts, 2.2 % with 5 hosts and 20 addresses; mean gap 10.0 ms, max
+gap ~11 ms. Overlaps of >= 1 ms were caught 199 times out of 200 (duration within ~0.5 ms), overlaps
+of ~0.3 ms 35 times out of 200. The fence costs (bench/monitor.py, machine shared, load ~3.5; CPU
+per sample, address only -> fence aware): 3 hosts, owner unfenced 0.28 -> 0.33 ms (2 set dumps per
+sample, ~15 us each), owner fenced 0.27 -> 0.27 ms (no dump: read at its token's end only), plus
+a lapsed host keeping the address 0.33 ms (4 dumps); 5 hosts, 20 VIPs, all fenced 0.50 -> 0.60 ms.
+A dump's cost grows with the set: ~0.45 ms for a set of 1,000 tokens (a key is found by a byte
+search, not a full parse). The thread shares the test process's GIL: a CPU-bound main thread
+stretched the gaps to 16 ms mean, 40 ms max. `max_gap` reports the largest interval actually
+achieved: a stalled monitor is visible (assert_never_dual(max_gap=...) can require it).
 An IPv6 address whose DAD failed is held by nobody; a tentative one counts as held.
 """
 
@@ -32,7 +58,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from vipd.lab import netns
+from vipd.lab import fence_tokens, netns
+from vipd.lab.fence_tokens import Judgement, TokenGates
 from vipd.lab.topology import AnyIP, to_ip
 
 if TYPE_CHECKING:
@@ -41,6 +68,9 @@ if TYPE_CHECKING:
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 Timeline = list[tuple[float, frozenset[str]]]
 _MAX_PASSES = 20  # dumps + re-checks per wake-up before a state is recorded unsettled (address storm)
+_LATE = 0.0002  # seconds past a token end at which to wake (select may return a hair early)
+_INF = float("inf")
+Socks = list[tuple[str, socket.socket, socket.socket, socket.socket | None]]  # name, events, dump, nf
 
 
 class IPMap(dict):  # type: ignore[type-arg]
@@ -69,7 +99,7 @@ class AddressMonitor:
     """Samples every host's addresses every `interval` seconds (and on every address event)."""
 
     def __init__(self, lab: "Lab", ips: Iterable[AnyIP], interval: float = 0.01, *,
-                 hosts: Sequence["Host"] | None = None) -> None:
+                 hosts: Sequence["Host"] | None = None, address_only: bool = False) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.lab = lab
@@ -79,7 +109,11 @@ class AddressMonitor:
         self.interval = interval
         self.hosts = list(lab.hosts if hosts is None else hosts)
         self._watched = frozenset(self.ips)
-        self._timeline: dict[IP, Timeline] = {ip: [] for ip in self.ips}
+        self.address_only = address_only  # True: holding = having the address (the fence ignored)
+        self._timeline: dict[IP, Timeline] = {ip: [] for ip in self.ips}  # who serves (see the docstring)
+        self._addr_timeline: dict[IP, Timeline] = {ip: [] for ip in self.ips}  # who has the address
+        self._gates = TokenGates()
+        self._gated: set[tuple[str, IP]] = set()  # (host, VIP) served through a token at the last record
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -94,6 +128,7 @@ class AddressMonitor:
         self.unsettled = 0  # wake-ups recorded without a stable pass (only under address storms)
         self.overflows = 0  # event socket overflows (each followed by a dump)
         self.busy = 0.0  # seconds spent dumping and recording
+        self.token_wakeups = 0  # wake-ups at a known token end (no event announces one)
         self.started_at: float | None = None
         self.stopped_at: float | None = None
         self._last_record: float | None = None
@@ -153,7 +188,10 @@ class AddressMonitor:
                 ev.setblocking(False)
                 dump = netns.netlink_socket(h.ns)
                 opened.append(dump)
-                socks.append((h.name, ev, dump))
+                nf = None if self.address_only else fence_tokens.netfilter_socket(h.ns)
+                if nf is not None:
+                    opened.append(nf)
+                socks.append((h.name, ev, dump, nf))
             self._loop(wake_r, socks)
         except BaseException as e:  # reported by start()/stop() and self.error
             self.error = e
@@ -166,22 +204,26 @@ class AddressMonitor:
             with self._cond:
                 self._cond.notify_all()
 
-    def _loop(self, wake_r: int, socks: list[tuple[str, socket.socket, socket.socket]]) -> None:
+    def _loop(self, wake_r: int, socks: Socks) -> None:
         state: dict[str, frozenset[IP]] = {}
         watched = self._watched
-        by_fd = {ev.fileno(): i for i, (_, ev, _) in enumerate(socks)}
+        by_fd = {ev.fileno(): i for i, (_, ev, _, _) in enumerate(socks)}
+        nf = {name: sock for name, _, _, sock in socks if sock is not None}
         fds = [*by_fd, wake_r]
         self.started_at = next_sample = time.monotonic()
         last_sample: float | None = None
+        token_end = _INF
         while not self._stop.is_set():
-            timeout = next_sample - time.monotonic()
+            timeout = min(next_sample, token_end + _LATE) - time.monotonic()
             if timeout > 0:
                 readable, _, _ = select.select(fds, [], [], timeout)
                 if wake_r in readable:
                     break
             t0 = time.monotonic()
             sample = t0 >= next_sample
+            self.token_wakeups += not sample and t0 >= token_end
             dirty = set(range(len(socks))) if sample else set()
+            changed: set[str] = set()
             stable = False
             for _ in range(_MAX_PASSES):
                 # One poll of every event socket (one syscall: few GIL hand-offs), then read the busy ones.
@@ -196,12 +238,15 @@ class AddressMonitor:
                     stable = True  # every host read quiet after its last dump
                     break
                 for i in dirty:
-                    name, _, dump = socks[i]
+                    name, _, dump, _ = socks[i]
                     state[name] = frozenset(a.ip for a in netns.dump_addresses(dump) if a.usable) & watched
+                    changed.add(name)
                 dirty.clear()
-            t = time.monotonic()
+            j = self._by_address(state) if self.address_only else self._gates.settle(nf, state, changed)
+            t = j.t
             self.unsettled += not stable
-            self._record(t, state)
+            self._record(j, state)
+            token_end = j.next_end
             self.busy += time.monotonic() - t0
             if sample:
                 self.samples += 1
@@ -213,12 +258,35 @@ class AddressMonitor:
                     next_sample = t + self.interval
                 self._ready.set()
 
-    def _record(self, t: float, state: dict[str, frozenset[IP]]) -> None:
+    @staticmethod
+    def _by_address(state: dict[str, frozenset[IP]]) -> Judgement:
+        serving: dict[IP, set[str]] = {}
+        for name, held in state.items():
+            for ip in held:
+                serving.setdefault(ip, set()).add(name)
+        return Judgement(time.monotonic(), {ip: frozenset(n) for ip, n in serving.items()}, set(), _INF, set())
+
+    def _record(self, j: Judgement, state: dict[str, frozenset[IP]]) -> None:
+        t, gated_before, last = j.t, self._gated, self._last_record
+        empty: frozenset[str] = frozenset()
         with self._cond:
             for ip, line in self._timeline.items():
-                holders = frozenset(name for name, held in state.items() if ip in held)
+                holders = j.serving.get(ip, empty)
+                if line and line[-1][1] != holders and last is not None and gated_before:
+                    # a token that ended since the last record: the holder is gone from its end on
+                    # (no event marks it; the state at `t` was read after it)
+                    cut = sorted((end, name) for name in line[-1][1] - holders
+                                 if (name, ip) in gated_before
+                                 and (end := self._gates.gated_end(name, ip)) is not None and last < end < t)
+                    for end, name in cut:
+                        line.append((end, line[-1][1] - {name}))
                 if not line or line[-1][1] != holders:
                     line.append((t, holders))
+                addr_line = self._addr_timeline[ip]
+                having = frozenset(name for name, held in state.items() if ip in held)
+                if not addr_line or addr_line[-1][1] != having:
+                    addr_line.append((t, having))
+            self._gated = j.gated
             self._last_record = t
             self.wakeups += 1
             self._cond.notify_all()
@@ -235,6 +303,12 @@ class AddressMonitor:
             if ip is not None:
                 return list(self._timeline[to_ip(ip)])
             return IPMap((k, list(v)) for k, v in self._timeline.items())
+
+    def address_timeline(self, ip: AnyIP) -> Timeline:
+        """Like holders_timeline(ip), but of the hosts that have the address configured, whether
+        or not their fence lets it through (a fenced host whose token ran out keeps it)."""
+        with self._cond:
+            return list(self._addr_timeline[to_ip(ip)])
 
     def holders_now(self, ip: AnyIP) -> frozenset[str]:
         """The holders in the latest recorded state."""
@@ -302,10 +376,13 @@ class AddressMonitor:
             "unsettled": self.unsettled, "overflows": self.overflows,
             "busy_per_wakeup_ms": self.busy / self.wakeups * 1e3 if self.wakeups else 0.0,
             "busy_fraction": self.busy / duration if duration > 0 else 0.0,
+            "token_reads": self._gates.reads, "token_wakeups": self.token_wakeups,
+            "token_rereads": self._gates.rereads,
+            "token_busy_fraction": self._gates.busy / duration if duration > 0 else 0.0,
         }
 
     def summary(self) -> str:
         s = self.stats()
         return (f"{s['samples']} samples in {s['duration']:.2f} s, mean gap {s['mean_gap'] * 1e3:.1f} ms, "
                 f"max gap {s['max_gap'] * 1e3:.1f} ms, {s['events']} events, "
-                f"cpu {s['busy_fraction'] * 100:.1f} %")
+                f"{s['token_reads']} token reads, cpu {s['busy_fraction'] * 100:.1f} %")

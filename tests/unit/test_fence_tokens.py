@@ -1,0 +1,62 @@
+"""The lab monitor's fence reading, without a kernel: element parsing and the serving rule."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from vipd.dataplane.fence_build import _elem, _nla
+from vipd.lab import fence_tokens as ft
+from vipd.lab.fence_tokens import TokenGates
+
+A, B, C = (ipaddress.ip_address(x) for x in ("10.0.0.1", "10.0.0.2", "fd00::1"))
+
+
+def message(elems: bytes) -> bytes:
+    """The attributes of one NEWSETELEM message (after nfgenmsg): table, set, elements."""
+    return ft._TABLE_ATTR + ft._SET_ATTR["token4"] + _nla(ft._L_ELEMENTS, elems)
+
+
+def both(data: bytes, keys: frozenset[bytes]) -> tuple[dict[bytes, int | None], dict[bytes, int | None]]:
+    fast: dict[bytes, int | None] = {}
+    full: dict[bytes, int | None] = {}
+    ft._find_elements(data, 0, len(data), keys, fast)
+    ft._parse_elements(data, 0, len(data), keys, full)
+    return fast, full
+
+
+def test_wanted_elements_with_their_remaining_time() -> None:
+    data = message(_elem(A, 1500) + _elem(B, None) + _elem(ipaddress.ip_address("10.0.0.3"), 7))
+    fast, full = both(data, frozenset({A.packed, B.packed, ipaddress.ip_address("10.0.0.9").packed}))
+    assert fast == full == {A.packed: 1500, B.packed: None}
+
+
+def test_a_key_elsewhere_than_an_element_key_falls_back_to_the_full_parse() -> None:
+    # A's bytes as the *data* of another element: not A's element
+    trap = struct.pack("=HH", 8, 1) + A.packed
+    odd = _nla(ft._LIST_ELEM, _nla(ft._E_KEY, _nla(1, B.packed)) + _nla(2, trap))
+    fast, full = both(message(odd), frozenset({A.packed, B.packed}))
+    assert fast == full == {B.packed: None}
+
+
+def serving(g: TokenGates, state: dict[str, frozenset], t: float) -> dict:  # type: ignore[type-arg]
+    return {ip: sorted(names) for ip, names in g.judge(state, t).serving.items()}
+
+
+def test_serving_rule() -> None:
+    g = TokenGates()
+    state = {"h1": frozenset({A}), "h2": frozenset({A}), "h3": frozenset({C})}
+    assert serving(g, state, 0.0) == {A: ["h1", "h2"], C: ["h3"]}  # never read: the address decides
+    g.open[("h1", A)] = False
+    g.end[("h1", A)] = 10.0
+    g.read_at["h1"] = 5.0
+    g.open[("h2", A)] = False  # managed, no token ever seen
+    g.read_at["h2"] = 5.0
+    g.open[("h3", C)] = True  # no table
+    j = g.judge(state, 9.0)
+    assert j.serving == {A: {"h1"}, C: {"h3"}} and j.gated == {("h1", A)} and j.next_end == 10.0 and not j.passed
+    # past its known end, h1 is read again before it counts as gone; after that read, it is gone
+    j = g.judge(state, 10.5)
+    assert j.serving == {C: {"h3"}} and j.passed == {"h1"}
+    g.read_at["h1"] = 10.4
+    assert not g.judge(state, 10.5).passed

@@ -1,0 +1,303 @@
+"""Reading vipd's nftables token fence in a lab host, for the address monitor (read only).
+
+vipd's fence (:mod:`vipd.dataplane.fence_build`) is the table ``netdev vipd_fence``: a VIP in set
+``managed4``/``managed6`` is served only while its element in ``token4``/``token6`` is alive
+(elements carry a millisecond timeout; an expired element is absent for lookups and for dumps).
+
+:func:`read_set` dumps one set (NFT_MSG_GETSETELEM) over a NETLINK_NETFILTER socket opened inside
+the host's namespace by :func:`netfilter_socket`, and returns, for the wanted keys only, each
+element's remaining time: ``NFTA_SET_ELEM_EXPIRATION`` in ms (None for an element without a
+timeout, as in the managed sets). A wanted key is found by a byte search for its value attribute
+(~15 us for a small set, ~0.45 ms for 1,000 elements, where a full parse takes 2.6 ms). The
+kernel computes the remaining time in whole jiffies from its last tick, so ``read time + expires``
+(the read time taken after the answer arrived) is never earlier than the element's true end.
+Nothing is ever written: the dump is the only request sent.
+
+:class:`TokenGates` keeps, per host and VIP, what the reads showed, and judges who serves what at
+an instant (the rule is stated on the class and in :mod:`vipd.lab.monitor`).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+import threading
+import time
+from typing import Iterable, Mapping, NamedTuple
+
+from vipd.lab import netns
+
+TABLE = "vipd_fence"  # == vipd.dataplane.fence_build.TABLE (not imported: the lab reads the kernel only)
+MANAGED = {4: "managed4", 6: "managed6"}
+TOKEN = {4: "token4", 6: "token6"}
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+NETLINK_NETFILTER = 12
+NFPROTO_NETDEV = 5
+
+_NFT_GETSETELEM, _NFT_NEWSETELEM = (10 << 8) | 13, (10 << 8) | 12  # NFNL_SUBSYS_NFTABLES << 8 | msg
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLM_F_REQUEST, _NLM_F_DUMP, _NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
+_HDR = struct.Struct("=IHHII")
+_NFGEN = 4  # struct nfgenmsg
+_RTA = struct.Struct("=HH")
+_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+_L_TABLE, _L_SET, _L_ELEMENTS, _LIST_ELEM = 1, 2, 3, 1
+_E_KEY, _E_EXPIRATION, _D_VALUE = 1, 5, 1
+_U64 = struct.Struct("!Q")
+
+
+def netfilter_socket(ns: str) -> socket.socket:
+    """A NETLINK_NETFILTER socket inside namespace `ns` (no multicast group)."""
+    sock = netns.socket_in(ns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    try:
+        sock.settimeout(5.0)  # a dump is answered at once: never wait forever
+        sock.bind((0, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    n = _RTA.size + len(payload)
+    return _RTA.pack(n, kind) + payload + b"\0" * (-n & 3)
+
+
+_TABLE_ATTR = _nla(_L_TABLE, TABLE.encode() + b"\0")
+_SET_ATTR = {name: _nla(_L_SET, name.encode() + b"\0") for name in (*MANAGED.values(), *TOKEN.values())}
+_seq = 0
+_seq_lock = threading.Lock()
+
+
+def read_set(sock: socket.socket, set_name: str, keys: frozenset[bytes]) -> dict[bytes, int | None] | None:
+    """The elements of ``netdev vipd_fence`` set `set_name` whose key (packed address) is in `keys`:
+    key -> remaining ms (None: no timeout). None when the table or the set does not exist."""
+    global _seq
+    for _attempt in range(5):  # a dump interrupted by a concurrent change is repeated
+        with _seq_lock:
+            _seq = (_seq + 1) & 0x7FFFFFFF
+            seq = _seq
+        body = struct.pack("!BBH", NFPROTO_NETDEV, 0, 0) + _TABLE_ATTR + _SET_ATTR[set_name]
+        sock.send(_HDR.pack(_HDR.size + len(body), _NFT_GETSETELEM, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0) + body)
+        out: dict[bytes, int | None] = {}
+        interrupted = done = False
+        while not done:
+            data = sock.recv(1 << 16)
+            off = 0
+            while off + _HDR.size <= len(data):
+                length, mtype, flags, mseq, _pid = _HDR.unpack_from(data, off)
+                if length < _HDR.size:
+                    raise OSError(errno.EPROTO, "malformed netlink message")
+                if mseq == seq:
+                    if flags & _NLM_F_DUMP_INTR:
+                        interrupted = True
+                    if mtype == _NLMSG_DONE:
+                        done = True
+                    elif mtype == _NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", data, off + _HDR.size)[0]
+                        if code in (errno.ENOENT, errno.EOPNOTSUPP):  # no table / set (no nf_tables)
+                            return None
+                        if code:
+                            raise OSError(code, f"NFT_MSG_GETSETELEM {set_name}: {os.strerror(code)}")
+                        done = True
+                    elif mtype == _NFT_NEWSETELEM:
+                        _find_elements(data, off + _HDR.size + _NFGEN, off + length, keys, out)
+                off += (length + 3) & ~3
+        if not interrupted:
+            return out
+    return out
+
+
+def _attrs(data: bytes, pos: int, end: int) -> list[tuple[int, int, int]]:
+    """(type, payload start, payload end) of the attributes in data[pos:end]."""
+    out = []
+    while pos + _RTA.size <= end:
+        rlen, rtype = _RTA.unpack_from(data, pos)
+        if rlen < _RTA.size:
+            break
+        out.append((rtype & _TYPE_MASK, pos + _RTA.size, min(end, pos + rlen)))
+        pos += (rlen + 3) & ~3
+    return out
+
+
+def _find_elements(data: bytes, pos: int, end: int, keys: frozenset[bytes],
+                   out: dict[bytes, int | None]) -> None:
+    """The wanted elements of one NEWSETELEM message. Fast path, for large sets: an element's key
+    is NFTA_LIST_ELEM { NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE key } ... }, so a key whose value
+    attribute does not occur in the message is not in it, and one that does is parsed from its
+    enclosing element. Anything else (an occurrence not at that place): the full parse."""
+    for key in keys:
+        value = _RTA.pack(_RTA.size + len(key), _D_VALUE) + key
+        at = data.find(value, pos, end)
+        while at >= 0:
+            elem = at - 2 * _RTA.size
+            if elem < pos:
+                return _parse_elements(data, pos, end, keys, out)
+            klen, ktype = _RTA.unpack_from(data, at - _RTA.size)
+            elen, etype = _RTA.unpack_from(data, elem)
+            if (ktype & _TYPE_MASK != _E_KEY or klen != len(value) + _RTA.size
+                    or etype & _TYPE_MASK != _LIST_ELEM or elem + elen > end):
+                return _parse_elements(data, pos, end, keys, out)
+            expires: int | None = None
+            for akind, astart, astop in _attrs(data, elem + _RTA.size, elem + elen):
+                if akind == _E_EXPIRATION and astop - astart >= 8:
+                    expires = _U64.unpack_from(data, astart)[0]
+            out[key] = expires
+            at = data.find(value, at + len(value), end)
+
+
+def _parse_elements(data: bytes, pos: int, end: int, keys: frozenset[bytes],
+                    out: dict[bytes, int | None]) -> None:
+    for kind, start, stop in _attrs(data, pos, end):
+        if kind != _L_ELEMENTS:
+            continue
+        for ekind, estart, estop in _attrs(data, start, stop):
+            if ekind != _LIST_ELEM:
+                continue
+            key: bytes | None = None
+            expires: int | None = None
+            for akind, astart, astop in _attrs(data, estart, estop):
+                if akind == _E_KEY:
+                    for dkind, dstart, dstop in _attrs(data, astart, astop):
+                        if dkind == _D_VALUE:
+                            key = data[dstart:dstop]
+                elif akind == _E_EXPIRATION and astop - astart >= 8:
+                    expires = _U64.unpack_from(data, astart)[0]
+            if key is not None and key in keys:
+                out[key] = expires
+
+
+# --------------------------------------------------------------------------- per host and VIP: does the fence let it through?
+
+_ABSENT = -1
+_INF = float("inf")
+
+
+class TokenGates:
+    """What the monitor knows of each host's fence, per (host, VIP): whether the fence gates the
+    VIP at all (``open``: no table, or the VIP not in the managed set) and the latest known end of
+    its token (``end``, time.monotonic(); only ever moves later). Used by one thread only.
+
+    A host with the address serves the VIP at t iff it is open or its known end is later than t.
+    A read that finds the token absent keeps the known end: a token ends early only by an explicit
+    disarm, after which vipd removes the address anyway (erring toward serving is erring toward
+    reporting an overlap, never toward hiding one)."""
+
+    def __init__(self) -> None:
+        self.end: dict[tuple[str, IP], float] = {}
+        self.open: dict[tuple[str, IP], bool] = {}
+        self.read_at: dict[str, float] = {}  # host -> time of its last read
+        self.reads = 0  # set dumps sent
+        self.rereads = 0  # hosts read again because a state would have shown two holders
+        self.busy = 0.0  # seconds spent in them
+
+    def read(self, host: str, sock: socket.socket, ips: Iterable[IP]) -> float:
+        """Read `host`'s token (and if needed managed) set for each of `ips` (addresses it has
+        configured). Returns the time of the read (after the answers arrived)."""
+        ips = tuple(ips)
+        t0 = r = time.monotonic()
+        for version in (4, 6):
+            mine = [ip for ip in ips if ip.version == version]
+            if not mine:
+                continue
+            keys = frozenset(ip.packed for ip in mine)
+            tokens = read_set(sock, TOKEN[version], keys)
+            r = time.monotonic()
+            self.reads += 1
+            if tokens is None:  # no table (or not a whole one): nothing is dropped
+                for ip in mine:
+                    self.open[host, ip] = True
+                continue
+            unknown = []
+            for ip in mine:
+                k = (host, ip)
+                ms = tokens.get(ip.packed, _ABSENT)
+                if ms != _ABSENT:
+                    end = _INF if ms is None else r + ms / 1000.0
+                    if end > self.end.get(k, -_INF):
+                        self.end[k] = end
+                if self.end.get(k, -_INF) > r:
+                    self.open[k] = False  # alive: whether it is managed matters only once it ends
+                else:
+                    unknown.append(ip)
+            if unknown:
+                managed = read_set(sock, MANAGED[version], keys)
+                r = time.monotonic()
+                self.reads += 1
+                for ip in unknown:
+                    self.open[host, ip] = managed is None or ip.packed not in managed
+        self.busy += r - t0
+        self.read_at[host] = r
+        return r
+
+    def gated_end(self, host: str, ip: IP) -> float | None:
+        """The known token end when the fence gates `ip` on `host`, else None (open or unknown)."""
+        k = (host, ip)
+        if self.open.get(k, True):
+            return None
+        return self.end.get(k, -_INF)
+
+    def judge(self, state: Mapping[str, frozenset[IP]], t: float) -> Judgement:
+        """Who serves what at `t` (`state`: host -> the watched addresses it has configured)."""
+        serving: dict[IP, list[str]] = {}
+        gated: set[tuple[str, IP]] = set()
+        passed: set[str] = set()
+        next_end = _INF
+        end, open_, read_at = self.end, self.open, self.read_at
+        for name, held in state.items():
+            for ip in held:
+                k = (name, ip)
+                if not open_.get(k, True):
+                    e = end.get(k, -_INF)
+                    if e <= t:
+                        if read_at.get(name, -_INF) < e:
+                            passed.add(name)
+                        continue
+                    gated.add(k)
+                    next_end = min(next_end, e)
+                serving.setdefault(ip, []).append(name)
+        return Judgement(t, {ip: frozenset(names) for ip, names in serving.items()}, gated, next_end, passed)
+
+    def settle(self, socks: Mapping[str, socket.socket], state: Mapping[str, frozenset[IP]],
+               changed: Iterable[str]) -> Judgement:
+        """Read the fence of every host in `changed` (`state`: host -> the watched addresses it has)
+        that has a watched address it does not serve through a known live token; then of every
+        host whose known token end has passed since its last read; then once of every host that a
+        state would show serving an address together with another. Returns who serves what at
+        the instant after the last read.
+
+        A host serving through a token is not read again before the token's known end: until then
+        a read could only move the end later (a token found absent keeps its known end), which
+        changes nothing before that end; at that end it is read, and cut there if not refreshed."""
+        read_now: set[str] = set()
+        t = time.monotonic()
+        end, open_ = self.end, self.open
+        todo = {name for name in changed
+                if any(open_.get((name, ip), True) or not end.get((name, ip), -_INF) > t for ip in state.get(name, ()))}
+        duals_checked = False
+        for _ in range(4):  # bounded: a token that keeps ending between reads is read at the next wake
+            for name in todo:
+                self.read(name, socks[name], state[name])
+                read_now.add(name)
+            j = self.judge(state, time.monotonic())
+            todo = j.passed
+            if not todo and not duals_checked:
+                duals_checked = True
+                for names in j.serving.values():
+                    if len(names) >= 2:
+                        todo.update(h for h in names if h not in read_now)
+                self.rereads += len(todo)
+            if not todo:
+                break
+        return j
+
+
+class Judgement(NamedTuple):
+    t: float  # the instant judged
+    serving: dict[IP, frozenset[str]]  # VIP -> the hosts that serve it (VIPs nobody serves: absent)
+    gated: set[tuple[str, IP]]  # (host, VIP) served through a live token
+    next_end: float  # the earliest known end of those tokens (inf: none)
+    passed: set[str]  # hosts with a token whose known end passed since their last read
