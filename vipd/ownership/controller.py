@@ -23,6 +23,7 @@ from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Ann
                         Start, State, StopAnnouncing, Tick, Unit, VipSpec)
 from vipd.ownership import fsm
 from vipd.ownership.state import Params, VipState, wakeup
+from vipd.takeover import takeover
 
 
 class AddressPort(Protocol):
@@ -65,6 +66,7 @@ class MetricsPort(Protocol):
     def count_announcements(self, vip: str, frames: int) -> None: ...
     def count_dataplane_error(self, vip: str, op: str) -> None: ...
     def count_conflict(self, vip: str) -> None: ...
+    def record_takeover(self, vip: str, cause: str, seconds: float | None = None) -> None: ...
 
 
 class _NoLease:
@@ -157,6 +159,9 @@ class Controller:
             self._ownership(self.vips, new.state is State.OWNER)  # before any address is removed
         self._metrics.record_transition(self.name, old.state, new.state)
         self._metrics.set_epoch(self.name, new.epoch)
+        took = takeover(self.params.node, new, trio.current_time()) if new.state is State.OWNER else None
+        if took is not None:
+            self._metrics.record_takeover(self.name, *took)
         owner = new.owner.node if new.owner else None
         hook = ("owner" if new.state is State.OWNER else "fenced" if new.state is State.FENCED
                 else "fault" if isinstance(ev, (AddressFailed, ProbeDone))
