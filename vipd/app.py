@@ -33,6 +33,8 @@ from vipd.fence import Fence, LifetimeFence
 from vipd.ownership.controller import Controller
 from vipd.ownership.state import Params
 from vipd import control
+from vipd.wiring_dsr import DsrWiring
+from vipd.wiring_l2 import L2Gate
 
 SHUTDOWN_GRACE = 3.0  # seconds the controllers get to remove addresses and give keys back
 
@@ -57,7 +59,9 @@ class Daemon:
         self.fitness = Fitness(cfg, self.post, lambda: self.lease.presence_changed(), self.metrics, nl)
         gate = trio.Semaphore(1)  # one handover to a preferred host at a time, per host
         self.lifetime = LifetimeFence(RefreshBatcher(self.addresses))
-        fences: list[Fence] = [self.routing]
+        self.dsr = DsrWiring(cfg, nl, self.metrics.registry, self.fitness)
+        self.l2 = L2Gate(cfg, nl, self.metrics, self.fitness)
+        fences: list[Fence] = [self.routing, *self.dsr.fences]
         self.controllers = {u.name: Controller(u, params(u), self.addresses, self.announcer, self.keys,
                                                self.metrics, self.lifetime, fences=fences, conflicts=self,
                                                hooks=self.hooks, preempt_gate=gate, lease=self,
@@ -74,7 +78,8 @@ class Daemon:
         self._unit_of_ip = {v.ip: v.unit for v in cfg.vips}
         self._running: list[Controller] = []  # started controllers (a stop during startup waits for these)
         self.directory = HostDirectory(client, cfg.etcd.prefix, cfg.units,
-                                       lambda name, ranking: self.post(name, Placement(ranking)))
+                                       lambda name, ranking: self.post(name, Placement(ranking)),
+                                       on_hosts=self.dsr.update_hosts)
 
     async def check_free(self, vip) -> None:  # type: ignore[no-untyped-def]
         # a LAN answers an ARP probe in well under a millisecond: 2 x 0.1 s is plenty, and keeps a
@@ -124,7 +129,8 @@ class Daemon:
         return {name: {"state": c.state.state.value, "sub": c.state.sub.value, "epoch": c.state.epoch,
                        "why_not": c.state.why_not or None,
                        "owner": c.state.owner.node if c.state.owner else None,
-                       "lease_left": round(max(0.0, c.state.valid_until - now), 3) if c.state.lease else 0.0}
+                       "lease_left": round(max(0.0, c.state.valid_until - now), 3) if c.state.lease else 0.0,
+                       "unfit": self.fitness.reasons(name) or None, "dsr": self.dsr.status(c.vips)}
                 for name, c in self.controllers.items()}
 
     async def remove_stale(self) -> None:
@@ -175,6 +181,8 @@ class Daemon:
                     await self._remove_stray(t, "stray_address_removed")
                 else:
                     present.add(vip.name)
+            for v in configured.values():
+                self.metrics.set_address_present(v.name, v.name in present)
             for c in self.controllers.values():
                 held = [v.name in present for v in c.vips]
                 c.post(Reconcile(missing=not all(held), present=any(held), taken_at=taken_at))
@@ -256,6 +264,8 @@ class Daemon:
                 await nursery.start(serve, self.metrics, self.cfg.metrics_listen)
             await nursery.start(control.serve, self, self.cfg.control_socket)
             await nursery.start(self.hooks.run)
+            nursery.start_soon(self.l2.run)  # before the first claim: awaited before the lease below
+            await nursery.start(self.dsr.run)  # the director's maps exist before a controller arms them
             for c in self.controllers.values():
                 await nursery.start(c.run)
                 self._running.append(c)
@@ -266,6 +276,7 @@ class Daemon:
             systemd.notify("STATUS=waiting for etcd")
             await nursery.start(self.keys.watch, list(self.controllers), self._deliver_owner)
             await nursery.start(self.directory.run)
+            await self.l2.checked.wait()
             await nursery.start(self.lease.run)
             nursery.start_soon(self.lease.sync_presence)
             nursery.start_soon(self.reconcile)
@@ -289,3 +300,4 @@ async def run(cfg: Config) -> None:
             await daemon.run()
         finally:
             await daemon.routing.aclose()
+            await daemon.dsr.aclose()

@@ -56,11 +56,13 @@ def rankings(units: Sequence[Unit], hosts: Mapping[str, HostInfo]) -> dict[str, 
 
 class HostDirectory:
     def __init__(self, client: FollowClient, prefix: str, units: Sequence[Unit],
-                 on_placement: Callable[[str, tuple[str, ...]], None]) -> None:
+                 on_placement: Callable[[str, tuple[str, ...]], None],
+                 on_hosts: Callable[[Mapping[str, HostInfo]], None] | None = None) -> None:
         self._client = client
         self.prefix = prefix + "hosts/"
         self._units = list(units)
         self._on_placement = on_placement
+        self._on_hosts = on_hosts  # told every change of the host set or a host's value (DSR backends)
         self.hosts: dict[str, HostInfo] = {}
         self.placement: dict[str, tuple[str, ...]] = {}
 
@@ -81,6 +83,8 @@ class HostDirectory:
         await follow(self._client, self.prefix, snapshot, event, task_status=task_status)
 
     def _recompute(self) -> None:
+        if self._on_hosts is not None:
+            self._on_hosts(self.hosts)
         new = rankings(self._units, self.hosts)
         for name, order in new.items():
             if self.placement.get(name) != order:
