@@ -181,10 +181,9 @@ class Daemon:
                     await self._remove_stray(t, "stray_address_removed")
                 else:
                     present.add(vip.name)
-            for v in configured.values():
-                self.metrics.set_address_present(v.name, v.name in present)
             for c in self.controllers.values():
                 held = [v.name in present for v in c.vips]
+                self.metrics.set_address_present(c.name, all(held))  # labelled by unit, like vipd_vip_owner
                 c.post(Reconcile(missing=not all(held), present=any(held), taken_at=taken_at))
             await self.routing.reconcile()
 

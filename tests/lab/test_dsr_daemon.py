@@ -124,6 +124,7 @@ def test_the_daemon_directs_a_flow_and_the_new_owner_keeps_its_backend(lab5: tup
         assert 'vipd_dsr_available 1.0' in text and f'vipd_dsr_program_attached{{interface="{lab.nic}"}} 1.0' in text
         assert not [x for x in text.splitlines() if x.startswith("vipd_takeovers_total{")]  # a first claim
         assert 'vipd_vip_address_present{vip="web"} 1.0' in text
+        assert 'vipd_vip_address_present{vip="web"} 0.0' in cluster.metrics(standby)
 
         stream = Stream(lab, lab.client, str(vip.ip), tmp_path)
         backend = stream.backend()
