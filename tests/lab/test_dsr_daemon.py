@@ -166,3 +166,38 @@ def test_the_daemon_directs_a_flow_and_the_new_owner_keeps_its_backend(lab5: tup
         cluster.stop_all()
         monitor.stop()
     monitor.assert_never_dual()
+
+
+def test_a_backend_that_would_answer_arp_refuses_and_its_unit_is_unfit_there(lab: Lab, make_cluster: Any) -> None:
+    """The daemon's backend role refuses (an interface whose arp_ignore is a reserved value: the
+    kernel would answer ARP for the VIP): the unit is unfit on that host (a Fitness veto, with the
+    reason in `vipd state` and the presence), so it never directs or claims it; everything else runs."""
+    h1 = lab.hosts[0]
+    vip = lab.vip4(1)
+    service = {"protocol": "tcp", "port": PORT, "backends": [{"node": h1.name, "address": str(h1.ip.ip)}]}
+    lab.run(h1, ["sysctl", "-qw", f"net.ipv4.conf.{lab.nic}.arp_ignore=5"])
+    cluster: Cluster = make_cluster([VipDef("web", str(vip), extra={"service": [service]})], start=False)
+    cluster.start(h1)
+    log = cluster.log_path(h1)
+    wait_for(lambda: "event=dsr_backend_refused" in (log.read_text() if log.exists() else ""), 30,
+             "the refusal in h1's log")
+
+    def unfit() -> list[str] | None:
+        out = cluster.run_cli(h1, "state")
+        return json.loads(out.stdout)["web"]["unfit"] if out.returncode == 0 else None
+
+    reasons = wait_for(unfit, 30, "h1's state to say why web is unfit")
+    assert any(r.startswith("web/dsr: refusing to be a DSR backend for web") and "arp_ignore is 5" in r
+               for r in reasons), reasons
+
+    def presence() -> dict[str, Any] | None:
+        out = cluster.run_cli(h1, "status", "--json")
+        hosts = json.loads(out.stdout)["hosts"] if out.returncode == 0 else []
+        return next((h for h in hosts if h["node"] == h1.name), None)
+
+    me = wait_for(presence, 30, "h1's presence in etcd")
+    assert me["down"] == ["web"] and any("arp_ignore is 5" in r for r in me["reasons"]), me
+    assert lab.holders(vip.ip) == [] and "to=owner" not in log.read_text()
+    assert cluster.term(h1) == 0
+    assert not on_lo(lab, h1, vip.ip) and not dsr_filter(lab, h1)
+    assert lab.run(h1, ["sysctl", "-n", "net.ipv4.conf.all.arp_ignore"]).stdout.strip() == "0"  # restored
