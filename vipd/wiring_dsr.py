@@ -9,7 +9,9 @@ Contract (what vipd/app.py gets from DsrWiring; all of it is inert when no VIP h
   filter on the director interfaces, DSR-tagged addresses on lo), then starts the service (director
   and backend role) and is started once both are up. BPF missing: the service says why
   (svc.unavailable) and every other feature runs. A backend role that refuses (this host would
-  answer ARP for the VIP) vetoes the units it backs (Fitness), with the reason.
+  answer ARP for the VIP) vetoes the units it backs (Fitness), with the reason. The service failing
+  (an unexpected kernel error) never stops the daemon: logged (`dsr_failed`), started again after
+  1 s, 2 s, ... 30 s; meanwhile this host does not direct.
 - `update_hosts(hosts)`: every host-directory change (etcd presence and health) -> backend sets.
 - `status(vips)`: the live view per service (`vipd state`); metrics registered at construction.
 - `aclose()` after the daemon's nursery ended: the service's own stop has detached and restored;
@@ -36,6 +38,7 @@ from vipd.errors import DataplaneError
 from vipd.fence import Fence
 
 SOURCE = "dsr"
+RESTART_MIN, RESTART_MAX = 1.0, 30.0  # seconds before a failed service is started again (doubling)
 
 
 class Vetoes(Protocol):
@@ -101,14 +104,31 @@ class DsrWiring:
             task_status.started()
             return
         await self._remove_leftovers()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(svc.run)
-            if svc.backend_refused:
-                for unit in sorted({v.unit for v in svc.backend_role.vips}):
-                    self._fitness.veto(unit, svc.backend_refused, source=SOURCE)
-            log.info("dsr_ready", directing=svc.directing, unavailable=svc.unavailable,
-                     backend_refused=svc.backend_refused, services=sum(len(v.services) for v in svc.vips))
-            task_status.started()
+        delay = RESTART_MIN
+        while True:
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(svc.run)
+                    self._started(svc)
+                    task_status.started()
+                    task_status = trio.TASK_STATUS_IGNORED
+                    delay = RESTART_MIN
+            except Exception as e:  # noqa: BLE001 - DSR failing must not take the VIPs down with it
+                # the service's own finally has detached the program and stopped the backend role
+                svc.unavailable = f"failed: {e!r}"
+                log.error("dsr_failed", error=repr(e), restart_in=delay,
+                          effect="this host does not direct DSR traffic until the restart; every other feature runs")
+                task_status.started()
+                task_status = trio.TASK_STATUS_IGNORED
+                await trio.sleep(delay)
+                delay = min(RESTART_MAX, 2 * delay)
+                svc.unavailable = svc.backend_refused = None
+
+    def _started(self, svc: DsrService) -> None:
+        for unit in sorted({v.unit for v in svc.backend_role.vips}):
+            self._fitness.veto(unit, svc.backend_refused, source=SOURCE)  # None lifts an earlier refusal
+        log.info("dsr_ready", directing=svc.directing, unavailable=svc.unavailable,
+                 backend_refused=svc.backend_refused, services=sum(len(v.services) for v in svc.vips))
 
     async def _remove_leftovers(self) -> None:
         """What a SIGKILLed run left: its filter (the service replaces it too) and its lo addresses."""
