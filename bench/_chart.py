@@ -14,7 +14,7 @@ from typing import Any
 
 FAULT_LABELS = {"sigterm": "planned\nhandover", "sigkill": "daemon\nSIGKILL", "sigstop": "daemon\nhang (SIGSTOP)",
                 "linkcut": "owner\nlink cut", "etcd-restart": "etcd\nrestart"}
-COLORS = {"vipd": "#1f77b4", "keepalived": "#ff7f0e", "keepalived-tuned": "#d62728", "vip-manager": "#2ca02c"}
+COLORS = {"vipd": "#1f77b4", "vipd-tuned": "#17becf", "keepalived": "#ff7f0e", "keepalived-tuned": "#d62728", "vip-manager": "#2ca02c"}
 
 
 def render(results: dict[str, Any], path: Path) -> None:

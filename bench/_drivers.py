@@ -222,7 +222,8 @@ class VipdDriver(DaemonDriver):
     runs it (no ExecStopPost: a SIGKILL leaves only the kernel lifetimes to fence)."""
 
     name = "vipd"
-    REJOIN_EVENTS = ("ready", "lease_granted", "etcd_restored")
+    PEERS: dict[str, Any] = {}  # [peers] overrides (vipd-tuned)
+    REJOIN_EVENTS = ("ready", "lease_granted", "etcd_restored", "transition")  # transition: a thawed owner fenced
 
     def __init__(self, lab: Lab, workdir: Path, vips: list[VipDef], *, etcd: EtcdServer | None,
                  clock: C.Clock, tag: str = "", timing: dict[str, Any] | None = None,
@@ -230,9 +231,14 @@ class VipdDriver(DaemonDriver):
         super().__init__(lab, workdir, vips, etcd=etcd, clock=clock, tag=tag)
         assert etcd is not None
         self.key_prefix = f"/vipd/{lab.prefix}{'-' + tag if tag else ''}/"
-        self.cluster = Cluster(lab, workdir, vips, endpoints=[etcd.endpoint], lease_ttl=LEASE_TTL,
-                               prefix=self.key_prefix, timing=timing)
-        self.ttl_granted = float(LEASE_TTL)
+        from vipd.config import EtcdConfig
+        shipped = timing is not None and "fence_margin" in timing  # --timing defaults: vipd as shipped
+        ttl = EtcdConfig().lease_ttl if shipped else LEASE_TTL
+        etcd_extra = {"request_timeout": EtcdConfig().request_timeout} if shipped else None
+        top = {"peers": dict(self.PEERS)} if self.PEERS else None
+        self.cluster = Cluster(lab, workdir, vips, endpoints=[etcd.endpoint], lease_ttl=ttl, etcd_extra=etcd_extra,
+                               prefix=self.key_prefix, timing=timing, top_extra=top)
+        self.ttl_granted = float(ttl)
 
     def preflight(self) -> None:
         from vipd import config
@@ -291,7 +297,11 @@ class VipdDriver(DaemonDriver):
             "reconcile_interval": cfg.timing.reconcile_interval, "release_holdoff": cfg.timing.release_holdoff,
             "announce_count": cfg.vips[0].announce_count, "announce_interval": cfg.vips[0].announce_interval,
             "command": f"vipd run -c {path}",
-            "summary": (f"lease TTL {cfg.etcd.lease_ttl} s, {cfg.timing.keepalives_per_ttl} keepalives per TTL, "
+            "peers": {"enabled": cfg.peers.enabled, "interval": cfg.peers.interval, "lease": cfg.peers.lease,
+                      "grace": cfg.peers.grace},
+            "summary": (f"peers h {cfg.peers.interval * 1e3:g} / L {cfg.peers.lease * 1e3:g} / G "
+                        f"{cfg.peers.grace * 1e3:g} ms, "
+                        f"lease TTL {cfg.etcd.lease_ttl} s, {cfg.timing.keepalives_per_ttl} keepalives per TTL, "
                         f"fence_margin {cfg.timing.fence_margin} s, request_timeout {cfg.etcd.request_timeout} s, "
                         f"reconcile {cfg.timing.reconcile_interval} s, {cfg.vips[0].announce_count} GARPs "
                         f"{cfg.vips[0].announce_interval} s apart"),
@@ -570,6 +580,8 @@ def make_driver(daemon: str, lab: Lab, workdir: Path, vips: list[VipDef], *, etc
                 layout: str = "per-vip") -> DaemonDriver:
     if daemon == "vipd":
         return VipdDriver(lab, workdir, vips, etcd=etcd, clock=clock, tag=tag, timing=timing)
+    if daemon == "vipd-tuned":
+        return VipdTunedDriver(lab, workdir, vips, etcd=etcd, clock=clock, tag=tag, timing=timing)
     if daemon in KeepalivedDriver.PROFILES:
         return KeepalivedDriver(lab, workdir, vips, etcd=etcd, clock=clock, tag=tag, profile=daemon, layout=layout)
     if daemon == "vip-manager":
@@ -577,7 +589,14 @@ def make_driver(daemon: str, lab: Lab, workdir: Path, vips: list[VipDef], *, etc
     raise ValueError(daemon)
 
 
-CLASSES: dict[str, type[DaemonDriver]] = {"vipd": VipdDriver, "keepalived": KeepalivedDriver,
+class VipdTunedDriver(VipdDriver):
+    """vipd with faster heartbeats: h 5 ms, L 45 ms, G 65 ms (G - L = 20 ms, the least vipd accepts)."""
+
+    name = "vipd-tuned"
+    PEERS = {"interval": 0.005, "lease": 0.045, "grace": 0.065}
+
+
+CLASSES: dict[str, type[DaemonDriver]] = {"vipd": VipdDriver, "vipd-tuned": VipdTunedDriver, "keepalived": KeepalivedDriver,
                                           "keepalived-tuned": KeepalivedDriver, "vip-manager": VipManagerDriver}
 DAEMONS = tuple(CLASSES)
 USES_ETCD = {d: c.uses_etcd for d, c in CLASSES.items()}  # False: no etcd in the lab, no etcd-restart fault

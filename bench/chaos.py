@@ -5,7 +5,8 @@
 
 Faults: planned handover (vipd release / SIGTERM + restart), daemon SIGKILL + restart, daemon hang
 (SIGSTOP 0.5-5 s), link cut + restore, etcd restart, host<->etcd and host<->hosts partitions
-(nftables). One at a time; after each, every VIP must have exactly one holder again within
+(nftables), one-way loss between two hosts and 5-20 % random loss on every port (nftables in the
+switch), and with --etcd-members 3 etcd member faults (leader kill / cut / pause, follower kill). One at a time; after each, every VIP must have exactly one holder again within
 --recovery-timeout. An AddressMonitor samples every host every 10 ms; client probes watch one IPv4 and
 one IPv6 VIP. Prints tables and writes bench/out/chaos-<ts>.json (logs in bench/out/chaos-<ts>/).
 Exit 0 when there was no dual ownership, no leak and no failed recovery; 1 otherwise; 130 interrupted.
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="replay a run (default: random, printed)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated fault kinds (default: all)")
     ap.add_argument("--recovery-timeout", type=float, default=20.0)
+    ap.add_argument("--etcd-members", type=int, choices=(1, 3), default=1,
+                    help="1: one etcd (etcd_restart faults); 3: a real 3-member cluster (etcd_member faults: "
+                         "leader kill / cut / pause, follower kill)")
     ap.add_argument("--prefix", default="vtx", help="lab namespace prefix (default %(default)s)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = ap.parse_args(argv)
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = ChaosConfig(prefix=args.prefix, workdir=args.out / f"chaos-{stamp}", duration=args.duration,
                       seed=args.seed, kinds=tuple(k for k in args.kinds.split(",") if k),
-                      recovery_timeout=args.recovery_timeout, echo=lambda s: print(s, flush=True))
+                      recovery_timeout=args.recovery_timeout, etcd_members=args.etcd_members,
+                      echo=lambda s: print(s, flush=True))
     try:
         res = Chaos(cfg).run()
     except FileExistsError as e:

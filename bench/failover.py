@@ -4,7 +4,7 @@ fault: how long a client loses the VIP, how long two hosts hold it at once, and 
 still holds it afterwards; per daemon the idle footprint with 10 VIPs; for vipd the time to claim
 and announce 1, 100 and 1,000 VIPs. Runs on demand as root, never as a test:
 
-    .venv/bin/python bench/failover.py [--daemons vipd,keepalived,keepalived-tuned,vip-manager]
+    .venv/bin/python bench/failover.py [--daemons vipd,vipd-tuned,keepalived,keepalived-tuned,vip-manager]
                                        [--faults sigterm,sigkill,sigstop,linkcut,etcd-restart]
                                        [--runs 5] [--json PATH] [--seed N]
 

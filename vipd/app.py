@@ -33,6 +33,12 @@ from vipd.fence import Fence, LifetimeFence
 from vipd.ownership.controller import Controller
 from vipd.ownership.state import Params
 from vipd import control
+from vipd.dataplane.fence_nft import NftFence
+from vipd.election.hosts import HostInfo
+from vipd.peers.protocol import Event as PeerEvent
+from vipd.peers.metrics import PeerCollector
+from vipd.peers.service import PeerService
+from vipd.succession import Succession
 from vipd.wiring_dsr import DsrWiring
 from vipd.wiring_l2 import L2Gate
 
@@ -51,22 +57,36 @@ class Daemon:
         pl = cfg.placement
         self.routing = Routing(cfg, nl, self.addresses, client)
 
+        # fast takeover (vipd/succession.py): a token fence on the VIPs' NICs, bounded by the successor's acks
+        self.nft = NftFence(nl) if cfg.peers.enabled else None
+        self.peers = PeerService(cfg, client, nl, self._peer_event)  # type: ignore[arg-type]
+        self.succession = Succession(cfg.node, self.nft, self.keys, self.peers,  # type: ignore[arg-type]
+                                     lease=cfg.peers.lease, interval=cfg.peers.interval,
+                                     placement=lambda u: self.directory.placement.get(u, ()),
+                                     broadcast=self.broadcast, metrics=self.metrics)
+        if self.nft is None:
+            self.succession.enabled = False
+        self.keys.listeners.append(self.succession.observe)
+        self.metrics.registry.register(PeerCollector(
+            lambda: self.peers.transport.peers.links if self.peers.transport else {}, self.nft, self.succession))
+
         def params(u: Unit) -> Params:
             return Params(cfg.node, cfg.timing.fence_margin, cfg.timing.release_holdoff,
                           pl.preempt_delay if pl.preempt else None, pl.campaign_stagger, u.anycast,
-                          conflict_check=any(v.conflict_check and not v.on_loopback for v in u.vips))
+                          conflict_check=any(v.conflict_check and not v.on_loopback for v in u.vips),
+                          takeover=self.nft is not None and not u.anycast and self.nft.covers(u.vips))
         self.hooks = HookRunner.from_config(cfg.hooks, node=cfg.node)
         self.fitness = Fitness(cfg, self.post, lambda: self.lease.presence_changed(), self.metrics, nl)
         gate = trio.Semaphore(1)  # one handover to a preferred host at a time, per host
         self.lifetime = LifetimeFence(RefreshBatcher(self.addresses))
         self.dsr = DsrWiring(cfg, nl, self.metrics.registry, self.fitness)
         self.l2 = L2Gate(cfg, nl, self.metrics, self.fitness)
-        fences: list[Fence] = [self.routing, *self.dsr.fences]
+        fences: list[Fence] = [self.routing, *self.dsr.fences] + ([self.succession] if self.nft is not None else [])
         self.controllers = {u.name: Controller(u, params(u), self.addresses, self.announcer, self.keys,
                                                self.metrics, self.lifetime, fences=fences, conflicts=self,
                                                hooks=self.hooks, preempt_gate=gate, lease=self,
                                                healthy=self.fitness.initial(u.name), ownership=self.owning,
-                                               holdoff=self.fitness.hold)
+                                               holdoff=self.fitness.hold, takeover=self.succession)
                             for u in cfg.units}
         self.lease = HostLease(client, ttl=cfg.etcd.lease_ttl, keepalives_per_ttl=cfg.timing.keepalives_per_ttl,
                                presence_key=f"{cfg.etcd.prefix}hosts/{cfg.node}", presence=self.fitness.presence,
@@ -78,8 +98,40 @@ class Daemon:
         self._unit_of_ip = {v.ip: v.unit for v in cfg.vips}
         self._running: list[Controller] = []  # started controllers (a stop during startup waits for these)
         self.directory = HostDirectory(client, cfg.etcd.prefix, cfg.units,
-                                       lambda name, ranking: self.post(name, Placement(ranking)),
-                                       on_hosts=self.dsr.update_hosts)
+                                       lambda name, ranking: self.post(name, Placement(ranking)), self._hosts)
+        self.fitness.peer_address = lambda: self.peers.address
+
+    def _hosts(self, hosts: dict[str, HostInfo]) -> None:
+        self.peers.set_hosts({n: h.peer for n, h in hosts.items()})
+        self.dsr.update_hosts(hosts)
+
+    def _peer_event(self, ev: PeerEvent) -> None:
+        self.succession.on_peer_event(ev)
+
+    async def start_fast_takeover(self, nursery: trio.Nursery) -> None:
+        """The token fence's table, then the heartbeats (their key may wait for etcd), then successors."""
+        if self.nft is None:
+            return
+        try:
+            await self.nft.ensure(self.cfg.vips)
+        except DataplaneError as e:
+            self.succession.disable(f"nftables token fence unavailable: {e}")
+            return
+        ip = await self.peers.resolve()
+        if ip is None:
+            self.succession.disable("no IPv4 address for heartbeats on the VIPs' interface (set [peers] address)")
+            return
+
+        async def heartbeats() -> None:
+            try:
+                async with trio.open_nursery() as inner:
+                    await inner.start(self.peers.run, ip)
+                    self.lease.presence_changed()  # publish our heartbeat address
+            except OSError as e:  # bind failed: the address or port is not usable
+                self.succession.disable(f"heartbeat socket on {ip}:{self.cfg.peers.port}: {e.strerror or e}")
+
+        nursery.start_soon(heartbeats)
+        await nursery.start(self.succession.run)
 
     async def check_free(self, vip) -> None:  # type: ignore[no-untyped-def]
         # a LAN answers an ARP probe in well under a millisecond: 2 x 0.1 s is plenty, and keeps a
@@ -130,6 +182,7 @@ class Daemon:
                        "why_not": c.state.why_not or None,
                        "owner": c.state.owner.node if c.state.owner else None,
                        "lease_left": round(max(0.0, c.state.valid_until - now), 3) if c.state.lease else 0.0,
+                       "successor": self.succession.successor(name) if c.state.state is State.OWNER else None,
                        "unfit": self.fitness.reasons(name) or None, "dsr": self.dsr.status(c.vips)}
                 for name, c in self.controllers.items()}
 
@@ -186,6 +239,11 @@ class Daemon:
                 self.metrics.set_address_present(c.name, all(held))  # labelled by unit, like vipd_vip_owner
                 c.post(Reconcile(missing=not all(held), present=any(held), taken_at=taken_at))
             await self.routing.reconcile()
+            if self.nft is not None and self.succession.enabled:
+                try:
+                    await self.nft.verify()  # rebuilds the token table if anything of it went missing
+                except DataplaneError as e:
+                    log.error("fence_verify_failed", error=e)
 
     async def watch_kernel(self) -> None:
         by_if: dict[str, list[Controller]] = {}
@@ -241,11 +299,12 @@ class Daemon:
                     forget_recorded_lease(lease_record_path(self.cfg))
             except EtcdError as e:
                 log.warning("lease_revoke_failed", error=e)
-        if self.routing.nft is not None:
-            try:
-                await self.routing.nft.remove_all()  # armed sets were flushed by the releases already
-            except DataplaneError as e:
-                log.warning("nft_cleanup_failed", error=e)
+        for table in (self.routing.nft, self.nft):
+            if table is not None:
+                try:
+                    await table.remove_all()  # armed sets were flushed by the releases already
+                except DataplaneError as e:
+                    log.warning("nft_cleanup_failed", error=e)
         with trio.move_on_after(2.0):
             await self.hooks.wait_idle()  # let the "backup" hooks of the release finish
 
@@ -259,6 +318,7 @@ class Daemon:
             await self.revoke_recorded()
             await self.routing.start()
             self.fitness.bgp_source = str(self.routing.source or "")
+            await self.start_fast_takeover(nursery)
             if self.cfg.metrics_listen:
                 await nursery.start(serve, self.metrics, self.cfg.metrics_listen)
             await nursery.start(control.serve, self, self.cfg.control_socket)
@@ -299,4 +359,6 @@ async def run(cfg: Config) -> None:
             await daemon.run()
         finally:
             await daemon.routing.aclose()
+            if daemon.nft is not None:
+                await daemon.nft.aclose()
             await daemon.dsr.aclose()

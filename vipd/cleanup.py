@@ -60,10 +60,12 @@ async def finish(cfg: Config) -> None:
     from vipd.election.lease import forget_recorded_lease, read_recorded_lease
     from vipd.errors import EtcdError
 
+    from vipd.dataplane.fence_nft import NftFence
     from vipd.wiring_dsr import cleanup_all as dsr_cleanup
 
-    async with Netlink() as nl, NftManager(nl) as nft:  # its sets expire anyway; drop the table now,
-        await nft.remove_all()                           # whatever the config says today
+    async with Netlink() as nl, NftManager(nl) as nft, NftFence(nl) as fence:  # their sets expire anyway;
+        await nft.remove_all()                                                # drop the tables now, whatever
+        await fence.remove_all()                                              # the config says today
         links = await nl.call(lambda ipr: [m.get_attr("IFLA_IFNAME") for m in ipr.get_links()])
         await dsr_cleanup(nl, [n for n in links if n and n != "lo"])  # vipd's filter only, wherever it is
     path = lease_record_path(cfg)

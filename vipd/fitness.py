@@ -36,6 +36,7 @@ class Fitness:
         self.monitor = HealthMonitor(checks, self._changed, nl=nl) if checks else None  # type: ignore[arg-type]
         self.ok = {u.name: self.initial(u.name) for u in cfg.units}
         self.bgp_source = ""  # set once routing knows it; published with the presence
+        self.peer_address: Callable[[], str] = lambda: ""  # the heartbeat endpoint, published with the presence
         self._held: set[str] = set()  # units in their release hold-off: the others campaign first
         for name, ok in self.ok.items():
             metrics.set_healthy(name, ok)
@@ -91,7 +92,7 @@ class Fitness:
                                     + self._vetoes.get(u, [])]
                         + [f"{u}: release hold-off" for u in sorted(self._held)])
         return HostInfo(self._cfg.node, not host_bad, self._cfg.host.weight, down, reasons,
-                        self.bgp_source).to_json()
+                        self.bgp_source, self.peer_address()).to_json()
 
     async def run(self) -> None:
         """Run the checks forever (returns at once when none are configured)."""

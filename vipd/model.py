@@ -91,9 +91,9 @@ class OwnerRecord:
     """What etcd says about a VIP's owner key. node is None when the key is absent."""
 
     node: str | None
-    epoch: int = 0  # create_revision of the owner key: the fencing token
+    epoch: int = 0  # the fencing token: create_revision, or (after a fast takeover) the replaced mod revision + 1
     lease: int = 0
-    revision: int = 0  # etcd revision at which this was observed
+    revision: int = 0  # the key's mod revision (an absent key: the revision at which it was seen absent)
     released: bool = False  # the owner marked it as handed back cleanly (address already removed)
     successor: str | None = None  # the standby the owner designated for a fast takeover
 
@@ -234,6 +234,21 @@ class PreemptGranted:
 
 
 @dataclass(frozen=True)
+class PeerSuspected:
+    """This host's heartbeats from `peer` stopped for longer than the peers' grace (vipd/peers):
+    if a unit's owner is `peer` and names this host its successor, this host may take it over."""
+
+    peer: str
+
+
+@dataclass(frozen=True)
+class PeerRecovered:
+    """A heartbeat from a suspected `peer` arrived again."""
+
+    peer: str
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed (a deadline the state names may have been reached)."""
 
@@ -241,7 +256,7 @@ class Tick:
 Event = Union[Start, LeaseValid, LeaseGone, EtcdRestored, OwnerObserved, CampaignWon, CampaignLost,
               CampaignFailed, ProbeDone, AddressAdded, AddressFailed, ClaimDeferred, AddressRemoved, RemoveFailed,
               KeyReleased, ReleaseFailed, ReleaseRequested, ShutdownRequested, LinkUp, Reconcile, HealthChanged,
-              Placement, PreemptGranted, Tick]
+              Placement, PreemptGranted, PeerSuspected, PeerRecovered, Tick]
 
 
 # ---- actions (outputs of fsm.step) -----------------------------------------------------------
@@ -290,6 +305,16 @@ class Campaign:
 
 
 @dataclass(frozen=True)
+class TakeOver:
+    """Fast takeover: replace `record` (the owner key naming this host successor, at its mod
+    revision) with our own on `lease`, only if it is unchanged and the owner is still suspect at
+    the moment of sending: answered by CampaignWon, CampaignLost or CampaignFailed."""
+
+    record: OwnerRecord
+    lease: int
+
+
+@dataclass(frozen=True)
 class DeleteOwnerKey:
     """Delete our owner key of `epoch`: answered by KeyReleased or ReleaseFailed. With `lease` (a
     clean hand-back: the address is gone) the key is first marked released on that lease."""
@@ -324,4 +349,4 @@ class ReturnPreemptToken:
 
 
 Action = Union[ProbeConflicts, ClaimAddress, ArmFence, RemoveAddress, Announce, StopAnnouncing, Campaign,
-               DeleteOwnerKey, RenewLease, HoldOff, RequestPreempt, ReturnPreemptToken]
+               TakeOver, DeleteOwnerKey, RenewLease, HoldOff, RequestPreempt, ReturnPreemptToken]

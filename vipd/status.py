@@ -37,11 +37,12 @@ async def collect(cfg: Config) -> dict[str, Any]:
                 "epoch": rec.epoch if rec else None,
                 "lease": f"{rec.lease:x}" if rec and rec.lease else None,
                 "lease_ttl_left": ttl.get(rec.lease) if rec else None,
+                "successor": rec.successor if rec and rec.node else None,  # fast takeover (vipd/succession.py)
                 "preferred": (ranked.get(name) or [None])[0],
                 "candidates": list(ranked.get(name, ())),
             })
         host_rows = [{"node": h.node, "healthy": h.healthy, "weight": h.weight, "down": list(h.down),
-                      "reasons": list(h.reasons), "bgp_source": h.bgp_source or None}
+                      "reasons": list(h.reasons), "bgp_source": h.bgp_source or None, "peer": h.peer or None}
                      for h in sorted(hosts.values(), key=lambda h: h.node)]
         unit_of = {v.name: v.unit for v in cfg.vips}
         egress = [{"rule": e.name, "vip": e.vip, "active_on": (owners.get(unit_of[e.vip]) or OwnerRecord(None)).node}
@@ -63,11 +64,12 @@ def render(status: dict[str, Any]) -> str:
                      f"{h['bgp_source'] or '-':<15}  {why or '-'}")
     if not status["hosts"]:
         lines.append("(no host holds a lease)")
-    lines += ["", f"{'VIP':<16} {'ADDRESS':<28} {'OWNER':<16} {'EPOCH':>8} {'LEASE':>18} {'TTL LEFT':>8}  PREFERRED"]
+    lines += ["", f"{'VIP':<16} {'ADDRESS':<28} {'OWNER':<16} {'SUCCESSOR':<16} {'EPOCH':>8} {'LEASE':>18} "
+                  f"{'TTL LEFT':>8}  PREFERRED"]
     for v in status["vips"]:
         ttl = "-" if v["lease_ttl_left"] is None else f"{v['lease_ttl_left']}s"
-        lines.append(f"{v['vip']:<16} {v['address']:<28} {v['owner'] or '-':<16} {v['epoch'] or '-':>8} "
-                     f"{v['lease'] or '-':>18} {ttl:>8}  {v['preferred'] or '-'}")
+        lines.append(f"{v['vip']:<16} {v['address']:<28} {v['owner'] or '-':<16} {v.get('successor') or '-':<16} "
+                     f"{v['epoch'] or '-':>8} {v['lease'] or '-':>18} {ttl:>8}  {v['preferred'] or '-'}")
     if status.get("egress"):
         lines += ["", f"{'EGRESS RULE':<16} {'VIP':<16} ACTIVE ON"]
         lines += [f"{e['rule']:<16} {e['vip']:<16} {e['active_on'] or '- (nobody owns the VIP)'}"

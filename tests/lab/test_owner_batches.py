@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from vipd.election.etcd import EtcdClient
-from vipd.election.owners import RELEASED, TXN_BATCH, OwnerKeys
+from vipd.election.owners import RELEASED, TXN_BATCH, OwnerKeys, owner_value
 from vipd.lab.etcd import EtcdServer
 
 PREFIX = "/vipd/vtbatch/"
@@ -74,7 +74,9 @@ async def test_batched_releases_delete_only_our_epoch(etcd_server: EtcdServer) -
         for ev in await _events(c, a.prefix, start + 1, now):
             seen.setdefault(a.vip_of(ev.kv.key) or "", []).append("DELETE" if ev.type == "DELETE" else ev.kv.value)
         for i, name in enumerate(names):
-            expected = [] if i % 10 == 0 else [f"a {RELEASED}", "DELETE"] if i % 2 == 0 else ["DELETE"]
+            marked = owner_value("a", released=True, epoch=won[name][1].epoch)
+            assert marked.startswith(f"a {RELEASED}")
+            expected = [] if i % 10 == 0 else [marked, "DELETE"] if i % 2 == 0 else ["DELETE"]
             assert seen.get(name, []) == expected, name
 
 

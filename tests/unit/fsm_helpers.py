@@ -7,9 +7,9 @@ from typing import Any
 
 from vipd.model import (AddressAdded, AddressFailed, AddressRemoved, Campaign, CampaignFailed, CampaignLost,
                         CampaignWon, ClaimDeferred, EtcdRestored, Event, HealthChanged, KeyReleased, LeaseGone,
-                        LeaseValid, LinkUp, OwnerObserved, OwnerRecord, Placement, PreemptGranted, ProbeDone,
-                        Reconcile, ReleaseFailed, ReleaseRequested, RemoveFailed, ShutdownRequested, Start, State,
-                        Tick)
+                        LeaseValid, LinkUp, OwnerObserved, OwnerRecord, PeerRecovered, PeerSuspected, Placement,
+                        PreemptGranted, ProbeDone, Reconcile, ReleaseFailed, ReleaseRequested, RemoveFailed,
+                        ShutdownRequested, Start, State, Tick)
 from vipd.ownership.fsm import step
 from vipd.ownership.state import Params, Preempt, Sub, VipState
 
@@ -17,10 +17,12 @@ P = Params(node="h1", fence_margin=0.5, release_holdoff=3.0)
 PP = Params(node="h1", fence_margin=0.5, release_holdoff=3.0, preempt_delay=5.0, campaign_stagger=0.2)
 PC = replace(P, conflict_check=True)
 AP = Params(node="h1", fence_margin=0.5, release_holdoff=3.0, anycast=True)
+TP = replace(PC, takeover=True)  # fast takeover on (and the conflict probe, which a takeover skips)
 LEASE = 7
 ABSENT = OwnerRecord(None, revision=10)
 MINE = OwnerRecord("h1", epoch=11, lease=LEASE, revision=11)
 OTHER = OwnerRecord("h2", epoch=12, lease=99, revision=12)
+NAMED = replace(OTHER, successor="h1", revision=13)  # h2 owns it and names us its successor
 
 
 def run(s: VipState, *events: Event, now: float = 100.0, p: Params = P) -> tuple[VipState, list[Any]]:
@@ -59,6 +61,7 @@ ALL_EVENTS: list[Event] = [
     ShutdownRequested(), LinkUp(), EtcdRestored(), Reconcile(False, True), Reconcile(True, False),
     Reconcile(True, True, taken_at=50.0), Tick(), HealthChanged(False, "down"), HealthChanged(True),
     Placement(("h2", "h1")), Placement(("h1", "h2")), Placement(()), PreemptGranted(),
+    OwnerObserved(NAMED), PeerSuspected("h2"), PeerRecovered("h2"), CampaignWon(replace(MINE, epoch=14, revision=14)),
 ]
 
 
@@ -69,6 +72,7 @@ def every_state() -> list[VipState]:
     for st, subs in SUBSTATES.items():
         for sub in subs:
             for base in (owner(), backup(), backup(owner=MINE), backup(owner=OTHER), owner(valid_until=100.2),
+                         backup(owner=NAMED, suspects=frozenset({"h2"})),
                          replace(owner(), preempt=Preempt("h2", 90.0))):
                 s = replace(base, state=st, sub=sub)
                 if st is State.RELEASING:

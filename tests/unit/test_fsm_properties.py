@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from tests.unit.fsm_helpers import (ALL_EVENTS, AP, LEASE, MINE, OTHER, P, PP, acquiring, backup, every_state,
+from tests.unit.fsm_helpers import (ALL_EVENTS, AP, LEASE, MINE, OTHER, P, PP, TP, acquiring, backup, every_state,
                                     owner, run)
 from vipd.model import (AddressAdded, AddressRemoved, Campaign, ClaimAddress, DeleteOwnerKey, HealthChanged,
                         KeyReleased, LeaseGone, LeaseValid, OwnerObserved, OwnerRecord, Placement, PreemptGranted,
@@ -34,7 +34,8 @@ def test_sub_state_table_is_enforced(monkeypatch):
         step(P, acquiring(), AddressAdded(), 100.0)
 
 
-@pytest.mark.parametrize("params", [P, PP, AP, replace(P, conflict_check=True)], ids=["p", "preempt", "anycast", "probe"])
+@pytest.mark.parametrize("params", [P, PP, AP, replace(P, conflict_check=True), TP],
+                         ids=["p", "preempt", "anycast", "probe", "takeover"])
 def test_every_state_and_event_stays_in_the_tables(params):
     """Every state x sub-state x event x instant: no step leaves the tables (step raises if it does),
     and every table entry is exercised."""
@@ -58,7 +59,7 @@ def test_every_state_and_event_stays_in_the_tables(params):
         assert moved == allowed, f"table entries never exercised: {allowed - moved}"
 
 
-@pytest.mark.parametrize("params", [P, PP, AP], ids=["p", "preempt", "anycast"])
+@pytest.mark.parametrize("params", [P, PP, AP, TP], ids=["p", "preempt", "anycast", "takeover"])
 def test_wakeup_covers_every_tick_that_would_act(params):
     """Whenever step(s, Tick) would do something at `now`, wakeup(s) is set and not later than now:
     the controller never sleeps through a deadline the state depends on."""
@@ -74,13 +75,14 @@ def test_wakeup_covers_every_tick_that_would_act(params):
                     assert w is not None and w <= now + 1e-9, (s, now, acts)
 
 
-def test_wakeup_never_asks_for_a_tick_that_does_nothing():
+@pytest.mark.parametrize("params", [P, TP], ids=["p", "takeover"])
+def test_wakeup_never_asks_for_a_tick_that_does_nothing(params):
     """No busy loop: a wakeup in the past means the Tick acts."""
     for s0 in every_state():
         for now in NOWS:
-            w = st.wakeup(P, s0, now)
+            w = st.wakeup(params, s0, now)
             if w is not None and w <= now and s0.state is not State.STOPPED:
-                s2, acts = step(P, s0, Tick(), now)
+                s2, acts = step(params, s0, Tick(), now)
                 assert acts or s2 != s0, (s0, now)
 
 

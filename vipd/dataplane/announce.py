@@ -114,7 +114,7 @@ class _Interface:
     def _fail_all(self, reason: str) -> None:
         for r in list(self.requests):
             r.finish(AnnounceError(f"announce {r.vip.name} on {self.ifname}: {reason} after {r.sent} frames"))
-            self.requests.remove(r)
+        self.requests.clear()
 
     async def _send_all(self) -> None:
         try:
@@ -122,7 +122,7 @@ class _Interface:
         except DataplaneError as e:
             for r in list(self.requests):
                 r.finish(AnnounceError(f"announce {r.vip.name}: {e}"))
-                self.requests.remove(r)
+            self.requests.clear()
             return
         if link.mac is None:
             self._fail_all(f"interface {self.ifname!r} has no hardware address;")
@@ -149,7 +149,8 @@ class _Interface:
                     r.left -= 1
                     r.next_at = now + r.vip.announce_interval
                     if r.left <= 0:
-                        self.requests.remove(r)
+                        if r in self.requests:  # its caller may have been cancelled while we sent
+                            self.requests.remove(r)
                         r.finish()
                 if not self.requests:
                     break

@@ -240,6 +240,25 @@ class EtcdClient(EtcdTransport):
         return op
 
     @staticmethod
+    def if_mod_op(key: str, mod_revision: int, then: dict[str, Any],
+                  otherwise: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A txn body for txn_each: ``then`` only if key's mod revision is ``mod_revision``."""
+        op: dict[str, Any] = {
+            "compare": [{"key": _b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": str(mod_revision)}],
+            "success": [then]}
+        if otherwise is not None:
+            op["failure"] = [otherwise]
+        return op
+
+    @staticmethod
+    def b64(s: str) -> str:
+        return _b64(s)
+
+    @staticmethod
+    def kv(d: dict[str, Any]) -> KeyValue:
+        return _kv(d)
+
+    @staticmethod
     def put_request(key: str, value: str, lease_id: int) -> dict[str, Any]:
         return {"request_put": {"key": _b64(key), "value": _b64(value), "lease": str(lease_id)}}
 

@@ -24,6 +24,7 @@ class HostInfo:
     down: tuple[str, ...] = ()  # units this host cannot serve (their own checks fail)
     reasons: tuple[str, ...] = ()  # why the host or a unit is unhealthy, for `vipd status`
     bgp_source: str = ""  # the host's fixed BGP source address, if any
+    peer: str = ""  # "ip:port" of the host's heartbeat endpoint (vipd/peers), if any
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -33,7 +34,8 @@ class HostInfo:
         try:
             d = json.loads(value)
             return cls(node, bool(d.get("healthy", True)), float(d.get("weight", 1.0)),
-                       tuple(d.get("down", ())), tuple(d.get("reasons", ())), str(d.get("bgp_source", "")))
+                       tuple(d.get("down", ())), tuple(d.get("reasons", ())), str(d.get("bgp_source", "")),
+                       str(d.get("peer", "")))
         except (ValueError, TypeError, AttributeError):
             return cls(node)  # a value we do not understand: present, defaults
 
@@ -57,12 +59,12 @@ def rankings(units: Sequence[Unit], hosts: Mapping[str, HostInfo]) -> dict[str, 
 class HostDirectory:
     def __init__(self, client: FollowClient, prefix: str, units: Sequence[Unit],
                  on_placement: Callable[[str, tuple[str, ...]], None],
-                 on_hosts: Callable[[Mapping[str, HostInfo]], None] | None = None) -> None:
+                 on_hosts: Callable[[dict[str, HostInfo]], None] | None = None) -> None:
         self._client = client
         self.prefix = prefix + "hosts/"
         self._units = list(units)
         self._on_placement = on_placement
-        self._on_hosts = on_hosts  # told every change of the host set or a host's value (DSR backends)
+        self._on_hosts = on_hosts
         self.hosts: dict[str, HostInfo] = {}
         self.placement: dict[str, tuple[str, ...]] = {}
 

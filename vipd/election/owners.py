@@ -1,7 +1,15 @@
-"""Owner keys: `<prefix>vips/<name>/owner` = node, attached to the owner's host lease.
+"""Owner keys: `<prefix>vips/<name>/owner`, attached to the owner's host lease.
 
-Created only by a transaction requiring create_revision == 0; that create_revision is the ownership
-epoch (the fencing token). One watch on `<prefix>vips/` feeds every controller.
+The value is `<node>[ released][ epoch=<N>][ successor=<node>]`. A key is created only by a
+transaction requiring create_revision == 0; that create_revision is the ownership epoch (the
+fencing token) unless the value names one. Every later write is a transaction comparing the key's
+mod revision with the one the writer last saw, so each change of owner or successor is linearised
+on this one key (vipd/succession.py builds its safety argument on that):
+- the owner names its successor (`rename`), keeping its epoch;
+- the named successor replaces the owner (`take_over`, fast takeover) with epoch = the replaced
+  mod revision + 1, which exceeds every earlier epoch of the key and is below every later one;
+- the owner gives it back (`release`).
+One watch on `<prefix>vips/` feeds every controller.
 
 Campaigns and releases are batched per host: the calls that many controllers make in the same moment
 (start, a host leaving, shutdown) go to etcd as the nested transactions of a few transactions (at
@@ -49,6 +57,26 @@ class OwnersClient(Protocol):
 RELEASED = "released"
 
 
+def owner_value(node: str, *, released: bool = False, epoch: int | None = None, successor: str | None = None) -> str:
+    parts = [node] + ([RELEASED] if released else []) + ([f"epoch={epoch}"] if epoch is not None else [])
+    return " ".join(parts + ([f"successor={successor}"] if successor else []))
+
+
+def parse_value(value: str) -> tuple[str | None, bool, int | None, str | None]:
+    """(node, released, epoch if named, successor): unknown tokens are ignored (newer writers)."""
+    tokens = (value or "").split()
+    node = tokens[0] if tokens else None
+    epoch: int | None = None
+    successor: str | None = None
+    for t in tokens[1:]:
+        name, _, arg = t.partition("=")
+        if name == "epoch" and arg.isdigit():
+            epoch = int(arg)
+        elif name == "successor" and arg:
+            successor = arg
+    return node, RELEASED in tokens[1:], epoch, successor
+
+
 class OwnerKeys:
     def __init__(self, client: OwnersClient, prefix: str, node: str) -> None:
         self._client = client
@@ -58,6 +86,9 @@ class OwnerKeys:
             self._campaign_batch, max_batch=TXN_BATCH, parallel=PARALLEL_TXNS)
         self._releases: Coalescer[tuple[str, int, int], bool] = Coalescer(
             self._release_batch, max_batch=TXN_BATCH, parallel=PARALLEL_TXNS)
+        # our own keys: name -> (epoch, mod revision last written or seen): later writes compare it
+        self.held: dict[str, tuple[int, int]] = {}
+        self.listeners: list[Callable[[str, OwnerRecord], None]] = []  # told every record learnt
 
     def key(self, vip: str) -> str:
         return f"{self.prefix}{vip}/owner"
@@ -69,9 +100,57 @@ class OwnerKeys:
 
     @staticmethod
     def record(kv: KeyValueLike, revision: int | None = None) -> OwnerRecord:
-        node, _, mark = (kv.value or "").partition(" ")
-        return OwnerRecord(node or None, kv.create_revision, kv.lease,
-                           revision if revision is not None else kv.mod_revision, mark == RELEASED)
+        node, released, epoch, successor = parse_value(kv.value)
+        return OwnerRecord(node, epoch if epoch is not None else kv.create_revision, kv.lease,
+                           revision if revision is not None else kv.mod_revision, released, successor)
+
+    def _saw(self, name: str, record: OwnerRecord) -> None:
+        for listener in self.listeners:
+            listener(name, record)
+        if record.node == self.node and not record.released:
+            held = self.held.get(name)
+            if held is None or held[0] != record.epoch or held[1] < record.revision:
+                self.held[name] = (record.epoch, record.revision)
+        elif record.node != self.node:
+            self.held.pop(name, None)
+
+    async def take_over(self, vip: str, record: OwnerRecord, lease: int) -> tuple[bool, OwnerRecord]:
+        """Replace `record` (a peer's key naming us successor) with ours on `lease`, only if the key
+        still has record's mod revision: (won, the key's record now)."""
+        key = self.key(vip)
+        value = owner_value(self.node, epoch=record.revision + 1)
+        op = EtcdClient.if_mod_op(key, record.revision, EtcdClient.put_request(key, value, lease),
+                                  otherwise={"request_range": {"key": EtcdClient.b64(key)}})
+        results, revision = await self._client.txn_each([op])
+        ok, responses = results[0]
+        if ok:
+            won = OwnerRecord(self.node, record.revision + 1, lease, revision)
+            self._saw(vip, won)
+            return True, won
+        return False, self._current(responses, revision)
+
+    async def rename(self, items: Sequence[tuple[str, OwnerRecord, str | None]]) -> dict[str, tuple[bool, OwnerRecord]]:
+        """For each (name, our record, successor): rewrite our key naming `successor` (None: nobody),
+        only if it still has the record's mod revision. One transaction (callers keep it under
+        TXN_BATCH). Returns name -> (succeeded, the key's record now)."""
+        ops = []
+        for name, rec, successor in items:
+            key = self.key(name)
+            value = owner_value(self.node, epoch=rec.epoch, successor=successor)
+            ops.append(EtcdClient.if_mod_op(key, rec.revision, EtcdClient.put_request(key, value, rec.lease),
+                                            otherwise={"request_range": {"key": EtcdClient.b64(key)}}))
+        results, revision = await self._client.txn_each(ops)
+        out = {}
+        for (name, rec, successor), (ok, responses) in zip(items, results):
+            now = (OwnerRecord(self.node, rec.epoch, rec.lease, revision, successor=successor) if ok
+                   else self._current(responses, revision))
+            self._saw(name, now)
+            out[name] = (ok, now)
+        return out
+
+    def _current(self, responses: list[dict[str, Any]], revision: int) -> OwnerRecord:
+        kvs = responses[0].get("response_range", {}).get("kvs", []) if responses else []
+        return self.record(EtcdClient.kv(kvs[0])) if kvs else OwnerRecord(None, revision=revision)
 
     async def campaign(self, vip: str, lease: int) -> tuple[bool, OwnerRecord]:
         """Create our owner key for ``vip`` on ``lease`` if there is none: (won, the key's record)."""
@@ -96,29 +175,37 @@ class OwnerKeys:
             for (n, (vip, lease)), (ok, responses) in zip(part, results):
                 won, kv = EtcdClient.create_result(self.key(vip), self.node, lease, ok, responses, revision)
                 done[n] = (won, self.record(kv))
+                if won:
+                    self._saw(vip, done[n][1])
         return [done[n] for n in range(len(items))]
 
     async def _release_batch(self, items: list[tuple[str, int, int]]) -> list[Union[bool, BaseException]]:
-        marked = f"{self.node} {RELEASED}"
         done: dict[int, bool] = {}
         for part in _unique_keys(items, lambda i: i[0]):
             clean = [(vip, epoch, lease) for _, (vip, epoch, lease) in part if lease]
             if clean:  # first mark the clean hand-backs (their watchers see "released" before the delete)
-                await self._client.txn_each([
-                    EtcdClient.if_value_op(self.key(vip), self.node, epoch,
-                                           EtcdClient.put_request(self.key(vip), marked, lease))
+                results, revision = await self._client.txn_each([
+                    self._if_ours(vip, epoch, EtcdClient.put_request(
+                        self.key(vip), owner_value(self.node, released=True, epoch=epoch), lease))
                     for vip, epoch, lease in clean])
-            ops = []
-            for _, (vip, epoch, lease) in part:
-                key = self.key(vip)
-                plain = EtcdClient.if_value_op(key, self.node, epoch, EtcdClient.delete_request(key))
-                ops.append(EtcdClient.if_value_op(key, marked, epoch, EtcdClient.delete_request(key),
-                                                  otherwise={"request_txn": plain}) if lease else plain)
+                for (vip, epoch, _), (ok, _) in zip(clean, results):
+                    if ok:
+                        self.held[vip] = (epoch, revision)
+            ops = [self._if_ours(vip, epoch, EtcdClient.delete_request(self.key(vip))) for _, (vip, epoch, _) in part]
             results, _ = await self._client.txn_each(ops)
-            for (n, _), (ok, responses) in zip(part, results):
-                inner = responses[0].get("response_txn", {}) if responses and not ok else {}
-                done[n] = ok or bool(inner.get("succeeded", False))
+            for (n, (vip, epoch, _)), (ok, _) in zip(part, results):
+                done[n] = ok
+                if ok:
+                    self.held.pop(vip, None)
         return [done[n] for n in range(len(items))]
+
+    def _if_ours(self, vip: str, epoch: int, then: dict[str, Any]) -> dict[str, Any]:
+        """`then` only if the key is still ours for `epoch`: its mod revision is the one we last
+        wrote or saw; a key we never saw written (a previous run's) by its plain value and epoch."""
+        held = self.held.get(vip)
+        if held is not None and held[0] == epoch:
+            return EtcdClient.if_mod_op(self.key(vip), held[1], then)
+        return EtcdClient.if_value_op(self.key(vip), self.node, epoch, then)
 
     async def list(self) -> tuple[dict[str, OwnerRecord], int]:
         kvs, revision = await self._client.get_prefix(self.prefix)
@@ -138,13 +225,17 @@ class OwnerKeys:
         def snapshot(kvs: Sequence[KeyValueLike], revision: int) -> None:
             current = {self.vip_of(kv.key): self.record(kv) for kv in kvs}  # type: ignore[misc]
             for name in names:
-                deliver(name, current.get(name, OwnerRecord(None, revision=revision)))
+                rec = current.get(name, OwnerRecord(None, revision=revision))
+                self._saw(name, rec)
+                deliver(name, rec)
 
         def event(ev: Any) -> None:
             name = self.vip_of(ev.kv.key)
             if name is not None and name in wanted:
-                deliver(name, OwnerRecord(None, revision=ev.kv.mod_revision) if ev.type == "DELETE"
-                        else self.record(ev.kv))
+                rec = (OwnerRecord(None, revision=ev.kv.mod_revision) if ev.type == "DELETE"
+                       else self.record(ev.kv))
+                self._saw(name, rec)
+                deliver(name, rec)
 
         await follow(self._client, self.prefix, snapshot, event, task_status=task_status)  # type: ignore[arg-type]
 

@@ -28,11 +28,16 @@ from vipd import control
 from vipd.lab import chaos_report, netns
 from vipd.lab.cluster import Cluster, VipDef
 from vipd.lab.etcd import EtcdServer
+from vipd.lab.etcd_cluster import FAULTS as ETCD_FAULTS
+from vipd.lab.etcd_cluster import EtcdCluster
 from vipd.lab.monitor import AddressMonitor
 from vipd.lab.probe import Probe
 from vipd.lab.topology import Host, Lab, to_ip
 
-KINDS = ("handover", "sigkill", "hang", "link_cut", "etcd_restart", "partition_etcd", "partition_hosts")
+KINDS = ("handover", "sigkill", "hang", "link_cut", "etcd_restart", "partition_etcd", "partition_hosts",
+         "one_way", "segment_loss", "etcd_member")
+SINGLE_ETCD_ONLY = ("etcd_restart",)  # with a 3-member etcd cluster, etcd_member replaces it
+CLUSTER_ONLY = ("etcd_member",)
 
 
 @dataclass
@@ -46,6 +51,7 @@ class ChaosConfig:
     n_vips6: int = 2
     probes: int = 2  # client probes: the first IPv4 VIP, then the first IPv6 one, then the others
     lease_ttl: int = 3
+    etcd_members: int = 1  # 3: a real 3-member etcd cluster (vipd/lab/etcd_cluster.py) and its member faults
     recovery_timeout: float = 20.0  # after healing, the cluster must have recovered within this
     hold: tuple[float, float] = (0.5, 6.0)  # how long a link cut / partition lasts
     settle: tuple[float, float] = (0.5, 2.5)  # pause between a recovery and the next fault
@@ -88,8 +94,11 @@ class Chaos:
                      + [VipDef(f"v6{chr(97 + i)}", str(lab.vip6(cfg.n_vips4 + i))) for i in range(cfg.n_vips6)])
         self.etcd = EtcdServer(self.dir / "etcd", host=str(lab.etcd_ip), client_port=2379, peer_port=2380,
                                netns=lab.etcd_ns)
+        self.etcd_cluster: EtcdCluster | None = None  # made once the lab is up (cfg.etcd_members == 3)
         self.cluster = Cluster(lab, self.dir / "hosts", self.vips, endpoints=[self.etcd.endpoint],
                                lease_ttl=cfg.lease_ttl, prefix=f"/vipd/{cfg.prefix}/")
+        skip = SINGLE_ETCD_ONLY if cfg.etcd_members > 1 else CLUSTER_ONLY
+        self.kinds = tuple(k for k in cfg.kinds if k not in skip)
         self.monitor = AddressMonitor(lab, [to_ip(v.address) for v in self.vips])
         firsts = [next(v for v in self.vips if to_ip(v.address).version == n) for n in (4, 6)
                   if any(to_ip(v.address).version == n for v in self.vips)]
@@ -110,7 +119,12 @@ class Chaos:
         before: dict[int, str] = {}
         try:
             self.lab.up()
-            self.etcd.start()
+            if self.cfg.etcd_members > 1:
+                self.etcd_cluster = EtcdCluster(self.lab, self.dir / "etcd-cluster", size=self.cfg.etcd_members)
+                self.etcd_cluster.start()
+                self.cluster.endpoints = self.etcd_cluster.endpoints()
+            else:
+                self.etcd.start()
             self.monitor.start()
             self.cluster.start_all()
             if not self._wait_recovered(30.0):
@@ -139,6 +153,8 @@ class Chaos:
                     p.stop()
                 self.monitor.stop(raise_error=False)
                 self.etcd.stop()
+                if self.etcd_cluster is not None:
+                    self.etcd_cluster.close()
                 self.lab.down()
         leaks = end.setdefault("leaks", {})
         leaks["namespaces"] = [n for n in netns.list_ns(cfg.prefix) if n in self.lab.namespaces]
@@ -184,7 +200,7 @@ class Chaos:
 
     def _soak(self, t0: float) -> None:
         while time.monotonic() - t0 < self.cfg.duration:
-            d: dict[str, Any] = {"kind": self.rng.choice(self.cfg.kinds), "vip": self.rng.randrange(len(self.vips)),
+            d: dict[str, Any] = {"kind": self.rng.choice(self.kinds), "vip": self.rng.randrange(len(self.vips)),
                  "owner": self.rng.random(), "host": self.rng.randrange(3), "variant": self.rng.random(),
                  "hold": self.rng.uniform(*self.cfg.hold), "pause": self.rng.uniform(0.5, 5.0),
                  "down": self.rng.uniform(0.0, 3.0), "settle": self.rng.uniform(*self.cfg.settle)}
@@ -286,6 +302,25 @@ class Chaos:
         others = [x for x in self.lab.hosts if x is not h]
         self._hold(lambda: self.lab.partition(h, others), lambda: self.lab.heal(h), d["hold"])
 
+    def _f_one_way(self, f: Fault, h: Host, vip: VipDef, d: dict[str, Any]) -> None:
+        other = self.lab.hosts[(self.lab.hosts.index(h) + 1 + int(d["variant"] * 2) % 2) % 3]
+        src, dst = (h, other) if d["variant"] < 0.5 else (other, h)
+        f.detail = f"{src.name} -> {dst.name} lost for {d['hold']:.1f} s"
+        self._hold(lambda: self.lab.one_way([(src, dst)]), self.lab.heal_loss, d["hold"])
+
+    def _f_segment_loss(self, f: Fault, h: Host, vip: VipDef, d: dict[str, Any]) -> None:
+        f.host = None
+        pct = 5 + int(d["variant"] * 16)  # 5..20 %
+        f.detail = f"{pct} % of frames lost for {d['hold']:.1f} s"
+        self._hold(lambda: self.lab.segment_loss(pct), self.lab.heal_loss, d["hold"])
+
+    def _f_etcd_member(self, f: Fault, h: Host, vip: VipDef, d: dict[str, Any]) -> None:
+        assert self.etcd_cluster is not None
+        f.host = None
+        fault = ETCD_FAULTS[int(d["variant"] * len(ETCD_FAULTS)) % len(ETCD_FAULTS)]
+        hit = self.etcd_cluster.inject(fault, hold=min(d["hold"], 3.0))
+        f.detail = f"{fault} ({hit.node.name})"
+
     # ------------------------------------------------------------------ the end
 
     def _clean_stop(self) -> dict[str, Any]:
@@ -305,7 +340,8 @@ class Chaos:
         vips = {v.name: self.lab.holders(to_ip(v.address)) for v in self.vips}
         try:
             prefix = self.cluster.prefix.encode()
-            r = self.etcd.request("/v3/kv/range", {"key": base64.b64encode(prefix).decode(), "keys_only": True,
+            store = self.etcd_cluster.members[0] if self.etcd_cluster is not None else self.etcd
+            r = store.request("/v3/kv/range", {"key": base64.b64encode(prefix).decode(), "keys_only": True,
                                                    "range_end": base64.b64encode(prefix[:-1] + b"0").decode()})
             keys = [base64.b64decode(kv["key"]).decode() for kv in r.get("kvs", [])]
         except Exception as e:  # noqa: BLE001
@@ -316,8 +352,9 @@ class Chaos:
     def _our_processes(self) -> dict[int, str]:
         """Every process the lab started or found in its namespaces, with its command line."""
         pids = {p.pid for h in self.lab.nodes for p in h.procs} | {p.pid for p in self.cluster.procs.values()}
-        if self.etcd.pid:
-            pids.add(self.etcd.pid)
+        for srv in [self.etcd, *(self.etcd_cluster.members if self.etcd_cluster else [])]:
+            if srv.pid:
+                pids.add(srv.pid)
         for ns in self.lab.namespaces if self.lab.is_up else []:
             pids.update(netns.pids_in(ns))
         return {pid: cmd for pid in pids if (cmd := _cmdline(pid))}

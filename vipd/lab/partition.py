@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from vipd.lab.topology import Host
 
 PARTITION_TABLE = "vtchaos"  # Lab.partition()'s nftables table inside a host namespace
+LOSS_TABLE = "vtloss"  # Lab.one_way()/segment_loss()'s nftables table (bridge family) in the switch namespace
 
 
 class Partitions:
@@ -71,3 +72,27 @@ class Partitions:
     def partitioned(self, host: Host) -> bool:
         return netns.run(netns.exec_argv(self._ns(host), ["nft", "list", "table", "inet", PARTITION_TABLE]),
                          check=False).returncode == 0
+
+    # ------------------------------------------------------------------ losses in the switch (nftables, bridge family)
+
+    def one_way(self, pairs: Sequence[tuple[Host, Host]]) -> None:
+        """Drop every frame the bridge forwards from src's port to dst's port, for each (src, dst),
+        in one direction only (unicast and each flooded copy alike). Replaces earlier losses."""
+        rules = "\n".join(f"    iifname \"{src.port}\" oifname \"{dst.port}\" drop" for src, dst in pairs)
+        self._loss(rules)
+
+    def segment_loss(self, percent: int) -> None:
+        """Drop each forwarded frame with probability percent/100, on every port. Replaces earlier losses."""
+        if not 0 <= percent <= 100:
+            raise ValueError("percent must be 0..100")
+        self._loss(f"    numgen random mod 100 < {percent} drop")
+
+    def heal_loss(self) -> None:
+        netns.run(netns.exec_argv(self.bridge_ns, ["nft", "-f", "-"]),
+                  input=f"table bridge {LOSS_TABLE}\ndelete table bridge {LOSS_TABLE}\n")
+
+    def _loss(self, rules: str) -> None:
+        t = f"bridge {LOSS_TABLE}"
+        script = (f"table {t}\ndelete table {t}\ntable {t} {{\n"
+                  f"  chain vtforward {{ type filter hook forward priority -300; policy accept;\n{rules}\n  }}\n}}\n")
+        netns.run(netns.exec_argv(self.bridge_ns, ["nft", "-f", "-"]), input=script)

@@ -20,9 +20,9 @@ from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Ann
                         CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, ClaimDeferred, DeleteOwnerKey,
                         Event, HoldOff, KeyReleased, OwnerRecord, PreemptGranted, ProbeConflicts, ProbeDone, Reconcile,
                         ReleaseFailed, RemoveAddress, RemoveFailed, RenewLease, RequestPreempt, ReturnPreemptToken,
-                        Start, State, StopAnnouncing, Tick, Unit, VipSpec)
+                        Start, State, StopAnnouncing, TakeOver, Tick, Unit, VipSpec)
 from vipd.ownership import fsm
-from vipd.ownership.state import Params, VipState, wakeup
+from vipd.ownership.state import Params, Sub, VipState, wakeup
 from vipd.takeover import takeover
 
 
@@ -38,6 +38,12 @@ class AnnouncePort(Protocol):
 class KeysPort(Protocol):
     async def campaign(self, vip: str, lease: int) -> tuple[bool, OwnerRecord]: ...
     async def release(self, vip: str, epoch: int, lease: int = 0) -> bool: ...
+
+
+class TakeoverPort(Protocol):
+    async def take_over(self, unit: str, record: OwnerRecord, lease: int) -> tuple[bool, OwnerRecord]:
+        """Replace the suspect owner's record, only if the owner is still suspect at the moment of
+        sending (vipd/succession.py): (won, the key's record now)."""
 
 
 class ConflictPort(Protocol):
@@ -83,7 +89,8 @@ class Controller:
                  hooks: HooksPort | None = None, preempt_gate: GatePort | None = None,
                  lease: LeasePort | None = None, healthy: bool = True,
                  ownership: Callable[[Sequence[VipSpec], bool], None] | None = None,
-                 holdoff: Callable[[str, bool], None] | None = None) -> None:
+                 holdoff: Callable[[str, bool], None] | None = None,
+                 takeover: TakeoverPort | None = None) -> None:
         self.name = unit.name
         self.vips = unit.vips
         self.params = params
@@ -99,7 +106,9 @@ class Controller:
         self._lease = lease or _NoLease()
         self._ownership = ownership  # told when we start/stop owning (duplicate-responder watch)
         self._holdoff = holdoff  # publishes this host's release hold-off for the unit (presence)
+        self._takeover = takeover
         self.state = VipState(healthy=healthy)
+        self._peer_takeover = False  # this acquisition replaced a suspect owner's key (not a deletion)
         self._send, self._recv = trio.open_memory_channel[Event](math.inf)
         self._announcing = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -131,6 +140,8 @@ class Controller:
             ev = queue.pop(0)
             old = self.state
             self.state, actions = fsm.step(self.params, old, ev, trio.current_time())
+            if self.state.state is State.BACKUP and self.state.sub is not Sub.TAKING_OVER:
+                self._peer_takeover = False  # a takeover attempt that did not win
             self._log_step(old, ev, actions)
             for action in actions:
                 follow = await self._do(action)
@@ -160,8 +171,10 @@ class Controller:
         self._metrics.record_transition(self.name, old.state, new.state)
         self._metrics.set_epoch(self.name, new.epoch)
         took = takeover(self.params.node, new, trio.current_time()) if new.state is State.OWNER else None
-        if took is not None:
+        if took is not None and not self._peer_takeover:  # a peer takeover is counted by vipd/succession.py
             self._metrics.record_takeover(self.name, *took)
+        if new.state is not State.ACQUIRING:
+            self._peer_takeover = False
         owner = new.owner.node if new.owner else None
         hook = ("owner" if new.state is State.OWNER else "fenced" if new.state is State.FENCED
                 else "fault" if isinstance(ev, (AddressFailed, ProbeDone))
@@ -192,6 +205,9 @@ class Controller:
             self._announcing.cancel()
         elif isinstance(action, Campaign):
             self._spawn(self._campaign, action.lease)
+        elif isinstance(action, TakeOver):
+            self._peer_takeover = True
+            self._spawn(self._take_over, action.record, action.lease)
         elif isinstance(action, DeleteOwnerKey):
             self._spawn(self._delete_key, action.epoch, action.lease)
         elif isinstance(action, HoldOff):
@@ -312,6 +328,19 @@ class Controller:
             self.post(CampaignFailed(str(e)))
             return
         self.post(CampaignWon(record) if won else CampaignLost(record))
+
+    async def _take_over(self, record: OwnerRecord, lease: int) -> None:
+        if self._takeover is None:
+            self.post(CampaignLost(record))
+            return
+        try:
+            won, now = await self._takeover.take_over(self.name, record, lease)
+        except EtcdError as e:
+            self.post(CampaignFailed(str(e)))
+            return
+        if won:
+            log.info("took_over", vip=self.name, previous=record.node, epoch=now.epoch)
+        self.post(CampaignWon(now) if won else CampaignLost(now))
 
     async def _delete_key(self, epoch: int, lease: int) -> None:
         try:

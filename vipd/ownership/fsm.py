@@ -12,6 +12,10 @@ The invariants it keeps (the safety argument, with the kernel fences in vipd/fen
   serving by that deadline without running any code, before etcd can let another host win.
 - Give up: remove the addresses (disarming the fences), and only then delete the owner key.
 - Fence (deadline passed, lease gone, key lost or replaced): remove at once, never waiting on etcd.
+- Fast takeover (vipd/succession.py has the argument): a BACKUP named successor in the owner's record
+  replaces the record only while the owner is suspect (its heartbeats stopped for the grace G), by a
+  transaction comparing the record's mod revision; the owner's token ended before that by the peer
+  lease. No conflict probe then: the owner is a vipd peer whose kernel token already ended.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Ann
                         EtcdRestored, Event, HealthChanged, HoldOff, KeyReleased, LeaseGone, LeaseValid, LinkUp,
                         OwnerObserved, OwnerRecord, Placement, PreemptGranted, ProbeConflicts, ProbeDone, Reconcile,
                         ReleaseFailed, ReleaseRequested, RemoveAddress, RemoveFailed, RenewLease, RequestPreempt,
-                        ReturnPreemptToken, ShutdownRequested, Start, State, StopAnnouncing, Tick)
+                        ReturnPreemptToken, ShutdownRequested, Start, State, StopAnnouncing, TakeOver, Tick,
+                        PeerRecovered, PeerSuspected)
 from vipd.ownership.state import (HOLDING, RETRY_CAMPAIGN, RETRY_DELETE, RETRY_REMOVE, SUBSTATES, TRANSITIONS,
                                   Params, Preempt, Release, Sub, VipState, fence_deadline, lifetime,
-                                  why_not_campaign)
+                                  may_take_over, why_not_campaign)
 
 S = State
 Result = tuple[VipState, list[Action]]
@@ -65,6 +70,10 @@ def _observe(p: Params, s: VipState, ev: Event, now: float) -> VipState:
         return replace(s, lease=ev.lease, valid_until=ev.valid_until)
     if isinstance(ev, HealthChanged):
         return replace(s, healthy=ev.healthy)
+    if isinstance(ev, PeerSuspected):
+        return replace(s, suspects=s.suspects | {ev.peer})
+    if isinstance(ev, PeerRecovered):
+        return replace(s, suspects=s.suspects - {ev.peer})
     if isinstance(ev, Placement):
         return _track_target(p, replace(s, ranking=ev.ranking), now)
     if isinstance(ev, OwnerObserved) and s.state not in HOLDING:
@@ -96,9 +105,9 @@ def _claim(p: Params, s: VipState, now: float) -> Result:
     return _to(s, S.ACQUIRING, Sub.ADDING, s.reason, changed_at=now), [ClaimAddress(fence_deadline(p, s))]
 
 
-def _acquire(p: Params, s: VipState, now: float, reason: str, epoch: int) -> Result:
+def _acquire(p: Params, s: VipState, now: float, reason: str, epoch: int, probe: bool = True) -> Result:
     s = _to(s, S.ACQUIRING, Sub.ADDING, reason, epoch=epoch, retry_at=0.0)
-    if p.conflict_check and not s.probed and not s.last_clean:
+    if probe and p.conflict_check and not s.probed and not s.last_clean:
         # no vipd peer handed it back cleanly: another machine may answer for it
         return _to(s, S.ACQUIRING, Sub.PROBING, reason), [ProbeConflicts()]
     return _claim(p, s, now)
@@ -148,6 +157,8 @@ def _campaign_if_allowed(p: Params, s: VipState, now: float) -> Result:
     assert o is not None
     if o.node is None:
         return _to(s, S.BACKUP, Sub.CAMPAIGNING, s.reason), [Campaign(s.lease)]
+    if may_take_over(p, s):
+        return _to(s, S.BACKUP, Sub.TAKING_OVER, f"owner {o.node} suspect"), [TakeOver(o, s.lease)]
     if o.lease == s.lease:  # our key on our live lease: serve it again
         return _acquire(p, s, now, "adopted own key", o.epoch)
     return _to(s, S.BACKUP, Sub.CLEARING, "own key on a dead lease"), [DeleteOwnerKey(o.epoch)]
@@ -166,17 +177,22 @@ def _stop_idle(p: Params, s: VipState, ev: Event, now: float) -> Result:
 def _backup_won(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, CampaignWon)
     o = ev.record
+    taken = s.sub is Sub.TAKING_OVER
     s = replace(s, owner=o)
-    if s.sub is not Sub.CAMPAIGNING or o.lease != s.lease or not s.healthy or now >= fence_deadline(p, s):
+    if not taken and s.sub is not Sub.CAMPAIGNING or o.lease != s.lease or not s.healthy \
+            or now >= fence_deadline(p, s):
         # won, but can no longer serve it safely: hand the key straight back
         return _to(s, S.BACKUP, Sub.CLEARING, "won, but the lease or health no longer allows serving"), \
             [DeleteOwnerKey(o.epoch)]
+    if taken:  # the previous owner's kernel token ended before our transaction could win
+        return _acquire(p, s, now, "took over from a suspect owner", o.epoch, probe=False)
     return _acquire(p, s, now, "campaign won", o.epoch)
 
 
 def _backup_lost(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, CampaignLost)
-    return _to(s, S.BACKUP, Sub.IDLE, s.reason, owner=ev.record), []
+    retry = now + RETRY_CAMPAIGN if s.sub is Sub.TAKING_OVER else s.retry_at  # the owner spoke again, or moved on
+    return _to(s, S.BACKUP, Sub.IDLE, s.reason, owner=ev.record, retry_at=retry), []
 
 
 def _backup_campaign_failed(p: Params, s: VipState, ev: Event, now: float) -> Result:

@@ -22,6 +22,7 @@ class Sub(enum.Enum):
     IDLE = "idle"  # BACKUP: watching the key; campaigns when allowed (`why_not` says what it waits for)
     CAMPAIGNING = "campaigning"  # BACKUP: the create transaction is in flight
     CLEARING = "clearing"  # BACKUP: deleting our own key left on a lease we no longer keep alive
+    TAKING_OVER = "taking_over"  # BACKUP: the fast-takeover transaction (owner suspect, we are successor) in flight
     PROBING = "probing"  # ACQUIRING: conflict probe before the first claim
     ADDING = "adding"  # ACQUIRING: addresses being added and fences armed
     DEFERRED = "deferred"  # ACQUIRING: less than a second of lease was left: waiting for the renewal asked
@@ -34,7 +35,7 @@ class Sub(enum.Enum):
 
 SUBSTATES: dict[State, frozenset[Sub]] = {
     S.INIT: frozenset({Sub.NONE}),
-    S.BACKUP: frozenset({Sub.IDLE, Sub.CAMPAIGNING, Sub.CLEARING}),
+    S.BACKUP: frozenset({Sub.IDLE, Sub.CAMPAIGNING, Sub.CLEARING, Sub.TAKING_OVER}),
     S.ACQUIRING: frozenset({Sub.PROBING, Sub.ADDING, Sub.DEFERRED}),
     S.OWNER: frozenset({Sub.SERVING, Sub.HANDING_OVER}),
     S.RELEASING: frozenset({Sub.REMOVING, Sub.DELETING, Sub.RETRY_DELETE}),
@@ -67,6 +68,7 @@ class Params:
     campaign_stagger: float = 0.2  # per place behind in the ranking, wait this long before campaigning
     anycast: bool = False  # every fit host holds the unit at once: no owner key, no election
     conflict_check: bool = False  # probe for another machine answering before the first claim
+    takeover: bool = False  # fast takeover: take the unit from a suspect owner that names us successor
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class VipState:
     changed_at: float = -math.inf  # when we last asked the kernel to add or remove the addresses
     reason: str = ""  # why the last state change happened
     why_not: str = ""  # BACKUP: why this host does not campaign right now ("" = it may)
+    suspects: frozenset[str] = frozenset()  # peers whose heartbeats stopped (vipd/peers), as last told
 
 
 def fence_deadline(p: Params, s: VipState) -> float:
@@ -154,13 +157,24 @@ def why_not_campaign(p: Params, s: VipState, now: float) -> str:
     if s.owner.node == p.node and s.owner.released:
         return "own key being handed back"
     if s.owner.node is not None:
-        return "" if s.owner.node == p.node else f"owned by {s.owner.node}"
+        if s.owner.node == p.node:
+            return ""
+        if may_take_over(p, s):
+            return "" if now >= s.retry_at else "takeover retry"
+        return f"owned by {s.owner.node}"
     at = campaign_at(p, s)
     if at == math.inf:
         return "not a candidate (placement)"
     if now < at:
         return "waiting for better-ranked hosts"
     return ""
+
+
+def may_take_over(p: Params, s: VipState) -> bool:
+    """The owner named us its successor and its heartbeats stopped: a fast takeover is allowed."""
+    o = s.owner
+    return (p.takeover and o is not None and o.node is not None and o.node != p.node
+            and o.successor == p.node and o.node in s.suspects)
 
 
 def wakeup(p: Params, s: VipState, now: float) -> float | None:
@@ -180,5 +194,7 @@ def wakeup(p: Params, s: VipState, now: float) -> float | None:
             times.append(now)  # something to do at once (the event that made it so acts already)
         elif s.owner is not None and s.owner.node is None and not p.anycast:
             times.extend(t for t in (campaign_at(p, s), s.retry_at) if t > now)
+        elif may_take_over(p, s) and s.retry_at > now:
+            times.append(s.retry_at)
     finite = [t for t in times if t < math.inf]
     return min(finite) if finite else None

@@ -23,7 +23,7 @@ from typing import Callable
 
 import trio
 
-from vipd.peers.protocol import Event, Generation, Peers
+from vipd.peers.protocol import Event, Generation, PeerLink, Peers
 
 Clock = Callable[[], float]
 MAX_DRAIN = 4096  # datagrams read per wake-up before the deadlines are served again
@@ -84,6 +84,12 @@ class PeerTransport:
 
     def granted_until(self, peer: str) -> float | None:
         return self.peers.granted_until(peer)
+
+    def link(self, peer: str) -> PeerLink | None:
+        return self.peers.links.get(peer)
+
+    def peer_names(self) -> list[str]:
+        return list(self.peers.links)
 
     def suspect(self, peer: str) -> bool:
         """May we take over from peer now? Drains the socket first (run on the transport's own trio loop)."""

@@ -1,0 +1,64 @@
+"""Fast takeover in the ownership core: who may take a unit from a suspect owner, and what follows."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from tests.unit.fsm_helpers import LEASE, NAMED, OTHER, TP, backup, owner, run
+from vipd.model import (CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, OwnerObserved, OwnerRecord,
+                        PeerRecovered, PeerSuspected, ProbeConflicts, RemoveAddress, StopAnnouncing, TakeOver, Tick)
+from vipd.ownership.state import Sub, State, wakeup
+
+WON = OwnerRecord("h1", epoch=NAMED.revision + 1, lease=LEASE, revision=20)
+
+
+def test_named_successor_takes_over_a_suspect_owner_without_a_probe():
+    s, acts = run(backup(owner=NAMED), PeerSuspected("h2"), p=TP)
+    assert s.sub is Sub.TAKING_OVER and acts == [TakeOver(NAMED, LEASE)]
+    s, acts = run(s, CampaignWon(WON), p=TP)
+    # the owner's kernel token ended before our transaction could win: no conflict probe, claim at once
+    assert s.state is State.ACQUIRING and s.sub is Sub.ADDING and s.epoch == WON.epoch
+    assert [type(a) for a in acts] == [ClaimAddress] and ProbeConflicts() not in acts
+
+
+def test_suspicion_before_the_record_names_us_acts_when_it_does():
+    s, acts = run(backup(owner=OTHER), PeerSuspected("h2"), p=TP)
+    assert acts == [] and s.why_not == "owned by h2"
+    s, acts = run(s, OwnerObserved(NAMED), p=TP)
+    assert acts == [TakeOver(NAMED, LEASE)]
+
+
+def test_no_takeover_unless_named_suspect_healthy_with_a_lease_and_enabled():
+    named_other = replace(NAMED, successor="h3")
+    assert run(backup(owner=named_other), PeerSuspected("h2"), p=TP)[1] == []  # h3 is the successor
+    assert run(backup(owner=NAMED), PeerSuspected("h3"), p=TP)[1] == []  # another peer is suspect
+    assert run(backup(owner=NAMED, healthy=False), PeerSuspected("h2"), p=TP)[1] == []
+    assert run(backup(owner=NAMED, valid_until=100.2), PeerSuspected("h2"), p=TP)[1] == []  # lease not proven
+    assert run(backup(owner=NAMED), PeerSuspected("h2"), p=replace(TP, takeover=False))[1] == []
+
+
+def test_recovered_owner_is_left_alone():
+    s, _ = run(backup(owner=OTHER), PeerSuspected("h2"), PeerRecovered("h2"), p=TP)
+    s, acts = run(s, OwnerObserved(NAMED), p=TP)
+    assert acts == [] and s.why_not == "owned by h2"
+
+
+def test_lost_takeover_backs_off_instead_of_spinning():
+    s, _ = run(backup(owner=NAMED), PeerSuspected("h2"), p=TP)
+    s, acts = run(s, CampaignLost(NAMED), p=TP)  # the owner spoke again just before we sent
+    assert acts == [] and s.sub is Sub.IDLE and s.why_not == "takeover retry"
+    w = wakeup(TP, s, 100.0)
+    assert w is not None and 100.0 < w <= 100.2
+    s, acts = run(s, Tick(), now=w, p=TP)
+    assert acts == [TakeOver(NAMED, LEASE)]
+    s, acts = run(s, CampaignFailed("etcd down"), p=TP)
+    assert acts == [] and s.sub is Sub.IDLE and s.retry_at > 100.0
+
+
+def test_owner_replaced_by_its_successor_fences_at_once():
+    mine = OwnerRecord("h1", epoch=11, lease=LEASE, revision=15, successor="h2")
+    s, _ = run(owner(), OwnerObserved(mine), p=TP)
+    assert s.state is State.OWNER and s.owner == mine  # naming a successor changes nothing else
+    taken = OwnerRecord("h2", epoch=16, lease=99, revision=17)
+    s, acts = run(s, OwnerObserved(taken), p=TP)
+    assert s.state is State.FENCED and acts == [StopAnnouncing(), RemoveAddress()]

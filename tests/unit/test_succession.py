@@ -1,0 +1,188 @@
+"""The successor logic (vipd/succession.py) with the real peer protocol state and fake etcd / nft:
+the token cap, who is named, when a generation is validated, and when a takeover is sent."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from typing import Any, Sequence
+
+import trio
+
+from vipd.election.owners import owner_value, parse_value
+from vipd.model import OwnerRecord, PeerSuspected, VipSpec
+from vipd.peers import wire
+from vipd.peers.protocol import Params, PeerLink, Suspected
+from vipd.succession import HOLD_DOWN, Succession
+
+L, G, H = 0.090, 0.130, 0.010
+VIP = VipSpec("api", ipaddress.ip_interface("10.0.0.100/24"), "eth0")
+MY_INC, S_INC = 5, 7
+
+
+class Fence:
+    def __init__(self) -> None:
+        self.until: dict[str, float] = {}
+
+    def covers(self, vips: Sequence[VipSpec]) -> bool:
+        return True
+
+    async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]]) -> None:
+        for vips, until in items:
+            for v in vips:
+                self.until[v.name] = until
+
+    async def disarm(self, vips: Sequence[VipSpec]) -> None:
+        for v in vips:
+            self.until.pop(v.name, None)
+
+    def armed_until(self, vips: Sequence[VipSpec]) -> float | None:
+        return self.until.get(vips[0].name)
+
+    def open_at(self, now: float) -> bool:
+        return self.until.get("api", -math.inf) > now
+
+
+class Keys:
+    def __init__(self) -> None:
+        self.renames: list[list[tuple[str, OwnerRecord, str | None]]] = []
+        self.fail: set[str] = set()  # units whose compare fails (replaced by h2)
+        self.taken: list[OwnerRecord] = []
+        self.revision = 100
+
+    async def rename(self, items: Sequence[tuple[str, OwnerRecord, str | None]]) -> dict[str, tuple[bool, OwnerRecord]]:
+        self.renames.append(list(items))
+        self.revision += 1
+        out = {}
+        for name, rec, succ in items:
+            if name in self.fail:
+                out[name] = (False, OwnerRecord("h2", epoch=rec.revision + 1, lease=9, revision=self.revision))
+            else:
+                out[name] = (True, OwnerRecord("h1", rec.epoch, rec.lease, self.revision, successor=succ))
+        return out
+
+    async def take_over(self, vip: str, record: OwnerRecord, lease: int) -> tuple[bool, OwnerRecord]:
+        self.taken.append(record)
+        return True, OwnerRecord("h1", record.revision + 1, lease, record.revision + 1)
+
+
+class Peers:
+    def __init__(self, now: float) -> None:
+        self.links = {"h2": PeerLink("h2", MY_INC, Params(H, L, G), now)}
+        self.suspects: set[str] = set()
+
+    def suspect(self, peer: str) -> bool:
+        return peer in self.suspects
+
+    def validate(self, peer: str, gen: Any) -> None:
+        self.links[peer].validate(gen)
+
+    def link(self, peer: str) -> PeerLink | None:
+        return self.links.get(peer)
+
+    def peer_names(self) -> list[str]:
+        return list(self.links)
+
+    def heartbeat(self, now: float, gen: int = 0, rtt: float = 0.001) -> None:
+        """We send a heartbeat at now; h2 echoes it (in a message of suspicion generation gen)."""
+        link = self.links["h2"]
+        m = link.on_send(now)
+        link.on_receive(wire.Message(0, 0, S_INC, link.peer_seq + 1, MY_INC, m.seq, gen), now + rtt)
+
+
+def make(now: float) -> tuple[Succession, Fence, Keys, Peers, list[Any]]:
+    fence, keys, peers, posted = Fence(), Keys(), Peers(now), []
+    s = Succession("h1", fence, keys, peers, lease=L, interval=H, placement=lambda u: ("h1", "h2"),
+                   broadcast=posted.append, clock=trio.current_time)
+    return s, fence, keys, peers, posted
+
+
+def test_owner_value_round_trips():
+    assert parse_value(owner_value("h1")) == ("h1", False, None, None)
+    assert parse_value(owner_value("h1", epoch=12, successor="h2")) == ("h1", False, 12, "h2")
+    assert parse_value(owner_value("h1", released=True, epoch=12)) == ("h1", True, 12, None)
+    assert parse_value("h1 released") == ("h1", True, None, None)  # the format before successors
+    assert parse_value("h1 epoch=x future=1") == ("h1", False, None, None)
+
+
+def test_token_follows_the_successor_and_never_outlives_its_grant():
+    async def main() -> None:
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        s.observe("api", OwnerRecord("h1", 11, 7, 11))
+        await s.arm([VIP], now + 5.0)  # no successor named: the etcd horizon
+        assert fence.until["api"] == now + 5.0
+        # h2 has been heard for the hold-down: it is named, and the rename validates its generation
+        await trio.sleep(HOLD_DOWN + 0.01)
+        now = trio.current_time()
+        peers.heartbeat(now)
+        assert s._plan(now) == [("api", OwnerRecord("h1", 11, 7, 11), "h2")]
+        await s._rename(s._plan(now))
+        assert keys.renames[-1][0][2] == "h2" and s.successor("api") == "h2"
+        await s.arm([VIP], now + 5.0)
+        assert fence.until["api"] == now + L  # bounded by the echoed heartbeat's send time + L
+        # h2 goes silent: the token ends L after the last echoed heartbeat, with no code running
+        assert not fence.open_at(now + L + 0.001)
+        # h2 suspected us and acks in a new generation: those echoes grant nothing until revalidated
+        await trio.sleep(0.02)
+        peers.heartbeat(trio.current_time(), gen=1)
+        await s.arm([VIP], trio.current_time() + 5.0)
+        assert fence.until["api"] == now + L
+        plan = s._plan(trio.current_time())
+        assert plan and plan[0][2] == "h2"  # same successor, rewritten to validate the generation
+        await s._rename(plan)
+        await s.arm([VIP], trio.current_time() + 5.0)
+        assert fence.until["api"] > now + L
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_replaced_record_closes_the_token_whatever_the_controller_asks():
+    async def main() -> None:
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        s.observe("api", OwnerRecord("h1", 11, 7, 11))
+        await s.arm([VIP], now + 5.0)
+        s.observe("api", OwnerRecord("h2", 12, 9, 12))  # the successor took it over
+        await s.arm([VIP], now + 5.0)  # a late keepalive of ours
+        assert not fence.open_at(trio.current_time())
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_generation_is_validated_only_when_every_record_naming_the_peer_was_rewritten():
+    async def main() -> None:
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        await trio.sleep(HOLD_DOWN + 0.01)
+        vip2 = VipSpec("web", ipaddress.ip_interface("10.0.0.101/24"), "eth0")
+        for name, rev in (("api", 11), ("web", 12)):
+            s.observe(name, OwnerRecord("h1", rev, 7, rev, successor="h2"))
+        await s.arm([VIP], trio.current_time() + 5.0)
+        await s.arm([vip2], trio.current_time() + 5.0)
+        peers.heartbeat(trio.current_time())
+        keys.fail = {"web"}  # h2 took "web" over meanwhile
+        await s._rename(s._plan(trio.current_time()))
+        # "web" is no longer ours: validating h2 is safe for "api", and web's token stays closed
+        assert peers.links["h2"].validated == (S_INC, 0)
+        await s.arm([VIP], trio.current_time() + 5.0)
+        await s.arm([vip2], trio.current_time() + 5.0)
+        assert fence.open_at(trio.current_time())  # api: bounded by h2's (now validated) grant
+        assert fence.until["web"] <= trio.current_time()  # web: closed, whatever is asked
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_takeover_is_sent_only_while_the_owner_is_suspect():
+    async def main() -> None:
+        now = trio.current_time()
+        s, fence, keys, peers, posted = make(now)
+        named = OwnerRecord("h2", 11, 9, 13, successor="h1")
+        assert await s.take_over("api", named, 7) == (False, named) and keys.taken == []
+        peers.suspects.add("h2")
+        s.on_peer_event(Suspected("h2", 1))
+        assert posted == [PeerSuspected("h2")]
+        won, rec = await s.take_over("api", named, 7)
+        assert won and keys.taken == [named] and rec.epoch == 14
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -1,0 +1,372 @@
+"""Fast takeover, host-level: the successor of every unit this host owns, the kernel token that
+makes a takeover by it safe, and the takeover itself (PacificA-style leases through etcd).
+
+Roles. The owner O of a unit names a successor S in the unit's owner key (`successor=S`, written
+by a transaction comparing the key's mod revision: vipd/election/owners.py). O and S exchange
+heartbeats every h (vipd/peers: one datagram per host pair, never one per unit). S's acks grant O
+a peer lease: O may serve until granted_until(S) = send time of the newest heartbeat S echoed + L.
+O's kernel token (the nftables element of each VIP, vipd/dataplane/fence_nft.py) is armed to
+    token(unit) = min(H_etcd, granted_until(S))     while the key names S,
+    token(unit) = H_etcd                            while it names nobody,
+where H_etcd is the controller's fence deadline (the last acknowledged keepalive's send time + TTL
+- margin). When S hears nothing from O for the grace G after its last ack, S replaces the key by
+a transaction comparing the mod revision of the record naming it, then claims the VIP at once.
+
+Why no two hosts serve at once. Every change of a unit's owner or successor is a transaction on
+that one key, compared on its mod revision, so they are totally ordered. Take the record naming S
+at revision R; S takes over only by a transaction comparing R, sent while suspect(O) holds at the
+moment of sending (the transport drains its socket first). vipd/peers/protocol.py proves that every
+token O armed from an echo S sent before deciding ends before S's decision: sent_at(k) + L <
+acked_at + G <= decision, given G - L > (G + L) * eps + d + tick (clock-rate error, clock read to
+kernel arm, nft tick; the defaults leave ~35 ms for d). Echoes S sends after deciding carry a newer
+suspicion generation; O counts them only after `validate`, which it calls only when a transaction
+that O started after seeing that generation rewrote every record of its own naming S (so any
+takeover transaction of S comparing an older revision fails, and a later one needs a fresh
+suspicion, whose echoes again carry a newer generation). While a rename from S1 to S2 is in
+flight the token is bounded by both grants; after it commits, S1's transactions fail. The takeover
+after the lease expires in etcd (no successor, or none alive) keeps the old argument: O's token
+and address lifetime end at H_etcd, before etcd can expire the lease.
+What it assumes of etcd: linearisable transactions on one key (a leader change loses no
+committed write). It does not depend on lease timing. A thawed O re-opens nothing: its token
+lapsed in the kernel, and every arm it makes is capped by grants that a new suspicion generation
+no longer extends; its next rewrite fails the compare and the controller fences.
+
+Liveness: O renames the successor (to the best other candidate whose acks arrive, or to nobody)
+when S stops acking for L/2, so a dead standby costs O nothing as long as etcd answers within L/2.
+A successor must have been heard continuously for HOLD_DOWN before it is named (flapping links
+cause no move storms), and S takes over only while it can reach etcd (the transaction).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
+
+import trio
+
+from vipd import log
+from vipd.coalesce import Coalescer
+from vipd.errors import DataplaneError, EtcdError
+from vipd.model import Event, OwnerRecord, PeerRecovered, PeerSuspected, VipSpec
+from vipd.peers.protocol import Acked, Challenged, Generation, Recovered, Suspected
+from vipd.peers.protocol import Event as PeerEvent
+
+HOLD_DOWN = 1.0  # seconds a peer must have been heard without a suspicion before it is named successor
+RETRY = 0.1  # seconds before a failed rename is tried again
+RENAME_BATCH = 100  # units per rename transaction (under etcd's --max-txn-ops)
+
+
+class TokenFence(Protocol):
+    def covers(self, vips: Sequence[VipSpec]) -> bool: ...
+    async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]]) -> None: ...
+    async def disarm(self, vips: Sequence[VipSpec]) -> None: ...
+    def armed_until(self, vips: Sequence[VipSpec]) -> Optional[float]: ...
+
+
+class Keys(Protocol):
+    async def rename(self, items: Sequence[tuple[str, OwnerRecord, str | None]]) -> dict[str, tuple[bool, OwnerRecord]]: ...
+    async def take_over(self, vip: str, record: OwnerRecord, lease: int) -> tuple[bool, OwnerRecord]: ...
+
+
+class Link(Protocol):  # vipd.peers.protocol.PeerLink, as read here
+    suspected: bool
+    peer_gen: Generation | None
+    validated: Generation | None
+    def granted_until(self, validated: Generation | None = None) -> float | None: ...
+
+
+class PeersPort(Protocol):  # vipd.peers.transport.PeerTransport
+    def suspect(self, peer: str) -> bool: ...
+    def validate(self, peer: str, gen: Generation) -> None: ...
+    def link(self, peer: str) -> Link | None: ...
+    def peer_names(self) -> list[str]: ...
+
+
+class Counts(Protocol):
+    def record_takeover(self, vip: str, cause: str, seconds: float | None = None) -> None: ...
+
+
+@dataclass
+class _Owned:
+    vips: Sequence[VipSpec]
+    h_etcd: float
+    armed: float = -math.inf
+
+
+class Succession:
+    """Implements vipd.fence.Fence (the token fence, capped by the successor's grants) and the
+    controller's TakeoverPort; `run` names successors. All on the trio thread."""
+
+    def __init__(self, node: str, fence: TokenFence, keys: Keys, peers: PeersPort, *,
+                 lease: float, interval: float, placement: Callable[[str], Sequence[str]],
+                 broadcast: Callable[[Event], None], metrics: Counts | None = None,
+                 clock: Callable[[], float] = trio.current_time) -> None:
+        self.node = node
+        self._fence = fence
+        self._keys = keys
+        self._peers = peers
+        self._lease = lease
+        self._step = 2 * interval  # re-arm a token when its grant moved this much (or fell)
+        self._placement = placement
+        self._broadcast = broadcast
+        self._metrics = metrics
+        self._clock = clock
+        self._owned: dict[str, _Owned] = {}
+        self._records: dict[str, OwnerRecord] = {}  # latest record of every unit (from OwnerKeys)
+        self._naming: dict[str, tuple[str | None, Generation | None]] = {}  # rename in flight: unit -> (target, its gen then)
+        self._suspected_at: dict[str, float] = {}  # peer -> last suspicion
+        self._lock = trio.Lock()  # token arms and disarms never interleave
+        self._arms: Coalescer[str, None] = Coalescer(self._arm_batch)
+        self._disarms: Coalescer[tuple[VipSpec, ...], None] = Coalescer(self._disarm_batch)
+        self._refresh = trio.Event()
+        self._wake = trio.Event()
+        self.enabled = True  # off when the token fence or the heartbeats cannot run: lease takeover only
+        self.renames = 0
+        self.refreshes = 0
+
+    def disable(self, why: str) -> None:
+        """Fast takeover off for this run: no tokens, no successors, no takeovers (the address
+        lifetime and the etcd lease keep every unit safe, at lease speed)."""
+        if self.enabled:
+            self.enabled = False
+            log.error("fast_takeover_off", reason=why)
+
+    # ---- what the rest of the daemon tells us --------------------------------------------------
+
+    def observe(self, unit: str, record: OwnerRecord) -> None:
+        """Every owner record OwnerKeys learns (watch, campaign, takeover, rename)."""
+        old = self._records.get(unit)
+        if old is None or record.revision >= old.revision:
+            self._records[unit] = record
+            if unit in self._owned:
+                self._wake.set()
+                self._refresh.set()
+
+    def on_peer_event(self, ev: PeerEvent) -> None:
+        """From the heartbeat transport (its task; never blocks)."""
+        if isinstance(ev, Acked):
+            self._refresh.set()
+        elif isinstance(ev, Suspected):
+            self._suspected_at[ev.peer] = self._clock()
+            log.warning("peer_suspected", peer=ev.peer, generation=ev.gen)
+            self._broadcast(PeerSuspected(ev.peer))
+            self._wake.set()
+        elif isinstance(ev, Recovered):
+            log.info("peer_recovered", peer=ev.peer)
+            self._broadcast(PeerRecovered(ev.peer))
+            self._wake.set()
+        elif isinstance(ev, Challenged):
+            self._wake.set()
+
+    # ---- the Fence port --------------------------------------------------------------------
+
+    def covers(self, vips: Sequence[VipSpec]) -> bool:
+        return self._fence.covers(vips)
+
+    async def arm(self, vips: Sequence[VipSpec], until: float) -> None:
+        if not self.enabled:
+            return
+        unit = vips[0].unit
+        owned = self._owned.setdefault(unit, _Owned(vips, until))
+        owned.h_etcd = until
+        await self._arms.submit(unit)  # one batch for every unit armed at the same moment (a keepalive)
+        self._wake.set()
+
+    async def disarm(self, vips: Sequence[VipSpec]) -> None:
+        self._owned.pop(vips[0].unit, None)
+        if not self.enabled:
+            return
+        await self._disarms.submit(tuple(vips))
+
+    async def _arm_batch(self, units: list[str]) -> list[None]:
+        async with self._lock:  # re-read under the lock: a unit disarmed meanwhile is not re-opened
+            live = [(u, self._owned[u]) for u in dict.fromkeys(units) if u in self._owned]
+            if live:
+                await self._arm(live)
+        return [None] * len(units)
+
+    async def _disarm_batch(self, items: list[tuple[VipSpec, ...]]) -> list[None]:
+        async with self._lock:
+            await self._fence.disarm([v for vips in items for v in vips])
+        return [None] * len(items)
+
+    def armed_until(self, vips: Sequence[VipSpec]) -> Optional[float]:
+        return self._fence.armed_until(vips)
+
+    def successor(self, unit: str) -> str | None:
+        rec = self._records.get(unit)
+        return rec.successor if rec is not None and rec.node == self.node else None
+
+    # ---- the token ---------------------------------------------------------------------------
+
+    def _depends(self, unit: str) -> list[str]:
+        """Peers whose grants bound the unit's token: the named successor, and a rename's target."""
+        rec = self._records.get(unit)
+        out = [rec.successor] if rec is not None and rec.node == self.node and rec.successor else []
+        target = self._naming.get(unit, (None, None))[0]
+        return out + ([target] if target and target not in out else [])
+
+    def _cap(self, unit: str, owned: _Owned) -> float:
+        """The unit's token deadline: H_etcd, bounded by the grants of every peer that may take it
+        over; -inf (no token) once the key names another owner."""
+        rec = self._records.get(unit)
+        if rec is not None and rec.node != self.node:
+            return -math.inf  # replaced (a takeover): never re-open, whatever the controller still thinks
+        cap = owned.h_etcd
+        target, gen = self._naming.get(unit, (None, None))
+        for peer in self._depends(unit):
+            link = self._peers.link(peer)
+            if link is None:
+                return -math.inf
+            if peer == target:  # rename in flight: echoes of generations seen when it started
+                granted = link.granted_until(gen) if gen is not None else None
+            else:
+                granted = link.granted_until()
+            cap = min(cap, granted if granted is not None else -math.inf)
+        return cap
+
+    async def _arm(self, units: list[tuple[str, _Owned]]) -> None:
+        """Arm each unit's token to its cap, in one batch (call with the lock held)."""
+        floor = self._clock() - 1.0  # "already over": the fence removes the token
+        caps = [self._cap(u, o) for u, o in units]
+        await self._fence.arm_many([(o.vips, max(cap, floor)) for (_, o), cap in zip(units, caps)])
+        for (_, o), cap in zip(units, caps):
+            o.armed = cap
+        self.refreshes += 1
+
+    def _due(self, unit: str, owned: _Owned) -> bool:
+        cap = self._cap(unit, owned)
+        return cap < owned.armed or cap - owned.armed >= self._step
+
+    async def refresh(self) -> None:
+        """Re-arm tokens whose grant moved forward by a step (or fell): after acks, renames, records."""
+        while True:
+            await self._refresh.wait()
+            self._refresh = trio.Event()
+            async with self._lock:
+                due = [(u, o) for u, o in self._owned.items() if self._due(u, o)]
+                if due:
+                    try:
+                        await self._arm(due)
+                    except DataplaneError as e:  # the tokens end at their previous deadlines: loud, never unsafe
+                        log.error("token_refresh_failed", units=len(due), error=e)
+
+    # ---- the successor side: take over ------------------------------------------------------
+
+    async def take_over(self, unit: str, record: OwnerRecord, lease: int) -> tuple[bool, OwnerRecord]:
+        """The controller's TakeoverPort: only while the owner is suspect at the moment of sending."""
+        if (not self.enabled or record.node is None or self._peers.link(record.node) is None
+                or not self._peers.suspect(record.node)):
+            return False, record
+        won, now = await self._keys.take_over(unit, record, lease)
+        if won and self._metrics is not None:
+            since = self._suspected_at.get(record.node)
+            self._metrics.record_takeover(unit, "peer", None if since is None else self._clock() - since)
+        return won, now
+
+    # ---- the owner side: name successors ----------------------------------------------------
+
+    def _eligible(self, peer: str, now: float) -> bool:
+        link = self._peers.link(peer)
+        if link is None or link.suspected or link.peer_gen is None:
+            return False
+        if now - self._suspected_at.get(peer, -math.inf) < HOLD_DOWN:
+            return False
+        granted = link.granted_until(link.peer_gen)
+        return granted is not None and granted > now + self._lease / 2
+
+    def _choose(self, unit: str, now: float) -> str | None:
+        for host in self._placement(unit):
+            if host != self.node and self._eligible(host, now):
+                return host
+        return None
+
+    def _plan(self, now: float) -> list[tuple[str, OwnerRecord, str | None]]:
+        plan: list[tuple[str, OwnerRecord, str | None]] = []
+        if not self.enabled:
+            return plan
+        for unit in self._owned:
+            rec = self._records.get(unit)
+            if rec is None or rec.node != self.node or rec.released or unit in self._naming:
+                continue
+            want = self._choose(unit, now)
+            current = rec.successor
+            if current is not None and want is not None and current != want and self._eligible(current, now):
+                want = current  # keep a live successor: no churn when the ranking shifts
+            link = self._peers.link(current) if current else None
+            stale = link is not None and link.peer_gen is not None and (
+                link.validated is None or link.peer_gen > link.validated)
+            if want != current or (stale and want == current):
+                plan.append((unit, rec, want))
+        return plan
+
+    def _next_check(self, now: float) -> float:
+        """When a named successor's grant falls within L/2 of running out (time to rename)."""
+        times = []
+        for unit in self._owned:
+            for peer in self._depends(unit):
+                link = self._peers.link(peer)
+                granted = link.granted_until() if link is not None else None
+                if granted is not None:
+                    times.append(granted - self._lease / 2)
+        times += [t + HOLD_DOWN for t in self._suspected_at.values() if t + HOLD_DOWN > now]
+        return min(times, default=now + 1.0)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.refresh)
+            task_status.started()
+            while True:
+                now = self._clock()
+                self._validate_unused()
+                plan = self._plan(now)
+                if plan:
+                    for i in range(0, len(plan), RENAME_BATCH):
+                        await self._rename(plan[i:i + RENAME_BATCH])
+                    continue
+                self._wake = trio.Event()
+                with trio.move_on_after(max(0.0, self._next_check(now) - now)):
+                    await self._wake.wait()
+
+    def _validate_unused(self) -> None:
+        """A peer no owned unit depends on cannot take anything over from us: accept its generation."""
+        used = {p for u in self._owned for p in self._depends(u)}
+        for peer in self._peers.peer_names():
+            link = self._peers.link(peer)
+            if peer not in used and link is not None and link.peer_gen is not None and (
+                    link.validated is None or link.peer_gen > link.validated):
+                self._peers.validate(peer, link.peer_gen)
+
+    async def _rename(self, plan: list[tuple[str, OwnerRecord, str | None]]) -> None:
+        seen: dict[str, Generation | None] = {}
+        for peer in {p for u, _, want in plan for p in [want] + self._depends(u) if p}:
+            link = self._peers.link(peer)
+            seen[peer] = link.peer_gen if link is not None else None
+        for unit, _, want in plan:
+            self._naming[unit] = (want, seen.get(want) if want else None)
+        try:
+            results = await self._keys.rename(plan)
+        except EtcdError as e:
+            log.warning("successor_rename_failed", units=len(plan), error=e)
+            results = {}
+        finally:
+            for unit, _, _ in plan:
+                self._naming.pop(unit, None)
+        for unit, rec, want in plan:
+            ok, now = results.get(unit, (False, rec))
+            self.observe(unit, now)
+            if ok:
+                self.renames += 1
+                if want != rec.successor:
+                    log.info("successor_named", vip=unit, successor=want or "-", previous=rec.successor or "-")
+        # a peer's generation is validated once every record of ours naming it was rewritten by a
+        # transaction started after we saw that generation
+        renamed = {u for u, _, _ in plan if results.get(u, (False,))[0]}
+        for peer, gen in seen.items():
+            naming = [u for u in self._owned if peer in self._depends(u)]
+            if gen is not None and naming and all(u in renamed for u in naming):
+                self._peers.validate(peer, gen)
+        self._refresh.set()
+        if not results:
+            await trio.sleep(RETRY)
