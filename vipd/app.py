@@ -39,6 +39,8 @@ from vipd.peers.protocol import Event as PeerEvent
 from vipd.peers.metrics import PeerCollector
 from vipd.peers.service import PeerService
 from vipd.succession import Succession
+from vipd.wiring_dsr import DsrWiring
+from vipd.wiring_l2 import L2Gate
 
 SHUTDOWN_GRACE = 3.0  # seconds the controllers get to remove addresses and give keys back
 
@@ -77,7 +79,9 @@ class Daemon:
         self.fitness = Fitness(cfg, self.post, lambda: self.lease.presence_changed(), self.metrics, nl)
         gate = trio.Semaphore(1)  # one handover to a preferred host at a time, per host
         self.lifetime = LifetimeFence(RefreshBatcher(self.addresses))
-        fences: list[Fence] = [self.routing] + ([self.succession] if self.nft is not None else [])
+        self.dsr = DsrWiring(cfg, nl, self.metrics.registry, self.fitness)
+        self.l2 = L2Gate(cfg, nl, self.metrics, self.fitness)
+        fences: list[Fence] = [self.routing, *self.dsr.fences] + ([self.succession] if self.nft is not None else [])
         self.controllers = {u.name: Controller(u, params(u), self.addresses, self.announcer, self.keys,
                                                self.metrics, self.lifetime, fences=fences, conflicts=self,
                                                hooks=self.hooks, preempt_gate=gate, lease=self,
@@ -99,6 +103,7 @@ class Daemon:
 
     def _hosts(self, hosts: dict[str, HostInfo]) -> None:
         self.peers.set_hosts({n: h.peer for n, h in hosts.items()})
+        self.dsr.update_hosts(hosts)
 
     def _peer_event(self, ev: PeerEvent) -> None:
         self.succession.on_peer_event(ev)
@@ -177,7 +182,8 @@ class Daemon:
                        "why_not": c.state.why_not or None,
                        "owner": c.state.owner.node if c.state.owner else None,
                        "lease_left": round(max(0.0, c.state.valid_until - now), 3) if c.state.lease else 0.0,
-                       "successor": self.succession.successor(name) if c.state.state is State.OWNER else None}
+                       "successor": self.succession.successor(name) if c.state.state is State.OWNER else None,
+                       "unfit": self.fitness.reasons(name) or None, "dsr": self.dsr.status(c.vips)}
                 for name, c in self.controllers.items()}
 
     async def remove_stale(self) -> None:
@@ -230,6 +236,7 @@ class Daemon:
                     present.add(vip.name)
             for c in self.controllers.values():
                 held = [v.name in present for v in c.vips]
+                self.metrics.set_address_present(c.name, all(held))  # labelled by unit, like vipd_vip_owner
                 c.post(Reconcile(missing=not all(held), present=any(held), taken_at=taken_at))
             await self.routing.reconcile()
             if self.nft is not None and self.succession.enabled:
@@ -316,6 +323,8 @@ class Daemon:
                 await nursery.start(serve, self.metrics, self.cfg.metrics_listen)
             await nursery.start(control.serve, self, self.cfg.control_socket)
             await nursery.start(self.hooks.run)
+            nursery.start_soon(self.l2.run)  # before the first claim: awaited before the lease below
+            await nursery.start(self.dsr.run)  # the director's maps exist before a controller arms them
             for c in self.controllers.values():
                 await nursery.start(c.run)
                 self._running.append(c)
@@ -326,6 +335,7 @@ class Daemon:
             systemd.notify("STATUS=waiting for etcd")
             await nursery.start(self.keys.watch, list(self.controllers), self._deliver_owner)
             await nursery.start(self.directory.run)
+            await self.l2.checked.wait()
             await nursery.start(self.lease.run)
             nursery.start_soon(self.lease.sync_presence)
             nursery.start_soon(self.reconcile)
@@ -351,3 +361,4 @@ async def run(cfg: Config) -> None:
             await daemon.routing.aclose()
             if daemon.nft is not None:
                 await daemon.nft.aclose()
+            await daemon.dsr.aclose()

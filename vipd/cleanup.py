@@ -4,7 +4,8 @@ standby that wins after the revoke never overlaps with us.
 
 This is the crash path, so it starts fast: the addresses go first, through a plain rtnetlink
 socket built and decoded with struct (vipd.dataplane.addrdump), before trio, pyroute2 or httpx is
-imported. Only then are vipd's nftables table dropped and the lease revoked.
+imported. Only then are vipd's nftables table and DSR leftovers (its tc filter on any interface,
+the backend role's lo addresses) dropped, and the lease revoked.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def remove_addresses(cfg: Config) -> int:
 
 
 async def finish(cfg: Config) -> None:
-    """After the addresses: drop vipd's nftables table, then revoke the recorded lease."""
+    """After the addresses: drop vipd's nftables table and DSR filters/addresses, then revoke the lease."""
     import trio
 
     from vipd.dataplane.netlink import Netlink
@@ -60,10 +61,13 @@ async def finish(cfg: Config) -> None:
     from vipd.errors import EtcdError
 
     from vipd.dataplane.fence_nft import NftFence
+    from vipd.wiring_dsr import cleanup_all as dsr_cleanup
 
     async with Netlink() as nl, NftManager(nl) as nft, NftFence(nl) as fence:  # their sets expire anyway;
         await nft.remove_all()                                                # drop the tables now, whatever
         await fence.remove_all()                                              # the config says today
+        links = await nl.call(lambda ipr: [m.get_attr("IFLA_IFNAME") for m in ipr.get_links()])
+        await dsr_cleanup(nl, [n for n in links if n and n != "lo"])  # vipd's filter only, wherever it is
     path = lease_record_path(cfg)
     lease = read_recorded_lease(path)
     if lease is None:

@@ -1,5 +1,8 @@
-"""Is this host fit to serve each unit? Host checks and unit checks -> HealthChanged per unit,
-and this host's presence value in etcd (health, weight, units it cannot serve, and why)."""
+"""Is this host fit to serve each unit? Host checks, unit checks and vetoes -> HealthChanged per unit,
+and this host's presence value in etcd (health, weight, units it cannot serve, and why).
+
+A veto is a reason from outside the health checks that makes one unit unfit here (an L2 interface
+on a proxy-ARP segment, a DSR backend role that refused): `veto(unit, reason)`, lifted with None."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ class Fitness:
     def __init__(self, cfg: Config, post: Callable[[str, Event], None], presence_changed: Callable[[], None],
                  metrics: FitnessMetrics, nl: object = None) -> None:
         self._cfg = cfg
+        self._vetoes: dict[str, list[str]] = {}  # unit -> reasons from outside the checks
         self._post = post
         self._presence_changed = presence_changed
         self._metrics = metrics
@@ -39,7 +43,24 @@ class Fitness:
 
     def initial(self, unit: str) -> bool:
         """Without checks a unit is healthy from the start; with checks, only after `rise` passes."""
-        return not (self._host_checks or self._unit_checks[unit])
+        return not (self._host_checks or self._unit_checks[unit] or self._vetoes.get(unit))
+
+    def veto(self, unit: str, reason: str | None, *, source: str) -> None:
+        """Make the unit unfit here for `reason` (None: lift the veto `source` put); re-evaluates at once."""
+        tag = f"{unit}/{source}: "  # like a unit check's "unit/0:name: reason"
+        mine = [r for r in self._vetoes.get(unit, []) if not r.startswith(tag)]
+        if reason is not None:
+            mine.append(tag + reason)
+        if mine:
+            self._vetoes[unit] = mine
+        else:
+            self._vetoes.pop(unit, None)
+        self._changed("", True, "")
+
+    def reasons(self, unit: str) -> list[str]:
+        """Why the unit is unfit here ([] when it is fit): failing checks and vetoes."""
+        return (self._failing(self._host_checks) + self._failing(self._unit_checks[unit])  # type: ignore[arg-type]
+                + self._vetoes.get(unit, []))
 
     def _failing(self, checks: list[tuple[str, object]]) -> list[str]:
         status = self.monitor.status() if self.monitor else {}
@@ -48,7 +69,7 @@ class Fitness:
     def _changed(self, name: str, healthy: bool, reason: str) -> None:
         host_bad = self._failing(self._host_checks)  # type: ignore[arg-type]
         for unit, checks in self._unit_checks.items():
-            bad = host_bad + self._failing(checks)  # type: ignore[arg-type]
+            bad = host_bad + self._failing(checks) + self._vetoes.get(unit, [])  # type: ignore[arg-type]
             ok = not bad
             if ok != self.ok[unit]:
                 self.ok[unit] = ok
@@ -67,7 +88,8 @@ class Fitness:
         host_bad = self._failing(self._host_checks)  # type: ignore[arg-type]
         unfit = [u for u, ok in self.ok.items() if not ok]
         down = tuple(u for u in self.ok if u in unfit or u in self._held) if not host_bad else ()
-        reasons = tuple(host_bad + [r for u in unfit for r in self._failing(self._unit_checks[u])]  # type: ignore
+        reasons = tuple(host_bad + [r for u in unfit for r in self._failing(self._unit_checks[u])  # type: ignore
+                                    + self._vetoes.get(u, [])]
                         + [f"{u}: release hold-off" for u in sorted(self._held)])
         return HostInfo(self._cfg.node, not host_bad, self._cfg.host.weight, down, reasons,
                         self.bgp_source, self.peer_address()).to_json()

@@ -85,7 +85,8 @@ class Metrics:
         self._l2_blocked.labels(interface).set(1 if blocked else 0)
 
     def set_address_present(self, vip: str, present: bool) -> None:
-        """From the reconcile tick: is the VIP's (tagged) address in the kernel right now?"""
+        """From the reconcile tick: are the unit's (tagged) addresses all in the kernel right now? (`vip`
+        is the unit's name, as for vipd_vip_owner, so the two join in the VipdVipAddressMissing alert.)"""
         self._address_present.labels(vip).set(1 if present else 0)
 
     def record_takeover(self, vip: str, cause: str, seconds: float | None = None) -> None:

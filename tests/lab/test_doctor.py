@@ -8,7 +8,6 @@ Doctor runs as the operator runs it: `ip netns exec <host> vipd doctor -c FILE -
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ from vipd.lab.cloud import add_gateway, set_proxy_arp
 from vipd.lab.cluster import Cluster, VipDef, render_toml, vipd_argv
 from vipd.lab.etcd import EtcdServer
 from vipd.lab.topology import Host, Lab
+
+from tests.lab.util import wait_for
 
 
 def write_config(path: Path, host: Host, endpoint: str, vips: list[dict[str, Any]], lease_ttl: int = 3) -> Path:
@@ -94,19 +95,40 @@ def test_proxy_arp_segment_blocks_l2_mode_and_a_normal_segment_passes(lab: Lab, 
     assert rc == 1 and hit["severity"] == "error" and hit["data"]["mac"] == lab.client.mac
 
 
-@pytest.mark.xfail(strict=True, reason="needs the lead's wiring: app.py must call l2_blockers() before the "
-                                       "first claim per interface (see the doctor report)")
 def test_daemon_refuses_l2_mode_on_a_proxy_arp_segment(lab: Lab, make_cluster: Any) -> None:
-    add_gateway(lab, proxy_arp=True)
-    cluster: Cluster = make_cluster([VipDef("api", str(lab.vip4(0)))], start=False)
+    """`vipd run` tests the segment before its first claim: on a proxy-ARP segment the VIP's unit is
+    unfit here, with the cloud explanation in the log, the metric, `vipd state` and the presence
+    (`vipd status`); nothing is ever claimed. conflict_check is off, so the claim's own ARP probe
+    (which the proxy would also trip) cannot be what refuses it."""
+    gw = add_gateway(lab, proxy_arp=True)
+    vip = lab.vip4(0)
+    cluster: Cluster = make_cluster([VipDef("api", str(vip), extra={"conflict_check": False})], start=False)
     h1 = lab.hosts[0]
     cluster.start(h1)
     log = cluster.log_path(h1)
-    deadline = time.monotonic() + 6  # wired, the refusal is logged within ~1 s
-    while "event=l2_blocked" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "event=l2_blocked" in log.read_text()
-    assert lab.holders(lab.vip4(0)) == []
+
+    def log_text() -> str:
+        return log.read_text() if log.exists() else ""
+
+    line = wait_for(lambda: next((x for x in log_text().splitlines() if "event=l2_blocked" in x), None), 30,
+                    "the l2_blocked line in h1's log")
+    assert f"interface={h1.ifname}" in line and gw.mac in line and "BGP" in line, line
+
+    def status_reason() -> str | None:
+        out = cluster.run_cli(h1, "status", "--json")
+        hosts = json.loads(out.stdout)["hosts"] if out.returncode == 0 else []
+        return next((r for h in hosts if h["node"] == "h1" and "api" in h["down"] for r in h["reasons"]), None)
+
+    reason = wait_for(status_reason, 30, "h1's presence to list api as down, with the reason")
+    assert reason.startswith("api/l2: L2 mode refused on") and gw.mac in reason, reason
+    state = json.loads(cluster.run_cli(h1, "state").stdout)
+    assert state["api"]["state"] == "backup" and state["api"]["why_not"] == "unhealthy", state
+    assert "L2 mode refused" in state["api"]["unfit"][0], state
+    assert f'vipd_l2_blocked{{interface="{h1.ifname}"}} 1.0' in cluster.metrics(h1)
+    assert "to=owner" not in log_text() and "to=acquiring" not in log_text()
+    assert lab.holders(vip) == []
+    timeline = cluster.monitor.holders_timeline(vip.ip)  # type: ignore[attr-defined]
+    assert all(not holders for _, holders in timeline), timeline  # never held, at any sampled instant
 
 
 @pytest.mark.needs_tools("sysctl")

@@ -9,7 +9,7 @@ removes the address. Time is trio's MockClock (autojump): every timer of the rea
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import trio
@@ -72,6 +72,10 @@ class FakeKeys:
         rec = self.etcd.keys.get(name)
         if rec is None or rec.node != self.node or rec.epoch != epoch:
             return False
+        if lease:  # a clean hand-back: marked released first, as vipd.election.owners does
+            self.etcd.revision += 1
+            self.etcd.keys[name] = replace(rec, revision=self.etcd.revision, released=True)
+            self.etcd._publish(name)
         self.etcd.revision += 1
         del self.etcd.keys[name]
         self.etcd._publish(name)
@@ -118,6 +122,7 @@ class FakeMetrics:
     def __init__(self) -> None:
         self.transitions: list[tuple[State, State]] = []
         self.errors: list[str] = []
+        self.takeovers: list[tuple[str, float | None]] = []
 
     def record_transition(self, vip: str, old: State, new: State) -> None:
         self.transitions.append((old, new))
@@ -130,6 +135,9 @@ class FakeMetrics:
 
     def count_dataplane_error(self, vip: str, op: str) -> None:
         self.errors.append(op)
+
+    def record_takeover(self, vip: str, cause: str, seconds: float | None = None) -> None:
+        self.takeovers.append((cause, seconds))
 
     def count_conflict(self, vip: str) -> None:
         pass

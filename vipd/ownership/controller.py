@@ -22,7 +22,8 @@ from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Ann
                         ReleaseFailed, RemoveAddress, RemoveFailed, RenewLease, RequestPreempt, ReturnPreemptToken,
                         Start, State, StopAnnouncing, TakeOver, Tick, Unit, VipSpec)
 from vipd.ownership import fsm
-from vipd.ownership.state import Params, VipState, wakeup
+from vipd.ownership.state import Params, Sub, VipState, wakeup
+from vipd.takeover import takeover
 
 
 class AddressPort(Protocol):
@@ -71,6 +72,7 @@ class MetricsPort(Protocol):
     def count_announcements(self, vip: str, frames: int) -> None: ...
     def count_dataplane_error(self, vip: str, op: str) -> None: ...
     def count_conflict(self, vip: str) -> None: ...
+    def record_takeover(self, vip: str, cause: str, seconds: float | None = None) -> None: ...
 
 
 class _NoLease:
@@ -106,6 +108,7 @@ class Controller:
         self._holdoff = holdoff  # publishes this host's release hold-off for the unit (presence)
         self._takeover = takeover
         self.state = VipState(healthy=healthy)
+        self._peer_takeover = False  # this acquisition replaced a suspect owner's key (not a deletion)
         self._send, self._recv = trio.open_memory_channel[Event](math.inf)
         self._announcing = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -137,6 +140,8 @@ class Controller:
             ev = queue.pop(0)
             old = self.state
             self.state, actions = fsm.step(self.params, old, ev, trio.current_time())
+            if self.state.state is State.BACKUP and self.state.sub is not Sub.TAKING_OVER:
+                self._peer_takeover = False  # a takeover attempt that did not win
             self._log_step(old, ev, actions)
             for action in actions:
                 follow = await self._do(action)
@@ -165,6 +170,11 @@ class Controller:
             self._ownership(self.vips, new.state is State.OWNER)  # before any address is removed
         self._metrics.record_transition(self.name, old.state, new.state)
         self._metrics.set_epoch(self.name, new.epoch)
+        took = takeover(self.params.node, new, trio.current_time()) if new.state is State.OWNER else None
+        if took is not None and not self._peer_takeover:  # a peer takeover is counted by vipd/succession.py
+            self._metrics.record_takeover(self.name, *took)
+        if new.state is not State.ACQUIRING:
+            self._peer_takeover = False
         owner = new.owner.node if new.owner else None
         hook = ("owner" if new.state is State.OWNER else "fenced" if new.state is State.FENCED
                 else "fault" if isinstance(ev, (AddressFailed, ProbeDone))
@@ -196,6 +206,7 @@ class Controller:
         elif isinstance(action, Campaign):
             self._spawn(self._campaign, action.lease)
         elif isinstance(action, TakeOver):
+            self._peer_takeover = True
             self._spawn(self._take_over, action.record, action.lease)
         elif isinstance(action, DeleteOwnerKey):
             self._spawn(self._delete_key, action.epoch, action.lease)
