@@ -8,7 +8,7 @@ import signal
 
 import trio
 
-from vipd import log, signals, systemd
+from vipd import log, shutdown, signals, systemd
 from vipd.config import Config, check_host
 from vipd.model import Unit
 from vipd.dataplane.address import AddressManager, RefreshBatcher, TaggedAddress
@@ -42,7 +42,7 @@ from vipd.peers.protocol import Event as PeerEvent
 from vipd.peers.service import PeerService
 from vipd.succession import Succession
 
-SHUTDOWN_GRACE = 3.0  # seconds the controllers get to remove addresses and give keys back
+SHUTDOWN_GRACE = shutdown.SHUTDOWN_GRACE  # seconds the controllers get to remove addresses and give keys back
 
 
 class Daemon:
@@ -294,27 +294,17 @@ class Daemon:
         scope.cancel()
 
     async def stop(self) -> None:
-        """Remove addresses (each controller, at once), give keys back, then revoke the lease."""
+        """Bounded (vipd/shutdown.py): remove addresses and give keys back, then revoke the lease,
+        only if every controller let go in time; else the lease path."""
         systemd.notify("STOPPING=1", "STATUS=releasing VIPs")
         self.broadcast(ShutdownRequested())
-        with trio.move_on_after(SHUTDOWN_GRACE):
-            for c in self._running:
-                await c.stopped.wait()
-        if self.lease.lease_id:
-            try:
-                with trio.move_on_after(2 * self.cfg.etcd.request_timeout):
-                    await self.client.revoke(self.lease.lease_id)
-                    log.info("lease_revoked", lease=f"{self.lease.lease_id:x}")
-                    forget_recorded_lease(lease_record_path(self.cfg))
-            except EtcdError as e:
-                log.warning("lease_revoke_failed", error=e)
-        for table in (self.routing.nft, self.nft):
-            if table is not None:
-                try:
-                    await table.remove_all()  # armed sets were flushed by the releases already
-                except DataplaneError as e:
-                    log.warning("nft_cleanup_failed", error=e)
-        with trio.move_on_after(2.0):
+        hung = await shutdown.wait_stopped(self._running)
+        if not hung:
+            await shutdown.revoke(self.client.revoke, self.lease.lease_id, 2 * self.cfg.etcd.request_timeout,
+                                  lambda: forget_recorded_lease(lease_record_path(self.cfg)))
+        if not hung:  # else the fences (egress, tokens) keep fencing a unit that did not let go, to their deadlines
+            await shutdown.drop_tables([t for t in (self.routing.nft, self.nft) if t is not None])
+        with trio.move_on_after(shutdown.HOOK_GRACE):
             await self.hooks.wait_idle()  # let the "backup" hooks of the release finish
 
     async def run(self) -> None:
