@@ -8,7 +8,7 @@ import signal
 
 import trio
 
-from vipd import log, signals, systemd
+from vipd import log, shutdown, signals, systemd
 from vipd.config import Config, check_host
 from vipd.model import Unit
 from vipd.dataplane.address import AddressManager, RefreshBatcher, TaggedAddress
@@ -22,8 +22,11 @@ from vipd.election.etcd import EtcdClient
 from vipd.election.hosts import HostDirectory
 from vipd.election.lease import HostLease, forget_recorded_lease, lease_record_path, read_recorded_lease
 from vipd.election.owners import OwnerKeys
-from vipd.errors import DataplaneError, EtcdError
+from vipd.errors import DataplaneError, EtcdError, find_in_group
 from vipd.fitness import Fitness
+from vipd.interfaces import InterfaceWatch
+from vipd.drain import Drain
+from vipd.reload import Reloader
 from vipd.routing import Routing
 from vipd.hooks import HookRunner
 from vipd.metrics import Metrics, serve
@@ -42,11 +45,11 @@ from vipd.succession import Succession
 from vipd.wiring_dsr import DsrWiring
 from vipd.wiring_l2 import L2Gate
 
-SHUTDOWN_GRACE = 3.0  # seconds the controllers get to remove addresses and give keys back
+SHUTDOWN_GRACE = shutdown.SHUTDOWN_GRACE  # seconds the controllers get to remove addresses and give keys back
 
 
 class Daemon:
-    def __init__(self, cfg: Config, client: EtcdClient, nl: Netlink) -> None:
+    def __init__(self, cfg: Config, client: EtcdClient, nl: Netlink, path: str | None = None) -> None:
         self.cfg = cfg
         self.client = client
         self.metrics = Metrics(cfg.node)
@@ -54,7 +57,6 @@ class Daemon:
         self.announcer = Announcer(nl)
         self.nl = nl
         self.keys = OwnerKeys(client, cfg.etcd.prefix, cfg.node)
-        pl = cfg.placement
         self.routing = Routing(cfg, nl, self.addresses, client)
 
         # fast takeover (vipd/succession.py): a token fence on the VIPs' NICs, bounded by the successor's acks
@@ -70,24 +72,14 @@ class Daemon:
         self.metrics.registry.register(PeerCollector(
             lambda: self.peers.transport.peers.links if self.peers.transport else {}, self.nft, self.succession))
 
-        def params(u: Unit) -> Params:
-            return Params(cfg.node, cfg.timing.fence_margin, cfg.timing.release_holdoff,
-                          pl.preempt_delay if pl.preempt else None, pl.campaign_stagger, u.anycast,
-                          conflict_check=any(v.conflict_check and not v.on_loopback for v in u.vips),
-                          takeover=self.nft is not None and not u.anycast and self.nft.covers(u.vips))
         self.hooks = HookRunner.from_config(cfg.hooks, node=cfg.node)
         self.fitness = Fitness(cfg, self.post, lambda: self.lease.presence_changed(), self.metrics, nl)
         gate = trio.Semaphore(1)  # one handover to a preferred host at a time, per host
         self.lifetime = LifetimeFence(RefreshBatcher(self.addresses))
         self.dsr = DsrWiring(cfg, nl, self.metrics.registry, self.fitness)
         self.l2 = L2Gate(cfg, nl, self.metrics, self.fitness)
-        fences: list[Fence] = [self.routing, *self.dsr.fences] + ([self.succession] if self.nft is not None else [])
-        self.controllers = {u.name: Controller(u, params(u), self.addresses, self.announcer, self.keys,
-                                               self.metrics, self.lifetime, fences=fences, conflicts=self,
-                                               hooks=self.hooks, preempt_gate=gate, lease=self,
-                                               healthy=self.fitness.initial(u.name), ownership=self.owning,
-                                               holdoff=self.fitness.hold, takeover=self.succession)
-                            for u in cfg.units}
+        self._gate = gate
+        self.controllers = {u.name: self.controller(u, self.fitness.initial(u.name)) for u in cfg.units}
         self.lease = HostLease(client, ttl=cfg.etcd.lease_ttl, keepalives_per_ttl=cfg.timing.keepalives_per_ttl,
                                presence_key=f"{cfg.etcd.prefix}hosts/{cfg.node}", presence=self.fitness.presence,
                                publish=self.broadcast, metrics=self.metrics,
@@ -100,6 +92,23 @@ class Daemon:
         self.directory = HostDirectory(client, cfg.etcd.prefix, cfg.units,
                                        lambda name, ranking: self.post(name, Placement(ranking)), self._hosts)
         self.fitness.peer_address = lambda: self.peers.address
+        self.interfaces = InterfaceWatch(nl, self.fitness, lambda: self.cfg.units)
+        self.drain = Drain(self)
+        self.reloader = Reloader(self, path)
+
+    def params(self, u: Unit) -> Params:
+        cfg, pl = self.cfg, self.cfg.placement
+        return Params(cfg.node, cfg.timing.fence_margin, cfg.timing.release_holdoff,
+                      pl.preempt_delay if pl.preempt else None, pl.campaign_stagger, u.anycast,
+                      conflict_check=any(v.conflict_check and not v.on_loopback for v in u.vips),
+                      takeover=self.nft is not None and not u.anycast and self.nft.covers(u.vips))
+
+    def controller(self, u: Unit, healthy: bool) -> Controller:
+        fences: list[Fence] = [self.routing, *self.dsr.fences] + ([self.succession] if self.nft is not None else [])
+        return Controller(u, self.params(u), self.addresses, self.announcer, self.keys, self.metrics,
+                          self.lifetime, fences=fences, conflicts=self, hooks=self.hooks, preempt_gate=self._gate,
+                          lease=self, healthy=healthy, ownership=self.owning, holdoff=self.fitness.hold,
+                          takeover=self.succession)
 
     def _hosts(self, hosts: dict[str, HostInfo]) -> None:
         self.peers.set_hosts({n: h.peer for n, h in hosts.items()})
@@ -142,7 +151,9 @@ class Daemon:
         self.lease.renew()
 
     def post(self, unit: str, ev: Event) -> None:
-        self.controllers[unit].post(ev)
+        c = self.controllers.get(unit)
+        if c is not None:  # None: a reload just removed it
+            c.post(ev)
 
     def owning(self, vips, owned: bool) -> None:  # type: ignore[no-untyped-def]
         """Controllers report ownership changes: watch for another MAC answering for our VIPs."""
@@ -161,12 +172,16 @@ class Daemon:
         while True:  # restarted when the interface goes away and comes back
             try:
                 await watch.run()
-            except DataplaneError as e:
-                log.warning("duplicate_watch_failed", interface=watch.ifname, error=e)
+            except Exception as e:  # noqa: BLE001 - a DataplaneError, maybe inside a group: its NIC was deleted
+                err = find_in_group(e, DataplaneError)
+                if err is None:
+                    raise
+                log.warning("duplicate_watch_failed", interface=watch.ifname, error=err)
             await trio.sleep(1.0)
+            await self.interfaces.wait_present(watch.ifname)
 
     def broadcast(self, ev: Event) -> None:
-        for c in self.controllers.values():
+        for c in list(self.controllers.values()):
             c.post(ev)
 
     def release(self, name: str, reason: str = "operator request") -> str:
@@ -183,7 +198,8 @@ class Daemon:
                        "owner": c.state.owner.node if c.state.owner else None,
                        "lease_left": round(max(0.0, c.state.valid_until - now), 3) if c.state.lease else 0.0,
                        "successor": self.succession.successor(name) if c.state.state is State.OWNER else None,
-                       "unfit": self.fitness.reasons(name) or None, "dsr": self.dsr.status(c.vips)}
+                       "unfit": self.fitness.reasons(name) or None, "dsr": self.dsr.status(c.vips),
+                       "unavailable": self.fitness.unavailable(name) or None}
                 for name, c in self.controllers.items()}
 
     async def remove_stale(self) -> None:
@@ -216,9 +232,10 @@ class Daemon:
 
     async def reconcile(self) -> None:
         """Level-triggered: tell every controller whether its address is in the kernel; drop strays."""
-        configured = {(v.interface, v.ip): v for v in self.cfg.vips}
         while True:
             await trio.sleep(self.cfg.timing.reconcile_interval)
+            configured = {(v.interface, v.ip): v for v in self.cfg.vips}  # a reload may change them
+            await self.interfaces.refresh()
             taken_at = trio.current_time()
             try:
                 tagged = await self.addresses.tagged()
@@ -234,7 +251,7 @@ class Daemon:
                     await self._remove_stray(t, "stray_address_removed")
                 else:
                     present.add(vip.name)
-            for c in self.controllers.values():
+            for c in list(self.controllers.values()):
                 held = [v.name in present for v in c.vips]
                 self.metrics.set_address_present(c.name, all(held))  # labelled by unit, like vipd_vip_owner
                 c.post(Reconcile(missing=not all(held), present=any(held), taken_at=taken_at))
@@ -246,12 +263,14 @@ class Daemon:
                     log.error("fence_verify_failed", error=e)
 
     async def watch_kernel(self) -> None:
-        by_if: dict[str, list[Controller]] = {}
-        for c in self.controllers.values():
-            for v in c.vips:
-                by_if.setdefault(v.interface, []).append(c)
         async with contextlib.aclosing(kernel_events()) as events:  # type: ignore[type-var]
             async for ev in events:
+                by_if: dict[str, list[Controller]] = {}
+                for c in self.controllers.values():  # a reload may change them
+                    for v in c.vips:
+                        by_if.setdefault(v.interface, []).append(c)
+                if isinstance(ev, (LinkChanged, KernelAddressRemoved)) and ev.ifname in by_if:
+                    await self.interfaces.refresh()  # a VIP's NIC may be gone, or back
                 if isinstance(ev, LinkChanged) and ev.up:
                     for c in by_if.get(ev.ifname, []):
                         c.post(LinkUp())
@@ -285,27 +304,17 @@ class Daemon:
         scope.cancel()
 
     async def stop(self) -> None:
-        """Remove addresses (each controller, at once), give keys back, then revoke the lease."""
+        """Bounded (vipd/shutdown.py): remove addresses and give keys back, then revoke the lease,
+        only if every controller let go in time; else the lease path."""
         systemd.notify("STOPPING=1", "STATUS=releasing VIPs")
         self.broadcast(ShutdownRequested())
-        with trio.move_on_after(SHUTDOWN_GRACE):
-            for c in self._running:
-                await c.stopped.wait()
-        if self.lease.lease_id:
-            try:
-                with trio.move_on_after(2 * self.cfg.etcd.request_timeout):
-                    await self.client.revoke(self.lease.lease_id)
-                    log.info("lease_revoked", lease=f"{self.lease.lease_id:x}")
-                    forget_recorded_lease(lease_record_path(self.cfg))
-            except EtcdError as e:
-                log.warning("lease_revoke_failed", error=e)
-        for table in (self.routing.nft, self.nft):
-            if table is not None:
-                try:
-                    await table.remove_all()  # armed sets were flushed by the releases already
-                except DataplaneError as e:
-                    log.warning("nft_cleanup_failed", error=e)
-        with trio.move_on_after(2.0):
+        hung = await shutdown.wait_stopped(self._running)
+        if not hung:
+            await shutdown.revoke(self.client.revoke, self.lease.lease_id, 2 * self.cfg.etcd.request_timeout,
+                                  lambda: forget_recorded_lease(lease_record_path(self.cfg)))
+        if not hung:  # else the fences (egress, tokens) keep fencing a unit that did not let go, to their deadlines
+            await shutdown.drop_tables([t for t in (self.routing.nft, self.nft) if t is not None])
+        with trio.move_on_after(shutdown.HOOK_GRACE):
             await self.hooks.wait_idle()  # let the "backup" hooks of the release finish
 
     async def run(self) -> None:
@@ -314,6 +323,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             # first, so that SIGTERM during startup (etcd unreachable) still stops cleanly
             nursery.start_soon(self.stop_on_signal, nursery.cancel_scope)
+            await nursery.start(self.reloader.serve, nursery)  # SIGHUP: from now on never fatal
             await self.remove_stale()
             await self.revoke_recorded()
             await self.routing.start()
@@ -325,7 +335,9 @@ class Daemon:
             await nursery.start(self.hooks.run)
             nursery.start_soon(self.l2.run)  # before the first claim: awaited before the lease below
             await nursery.start(self.dsr.run)  # the director's maps exist before a controller arms them
-            for c in self.controllers.values():
+            self.drain.restore()  # a drained host stays drained across restarts
+            await self.interfaces.refresh()  # a missing NIC's VIPs unfit before any campaign
+            for c in list(self.controllers.values()):
                 await nursery.start(c.run)
                 self._running.append(c)
             nursery.start_soon(self.fitness.run)
@@ -343,18 +355,20 @@ class Daemon:
             if interval:
                 nursery.start_soon(self.watchdog, interval)
             systemd.notify("READY=1", f"STATUS=running: {len(self.controllers)} VIPs")
+            self.reloader.ready.set()
             log.info("ready", node=self.cfg.node, vips=len(self.controllers), lease=f"{self.lease.lease_id:x}",
                      ttl=self.lease.granted_ttl)
         log.info("stopped", node=self.cfg.node)
 
     def _deliver_owner(self, name: str, record) -> None:  # type: ignore[no-untyped-def]
-        self.controllers[name].post(OwnerObserved(record))
+        if name not in self.reloader.rewatched:  # a unit a reload started has a watch of its own
+            self.post(name, OwnerObserved(record))
 
 
-async def run(cfg: Config) -> None:
-    check_host(cfg)
+async def run(cfg: Config, path: str | None = None) -> None:
+    check_host(cfg, allow_missing_interfaces=True)
     async with Netlink() as nl, EtcdClient.from_config(cfg.etcd) as client:
-        daemon = Daemon(cfg, client, nl)
+        daemon = Daemon(cfg, client, nl, path)
         try:
             await daemon.run()
         finally:

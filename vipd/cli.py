@@ -30,15 +30,17 @@ def _first_vipd_error(exc: BaseException) -> VipdError | None:
     return None
 
 
-def _load(args: argparse.Namespace) -> config.Config:
+def _load(args: argparse.Namespace, *, allow_missing_interfaces: bool = False) -> tuple[config.Config, list[str]]:
     cfg = config.load(args.config)
-    config.check_host(cfg)
-    return cfg
+    return cfg, config.check_host(cfg, allow_missing_interfaces=allow_missing_interfaces)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config) if args.no_host else _load(args)
+    cfg, warnings = (config.load(args.config), []) if args.no_host else \
+        _load(args, allow_missing_interfaces=args.allow_missing_interfaces)
     print(f"{args.config}: ok (node {cfg.node}, {len(cfg.vips)} VIPs, etcd {', '.join(cfg.etcd.endpoints)})")
+    for w in warnings:
+        print(f"warning: {w}")
     if any(v.services for v in cfg.vips):
         from vipd.dsr.bpf import unavailable
 
@@ -49,8 +51,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from vipd import signals
-    signals.catch_early()  # a stop during startup must still stop cleanly
-    cfg = _load(args)
+    signals.catch_early()  # a stop (or reload) during startup must still stop (reload) cleanly
+    cfg, warnings = _load(args, allow_missing_interfaces=True)
     from vipd import instance
 
     # before anything touches the host or etcd: one daemon per state_dir, and a free metrics port
@@ -58,12 +60,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.metrics_listen:
         instance.check_port_free(cfg.metrics_listen)
     log.setup(cfg.log_level)
+    for w in warnings:
+        log.warning("config_warning", warning=w)
     import trio
 
     from vipd import app
 
     try:
-        trio.run(app.run, cfg)
+        trio.run(app.run, cfg, args.config)
     finally:
         os.close(lock)
     return 0
@@ -115,6 +119,57 @@ def comeback(cfg: config.Config, name: str) -> str:
     return f"preemption is on: if this host is its preferred host it comes back {back}"
 
 
+def _slow_request(cfg: config.Config, what: str, line: str) -> dict | None:  # type: ignore[type-arg]
+    from vipd import control
+
+    try:
+        return control.request(cfg.control_socket, line, timeout=control.SLOW_REQUEST + 5)
+    except OSError as e:
+        print(f"vipd {what}: cannot reach the daemon at {cfg.control_socket}: {e.strerror or e}", file=sys.stderr)
+        return None
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
+    if args.node is not None and args.node != cfg.node:
+        print(f"vipd drain: --node {args.node} is not this host ({cfg.node}); run it on {args.node}", file=sys.stderr)
+        return EXIT_CONFIG
+    reply = _slow_request(cfg, "drain", "drain")
+    if reply is None:
+        return EXIT_RUNTIME
+    if not reply.get("ok"):
+        print(f"vipd drain: {reply.get('error')}", file=sys.stderr)
+        return EXIT_RUNTIME
+    res = reply["result"]
+    for vip, to in sorted(res["vips"].items()):
+        print(f"{vip}: handed over to {to}" if to else f"{vip}: released; no other host has taken it yet")
+    print(f"{cfg.node}: drained ({len(res['vips'])} VIPs handed over); it takes no VIP until `vipd undrain`"
+          + (f"; still letting go: {', '.join(res['still_here'])}" if res["still_here"] else ""))
+    return EXIT_OK
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
+    reply = _slow_request(cfg, "undrain", "undrain")
+    if reply is None:
+        return EXIT_RUNTIME
+    was = reply.get("result", {}).get("was_drained")
+    print(f"{cfg.node}: eligible again" + ("" if was else " (it was not drained)"))
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)  # an invalid file is refused here already, with the key (exit 2)
+    reply = _slow_request(cfg, "reload", "reload")
+    if reply is None:
+        return EXIT_RUNTIME
+    if not reply.get("ok"):
+        print(f"vipd reload: refused: {reply.get('error')}", file=sys.stderr)
+        return EXIT_CONFIG if reply.get("refused") else EXIT_RUNTIME
+    print(f"reloaded: {reply['result']}")
+    return EXIT_OK
+
+
 def cmd_state(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     from vipd import control
@@ -152,7 +207,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg, _ = _load(args)
     import trio
 
     from vipd.doctor.findings import exit_status, render, to_json
@@ -187,16 +242,26 @@ def parser() -> argparse.ArgumentParser:
         return sp
 
     add("run", cmd_run, "run the daemon (what the systemd unit starts); one per state_dir")
-    add("check", cmd_check, "validate the configuration against this host without changing anything; "
-                            "exit 0, or 2 with the key and the reason").add_argument(
-        "--no-host", action="store_true",
-        help="check the file only, not this host (interfaces exist, key files readable): for examples and CI")
+    chk = add("check", cmd_check, "validate the configuration against this host without changing anything; "
+                            "exit 0, or 2 with the key and the reason")
+    chk.add_argument("--no-host", action="store_true",
+                     help="check the file only, not this host (interfaces exist, key files readable): for examples "
+                          "and CI")
+    chk.add_argument("--allow-missing-interfaces", action="store_true",
+                     help="a VIP's interface that does not exist now is a warning, not an error (the unit's "
+                          "pre-start check: the daemon keeps those VIPs unavailable until the NIC appears)")
     add("status", cmd_status, "every VIP's owner, epoch and lease time left, and every host's health, "
                               "read from etcd").add_argument("--json", action="store_true",
                                                              help="print JSON instead of a table")
     add("release", cmd_release, "hand one VIP (or group) this host owns over to another host; exit 3 "
                                 "when this host does not own it").add_argument(
         "name", metavar="NAME", help="the VIP's name (or its group's) as in the configuration")
+    add("drain", cmd_drain, "hand every VIP this host owns to other hosts (each successor ready first), then "
+                            "keep this host ineligible, across restarts, until `vipd undrain`").add_argument(
+        "--node", metavar="N", help="the node to drain: must be this host's node name (a guard for scripts)")
+    add("undrain", cmd_undrain, "make a drained host eligible for VIPs again")
+    add("reload", cmd_reload, "re-read the config and apply the difference, as SIGHUP does; unchanged VIPs are "
+                              "not touched; exit 2 with the key and the reason when refused (nothing changed)")
     add("state", cmd_state, "this host's view of its VIPs, from the running daemon's control socket")
     doc = add("doctor", cmd_doctor, "check this host against the config: findings, fixes; exit 1 if any blocks")
     doc.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -28,23 +28,41 @@ class HostAddress(NamedTuple):
 
 
 def check_host(cfg: "Config", sys_class_net: str = "/sys/class/net",
-               addresses: Iterable[HostAddress] | None = None) -> None:
-    """Every host-dependent rule; `addresses` (default: read from the kernel) for tests."""
+               addresses: Iterable[HostAddress] | None = None, *,
+               allow_missing_interfaces: bool = False) -> list[str]:
+    """Every host-dependent rule; `addresses` (default: read from the kernel) for tests.
+
+    With allow_missing_interfaces (what `vipd run`, a reload and the unit's pre-start check use) a
+    VIP or check interface that does not exist now is not an error: the daemon keeps that NIC's
+    VIPs unavailable until it appears (vipd/interfaces.py); one warning line per such key is
+    returned instead."""
+    warnings: list[str] = []
+
+    def missing(key: str, ifname: str) -> None:
+        if not allow_missing_interfaces:
+            raise ConfigError(key, f"no interface {ifname!r} on this host")
+        warnings.append(f"{key}: no interface {ifname!r} on this host now; its VIPs stay unavailable until it exists")
+
     for i, v in enumerate(cfg.vips):
         if not os.path.exists(os.path.join(sys_class_net, v.interface)):
-            raise ConfigError(f"vip[{i}].interface", f"no interface {v.interface!r} on this host")
+            missing(f"vip[{i}].interface", v.interface)
     check_state_dir("state_dir", cfg.state_dir)
     if any(ep.startswith("https:") for ep in cfg.etcd.endpoints):
         tls_context(cfg.etcd.ca_file, cfg.etcd.cert_file, cfg.etcd.key_file, "etcd")
-    for i, c in enumerate(cfg.host.checks):
-        check_check_host(c, f"host.check[{i}]", sys_class_net)
-    for i, v in enumerate(cfg.vips):
-        for j, c in enumerate(v.checks):
-            check_check_host(c, f"vip[{i}].check[{j}]", sys_class_net)
+    checks = [(c, f"host.check[{i}]") for i, c in enumerate(cfg.host.checks)]
+    checks += [(c, f"vip[{i}].check[{j}]") for i, v in enumerate(cfg.vips) for j, c in enumerate(v.checks)]
+    for c, key in checks:
+        try:
+            check_check_host(c, key, sys_class_net)
+        except ConfigError as e:
+            if not (allow_missing_interfaces and e.reason.startswith("no interface")):
+                raise
+            warnings.append(f"{e.key}: {e.reason} now; the check fails until it exists")
     check_hooks_host(cfg.hooks)
     if cfg.metrics_listen:
         check_metrics_address(cfg.metrics_listen)
     check_own_addresses(cfg, list(host_addresses() if addresses is None else addresses))
+    return warnings
 
 
 def check_metrics_address(listen: str, key: str = "metrics.listen") -> None:

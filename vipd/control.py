@@ -1,6 +1,8 @@
-"""The local control socket: `vipd release NAME` and `vipd state` talk to the running daemon.
+"""The local control socket: `vipd release NAME`, `vipd state`, `vipd drain`, `vipd undrain` and
+`vipd reload` talk to the running daemon.
 
-One request line in, one JSON line out. Root-only (mode 0600 in the state directory).
+One request line in, one JSON line out. Root-only (mode 0600 in the state directory). drain and
+reload wait for their outcome (bounded: SLOW_REQUEST); the others answer at once.
 """
 
 from __future__ import annotations
@@ -13,12 +15,31 @@ from typing import Any, Protocol
 import trio
 
 from vipd import log
+from vipd.errors import ConfigError
 from vipd.streams import read_until
+
+
+SLOW_REQUEST = 30.0  # s: drain (hand-over of every VIP) and reload answer within this
 
 
 class Controllable(Protocol):
     def release(self, name: str, reason: str = ...) -> str: ...
     def status(self) -> dict[str, dict[str, object]]: ...
+
+
+async def _answer_slow(daemon: Any, line: str) -> dict[str, Any] | None:
+    """drain / undrain / reload (None for any other request)."""
+    words = line.split()
+    if words == ["drain"]:
+        return {"ok": True, "result": await daemon.drain.drain()}
+    if words == ["undrain"]:
+        return {"ok": True, "result": daemon.drain.undrain()}
+    if words == ["reload"]:
+        try:
+            return {"ok": True, "result": await daemon.reloader.reload()}
+        except ConfigError as e:
+            return {"ok": False, "refused": True, "error": str(e)}
+    return None
 
 
 class NotOwner(Exception):
@@ -58,10 +79,12 @@ async def serve(daemon: Controllable, path: str, *, task_status=trio.TASK_STATUS
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
+            data = b""
             with trio.move_on_after(5):
                 data = await read_until(stream, b"\n", 4096)
-                line = data.decode(errors="replace").strip()
-                reply = _answer(daemon, line)
+            line = data.decode(errors="replace").strip()
+            with trio.move_on_after(SLOW_REQUEST):
+                reply = await _answer_slow(daemon, line) or _answer(daemon, line)
                 log.info("control_request", request=line, ok=reply["ok"])
                 try:
                     await stream.send_all(json.dumps(reply).encode() + b"\n")
@@ -77,7 +100,7 @@ async def serve(daemon: Controllable, path: str, *, task_status=trio.TASK_STATUS
             pass
 
 
-def request(path: str, line: str, timeout: float = 5.0) -> dict[str, Any]:
+def request(path: str, line: str, timeout: float = 5.0) -> dict[str, Any]:  # SLOW_REQUEST + 5 for drain/reload
     """Blocking client used by the CLI."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)

@@ -71,3 +71,14 @@ class RouteError(DataplaneError):
 class FenceError(DataplaneError):
     """Setting up or arming the kernel fence (nftables tokens) failed, or it was asked for
     something it cannot do (a VIP it does not cover or manage)."""
+
+
+def find_in_group(exc: BaseException, cls: type[VipdError]) -> VipdError | None:
+    """The first `cls` error in `exc` or, for an exception group (trio's nurseries raise them), inside it."""
+    if isinstance(exc, cls):
+        return exc
+    for sub in getattr(exc, "exceptions", ()):
+        found = find_in_group(sub, cls)
+        if found is not None:
+            return found
+    return None

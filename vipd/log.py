@@ -30,6 +30,10 @@ def fields(**kv: Any) -> str:
     return " ".join(f"{k}={_quote(v)}" for k, v in kv.items() if v is not None)
 
 
+def level_name() -> str:
+    return logging.getLevelName(_log.level).lower()
+
+
 def setup(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())

@@ -1,5 +1,6 @@
-"""A SIGTERM/SIGINT that arrives while the daemon is still importing and starting up is kept, not
-fatal: `vipd run` installs this first, and the supervisor stops cleanly at once when it saw one."""
+"""Signals that arrive while the daemon is still importing and starting up are kept, not fatal:
+`vipd run` installs this first. A SIGTERM/SIGINT makes the supervisor stop cleanly at once when it
+listens; a SIGHUP (reload) is applied once the daemon is ready (vipd/reload.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,16 @@ def _remember(signum: int, frame: FrameType | None) -> None:
 
 
 def catch_early() -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _remember)
 
 
 def early() -> int | None:
     """The first stop signal received before the supervisor listened, if any."""
-    return _seen[0] if _seen else None
+    stops = [s for s in _seen if s != signal.SIGHUP]
+    return stops[0] if stops else None
+
+
+def early_reload() -> bool:
+    """A SIGHUP arrived before the reloader listened."""
+    return signal.SIGHUP in _seen

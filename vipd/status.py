@@ -41,8 +41,9 @@ async def collect(cfg: Config) -> dict[str, Any]:
                 "preferred": (ranked.get(name) or [None])[0],
                 "candidates": list(ranked.get(name, ())),
             })
-        host_rows = [{"node": h.node, "healthy": h.healthy, "weight": h.weight, "down": list(h.down),
-                      "reasons": list(h.reasons), "bgp_source": h.bgp_source or None, "peer": h.peer or None}
+        host_rows = [{"node": h.node, "healthy": h.healthy, "drained": h.drained, "weight": h.weight,
+                      "down": list(h.down), "reasons": list(h.reasons), "bgp_source": h.bgp_source or None,
+                      "peer": h.peer or None}
                      for h in sorted(hosts.values(), key=lambda h: h.node)]
         unit_of = {v.name: v.unit for v in cfg.vips}
         egress = [{"rule": e.name, "vip": e.vip, "active_on": (owners.get(unit_of[e.vip]) or OwnerRecord(None)).node}
@@ -56,11 +57,13 @@ def render(status: dict[str, Any]) -> str:
              f"{'HOST':<16} {'HEALTH':<10} {'WEIGHT':>6} {'BGP SOURCE':<15}  NOT A CANDIDATE FOR / WHY"]
     for h in status["hosts"]:
         why = "; ".join(h["reasons"])
-        if not h["healthy"]:
+        if h.get("drained"):
+            why = f"all VIPs: drained (`vipd undrain` on it ends this); {why}"
+        elif not h["healthy"]:
             why = f"all VIPs: {why or 'host checks failing'}"
         elif h["down"]:
             why = f"{', '.join(h['down'])}: {why}"
-        lines.append(f"{h['node']:<16} {'healthy' if h['healthy'] else 'unhealthy':<10} {h['weight']:>6g} "
+        lines.append(f"{h['node']:<16} {'drained' if h.get('drained') else 'healthy' if h['healthy'] else 'unhealthy':<10} {h['weight']:>6g} "
                      f"{h['bgp_source'] or '-':<15}  {why or '-'}")
     if not status["hosts"]:
         lines.append("(no host holds a lease)")

@@ -30,7 +30,7 @@ def test_unit_shape():
     assert "vipd cleanup -c /etc/vipd/vipd.toml" in s["ExecStopPost"]
     assert set(s["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET"}
     # a config check before every start; reload = SIGHUP to the daemon; config errors do not loop
-    assert "vipd check -c /etc/vipd/vipd.toml" in s["ExecStartPre"]
+    assert "vipd check --allow-missing-interfaces -c /etc/vipd/vipd.toml" in s["ExecStartPre"]
     assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert s["RestartPreventExitStatus"] == "2"
     # the sandbox (tests/lab/test_daemon_ops.py traces the daemon against this filter)

@@ -25,6 +25,7 @@ class HostInfo:
     reasons: tuple[str, ...] = ()  # why the host or a unit is unhealthy, for `vipd status`
     bgp_source: str = ""  # the host's fixed BGP source address, if any
     peer: str = ""  # "ip:port" of the host's heartbeat endpoint (vipd/peers), if any
+    drained: bool = False  # the operator drained it (`vipd drain`): no placement until `vipd undrain`
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -35,7 +36,7 @@ class HostInfo:
             d = json.loads(value)
             return cls(node, bool(d.get("healthy", True)), float(d.get("weight", 1.0)),
                        tuple(d.get("down", ())), tuple(d.get("reasons", ())), str(d.get("bgp_source", "")),
-                       str(d.get("peer", "")))
+                       str(d.get("peer", "")), bool(d.get("drained", False)))
         except (ValueError, TypeError, AttributeError):
             return cls(node)  # a value we do not understand: present, defaults
 
@@ -43,7 +44,7 @@ class HostInfo:
 def rankings(units: Sequence[Unit], hosts: Mapping[str, HostInfo]) -> dict[str, tuple[str, ...]]:
     """Bounded-load rendezvous placement over the healthy hosts; per unit the hosts that can serve
     it, its assigned target first, then the others in rendezvous order."""
-    healthy = {n: h.weight for n, h in hosts.items() if h.healthy}
+    healthy = {n: h.weight for n, h in hosts.items() if h.healthy and not h.drained}
     targets = assign([Item(u.name, u.prefer, u.avoid, len(u.vips)) for u in units], healthy)
     out = {}
     for u in units:
@@ -67,6 +68,7 @@ class HostDirectory:
         self._on_hosts = on_hosts
         self.hosts: dict[str, HostInfo] = {}
         self.placement: dict[str, tuple[str, ...]] = {}
+        self._changed = trio.Event()  # set (and replaced) at every recompute: see wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         def snapshot(kvs: Sequence[Any], revision: int) -> None:
@@ -84,6 +86,12 @@ class HostDirectory:
 
         await follow(self._client, self.prefix, snapshot, event, task_status=task_status)
 
+    def set_units(self, units: Sequence[Unit]) -> None:
+        """A config reload changed the units (or their prefer/avoid): place them again now."""
+        self._units = list(units)
+        self.placement = {n: o for n, o in self.placement.items() if n in {u.name for u in units}}
+        self._recompute()
+
     def _recompute(self) -> None:
         if self._on_hosts is not None:
             self._on_hosts(self.hosts)
@@ -93,3 +101,10 @@ class HostDirectory:
                 log.debug("placement", vip=name, ranking=",".join(order) or "-")
                 self._on_placement(name, order)
         self.placement = new
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self, predicate: Callable[[], bool]) -> None:
+        """Return once predicate() holds, checked now and after every change of hosts or placement."""
+        while not predicate():
+            await self._changed.wait()

@@ -84,6 +84,8 @@ class HealthMonitor:
         self._status = {n: CheckStatus(None, "not run yet", 0.0) for n in names}
         self._first_round = trio.Event()
         self._pending_first = len(names)
+        self._nursery: trio.Nursery | None = None
+        self._scopes: dict[str, trio.CancelScope] = {}
 
     def status(self) -> dict[str, CheckStatus]:
         return dict(self._status)
@@ -93,13 +95,42 @@ class HealthMonitor:
         return all(self._status[n].healthy is True for n in (names or self._status))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run every check until cancelled (also with none: `add` may start some later)."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for name, spec in self.checks:
-                nursery.start_soon(self._loop, name, spec)
+                self._start(name, spec)
             if self._pending_first == 0:
                 self._first_round.set()
             await self._first_round.wait()
             task_status.started()
+            await trio.sleep_forever()
+
+    def add(self, name: str, spec: CheckSpec) -> None:
+        """Start a check while running (a config reload); it starts unknown, like any other."""
+        if name in self._status:
+            raise ValueError(f"duplicate check name: {name}")
+        self.checks.append((name, spec))
+        self._status[name] = CheckStatus(None, "not run yet", trio.current_time())
+        if self._nursery is not None:
+            self._start(name, spec)
+
+    def remove(self, name: str) -> None:
+        """Stop a check and forget it (a config reload no longer names it)."""
+        scope = self._scopes.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        self.checks = [(n, s) for n, s in self.checks if n != name]
+        self._status.pop(name, None)
+
+    def _start(self, name: str, spec: CheckSpec) -> None:
+        assert self._nursery is not None
+        scope = self._scopes[name] = trio.CancelScope()
+
+        async def one() -> None:
+            with scope:
+                await self._loop(name, spec)
+        self._nursery.start_soon(one)
 
     async def _once(self, spec: CheckSpec) -> tuple[bool, str]:
         try:
@@ -126,6 +157,8 @@ class HealthMonitor:
             started = trio.current_time()
             ok, reason = await self._once(spec)
             flip = hyst.observe(ok)
+            if name not in self._status:
+                return  # removed meanwhile
             old = self._status[name]
             since = trio.current_time() if flip is not None else old.since
             self._status[name] = CheckStatus(hyst.state, reason, since, old.runs + 1)
@@ -133,7 +166,7 @@ class HealthMonitor:
                 (log.info if flip else log.warning)("health_changed", check=name, healthy=flip, reason=reason)
                 if self.on_change is not None:
                     self.on_change(name, flip, reason)
-            if first:
+            if first and not self._first_round.is_set():
                 first = False
                 self._pending_first -= 1
                 if self._pending_first == 0:

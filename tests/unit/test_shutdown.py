@@ -1,0 +1,47 @@
+"""A planned stop is bounded (vipd/shutdown.py): a unit that does not let go in time is named in one
+line and the lease is not revoked (the lease path); when all let go, the lease is revoked."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import trio
+
+from vipd import shutdown
+from vipd.model import State
+from vipd.ownership.state import Sub
+
+
+def unit(name: str, stopped: bool) -> SimpleNamespace:
+    ev = trio.Event()
+    if stopped:
+        ev.set()
+    return SimpleNamespace(name=name, stopped=ev, state=SimpleNamespace(state=State.RELEASING, sub=Sub.REMOVING))
+
+
+async def test_a_hung_release_is_named_within_the_grace(autojump_clock, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, logger="vipd")
+    t0 = trio.current_time()
+    hung = await shutdown.wait_stopped([unit("a", True), unit("b", False)])
+    assert [c.name for c in hung] == ["b"]
+    assert trio.current_time() - t0 == shutdown.SHUTDOWN_GRACE
+    assert "shutdown_grace_exceeded" in caplog.text and "b:releasing/removing" in caplog.text
+
+
+async def test_revoke_only_runs_bounded(autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    revoked: list[int] = []
+    forgot: list[bool] = []
+
+    async def fast(lease: int) -> None:
+        revoked.append(lease)
+
+    async def hangs(lease: int) -> None:
+        await trio.sleep_forever()
+
+    await shutdown.revoke(fast, 7, 1.0, lambda: forgot.append(True))
+    assert revoked == [7] and forgot == [True]
+    t0 = trio.current_time()
+    await shutdown.revoke(hangs, 8, 1.0, lambda: forgot.append(True))
+    assert trio.current_time() - t0 == 1.0 and forgot == [True]
+    assert shutdown.stop_bound(1.0) < 10  # inside the unit's TimeoutStopSec

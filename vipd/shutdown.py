@@ -1,0 +1,81 @@
+"""A planned stop, bounded: it ends within `stop_bound(request_timeout)` seconds, always.
+
+1. Every controller is asked to stop (ShutdownRequested): an owner removes its addresses, then hands
+   its key back (marked clean). They get SHUTDOWN_GRACE seconds together.
+2. Only when all of them stopped is the host lease revoked (2 x request_timeout at most), so the
+   other hosts may take over at once: no address of ours is left to overlap with theirs.
+   If one did not stop in time (a netlink call or etcd answer that hangs), its address may still
+   be in the kernel: the lease is NOT revoked and the token fence table stays. That is the lease
+   path: the kernel ends the address at its lifetime, before the lease can expire in etcd (the
+   fence margin), and only then can another host win. One log line (`shutdown_grace_exceeded`)
+   names the units and the state they hung in. systemd's ExecStopPost (`vipd cleanup`) then
+   removes the addresses and revokes the recorded lease, which shortens it again.
+3. Our nftables tables are removed (NFT_GRACE), the hooks of the releases get HOOK_GRACE.
+
+With the default request_timeout (1 s) the bound is 3 + 2 + 1 + 2 = 8 s, inside the unit's
+TimeoutStopSec=10; the lab's profile (0.5 s) gives 7 s.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, Protocol, Sequence
+
+import trio
+
+from vipd import log
+from vipd.errors import DataplaneError, EtcdError
+
+SHUTDOWN_GRACE = 3.0  # s the controllers get to remove addresses and give keys back
+NFT_GRACE = 1.0  # s to drop our nftables tables
+HOOK_GRACE = 2.0  # s for the "backup" hooks of the releases to finish
+
+
+def stop_bound(request_timeout: float) -> float:
+    """The longest a planned stop takes, in seconds."""
+    return SHUTDOWN_GRACE + 2 * request_timeout + NFT_GRACE + HOOK_GRACE
+
+
+class Stoppable(Protocol):
+    name: str
+    stopped: trio.Event
+    state: Any
+
+
+async def wait_stopped(running: Sequence[Stoppable], grace: float = SHUTDOWN_GRACE) -> list[Stoppable]:
+    """Wait up to `grace` for every controller to stop; the ones still running (logged)."""
+    with trio.move_on_after(grace):
+        for c in running:
+            await c.stopped.wait()
+    hung = [c for c in running if not c.stopped.is_set()]
+    if hung:
+        log.warning("shutdown_grace_exceeded", grace=grace,
+                    vips=",".join(f"{c.name}:{c.state.state.value}/{c.state.sub.value}" for c in hung),
+                    reason="still letting go: their addresses may be in the kernel, so the lease is not "
+                           "revoked; they fail over by the lease path (the address lifetime ends first)")
+    return hung
+
+
+async def revoke(revoke_fn: Callable[[int], Awaitable[Any]], lease_id: int, timeout: float,
+                 forget: Callable[[], None]) -> None:
+    """Give the lease back at once (every address is gone), bounded."""
+    if not lease_id:
+        return
+    try:
+        with trio.move_on_after(timeout):
+            await revoke_fn(lease_id)
+            log.info("lease_revoked", lease=f"{lease_id:x}")
+            forget()
+    except EtcdError as e:
+        log.warning("lease_revoke_failed", error=e)
+
+
+async def drop_tables(tables: Sequence[Any]) -> None:
+    """Remove our nftables tables (the armed sets were flushed by the releases), bounded."""
+    with trio.move_on_after(NFT_GRACE) as scope:
+        for table in tables:
+            try:
+                await table.remove_all()
+            except DataplaneError as e:
+                log.warning("nft_cleanup_failed", error=e)
+    if scope.cancelled_caught:
+        log.warning("nft_cleanup_failed", error=f"took longer than {NFT_GRACE:g}s; `vipd cleanup` drops them")
