@@ -172,12 +172,33 @@ class Succession:
                 await self._arm([(unit, owned)])
         self._wake.set()
 
+    async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]]) -> None:
+        """arm() for many units, in one token batch (vipd/refresh.py coalesces the controllers' arms)."""
+        if not self.enabled or not items:
+            return
+        mine: list[tuple[str, _Owned]] = []
+        for vips, until in items:
+            unit = vips[0].unit
+            owned = self._owned.setdefault(unit, _Owned(vips, until))
+            owned.h_etcd = until
+            mine.append((unit, owned))
+        async with self._lock:
+            live = [(u, o) for u, o in mine if self._owned.get(u) is o]
+            if live:
+                await self._arm(live)
+        self._wake.set()
+
     async def disarm(self, vips: Sequence[VipSpec]) -> None:
-        self._owned.pop(vips[0].unit, None)
-        if not self.enabled:
+        await self.disarm_many([vips])
+
+    async def disarm_many(self, units: Sequence[Sequence[VipSpec]]) -> None:
+        """disarm() for many units, in one token batch."""
+        for vips in units:
+            self._owned.pop(vips[0].unit, None)
+        if not self.enabled or not units:
             return
         async with self._lock:
-            await self._fence.disarm(vips)
+            await self._fence.disarm([v for vips in units for v in vips])
 
     def armed_until(self, vips: Sequence[VipSpec]) -> Optional[float]:
         return self._fence.armed_until(vips)

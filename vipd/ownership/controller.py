@@ -109,6 +109,8 @@ class Controller:
         self._send, self._recv = trio.open_memory_channel[Event](math.inf)
         self._announcing = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self._busy = False  # inside handle(): kernel actions of a step in progress
+        self._wait: trio.CancelScope | None = None  # the receive's timer, while the task waits
         self.stopped = trio.Event()
 
     def post(self, ev: Event) -> None:
@@ -123,8 +125,9 @@ class Controller:
             while self.state.state is not State.STOPPED:
                 wake = wakeup(self.params, self.state, trio.current_time())
                 ev: Event = Tick()
-                with trio.move_on_at(wake if wake is not None else math.inf):
+                with trio.move_on_at(wake if wake is not None else math.inf) as self._wait:
                     ev = await self._recv.receive()
+                self._wait = None
                 await self.handle(ev)
             self._announcing.cancel()
             nursery.cancel_scope.cancel()
@@ -133,15 +136,39 @@ class Controller:
     async def handle(self, first: Event) -> None:
         """Step the core with one event and with every outcome its kernel actions report."""
         queue = [first]
-        while queue:
-            ev = queue.pop(0)
-            old = self.state
-            self.state, actions = fsm.step(self.params, old, ev, trio.current_time())
-            self._log_step(old, ev, actions)
-            for action in actions:
-                follow = await self._do(action)
-                if follow is not None:
-                    queue.append(follow)
+        self._busy = True
+        try:
+            while queue:
+                ev = queue.pop(0)
+                old = self.state
+                self.state, actions = fsm.step(self.params, old, ev, trio.current_time())
+                self._log_step(old, ev, actions)
+                for action in actions:
+                    follow = await self._do(action)
+                    if follow is not None:
+                        queue.append(follow)
+        finally:
+            self._busy = False
+
+    def step_if_idle(self, ev: Event, only: tuple[type, ...]) -> list[Action] | None:
+        """Step the core with `ev` right here, without waking the task (vipd/refresh.py: one
+        keepalive refreshes every unit in one batch): only while the task waits for its next event
+        and only when the step keeps the state and asks for actions of the types `only`, which
+        the caller then carries out. Otherwise `ev` is posted as usual and None returned."""
+        wait = self._wait
+        if wait is None or self._busy or self._recv.statistics().current_buffer_used:
+            self.post(ev)
+            return None
+        now = trio.current_time()
+        new, actions = fsm.step(self.params, self.state, ev, now)
+        if new.state is not self.state.state or any(not isinstance(a, only) for a in actions):
+            self.post(ev)  # the step is pure: the task takes it again, with its actions
+            return None
+        old, self.state = self.state, new
+        self._log_step(old, ev, actions)
+        wake = wakeup(self.params, new, now)
+        wait.deadline = wake if wake is not None else math.inf
+        return actions
 
     @property
     def addresses(self) -> str:
