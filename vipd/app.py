@@ -16,7 +16,7 @@ from vipd.dataplane.announce import Announcer
 from vipd.dataplane.conflict import DuplicateResponderWatch, check_free
 from vipd.dataplane.kernel_events import AddressAdded as KernelAddressAdded
 from vipd.dataplane.kernel_events import AddressRemoved as KernelAddressRemoved
-from vipd.dataplane.kernel_events import LinkChanged, kernel_events
+from vipd.dataplane.kernel_events import LinkChanged, Overflowed, kernel_events
 from vipd.dataplane.netlink import Netlink
 from vipd.election.etcd import EtcdClient
 from vipd.election.hosts import HostDirectory
@@ -44,6 +44,8 @@ from vipd.peers.service import PeerService
 from vipd.succession import Succession
 from vipd.wiring_dsr import DsrWiring
 from vipd.wiring_l2 import L2Gate
+from vipd.hostview import UnitIndex, reconcile_posts
+from vipd.refresh import BatchedFence, HostLifetimeFence, HostRefresh, Inflight
 
 SHUTDOWN_GRACE = shutdown.SHUTDOWN_GRACE  # seconds the controllers get to remove addresses and give keys back
 
@@ -75,19 +77,26 @@ class Daemon:
         self.hooks = HookRunner.from_config(cfg.hooks, node=cfg.node)
         self.fitness = Fitness(cfg, self.post, lambda: self.lease.presence_changed(), self.metrics, nl)
         gate = trio.Semaphore(1)  # one handover to a preferred host at a time, per host
-        self.lifetime = LifetimeFence(RefreshBatcher(self.addresses))
+        inflight = Inflight()  # host-level refresh batches (vipd/refresh.py): disarms wait for them
+        self.lifetime: LifetimeFence = HostLifetimeFence(RefreshBatcher(self.addresses), inflight)
+        batched = [BatchedFence(f, inflight) for f in
+                   [self.routing] + ([self.succession] if self.nft is not None else [])]  # type: ignore[list-item]
         self.dsr = DsrWiring(cfg, nl, self.metrics.registry, self.fitness)
         self.l2 = L2Gate(cfg, nl, self.metrics, self.fitness)
+        self._fences: list[Fence] = [*batched, *self.dsr.fences]
         self._gate = gate
         self.controllers = {u.name: self.controller(u, self.fitness.initial(u.name)) for u in cfg.units}
         self.lease = HostLease(client, ttl=cfg.etcd.lease_ttl, keepalives_per_ttl=cfg.timing.keepalives_per_ttl,
                                presence_key=f"{cfg.etcd.prefix}hosts/{cfg.node}", presence=self.fitness.presence,
-                               publish=self.broadcast, metrics=self.metrics,
+                               publish=lambda ev: self.refresh.publish(ev), metrics=self.metrics,
                                record_path=lease_record_path(cfg))
         self.duplicates = {ifname: DuplicateResponderWatch(nl, ifname, self._duplicate)
                            for ifname in sorted({v.interface for v in cfg.vips
                                                  if v.conflict_check and not v.on_loopback})}
         self._unit_of_ip = {v.ip: v.unit for v in cfg.vips}
+        self.refresh = HostRefresh(self.controllers, self.lifetime, batched, self.addresses, self.metrics, inflight)
+        self.index = UnitIndex(self.controllers)  # rebuilt by a reload that adds or removes units
+        self._reconcile_now = trio.Event()  # a kernel event overflow: reconcile before the next tick
         self._running: list[Controller] = []  # started controllers (a stop during startup waits for these)
         self.directory = HostDirectory(client, cfg.etcd.prefix, cfg.units,
                                        lambda name, ranking: self.post(name, Placement(ranking)), self._hosts)
@@ -104,9 +113,8 @@ class Daemon:
                       takeover=self.nft is not None and not u.anycast and self.nft.covers(u.vips))
 
     def controller(self, u: Unit, healthy: bool) -> Controller:
-        fences: list[Fence] = [self.routing, *self.dsr.fences] + ([self.succession] if self.nft is not None else [])
         return Controller(u, self.params(u), self.addresses, self.announcer, self.keys, self.metrics,
-                          self.lifetime, fences=fences, conflicts=self, hooks=self.hooks, preempt_gate=self._gate,
+                          self.lifetime, fences=self._fences, conflicts=self, hooks=self.hooks, preempt_gate=self._gate,
                           lease=self, healthy=healthy, ownership=self.owning, holdoff=self.fitness.hold,
                           takeover=self.succession)
 
@@ -204,18 +212,20 @@ class Daemon:
 
     async def remove_stale(self) -> None:
         """At start we own nothing: remove every address we tagged earlier (but the BGP source)."""
-        for t in await self.addresses.tagged():
-            if self.routing.is_source(t):
-                continue
-            await self._remove_stray(t, "stale_address_removed")
+        await self._remove_strays([t for t in await self.addresses.tagged() if not self.routing.is_source(t)],
+                                  "stale_address_removed")
 
-    async def _remove_stray(self, t: TaggedAddress, what: str) -> None:
-        try:
-            await self.addresses.remove(t)
-        except DataplaneError as e:  # its lifetime ends it anyway; the next tick tries again
-            log.error("stray_address_remove_failed", interface=t.interface, address=t.address, error=e)
+    async def _remove_strays(self, items: list[TaggedAddress], what: str) -> None:
+        """Remove many tagged addresses in one netlink job (remove_many)."""
+        if not items:
             return
-        log.info(what, interface=t.interface, address=t.address)
+        try:
+            await self.addresses.remove_many(items)
+        except DataplaneError as e:  # their lifetimes end them anyway; the next tick tries again
+            log.error("stray_address_remove_failed", addresses=len(items), error=e)
+            return
+        for t in items:
+            log.info(what, interface=t.interface, address=t.address)
 
     async def revoke_recorded(self) -> None:
         """A previous run's lease (crash without ExecStopPost): its addresses are gone, so revoke it."""
@@ -233,7 +243,9 @@ class Daemon:
     async def reconcile(self) -> None:
         """Level-triggered: tell every controller whether its address is in the kernel; drop strays."""
         while True:
-            await trio.sleep(self.cfg.timing.reconcile_interval)
+            with trio.move_on_after(self.cfg.timing.reconcile_interval):
+                await self._reconcile_now.wait()
+            self._reconcile_now = trio.Event()
             configured = {(v.interface, v.ip): v for v in self.cfg.vips}  # a reload may change them
             await self.interfaces.refresh()
             taken_at = trio.current_time()
@@ -242,19 +254,17 @@ class Daemon:
             except DataplaneError as e:
                 log.error("reconcile_failed", error=e)
                 continue
-            present = set()
+            present, strays = set(), []
             for t in tagged:
                 vip = configured.get((t.interface, t.address.ip))
-                if vip is None and self.routing.is_source(t):
-                    continue
-                if vip is None:
-                    await self._remove_stray(t, "stray_address_removed")
-                else:
+                if vip is None and not self.routing.is_source(t):
+                    strays.append(t)
+                elif vip is not None:
                     present.add(vip.name)
+            await self._remove_strays(strays, "stray_address_removed")
             for c in list(self.controllers.values()):
-                held = [v.name in present for v in c.vips]
-                self.metrics.set_address_present(c.name, all(held))  # labelled by unit, like vipd_vip_owner
-                c.post(Reconcile(missing=not all(held), present=any(held), taken_at=taken_at))
+                self.metrics.set_address_present(c.name, all(v.name in present for v in c.vips))
+            reconcile_posts(list(self.controllers.values()), present, taken_at)  # only units that disagree
             await self.routing.reconcile()
             if self.nft is not None and self.succession.enabled:
                 try:
@@ -265,22 +275,21 @@ class Daemon:
     async def watch_kernel(self) -> None:
         async with contextlib.aclosing(kernel_events()) as events:  # type: ignore[type-var]
             async for ev in events:
-                by_if: dict[str, list[Controller]] = {}
-                for c in self.controllers.values():  # a reload may change them
-                    for v in c.vips:
-                        by_if.setdefault(v.interface, []).append(c)
-                if isinstance(ev, (LinkChanged, KernelAddressRemoved)) and ev.ifname in by_if:
-                    await self.interfaces.refresh()  # a VIP's NIC may be gone, or back
+                if isinstance(ev, LinkChanged) and self.index.on_interface(ev.ifname):
+                    await self.interfaces.refresh()  # a VIP's NIC may be gone, or back (and every tick)
                 if isinstance(ev, LinkChanged) and ev.up:
-                    for c in by_if.get(ev.ifname, []):
+                    for c in self.index.on_interface(ev.ifname):
                         c.post(LinkUp())
                 elif (isinstance(ev, KernelAddressAdded) and self.routing.source is not None
                       and ev.address.ip == self.routing.source):
                     await self.routing.reconcile()  # the kernel dropped our prefsrc routes with it
                 elif isinstance(ev, KernelAddressRemoved):
-                    for c in by_if.get(ev.ifname, []):
-                        if any(v.ip == ev.address.ip for v in c.vips):
-                            c.post(Reconcile(missing=True, present=False))
+                    unit = self.index.holding(ev.ifname, ev.address.ip)
+                    if unit is not None and unit.state.state in (State.OWNER, State.ACQUIRING):
+                        unit.post(Reconcile(missing=True, present=False))
+                elif isinstance(ev, Overflowed):  # notifications lost: re-list and reconcile now
+                    log.warning("kernel_events_overflowed", action="reconciling now")
+                    self._reconcile_now.set()  # (link changes come again from the events' re-dump)
 
     async def watchdog(self, interval: float) -> None:
         """Feed systemd's watchdog only while the loop runs and the netlink thread answers."""
@@ -337,9 +346,7 @@ class Daemon:
             await nursery.start(self.dsr.run)  # the director's maps exist before a controller arms them
             self.drain.restore()  # a drained host stays drained across restarts
             await self.interfaces.refresh()  # a missing NIC's VIPs unfit before any campaign
-            for c in list(self.controllers.values()):
-                await nursery.start(c.run)
-                self._running.append(c)
+            await self._start_controllers(nursery)
             nursery.start_soon(self.fitness.run)
             for watch in self.duplicates.values():
                 nursery.start_soon(self.run_duplicate_watch, watch)
@@ -348,6 +355,7 @@ class Daemon:
             await nursery.start(self.keys.watch, list(self.controllers), self._deliver_owner)
             await nursery.start(self.directory.run)
             await self.l2.checked.wait()
+            await nursery.start(self.refresh.run)
             await nursery.start(self.lease.run)
             nursery.start_soon(self.lease.sync_presence)
             nursery.start_soon(self.reconcile)
@@ -359,6 +367,16 @@ class Daemon:
             log.info("ready", node=self.cfg.node, vips=len(self.controllers), lease=f"{self.lease.lease_id:x}",
                      ttl=self.lease.granted_ttl)
         log.info("stopped", node=self.cfg.node)
+
+    async def _start_controllers(self, nursery: trio.Nursery) -> None:
+        """Start every controller at once (each one's Start removes leftovers: one batch for all)."""
+        async def start(c: Controller) -> None:
+            await nursery.start(c.run)
+            self._running.append(c)
+
+        async with trio.open_nursery() as starting:
+            for c in self.controllers.values():
+                starting.start_soon(start, c)
 
     def _deliver_owner(self, name: str, record) -> None:  # type: ignore[no-untyped-def]
         if name not in self.reloader.rewatched:  # a unit a reload started has a watch of its own

@@ -48,12 +48,26 @@ class Metrics:
                                            "address added here", ["cause"],
                                            buckets=(.005, .01, .02, .05, .1, .2, .5, 1, 2, 5), registry=r)
         Gauge("vipd_info", "This daemon", ["node"], registry=r).labels(node).set(1)
+        self._moved: dict[tuple[str, State, State], Counter] = {}
+        self._states: dict[str, tuple[dict[State, Gauge], Gauge]] = {}
 
     def record_transition(self, vip: str, old: State, new: State) -> None:
-        self._transitions.labels(vip, old.value, new.value).inc()
-        for st in State:
-            self._state.labels(vip, st.value).set(1 if st is new else 0)
-        self._owner.labels(vip).set(1 if new is State.OWNER else 0)
+        # the labelled children are cached: labels() costs ~6 us a call, and 2,000 VIPs start at once
+        key = (vip, old, new)
+        moved = self._moved.get(key)
+        if moved is None:
+            moved = self._moved[key] = self._transitions.labels(vip, old.value, new.value)
+        moved.inc()
+        states = self._states.get(vip)
+        if states is None:
+            states = self._states[vip] = ({st: self._state.labels(vip, st.value) for st in State},
+                                          self._owner.labels(vip))
+            for st, gauge in states[0].items():
+                gauge.set(1 if st is new else 0)
+        else:
+            states[0][old].set(0)  # every other state's gauge is 0 already
+            states[0][new].set(1)
+        states[1].set(1 if new is State.OWNER else 0)
 
     def set_epoch(self, vip: str, epoch: int) -> None:
         self._epoch.labels(vip).set(epoch)

@@ -28,6 +28,7 @@ from vipd import config, log, signals
 from vipd.dataplane.conflict import DuplicateResponderWatch
 from vipd.errors import ConfigError, DataplaneError
 from vipd.model import OwnerObserved, OwnerRecord, ShutdownRequested, Tick, Unit
+from vipd.hostview import UnitIndex
 from vipd.reload_diff import Diff, diff
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ class Reloader:
             del dm.controllers[c.name]
             if c in dm._running:
                 dm._running.remove(c)
+        dm.index = UnitIndex(dm.controllers)
         dm.cfg = new
         if new.log_level != log.level_name():
             log.setup(new.log_level)
@@ -129,6 +131,7 @@ class Reloader:
                 log.error("fence_update_failed", error=e)
         for u in [*d.replaced, *d.added]:
             await self._start(u)
+        dm.index = UnitIndex(dm.controllers)  # kernel events find the new units
         dm.directory.set_units(new.units)  # placement for the new and retuned units
         await self._watch_owners([u.name for u in [*d.replaced, *d.added]])
         self._watch_duplicates(new)

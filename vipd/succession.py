@@ -173,11 +173,35 @@ class Succession:
         await self._arms.submit(unit)  # one batch for every unit armed at the same moment (a keepalive)
         self._wake.set()
 
+    async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]]) -> None:
+        """arm() for many units, in one token batch (vipd/refresh.py coalesces the controllers' arms)."""
+        if not self.enabled or not items:
+            return
+        mine: list[tuple[str, _Owned]] = []
+        for vips, until in items:
+            unit = vips[0].unit
+            owned = self._owned.setdefault(unit, _Owned(vips, until))
+            owned.h_etcd = until
+            mine.append((unit, owned))
+        async with self._lock:
+            live = [(u, o) for u, o in mine if self._owned.get(u) is o]
+            if live:
+                await self._arm(live)
+        self._wake.set()
+
     async def disarm(self, vips: Sequence[VipSpec]) -> None:
         self._owned.pop(vips[0].unit, None)
         if not self.enabled:
             return
-        await self._disarms.submit(tuple(vips))
+        await self._disarms.submit(tuple(vips))  # one batch for every unit disarmed at the same moment
+
+    async def disarm_many(self, units: Sequence[Sequence[VipSpec]]) -> None:
+        """disarm() for many units, in one token batch (vipd/refresh.py)."""
+        for vips in units:
+            self._owned.pop(vips[0].unit, None)
+        if not self.enabled or not units:
+            return
+        await self._disarm_batch([tuple(vips) for vips in units])
 
     async def _arm_batch(self, units: list[str]) -> list[None]:
         async with self._lock:  # re-read under the lock: a unit disarmed meanwhile is not re-opened

@@ -18,7 +18,7 @@ from vipd.errors import AddressError, DataplaneError, EtcdError
 from vipd.fence import Fence, LifetimeFence, whole_seconds_before
 from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Announce, ArmFence, Campaign,
                         CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, ClaimDeferred, DeleteOwnerKey,
-                        Event, HoldOff, KeyReleased, OwnerRecord, PreemptGranted, ProbeConflicts, ProbeDone, Reconcile,
+                        Event, HoldOff, KeyReleased, LeaseValid, OwnerRecord, PreemptGranted, ProbeConflicts, ProbeDone, Reconcile,
                         ReleaseFailed, RemoveAddress, RemoveFailed, RenewLease, RequestPreempt, ReturnPreemptToken,
                         Start, State, StopAnnouncing, TakeOver, Tick, Unit, VipSpec)
 from vipd.ownership import fsm
@@ -112,6 +112,9 @@ class Controller:
         self._send, self._recv = trio.open_memory_channel[Event](math.inf)
         self._announcing = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self._busy = False  # inside handle(): kernel actions of a step in progress
+        self._wait: trio.CancelScope | None = None  # the receive's timer, while the task waits
+        self._lease_latest: LeaseValid | None = None  # a queued LeaseValid is superseded by this one
         self.stopped = trio.Event()
 
     def post(self, ev: Event) -> None:
@@ -126,8 +129,11 @@ class Controller:
             while self.state.state is not State.STOPPED:
                 wake = wakeup(self.params, self.state, trio.current_time())
                 ev: Event = Tick()
-                with trio.move_on_at(wake if wake is not None else math.inf):
+                with trio.move_on_at(wake if wake is not None else math.inf) as self._wait:
                     ev = await self._recv.receive()
+                self._wait = None
+                if isinstance(ev, LeaseValid) and self._lease_latest is not None:
+                    ev, self._lease_latest = self._lease_latest, None  # the newest of those queued
                 await self.handle(ev)
             self._announcing.cancel()
             nursery.cancel_scope.cancel()
@@ -136,17 +142,51 @@ class Controller:
     async def handle(self, first: Event) -> None:
         """Step the core with one event and with every outcome its kernel actions report."""
         queue = [first]
-        while queue:
-            ev = queue.pop(0)
-            old = self.state
-            self.state, actions = fsm.step(self.params, old, ev, trio.current_time())
-            if self.state.state is State.BACKUP and self.state.sub is not Sub.TAKING_OVER:
-                self._peer_takeover = False  # a takeover attempt that did not win
-            self._log_step(old, ev, actions)
-            for action in actions:
-                follow = await self._do(action)
-                if follow is not None:
-                    queue.append(follow)
+        self._busy = True
+        try:
+            while queue:
+                ev = queue.pop(0)
+                old = self.state
+                self.state, actions = fsm.step(self.params, old, ev, trio.current_time())
+                if self.state.state is State.BACKUP and self.state.sub is not Sub.TAKING_OVER:
+                    self._peer_takeover = False  # a takeover attempt that did not win
+                self._log_step(old, ev, actions)
+                for action in actions:
+                    follow = await self._do(action)
+                    if follow is not None:
+                        queue.append(follow)
+        finally:
+            self._busy = False
+
+    def step_if_idle(self, ev: Event, only: tuple[type, ...]) -> list[Action] | None:
+        """Step the core with `ev` right here, without waking the task (vipd/refresh.py: one
+        keepalive refreshes every unit in one batch): only while the task waits for its next event
+        and only when the step keeps the state and asks for actions of the types `only`, which
+        the caller then carries out. Otherwise `ev` is posted as usual and None returned."""
+        wait = self._wait
+        if wait is None or self._busy or self._recv.statistics().current_buffer_used:
+            self._post_latest(ev)
+            return None
+        now = trio.current_time()
+        new, actions = fsm.step(self.params, self.state, ev, now)
+        if new.state is not self.state.state or any(not isinstance(a, only) for a in actions):
+            self._post_latest(ev)  # the step is pure: the task takes it again, with its actions
+            return None
+        old, self.state = self.state, new
+        self._log_step(old, ev, actions)
+        wake = wakeup(self.params, new, now)
+        wait.deadline = wake if wake is not None else math.inf
+        return actions
+
+    def _post_latest(self, ev: Event) -> None:
+        """Post; a LeaseValid still queued is replaced by this newer one instead (keepalives are
+        monotonic: a busy unit takes the newest, not a backlog of stale ones)."""
+        if not isinstance(ev, LeaseValid):
+            self.post(ev)
+            return
+        queued, self._lease_latest = self._lease_latest, ev
+        if queued is None:
+            self.post(ev)
 
     @property
     def addresses(self) -> str:
