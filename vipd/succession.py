@@ -23,7 +23,8 @@ suspicion generation; O counts them only after `validate`, which it calls only w
 that O started after seeing that generation rewrote every record of its own naming S (so any
 takeover transaction of S comparing an older revision fails, and a later one needs a fresh
 suspicion, whose echoes again carry a newer generation). While a rename from S1 to S2 is in
-flight the token is bounded by both grants; after it commits, S1's transactions fail. The takeover
+flight the token is bounded by both grants (armed so BEFORE the transaction is sent: a commit can
+only follow that arm); after it commits, S1's transactions fail. The takeover
 after the lease expires in etcd (no successor, or none alive) keeps the old argument: O's token
 and address lifetime end at H_etcd, before etcd can expire the lease.
 What it assumes of etcd: linearisable transactions on one key (a leader change loses no
@@ -370,8 +371,14 @@ class Succession:
         for unit, _, want in plan:
             self._naming[unit] = (want, seen.get(want) if want else None)
         try:
+            # the tokens first bounded by the new successor's grant, then the record names it: a
+            # takeover by it can only follow a commit, which follows this arm
+            async with self._lock:
+                armed = [(u, self._owned[u]) for u, _, _ in plan if u in self._owned]
+                if armed:
+                    await self._arm(armed)
             results = await self._keys.rename(plan)
-        except EtcdError as e:
+        except (EtcdError, DataplaneError) as e:
             log.warning("successor_rename_failed", units=len(plan), error=e)
             results = {}
         finally:

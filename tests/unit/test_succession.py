@@ -186,3 +186,28 @@ def test_takeover_is_sent_only_while_the_owner_is_suspect():
         assert won and keys.taken == [named] and rec.epoch == 14
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_token_is_bounded_by_the_new_successor_before_the_record_names_it():
+    """An owner that dies right after the rename commits must not hold a token past S's grant:
+    the arm to min(H_etcd, granted(S)) happens before the transaction is sent."""
+    async def main() -> None:
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        seen_at_send: list[float] = []
+        real = keys.rename
+
+        async def rename(items):  # type: ignore[no-untyped-def]
+            seen_at_send.append(fence.until["api"])
+            return await real(items)
+
+        keys.rename = rename  # type: ignore[method-assign]
+        s.observe("api", OwnerRecord("h1", 11, 7, 11))
+        await s.arm([VIP], now + 5.0)
+        await trio.sleep(HOLD_DOWN + 0.01)
+        now = trio.current_time()
+        peers.heartbeat(now)
+        await s._rename(s._plan(now))
+        assert seen_at_send == [now + L]  # not the etcd horizon (now + 5 s)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
