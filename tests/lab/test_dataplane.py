@@ -385,6 +385,34 @@ async def test_announce_timing_and_errors(host: tuple[str, str], nl: Netlink) ->
         await ann.announce(vip("10.20.0.60/24", ifname))
 
 
+async def test_announce_survives_frames_the_kernel_refuses(host: tuple[str, str], nl: Netlink) -> None:
+    """A netdev egress drop (what the token fence does while a token is closed) makes the send fail
+    with ENOBUFS: that burst is lost, the next ones go out; all refused is a clear error."""
+    ns, ifname = host
+    table = f"netdev vtann{ifname[-4:]}"
+    ip_nft = ["ip", "netns", "exec", ns, "nft"]
+    subprocess.run(ip_nft + [f"add table {table}; add chain {table} out {{ type filter hook egress device "
+                             f"{ifname} priority 0; policy drop; }}"], check=True, timeout=10)
+    ip("-n", ns, "link", "set", ifname, "up")
+    ann = Announcer(nl)
+    try:
+        with pytest.raises(AnnounceError, match="refused by the kernel"):
+            await ann.announce(vip("10.20.0.61/24", ifname, announce_count=2, announce_interval=0.02))
+        result: list[int] = []
+
+        async def announce() -> None:
+            result.append(await ann.announce(vip("10.20.0.61/24", ifname, announce_count=3,
+                                                 announce_interval=0.1)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(announce)
+            await trio.sleep(0.05)  # the first burst was refused
+            subprocess.run(ip_nft + ["delete", "table", *table.split()], check=True, timeout=10)
+        assert result == [2]  # bursts 2 and 3, one gratuitous ARP each
+    finally:
+        subprocess.run(ip_nft + ["delete", "table", *table.split()], capture_output=True, timeout=10)
+
+
 # -- kernel events ------------------------------------------------------------------------------
 
 

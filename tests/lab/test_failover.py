@@ -38,7 +38,7 @@ def test_exactly_one_owner_after_start_status_and_metrics(lab, make_cluster):
     h = c.host(owners["api"])
     status = c.run_cli(h, "status")
     assert status.returncode == 0, status.stderr
-    assert re.search(rf"^api\s+{re.escape(c.vips[0].address)}\s+{owners['api']}\s+\d+", status.stdout, re.M), status.stdout
+    assert re.search(rf"^api\s+{re.escape(c.vips[0].address)}\s+{owners['api']}\s+\S+\s+\d+", status.stdout, re.M), status.stdout
     metrics = c.metrics(h)
     assert 'vipd_vip_owner{vip="api"} 1.0' in metrics
     assert "vipd_etcd_reachable 1.0" in metrics

@@ -19,6 +19,7 @@ waiting caller takes over; the socket lives as long as there is something to sen
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import math
 import os
@@ -63,6 +64,7 @@ class _Request:
         self.next_at = -math.inf  # the first burst: at once
         self.frames: Optional[list[bytes]] = None
         self.sent = 0
+        self.dropped = 0  # frames the kernel refused with ENOBUFS (the token fence closed, a full queue)
         self.error: Optional[AnnounceError] = None
         self.finished = False
         self.wake = trio.Event()
@@ -144,14 +146,21 @@ class _Interface:
                     if r.frames is None:
                         r.frames = frames_for(r.vip, link.mac)  # built once per announcement
                     for frame in r.frames:
-                        await sock.send(frame)
-                        r.sent += 1
+                        try:
+                            await sock.send(frame)
+                            r.sent += 1
+                        except OSError as e:  # one refused frame: the next burst may pass
+                            if e.errno != errno.ENOBUFS:
+                                raise
+                            r.dropped += 1
                     r.left -= 1
                     r.next_at = now + r.vip.announce_interval
                     if r.left <= 0:
                         if r in self.requests:  # its caller may have been cancelled while we sent
                             self.requests.remove(r)
-                        r.finish()
+                        r.finish(None if r.sent else AnnounceError(
+                            f"announce {r.vip.name} on {self.ifname}: all {r.dropped} frames refused by the "
+                            "kernel (No buffer space available: the VIP's token fence closed, or a full queue)"))
                 if not self.requests:
                     break
                 self.arrived = trio.Event()
