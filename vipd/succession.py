@@ -35,14 +35,17 @@ no longer extends; its next rewrite fails the compare and the controller fences.
 Liveness: O renames the successor (to the best other candidate whose acks arrive, or to nobody)
 when S stops acking for L/2, so a dead standby costs O nothing as long as etcd answers within L/2.
 A successor must have been heard continuously for HOLD_DOWN before it is named (flapping links
-cause no move storms), and S takes over only while it can reach etcd (the transaction).
+cause no move storms), and S takes over only while it can reach etcd (the transaction). A live
+successor is kept while the placement still lists it, until a better-ranked peer has been nameable
+for REBALANCE_AFTER (so successors, like owners, spread by placement once hosts settle), and
+replaced at once when the placement drops it (unfit, drained, in its release hold-off).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Sequence
 
 import trio
 
@@ -52,40 +55,12 @@ from vipd.errors import DataplaneError, EtcdError
 from vipd.model import Event, OwnerRecord, PeerRecovered, PeerSuspected, VipSpec
 from vipd.peers.protocol import Acked, Challenged, Generation, Recovered, Suspected
 from vipd.peers.protocol import Event as PeerEvent
+from vipd.succession_ports import Counts, Keys, PeersPort, TokenFence
 
 HOLD_DOWN = 1.0  # seconds a peer must have been heard without a suspicion before it is named successor
+REBALANCE_AFTER = 5.0  # seconds a better-ranked peer must have been nameable before it replaces a live successor
 RETRY = 0.1  # seconds before a failed rename is tried again
 RENAME_BATCH = 100  # units per rename transaction (under etcd's --max-txn-ops)
-
-
-class TokenFence(Protocol):
-    def covers(self, vips: Sequence[VipSpec]) -> bool: ...
-    async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]]) -> None: ...
-    async def disarm(self, vips: Sequence[VipSpec]) -> None: ...
-    def armed_until(self, vips: Sequence[VipSpec]) -> Optional[float]: ...
-
-
-class Keys(Protocol):
-    async def rename(self, items: Sequence[tuple[str, OwnerRecord, str | None]]) -> dict[str, tuple[bool, OwnerRecord]]: ...
-    async def take_over(self, vip: str, record: OwnerRecord, lease: int) -> tuple[bool, OwnerRecord]: ...
-
-
-class Link(Protocol):  # vipd.peers.protocol.PeerLink, as read here
-    suspected: bool
-    peer_gen: Generation | None
-    validated: Generation | None
-    def granted_until(self, validated: Generation | None = None) -> float | None: ...
-
-
-class PeersPort(Protocol):  # vipd.peers.transport.PeerTransport
-    def suspect(self, peer: str) -> bool: ...
-    def validate(self, peer: str, gen: Generation) -> None: ...
-    def link(self, peer: str) -> Link | None: ...
-    def peer_names(self) -> list[str]: ...
-
-
-class Counts(Protocol):
-    def record_takeover(self, vip: str, cause: str, seconds: float | None = None) -> None: ...
 
 
 @dataclass
@@ -117,6 +92,7 @@ class Succession:
         self._records: dict[str, OwnerRecord] = {}  # latest record of every unit (from OwnerKeys)
         self._naming: dict[str, tuple[str | None, Generation | None]] = {}  # rename in flight: unit -> (target, its gen then)
         self._suspected_at: dict[str, float] = {}  # peer -> last suspicion
+        self._eligible_since: dict[str, float] = {}  # peer -> since when it could be named (as last planned)
         self._lock = trio.Lock()  # token arms and disarms never interleave
         self._arms: Coalescer[str, None] = Coalescer(self._arm_batch)
         self._disarms: Coalescer[tuple[VipSpec, ...], None] = Coalescer(self._disarm_batch)
@@ -311,14 +287,21 @@ class Succession:
         plan: list[tuple[str, OwnerRecord, str | None]] = []
         if not self.enabled:
             return plan
+        for peer in self._peers.peer_names():
+            if self._eligible(peer, now):
+                self._eligible_since.setdefault(peer, now)
+            else:
+                self._eligible_since.pop(peer, None)
         for unit in self._owned:
             rec = self._records.get(unit)
             if rec is None or rec.node != self.node or rec.released or unit in self._naming:
                 continue
             want = self._choose(unit, now)
             current = rec.successor
-            if current is not None and want is not None and current != want and self._eligible(current, now):
-                want = current  # keep a live successor: no churn when the ranking shifts
+            if (current is not None and want is not None and current != want and self._eligible(current, now)
+                    and current in self._placement(unit)
+                    and now - self._eligible_since.get(want, now) < REBALANCE_AFTER):
+                want = current  # keep a live candidate: no churn while the ranking settles
             link = self._peers.link(current) if current else None
             stale = link is not None and link.peer_gen is not None and (
                 link.validated is None or link.peer_gen > link.validated)
@@ -336,6 +319,7 @@ class Succession:
                 if granted is not None:
                     times.append(granted - self._lease / 2)
         times += [t + HOLD_DOWN for t in self._suspected_at.values() if t + HOLD_DOWN > now]
+        times += [t + REBALANCE_AFTER for t in self._eligible_since.values() if t + REBALANCE_AFTER > now]
         return min(times, default=now + 1.0)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

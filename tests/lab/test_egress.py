@@ -100,4 +100,6 @@ def test_table_left_by_an_earlier_config_is_removed_at_start_and_by_cleanup(lab,
     deadline = time.monotonic() + 5
     while "table inet vipd" in nft(lab, h, "list", "tables") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert "vipd" not in nft(lab, h, "list", "tables")
+    tables = nft(lab, h, "list", "tables")
+    assert "table inet vipd" not in tables  # the running daemon keeps only its token fence's table
+    assert "table netdev vipd_fence" in tables

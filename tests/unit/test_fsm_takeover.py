@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tests.unit.fsm_helpers import LEASE, NAMED, OTHER, TP, backup, owner, run
-from vipd.model import (CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, OwnerObserved, OwnerRecord,
+from vipd.model import (CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, OwnerObserved, OwnerRecord, Placement,
                         PeerRecovered, PeerSuspected, ProbeConflicts, RemoveAddress, StopAnnouncing, TakeOver, Tick)
 from vipd.ownership.state import Sub, State, wakeup
 
@@ -62,3 +62,27 @@ def test_owner_replaced_by_its_successor_fences_at_once():
     taken = OwnerRecord("h2", epoch=16, lease=99, revision=17)
     s, acts = run(s, OwnerObserved(taken), p=TP)
     assert s.state is State.FENCED and acts == [StopAnnouncing(), RemoveAddress()]
+
+
+def test_the_named_successor_takes_over_even_in_its_release_hold_off():
+    # it handed the unit to its preferred host a moment ago, which named it and then died
+    s, acts = run(backup(owner=NAMED, holdoff_until=102.5), PeerSuspected("h2"), p=TP)
+    assert s.sub is Sub.TAKING_OVER and acts == [TakeOver(NAMED, LEASE)]
+    # not after an address conflict: that hold-off backs off for a reason
+    s, acts = run(backup(owner=NAMED, holdoff_until=102.5, conflicts=1), PeerSuspected("h2"), p=TP)
+    assert acts == [] and s.why_not == "release hold-off"
+    # nor for an owner that is alive
+    s, acts = run(backup(owner=NAMED, holdoff_until=102.5), Tick(), p=TP)
+    assert acts == [] and s.why_not == "release hold-off"
+
+
+def test_no_handover_to_a_preferred_host_whose_heartbeats_stopped():
+    pp = replace(TP, preempt_delay=1.0)
+    s, _ = run(owner(valid_until=110.0), Placement(("h3", "h1")), p=pp)
+    assert s.preempt is not None and s.preempt.target == "h3"
+    s, _ = run(s, PeerSuspected("h3"), now=100.5, p=pp)
+    assert s.preempt is None  # its presence outlives it by up to a lease TTL: not a target meanwhile
+    s, acts = run(s, Tick(), now=102.0, p=pp)
+    assert s.state is State.OWNER and acts == []
+    s, _ = run(s, PeerRecovered("h3"), now=103.0, p=pp)
+    assert s.preempt is not None and s.preempt.since == 103.0  # the hold-down starts again

@@ -13,7 +13,7 @@ from vipd.election.owners import owner_value, parse_value
 from vipd.model import OwnerRecord, PeerSuspected, VipSpec
 from vipd.peers import wire
 from vipd.peers.protocol import Params, PeerLink, Suspected
-from vipd.succession import HOLD_DOWN, Succession
+from vipd.succession import HOLD_DOWN, REBALANCE_AFTER, Succession
 
 L, G, H = 0.090, 0.130, 0.010
 VIP = VipSpec("api", ipaddress.ip_interface("10.0.0.100/24"), "eth0")
@@ -209,5 +209,39 @@ def test_the_token_is_bounded_by_the_new_successor_before_the_record_names_it():
         peers.heartbeat(now)
         await s._rename(s._plan(now))
         assert seen_at_send == [now + L]  # not the etcd horizon (now + 5 s)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_live_successor_is_kept_until_a_better_one_settled_and_dropped_when_placement_drops_it():
+    async def main() -> None:
+        now = trio.current_time()
+        fence, keys, peers, posted = Fence(), Keys(), Peers(now), []
+        peers.links["h3"] = PeerLink("h3", MY_INC, Params(H, L, G), now)
+        ranking = {"api": ("h1", "h3", "h2")}
+        s = Succession("h1", fence, keys, peers, lease=L, interval=H, placement=lambda u: ranking[u],
+                       broadcast=posted.append, clock=trio.current_time)
+
+        def beat(t: float) -> None:
+            for name in ("h2", "h3"):
+                link = peers.links[name]
+                m = link.on_send(t)
+                link.on_receive(wire.Message(0, 0, S_INC, link.peer_seq + 1, MY_INC, m.seq, 0), t + 0.001)
+
+        s.observe("api", OwnerRecord("h1", 11, 7, 11, successor="h2"))
+        await s.arm([VIP], now + 60.0)
+        for _ in range(3):
+            await trio.sleep(1.0)
+            beat(trio.current_time())
+            assert s._plan(trio.current_time()) in ([], [("api", s._records["api"], "h2")])  # h2 kept (revalidation only)
+        await trio.sleep(REBALANCE_AFTER)
+        beat(trio.current_time())
+        plan = s._plan(trio.current_time())
+        assert [(u, want) for u, _, want in plan] == [("api", "h3")]  # the better-ranked peer, once settled
+        # the placement drops the successor (say, its release hold-off): replaced at once
+        s.observe("api", OwnerRecord("h1", 11, 7, 12, successor="h3"))
+        ranking["api"] = ("h1", "h2")
+        plan = s._plan(trio.current_time())
+        assert [(u, want) for u, _, want in plan] == [("api", "h2")]
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -70,10 +70,10 @@ def _observe(p: Params, s: VipState, ev: Event, now: float) -> VipState:
         return replace(s, lease=ev.lease, valid_until=ev.valid_until)
     if isinstance(ev, HealthChanged):
         return replace(s, healthy=ev.healthy)
-    if isinstance(ev, PeerSuspected):
-        return replace(s, suspects=s.suspects | {ev.peer})
+    if isinstance(ev, PeerSuspected):  # (a suspect is no preferred host to hand over to)
+        return _track_target(p, replace(s, suspects=s.suspects | {ev.peer}), now)
     if isinstance(ev, PeerRecovered):
-        return replace(s, suspects=s.suspects - {ev.peer})
+        return _track_target(p, replace(s, suspects=s.suspects - {ev.peer}), now)
     if isinstance(ev, Placement):
         return _track_target(p, replace(s, ranking=ev.ranking), now)
     if isinstance(ev, OwnerObserved) and s.state not in HOLDING:
@@ -86,9 +86,11 @@ def _observe(p: Params, s: VipState, ev: Event, now: float) -> VipState:
 
 
 def _track_target(p: Params, s: VipState, now: float) -> VipState:
-    """OWNER: follow the preferred host; the hold-down restarts whenever it changes."""
+    """OWNER: follow the preferred host; the hold-down restarts whenever it changes. A host whose
+    heartbeats stopped is no target (a dead host's presence outlives it by up to its lease TTL)."""
     target = s.ranking[0] if s.ranking else None
-    if s.state is not S.OWNER or p.preempt_delay is None or p.anycast or target in (None, p.node):
+    if (s.state is not S.OWNER or p.preempt_delay is None or p.anycast or target in (None, p.node)
+            or target in s.suspects):
         return replace(s, preempt=None)
     if s.preempt is None or s.preempt.target != target:
         return replace(s, preempt=Preempt(target, now))

@@ -148,8 +148,8 @@ def why_not_campaign(p: Params, s: VipState, now: float) -> str:
         return "no lease"
     if now >= fence_deadline(p, s):
         return "lease not proven"
-    if now < s.holdoff_until:
-        return "release hold-off"
+    if now < s.holdoff_until and not (may_take_over(p, s) and not s.conflicts):
+        return "release hold-off"  # (not for a takeover the dead owner named us for: availability first)
     if p.anycast:
         return ""
     if s.owner is None:
