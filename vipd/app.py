@@ -66,7 +66,7 @@ class Daemon:
         self.peers = PeerService(cfg, client, nl, self._peer_event)  # type: ignore[arg-type]
         self.succession = Succession(cfg.node, self.nft, self.keys, self.peers,  # type: ignore[arg-type]
                                      lease=cfg.peers.lease, interval=cfg.peers.interval,
-                                     placement=lambda u: self.directory.placement.get(u, ()),
+                                     placement=lambda u: self.directory.successors.get(u, ()),
                                      broadcast=self.broadcast, metrics=self.metrics)
         if self.nft is None:
             self.succession.enabled = False

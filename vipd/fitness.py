@@ -154,7 +154,8 @@ class Fitness:
                         + [f"{u}: release hold-off" for u in sorted(self._held)]
                         + ([f"drained: {self.drained}"] if self.drained else []))
         return HostInfo(self._cfg.node, not host_bad, self._cfg.host.weight, down, reasons,
-                        self.bgp_source, self.peer_address(), drained=bool(self.drained)).to_json()
+                        self.bgp_source, self.peer_address(), drained=bool(self.drained),
+                        held=tuple(u for u in down if u in self._held and u not in unfit)).to_json()
 
     async def run(self) -> None:
         """Run the checks forever (a reload may add the first ones later)."""

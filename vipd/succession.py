@@ -37,7 +37,7 @@ when S stops acking for L/2, so a dead standby costs O nothing as long as etcd a
 A successor must have been heard continuously for HOLD_DOWN before it is named (flapping links
 cause no move storms), and S takes over only while it can reach etcd (the transaction). A live
 successor is kept while the placement still lists it, until a better-ranked peer has been nameable
-for REBALANCE_AFTER (so successors, like owners, spread by placement once hosts settle), and
+for REBALANCE_AFTER = HOLD_DOWN (so successors, like owners, spread by placement once hosts settle), and
 replaced at once when the placement drops it (unfit, drained, in its release hold-off).
 """
 
@@ -58,7 +58,7 @@ from vipd.peers.protocol import Event as PeerEvent
 from vipd.succession_ports import Counts, Keys, PeersPort, TokenFence
 
 HOLD_DOWN = 1.0  # seconds a peer must have been heard without a suspicion before it is named successor
-REBALANCE_AFTER = 5.0  # seconds a better-ranked peer must have been nameable before it replaces a live successor
+REBALANCE_AFTER = HOLD_DOWN  # seconds a better-ranked peer must have been nameable before it replaces a live successor
 RETRY = 0.1  # seconds before a failed rename is tried again
 RENAME_BATCH = 100  # units per rename transaction (under etcd's --max-txn-ops)
 

@@ -231,10 +231,10 @@ def test_a_live_successor_is_kept_until_a_better_one_settled_and_dropped_when_pl
         s.observe("api", OwnerRecord("h1", 11, 7, 11, successor="h2"))
         await s.arm([VIP], now + 60.0)
         for _ in range(3):
-            await trio.sleep(1.0)
+            await trio.sleep(REBALANCE_AFTER / 4)
             beat(trio.current_time())
             assert s._plan(trio.current_time()) in ([], [("api", s._records["api"], "h2")])  # h2 kept (revalidation only)
-        await trio.sleep(REBALANCE_AFTER)
+        await trio.sleep(REBALANCE_AFTER / 2)
         beat(trio.current_time())
         plan = s._plan(trio.current_time())
         assert [(u, want) for u, _, want in plan] == [("api", "h3")]  # the better-ranked peer, once settled

@@ -26,6 +26,7 @@ class HostInfo:
     bgp_source: str = ""  # the host's fixed BGP source address, if any
     peer: str = ""  # "ip:port" of the host's heartbeat endpoint (vipd/peers), if any
     drained: bool = False  # the operator drained it (`vipd drain`): no placement until `vipd undrain`
+    held: tuple[str, ...] = ()  # units in `down` only for their release hold-off (still fine successors)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -36,19 +37,22 @@ class HostInfo:
             d = json.loads(value)
             return cls(node, bool(d.get("healthy", True)), float(d.get("weight", 1.0)),
                        tuple(d.get("down", ())), tuple(d.get("reasons", ())), str(d.get("bgp_source", "")),
-                       str(d.get("peer", "")), bool(d.get("drained", False)))
+                       str(d.get("peer", "")), bool(d.get("drained", False)), tuple(d.get("held", ())))
         except (ValueError, TypeError, AttributeError):
             return cls(node)  # a value we do not understand: present, defaults
 
 
-def rankings(units: Sequence[Unit], hosts: Mapping[str, HostInfo]) -> dict[str, tuple[str, ...]]:
+def rankings(units: Sequence[Unit], hosts: Mapping[str, HostInfo], *,
+             successors: bool = False) -> dict[str, tuple[str, ...]]:
     """Bounded-load rendezvous placement over the healthy hosts; per unit the hosts that can serve
-    it, its assigned target first, then the others in rendezvous order."""
+    it, its assigned target first, then the others in rendezvous order. `successors`: a host in its
+    release hold-off for a unit still counts (it does not campaign, but takes over when named)."""
     healthy = {n: h.weight for n, h in hosts.items() if h.healthy and not h.drained}
     targets = assign([Item(u.name, u.prefer, u.avoid, len(u.vips)) for u in units], healthy)
     out = {}
     for u in units:
-        cands = {n: w for n, w in healthy.items() if u.name not in hosts[n].down}
+        cands = {n: w for n, w in healthy.items()
+                 if u.name not in hosts[n].down or (successors and u.name in hosts[n].held)}
         order = ranking(u.name, cands, u.prefer, u.avoid)
         target = targets.get(u.name)
         if target in cands:
@@ -68,6 +72,7 @@ class HostDirectory:
         self._on_hosts = on_hosts
         self.hosts: dict[str, HostInfo] = {}
         self.placement: dict[str, tuple[str, ...]] = {}
+        self.successors: dict[str, tuple[str, ...]] = {}  # the same, for naming successors (hold-off counts)
         self._changed = trio.Event()  # set (and replaced) at every recompute: see wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -101,6 +106,7 @@ class HostDirectory:
                 log.debug("placement", vip=name, ranking=",".join(order) or "-")
                 self._on_placement(name, order)
         self.placement = new
+        self.successors = rankings(self._units, self.hosts, successors=True)
         self._changed.set()
         self._changed = trio.Event()
 
