@@ -79,11 +79,12 @@ class Daemon:
         gate = trio.Semaphore(1)  # one handover to a preferred host at a time, per host
         inflight = Inflight()  # host-level refresh batches (vipd/refresh.py): disarms wait for them
         self.lifetime: LifetimeFence = HostLifetimeFence(RefreshBatcher(self.addresses), inflight)
-        batched = [BatchedFence(f, inflight) for f in
-                   [self.routing] + ([self.succession] if self.nft is not None else [])]  # type: ignore[list-item]
         self.dsr = DsrWiring(cfg, nl, self.metrics.registry, self.fitness)
         self.l2 = L2Gate(cfg, nl, self.metrics, self.fitness)
-        self._fences: list[Fence] = [*batched, *self.dsr.fences]
+        # every fence a controller arms is also armed by the host-level refresh (the DSR deadline too)
+        batched = [BatchedFence(f, inflight) for f in [self.routing, *self.dsr.fences]
+                   + ([self.succession] if self.nft is not None else [])]  # type: ignore[list-item]
+        self._fences: list[Fence] = list(batched)
         self._gate = gate
         self.controllers = {u.name: self.controller(u, self.fitness.initial(u.name)) for u in cfg.units}
         self.lease = HostLease(client, ttl=cfg.etcd.lease_ttl, keepalives_per_ttl=cfg.timing.keepalives_per_ttl,
