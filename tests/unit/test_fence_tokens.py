@@ -7,7 +7,7 @@ import struct
 
 from vipd.dataplane.fence_build import _elem, _nla
 from vipd.lab import fence_tokens as ft
-from vipd.lab.fence_tokens import TokenGates
+from vipd.lab.fence_tokens import REREAD, TokenGates
 
 A, B, C = (ipaddress.ip_address(x) for x in ("10.0.0.1", "10.0.0.2", "fd00::1"))
 
@@ -54,7 +54,11 @@ def test_serving_rule() -> None:
     g.read_at["h2"] = 5.0
     g.open[("h3", C)] = True  # no table
     j = g.judge(state, 9.0)
-    assert j.serving == {A: {"h1"}, C: {"h3"}} and j.gated == {("h1", A)} and j.next_end == 10.0 and not j.passed
+    # h1 serves through its token; last read 4 s ago: due for a re-read (a re-arm may have shortened it)
+    assert j.serving == {A: {"h1"}, C: {"h3"}} and j.gated == {("h1", A)} and j.passed == {"h1"}
+    g.read_at["h1"] = 9.0
+    j = g.judge(state, 9.01)
+    assert j.serving == {A: {"h1"}, C: {"h3"}} and not j.passed and j.next_end == 9.0 + REREAD
     # past its known end, h1 is read again before it counts as gone; after that read, it is gone
     j = g.judge(state, 10.5)
     assert j.serving == {C: {"h3"}} and j.passed == {"h1"}

@@ -172,6 +172,7 @@ def _parse_elements(data: bytes, pos: int, end: int, keys: frozenset[bytes],
 
 # --------------------------------------------------------------------------- per host and VIP: does the fence let it through?
 
+REREAD = 0.02  # seconds: a live token is read again at least this often (a re-arm may shorten it)
 _ABSENT = -1
 _INF = float("inf")
 
@@ -215,10 +216,10 @@ class TokenGates:
             for ip in mine:
                 k = (host, ip)
                 ms = tokens.get(ip.packed, _ABSENT)
-                if ms != _ABSENT:
-                    end = _INF if ms is None else r + ms / 1000.0
-                    if end > self.end.get(k, -_INF):
-                        self.end[k] = end
+                if ms != _ABSENT:  # the truth at r, later or earlier than known (a re-arm may shorten it)
+                    self.end[k] = _INF if ms is None else r + ms / 1000.0
+                elif self.end.get(k, -_INF) > r:  # removed before its known end: gone by r at the latest
+                    self.end[k] = r
                 if self.end.get(k, -_INF) > r:
                     self.open[k] = False  # alive: whether it is managed matters only once it ends
                 else:
@@ -257,7 +258,10 @@ class TokenGates:
                             passed.add(name)
                         continue
                     gated.add(k)
-                    next_end = min(next_end, e)
+                    due = read_at.get(name, -_INF) + REREAD  # a re-arm may have shortened it since
+                    if due <= t:
+                        passed.add(name)
+                    next_end = min(next_end, e, due)
                 serving.setdefault(ip, []).append(name)
         return Judgement(t, {ip: frozenset(names) for ip, names in serving.items()}, gated, next_end, passed)
 
@@ -269,9 +273,10 @@ class TokenGates:
         state would show serving an address together with another. Returns who serves what at
         the instant after the last read.
 
-        A host serving through a token is not read again before the token's known end: until then
-        a read could only move the end later (a token found absent keeps its known end), which
-        changes nothing before that end; at that end it is read, and cut there if not refreshed."""
+        A host serving through a token is read again at the token's known end (cut there if not
+        refreshed), and every REREAD before it: vipd shortens tokens too (a successor named caps
+        the etcd horizon to its grant; an arm in the past removes the element), and a token found
+        absent before its known end is taken as gone at that read (at most REREAD late)."""
         read_now: set[str] = set()
         t = time.monotonic()
         end, open_ = self.end, self.open

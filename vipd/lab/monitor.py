@@ -27,9 +27,11 @@ a dump socket (RTM_GETADDR) and an event socket subscribed to the IPv4/IPv6 addr
   serve through a live known token (no table, lapsed, unknown), so a new arm is seen within a
   sample. A host serving through its token is read again at that token's known end (the thread
   wakes there: no event announces an end): refreshed, it goes on; not, it stopped serving AT that
-  end (the timeline is cut there). A read that finds a token absent keeps its known end (a token
-  ends early only by an explicit disarm, after which vipd removes the address: erring toward an
-  overlap). Before a state showing two holders is recorded, every holder not read in that
+  end (the timeline is cut there). It is also read every 20 ms before that end (REREAD): vipd
+  shortens tokens (a successor named caps the etcd horizon to that successor's grant), and a read
+  takes the element's remaining time as the truth, later or earlier; a token found absent before
+  its known end is taken as gone at that read (erring toward an overlap by at most 20 ms).
+  Before a state showing two holders is recorded, every holder not read in that
   wake-up is read again. So a recorded overlap of tokens is real (up to that tick), begins within
   a sample of the later arm (arms raise no event) and ends at the earlier token's end.
   The rule trusts the table to be whole (chains on the VIP's device; vipd's verify() repairs it).
