@@ -125,7 +125,9 @@ class Succession:
         if isinstance(ev, Acked):
             self._refresh.set()
         elif isinstance(ev, Suspected):
-            self._suspected_at[ev.peer] = self._clock()
+            link = self._peers.link(ev.peer)
+            if link is None or link.last_rx is not None:  # a peer never heard did not flap: no hold-down
+                self._suspected_at[ev.peer] = self._clock()
             log.warning("peer_suspected", peer=ev.peer, generation=ev.gen)
             self._broadcast(PeerSuspected(ev.peer))
             self._wake.set()

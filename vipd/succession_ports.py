@@ -24,6 +24,7 @@ class Link(Protocol):  # vipd.peers.protocol.PeerLink, as read here
     suspected: bool
     peer_gen: Generation | None
     validated: Generation | None
+    last_rx: float | None  # when the peer was last heard (None: never)
     def granted_until(self, validated: Generation | None = None) -> float | None: ...
 
 

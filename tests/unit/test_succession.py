@@ -245,3 +245,24 @@ def test_a_live_successor_is_kept_until_a_better_one_settled_and_dropped_when_pl
         assert [(u, want) for u, _, want in plan] == [("api", "h2")]
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_peer_suspected_before_it_was_ever_heard_is_named_without_a_hold_down():
+    """At start every peer is suspected once before its first heartbeat arrives: that is no flap."""
+    async def main() -> None:
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        s.observe("api", OwnerRecord("h1", 11, 7, 11))
+        await s.arm([VIP], now + 5.0)
+        s.on_peer_event(Suspected("h2", 1))  # never heard yet
+        await trio.sleep(0.05)
+        peers.heartbeat(trio.current_time())
+        assert [w for _, _, w in s._plan(trio.current_time())] == ["h2"]
+        s.on_peer_event(Suspected("h2", 2))  # heard, then lost: a flap
+        peers.heartbeat(trio.current_time() + 0.01)
+        assert not s._eligible("h2", trio.current_time() + 0.02)  # held down
+        await trio.sleep(HOLD_DOWN)
+        peers.heartbeat(trio.current_time())
+        assert s._eligible("h2", trio.current_time())
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -325,7 +325,7 @@ def _finish(demo: Demo, out: Console, keep: bool, code: int) -> int:
         keep, code = True, code or 1
     elif demo.lab is not None:
         out.say(f"teardown complete: no {demo.lab.prefix}* namespace, link, address or process left")
-    if keep:
+    if keep or os.environ.get("VIPD_DEMO_KEEP"):
         out.say(f"logs kept in {demo.workdir} (hosts/h*/vipd.log, etcd/etcd.log, probe-*.log)")
     else:
         shutil.rmtree(demo.workdir, ignore_errors=True)
