@@ -67,7 +67,7 @@ def _root_cause(exc: BaseException, ep: str) -> str:
         group = getattr(e, "exceptions", None)  # trio's "all attempts to connect ... failed": the first why
         e = group[0] if group else (e.__cause__ or e.__context__)
     text = str(last) or repr(last)
-    if ep.startswith("http:") and isinstance(exc, httpx.RemoteProtocolError):
+    if ep.startswith("http:") and isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):  # closed or reset
         text += " (a TLS member closes plain-HTTP connections: if it has TLS, use https:// endpoints)"
     return text
 
