@@ -88,12 +88,9 @@ def test_the_daemon_directs_a_flow_and_the_new_owner_keeps_its_backend(lab5: tup
                "backends": [{"node": b, "address": str(hosts[b].ip.ip)} for b in BACKENDS]}
     # the directors are the first placement tier; the backends could direct too, only when no director can
     cluster = Cluster(lab, tmp_path / "hosts", [VipDef("web", str(vip), extra={
-        "service": [service], "prefer": list(DIRECTORS), "avoid": list(BACKENDS)})], endpoints=[etcd.endpoint],
-        # KNOWN CONFLICT (open): the fast-takeover token fence (netdev vipd_fence) drops every packet to a
-        # configured VIP without a live token, so on a DSR backend (VIP on lo, never the owner) it drops
-        # the frames the director sends: DSR and [peers] cannot run together until the token fence
-        # exempts the VIPs this host backs. This test proves the DSR wiring with [peers] off.
-        top_extra={"peers": {"enabled": False}})
+        "service": [service], "prefer": list(DIRECTORS), "avoid": list(BACKENDS)})], endpoints=[etcd.endpoint])
+        # (with [peers] on, the default: the token fence gates a DSR VIP for ARP/ND only, so the frames
+        # the director sends reach the backends, and their answers from the VIP leave them)
     # dual ownership among the directors (the backends hold the VIP on lo by design; nic_holders below)
     monitor = AddressMonitor(lab, [vip.ip], hosts=[hosts[n] for n in DIRECTORS]).start()
     lab.add_cleanup(cluster.stop_all)

@@ -331,3 +331,30 @@ async def test_own_table_only_cleanup_and_repair(lab: Lab) -> None:
         assert nft(lab, ns, "list", "tables").split() == ["table", "inet", "vtuser"]
         assert user() == before
         await fence.remove_all()  # absent: fine
+
+
+async def test_a_dsr_vip_is_gated_for_arp_and_nd_only(lab: Lab) -> None:
+    """A DSR VIP reaches every backend (the director forwards frames to the VIP unchanged) and
+    every backend answers from it, owner or not: its IP traffic passes without a token, while
+    only a live token lets the kernel answer ARP/ND for it."""
+    from vipd.config_dsr import ServiceSpec
+    put_vips(lab)
+    svc = (ServiceSpec("tcp", 80, ()),)
+    vips = [VipSpec("v4", lab.vip4(1), lab.nic, services=svc), VipSpec("v6", lab.vip6(1), lab.nic, services=svc)]
+    h1 = lab.host("h1")
+    async with Netlink(h1.ns) as nl, NftFence(nl) as fence:
+        await fence.ensure(vips)
+        assert await trio.to_thread.run_sync(dark, lab)  # no token: nobody resolves the VIPs
+        for ip in (lab.vip4(1).ip, lab.vip6(1).ip):  # frames sent to h1's MAC, as a director does
+            lab.ip(lab.client, "neigh", "replace", str(ip), "lladdr", h1.mac, "dev", lab.nic, "nud", "permanent")
+        for ip in (lab.client.ip.ip, lab.client.ip6.ip):  # (h1 resolving the client from the VIP is ARP: gated)
+            lab.ip(h1, "neigh", "replace", str(ip), "lladdr", lab.client.mac, "dev", lab.nic, "nud", "permanent")
+        try:
+            assert all(lab.ping(lab.client, ip, count=1, timeout=1) for ip in (lab.vip4(1), lab.vip6(1)))
+            assert not await fence.verify()  # the ARP/ND-only sets are part of a whole table
+            await fence.arm(vips, trio.current_time() + 60)
+            assert await trio.to_thread.run_sync(reachable, lab)  # the owner's kernel answers ARP/ND
+        finally:
+            lab.ip(lab.client, "neigh", "flush", "dev", lab.nic)
+            lab.ip(h1, "neigh", "flush", "dev", lab.nic)
+        await fence.remove_all()

@@ -6,6 +6,7 @@ four sets and one pair of base chains per device that carries a fenced VIP::
     set managed4 { type ipv4_addr }                 the configured VIPs (IPv4)
     set token4   { type ipv4_addr; flags timeout }  the VIPs whose ownership is proven, until a deadline
     set managed6 / token6                           the same for IPv6
+    set l2only4 / l2only6                           managed VIPs gated for ARP/ND only (DSR, below)
     chain in_<dev>  { type filter hook ingress device <dev> priority -500; policy accept;
         ip daddr @managed4 ip daddr != @token4 drop
         arp daddr ip @managed4 arp daddr ip != @token4 drop              (requests/replies *to* the VIP)
@@ -14,6 +15,11 @@ four sets and one pair of base chains per device that carries a fenced VIP::
     chain out_<dev> { type filter hook egress device <dev> priority -500; policy accept;
         ip saddr ... / arp saddr ip ... / ip6 saddr ...                  (anything *from* the VIP)
         icmpv6 type nd-neighbor-advert <target> @managed6 <target> != @token6 drop }
+
+A DSR VIP (one with services) is in l2only4/6 too: its IPv4/IPv6 rules let it pass (the director
+forwards frames to the VIP unchanged to every backend, which answers from the VIP itself, owner
+or not), while ARP/ND stay gated, so only the owner's kernel claims the address on the segment.
+The director's forwarding has a fence of its own (the BPF deadline, vipd/dsr).
 
 (<target> is the ND target address, 16 bytes at transport offset 8; nft 1.0.6 prints it as a raw
 payload.) ARP probes (sender 0.0.0.0), DAD probes (source ::), and neighbour advertisements *to* us
@@ -47,6 +53,7 @@ NFPROTO_NETDEV = 5
 PRIORITY = -500  # before anything else on the device
 MANAGED = {4: "managed4", 6: "managed6"}
 TOKEN = {4: "token4", 6: "token6"}
+L2ONLY = {4: "l2only4", 6: "l2only6"}
 # The kernel keeps element timeouts in jiffies rounded down; a timeout under one jiffy becomes 0,
 # which the kernel reads as "no timeout" (a permanent element). 10 ms covers HZ >= 100: anything
 # shorter is not armed at all (the element is removed instead).
@@ -97,9 +104,11 @@ def _proto(eth: str) -> list[dict[str, Any]]:
     return [_meta(_META_PROTOCOL), _cmp(struct.pack("!H", _ETH_P[eth]))]
 
 
-def _fenced(load: dict[str, Any], version: int) -> list[dict[str, Any]]:
-    """Address in register 1 is managed and has no live token -> drop."""
-    return [load, _expr("lookup", set=MANAGED[version], sreg=1),
+def _fenced(load: dict[str, Any], version: int, l2: bool = False) -> list[dict[str, Any]]:
+    """Address in register 1 is managed (and, unless `l2`, not gated for ARP/ND only) and has no
+    live token -> drop."""
+    exempt = [] if l2 else [load, _expr("lookup", set=L2ONLY[version], sreg=1, flags={"NFT_LOOKUP_F_INV"})]
+    return [load, _expr("lookup", set=MANAGED[version], sreg=1), *exempt,
             load, _expr("lookup", set=TOKEN[version], sreg=1, flags={"NFT_LOOKUP_F_INV"}),
             _expr("immediate", dreg=0, data={"attrs": [("NFTA_DATA_VERDICT", {"attrs": [
                 ("NFTA_VERDICT_CODE", _NF_DROP)]})]})]
@@ -116,9 +125,9 @@ def rule_exprs(direction: str) -> list[tuple[str, list[dict[str, Any]]]]:
                                 _payload(_BASE_TRANSPORT, 0, 1), _cmp(bytes([nd]))]
     return [
         ("vipd fence ipv4", _proto("ip") + _fenced(_payload(_BASE_NETWORK, ip4, 4), 4)),
-        ("vipd fence arp", _proto("arp") + _fenced(_payload(_BASE_NETWORK, arp, 4), 4)),
+        ("vipd fence arp", _proto("arp") + _fenced(_payload(_BASE_NETWORK, arp, 4), 4, l2=True)),
         ("vipd fence ipv6", _proto("ip6") + _fenced(_payload(_BASE_NETWORK, ip6, 16), 6)),
-        ("vipd fence nd", nd_match + _fenced(_payload(_BASE_TRANSPORT, 8, 16), 6)),
+        ("vipd fence nd", nd_match + _fenced(_payload(_BASE_TRANSPORT, 8, 16), 6, l2=True)),
     ]
 
 
@@ -142,15 +151,17 @@ def drop_table_ops() -> list[Op]:
     return [Op(nfts.NFT_MSG_NEWTABLE, name, NLM_F_CREATE), Op(nfts.NFT_MSG_DELTABLE, name)]
 
 
-def setup_ops(managed: Iterable[tuple[IPAddress, str]], stale_devs: Iterable[str] = ()) -> list[Op]:
-    """One batch that makes the table exactly: sets (managed = the given VIPs), a chain pair with
-    its rules per device of the given (VIP, device) pairs; chains of ``stale_devs`` are deleted.
-    Tokens already armed stay as they are (the token sets are created if missing, never flushed)."""
-    managed = list(managed)
+def setup_ops(managed: Iterable[tuple[IPAddress, str]], stale_devs: Iterable[str] = (),
+              l2only: Iterable[IPAddress] = ()) -> list[Op]:
+    """One batch that makes the table exactly: sets (managed = the given VIPs, l2only = those of
+    them gated for ARP/ND only), a chain pair with its rules per device of the given (VIP, device)
+    pairs; chains of ``stale_devs`` are deleted. Tokens already armed stay as they are (the token
+    sets are created if missing, never flushed)."""
+    managed, l2only = list(managed), list(l2only)
     ops = [Op(nfts.NFT_MSG_NEWTABLE, (("NFTA_TABLE_NAME", TABLE), ("NFTA_TABLE_FLAGS", 0),
                                       ("NFTA_TABLE_USERDATA", TABLE_COMMENT)), NLM_F_CREATE)]
     for v in (4, 6):
-        for name, flags in ((MANAGED[v], set()), (TOKEN[v], {"NFT_SET_TIMEOUT"})):
+        for name, flags in ((MANAGED[v], set()), (TOKEN[v], {"NFT_SET_TIMEOUT"}), (L2ONLY[v], set())):
             ops.append(Op(nfts.NFT_MSG_NEWSET, (
                 ("NFTA_SET_TABLE", TABLE), ("NFTA_SET_NAME", name), ("NFTA_SET_FLAGS", flags),
                 ("NFTA_SET_KEY_TYPE", _KEY[v][0]), ("NFTA_SET_KEY_LEN", _KEY[v][1]),
@@ -159,6 +170,10 @@ def setup_ops(managed: Iterable[tuple[IPAddress, str]], stale_devs: Iterable[str
         keys = [_key(ip) for ip, _ in managed if ip.version == v]
         if keys:
             ops.append(_elems(MANAGED[v], keys, nfts.NFT_MSG_NEWSETELEM))
+        ops.append(_elems(L2ONLY[v], None, nfts.NFT_MSG_DELSETELEM))
+        keys = [_key(ip) for ip in l2only if ip.version == v]
+        if keys:
+            ops.append(_elems(L2ONLY[v], keys, nfts.NFT_MSG_NEWSETELEM))
     for dev in sorted(set(stale_devs) - {d for _, d in managed}):
         for chain in chain_names(dev):
             ops.append(Op(nfts.NFT_MSG_DELRULE, (("NFTA_RULE_TABLE", TABLE), ("NFTA_RULE_CHAIN", chain))))

@@ -21,6 +21,10 @@ the send took longer (preemption, a stop), the batch is recomputed and sent agai
 stop landing in the microseconds between the clock read and the send makes the thawed thread send
 a stale timeout, which re-opens a lapsed VIP for one round trip (< ~2 ms) until the resend.
 
+DSR VIPs (with services) are gated for ARP/ND only (their IP traffic reaches and leaves every
+backend, owner or not): a fenced owner stops claiming the address on the segment at its token
+deadline, and stops directing at its BPF deadline (vipd/dsr).
+
 Routed VIPs (on ``lo``) are NOT covered (``covers`` is False): their packets arrive on whichever
 uplink the router picks and never cross ``lo``'s hooks, and it is the address disappearing that
 makes the BGP speaker withdraw the route. They keep the address lifetime as their fence.
@@ -94,6 +98,7 @@ class NftFence:
         # Records are keyed by VipSpec.name (unique in a config; str hashes are cached, which keeps
         # a 1,000-unit refresh cheap); ensure() checks that a name keeps its address.
         self._managed: Optional[dict[str, tuple[Key, str]]] = None  # name -> (VIP, device), last ensure
+        self._l2only: list[Key] = []  # DSR VIPs: gated for ARP/ND only (vipd/dataplane/fence_build.py)
         self._until: dict[str, float] = {}  # name -> last deadline armed (trio clock)
         self._lapse_counted: set[str] = set()
         self._refreshes = 0
@@ -196,6 +201,7 @@ class NftFence:
         dropped = [name for name in old if name not in managed or managed[name][0] != old[name][0]]
         gone = [(old[name][0], 0.0) for name in dropped]
         vip_devs = list(managed.values())
+        l2only = [v.address for v in vips if not v.on_loopback and v.services]
 
         def job(s: _Sockets) -> None:
             try:
@@ -205,13 +211,13 @@ class NftFence:
                     raise
                 current = {}
             stale = {c.split("_", 1)[1] for c in current}
-            s.nft.nlm_request_batch(encode_setup(setup_ops(vip_devs, stale)))
+            s.nft.nlm_request_batch(encode_setup(setup_ops(vip_devs, stale, l2only)))
             if gone:
                 self._send_tokens(s, gone)
 
         devs = ", ".join(sorted({dev for _, dev in vip_devs})) or "no device"
         await self._run(f"build table netdev {TABLE} on {devs}", job)
-        self._managed = managed
+        self._managed, self._l2only = managed, l2only
         for name in dropped:
             self._until.pop(name, None)
             self._lapse_counted.discard(name)
@@ -231,7 +237,7 @@ class NftFence:
         deadlines = _to_perf([(self._managed[n][0], u) for n, u in self._until.items() if n in self._managed])
 
         def job(s: _Sockets) -> bool:
-            if is_whole(s.nft, vip_devs):
+            if is_whole(s.nft, vip_devs, self._l2only):
                 return False
             self._rebuild(s, vip_devs, deadlines)
             return True
@@ -362,7 +368,7 @@ class NftFence:
     def _rebuild(self, s: _Sockets, vip_devs: Sequence[tuple[Key, str]], deadlines: Sequence[tuple[Key, float]]) -> None:
         """Delete and rebuild the whole table in one batch, then re-arm the tokens (deadlines on
         the perf_counter clock) in the next one: until then every managed VIP is dropped."""
-        s.nft.nlm_request_batch(encode_setup(drop_table_ops() + setup_ops(vip_devs)))
+        s.nft.nlm_request_batch(encode_setup(drop_table_ops() + setup_ops(vip_devs, (), self._l2only)))
         if deadlines:
             t0 = time.perf_counter()
             arm = [(ip, ms) for ip, d in deadlines if (ms := token_ms(d, t0 + _LEAD_BASE))]

@@ -12,7 +12,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink import nftsocket as nfts
 from pyroute2.nftables.main import NFTables
 
-from vipd.dataplane.fence_build import MANAGED, TABLE, TOKEN, IPAddress, chain_names, rules_per_chain
+from vipd.dataplane.fence_build import L2ONLY, MANAGED, TABLE, TOKEN, IPAddress, chain_names, rules_per_chain
 
 _ENOENT = 2
 
@@ -30,10 +30,11 @@ def dump_chains(nft: NFTables) -> dict[str, Optional[str]]:
     return out
 
 
-def is_whole(nft: NFTables, vips: Iterable[tuple[IPAddress, str]]) -> bool:
-    """Every chain hooked to its device with every rule, and the managed sets complete, for
-    these (VIP, device) pairs."""
+def is_whole(nft: NFTables, vips: Iterable[tuple[IPAddress, str]], l2only: Iterable[IPAddress] = ()) -> bool:
+    """Every chain hooked to its device with every rule, and the managed and ARP/ND-only sets
+    complete, for these (VIP, device) pairs."""
     managed = dict(vips)
+    l2 = list(l2only)
     try:
         chains = dump_chains(nft)
         want = {c: dev for dev in set(managed.values()) for c in chain_names(dev)}
@@ -49,12 +50,14 @@ def is_whole(nft: NFTables, vips: Iterable[tuple[IPAddress, str]]) -> bool:
         if any(count.get(c, 0) != rules_per_chain() for c in want):
             return False
         for v in (4, 6):
-            req = nfts.nft_set_elem_list_msg()
-            req["attrs"] = [("NFTA_SET_ELEM_LIST_TABLE", TABLE), ("NFTA_SET_ELEM_LIST_SET", MANAGED[v])]
-            got = sum(len(m.get_attr("NFTA_SET_ELEM_LIST_ELEMENTS") or [])
-                      for m in nft.request_get(req, nfts.NFT_MSG_GETSETELEM))
-            if got != sum(1 for ip in managed if ip.version == v):
-                return False
+            for name, want_n in ((MANAGED[v], sum(1 for ip in managed if ip.version == v)),
+                                 (L2ONLY[v], sum(1 for ip in l2 if ip.version == v))):
+                req = nfts.nft_set_elem_list_msg()
+                req["attrs"] = [("NFTA_SET_ELEM_LIST_TABLE", TABLE), ("NFTA_SET_ELEM_LIST_SET", name)]
+                got = sum(len(m.get_attr("NFTA_SET_ELEM_LIST_ELEMENTS") or [])
+                          for m in nft.request_get(req, nfts.NFT_MSG_GETSETELEM))
+                if got != want_n:
+                    return False
             req = nfts.nft_set_elem_list_msg()  # the token set must exist (it may be empty)
             req["attrs"] = [("NFTA_SET_ELEM_LIST_TABLE", TABLE), ("NFTA_SET_ELEM_LIST_SET", TOKEN[v])]
             nft.request_get(req, nfts.NFT_MSG_GETSETELEM)
