@@ -203,3 +203,45 @@ def test_a_backend_that_would_answer_arp_refuses_and_its_unit_is_unfit_there(lab
     assert cluster.term(h1) == 0
     assert not on_lo(lab, h1, vip.ip) and not dsr_filter(lab, h1)
     assert lab.run(h1, ["sysctl", "-n", "net.ipv4.conf.all.arp_ignore"]).stdout.strip() == "0"  # restored
+
+
+def test_a_killed_director_is_replaced_by_its_successor_and_the_flow_keeps_its_backend(
+        lab5: tuple[Lab, EtcdServer], tmp_path: Path) -> None:
+    """Fast takeover on a DSR VIP ([peers] on): the director is SIGKILLed; the standby, its named
+    successor, takes the unit over from heartbeats (not from the etcd lease), directs the same flow
+    to the same backend, and the directors never both serve (ARP/ND tokens; the BPF deadline)."""
+    lab, etcd = lab5
+    vip = lab.vip4(0)
+    hosts = {h.name: h for h in lab.hosts}
+    service = {"protocol": "tcp", "port": PORT, "check_interval": 0.5, "check_timeout": 0.3,
+               "backends": [{"node": b, "address": str(hosts[b].ip.ip)} for b in BACKENDS]}
+    cluster = Cluster(lab, tmp_path / "hosts", [VipDef("web", str(vip), extra={
+        "service": [service], "prefer": list(DIRECTORS), "avoid": list(BACKENDS)})], endpoints=[etcd.endpoint])
+    monitor = AddressMonitor(lab, [vip.ip], hosts=[hosts[n] for n in DIRECTORS]).start()
+    lab.add_cleanup(cluster.stop_all)
+    try:
+        for name in DIRECTORS:
+            cluster.start(hosts[name])
+        owner = hosts[nic_owner(cluster, vip.ip)]
+        standby = hosts[next(n for n in DIRECTORS if n != owner.name)]
+        for name in BACKENDS:
+            cluster.start(hosts[name])
+        for h in (owner, standby):
+            wait_for(lambda: table_ready(cluster, h), 30, f"{h.name}'s DSR table with every backend")
+        wait_for(lambda: state(cluster, owner)["web"].get("successor") == standby.name, 10,
+                 "the standby named successor")
+        start_servers(lab, [hosts[n] for n in BACKENDS], tmp_path)
+        stream = Stream(lab, lab.client, str(vip.ip), tmp_path)
+        backend = stream.backend()
+        stream.advances()
+        cluster.kill(owner)
+        stream.advances()
+        row = service_row(cluster, standby)
+        assert row["directing"] and {b["backend"]: b["packets"] for b in row["backends"]}[backend] > 0
+        done = stream.stop()
+        assert done["error"] is None and done["backend"] == backend, done
+        assert 'vipd_takeovers_total{cause="peer",vip="web"} 1.0' in cluster.metrics(standby)
+    finally:
+        cluster.stop_all()
+        monitor.stop()
+    monitor.assert_never_dual()
