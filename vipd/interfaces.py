@@ -5,7 +5,7 @@ they are fit again and campaign as usual; the other units never notice.
 
 Level-triggered: `refresh` lists the links and compares them with the configured interfaces (the
 current config: a reload may add some). The daemon calls it once before its controllers start,
-on every kernel link event and address removal, and on every reconcile tick (a NIC deleted while
+on every kernel link event of a VIP interface, and on every reconcile tick (a NIC deleted while
 it was down brings no link event). `wait_present(ifname)` parks a task (the duplicate-responder
 watch of that NIC) until the NIC exists. `lo` is never missing.
 """
