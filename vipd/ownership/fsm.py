@@ -26,12 +26,12 @@ from typing import Callable
 from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Announce, ArmFence, Campaign,
                         CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, ClaimDeferred, DeleteOwnerKey,
                         EtcdRestored, Event, HealthChanged, HoldOff, KeyReleased, LeaseGone, LeaseValid, LinkUp,
-                        OwnerObserved, OwnerRecord, Placement, PreemptGranted, ProbeConflicts, ProbeDone, Reconcile,
+                        OwnerObserved, OwnerRecord, PreemptGranted, ProbeConflicts, ProbeDone, Reconcile,
                         ReleaseFailed, ReleaseRequested, RemoveAddress, RemoveFailed, RenewLease, RequestPreempt,
-                        ReturnPreemptToken, ShutdownRequested, Start, State, StopAnnouncing, TakeOver, Tick,
-                        PeerRecovered, PeerSuspected)
+                        ReturnPreemptToken, ShutdownRequested, Start, State, StopAnnouncing, TakeOver, Tick)
+from vipd.ownership.observe import observe, track_target
 from vipd.ownership.state import (HOLDING, RETRY_CAMPAIGN, RETRY_DELETE, RETRY_REMOVE, SUBSTATES, TRANSITIONS,
-                                  Params, Preempt, Release, Sub, VipState, fence_deadline, lifetime,
+                                  Params, Release, Sub, VipState, fence_deadline, lifetime,
                                   may_take_over, why_not_campaign)
 
 S = State
@@ -46,7 +46,7 @@ class InvalidTransition(RuntimeError):
 def step(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if s.state is S.STOPPED:
         return s, []
-    s = _observe(p, s, ev, now)
+    s = observe(p, s, ev, now)
     handler = HANDLERS.get((s.state, type(ev)))
     new, actions = handler(p, s, ev, now) if handler else (s, [])
     if new.state is not s.state and new.state not in TRANSITIONS[s.state]:
@@ -59,42 +59,6 @@ def step(p: Params, s: VipState, ev: Event, now: float) -> Result:
         new, more = _campaign_if_allowed(p, new, now)
         actions = actions + more
     return new, actions
-
-
-# ---- bookkeeping every state does before its handler ------------------------------------------
-
-def _observe(p: Params, s: VipState, ev: Event, now: float) -> VipState:
-    if isinstance(ev, LeaseValid) and ev.lease == s.lease:
-        return replace(s, valid_until=ev.valid_until)
-    if isinstance(ev, LeaseValid) and s.state not in HOLDING:
-        return replace(s, lease=ev.lease, valid_until=ev.valid_until)
-    if isinstance(ev, HealthChanged):
-        return replace(s, healthy=ev.healthy)
-    if isinstance(ev, PeerSuspected):  # (a suspect is no preferred host to hand over to)
-        return _track_target(p, replace(s, suspects=s.suspects | {ev.peer}), now)
-    if isinstance(ev, PeerRecovered):
-        return _track_target(p, replace(s, suspects=s.suspects - {ev.peer}), now)
-    if isinstance(ev, Placement):
-        return _track_target(p, replace(s, ranking=ev.ranking), now)
-    if isinstance(ev, OwnerObserved) and s.state not in HOLDING:
-        o = ev.record
-        if o.node is None and (s.owner is None or s.owner.node is not None):
-            s = replace(s, absent_since=now, last_owner=s.owner.node if s.owner else None,
-                        last_clean=bool(s.owner and s.owner.released))
-        return replace(s, owner=o)
-    return s
-
-
-def _track_target(p: Params, s: VipState, now: float) -> VipState:
-    """OWNER: follow the preferred host; the hold-down restarts whenever it changes. A host whose
-    heartbeats stopped is no target (a dead host's presence outlives it by up to its lease TTL)."""
-    target = s.ranking[0] if s.ranking else None
-    if (s.state is not S.OWNER or p.preempt_delay is None or p.anycast or target in (None, p.node)
-            or target in s.suspects):
-        return replace(s, preempt=None)
-    if s.preempt is None or s.preempt.target != target:
-        return replace(s, preempt=Preempt(target, now))
-    return s
 
 
 # ---- shared moves ----------------------------------------------------------------------------
@@ -265,7 +229,7 @@ def _added(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if s.sub is not Sub.ADDING:
         return s, []
     s = _to(s, S.OWNER, Sub.SERVING, "address added", conflicts=0)
-    return _track_target(p, s, now), [Announce()]
+    return track_target(p, s, now), [Announce()]
 
 
 def _add_failed(p: Params, s: VipState, ev: Event, now: float) -> Result:

@@ -1,0 +1,47 @@
+"""What every state notes before its handler runs (vipd/ownership/fsm.py `step`): lease validity,
+health, the peers' suspicions, the placement ranking and the preferred host to hand over to, and
+the owner record while not holding. Pure, like the rest of the core."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from vipd.model import (Event, HealthChanged, LeaseValid, OwnerObserved, Placement, PeerRecovered,
+                        PeerSuspected, State)
+from vipd.ownership.state import HOLDING, Params, Preempt, VipState
+
+S = State
+
+
+def observe(p: Params, s: VipState, ev: Event, now: float) -> VipState:
+    if isinstance(ev, LeaseValid) and ev.lease == s.lease:
+        return replace(s, valid_until=ev.valid_until)
+    if isinstance(ev, LeaseValid) and s.state not in HOLDING:
+        return replace(s, lease=ev.lease, valid_until=ev.valid_until)
+    if isinstance(ev, HealthChanged):
+        return replace(s, healthy=ev.healthy)
+    if isinstance(ev, PeerSuspected):  # (a suspect is no preferred host to hand over to)
+        return track_target(p, replace(s, suspects=s.suspects | {ev.peer}), now)
+    if isinstance(ev, PeerRecovered):
+        return track_target(p, replace(s, suspects=s.suspects - {ev.peer}), now)
+    if isinstance(ev, Placement):
+        return track_target(p, replace(s, ranking=ev.ranking), now)
+    if isinstance(ev, OwnerObserved) and s.state not in HOLDING:
+        o = ev.record
+        if o.node is None and (s.owner is None or s.owner.node is not None):
+            s = replace(s, absent_since=now, last_owner=s.owner.node if s.owner else None,
+                        last_clean=bool(s.owner and s.owner.released))
+        return replace(s, owner=o)
+    return s
+
+
+def track_target(p: Params, s: VipState, now: float) -> VipState:
+    """OWNER: follow the preferred host; the hold-down restarts whenever it changes. A host whose
+    heartbeats stopped is no target (a dead host's presence outlives it by up to its lease TTL)."""
+    target = s.ranking[0] if s.ranking else None
+    if (s.state is not S.OWNER or p.preempt_delay is None or p.anycast or target in (None, p.node)
+            or target in s.suspects):
+        return replace(s, preempt=None)
+    if s.preempt is None or s.preempt.target != target:
+        return replace(s, preempt=Preempt(target, now))
+    return s
