@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--etcd-members", type=int, choices=(1, 3), default=1,
                     help="1: one etcd (etcd_restart faults); 3: a real 3-member cluster (etcd_member faults: "
                          "leader kill / cut / pause, follower kill)")
+    ap.add_argument("--lease-ttl", type=int, default=None,
+                    help="vipd's lease TTL (default: the lab's 3 s with one etcd; vipd's shipped 10 s with 3 members, "
+                         "whose leader changes a 3 s lease cannot ride out and whose 3 endpoints x 0.5 s must fit)")
     ap.add_argument("--prefix", default="vtx", help="lab namespace prefix (default %(default)s)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = ap.parse_args(argv)
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ChaosConfig(prefix=args.prefix, workdir=args.out / f"chaos-{stamp}", duration=args.duration,
                       seed=args.seed, kinds=tuple(k for k in args.kinds.split(",") if k),
                       recovery_timeout=args.recovery_timeout, etcd_members=args.etcd_members,
+                      lease_ttl=args.lease_ttl or (10 if args.etcd_members == 3 else 3),
                       echo=lambda s: print(s, flush=True))
     try:
         res = Chaos(cfg).run()
