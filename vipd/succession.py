@@ -24,7 +24,11 @@ that O started after seeing that generation rewrote every record of its own nami
 takeover transaction of S comparing an older revision fails, and a later one needs a fresh
 suspicion, whose echoes again carry a newer generation). While a rename from S1 to S2 is in
 flight the token is bounded by both grants (armed so BEFORE the transaction is sent: a commit can
-only follow that arm); after it commits, S1's transactions fail. The takeover
+only follow that arm), S2's counting echoes of the generations seen when the rename started, and
+only if no record in etcd can name S2 yet (a rewrite of the current
+successor to validate its new generation counts nothing new until it commits; after an etcd
+error the target counts only the generations seen when that rename started); after it commits,
+S1's transactions fail. The takeover
 after the lease expires in etcd (no successor, or none alive) keeps the old argument: O's token
 and address lifetime end at H_etcd, before etcd can expire the lease.
 What it assumes of etcd: linearisable transactions on one key (a leader change loses no
@@ -92,6 +96,8 @@ class Succession:
         self._records: dict[str, OwnerRecord] = {}  # latest record of every unit (from OwnerKeys)
         self._naming: dict[str, tuple[str | None, Generation | None]] = {}  # rename in flight: unit -> (target, its gen then)
         self._suspected_at: dict[str, float] = {}  # peer -> last suspicion
+        self._uncertain: dict[str, dict[str, Generation | None]] = {}  # unit -> target of a rename of unknown
+        # outcome -> the generation seen when the first such rename started
         self._eligible_since: dict[str, float] = {}  # peer -> since when it could be named (as last planned)
         self._lock = trio.Lock()  # token arms and disarms never interleave
         self._arms: Coalescer[str, None] = Coalescer(self._arm_batch)
@@ -204,11 +210,15 @@ class Succession:
     # ---- the token ---------------------------------------------------------------------------
 
     def _depends(self, unit: str) -> list[str]:
-        """Peers whose grants bound the unit's token: the named successor, and a rename's target."""
+        """Peers whose grants bound the unit's token: the named successor, a rename's target, and the
+        targets of renames whose outcome is unknown (etcd may name them)."""
         rec = self._records.get(unit)
         out = [rec.successor] if rec is not None and rec.node == self.node and rec.successor else []
         target = self._naming.get(unit, (None, None))[0]
-        return out + ([target] if target and target not in out else [])
+        for peer in [target, *sorted(self._uncertain.get(unit, ()))]:
+            if peer and peer not in out:
+                out.append(peer)
+        return out
 
     def _cap(self, unit: str, owned: _Owned) -> float:
         """The unit's token deadline: H_etcd, bounded by the grants of every peer that may take it
@@ -222,9 +232,12 @@ class Succession:
             link = self._peers.link(peer)
             if link is None:
                 return -math.inf
-            if peer == target:  # rename in flight: echoes of generations seen when it started
-                granted = link.granted_until(gen) if gen is not None else None
-            else:
+            uncertain = self._uncertain.get(unit, {})
+            if peer in uncertain:  # etcd may name it since a rename that started with this generation
+                granted = link.granted_upto(uncertain[peer])
+            elif peer == target and (rec is None or rec.successor != target):
+                granted = link.granted_upto(gen)  # a rename in flight: generations seen at its start
+            else:  # the named successor: validated generations only (it may have taken over already)
                 granted = link.granted_until()
             cap = min(cap, granted if granted is not None else -math.inf)
         return cap
@@ -367,11 +380,17 @@ class Succession:
         except (EtcdError, DataplaneError) as e:
             log.warning("successor_rename_failed", units=len(plan), error=e)
             results = {}
+            if isinstance(e, EtcdError):  # sent, perhaps applied: its targets may be named in etcd now
+                for unit, _, want in plan:
+                    if want:
+                        self._uncertain.setdefault(unit, {}).setdefault(want, seen.get(want))
         finally:
             for unit, _, _ in plan:
                 self._naming.pop(unit, None)
         for unit, rec, want in plan:
             ok, now = results.get(unit, (False, rec))
+            if unit in results:  # an answer: the record it returns is the truth, nothing is pending
+                self._uncertain.pop(unit, None)
             self.observe(unit, now)
             if ok:
                 self.renames += 1

@@ -26,6 +26,7 @@ class Link(Protocol):  # vipd.peers.protocol.PeerLink, as read here
     validated: Generation | None
     last_rx: float | None  # when the peer was last heard (None: never)
     def granted_until(self, validated: Generation | None = None) -> float | None: ...
+    def granted_upto(self, gen: Generation | None) -> float | None: ...
 
 
 class PeersPort(Protocol):  # vipd.peers.transport.PeerTransport

@@ -266,3 +266,90 @@ def test_a_peer_suspected_before_it_was_ever_heard_is_named_without_a_hold_down(
         assert s._eligible("h2", trio.current_time())
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_rewriting_the_current_successor_counts_none_of_its_new_generation_until_it_commits():
+    """The chaos soak's silent cut: S suspected O and took the unit over (O could not see it), then
+    the link healed and S echoed O's heartbeats in its new suspicion generation. O's rewrite of the
+    record naming S (to validate that generation) is in flight: those echoes must not re-open O's
+    token meanwhile; the rewrite fails its compare, and O never serves again."""
+    async def main() -> None:
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        s.observe("api", OwnerRecord("h1", 11, 7, 11))
+        await s.arm([VIP], now + 60.0)
+        await trio.sleep(HOLD_DOWN + 0.01)
+        peers.heartbeat(trio.current_time())
+        await s._rename(s._plan(trio.current_time()))  # names h2, validates its generation 0
+        granted = fence.until["api"]
+        await trio.sleep(1.0)  # cut: no echo for a second; h2 suspected us and took over meanwhile
+        peers.heartbeat(trio.current_time(), gen=1)  # healed: h2 echoes, in its new generation
+        during: list[float] = []
+        keys.fail.add("api")  # etcd's record is h2's now: the rewrite fails its compare
+
+        async def rename(items):  # type: ignore[no-untyped-def]
+            during.append(max(fence.until["api"], s._cap("api", s._owned["api"])))
+            return await Keys.rename(keys, items)
+
+        keys.rename = rename  # type: ignore[method-assign]
+        plan = s._plan(trio.current_time())
+        assert [w for _, _, w in plan] == ["h2"]
+        await s._rename(plan)
+        assert during and during[0] <= granted  # nothing re-opened while the rewrite was in flight
+        await s.arm([VIP], trio.current_time() + 60.0)
+        assert not fence.open_at(trio.current_time())  # and the record is h2's: never again
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_rename_with_an_unknown_outcome_counts_no_new_generation_of_its_target():
+    async def main() -> None:
+        from vipd.errors import EtcdUnavailable
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        s.observe("api", OwnerRecord("h1", 11, 7, 11))
+        await s.arm([VIP], now + 60.0)
+        await trio.sleep(HOLD_DOWN + 0.01)
+        peers.heartbeat(trio.current_time(), gen=3)
+
+        async def lost(items):  # type: ignore[no-untyped-def]
+            raise EtcdUnavailable("no etcd endpoint answered")
+
+        keys.rename = lost  # type: ignore[method-assign]
+        await s._rename(s._plan(trio.current_time()))  # naming h2: perhaps applied, perhaps not
+        await trio.sleep(1.0)  # h2 suspected us (and may have taken over), then heard us again:
+        peers.heartbeat(trio.current_time(), gen=4)
+        s._naming["api"] = ("h2", (S_INC, 4))  # a retry in flight, generation 4 seen at its start
+        # only echoes of generations up to 3 (seen when the lost rename started) count: long over
+        assert not s._cap("api", s._owned["api"]) > trio.current_time()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_an_unknown_outcome_rename_bounds_the_token_by_its_target_until_answered():
+    """etcd may have applied a rename whose answer was lost: the target can then take over, so its
+    grant bounds the token, and its generations are not validated behind our back."""
+    async def main() -> None:
+        from vipd.errors import EtcdUnavailable
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        s.observe("api", OwnerRecord("h1", 11, 7, 11))
+        await s.arm([VIP], now + 60.0)
+        await trio.sleep(HOLD_DOWN + 0.01)
+        peers.heartbeat(trio.current_time())
+
+        async def lost(items):  # type: ignore[no-untyped-def]
+            raise EtcdUnavailable("no etcd endpoint answered")
+
+        real, keys.rename = keys.rename, lost  # type: ignore[method-assign]
+        await s._rename(s._plan(trio.current_time()))
+        assert "h2" in s._depends("api")
+        await trio.sleep(1.0)  # h2 silent since: its grant ran out
+        await s.arm([VIP], trio.current_time() + 60.0)
+        assert not fence.open_at(trio.current_time())
+        keys.rename = real  # type: ignore[method-assign]
+        peers.heartbeat(trio.current_time())
+        await s._rename(s._plan(trio.current_time()))  # answered: the record is known again
+        assert s._uncertain == {} and s.successor("api") == "h2"
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -225,6 +225,12 @@ class PeerLink:
         for g in [g for g in self._grants if g <= gen]:
             self._base = max(self._base, self._grants.pop(g))
 
+    def granted_upto(self, gen: Generation | None) -> float | None:
+        """granted_until counting echoes of generations up to `gen` (None: the validated ones only)."""
+        if gen is None or (self.validated is not None and gen <= self.validated):
+            return self.granted_until()
+        return self.granted_until(gen)
+
     def granted_until(self, validated: Generation | None = None) -> float | None:
         """Horizon (local monotonic) up to which the peer promised not to take over from us: only echoes
         in messages of generations <= validated count (default: the generation passed to validate())."""
