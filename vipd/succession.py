@@ -353,9 +353,15 @@ class Succession:
                 with trio.move_on_after(max(0.0, self._next_check(now) - now)):
                     await self._wake.wait()
 
+    def _ours(self) -> set[str]:
+        """Units we own, and units whose record as we last saw it names us (we may arm them again:
+        a stale view after a partition, "adopted own key"): a peer such a record names may have
+        taken it over already."""
+        return set(self._owned) | {u for u, r in self._records.items() if r.node == self.node}
+
     def _validate_unused(self) -> None:
-        """A peer no owned unit depends on cannot take anything over from us: accept its generation."""
-        used = {p for u in self._owned for p in self._depends(u)}
+        """A peer no record of ours depends on cannot take anything over from us: accept its generation."""
+        used = {p for u in self._ours() for p in self._depends(u)}
         for peer in self._peers.peer_names():
             link = self._peers.link(peer)
             if peer not in used and link is not None and link.peer_gen is not None and (
@@ -400,7 +406,7 @@ class Succession:
         # transaction started after we saw that generation
         renamed = {u for u, _, _ in plan if results.get(u, (False,))[0]}
         for peer, gen in seen.items():
-            naming = [u for u in self._owned if peer in self._depends(u)]
+            naming = [u for u in self._ours() if peer in self._depends(u)]
             if gen is not None and naming and all(u in renamed for u in naming):
                 self._peers.validate(peer, gen)
         self._refresh.set()

@@ -353,3 +353,27 @@ def test_an_unknown_outcome_rename_bounds_the_token_by_its_target_until_answered
         assert s._uncertain == {} and s.successor("api") == "h2"
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_fenced_owner_does_not_validate_the_successor_its_stale_record_names():
+    """The chaos soak's carrier cut: the owner, cut off, fenced at its lease deadline (nothing owned
+    any more) while the successor had taken the unit over; healed, the successor's echoes came in its
+    new generation. Validating it then ("no owned unit depends on it") let the owner's re-adoption
+    of its own key, from its stale record, open the token for 343 ms next to the new owner."""
+    async def main() -> None:
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        s.observe("api", OwnerRecord("h1", 11, 7, 11))
+        await s.arm([VIP], now + 60.0)
+        await trio.sleep(HOLD_DOWN + 0.01)
+        peers.heartbeat(trio.current_time())
+        await s._rename(s._plan(trio.current_time()))  # names h2
+        await s.disarm([VIP])  # fenced: the lease deadline passed while cut off
+        await trio.sleep(1.0)
+        peers.heartbeat(trio.current_time(), gen=1)  # h2 suspected us (and took over), then heard us
+        s._validate_unused()
+        assert peers.links["h2"].validated == (S_INC, 0)  # not the new generation
+        await s.arm([VIP], trio.current_time() + 60.0)  # "adopted own key" from the stale record
+        assert not fence.open_at(trio.current_time())
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
