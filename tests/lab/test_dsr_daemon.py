@@ -79,21 +79,27 @@ def on_lo(lab: Lab, h: Host, ip: Any) -> bool:
     return f"{ip}/32" in lab.ip(h, "-4", "addr", "show", "dev", "lo").stdout
 
 
-def test_the_daemon_directs_a_flow_and_the_new_owner_keeps_its_backend(lab5: tuple[Lab, EtcdServer],
-                                                                         tmp_path: Path) -> None:
-    lab, etcd = lab5
+def dsr_cluster(lab: Lab, etcd: EtcdServer, tmp_path: Path) -> tuple[Cluster, dict[str, Host], Any, AddressMonitor]:
+    """Five daemons' configs (not started): one VIP `web` with a TCP service on the three backends.
+    The directors are the first placement tier; the backends could direct too, only when no
+    director can. [peers] is on (the default): the token fence gates a DSR VIP for ARP/ND only, so
+    the frames the director sends reach the backends and their answers from the VIP leave them.
+    The monitor watches the directors (the backends hold the VIP on lo by design: nic_holders)."""
     vip = lab.vip4(0)
     hosts = {h.name: h for h in lab.hosts}
     service = {"protocol": "tcp", "port": PORT, "check_interval": 0.5, "check_timeout": 0.3,
                "backends": [{"node": b, "address": str(hosts[b].ip.ip)} for b in BACKENDS]}
-    # the directors are the first placement tier; the backends could direct too, only when no director can
     cluster = Cluster(lab, tmp_path / "hosts", [VipDef("web", str(vip), extra={
         "service": [service], "prefer": list(DIRECTORS), "avoid": list(BACKENDS)})], endpoints=[etcd.endpoint])
-        # (with [peers] on, the default: the token fence gates a DSR VIP for ARP/ND only, so the frames
-        # the director sends reach the backends, and their answers from the VIP leave them)
-    # dual ownership among the directors (the backends hold the VIP on lo by design; nic_holders below)
     monitor = AddressMonitor(lab, [vip.ip], hosts=[hosts[n] for n in DIRECTORS]).start()
     lab.add_cleanup(cluster.stop_all)
+    return cluster, hosts, vip, monitor
+
+
+def test_the_daemon_directs_a_flow_and_the_new_owner_keeps_its_backend(lab5: tuple[Lab, EtcdServer],
+                                                                         tmp_path: Path) -> None:
+    lab, etcd = lab5
+    cluster, hosts, vip, monitor = dsr_cluster(lab, etcd, tmp_path)
     sysctls = ("net.ipv4.conf.all.arp_ignore", "net.ipv4.conf.all.arp_announce")
 
     def arp_sysctls(h: Host) -> list[str]:
@@ -211,14 +217,7 @@ def test_a_killed_director_is_replaced_by_its_successor_and_the_flow_keeps_its_b
     successor, takes the unit over from heartbeats (not from the etcd lease), directs the same flow
     to the same backend, and the directors never both serve (ARP/ND tokens; the BPF deadline)."""
     lab, etcd = lab5
-    vip = lab.vip4(0)
-    hosts = {h.name: h for h in lab.hosts}
-    service = {"protocol": "tcp", "port": PORT, "check_interval": 0.5, "check_timeout": 0.3,
-               "backends": [{"node": b, "address": str(hosts[b].ip.ip)} for b in BACKENDS]}
-    cluster = Cluster(lab, tmp_path / "hosts", [VipDef("web", str(vip), extra={
-        "service": [service], "prefer": list(DIRECTORS), "avoid": list(BACKENDS)})], endpoints=[etcd.endpoint])
-    monitor = AddressMonitor(lab, [vip.ip], hosts=[hosts[n] for n in DIRECTORS]).start()
-    lab.add_cleanup(cluster.stop_all)
+    cluster, hosts, vip, monitor = dsr_cluster(lab, etcd, tmp_path)
     try:
         for name in DIRECTORS:
             cluster.start(hosts[name])
