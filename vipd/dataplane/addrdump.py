@@ -19,6 +19,8 @@ import socket
 import struct
 from typing import NamedTuple, Optional, Union
 
+from vipd.dataplane import nldump
+
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
 
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
@@ -30,7 +32,6 @@ FOREVER = 0xFFFFFFFF
 _HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _IFA = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
 _RTA = struct.Struct("=HH")
-_RETRIES = 5  # dumps interrupted by concurrent changes (NLM_F_DUMP_INTR) are redone
 
 
 class RawAddress(NamedTuple):
@@ -81,40 +82,17 @@ def _decode(data: bytes, off: int, end: int) -> Optional[RawAddress]:
     return RawAddress(index, ip, proto, None if valid == FOREVER else valid, flags)
 
 
-def _dump_once(sock: socket.socket, seq: int) -> tuple[list[RawAddress], bool]:
-    sock.send(_HDR.pack(_HDR.size + _IFA.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-              + _IFA.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
-    out: list[RawAddress] = []
-    interrupted = False
-    while True:
-        data = sock.recv(1 << 17)
-        off = 0
-        while off + _HDR.size <= len(data):
-            length, kind, flags, mseq, _pid = _HDR.unpack_from(data, off)
-            if length < _HDR.size:
-                raise OSError(errno.EPROTO, "malformed netlink message")
-            if mseq == seq:
-                interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
-                if kind == NLMSG_DONE:
-                    return out, interrupted
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, off + _HDR.size)[0]
-                    if code:
-                        raise OSError(code, os.strerror(code))
-                elif kind == RTM_NEWADDR:
-                    entry = _decode(data, off + _HDR.size, off + length)
-                    if entry is not None:
-                        out.append(entry)
-            off += _align(length)
-
-
 def dump(sock: socket.socket, seq: int) -> list[RawAddress]:
     """Every address in the socket's netns (IPv4 and IPv6). OSError on failure."""
-    for attempt in range(_RETRIES):
-        entries, interrupted = _dump_once(sock, seq + attempt)
-        if not interrupted:
-            return entries
-    return entries  # still changing: the last complete dump (callers re-check level-triggered)
+    request = lambda n: nldump.header(_IFA.size, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, n) + _IFA.pack(  # noqa: E731
+        socket.AF_UNSPEC, 0, 0, 0, 0)
+    out = []
+    for kind, data, start, end in nldump.dump(sock, request, "RTM_GETADDR", bufsize=1 << 17, seq=seq):
+        if kind == RTM_NEWADDR:
+            entry = _decode(data, start, end)
+            if entry is not None:
+                out.append(entry)
+    return out
 
 
 def open_socket(timeout: float = 5.0) -> socket.socket:

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 import struct
-import threading
 import time
 from typing import Iterable, Mapping, NamedTuple
 
+from vipd.dataplane import nldump
 from vipd.lab import netns
 
 TABLE = "vipd_fence"  # == vipd.dataplane.fence_build.TABLE (not imported: the lab reads the kernel only)
@@ -38,9 +37,6 @@ NETLINK_NETFILTER = 12
 NFPROTO_NETDEV = 5
 
 _NFT_GETSETELEM, _NFT_NEWSETELEM = (10 << 8) | 13, (10 << 8) | 12  # NFNL_SUBSYS_NFTABLES << 8 | msg
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
-_NLM_F_REQUEST, _NLM_F_DUMP, _NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
-_HDR = struct.Struct("=IHHII")
 _NFGEN = 4  # struct nfgenmsg
 _RTA = struct.Struct("=HH")
 _TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
@@ -68,46 +64,21 @@ def _nla(kind: int, payload: bytes) -> bytes:
 
 _TABLE_ATTR = _nla(_L_TABLE, TABLE.encode() + b"\0")
 _SET_ATTR = {name: _nla(_L_SET, name.encode() + b"\0") for name in (*MANAGED.values(), *TOKEN.values())}
-_seq = 0
-_seq_lock = threading.Lock()
-
-
 def read_set(sock: socket.socket, set_name: str, keys: frozenset[bytes]) -> dict[bytes, int | None] | None:
     """The elements of ``netdev vipd_fence`` set `set_name` whose key (packed address) is in `keys`:
     key -> remaining ms (None: no timeout). None when the table or the set does not exist."""
-    global _seq
-    for _attempt in range(5):  # a dump interrupted by a concurrent change is repeated
-        with _seq_lock:
-            _seq = (_seq + 1) & 0x7FFFFFFF
-            seq = _seq
-        body = struct.pack("!BBH", NFPROTO_NETDEV, 0, 0) + _TABLE_ATTR + _SET_ATTR[set_name]
-        sock.send(_HDR.pack(_HDR.size + len(body), _NFT_GETSETELEM, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0) + body)
-        out: dict[bytes, int | None] = {}
-        interrupted = done = False
-        while not done:
-            data = sock.recv(1 << 16)
-            off = 0
-            while off + _HDR.size <= len(data):
-                length, mtype, flags, mseq, _pid = _HDR.unpack_from(data, off)
-                if length < _HDR.size:
-                    raise OSError(errno.EPROTO, "malformed netlink message")
-                if mseq == seq:
-                    if flags & _NLM_F_DUMP_INTR:
-                        interrupted = True
-                    if mtype == _NLMSG_DONE:
-                        done = True
-                    elif mtype == _NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", data, off + _HDR.size)[0]
-                        if code in (errno.ENOENT, errno.EOPNOTSUPP):  # no table / set (no nf_tables)
-                            return None
-                        if code:
-                            raise OSError(code, f"NFT_MSG_GETSETELEM {set_name}: {os.strerror(code)}")
-                        done = True
-                    elif mtype == _NFT_NEWSETELEM:
-                        _find_elements(data, off + _HDR.size + _NFGEN, off + length, keys, out)
-                off += (length + 3) & ~3
-        if not interrupted:
-            return out
+    body = struct.pack("!BBH", NFPROTO_NETDEV, 0, 0) + _TABLE_ATTR + _SET_ATTR[set_name]
+    request = lambda n: nldump.header(len(body), _NFT_GETSETELEM, nldump.NLM_F_REQUEST | nldump.NLM_F_DUMP, n) + body  # noqa: E731
+    try:
+        messages = nldump.dump(sock, request, f"NFT_MSG_GETSETELEM {set_name}")
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.EOPNOTSUPP):  # no table / set (no nf_tables)
+            return None
+        raise
+    out: dict[bytes, int | None] = {}
+    for kind, data, start, end in messages:
+        if kind == _NFT_NEWSETELEM:
+            _find_elements(data, start + _NFGEN, end, keys, out)
     return out
 
 

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
+from vipd.dataplane import nldump
+
 T = TypeVar("T")
 
 NETNS_DIR = "/run/netns"
@@ -249,8 +251,6 @@ NETLINK_ROUTE = 0
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
 _RTM_NEWADDR, _RTM_GETADDR = 20, 22
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
-_NLM_F_REQUEST, _NLM_F_DUMP, _NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 _IFA_ADDRESS, _IFA_LOCAL, _IFA_LABEL, _IFA_FLAGS = 1, 2, 3, 8
 IFA_F_DADFAILED = 0x08
 _HDR = struct.Struct("=IHHII")
@@ -286,46 +286,17 @@ def netlink_socket(ns: str, groups: int = 0) -> socket.socket:
     return sock
 
 
-_seq = 0
-_seq_lock = threading.Lock()
-
-
 def dump_addresses(sock: socket.socket, family: int = socket.AF_UNSPEC) -> list[Addr]:
     """All addresses of the socket's namespace (one RTM_GETADDR dump, parsed here: ~20x cheaper
     than pyroute2's parser, which matters for a monitor sampling every 10 ms)."""
-    global _seq
-    for _attempt in range(5):  # a dump interrupted by a concurrent change is repeated
-        with _seq_lock:
-            _seq = (_seq + 1) & 0xFFFFFFFF
-            seq = _seq
-        sock.send(_HDR.pack(_HDR.size + _IFADDR.size, _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0)
-                  + _IFADDR.pack(family, 0, 0, 0, 0))
-        out: list[Addr] = []
-        interrupted = False
-        done = False
-        while not done:
-            data = sock.recv(1 << 16)
-            off = 0
-            while off + _HDR.size <= len(data):
-                length, mtype, flags, mseq, _pid = _HDR.unpack_from(data, off)
-                if length < _HDR.size:
-                    raise OSError(errno.EPROTO, "malformed netlink message")
-                if mseq == seq:
-                    if flags & _NLM_F_DUMP_INTR:
-                        interrupted = True
-                    if mtype == _NLMSG_DONE:
-                        done = True
-                    elif mtype == _NLMSG_ERROR:
-                        code = struct.unpack_from("=i", data, off + _HDR.size)[0]
-                        if code:
-                            raise OSError(-code, f"RTM_GETADDR: {os.strerror(-code)}")
-                    elif mtype == _RTM_NEWADDR:
-                        a = _parse_addr(data, off, length)
-                        if a is not None:
-                            out.append(a)
-                off += (length + 3) & ~3
-        if not interrupted:
-            return out
+    request = lambda n: nldump.header(_IFADDR.size, _RTM_GETADDR, nldump.NLM_F_REQUEST | nldump.NLM_F_DUMP, n) + (  # noqa: E731
+        _IFADDR.pack(family, 0, 0, 0, 0))
+    out: list[Addr] = []
+    for kind, data, start, end in nldump.dump(sock, request, "RTM_GETADDR"):
+        if kind == _RTM_NEWADDR:
+            a = _parse_addr(data, start - _HDR.size, end - start + _HDR.size)
+            if a is not None:
+                out.append(a)
     return out
 
 
