@@ -66,6 +66,21 @@ def test_settings_only_a_restart_can_change_are_named(tables: dict[str, Any], ke
     assert d.restart and d.restart[0] == key
 
 
+def test_a_dsr_services_change_needs_a_restart_and_says_which_vip() -> None:
+    """The DSR director and backend roles are built at start (vipd/wiring_dsr.py): a reload that
+    adds, changes or removes a VIP's services is refused, naming the VIP."""
+    def web(port: int | None) -> list[dict[str, Any]]:
+        v: dict[str, Any] = {"name": "web", "address": "10.0.0.10/24", "interface": "eth0"}
+        if port is not None:
+            v["service"] = [{"protocol": "tcp", "port": port, "backends": [{"address": "10.0.0.20"}]}]
+        return [v]
+
+    for old, new in ((None, 80), (80, 8080), (80, None)):
+        d = diff(cfg(web(old)), cfg(web(new)))
+        assert d.restart == ("services (DSR of VIP web changed)",), (old, new)
+    assert diff(cfg(web(80)), cfg(web(80))).empty
+
+
 def test_a_group_gaining_a_member_is_replaced_and_interface_change_too() -> None:
     old = cfg([{"name": "a", "address": "10.0.0.10/24", "interface": "eth0", "group": "g"}])
     new = cfg([{"name": "a", "address": "10.0.0.10/24", "interface": "eth0", "group": "g"},

@@ -97,6 +97,15 @@ def make(now: float) -> tuple[Succession, Fence, Keys, Peers, list[Any]]:
     return s, fence, keys, peers, posted
 
 
+async def owning_and_heard(s: Succession, peers: Peers, now: float, gen: int = 0) -> None:
+    """We own `api` (armed to the etcd horizon, an hour away) and h2 has been heard past the
+    hold-down: the next plan names it."""
+    s.observe("api", OwnerRecord("h1", 11, 7, 11))
+    await s.arm([VIP], now + 60.0)
+    await trio.sleep(HOLD_DOWN + 0.01)
+    peers.heartbeat(trio.current_time(), gen=gen)
+
+
 def test_owner_value_round_trips():
     assert parse_value(owner_value("h1")) == ("h1", False, None, None)
     assert parse_value(owner_value("h1", epoch=12, successor="h2")) == ("h1", False, 12, "h2")
@@ -276,10 +285,7 @@ def test_rewriting_the_current_successor_counts_none_of_its_new_generation_until
     async def main() -> None:
         now = trio.current_time()
         s, fence, keys, peers, _ = make(now)
-        s.observe("api", OwnerRecord("h1", 11, 7, 11))
-        await s.arm([VIP], now + 60.0)
-        await trio.sleep(HOLD_DOWN + 0.01)
-        peers.heartbeat(trio.current_time())
+        await owning_and_heard(s, peers, now)
         await s._rename(s._plan(trio.current_time()))  # names h2, validates its generation 0
         granted = fence.until["api"]
         await trio.sleep(1.0)  # cut: no echo for a second; h2 suspected us and took over meanwhile
@@ -307,10 +313,7 @@ def test_a_rename_with_an_unknown_outcome_counts_no_new_generation_of_its_target
         from vipd.errors import EtcdUnavailable
         now = trio.current_time()
         s, fence, keys, peers, _ = make(now)
-        s.observe("api", OwnerRecord("h1", 11, 7, 11))
-        await s.arm([VIP], now + 60.0)
-        await trio.sleep(HOLD_DOWN + 0.01)
-        peers.heartbeat(trio.current_time(), gen=3)
+        await owning_and_heard(s, peers, now, gen=3)
 
         async def lost(items):  # type: ignore[no-untyped-def]
             raise EtcdUnavailable("no etcd endpoint answered")
@@ -333,10 +336,7 @@ def test_an_unknown_outcome_rename_bounds_the_token_by_its_target_until_answered
         from vipd.errors import EtcdUnavailable
         now = trio.current_time()
         s, fence, keys, peers, _ = make(now)
-        s.observe("api", OwnerRecord("h1", 11, 7, 11))
-        await s.arm([VIP], now + 60.0)
-        await trio.sleep(HOLD_DOWN + 0.01)
-        peers.heartbeat(trio.current_time())
+        await owning_and_heard(s, peers, now)
 
         async def lost(items):  # type: ignore[no-untyped-def]
             raise EtcdUnavailable("no etcd endpoint answered")
@@ -363,10 +363,7 @@ def test_a_fenced_owner_does_not_validate_the_successor_its_stale_record_names()
     async def main() -> None:
         now = trio.current_time()
         s, fence, keys, peers, _ = make(now)
-        s.observe("api", OwnerRecord("h1", 11, 7, 11))
-        await s.arm([VIP], now + 60.0)
-        await trio.sleep(HOLD_DOWN + 0.01)
-        peers.heartbeat(trio.current_time())
+        await owning_and_heard(s, peers, now)
         await s._rename(s._plan(trio.current_time()))  # names h2
         await s.disarm([VIP])  # fenced: the lease deadline passed while cut off
         await trio.sleep(1.0)
@@ -375,5 +372,24 @@ def test_a_fenced_owner_does_not_validate_the_successor_its_stale_record_names()
         assert peers.links["h2"].validated == (S_INC, 0)  # not the new generation
         await s.arm([VIP], trio.current_time() + 60.0)  # "adopted own key" from the stale record
         assert not fence.open_at(trio.current_time())
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_failed_token_arm_sends_no_rename():
+    """The new successor's bound could not be armed (nft failed): naming it now would let it take
+    over while our token may outlive its grant, so the rename is not sent; it is retried."""
+    async def main() -> None:
+        from vipd.errors import DataplaneError
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        await owning_and_heard(s, peers, now)
+
+        async def broken(items):  # type: ignore[no-untyped-def]
+            raise DataplaneError("nft: no answer")
+
+        fence.arm_many = broken  # type: ignore[method-assign]
+        await s._rename(s._plan(trio.current_time()))
+        assert keys.renames == [] and s.successor("api") is None and s._uncertain == {}
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
