@@ -131,6 +131,36 @@ IFA_F_NODAD = 0x02
 _CHUNK = 200  # messages per send: well under the socket buffers (each message ~80 bytes, each ACK ~36)
 
 
+_HDR_SEQ = struct.Struct("=II")  # nlmsghdr's seq and pid
+_CACHEINFO = struct.Struct("=IIII")  # ifa_cacheinfo: preferred, valid, cstamp, tstamp
+_templates: dict[tuple[int, IPInterface, int], tuple[bytes, bytes]] = {}
+
+
+def _replace_template(index: int, address: IPInterface, proto: int) -> tuple[bytes, bytes]:
+    """The RTM_NEWADDR replace message for one address, cut around its sequence number and with
+    IFA_CACHEINFO last (the lifetimes): a refresh round of thousands of addresses only packs those
+    two fields. Cached per (index, address, proto)."""
+    key = (index, address, proto)
+    found = _templates.get(key)
+    if found is not None:
+        return found
+    ip = address.ip
+    v4 = ip.version == 4
+    flags = 0 if v4 else IFA_F_NODAD
+    attrs = b"".join(_RTA.pack(4 + len(ip.packed), kind) + ip.packed
+                     for kind in ((IFA_LOCAL, IFA_ADDRESS) if v4 else (IFA_ADDRESS,)))
+    attrs += _RTA.pack(5, IFA_PROTO) + bytes([proto]) + b"\0\0\0"
+    attrs += _RTA.pack(8, IFA_FLAGS) + struct.pack("=I", flags)
+    attrs += _RTA.pack(4 + _CACHEINFO.size, IFA_CACHEINFO)
+    body = _IFA.pack(socket.AF_INET if v4 else socket.AF_INET6, address.network.prefixlen, flags, 0, index) + attrs
+    length = _HDR.size + len(body) + _CACHEINFO.size
+    head = struct.pack("=IHH", length, RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
+    if len(_templates) > 65536:  # interfaces come and go: never grow without bound
+        _templates.clear()
+    _templates[key] = (head, body)
+    return head, body
+
+
 def replace_many(sock: socket.socket, seq: int, items: list[tuple[int, IPInterface, int, int]]) -> list[int]:
     """RTM_NEWADDR with NLM_F_CREATE | NLM_F_REPLACE for each (index, address, lifetime, proto):
     add the address, or restart the lifetime of one that is there (valid = preferred = lifetime
@@ -141,18 +171,8 @@ def replace_many(sock: socket.socket, seq: int, items: list[tuple[int, IPInterfa
         part = items[start:start + _CHUNK]
         out = []
         for n, (index, address, lifetime, proto) in enumerate(part):
-            ip = address.ip
-            v4 = ip.version == 4
-            flags = 0 if v4 else IFA_F_NODAD
-            attrs = b"".join(_RTA.pack(4 + len(ip.packed), kind) + ip.packed
-                             for kind in ((IFA_LOCAL, IFA_ADDRESS) if v4 else (IFA_ADDRESS,)))
-            attrs += _RTA.pack(20, IFA_CACHEINFO) + struct.pack("=IIII", lifetime, lifetime, 0, 0)
-            attrs += _RTA.pack(5, IFA_PROTO) + bytes([proto]) + b"\0\0\0"
-            attrs += _RTA.pack(8, IFA_FLAGS) + struct.pack("=I", flags)
-            body = _IFA.pack(socket.AF_INET if v4 else socket.AF_INET6, address.network.prefixlen, flags, 0, index)
-            body += attrs
-            out.append(_HDR.pack(_HDR.size + len(body), RTM_NEWADDR,
-                                 NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, seq + start + n, 0) + body)
+            head, tail = _replace_template(index, address, proto)
+            out.append(head + _HDR_SEQ.pack(seq + start + n, 0) + tail + _CACHEINFO.pack(lifetime, lifetime, 0, 0))
         sock.send(b"".join(out))
         pending = {seq + start + n for n in range(len(part))}
         while pending:
