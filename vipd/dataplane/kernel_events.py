@@ -58,6 +58,7 @@ RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
 GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
 RECV_SIZE = 1 << 16  # larger than any single rtnetlink skb, so nothing is truncated
+DRAIN = 256  # further datagrams read without waiting, per wake-up
 RCVBUF = 1 << 20
 SO_RCVBUFFORCE = 33
 IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40
@@ -188,8 +189,16 @@ class _Reader:
         self.seen, self.before = set(), set(self.addrs)
 
     async def read(self) -> list[Event]:
+        """The events of every datagram queued now (one wake-up for a burst: a refresh round of
+        thousands of addresses comes back as thousands of notifications)."""
+        chunks: list[bytes] = []
         try:
-            data = await self.sock.recv(RECV_SIZE)
+            chunks.append(await self.sock.recv(RECV_SIZE))
+            for _ in range(DRAIN):
+                try:
+                    chunks.append(os.read(self.sock.fileno(), RECV_SIZE))  # the socket is non-blocking
+                except BlockingIOError:
+                    break
         except OSError as e:
             if e.errno == errno.ENOBUFS:
                 log.warning("rtnetlink events overflowed; re-reading links and addresses")
@@ -197,8 +206,9 @@ class _Reader:
                 return [Overflowed()]
             raise DataplaneError(f"reading rtnetlink events failed: {e.strerror}") from None
         events: list[Event] = []
-        for msg in self._messages(data):
-            events.extend(self._handle(msg))
+        for data in chunks:
+            for msg in self._messages(data):
+                events.extend(self._handle(msg))
         await self._next_dump()
         return events
 
@@ -296,7 +306,7 @@ def _address_message(data: bytes, off: int, length: int, kind: int, seq: int, pi
             break
         value = data[pos + 4:pos + rta_len]
         if rta_type in (_IFA_ADDRESS, _IFA_LOCAL) and len(value) in (4, 16):
-            msg["IFA_ADDRESS" if rta_type == _IFA_ADDRESS else "IFA_LOCAL"] = str(ipaddress.ip_address(value))
+            msg["IFA_ADDRESS" if rta_type == _IFA_ADDRESS else "IFA_LOCAL"] = _ip_text(value)
         elif rta_type == _IFA_LABEL:
             msg["IFA_LABEL"] = value.rstrip(b"\0").decode(errors="replace")
         elif rta_type == _IFA_FLAGS and len(value) >= 4:
@@ -316,7 +326,32 @@ def _addr_key(msg: Any, usable_only: bool = True) -> Optional[_AddrKey]:
         return None
     ip = msg.get("IFA_LOCAL") if msg["family"] == socket.AF_INET else None
     ip = ip or msg.get("IFA_ADDRESS")
-    return msg["index"], ipaddress.ip_interface(f"{ip}/{msg['prefixlen']}")
+    return msg["index"], _interface(ip, msg["prefixlen"])
+
+
+# Every lifetime refresh of every VIP comes back as a notification: decoding the same few thousand
+# addresses again and again through ipaddress was most of the cost of reading them.
+_texts: dict[bytes, str] = {}
+_interfaces: dict[tuple[str, int], Any] = {}
+
+
+def _ip_text(raw: bytes) -> str:
+    text = _texts.get(raw)
+    if text is None:
+        if len(_texts) > 65536:
+            _texts.clear()
+        text = _texts[raw] = str(ipaddress.ip_address(raw))
+    return text
+
+
+def _interface(ip: str, prefixlen: int) -> Any:
+    key = (ip, prefixlen)
+    found = _interfaces.get(key)
+    if found is None:
+        if len(_interfaces) > 65536:
+            _interfaces.clear()
+        found = _interfaces[key] = ipaddress.ip_interface(f"{ip}/{prefixlen}")
+    return found
 
 
 async def kernel_events(nl: Optional[Netlink] = None) -> AsyncIterator[Event]:
