@@ -4,8 +4,9 @@ A :class:`Coalescer` turns ``await c.submit(item)`` from many tasks into calls o
 function with every item that arrived meanwhile. The first caller of a scheduler pass leads: it
 yields once (so every task woken by the same event enqueues first), then takes all pending items,
 cuts them into chunks of at most ``max_batch`` and runs each chunk, at most ``parallel`` chunks at
-a time across all leaders. Items arriving while chunks are in flight form the next batch. The
-other callers wait for their own result.
+a time across all leaders. Items arriving while chunks are in flight form the next batch: its
+leader takes them once a slot is free, so every wave that arrived meanwhile shares it. The other
+callers wait for their own result.
 
 The batch function returns one outcome per item, in order: a value, or an exception instance
 that is raised in that item's caller. An exception raised by the batch function itself is raised
@@ -58,8 +59,12 @@ class Coalescer(Generic[I, R]):
             try:
                 await trio.sleep(0)  # every task woken by the same event enqueues first
             finally:  # even when cancelled: the others wait on this batch, so always run it
-                batch, self._pending, self._leading = self._pending, [], False
                 with trio.CancelScope(shield=True):
+                    # wait for a free slot first: every wave that arrives meanwhile joins this
+                    # batch (not one batch per wave, each waiting for the one before)
+                    await self._limit.acquire()
+                    self._limit.release()
+                    batch, self._pending, self._leading = self._pending, [], False
                     await self._run(batch)
         await slot.done.wait()
         if slot.error is not None:

@@ -1,0 +1,53 @@
+"""vipd.coalesce: many concurrent calls become few batch calls."""
+
+from __future__ import annotations
+
+import trio
+
+from vipd.coalesce import Coalescer
+
+
+async def test_waves_arriving_while_a_batch_runs_share_the_next_batch(autojump_clock):
+    batches: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        batches.append(items)
+        await trio.sleep(1.0)
+        return [i * 2 for i in items]
+
+    c: Coalescer[int, int] = Coalescer(run)
+    results: dict[int, int] = {}
+
+    async def submit(i: int) -> None:
+        results[i] = await c.submit(i)
+
+    async with trio.open_nursery() as n:
+        for i in range(3):  # wave 1: one batch
+            n.start_soon(submit, i)
+        await trio.sleep(0.2)
+        for i in range(3, 5):  # wave 2, while wave 1 runs
+            n.start_soon(submit, i)
+        await trio.sleep(0.2)
+        for i in range(5, 8):  # wave 3, still while wave 1 runs: joins wave 2's batch
+            n.start_soon(submit, i)
+    assert [sorted(b) for b in batches] == [[0, 1, 2], [3, 4, 5, 6, 7]]
+    assert results == {i: 2 * i for i in range(8)}
+
+
+async def test_an_exception_of_the_batch_reaches_every_caller_of_it(autojump_clock):
+    async def run(items: list[int]) -> list[int]:
+        raise ValueError("boom")
+
+    c: Coalescer[int, int] = Coalescer(run)
+    errors: list[str] = []
+
+    async def submit(i: int) -> None:
+        try:
+            await c.submit(i)
+        except ValueError as e:
+            errors.append(str(e))
+
+    async with trio.open_nursery() as n:
+        for i in range(4):
+            n.start_soon(submit, i)
+    assert errors == ["boom"] * 4 and c.batches == 1
