@@ -99,6 +99,10 @@ class Succession:
         self._uncertain: dict[str, dict[str, Generation | None]] = {}  # unit -> target of a rename of unknown
         # outcome -> the generation seen when the first such rename started
         self._eligible_since: dict[str, float] = {}  # peer -> since when it could be named (as last planned)
+        # bumped whenever what `_depends` reads changes (owned units, records, renames): the peers
+        # the tokens depend on are recomputed only then, not on every check (thousands of units)
+        self._version = 0
+        self._used: tuple[int, set[str], set[str]] = (-1, set(), set())
         self._lock = trio.Lock()  # token arms and disarms never interleave
         self._arms: Coalescer[str, None] = Coalescer(self._arm_batch)
         self._disarms: Coalescer[tuple[VipSpec, ...], None] = Coalescer(self._disarm_batch)
@@ -122,6 +126,7 @@ class Succession:
         old = self._records.get(unit)
         if old is None or record.revision >= old.revision:
             self._records[unit] = record
+            self._version += 1
             if unit in self._owned:
                 self._wake.set()
                 self._refresh.set()
@@ -153,10 +158,9 @@ class Succession:
         if not self.enabled:
             return
         unit = vips[0].unit
-        owned = self._owned.setdefault(unit, _Owned(vips, until))
+        owned = self._own(unit, vips, until)
         owned.h_etcd = until
         await self._arms.submit(unit)  # one batch for every unit armed at the same moment (a keepalive)
-        self._wake.set()
 
     async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]]) -> None:
         """arm() for many units, in one token batch (vipd/refresh.py coalesces the controllers' arms)."""
@@ -165,17 +169,27 @@ class Succession:
         mine: list[tuple[str, _Owned]] = []
         for vips, until in items:
             unit = vips[0].unit
-            owned = self._owned.setdefault(unit, _Owned(vips, until))
+            owned = self._own(unit, vips, until)
             owned.h_etcd = until
             mine.append((unit, owned))
         async with self._lock:
             live = [(u, o) for u, o in mine if self._owned.get(u) is o]
             if live:
                 await self._arm(live)
-        self._wake.set()
+
+    def _own(self, unit: str, vips: Sequence[VipSpec], until: float) -> _Owned:
+        """The unit's token record; a unit newly owned wakes the successor planner (a re-arm of
+        a unit already owned changes nothing the planner reads)."""
+        owned = self._owned.get(unit)
+        if owned is None:
+            owned = self._owned[unit] = _Owned(vips, until)
+            self._version += 1
+            self._wake.set()
+        return owned
 
     async def disarm(self, vips: Sequence[VipSpec]) -> None:
         self._owned.pop(vips[0].unit, None)
+        self._version += 1
         if not self.enabled:
             return
         await self._disarms.submit(tuple(vips))  # one batch for every unit disarmed at the same moment
@@ -184,6 +198,7 @@ class Succession:
         """disarm() for many units, in one token batch (vipd/refresh.py)."""
         for vips in units:
             self._owned.pop(vips[0].unit, None)
+        self._version += 1
         if not self.enabled or not units:
             return
         await self._disarm_batch([tuple(vips) for vips in units])
@@ -327,12 +342,11 @@ class Succession:
     def _next_check(self, now: float) -> float:
         """When a named successor's grant falls within L/2 of running out (time to rename)."""
         times = []
-        for unit in self._owned:
-            for peer in self._depends(unit):
-                link = self._peers.link(peer)
-                granted = link.granted_until() if link is not None else None
-                if granted is not None:
-                    times.append(granted - self._lease / 2)
+        for peer in self._peers_used()[0]:
+            link = self._peers.link(peer)
+            granted = link.granted_until() if link is not None else None
+            if granted is not None:
+                times.append(granted - self._lease / 2)
         times += [t + HOLD_DOWN for t in self._suspected_at.values() if t + HOLD_DOWN > now]
         times += [t + REBALANCE_AFTER for t in self._eligible_since.values() if t + REBALANCE_AFTER > now]
         return min(times, default=now + 1.0)
@@ -353,6 +367,15 @@ class Succession:
                 with trio.move_on_after(max(0.0, self._next_check(now) - now)):
                     await self._wake.wait()
 
+    def _peers_used(self) -> tuple[set[str], set[str]]:
+        """The peers `_depends` names for the units we own, and for every unit of `_ours()`;
+        recomputed only when something it reads changed."""
+        if self._used[0] != self._version:
+            owned = {p for u in self._owned for p in self._depends(u)}
+            ours = owned | {p for u in self._ours() - set(self._owned) for p in self._depends(u)}
+            self._used = (self._version, owned, ours)
+        return self._used[1], self._used[2]
+
     def _ours(self) -> set[str]:
         """Units we own, and units whose record as we last saw it names us (we may arm them again:
         a stale view after a partition, "adopted own key"): a peer such a record names may have
@@ -361,7 +384,7 @@ class Succession:
 
     def _validate_unused(self) -> None:
         """A peer no record of ours depends on cannot take anything over from us: accept its generation."""
-        used = {p for u in self._ours() for p in self._depends(u)}
+        used = self._peers_used()[1]
         for peer in self._peers.peer_names():
             link = self._peers.link(peer)
             if peer not in used and link is not None and link.peer_gen is not None and (
@@ -375,6 +398,7 @@ class Succession:
             seen[peer] = link.peer_gen if link is not None else None
         for unit, _, want in plan:
             self._naming[unit] = (want, seen.get(want) if want else None)
+        self._version += 1
         try:
             # the tokens first bounded by the new successor's grant, then the record names it: a
             # takeover by it can only follow a commit, which follows this arm
@@ -393,10 +417,12 @@ class Succession:
         finally:
             for unit, _, _ in plan:
                 self._naming.pop(unit, None)
+            self._version += 1
         for unit, rec, want in plan:
             ok, now = results.get(unit, (False, rec))
             if unit in results:  # an answer: the record it returns is the truth, nothing is pending
                 self._uncertain.pop(unit, None)
+                self._version += 1
             self.observe(unit, now)
             if ok:
                 self.renames += 1
