@@ -205,7 +205,7 @@ class Daemon:
         return {name: {"state": c.state.state.value, "sub": c.state.sub.value, "epoch": c.state.epoch,
                        "why_not": c.state.why_not or None,
                        "owner": c.state.owner.node if c.state.owner else None,
-                       "lease_left": round(max(0.0, c.state.valid_until - now), 3) if c.state.lease else 0.0,
+                       "lease_left": round(max(0.0, c.valid_until - now), 3) if c.state.lease else 0.0,
                        "successor": self.succession.successor(name) if c.state.state is State.OWNER else None,
                        "unfit": self.fitness.reasons(name) or None, "dsr": self.dsr.status(c.vips),
                        "unavailable": self.fitness.unavailable(name) or None}

@@ -148,6 +148,8 @@ class HostRefresh:
             return
         due: list[tuple[Controller, float]] = []
         for c in self._controllers.values():
+            if c.defer_lease(ev):
+                continue
             actions = c.step_if_idle(ev, (ArmFence,))
             if actions:
                 due.append((c, min(a.until for a in actions if isinstance(a, ArmFence))))

@@ -88,6 +88,7 @@ class FakeKernel:
 
     held: dict[str, float] = field(default_factory=dict)
     fail_add: bool = False
+    claim_delay: float = 0.0  # a claim that waits in a batch of thousands
     history: list[tuple[float, str, str]] = field(default_factory=list)
 
     def holds(self, name: str) -> bool:
@@ -97,6 +98,7 @@ class FakeKernel:
     async def claim(self, v: VipSpec, lifetime: int) -> None:
         if self.fail_add:
             raise AddressError("no interface 'eth0' (fake)")
+        await trio.sleep(self.claim_delay)
         self.held[v.name] = trio.current_time() + lifetime
         self.history.append((trio.current_time(), "add", v.name))
 

@@ -187,3 +187,41 @@ async def test_shutdown_removes_then_gives_the_key_back(autojump_clock):
         dels = [t for t, op, _ in h.kernel.history if op == "del"]
         assert dels and max(dels) <= trio.current_time()
         n.cancel_scope.cancel()
+
+
+async def test_a_keepalive_that_arrives_during_a_long_claim_is_taken_before_the_deadline_fences(autojump_clock):
+    """A claim that waits longer than the lease's fence deadline (a batch of thousands): the
+    keepalives posted meanwhile extend the deadline before the unit steps the claim's outcome or
+    its timer, so it serves instead of fencing (and claiming again, in a loop)."""
+    etcd = FakeEtcd()
+    h = make_host(etcd, "h1", 1)
+    async with trio.open_nursery() as n:
+        await start(n, etcd, [h])
+        await trio.sleep(0.1)  # the first claim went through quickly
+        await wait_state(h, State.OWNER)
+        h.controller.post(ReleaseRequested("test"))
+        await wait_state(h, State.BACKUP)
+        h.kernel.claim_delay = 3.5  # longer than the 2.5 s from a keepalive to its fence deadline
+        await wait_state(h, State.OWNER, limit=30)
+        await trio.sleep(3)
+        assert h.controller.state.state is State.OWNER and h.kernel.holds("api")
+        assert (State.OWNER, State.FENCED) not in h.metrics.transitions
+        n.cancel_scope.cancel()
+
+
+async def test_a_unit_not_holding_keeps_a_keepalive_of_its_lease_until_its_next_event(autojump_clock):
+    etcd = FakeEtcd()
+    h = make_host(etcd, "h1", 1)
+    c = h.controller
+    async with trio.open_nursery() as n:
+        await n.start(c.run)
+        c.post(LeaseValid(1, 10.0))
+        await trio.sleep(0.1)
+        assert c.state.state is State.BACKUP and c.state.valid_until == 10.0
+        assert c.defer_lease(LeaseValid(1, 20.0))  # same lease, nothing held: kept, not stepped
+        assert c.state.valid_until == 10.0 and c.valid_until == 20.0
+        assert not c.defer_lease(LeaseValid(2, 30.0))  # a new lease is stepped at once
+        c.post(HealthChanged(True))  # the next event takes the kept lease first
+        await trio.sleep(0.1)
+        assert c.state.valid_until == 20.0
+        n.cancel_scope.cancel()

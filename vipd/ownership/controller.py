@@ -22,7 +22,7 @@ from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Ann
                         ReleaseFailed, RemoveAddress, RemoveFailed, RenewLease, RequestPreempt, ReturnPreemptToken,
                         Start, State, StopAnnouncing, TakeOver, Tick, Unit, VipSpec)
 from vipd.ownership import fsm
-from vipd.ownership.state import Params, Sub, VipState, wakeup
+from vipd.ownership.state import HOLDING, Params, Sub, VipState, wakeup
 from vipd.takeover import takeover
 
 
@@ -115,11 +115,30 @@ class Controller:
         self._busy = False  # inside handle(): kernel actions of a step in progress
         self._wait: trio.CancelScope | None = None  # the receive's timer, while the task waits
         self._lease_latest: LeaseValid | None = None  # a queued LeaseValid is superseded by this one
+        self._lease_lazy: LeaseValid | None = None  # not holding: taken before the next event (defer_lease)
+        self._queued = 0  # events in the channel
         self.stopped = trio.Event()
 
     def post(self, ev: Event) -> None:
-        """Queue an event; never blocks."""
+        """Queue an event; never blocks. A LeaseValid still queued is replaced by a newer one
+        instead (keepalives are monotonic: a busy unit takes the newest, not a backlog)."""
+        if isinstance(ev, LeaseValid):
+            self._lease_lazy = None
+            queued, self._lease_latest = self._lease_latest, ev
+            if queued is not None:
+                return
+        self._queued += 1
         self._send.send_nowait(ev)
+
+    def defer_lease(self, ev: LeaseValid) -> bool:
+        """A keepalive for a unit that holds nothing and knows this lease already: nothing to arm
+        and no timer of its state depends on the lease's validity, so it is kept, not stepped, and
+        taken before the unit's next event (no wake-up: thousands of units, a keepalive every
+        TTL/10). False: step it now (holding, or a new lease)."""
+        if self.state.state in HOLDING or ev.lease != self.state.lease or not ev.lease:
+            return False
+        self._lease_lazy = ev
+        return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -127,25 +146,48 @@ class Controller:
             await self.handle(Start())
             task_status.started()
             while self.state.state is not State.STOPPED:
-                wake = wakeup(self.params, self.state, trio.current_time())
-                ev: Event = Tick()
-                with trio.move_on_at(wake if wake is not None else math.inf) as self._wait:
-                    ev = await self._recv.receive()
-                self._wait = None
-                if isinstance(ev, LeaseValid) and self._lease_latest is not None:
-                    ev, self._lease_latest = self._lease_latest, None  # the newest of those queued
-                await self.handle(ev)
+                ev = await self._next()
+                if ev is not None:
+                    await self.handle(ev)
             self._announcing.cancel()
             nursery.cancel_scope.cancel()
         self.stopped.set()
 
+    async def _next(self) -> Event | None:
+        """The next event, or Tick at the state's timer. A queued LeaseValid goes ahead of a timer
+        that has passed: a unit busy with a long step (a claim in a batch of thousands) takes the
+        keepalive that extends its deadline before the deadline's Tick fences it. None: a
+        LeaseValid marker whose lease was taken that way already."""
+        now = trio.current_time()
+        wake = wakeup(self.params, self.state, now)
+        if wake is not None and wake <= now and self._lease_latest is not None:
+            taken, self._lease_latest = self._lease_latest, None
+            return taken
+        ev: Event = Tick()
+        with trio.move_on_at(wake if wake is not None else math.inf) as self._wait:
+            ev = await self._recv.receive()
+            self._queued -= 1
+        self._wait = None
+        if isinstance(ev, LeaseValid):
+            latest, self._lease_latest = self._lease_latest, None  # the newest of those queued
+            return latest
+        return ev
+
     async def handle(self, first: Event) -> None:
         """Step the core with one event and with every outcome its kernel actions report."""
         queue = [first]
+        lazy, self._lease_lazy = self._lease_lazy, None
+        if lazy is not None and not isinstance(first, LeaseValid):
+            queue.insert(0, lazy)  # the lease as of the last keepalive, before anything else
         self._busy = True
         try:
             while queue:
                 ev = queue.pop(0)
+                if self._lease_latest is not None and not isinstance(ev, LeaseValid):
+                    # a keepalive arrived during the last action (a probe, a claim batch): the
+                    # outcome is stepped with the lease as it is now (its marker is skipped later)
+                    queue.insert(0, ev)
+                    ev, self._lease_latest = self._lease_latest, None
                 old = self.state
                 self.state, actions = fsm.step(self.params, old, ev, trio.current_time())
                 if self.state.state is State.BACKUP and self.state.sub is not Sub.TAKING_OVER:
@@ -164,29 +206,26 @@ class Controller:
         and only when the step keeps the state and asks for actions of the types `only`, which
         the caller then carries out. Otherwise `ev` is posted as usual and None returned."""
         wait = self._wait
-        if wait is None or self._busy or self._recv.statistics().current_buffer_used:
-            self._post_latest(ev)
+        if wait is None or self._busy or self._queued:
+            self.post(ev)
             return None
         now = trio.current_time()
         new, actions = fsm.step(self.params, self.state, ev, now)
         if new.state is not self.state.state or any(not isinstance(a, only) for a in actions):
-            self._post_latest(ev)  # the step is pure: the task takes it again, with its actions
+            self.post(ev)  # the step is pure: the task takes it again, with its actions
             return None
         old, self.state = self.state, new
+        self._lease_lazy = None  # (older than ev)
         self._log_step(old, ev, actions)
         wake = wakeup(self.params, new, now)
         wait.deadline = wake if wake is not None else math.inf
         return actions
 
-    def _post_latest(self, ev: Event) -> None:
-        """Post; a LeaseValid still queued is replaced by this newer one instead (keepalives are
-        monotonic: a busy unit takes the newest, not a backlog of stale ones)."""
-        if not isinstance(ev, LeaseValid):
-            self.post(ev)
-            return
-        queued, self._lease_latest = self._lease_latest, ev
-        if queued is None:
-            self.post(ev)
+    @property
+    def valid_until(self) -> float:
+        """The unit's lease validity, counting a keepalive kept for it (defer_lease)."""
+        lazy = self._lease_lazy
+        return lazy.valid_until if lazy is not None and lazy.lease == self.state.lease else self.state.valid_until
 
     @property
     def addresses(self) -> str:
@@ -197,7 +236,7 @@ class Controller:
         if isinstance(ev, Reconcile) and ev.missing and old.state is State.OWNER and new.state is State.OWNER:
             if any(isinstance(a, ClaimAddress) for a in actions):
                 log.warning("address_missing", vip=self.name, address=self.addresses, action="re-adding")
-            elif not actions:
+            elif not actions and not fsm.stale(old, ev):  # (a snapshot from before our last claim says nothing)
                 log.info("address_expired", vip=self.name, address=self.addresses, reason="lease not renewed")
         if new.why_not != old.why_not and new.why_not and new.owner is not None and new.owner.node is None:
             log.info("not_campaigning", vip=self.name, reason=new.why_not)

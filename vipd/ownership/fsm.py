@@ -182,7 +182,7 @@ def _backup_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Result:
 
 def _present_stray(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, Reconcile)
-    if ev.present and not _stale(s, ev) and s.sub is not Sub.REMOVING:
+    if ev.present and not stale(s, ev) and s.sub is not Sub.REMOVING:
         return replace(s, changed_at=now), [RemoveAddress()]
     return s, []
 
@@ -277,7 +277,7 @@ def _owner_reannounce(p: Params, s: VipState, ev: Event, now: float) -> Result:
 
 def _owner_reconcile(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, Reconcile)
-    if not ev.missing or _stale(s, ev):
+    if not ev.missing or stale(s, ev):
         return s, []
     if lifetime(p, s, now) < 1:
         return s, []  # the last lifetime ran out just before the fence deadline: expected when etcd is silent
@@ -350,7 +350,7 @@ def _fenced_shutdown(p: Params, s: VipState, ev: Event, now: float) -> Result:
     return _to(s, S.STOPPED, Sub.NONE, "shutdown"), [RemoveAddress()]
 
 
-def _stale(s: VipState, ev: Reconcile) -> bool:
+def stale(s: VipState, ev: Reconcile) -> bool:
     """A kernel snapshot taken before our own last address change says nothing about it."""
     return bool(ev.taken_at) and ev.taken_at < s.changed_at
 

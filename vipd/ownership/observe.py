@@ -8,16 +8,14 @@ from dataclasses import replace
 
 from vipd.model import (Event, HealthChanged, LeaseValid, OwnerObserved, Placement, PeerRecovered,
                         PeerSuspected, State)
-from vipd.ownership.state import HOLDING, Params, Preempt, VipState
+from vipd.ownership.state import HOLDING, Params, Preempt, VipState, renewed
 
 S = State
 
 
 def observe(p: Params, s: VipState, ev: Event, now: float) -> VipState:
-    if isinstance(ev, LeaseValid) and ev.lease == s.lease:
-        return replace(s, valid_until=ev.valid_until)
-    if isinstance(ev, LeaseValid) and s.state not in HOLDING:
-        return replace(s, lease=ev.lease, valid_until=ev.valid_until)
+    if isinstance(ev, LeaseValid) and (ev.lease == s.lease or s.state not in HOLDING):
+        return renewed(s, ev.lease, ev.valid_until)
     if isinstance(ev, HealthChanged):
         return replace(s, healthy=ev.healthy)
     if isinstance(ev, PeerSuspected):  # (a suspect is no preferred host to hand over to)
