@@ -9,8 +9,6 @@ import time
 from dataclasses import asdict
 from typing import Callable
 
-import pytest
-
 from vipd.config import TimingConfig
 from vipd.lab.cluster import Cluster
 from vipd.lab.scale import log_events, scale_vips, tagged_addresses, trouble, vip_ips
@@ -20,10 +18,6 @@ N = 1000
 STILL = 60.0  # seconds the settled host must sit still
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 13, controller side: one task, one lease broadcast and one reconcile event per VIP saturate the "
-    "event loop at 2,000 VIPs; keepalives go out late and every VIP fences in a loop (bench/scale.py). "
-    "The dataplane and etcd ports batch already; remove this mark with the rebuilt core."))
 def test_thousand_vips_settle_sit_still_and_leave_nothing(lab: Lab, make_cluster: Callable[..., Cluster]) -> None:
     vips = scale_vips(N, N)
     wanted = vip_ips(vips)
