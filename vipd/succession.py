@@ -103,6 +103,7 @@ class Succession:
         # the tokens depend on are recomputed only then, not on every check (thousands of units)
         self._version = 0
         self._used: tuple[int, set[str], set[str]] = (-1, set(), set())
+        self._heard: set[str] = set()  # peers acked since their last suspicion (the planner woke for them)
         self._lock = trio.Lock()  # token arms and disarms never interleave
         self._arms: Coalescer[str, None] = Coalescer(self._arm_batch)
         self._disarms: Coalescer[tuple[VipSpec, ...], None] = Coalescer(self._disarm_batch)
@@ -135,7 +136,11 @@ class Succession:
         """From the heartbeat transport (its task; never blocks)."""
         if isinstance(ev, Acked):
             self._refresh.set()
+            if ev.peer not in self._heard:  # a peer heard again may be nameable: plan now, once
+                self._heard.add(ev.peer)
+                self._wake.set()
         elif isinstance(ev, Suspected):
+            self._heard.discard(ev.peer)
             link = self._peers.link(ev.peer)
             if link is None or link.last_rx is not None:  # a peer never heard did not flap: no hold-down
                 self._suspected_at[ev.peer] = self._clock()
