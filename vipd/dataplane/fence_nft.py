@@ -237,7 +237,9 @@ class NftFence:
         deadlines = _to_perf([(self._managed[n][0], u) for n, u in self._until.items() if n in self._managed])
 
         def job(s: _Sockets) -> bool:
-            if is_whole(s.nft, vip_devs, self._l2only):
+            first = s.seq
+            s.seq = (s.seq + 64) & 0x7FFFFFFF or 1  # the element counts' four dumps (and their retries)
+            if is_whole(s.nft, vip_devs, self._l2only, raw=(s.raw, first)):
                 return False
             self._rebuild(s, vip_devs, deadlines)
             return True
