@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -108,7 +109,7 @@ class Config:
     def control_socket(self) -> str:
         return os.path.join(self.state_dir, "control.sock")
 
-    @property
+    @functools.cached_property  # (frozen: computed once per Config; thousands of VIPs)
     def units(self) -> tuple[Unit, ...]:
         order: dict[str, list[VipSpec]] = {}
         for v in self.vips:

@@ -161,7 +161,7 @@ class HostRefresh:
         try:
             self.batches += 1
             for fence in self._fences:  # kernel tokens first, as Controller._arm does
-                items = [(c.vips, until) for c, until in due if fence.covers(c.vips)]
+                items = [(c.vips, until) for c, until in due if fence in c.fences]  # those Controller._arm arms
                 if not items:
                     continue
                 try:

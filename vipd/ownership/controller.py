@@ -100,6 +100,7 @@ class Controller:
         self._metrics = metrics
         self._lifetime = lifetime
         self._fences = [f for f in fences if f.covers(unit.vips)]
+        self.fences = tuple(self._fences)  # (vipd/refresh.py arms the same ones, without asking again)
         self._conflicts = conflicts
         self._hooks = hooks
         self._gate = preempt_gate
