@@ -166,6 +166,7 @@ class Succession:
         owned = self._own(unit, vips, until)
         owned.h_etcd = until
         await self._arms.submit(unit)  # one batch for every unit armed at the same moment (a keepalive)
+        self._wake.set()
 
     async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]]) -> None:
         """arm() for many units, in one token batch (vipd/refresh.py coalesces the controllers' arms)."""
@@ -181,15 +182,16 @@ class Succession:
             live = [(u, o) for u, o in mine if self._owned.get(u) is o]
             if live:
                 await self._arm(live)
+        self._wake.set()
 
     def _own(self, unit: str, vips: Sequence[VipSpec], until: float) -> _Owned:
-        """The unit's token record; a unit newly owned wakes the successor planner (a re-arm of
-        a unit already owned changes nothing the planner reads)."""
+        """The unit's token record (a new one changes what the tokens depend on). Every arm wakes
+        the planner afterwards: a keepalive is also its periodic look at generations to validate
+        (a chaos replay, seed 3975951903, left tokens closed for good without it)."""
         owned = self._owned.get(unit)
         if owned is None:
             owned = self._owned[unit] = _Owned(vips, until)
             self._version += 1
-            self._wake.set()
         return owned
 
     async def disarm(self, vips: Sequence[VipSpec]) -> None:

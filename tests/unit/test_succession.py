@@ -397,7 +397,7 @@ def test_a_failed_token_arm_sends_no_rename():
 
 def test_the_peers_the_tokens_depend_on_follow_renames_disarms_and_new_units():
     """Cached per change (thousands of units): a rename, a disarm and a newly owned unit are
-    seen at once; a keepalive's re-arm of a unit already owned does not wake the planner."""
+    seen at once; every arm wakes the planner."""
     async def main() -> None:
         now = trio.current_time()
         s, fence, keys, peers, _ = make(now)
@@ -406,11 +406,11 @@ def test_the_peers_the_tokens_depend_on_follow_renames_disarms_and_new_units():
         await s._rename(s._plan(trio.current_time()))
         assert s._peers_used() == ({"h2"}, {"h2"})
         s._wake = trio.Event()
-        await s.arm([VIP], trio.current_time() + 60.0)  # a re-arm: nothing new for the planner
-        assert not s._wake.is_set()
+        await s.arm([VIP], trio.current_time() + 60.0)  # a re-arm: the planner looks again
+        assert s._wake.is_set() and s._peers_used() == ({"h2"}, {"h2"})
         await s.disarm([VIP])
         assert s._peers_used() == (set(), {"h2"})  # not owned; its record still names us and h2
-        await s.arm([VIP], trio.current_time() + 60.0)  # owned again: the planner wakes
-        assert s._wake.is_set() and s._peers_used() == ({"h2"}, {"h2"})
+        await s.arm([VIP], trio.current_time() + 60.0)  # owned again
+        assert s._peers_used() == ({"h2"}, {"h2"})
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
