@@ -1,9 +1,18 @@
-"""Prometheus metrics behind verb-named helpers, and a tiny trio HTTP endpoint that serves them."""
+"""Prometheus metrics behind verb-named helpers, and a tiny trio HTTP endpoint that serves them.
+
+The per-VIP series (state, owner, epoch, health, address presence, transitions, announcements,
+conflicts, dataplane errors, takeovers) are plain dicts turned into metric families at scrape time
+(`_VipCollector`): a prometheus_client child per VIP and label set costs ~1-2 KB and a lock, and
+with thousands of VIPs those children were tens of MiB of the daemon's RSS.
+"""
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from vipd import log
@@ -12,22 +21,65 @@ from vipd.streams import read_until
 from vipd.model import State
 
 
+class _VipCollector:
+    """The per-VIP series, from dicts (a prometheus_client Collector)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, State] = {}
+        self.epoch: dict[str, int] = {}
+        self.healthy: dict[str, bool] = {}
+        self.present: dict[str, bool] = {}
+        self.transitions: dict[tuple[str, str, str], int] = {}
+        self.announcements: dict[str, int] = {}
+        self.conflicts: dict[str, int] = {}
+        self.errors: dict[tuple[str, str], int] = {}
+        self.takeovers: dict[tuple[str, str], int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        owner = GaugeMetricFamily("vipd_vip_owner", "1 while this host owns the VIP", labels=["vip"])
+        state = GaugeMetricFamily("vipd_vip_state", "1 for the VIP's current ownership state", labels=["vip", "state"])
+        for vip, st in self.state.items():
+            owner.add_metric([vip], 1 if st is State.OWNER else 0)
+            for s in State:
+                state.add_metric([vip, s.value], 1 if s is st else 0)
+        yield owner
+        yield state
+        yield _gauge("vipd_vip_epoch", "Ownership epoch (owner key create_revision) while owner", ["vip"],
+                     {(v,): e for v, e in self.epoch.items()})
+        yield _counter("vipd_ownership_transitions", "Ownership state changes", ["vip", "from_state", "to_state"],
+                       self.transitions)
+        yield _counter("vipd_announcements", "Gratuitous ARP / unsolicited NA frames sent", ["vip"],
+                       {(v,): n for v, n in self.announcements.items()})
+        yield _counter("vipd_address_conflicts", "Claims refused: another machine answers for the VIP", ["vip"],
+                       {(v,): n for v, n in self.conflicts.items()})
+        yield _gauge("vipd_healthy", "1 while this host may serve the VIP (host and VIP checks pass)", ["vip"],
+                     {(v,): int(h) for v, h in self.healthy.items()})
+        yield _counter("vipd_dataplane_errors", "Failed kernel operations", ["vip", "op"], self.errors)
+        yield _gauge("vipd_vip_address_present", "1 while the VIP's address is in the kernel (compare with "
+                     "vipd_vip_owner)", ["vip"], {(v,): int(p) for v, p in self.present.items()})
+        yield _counter("vipd_takeovers", "VIPs this host took over, by what freed them (released: a planned "
+                       "hand-over; expired: the previous owner's lease ran out)", ["vip", "cause"], self.takeovers)
+
+
+def _gauge(name: str, doc: str, labels: list[str], values: dict) -> GaugeMetricFamily:  # type: ignore[type-arg]
+    m = GaugeMetricFamily(name, doc, labels=labels)
+    for key, value in values.items():
+        m.add_metric(list(key), value)
+    return m
+
+
+def _counter(name: str, doc: str, labels: list[str], values: dict) -> CounterMetricFamily:  # type: ignore[type-arg]
+    m = CounterMetricFamily(name, doc, labels=labels)
+    for key, value in values.items():
+        m.add_metric(list(key), value)
+    return m
+
+
 class Metrics:
     def __init__(self, node: str) -> None:
         self.registry = r = CollectorRegistry()
-        self._owner = Gauge("vipd_vip_owner", "1 while this host owns the VIP", ["vip"], registry=r)
-        self._state = Gauge("vipd_vip_state", "1 for the VIP's current ownership state", ["vip", "state"], registry=r)
-        self._epoch = Gauge("vipd_vip_epoch", "Ownership epoch (owner key create_revision) while owner",
-                            ["vip"], registry=r)
-        self._transitions = Counter("vipd_ownership_transitions", "Ownership state changes",
-                                    ["vip", "from_state", "to_state"], registry=r)
-        self._announcements = Counter("vipd_announcements", "Gratuitous ARP / unsolicited NA frames sent",
-                                      ["vip"], registry=r)
-        self._conflicts = Counter("vipd_address_conflicts", "Claims refused: another machine answers for the VIP",
-                                  ["vip"], registry=r)
-        self._healthy = Gauge("vipd_healthy", "1 while this host may serve the VIP (host and VIP checks pass)",
-                              ["vip"], registry=r)
-        self._errors = Counter("vipd_dataplane_errors", "Failed kernel operations", ["vip", "op"], registry=r)
+        self._vips = _VipCollector()
+        r.register(self._vips)  # type: ignore[arg-type]
         self._keepalive = Histogram("vipd_lease_keepalive_seconds", "Lease keepalive round trip",
                                     buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2), registry=r)
         self._etcd_up = Gauge("vipd_etcd_reachable", "1 when the last etcd request succeeded", registry=r)
@@ -38,51 +90,34 @@ class Metrics:
                                     if self._valid_until else 0.0)
         self._l2_blocked = Gauge("vipd_l2_blocked", "1 while L2 VIPs on the interface are refused (proxy-ARP segment)",
                                  ["interface"], registry=r)
-        self._address_present = Gauge("vipd_vip_address_present",
-                                      "1 while the VIP's address is in the kernel (compare with vipd_vip_owner)",
-                                      ["vip"], registry=r)
-        self._takeovers = Counter("vipd_takeovers", "VIPs this host took over, by what freed them "
-                                  "(released: a planned hand-over; expired: the previous owner's lease ran out)",
-                                  ["vip", "cause"], registry=r)
         self._takeover_seconds = Histogram("vipd_takeover_seconds", "From the owner key's deletion seen to the "
                                            "address added here", ["cause"],
                                            buckets=(.005, .01, .02, .05, .1, .2, .5, 1, 2, 5), registry=r)
         Gauge("vipd_info", "This daemon", ["node"], registry=r).labels(node).set(1)
-        self._moved: dict[tuple[str, State, State], Counter] = {}
-        self._states: dict[str, tuple[dict[State, Gauge], Gauge]] = {}
 
     def record_transition(self, vip: str, old: State, new: State) -> None:
-        # the labelled children are cached: labels() costs ~6 us a call, and 2,000 VIPs start at once
-        key = (vip, old, new)
-        moved = self._moved.get(key)
-        if moved is None:
-            moved = self._moved[key] = self._transitions.labels(vip, old.value, new.value)
-        moved.inc()
-        states = self._states.get(vip)
-        if states is None:
-            states = self._states[vip] = ({st: self._state.labels(vip, st.value) for st in State},
-                                          self._owner.labels(vip))
-            for st, gauge in states[0].items():
-                gauge.set(1 if st is new else 0)
-        else:
-            states[0][old].set(0)  # every other state's gauge is 0 already
-            states[0][new].set(1)
-        states[1].set(1 if new is State.OWNER else 0)
+        v = self._vips
+        key = (vip, old.value, new.value)
+        v.transitions[key] = v.transitions.get(key, 0) + 1
+        v.state[vip] = new
 
     def set_epoch(self, vip: str, epoch: int) -> None:
-        self._epoch.labels(vip).set(epoch)
+        self._vips.epoch[vip] = epoch
 
     def count_announcements(self, vip: str, frames: int) -> None:
-        self._announcements.labels(vip).inc(frames)
+        a = self._vips.announcements
+        a[vip] = a.get(vip, 0) + frames
 
     def count_conflict(self, vip: str) -> None:
-        self._conflicts.labels(vip).inc()
+        c = self._vips.conflicts
+        c[vip] = c.get(vip, 0) + 1
 
     def set_healthy(self, vip: str, healthy: bool) -> None:
-        self._healthy.labels(vip).set(1 if healthy else 0)
+        self._vips.healthy[vip] = healthy
 
     def count_dataplane_error(self, vip: str, op: str) -> None:
-        self._errors.labels(vip, op).inc()
+        e = self._vips.errors
+        e[(vip, op)] = e.get((vip, op), 0) + 1
 
     def observe_keepalive(self, seconds: float) -> None:
         self._keepalive.observe(seconds)
@@ -101,12 +136,13 @@ class Metrics:
     def set_address_present(self, vip: str, present: bool) -> None:
         """From the reconcile tick: are the unit's (tagged) addresses all in the kernel right now? (`vip`
         is the unit's name, as for vipd_vip_owner, so the two join in the VipdVipAddressMissing alert.)"""
-        self._address_present.labels(vip).set(1 if present else 0)
+        self._vips.present[vip] = present
 
     def record_takeover(self, vip: str, cause: str, seconds: float | None = None) -> None:
         """A claim of a VIP another host held: cause "released" or "expired"; seconds from the owner
         key's deletion (as this host saw it) to the address added, when known."""
-        self._takeovers.labels(vip, cause).inc()
+        t = self._vips.takeovers
+        t[(vip, cause)] = t.get((vip, cause), 0) + 1
         if seconds is not None:
             self._takeover_seconds.labels(cause).observe(seconds)
 
