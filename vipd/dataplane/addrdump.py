@@ -91,6 +91,18 @@ def link_index(sock: socket.socket, seq: int, name: str) -> Optional[int]:
     attr = _RTA.pack(4 + len(raw), IFLA_IFNAME) + raw + b"\0" * (-len(raw) & 3)
     body = _IFI.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr
     sock.send(_HDR.pack(_HDR.size + len(body), RTM_GETLINK, NLM_F_REQUEST, seq, 0) + body)
+    kind, data, off = _reply(sock, seq, (RTM_NEWLINK, NLMSG_ERROR))
+    if kind == RTM_NEWLINK:
+        return int(_IFI.unpack_from(data, off + _HDR.size)[2])
+    code = _errno(data, off)
+    if code in (_ENODEV, 0):
+        return None
+    raise OSError(code, os.strerror(code))
+
+
+def _reply(sock: socket.socket, seq: int, kinds: tuple[int, ...]) -> tuple[int, bytes, int]:
+    """Read until the message answering request `seq` with one of `kinds`: (kind, data, its offset
+    in data). Messages of other requests are skipped; OSError (EPROTO) on a malformed one."""
     while True:
         data = sock.recv(1 << 16)
         off = 0
@@ -98,14 +110,14 @@ def link_index(sock: socket.socket, seq: int, name: str) -> Optional[int]:
             length, kind, _flags, mseq, _pid = _HDR.unpack_from(data, off)
             if length < _HDR.size:
                 raise OSError(errno.EPROTO, "malformed netlink message")
-            if mseq == seq and kind == RTM_NEWLINK:
-                return int(_IFI.unpack_from(data, off + _HDR.size)[2])
-            if mseq == seq and kind == NLMSG_ERROR:
-                code = -struct.unpack_from("=i", data, off + _HDR.size)[0]
-                if code in (_ENODEV, 0):
-                    return None
-                raise OSError(code, os.strerror(code))
+            if mseq == seq and kind in kinds:
+                return kind, data, off
             off += _align(length)
+
+
+def _errno(data: bytes, off: int) -> int:
+    """The positive errno of the NLMSG_ERROR message at `off` (0: an ACK)."""
+    return int(-struct.unpack_from("=i", data, off + _HDR.size)[0])
 
 
 _interfaces: dict[tuple[bytes, int], IPInterface] = {}
@@ -157,19 +169,10 @@ def delete(sock: socket.socket, seq: int, entry: RawAddress) -> None:
                      for kind in ((IFA_LOCAL, IFA_ADDRESS) if ip.version == 4 else (IFA_ADDRESS,)))
     body = _IFA.pack(family, entry.address.network.prefixlen, 0, 0, entry.index) + attrs
     sock.send(_HDR.pack(_HDR.size + len(body), RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body)
-    while True:
-        data = sock.recv(1 << 16)
-        off = 0
-        while off + _HDR.size <= len(data):
-            length, kind, _flags, mseq, _pid = _HDR.unpack_from(data, off)
-            if length < _HDR.size:
-                raise OSError(errno.EPROTO, "malformed netlink message")
-            if mseq == seq and kind == NLMSG_ERROR:
-                code = -struct.unpack_from("=i", data, off + _HDR.size)[0]
-                if code and code != _EADDRNOTAVAIL:
-                    raise OSError(code, os.strerror(code))
-                return
-            off += _align(length)
+    _, data, off = _reply(sock, seq, (NLMSG_ERROR,))
+    code = _errno(data, off)
+    if code and code != _EADDRNOTAVAIL:
+        raise OSError(code, os.strerror(code))
 
 
 NLM_F_REPLACE, NLM_F_CREATE = 0x100, 0x400
@@ -230,6 +233,6 @@ def replace_many(sock: socket.socket, seq: int, items: list[tuple[int, IPInterfa
                     raise OSError(errno.EPROTO, "malformed netlink message")
                 if kind == NLMSG_ERROR and mseq in pending:
                     pending.discard(mseq)
-                    errors[mseq - seq] = -struct.unpack_from("=i", data, off + _HDR.size)[0]
+                    errors[mseq - seq] = _errno(data, off)
                 off += _align(length)
     return errors
