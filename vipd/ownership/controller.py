@@ -115,8 +115,10 @@ class Controller:
         self._nursery: trio.Nursery | None = None
         self._busy = False  # inside handle(): kernel actions of a step in progress
         self._wait: trio.CancelScope | None = None  # the receive's timer, while the task waits
-        self._lease_latest: LeaseValid | None = None  # a queued LeaseValid is superseded by this one
-        self._lease_lazy: LeaseValid | None = None  # not holding: taken before the next event (defer_lease)
+        # the newest keepalive not stepped yet: taken before the unit's next event (a marker in the
+        # channel wakes the task for it, unless defer_lease kept it without one)
+        self._kept: LeaseValid | None = None
+        self._lease_marked = False  # a LeaseValid marker is in the channel
         self._queued = 0  # events in the channel
         self.stopped = trio.Event()
 
@@ -124,10 +126,10 @@ class Controller:
         """Queue an event; never blocks. A LeaseValid still queued is replaced by a newer one
         instead (keepalives are monotonic: a busy unit takes the newest, not a backlog)."""
         if isinstance(ev, LeaseValid):
-            self._lease_lazy = None
-            queued, self._lease_latest = self._lease_latest, ev
-            if queued is not None:
+            self._kept = ev
+            if self._lease_marked:
                 return
+            self._lease_marked = True
         self._queued += 1
         self._send.send_nowait(ev)
 
@@ -138,7 +140,7 @@ class Controller:
         TTL/10). False: step it now (holding, or a new lease)."""
         if self.state.state in HOLDING or ev.lease != self.state.lease or not ev.lease:
             return False
-        self._lease_lazy = ev
+        self._kept = ev
         return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -161,34 +163,32 @@ class Controller:
         LeaseValid marker whose lease was taken that way already."""
         now = trio.current_time()
         wake = wakeup(self.params, self.state, now)
-        if wake is not None and wake <= now and self._lease_latest is not None:
-            taken, self._lease_latest = self._lease_latest, None
+        if wake is not None and wake <= now and self._kept is not None:
+            taken, self._kept = self._kept, None
             return taken
         ev: Event = Tick()
         with trio.move_on_at(wake if wake is not None else math.inf) as self._wait:
             ev = await self._recv.receive()
             self._queued -= 1
         self._wait = None
-        if isinstance(ev, LeaseValid):
-            latest, self._lease_latest = self._lease_latest, None  # the newest of those queued
+        if isinstance(ev, LeaseValid):  # the marker: the newest keepalive, unless taken already
+            self._lease_marked = False
+            latest, self._kept = self._kept, None
             return latest
         return ev
 
     async def handle(self, first: Event) -> None:
         """Step the core with one event and with every outcome its kernel actions report."""
         queue = [first]
-        lazy, self._lease_lazy = self._lease_lazy, None
-        if lazy is not None and not isinstance(first, LeaseValid):
-            queue.insert(0, lazy)  # the lease as of the last keepalive, before anything else
         self._busy = True
         try:
             while queue:
                 ev = queue.pop(0)
-                if self._lease_latest is not None and not isinstance(ev, LeaseValid):
-                    # a keepalive arrived during the last action (a probe, a claim batch): the
-                    # outcome is stepped with the lease as it is now (its marker is skipped later)
+                if self._kept is not None and not isinstance(ev, LeaseValid):
+                    # a keepalive not stepped yet (kept by defer_lease, or arrived during the last
+                    # action: a probe, a claim batch): first, so the event meets the lease as it is now
                     queue.insert(0, ev)
-                    ev, self._lease_latest = self._lease_latest, None
+                    ev, self._kept = self._kept, None
                 old = self.state
                 self.state, actions = fsm.step(self.params, old, ev, trio.current_time())
                 if self.state.state is State.BACKUP and self.state.sub is not Sub.TAKING_OVER:
@@ -216,7 +216,7 @@ class Controller:
             self.post(ev)  # the step is pure: the task takes it again, with its actions
             return None
         old, self.state = self.state, new
-        self._lease_lazy = None  # (older than ev)
+        self._kept = None  # (older than ev)
         self._log_step(old, ev, actions)
         wake = wakeup(self.params, new, now)
         wait.deadline = wake if wake is not None else math.inf
@@ -225,8 +225,8 @@ class Controller:
     @property
     def valid_until(self) -> float:
         """The unit's lease validity, counting a keepalive kept for it (defer_lease)."""
-        lazy = self._lease_lazy
-        return lazy.valid_until if lazy is not None and lazy.lease == self.state.lease else self.state.valid_until
+        kept = self._kept
+        return kept.valid_until if kept is not None and kept.lease == self.state.lease else self.state.valid_until
 
     @property
     def addresses(self) -> str:
