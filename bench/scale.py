@@ -79,6 +79,7 @@ def cpu_rss(pid: int) -> tuple[float, int]:
 
 def steady(lab: Lab, etcd: EtcdServer, pids: list[int], seconds: float) -> dict[str, Any]:
     cpu0 = [C.proc_cpu_seconds(p) for p in pids]
+    split0 = [C.proc_cpu_split(p) for p in pids]
     ops0, t0 = etcd_requests(lab, etcd), time.monotonic()
     rss_max = [0] * len(pids)
     while time.monotonic() - t0 < seconds:
@@ -87,6 +88,8 @@ def steady(lab: Lab, etcd: EtcdServer, pids: list[int], seconds: float) -> dict[
     elapsed = time.monotonic() - t0
     return {"seconds": round(elapsed, 1),
             "cpu_percent": [round(100 * (C.proc_cpu_seconds(p) - c) / elapsed, 2) for p, c in zip(pids, cpu0)],
+            "cpu_user_sys_percent": [[round(100 * (now - then) / elapsed, 1) for now, then in zip(C.proc_cpu_split(p), s0)]
+                                     for p, s0 in zip(pids, split0)],
             "rss_mib_max": [round(r / 1024, 1) for r in rss_max],
             "etcd_requests_per_s": round((etcd_requests(lab, etcd) - ops0) / elapsed, 2)}
 
@@ -281,6 +284,9 @@ def main() -> int:
                          med([h["claimed_s_after_lease"][pct] for h in hs])])
         rows += [[f"{n}+{n} VIPs: all NIC VIPs announced after lease (s)", med([h["announced_all_s_after_lease"] for h in hs])],
                  [f"{n}+{n} VIPs: steady CPU (% of a core)", med([h.get("steady", {}).get("cpu_percent", [None])[0] for h in hs])],
+                 [f"{n}+{n} VIPs: steady CPU user / kernel (% of a core)",
+                  "/".join(str(med([h.get("steady", {}).get("cpu_user_sys_percent", [[None, None]])[0][i] for h in hs]))
+                           for i in (0, 1))],
                  [f"{n}+{n} VIPs: steady RSS max (MiB)", med([h.get("steady", {}).get("rss_mib_max", [None])[0] for h in hs])],
                  [f"{n}+{n} VIPs: etcd requests/s steady", med([h.get("steady", {}).get("etcd_requests_per_s") for h in hs])],
                  [f"{n}+{n} VIPs: trouble lines while steady", sum(sum(h.get("trouble_while_steady", {}).values()) for h in hs)],
