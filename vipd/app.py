@@ -45,7 +45,7 @@ from vipd.succession import Succession
 from vipd.wiring_dsr import DsrWiring
 from vipd.wiring_l2 import L2Gate
 from vipd.hostview import UnitIndex, reconcile_posts
-from vipd.refresh import BatchedFence, HostLifetimeFence, HostRefresh, Inflight
+from vipd.refresh import BatchedFence, HostLifetimeFence, HostRefresh, Inflight, lazy_timing
 
 SHUTDOWN_GRACE = shutdown.SHUTDOWN_GRACE  # seconds the controllers get to remove addresses and give keys back
 
@@ -95,7 +95,9 @@ class Daemon:
                            for ifname in sorted({v.interface for v in cfg.vips
                                                  if v.conflict_check and not v.on_loopback})}
         self._unit_of_ip = {v.ip: v.unit for v in cfg.vips}
-        self.refresh = HostRefresh(self.controllers, self.lifetime, batched, self.addresses, self.metrics, inflight)
+        hold, catch_up_after = lazy_timing(cfg.etcd.lease_ttl / cfg.timing.keepalives_per_ttl)
+        self.refresh = HostRefresh(self.controllers, self.lifetime, batched, self.addresses, self.metrics, inflight,
+                                   hold=hold, catch_up_after=catch_up_after)
         self.index = UnitIndex(self.controllers)  # rebuilt by a reload that adds or removes units
         self._reconcile_now = trio.Event()  # a kernel event overflow: reconcile before the next tick
         self._running: list[Controller] = []  # started controllers (a stop during startup waits for these)

@@ -23,6 +23,7 @@ import trio
 from vipd.model import VipSpec
 
 LIFETIME_SLACK = 0.05  # seconds: the lifetime is computed from the deadline minus this, at the call
+KERNEL_EARLY = 0.05  # seconds: the kernel may remove an address this much before its lifetime (timer fuzz, jiffies)
 
 
 class Fence(Protocol):
@@ -47,6 +48,12 @@ class RefreshPort(Protocol):
 def whole_seconds_before(until: float, now: float) -> int:
     """The longest whole-second lifetime that, started now, ends before `until`."""
     return max(0, math.floor(until - now - LIFETIME_SLACK))
+
+
+def lifetime_ends_after(until: float) -> float:
+    """A lifetime of whole_seconds_before(until, t), given at any t, runs at least until this instant:
+    t + floor(until - t - LIFETIME_SLACK) > until - 1 - LIFETIME_SLACK, less the kernel's own earliness."""
+    return until - 1.0 - LIFETIME_SLACK - KERNEL_EARLY
 
 
 class LifetimeFence:

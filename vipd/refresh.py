@@ -15,22 +15,41 @@ out late. Here:
   exactly as if its own task had armed (Controller._arm).
 - Ordering: a unit's disarm (the first step of every address removal, Controller._remove) waits
   for the host batch in flight, so a refresh can never re-add or re-arm after a removal.
+- Lazy lifetimes (`hold` > 0): a keepalive refreshes an address only when the kernel could remove it
+  within `hold` seconds (its lifetime, from the deadline of its last refresh, ends no earlier than
+  `lifetime_ends_after`). Every IPv6 RTM_NEWADDR costs the kernel O(addresses + multicast groups of
+  the device) (6.1: ipv6_find_idev -> ipv6_mc_up, addrconf_verify_rtnl), so refreshing every address
+  on every keepalive is quadratic; at the shipped timing (a keepalive a second, 8 s lifetimes) an
+  address is refreshed about every 5th keepalive instead. If no keepalive arrives within
+  `catch_up_after` of the last one (etcd stalls: a leader election), that keepalive is taken again
+  and every address skipped is refreshed to its deadline at once, so a stall is ridden out as long
+  as before (within the whole-second rounding). Safety is unchanged: a lifetime is only ever
+  extended to end by the unit's fence deadline, and skipping one only ends it earlier.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Protocol, Sequence
+import math
+from typing import Iterable, Mapping, Optional, Protocol, Sequence
 
 import trio
 
 from vipd import log
 from vipd.coalesce import Coalescer, Outcome
 from vipd.errors import AddressError, DataplaneError
-from vipd.fence import Fence, LifetimeFence, RefreshPort, whole_seconds_before
+from vipd.fence import Fence, LifetimeFence, RefreshPort, lifetime_ends_after, whole_seconds_before
 from vipd.model import AddressFailed, ArmFence, Event, LeaseValid, VipSpec
 from vipd.ownership.controller import Controller
 
 CHUNK = 1000  # addresses per lifetime refresh job (struct-built: ~1 ms per 100)
+CATCH_UP_ROOM = 1.0  # seconds of lifetime a skipped address still has when a catch-up starts
+
+
+def lazy_timing(keepalive_interval: float) -> tuple[float, float]:
+    """(hold, catch_up_after) for keepalives every `keepalive_interval` seconds: a missing keepalive
+    is caught up half an interval after it was due, while skipped addresses have a second left."""
+    catch_up_after = 1.5 * keepalive_interval
+    return catch_up_after + CATCH_UP_ROOM, catch_up_after
 
 
 class Inflight:
@@ -124,40 +143,72 @@ class MetricsPort(Protocol):
 class HostRefresh:
     def __init__(self, controllers: Mapping[str, Controller], lifetime: LifetimeFence,
                  fences: Sequence[BatchedFence], addresses: RefreshManyPort, metrics: MetricsPort,
-                 inflight: Inflight) -> None:
+                 inflight: Inflight, *, hold: float = 0.0, catch_up_after: float = math.inf) -> None:
         self._controllers = controllers
         self._lifetime = lifetime
         self._fences = fences
         self._addresses = addresses
         self._metrics = metrics
         self._inflight = inflight
+        self._hold = hold  # 0: every keepalive refreshes every address
+        self._catch_up_after = catch_up_after
         self._nursery: trio.Nursery | None = None
+        self._last: LeaseValid | None = None  # the newest keepalive, while no other lease event followed
+        self._skipped: set[str] = set()  # units whose lifetime that keepalive did not refresh
+        self._catch_up_at = math.inf
+        self._moved = trio.Event()
         self.batches = 0
+        self.refreshed = 0  # addresses whose lifetime was refreshed
+        self.catch_ups = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            while True:
+                with trio.move_on_at(self._catch_up_at):
+                    await self._moved.wait()
+                    self._moved = trio.Event()
+                    continue
+                self._catch_up()
 
     def publish(self, ev: Event) -> None:
         """The lease's publish: a LeaseValid is taken here, any other event goes to every unit."""
         if not isinstance(ev, LeaseValid) or self._nursery is None:
+            self._last, self._skipped, self._catch_up_at = None, set(), math.inf  # (no catch-up past it)
             for c in self._controllers.values():
                 c.post(ev)
             return
+        self._last = ev
+        self._catch_up_at = trio.current_time() + self._catch_up_after if self._hold > 0 else math.inf
+        self._moved.set()
+        self._take(ev, self._controllers.values(), lazy=self._hold > 0)
+
+    def _catch_up(self) -> None:
+        """No keepalive came in time: take the last one again for the units it skipped, without
+        skipping (the same LeaseValid again is the same ArmFence for an owner)."""
+        ev, skipped = self._last, self._skipped
+        self._catch_up_at, self._skipped = math.inf, set()
+        if ev is None or not skipped or trio.current_time() >= ev.valid_until:
+            return
+        self.catch_ups += 1
+        log.info("lifetimes_caught_up", units=len(skipped), reason="keepalive overdue")
+        self._take(ev, [c for name, c in self._controllers.items() if name in skipped], lazy=False)
+
+    def _take(self, ev: LeaseValid, controllers: Iterable[Controller], *, lazy: bool) -> None:
         due: list[tuple[Controller, float]] = []
-        for c in self._controllers.values():
+        for c in controllers:
             if c.defer_lease(ev):
                 continue
             actions = c.step_if_idle(ev, (ArmFence,))
             if actions:
                 due.append((c, min(a.until for a in actions if isinstance(a, ArmFence))))
         if due:
+            assert self._nursery is not None
             self._inflight.begin()  # from now on, disarms wait for this batch
-            self._nursery.start_soon(self._arm, due)
+            self._nursery.start_soon(self._arm, due, lazy)
 
-    async def _arm(self, due: list[tuple[Controller, float]]) -> None:
+    async def _arm(self, due: list[tuple[Controller, float]], lazy: bool = False) -> None:
         try:
             self.batches += 1
             for fence in self._fences:  # kernel tokens first, as Controller._arm does
@@ -170,19 +221,26 @@ class HostRefresh:
                     for c, _ in due:
                         self._metrics.count_dataplane_error(c.name, "fence")
                     log.error("fence_arm_failed", units=len(items), fence=type(fence.inner).__name__, error=e)
-            await self._lifetimes(due)
+            await self._lifetimes(due, lazy)
         finally:
             self._inflight.end()
 
-    async def _lifetimes(self, due: list[tuple[Controller, float]]) -> None:
+    async def _lifetimes(self, due: list[tuple[Controller, float]], lazy: bool) -> None:
         items: list[tuple[VipSpec, int]] = []
         armed: list[tuple[Controller, float]] = []
         now = trio.current_time()
         for c, until in due:
+            if lazy:
+                last = self._lifetime.armed_until(c.vips)
+                if last is not None and lifetime_ends_after(last) - now >= self._hold:
+                    self._skipped.add(c.name)
+                    continue
+            self._skipped.discard(c.name)
             life = whole_seconds_before(until, now)
             if life >= 1:  # else the running lifetime ends earlier still: nothing to extend
                 items += [(v, life) for v in c.vips]
                 armed.append((c, until))
+        self.refreshed += len(items)
         failures: dict[str, AddressError] = {}
         for i in range(0, len(items), CHUNK):
             chunk = items[i:i + CHUNK]

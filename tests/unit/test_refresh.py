@@ -1,0 +1,152 @@
+"""HostRefresh (vipd/refresh.py) with real controllers and in-memory kernel and etcd fakes, on trio's
+MockClock: lazy lifetime refreshes at the shipped timing (TTL 10 s, a keepalive a second, fence
+margin 1.5 s), the catch-up when keepalives stop, and no catch-up past the lease."""
+
+from __future__ import annotations
+
+import collections
+from typing import Sequence
+
+import trio
+
+from tests.unit.controller_fakes import FakeAnnouncer, FakeEtcd, FakeKernel, FakeKeys, FakeLease, FakeMetrics, vip
+from vipd.errors import AddressError
+from vipd.fence import LifetimeFence
+from vipd.model import LeaseGone, LeaseValid, OwnerObserved, OwnerRecord, State, Unit, VipSpec
+from vipd.ownership.controller import Controller
+from vipd.ownership.state import Params
+from vipd.refresh import HostRefresh, Inflight, lazy_timing
+
+TTL, INTERVAL, MARGIN = 10.0, 1.0, 1.5
+N = 6
+
+
+class Refresher:
+    """The address port's refresh calls, counted per VIP, on the fake kernel."""
+
+    def __init__(self, kernel: FakeKernel) -> None:
+        self.kernel = kernel
+        self.count: collections.Counter[str] = collections.Counter()
+
+    async def refresh(self, v: VipSpec, lifetime: int) -> None:
+        self.count[v.name] += 1
+        await self.kernel.refresh(v, lifetime)
+
+    async def refresh_many(self, items: Sequence[tuple[VipSpec, int]]) -> dict[str, AddressError]:
+        for v, life in items:
+            await self.refresh(v, life)
+        return {}
+
+
+class Host:
+    def __init__(self, lazy: bool, catch_up: bool = True) -> None:
+        self.etcd, self.kernel, self.lease = FakeEtcd(), FakeKernel(), FakeLease(1, TTL)
+        self.refresher = Refresher(self.kernel)
+        self.lifetime = LifetimeFence(self.refresher)
+        self.metrics = FakeMetrics()
+        self.controllers = {}
+        for i in range(N):
+            v = vip(f"v{i}", f"10.0.0.{10 + i}/32")
+            c = Controller(Unit(v.unit, (v,)), Params("h1", fence_margin=MARGIN, release_holdoff=1.0), self.kernel,
+                           FakeAnnouncer(), FakeKeys(self.etcd, "h1"), self.metrics, self.lifetime,
+                           lease=self.lease)  # type: ignore[arg-type]
+            self.controllers[c.name] = c
+        hold, after = lazy_timing(INTERVAL) if lazy else (0.0, float("inf"))
+        self.refresh = HostRefresh(self.controllers, self.lifetime, [], self.refresher, self.metrics,  # type: ignore[arg-type]
+                                   Inflight(), hold=hold, catch_up_after=after if catch_up else float("inf"))
+        self.alive = True
+        self.last_keepalive = 0.0
+        self.expired: list[tuple[float, str]] = []  # an owner whose address was not in the kernel
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self.refresh.run)
+        for c in self.controllers.values():
+            await nursery.start(c.run)
+        nursery.start_soon(self._keepalives)
+        for c in self.controllers.values():
+            c.post(OwnerObserved(OwnerRecord(None, revision=self.etcd.revision)))
+        nursery.start_soon(self._watch)
+        with trio.fail_after(10):
+            while not all(c.state.state is State.OWNER for c in self.controllers.values()):
+                await trio.sleep(0.01)
+
+    async def _keepalives(self) -> None:
+        while True:
+            if self.alive:
+                self.last_keepalive = trio.current_time()
+                self.refresh.publish(LeaseValid(1, self.last_keepalive + TTL))
+            await trio.sleep(INTERVAL)
+
+    async def _watch(self) -> None:
+        while True:
+            for name, c in self.controllers.items():
+                if c.state.state is State.OWNER and not self.kernel.holds(name):
+                    self.expired.append((trio.current_time(), name))
+            await trio.sleep(0.01)
+
+
+async def test_a_keepalive_refreshes_a_lifetime_only_when_it_could_end_soon(autojump_clock):
+    """8 s lifetimes, a keepalive a second: each address is refreshed every ~5th keepalive and never
+    expires; the eager refresh (hold 0) touches every address on every keepalive."""
+    counts = {}
+    for lazy in (True, False):
+        h = Host(lazy)
+        async with trio.open_nursery() as n:
+            await h.start(n)
+            h.refresher.count.clear()
+            await trio.sleep(30)
+            assert h.expired == []
+            assert all(c.state.state is State.OWNER for c in h.controllers.values())
+            counts[lazy] = h.refresher.count
+            n.cancel_scope.cancel()
+    assert all(4 <= counts[True][f"v{i}"] <= 8 for i in range(N)), counts[True]
+    assert all(counts[False][f"v{i}"] >= 29 for i in range(N)), counts[False]
+
+
+async def test_keepalives_that_stop_are_caught_up_so_addresses_live_until_the_fence_deadline(autojump_clock):
+    """etcd stalls right after a keepalive that skipped every address (under 4.5 s of lifetime
+    left): 1.5 keepalive intervals later each is refreshed to the fence deadline, so addresses
+    serve through a 6.5 s stall (without the catch-up they expire earlier), and none outlives the
+    deadline."""
+    for catch_up in (True, False):
+        h = Host(lazy=True, catch_up=catch_up)
+        async with trio.open_nursery() as n:
+            await h.start(n)
+            with trio.fail_after(30):
+                while True:  # until a keepalive that skipped addresses with under 4.5 s left
+                    await trio.sleep(INTERVAL)
+                    if h.refresh._skipped and min(h.kernel.held.values()) - trio.current_time() < 4.5:
+                        break
+            h.alive = False
+            stall = h.last_keepalive
+            deadline = stall + TTL - MARGIN
+            await trio.sleep(6.5)
+            held = [name for name in h.controllers if h.kernel.holds(name)]
+            if catch_up:
+                assert h.refresh.catch_ups == 1
+                assert sorted(held) == sorted(h.controllers), (trio.current_time() - stall, h.kernel.held)
+                assert h.expired == []
+                assert max(h.kernel.held.values()) <= deadline
+            else:
+                assert held == [] and h.expired
+            await trio.sleep(deadline - trio.current_time() + 0.1)
+            assert not any(h.kernel.holds(name) for name in h.controllers)
+            assert all(c.state.state is not State.OWNER for c in h.controllers.values())
+            n.cancel_scope.cancel()
+
+
+async def test_no_catch_up_after_the_lease_is_gone(autojump_clock):
+    """A LeaseGone after the last keepalive: that keepalive is never taken again (it would re-arm
+    units that fenced)."""
+    h = Host(lazy=True)
+    async with trio.open_nursery() as n:
+        await h.start(n)
+        await trio.sleep(2.2)
+        h.alive = False
+        h.refresh.publish(LeaseGone(1))
+        await trio.sleep(0.2)
+        refreshed = dict(h.refresher.count)
+        await trio.sleep(5)
+        assert h.refresh.catch_ups == 0 and dict(h.refresher.count) == refreshed
+        assert all(c.state.state is not State.OWNER for c in h.controllers.values())
+        n.cancel_scope.cancel()
