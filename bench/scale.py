@@ -6,7 +6,8 @@ TTL 3 s), started as systemd starts it. Measured from the `lease_granted` log li
 present (raw rtnetlink dumps every ~50 ms), when the last NIC VIP was announced; then, for
 `--steady S` seconds: CPU (share of one core) and RSS of vipd, etcd requests per second (etcd's own
 gRPC counters, which the JSON gateway goes through), and every expiry / re-add / fence / failed etcd
-request in vipd's log. Then SIGTERM: time until every address is gone and how many were left when
+request in vipd's log; then etcd frozen for `--stall S` seconds (the fewest addresses present, and
+the trouble it cost). Then SIGTERM: time until every address is gone and how many were left when
 the process exited. Also the footprint at 10 VIPs: idle RSS, start to ready, and `vipd cleanup`
 start to first removal.
 
@@ -145,6 +146,8 @@ def single_host(args: argparse.Namespace, work: Path, n: int, run: int) -> dict[
                 result["trouble_while_steady"] = {k: v - before.get(k, 0) for k, v in trouble(after).items()
                                                   if v - before.get(k, 0)}
                 result["present_after_steady"] = len(tagged_addresses(h.ns) & wanted)
+            if 100 in marks and args.stall > 0:
+                result["etcd_stall"] = etcd_stall(args.stall, etcd, log, lambda: len(tagged_addresses(h.ns) & wanted))
             t0 = time.monotonic()
             cluster.signal(h, signal.SIGTERM)
             try:
@@ -156,6 +159,31 @@ def single_host(args: argparse.Namespace, work: Path, n: int, run: int) -> dict[
             return result
         finally:
             etcd.stop()
+
+
+def etcd_stall(seconds: float, etcd: EtcdServer, log: Path, present: Any) -> dict[str, Any]:
+    """etcd frozen (SIGSTOP) for `seconds`, as a leader election leaves keepalives unanswered: the
+    fewest addresses present while frozen and 2 s after, and the trouble lines it cost (a failed
+    keepalive is the fault itself, not counted)."""
+    before = log_events(log)
+    fewest = present()
+    etcd.pause()
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            fewest = min(fewest, present())
+            time.sleep(0.1)
+    finally:
+        etcd.resume()
+    end = time.monotonic() + 2
+    while time.monotonic() < end:
+        fewest = min(fewest, present())
+        time.sleep(0.1)
+    after = log_events(log)
+    return {"seconds": seconds, "fewest_present": fewest,
+            "trouble": {k: v - before.get(k, 0) for k, v in trouble(after).items()  # (the freeze is the fault)
+                        if v - before.get(k, 0) and k != "keepalive_failed"},
+            "catch_ups": after.get("lifetimes_caught_up", 0) - before.get("lifetimes_caught_up", 0)}
 
 
 def footprint(args: argparse.Namespace, work: Path, run: int) -> dict[str, Any]:
@@ -258,6 +286,8 @@ def main() -> int:
     p.add_argument("--settle-timeout", type=float, default=120.0)
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--no-footprint", action="store_true")
+    p.add_argument("--stall", type=float, default=5.0,
+                   help="single host: seconds etcd is frozen after the steady phase (0 skips)")
     p.add_argument("--timing", choices=("shipped", "ttl3"), default="shipped",
                    help="vipd's defaults (lease TTL 10 s), or lease TTL 3 s (a keepalive every 0.3 s)")
     args = p.parse_args()
@@ -303,6 +333,10 @@ def main() -> int:
                  [f"{n}+{n} VIPs: steady RSS max (MiB)", med([h.get("steady", {}).get("rss_mib_max", [None])[0] for h in hs])],
                  [f"{n}+{n} VIPs: etcd requests/s steady", med([h.get("steady", {}).get("etcd_requests_per_s") for h in hs])],
                  [f"{n}+{n} VIPs: trouble lines while steady", sum(sum(h.get("trouble_while_steady", {}).values()) for h in hs)],
+                 [f"{n}+{n} VIPs: etcd frozen {args.stall:g} s: fewest present / trouble lines",
+                  "/".join(str(x) for x in (min((h["etcd_stall"]["fewest_present"] for h in hs if "etcd_stall" in h),
+                                                default=None),
+                                            sum(sum(h.get("etcd_stall", {}).get("trouble", {}).values()) for h in hs)))],
                  [f"{n}+{n} VIPs: SIGTERM to exit (s)", med([h["stop_exit_s"] for h in hs])],
                  [f"{n}+{n} VIPs: left after exit", max(h["left_after_exit"] for h in hs)]]
     for c in out["cluster"]:
