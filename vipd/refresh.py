@@ -24,7 +24,8 @@ out late. Here:
   `catch_up_after` of the last one (etcd stalls: a leader election), that keepalive is taken again
   and every address skipped is refreshed to its deadline at once, so a stall is ridden out as long
   as before (within the whole-second rounding). Safety is unchanged: a lifetime is only ever
-  extended to end by the unit's fence deadline, and skipping one only ends it earlier.
+  extended to end by the unit's fence deadline, skipping one only ends it earlier, and a keepalive
+  whose deadline is earlier than the one a lifetime was given is never skipped.
 """
 
 from __future__ import annotations
@@ -231,8 +232,8 @@ class HostRefresh:
         now = trio.current_time()
         for c, until in due:
             if lazy:
-                last = self._lifetime.armed_until(c.vips)
-                if last is not None and lifetime_ends_after(last) - now >= self._hold:
+                last = self._lifetime.armed_until(c.vips)  # (an earlier deadline than that is never skipped)
+                if last is not None and until >= last and lifetime_ends_after(last) - now >= self._hold:
                     self._skipped.add(c.name)
                     continue
             self._skipped.discard(c.name)

@@ -150,3 +150,19 @@ async def test_no_catch_up_after_the_lease_is_gone(autojump_clock):
         assert h.refresh.catch_ups == 0 and dict(h.refresher.count) == refreshed
         assert all(c.state.state is not State.OWNER for c in h.controllers.values())
         n.cancel_scope.cancel()
+
+
+async def test_a_keepalive_with_an_earlier_deadline_is_never_skipped(autojump_clock):
+    """etcd answers a keepalive with less TTL than before: every lifetime is cut to the new fence
+    deadline at once, even those that would have been skipped."""
+    h = Host(lazy=True)
+    async with trio.open_nursery() as n:
+        await h.start(n)
+        await trio.sleep(2.5)  # right after a keepalive that skipped every address
+        assert h.refresh._skipped
+        h.alive = False
+        now = trio.current_time()
+        h.refresh.publish(LeaseValid(1, now + 4.0))  # fence deadline now + 2.5
+        await trio.sleep(0.01)
+        assert max(h.kernel.held.values()) <= now + 4.0 - MARGIN
+        n.cancel_scope.cancel()
