@@ -249,7 +249,7 @@ class Daemon:
             with trio.move_on_after(self.cfg.timing.reconcile_interval):
                 await self._reconcile_now.wait()
             self._reconcile_now = trio.Event()
-            configured = {(v.interface, v.ip): v for v in self.cfg.vips}  # a reload may change them
+            configured = self.cfg.by_address  # (a reload replaces cfg)
             await self.interfaces.refresh()
             taken_at = trio.current_time()
             try:
@@ -259,7 +259,7 @@ class Daemon:
                 continue
             present, strays = set(), []
             for t in tagged:
-                vip = configured.get((t.interface, t.address.ip))
+                vip = configured.get((t.interface, t.ip))
                 if vip is None and not self.routing.is_source(t):
                     strays.append(t)
                 elif vip is not None:

@@ -116,6 +116,11 @@ class Config:
             order.setdefault(v.unit, []).append(v)
         return tuple(Unit(name, tuple(vs)) for name, vs in order.items())
 
+    @functools.cached_property
+    def by_address(self) -> dict[tuple[str, Any], VipSpec]:
+        """(interface, ip) -> the VIP configured there."""
+        return {(v.interface, v.ip): v for v in self.vips}
+
     def unit_of(self, name: str) -> str:
         """Unit name for a VIP or group name; KeyError if neither."""
         for v in self.vips:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
@@ -37,7 +38,7 @@ class VipSpec:
         """The election unit this VIP belongs to: its group, or itself."""
         return self.group or self.name
 
-    @property
+    @functools.cached_property  # (frozen; address.ip builds a new object on every access)
     def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         return self.address.ip
 

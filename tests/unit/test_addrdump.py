@@ -46,7 +46,7 @@ def test_link_index_by_name_none_when_absent_and_errors_raised() -> None:
 
 
 def test_delete_absent_is_fine_other_errors_and_malformed_replies_raise() -> None:
-    entry = ad.RawAddress(3, ipaddress.ip_interface("10.0.0.5/32"), 0xBC, 5, 0)
+    entry = ad.RawAddress(3, ipaddress.ip_interface("10.0.0.5/32"), 0xBC, 5, 0, ipaddress.ip_address("10.0.0.5"))
     ad.delete(Script([error(0)]), 9, entry)  # type: ignore[arg-type]
     ad.delete(Script([error(errno.EADDRNOTAVAIL)]), 9, entry)  # type: ignore[arg-type]
     with pytest.raises(OSError) as e:

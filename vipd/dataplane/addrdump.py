@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional, Union
 from vipd.dataplane import nldump
 
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -40,6 +41,7 @@ class RawAddress(NamedTuple):
     proto: Optional[int]
     valid_lft: Optional[int]  # None: forever
     flags: int
+    ip: IPAddress  # address.ip (which builds a new object on every access), decoded once
 
 
 def _align(n: int) -> int:
@@ -72,10 +74,10 @@ def _decode(data: bytes, off: int, end: int) -> Optional[RawAddress]:
     raw = (local or address) if family == socket.AF_INET else (address or local)
     if raw is None:
         return None
-    ip = _interface(family, raw, prefixlen)
-    if ip is None:
+    found = _interface(family, raw, prefixlen)
+    if found is None:
         return None
-    return RawAddress(index, ip, proto, None if valid == FOREVER else valid, flags)
+    return RawAddress(index, found[0], proto, None if valid == FOREVER else valid, flags, found[1])
 
 
 RTM_NEWLINK, RTM_GETLINK = 16, 18
@@ -120,23 +122,24 @@ def _errno(data: bytes, off: int) -> int:
     return int(-struct.unpack_from("=i", data, off + _HDR.size)[0])
 
 
-_interfaces: dict[tuple[bytes, int], IPInterface] = {}
+_interfaces: dict[tuple[bytes, int], tuple[IPInterface, IPAddress]] = {}
 
 
-def _interface(family: int, raw: bytes, prefixlen: int) -> Optional[IPInterface]:
-    """The address as an ipaddress object, cached (a reconcile tick dumps thousands, every second)."""
+def _interface(family: int, raw: bytes, prefixlen: int) -> Optional[tuple[IPInterface, IPAddress]]:
+    """The address as ipaddress objects, cached (a reconcile tick dumps thousands, every second)."""
     key = (raw, prefixlen)
     found = _interfaces.get(key)
     if found is None:
+        iface: IPInterface
         if family == socket.AF_INET:
-            found = ipaddress.IPv4Interface((raw, prefixlen))
+            iface = ipaddress.IPv4Interface((raw, prefixlen))
         elif family == socket.AF_INET6:
-            found = ipaddress.IPv6Interface((raw, prefixlen))
+            iface = ipaddress.IPv6Interface((raw, prefixlen))
         else:
             return None
         if len(_interfaces) > 65536:
             _interfaces.clear()
-        _interfaces[key] = found
+        found = _interfaces[key] = (iface, iface.ip)
     return found
 
 

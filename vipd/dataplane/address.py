@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
 
 import trio
@@ -35,6 +35,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from vipd.coalesce import Coalescer, Outcome
 from vipd.model import VipSpec
 from vipd.dataplane import addrdump
+from vipd.dataplane.addrdump import IPAddress
 from vipd.dataplane.netlink import Netlink, netlink_error_text
 from vipd.errors import AddressError, DataplaneError
 
@@ -54,27 +55,22 @@ class TaggedAddress:
     interface: str
     address: IPInterface
     valid_lft: Optional[int]  # seconds left; None = forever (only a claim with lifetime=None)
+    ip: IPAddress = field(default=None, compare=False)  # type: ignore[assignment]  # address.ip, filled in
+
+    def __post_init__(self) -> None:
+        if self.ip is None:
+            object.__setattr__(self, "ip", self.address.ip)
 
 
-class _Entry(NamedTuple):
-    """One kernel address, reduced to what vipd looks at."""
-
-    index: int  # type: ignore[assignment]  # (shadows tuple.index)
-    address: IPInterface
-    proto: Optional[int]
-    valid_lft: Optional[int]
-
-    @property
-    def ours(self) -> bool:
-        return self.proto == VIPD_PROTO
+_Entry = addrdump.RawAddress  # one kernel address, as dumped (its ip decoded once)
 
 
 def _entries(nl: Netlink, index: Optional[int] = None) -> list[_Entry]:
     """Inside a job: the addresses in the netns (of interface ``index`` if given), from one raw dump
     (vipd.dataplane.addrdump: pyroute2's decoding costs ~75 us per address)."""
     sock, seq = nl.route_socket()
-    return [_Entry(a.index, a.address, a.proto, a.valid_lft) for a in addrdump.dump(sock, seq)
-            if index is None or a.index == index]
+    entries = addrdump.dump(sock, seq)
+    return entries if index is None else [a for a in entries if a.index == index]
 
 
 def _index(nl: Netlink, ifname: str) -> Optional[int]:
@@ -88,7 +84,8 @@ def _index(nl: Netlink, ifname: str) -> Optional[int]:
 
 
 def _same_ip(entries: Iterable[_Entry], address: IPInterface) -> list[_Entry]:
-    return [e for e in entries if e.address.ip == address.ip]
+    ip = address.ip
+    return [e for e in entries if e.ip == ip]
 
 
 def _delete(ipr: IPRoute, e: _Entry) -> None:
@@ -144,7 +141,7 @@ class AddressManager:
             todo: list[tuple[int, int, int]] = []  # (item, interface index, lifetime)
             present: dict[tuple[int, Any], list[_Entry]] = {}
             for e in _entries(self.nl):
-                present.setdefault((e.index, e.address.ip), []).append(e)
+                present.setdefault((e.index, e.ip), []).append(e)
             for n, (vip, lifetime) in enumerate(items):
                 address, ifname = vip.address, vip.interface
                 what = f"claim {address} on {ifname}"
@@ -155,7 +152,7 @@ class AddressManager:
                     failures[n] = AddressError(f"{what}: no interface {ifname!r}")
                     continue
                 same = present.get((index, address.ip), [])
-                foreign = [e for e in same if not e.ours]
+                foreign = [e for e in same if e.proto != VIPD_PROTO]
                 if foreign:
                     failures[n] = AddressError(
                         f"{what}: {foreign[0].address} is already on {ifname} without vipd's tag "
@@ -228,8 +225,8 @@ class AddressManager:
             indexes: dict[str, Optional[int]] = {}
             ours: dict[tuple[int, Any], list[_Entry]] = {}
             for e in _entries(self.nl):
-                if e.ours:
-                    ours.setdefault((e.index, e.address.ip), []).append(e)
+                if e.proto == VIPD_PROTO:
+                    ours.setdefault((e.index, e.ip), []).append(e)
             for n, vip in enumerate(vips):
                 if vip.interface not in indexes:
                     indexes[vip.interface] = _index(self.nl, vip.interface)
@@ -259,11 +256,11 @@ class AddressManager:
             await done.wait()
 
         def job(ipr: IPRoute) -> list[TaggedAddress]:
-            ours = [e for e in _entries(self.nl) if e.ours]
+            ours = [e for e in _entries(self.nl) if e.proto == VIPD_PROTO]
             if not ours:
                 return []
             names = {m["index"]: m.get("IFLA_IFNAME") for m in ipr.link("dump")}
-            return [TaggedAddress(names.get(e.index, f"if{e.index}"), e.address, e.valid_lft) for e in ours]
+            return [TaggedAddress(names.get(e.index, f"if{e.index}"), e.address, e.valid_lft, e.ip) for e in ours]
 
         return await self.nl.call_checked("list tagged addresses", job, AddressError)
 
@@ -279,7 +276,7 @@ class AddressManager:
 
         def job(ipr: IPRoute) -> None:
             indexes: dict[str, Optional[int]] = {}
-            ours = {(e.index, e.address): e for e in _entries(self.nl) if e.ours}
+            ours = {(e.index, e.address): e for e in _entries(self.nl) if e.proto == VIPD_PROTO}
             for t in items:
                 if t.interface not in indexes:
                     indexes[t.interface] = _index(self.nl, t.interface)
@@ -300,7 +297,7 @@ class AddressManager:
             if index is None:
                 return None
             for e in _entries(self.nl, index):
-                if e.address == address and e.ours:
+                if e.address == address and e.proto == VIPD_PROTO:
                     return e
             return None
 
