@@ -20,7 +20,9 @@ a dump socket (RTM_GETADDR) and an event socket subscribed to the IPv4/IPv6 addr
   recorded state shows two holders, both held the address at the same instant (the moment of the
   stable pass). A clean move (delete on A, then add on B) never shows as dual, however close the two
   changes; an overlap is timed from the wake-up that saw it begin to the one that saw it end
-  (sub-millisecond when the thread is idle, as it is between changes).
+  (sub-millisecond when the thread is idle, as it is between changes). Under an address storm (no
+  stable pass within 20 dump rounds) the state is recorded unsettled: it may move an address to one
+  holder or none, never show a new overlap (those addresses keep their holders until a stable pass).
 - Tokens: per host and VIP it keeps the latest known token end (read time + the element's remaining
   ``expires``: never earlier than the kernel's cut, at most a tick (4 ms at HZ 250) later). A host
   dumped in a wake-up (every host on a sample) is read if it has a watched address it does not
@@ -247,7 +249,7 @@ class AddressMonitor:
             j = self._by_address(state) if self.address_only else self._gates.settle(nf, state, changed)
             t = j.t
             self.unsettled += not stable
-            self._record(j, state)
+            self._record(j if stable else self._no_new_dual(j), state)
             token_end = j.next_end
             self.busy += time.monotonic() - t0
             if sample:
@@ -267,6 +269,24 @@ class AddressMonitor:
             for ip in held:
                 serving.setdefault(ip, set()).add(name)
         return Judgement(time.monotonic(), {ip: frozenset(n) for ip, n in serving.items()}, set(), _INF, set())
+
+    def _no_new_dual(self, j: Judgement) -> Judgement:
+        """An unsettled state (hosts read one after another while addresses kept changing) is no
+        snapshot: two holders in it may never have held at once. It may move an address to one holder
+        or none, never to two: those addresses keep their recorded holders (a real overlap that
+        outlasts the storm is recorded by the next stable pass)."""
+        serving = dict(j.serving)
+        with self._cond:
+            for ip, holders in j.serving.items():
+                line = self._timeline.get(ip)
+                if len(holders) >= 2 and line is not None:
+                    before = line[-1][1] if line else frozenset()
+                    if before != holders:
+                        if before:
+                            serving[ip] = before
+                        else:
+                            del serving[ip]
+        return j._replace(serving=serving)
 
     def _record(self, j: Judgement, state: dict[str, frozenset[IP]]) -> None:
         t, gated_before, last = j.t, self._gated, self._last_record
@@ -387,4 +407,4 @@ class AddressMonitor:
         s = self.stats()
         return (f"{s['samples']} samples in {s['duration']:.2f} s, mean gap {s['mean_gap'] * 1e3:.1f} ms, "
                 f"max gap {s['max_gap'] * 1e3:.1f} ms, {s['events']} events, "
-                f"{s['token_reads']} token reads, cpu {s['busy_fraction'] * 100:.1f} %")
+                f"{s['unsettled']} unsettled, {s['token_reads']} token reads, cpu {s['busy_fraction'] * 100:.1f} %")
