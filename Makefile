@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := etcd-server nftables bird2 frr iproute2 iputils-ping procps tcpdump openssl python3-venv strace systemd \
+APT_PACKAGES := etcd-server nftables bird2 frr iproute2 iputils-ping arping procps tcpdump openssl python3-venv strace systemd \
 	debhelper dh-virtualenv dpkg-dev build-essential lintian prometheus \
 	clang llvm libbpf-dev libbpf1 linux-libc-dev
 PYTEST_ARGS ?=
