@@ -1,8 +1,8 @@
 """vipd at scale (issue 13): many VIPs on one host, and a 3-host cluster with many more.
 
 Single host (`--host-vips N`, default 1000): N VIPs on the host's NIC (IPv4 /32 and IPv6 /128
-alternating) plus N on `lo`, one etcd, vipd with its shipped defaults (`--timing ttl3`: lease
-TTL 3 s), started as systemd starts it. Measured from the `lease_granted` log line: when 10/50/90/100 % of the 2N addresses are
+alternating) plus N on `lo`, one etcd, vipd with its shipped timing (lease TTL 10 s, a keepalive
+a second; `--timing ttl3`: lease TTL 3 s, a keepalive every 0.3 s), started as systemd starts it. Measured from the `lease_granted` log line: when 10/50/90/100 % of the 2N addresses are
 present (raw rtnetlink dumps every ~50 ms), when the last NIC VIP was announced; then, for
 `--steady S` seconds: CPU (share of one core) and RSS of vipd, etcd requests per second (etcd's own
 gRPC counters, which the JSON gateway goes through), and every expiry / re-add / fence / failed etcd
