@@ -278,14 +278,13 @@ class AddressMonitor:
         serving = dict(j.serving)
         with self._cond:
             for ip, holders in j.serving.items():
-                line = self._timeline.get(ip)
-                if len(holders) >= 2 and line is not None:
-                    before = line[-1][1] if line else frozenset()
-                    if before != holders:
-                        if before:
-                            serving[ip] = before
-                        else:
-                            del serving[ip]
+                line = self._timeline[ip]  # (only watched addresses are judged)
+                before = line[-1][1] if line else frozenset()
+                if len(holders) >= 2 and before != holders:
+                    if before:
+                        serving[ip] = before
+                    else:
+                        del serving[ip]
         return j._replace(serving=serving)
 
     def _record(self, j: Judgement, state: dict[str, frozenset[IP]]) -> None:
