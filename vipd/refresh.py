@@ -15,17 +15,20 @@ out late. Here:
   exactly as if its own task had armed (Controller._arm).
 - Ordering: a unit's disarm (the first step of every address removal, Controller._remove) waits
   for the host batch in flight, so a refresh can never re-add or re-arm after a removal.
-- Lazy lifetimes (`hold` > 0): a keepalive refreshes an address only when the kernel could remove it
-  within `hold` seconds (its lifetime, from the deadline of its last refresh, ends no earlier than
-  `lifetime_ends_after`). Every IPv6 RTM_NEWADDR costs the kernel O(addresses + multicast groups of
-  the device) (6.1: ipv6_find_idev -> ipv6_mc_up, addrconf_verify_rtnl), so refreshing every address
-  on every keepalive is quadratic; at the shipped timing (a keepalive a second, 8 s lifetimes) an
-  address is refreshed about every 5th keepalive instead. If no keepalive arrives within
-  `catch_up_after` of the last one (etcd stalls: a leader election), that keepalive is taken again
-  and every address skipped is refreshed to its deadline at once, so a stall is ridden out as long
-  as before (within the whole-second rounding). Safety is unchanged: a lifetime is only ever
-  extended to end by the unit's fence deadline, skipping one only ends it earlier, and a keepalive
-  whose deadline is earlier than the one a lifetime was given is never skipped.
+- Lazy keepalives (`hold` > 0): a keepalive steps an owner (and arms its fences and refreshes its
+  address lifetime) only when the kernel could remove its address within `hold` seconds (its
+  lifetime, from the deadline of its last refresh, ends no earlier than `lifetime_ends_after`).
+  Every IPv6 RTM_NEWADDR costs the kernel O(addresses + multicast groups of the device) (6.1:
+  ipv6_find_idev -> ipv6_mc_up, addrconf_verify_rtnl), so refreshing every address on every
+  keepalive is quadratic, and stepping, token arms and refreshes of thousands of units every
+  keepalive cost more than the rest of the daemon together; at the shipped timing (a keepalive a
+  second, 8 s lifetimes) a unit is taken about every 5th keepalive instead. If no keepalive arrives
+  within `catch_up_after` of the last one (etcd stalls: a leader election), that keepalive is taken
+  again for every unit it passed by, at once, so a stall is ridden out as long as before (within
+  the whole-second rounding). Safety is unchanged: a unit passed by keeps the deadlines it has
+  (its own fence deadline, its tokens, its lifetime: all armed by one step), which only end
+  earlier than the keepalive would have made them; a keepalive that would move a deadline earlier,
+  or that names another lease, is never passed by.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ from vipd import log
 from vipd.coalesce import Coalescer, Outcome
 from vipd.errors import AddressError, DataplaneError
 from vipd.fence import Fence, LifetimeFence, RefreshPort, lifetime_ends_after, whole_seconds_before
-from vipd.model import AddressFailed, ArmFence, Event, LeaseValid, VipSpec
+from vipd.model import AddressFailed, ArmFence, Event, LeaseValid, State, VipSpec
 from vipd.ownership.controller import Controller
+from vipd.ownership.state import Sub
 
 CHUNK = 1000  # addresses per lifetime refresh job (struct-built: ~1 ms per 100)
 CATCH_UP_ROOM = 1.0  # seconds of lifetime a skipped address still has when a catch-up starts
@@ -155,7 +159,8 @@ class HostRefresh:
         self._catch_up_after = catch_up_after
         self._nursery: trio.Nursery | None = None
         self._last: LeaseValid | None = None  # the newest keepalive, while no other lease event followed
-        self._skipped: set[str] = set()  # units whose lifetime that keepalive did not refresh
+        self._skipped: set[str] = set()  # units that keepalive passed by (lazy: their deadlines are far)
+        self._unarmed: set[str] = set()  # units whose last fence arm failed: never passed by
         self._catch_up_at = math.inf
         self._moved = trio.Event()
         self.batches = 0
@@ -198,7 +203,12 @@ class HostRefresh:
 
     def _take(self, ev: LeaseValid, controllers: Iterable[Controller], *, lazy: bool) -> None:
         due: list[tuple[Controller, float]] = []
+        now = trio.current_time()
         for c in controllers:
+            if lazy and self._may_skip(c, ev, now):
+                self._skipped.add(c.name)
+                continue
+            self._skipped.discard(c.name)
             if c.defer_lease(ev):
                 continue
             actions = c.step_if_idle(ev, (ArmFence,))
@@ -207,9 +217,23 @@ class HostRefresh:
         if due:
             assert self._nursery is not None
             self._inflight.begin()  # from now on, disarms wait for this batch
-            self._nursery.start_soon(self._arm, due, lazy)
+            self._nursery.start_soon(self._arm, due)
 
-    async def _arm(self, due: list[tuple[Controller, float]], lazy: bool = False) -> None:
+    def _may_skip(self, c: Controller, ev: LeaseValid, now: float) -> bool:
+        """A keepalive may pass an owner by (no step, no fence arm, no lifetime refresh) while its
+        address lifetime, the earliest of its fences, still runs `hold` seconds: the step would
+        only move every deadline of the unit later, and the unit keeps the ones it has, which end
+        no earlier than that lifetime (they were armed by the same step, or, for a token that
+        failed to arm, the unit is in `_unarmed` and never skipped). A unit whose lease changed, or
+        whose deadline the keepalive would move earlier, is always stepped."""
+        s = c.state
+        if s.state is not State.OWNER or s.sub is Sub.DEFERRED or ev.lease != s.lease or c.name in self._unarmed:
+            return False
+        last = self._lifetime.armed_until(c.vips)
+        return (last is not None and ev.valid_until - c.params.fence_margin >= last
+                and lifetime_ends_after(last) - now >= self._hold)
+
+    async def _arm(self, due: list[tuple[Controller, float]]) -> None:
         try:
             self.batches += 1
             for fence in self._fences:  # kernel tokens first, as Controller._arm does
@@ -221,22 +245,19 @@ class HostRefresh:
                 except DataplaneError as e:  # each ends at its previous deadline: loud, never unsafe
                     for c, _ in due:
                         self._metrics.count_dataplane_error(c.name, "fence")
+                        self._unarmed.add(c.name)  # stepped by every keepalive until an arm succeeds
                     log.error("fence_arm_failed", units=len(items), fence=type(fence.inner).__name__, error=e)
-            await self._lifetimes(due, lazy)
+                else:
+                    self._unarmed.difference_update(c.name for c, _ in due if fence in c.fences)
+            await self._lifetimes(due)
         finally:
             self._inflight.end()
 
-    async def _lifetimes(self, due: list[tuple[Controller, float]], lazy: bool) -> None:
+    async def _lifetimes(self, due: list[tuple[Controller, float]]) -> None:
         items: list[tuple[VipSpec, int]] = []
         armed: list[tuple[Controller, float]] = []
         now = trio.current_time()
         for c, until in due:
-            if lazy:
-                last = self._lifetime.armed_until(c.vips)  # (an earlier deadline than that is never skipped)
-                if last is not None and until >= last and lifetime_ends_after(last) - now >= self._hold:
-                    self._skipped.add(c.name)
-                    continue
-            self._skipped.discard(c.name)
             life = whole_seconds_before(until, now)
             if life >= 1:  # else the running lifetime ends earlier still: nothing to extend
                 items += [(v, life) for v in c.vips]

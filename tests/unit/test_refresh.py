@@ -1,6 +1,7 @@
 """HostRefresh (vipd/refresh.py) with real controllers and in-memory kernel and etcd fakes, on trio's
-MockClock: lazy lifetime refreshes at the shipped timing (TTL 10 s, a keepalive a second, fence
-margin 1.5 s), the catch-up when keepalives stop, and no catch-up past the lease."""
+MockClock: lazy keepalives at the shipped timing (TTL 10 s, a keepalive a second, fence margin
+1.5 s: an owner is stepped, its token armed and its lifetime refreshed only when it could end
+soon), the catch-up when keepalives stop, and no catch-up past the lease."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from typing import Sequence
 import trio
 
 from tests.unit.controller_fakes import FakeAnnouncer, FakeEtcd, FakeKernel, FakeKeys, FakeLease, FakeMetrics, vip
-from vipd.errors import AddressError
+from vipd.errors import AddressError, DataplaneError
 from vipd.fence import LifetimeFence
 from vipd.model import LeaseGone, LeaseValid, OwnerObserved, OwnerRecord, State, Unit, VipSpec
 from vipd.ownership.controller import Controller
 from vipd.ownership.state import Params
-from vipd.refresh import HostRefresh, Inflight, lazy_timing
+from vipd.refresh import BatchedFence, HostRefresh, Inflight, lazy_timing
 
 TTL, INTERVAL, MARGIN = 10.0, 1.0, 1.5
 N = 6
@@ -38,6 +39,34 @@ class Refresher:
         return {}
 
 
+class Token:
+    """A kernel token fence: every unit's deadline, arms counted per unit; `fail` makes arms fail."""
+
+    def __init__(self) -> None:
+        self.until: dict[str, float] = {}
+        self.arms: collections.Counter[str] = collections.Counter()
+        self.fail = False
+
+    def covers(self, vips: Sequence[VipSpec]) -> bool:
+        return True
+
+    async def arm(self, vips: Sequence[VipSpec], until: float) -> None:
+        await self.arm_many([(vips, until)])
+
+    async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]]) -> None:
+        if self.fail:
+            raise DataplaneError("token table gone")
+        for vips, until in items:
+            self.arms[vips[0].name] += 1
+            self.until[vips[0].name] = until
+
+    async def disarm(self, vips: Sequence[VipSpec]) -> None:
+        self.until.pop(vips[0].name, None)
+
+    def armed_until(self, vips: Sequence[VipSpec]) -> float | None:
+        return self.until.get(vips[0].name)
+
+
 class Host:
     def __init__(self, lazy: bool, catch_up: bool = True) -> None:
         self.etcd, self.kernel, self.lease = FakeEtcd(), FakeKernel(), FakeLease(1, TTL)
@@ -45,15 +74,18 @@ class Host:
         self.lifetime = LifetimeFence(self.refresher)
         self.metrics = FakeMetrics()
         self.controllers = {}
+        inflight = Inflight()
+        self.token = Token()
+        token = BatchedFence(self.token, inflight)  # type: ignore[arg-type]
         for i in range(N):
             v = vip(f"v{i}", f"10.0.0.{10 + i}/32")
             c = Controller(Unit(v.unit, (v,)), Params("h1", fence_margin=MARGIN, release_holdoff=1.0), self.kernel,
                            FakeAnnouncer(), FakeKeys(self.etcd, "h1"), self.metrics, self.lifetime,
-                           lease=self.lease)  # type: ignore[arg-type]
+                           lease=self.lease, fences=[token])  # type: ignore[arg-type]
             self.controllers[c.name] = c
         hold, after = lazy_timing(INTERVAL) if lazy else (0.0, float("inf"))
-        self.refresh = HostRefresh(self.controllers, self.lifetime, [], self.refresher, self.metrics,  # type: ignore[arg-type]
-                                   Inflight(), hold=hold, catch_up_after=after if catch_up else float("inf"))
+        self.refresh = HostRefresh(self.controllers, self.lifetime, [token], self.refresher, self.metrics,  # type: ignore[arg-type]
+                                   inflight, hold=hold, catch_up_after=after if catch_up else float("inf"))
         self.alive = True
         self.last_keepalive = 0.0
         self.expired: list[tuple[float, str]] = []  # an owner whose address was not in the kernel
@@ -101,6 +133,49 @@ async def test_a_keepalive_refreshes_a_lifetime_only_when_it_could_end_soon(auto
             n.cancel_scope.cancel()
     assert all(4 <= counts[True][f"v{i}"] <= 8 for i in range(N)), counts[True]
     assert all(counts[False][f"v{i}"] >= 29 for i in range(N)), counts[False]
+
+
+async def test_a_keepalive_steps_an_owner_and_arms_its_token_only_when_it_could_end_soon(autojump_clock):
+    """The unit's own fence deadline and its token are moved by the same lazy step as its lifetime:
+    every ~5th keepalive, and each stays ahead of the kernel lifetime, so none ends first."""
+    counts = {}
+    for lazy in (True, False):
+        h = Host(lazy)
+        async with trio.open_nursery() as n:
+            await h.start(n)
+            h.token.arms.clear()
+            for _ in range(300):
+                await trio.sleep(0.1)
+                now = trio.current_time()
+                for name, c in h.controllers.items():
+                    assert c.state.state is State.OWNER
+                    assert c.state.valid_until - MARGIN >= h.kernel.held[name] > now
+                    assert h.token.until[name] >= h.kernel.held[name]
+            counts[lazy] = h.token.arms
+            n.cancel_scope.cancel()
+    assert all(4 <= counts[True][f"v{i}"] <= 8 for i in range(N)), counts[True]
+    assert all(counts[False][f"v{i}"] >= 29 for i in range(N)), counts[False]
+
+
+async def test_a_unit_whose_token_failed_to_arm_is_stepped_by_every_keepalive(autojump_clock):
+    """A token arm fails (the token keeps its old, earlier deadline): no keepalive passes the unit
+    by until an arm succeeds, so its token never runs out while its lifetime still runs."""
+    h = Host(lazy=True)
+    async with trio.open_nursery() as n:
+        await h.start(n)
+        await trio.sleep(INTERVAL * 3)
+        h.token.fail = True
+        await trio.sleep(INTERVAL * 5)  # every unit is stepped at least once: each fails
+        assert h.refresh._unarmed == set(h.controllers)
+        h.token.fail = False
+        h.token.arms.clear()
+        await trio.sleep(INTERVAL * 1.1)  # the next keepalive arms every unit at once
+        assert all(h.token.arms[name] == 1 for name in h.controllers), h.token.arms
+        assert h.refresh._unarmed == set()
+        for _ in range(100):
+            await trio.sleep(0.1)
+            assert all(h.token.until[name] > trio.current_time() for name in h.controllers)
+        n.cancel_scope.cancel()
 
 
 async def test_keepalives_that_stop_are_caught_up_so_addresses_live_until_the_fence_deadline(autojump_clock):
