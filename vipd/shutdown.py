@@ -28,6 +28,7 @@ from vipd.errors import DataplaneError, EtcdError
 SHUTDOWN_GRACE = 3.0  # s the controllers get to remove addresses and give keys back
 NFT_GRACE = 1.0  # s to drop our nftables tables
 HOOK_GRACE = 2.0  # s for the "backup" hooks of the releases to finish
+LOG_UNITS = 20  # units named in the one shutdown_grace_exceeded line (thousands may hang together)
 
 
 def stop_bound(request_timeout: float) -> float:
@@ -48,8 +49,9 @@ async def wait_stopped(running: Sequence[Stoppable], grace: float = SHUTDOWN_GRA
             await c.stopped.wait()
     hung = [c for c in running if not c.stopped.is_set()]
     if hung:
-        log.warning("shutdown_grace_exceeded", grace=grace,
-                    vips=",".join(f"{c.name}:{c.state.state.value}/{c.state.sub.value}" for c in hung),
+        shown = ",".join(f"{c.name}:{c.state.state.value}/{c.state.sub.value}" for c in hung[:LOG_UNITS])
+        log.warning("shutdown_grace_exceeded", grace=grace, units=len(hung),
+                    vips=shown + (f",... ({len(hung) - LOG_UNITS} more)" if len(hung) > LOG_UNITS else ""),
                     reason="still letting go: their addresses may be in the kernel, so the lease is not "
                            "revoked; they fail over by the lease path (the address lifetime ends first)")
     return hung

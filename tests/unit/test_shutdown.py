@@ -29,6 +29,15 @@ async def test_a_hung_release_is_named_within_the_grace(autojump_clock, caplog) 
     assert "shutdown_grace_exceeded" in caplog.text and "b:releasing/removing" in caplog.text
 
 
+async def test_thousands_hung_are_counted_and_only_the_first_named(autojump_clock, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, logger="vipd")
+    hung = await shutdown.wait_stopped([unit(f"v{i}", False) for i in range(5000)])
+    assert len(hung) == 5000
+    line = [r.getMessage() for r in caplog.records if "shutdown_grace_exceeded" in r.getMessage()][0]
+    assert "units=5000" in line and "v19:releasing/removing" in line and "v20:" not in line
+    assert f"({5000 - shutdown.LOG_UNITS} more)" in line and len(line) < 2000
+
+
 async def test_revoke_only_runs_bounded(autojump_clock) -> None:  # type: ignore[no-untyped-def]
     revoked: list[int] = []
     forgot: list[bool] = []
