@@ -33,7 +33,8 @@ def remove_addresses(cfg: Config) -> int:
     removed = 0
     try:
         with addrdump.open_socket() as sock:
-            for n, a in enumerate(addrdump.dump(sock, 1)):
+            doomed = []
+            for a in addrdump.dump(sock, 1):
                 if a.proto != VIPD_PROTO:
                     continue
                 try:
@@ -42,9 +43,17 @@ def remove_addresses(cfg: Config) -> int:
                     ifname = f"if{a.index}"
                 if cfg.bgp.source is not None and ifname == "lo" and a.address.ip == cfg.bgp.source:
                     continue  # the host's fixed BGP source stays: BGP sessions survive a restart
-                addrdump.delete(sock, 100 + n, a)
+                doomed.append((ifname, a))
+            codes = addrdump.delete_many(sock, 100, [a for _, a in doomed])  # many per send: thousands in ms
+            failed = None
+            for (ifname, a), code in zip(doomed, codes):
+                if code:
+                    failed = failed or OSError(code, f"{os.strerror(code)} ({a.address} on {ifname})")
+                    continue
                 removed += 1
                 log.info("cleanup_address_removed", interface=ifname, address=a.address)
+            if failed is not None:
+                raise failed
     except OSError as e:
         raise DataplaneError(f"removing vipd's addresses: {e.strerror or e}") from None
     return removed

@@ -12,11 +12,13 @@ watch of that NIC) until the NIC exists. `lo` is never missing.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Callable, Protocol, Sequence
 
 import trio
 
 from vipd import log
+from vipd.dataplane import addrdump
 from vipd.errors import DataplaneError
 from vipd.model import Unit
 
@@ -24,13 +26,16 @@ from vipd.model import Unit
 class NetlinkPort(Protocol):
     async def call_checked(self, what: str, fn: Callable[[Any], Any], error: type[Exception]) -> Any: ...
 
+    def route_socket(self) -> tuple[socket.socket, int]: ...
+
 
 class FitnessPort(Protocol):
     def set_unavailable(self, reasons: dict[str, str]) -> None: ...
 
 
-def _names(ipr: Any) -> set[str]:
-    return {m.get_attr("IFLA_IFNAME") for m in ipr.get_links()}
+def _names(nl: NetlinkPort) -> set[str]:
+    """Inside a job: the interface names (a raw link dump: this runs on every reconcile tick)."""
+    return set(addrdump.link_names(*nl.route_socket()).values())
 
 
 def unavailable(units: Sequence[Unit], present: set[str]) -> dict[str, str]:
@@ -55,7 +60,7 @@ class InterfaceWatch:
     async def refresh(self) -> None:
         async with self._lock:  # one listing at a time: results are applied in order
             try:
-                present = await self._nl.call_checked("list interfaces", _names, DataplaneError)
+                present = await self._nl.call_checked("list interfaces", lambda _ipr: _names(self._nl), DataplaneError)
             except DataplaneError as e:
                 log.error("interface_list_failed", error=e)
                 return

@@ -23,7 +23,7 @@ import trio
 import trio.testing
 
 from vipd.config import VipSpec
-from vipd.dataplane.address import VIPD_PROTO, AddressManager, TaggedAddress
+from vipd.dataplane.address import VIPD_PROTO, AddressManager, tagged_address
 from vipd.dataplane.announce import Announcer
 from vipd.dataplane.kernel_events import AddressAdded, AddressRemoved, LinkChanged, Overflowed, kernel_events
 from vipd.dataplane.netlink import Netlink
@@ -272,7 +272,7 @@ async def test_tagged_lists_only_ours_and_remove(host: tuple[str, str], nl: Netl
     assert await am.tagged() == []
     assert addr_info(ns, ifname, "10.20.0.40") and addr_info(ns, "lo", "10.20.0.41")
     # remove() never deletes an untagged address, even when named explicitly
-    await am.remove(TaggedAddress(ifname, V4("10.20.0.40/24"), None))
+    await am.remove(tagged_address(ifname, V4("10.20.0.40/24")))
     assert addr_info(ns, ifname, "10.20.0.40")
 
 

@@ -17,7 +17,7 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 from vipd.dataplane import nldump
 
@@ -102,6 +102,28 @@ def link_index(sock: socket.socket, seq: int, name: str) -> Optional[int]:
     raise OSError(code, os.strerror(code))
 
 
+def link_names(sock: socket.socket, seq: int) -> dict[int, str]:
+    """index -> name of every interface in the socket's netns (an RTM_GETLINK dump read with struct:
+    pyroute2 decodes every attribute and statistic of every link, on every reconcile tick)."""
+    request = lambda n: nldump.header(_IFI.size, RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, n) + _IFI.pack(  # noqa: E731
+        socket.AF_UNSPEC, 0, 0, 0, 0)
+    names: dict[int, str] = {}
+    for kind, data, start, end in nldump.dump(sock, request, "RTM_GETLINK", bufsize=1 << 17, seq=seq):
+        if kind != RTM_NEWLINK or end - start < _IFI.size:
+            continue
+        index = _IFI.unpack_from(data, start)[2]
+        off = start + _IFI.size
+        while off + _RTA.size <= end:
+            length, kind_ = _RTA.unpack_from(data, off)
+            if length < _RTA.size:
+                break
+            if kind_ == IFLA_IFNAME:
+                names[index] = data[off + _RTA.size:off + length].split(b"\0", 1)[0].decode(errors="replace")
+                break
+            off += _align(length)
+    return names
+
+
 def _reply(sock: socket.socket, seq: int, kinds: tuple[int, ...]) -> tuple[int, bytes, int]:
     """Read until the message answering request `seq` with one of `kinds`: (kind, data, its offset
     in data). Messages of other requests are skipped; OSError (EPROTO) on a malformed one."""
@@ -164,18 +186,27 @@ def open_socket(timeout: float = 5.0) -> socket.socket:
     return sock
 
 
-def delete(sock: socket.socket, seq: int, entry: RawAddress) -> None:
-    """Delete one address exactly as dumped (an address already gone is fine). OSError otherwise."""
+def _delete_message(seq: int, entry: RawAddress) -> bytes:
     ip = entry.address.ip
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
     attrs = b"".join(_RTA.pack(4 + len(ip.packed), kind) + ip.packed
                      for kind in ((IFA_LOCAL, IFA_ADDRESS) if ip.version == 4 else (IFA_ADDRESS,)))
     body = _IFA.pack(family, entry.address.network.prefixlen, 0, 0, entry.index) + attrs
-    sock.send(_HDR.pack(_HDR.size + len(body), RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body)
-    _, data, off = _reply(sock, seq, (NLMSG_ERROR,))
-    code = _errno(data, off)
-    if code and code != _EADDRNOTAVAIL:
+    return _HDR.pack(_HDR.size + len(body), RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+
+
+def delete(sock: socket.socket, seq: int, entry: RawAddress) -> None:
+    """Delete one address exactly as dumped (an address already gone is fine). OSError otherwise."""
+    code = delete_many(sock, seq, [entry])[0]
+    if code:
         raise OSError(code, os.strerror(code))
+
+
+def delete_many(sock: socket.socket, seq: int, entries: Sequence[RawAddress]) -> list[int]:
+    """RTM_DELADDR for each address exactly as dumped, many per send, one ACK each: each item's
+    errno in order (0: deleted, or already gone). OSError when the socket itself fails."""
+    codes = _acked(sock, seq, len(entries), lambda i, n: _delete_message(n, entries[i]))
+    return [0 if code == _EADDRNOTAVAIL else code for code in codes]
 
 
 NLM_F_REPLACE, NLM_F_CREATE = 0x100, 0x400
@@ -185,17 +216,17 @@ _CHUNK = 200  # messages per send: well under the socket buffers (each message ~
 
 _HDR_SEQ = struct.Struct("=II")  # nlmsghdr's seq and pid
 _CACHEINFO = struct.Struct("=IIII")  # ifa_cacheinfo: preferred, valid, cstamp, tstamp
-_templates: dict[tuple[int, IPInterface, int], tuple[bytes, bytes]] = {}
+_templates: dict[tuple[int, int, int], tuple[bytes, bytes, IPInterface]] = {}
 
 
 def _replace_template(index: int, address: IPInterface, proto: int) -> tuple[bytes, bytes]:
     """The RTM_NEWADDR replace message for one address, cut around its sequence number and with
     IFA_CACHEINFO last (the lifetimes): a refresh round of thousands of addresses only packs those
-    two fields. Cached per (index, address, proto)."""
-    key = (index, address, proto)
+    two fields. Cached per (index, address object, proto)."""
+    key = (index, id(address), proto)  # hashing an IPv6Interface costs microseconds; ids are checked
     found = _templates.get(key)
-    if found is not None:
-        return found
+    if found is not None and found[2] is address:
+        return found[0], found[1]
     ip = address.ip
     v4 = ip.version == 4
     flags = 0 if v4 else IFA_F_NODAD
@@ -209,7 +240,7 @@ def _replace_template(index: int, address: IPInterface, proto: int) -> tuple[byt
     head = struct.pack("=IHH", length, RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
     if len(_templates) > 65536:  # interfaces come and go: never grow without bound
         _templates.clear()
-    _templates[key] = (head, body)
+    _templates[key] = (head, body, address)  # (holding the address keeps its id from being reused)
     return head, body
 
 
@@ -218,15 +249,19 @@ def replace_many(sock: socket.socket, seq: int, items: list[tuple[int, IPInterfa
     add the address, or restart the lifetime of one that is there (valid = preferred = lifetime
     seconds; IPv6 with IFA_F_NODAD), what ``ip addr replace`` does. Many messages per send, one ACK
     each. Returns each item's errno (0: done), in order. OSError when the socket itself fails."""
-    errors = [0] * len(items)
-    for start in range(0, len(items), _CHUNK):
-        part = items[start:start + _CHUNK]
-        out = []
-        for n, (index, address, lifetime, proto) in enumerate(part):
-            head, tail = _replace_template(index, address, proto)
-            out.append(head + _HDR_SEQ.pack(seq + start + n, 0) + tail + _CACHEINFO.pack(lifetime, lifetime, 0, 0))
-        sock.send(b"".join(out))
-        pending = {seq + start + n for n in range(len(part))}
+    parts = [(*_replace_template(index, address, proto), _CACHEINFO.pack(lifetime, lifetime, 0, 0))
+             for index, address, lifetime, proto in items]
+    return _acked(sock, seq, len(parts), lambda i, n: parts[i][0] + _HDR_SEQ.pack(n, 0) + parts[i][1] + parts[i][2])
+
+
+def _acked(sock: socket.socket, seq: int, count: int, build: Callable[[int, int], bytes]) -> list[int]:
+    """Send `count` messages, message i built by build(i, seq + i) (its sequence number), `_CHUNK`
+    per send, and collect every ACK: each message's errno, in order."""
+    errors = [0] * count
+    for start in range(0, count, _CHUNK):
+        end = min(count, start + _CHUNK)
+        sock.send(b"".join(build(i, seq + i) for i in range(start, end)))
+        pending = set(range(seq + start, seq + end))
         while pending:
             data = sock.recv(1 << 17)
             off = 0
