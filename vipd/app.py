@@ -319,7 +319,7 @@ class Daemon:
         """Bounded (vipd/shutdown.py): remove addresses and give keys back, then revoke the lease,
         only if every controller let go in time; else the lease path."""
         systemd.notify("STOPPING=1", "STATUS=releasing VIPs")
-        self.broadcast(ShutdownRequested())
+        self.broadcast(ShutdownRequested(revoke=True))  # the lease is revoked after: keys are only marked
         hung = await shutdown.wait_stopped(self._running)
         if not hung:
             await shutdown.revoke(self.client.revoke, self.lease.lease_id, 2 * self.cfg.etcd.request_timeout,

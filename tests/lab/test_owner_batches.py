@@ -80,6 +80,41 @@ async def test_batched_releases_delete_only_our_epoch(etcd_server: EtcdServer) -
             assert seen.get(name, []) == expected, name
 
 
+async def test_a_stop_marks_keys_released_and_the_revoke_deletes_them_at_once(etcd_server: EtcdServer) -> None:
+    """release(leave=True), as a daemon stop does: each key of our epoch is only marked released
+    (in batches), a stale epoch is untouched, and the lease's revoke then deletes every key in one
+    revision, so a watcher sees every "released" mark before any deletion."""
+    names = [f"s{i}" for i in range(250)]
+    async with EtcdClient([etcd_server.endpoint], timeout=2.0) as c:
+        lease, _ = await c.grant(30)
+        a = OwnerKeys(c, PREFIX, "a")
+        won = await campaign_all(a, names, lease)
+        _, start = await c.get_prefix(a.prefix)
+        results: dict[str, bool] = {}
+
+        async def release(name: str, epoch: int) -> None:
+            results[name] = await a.release(name, epoch, lease, leave=True)
+
+        before = a.batches
+        async with trio.open_nursery() as nursery:
+            for i, name in enumerate(names):
+                nursery.start_soon(release, name, won[name][1].epoch + (1 if i == 3 else 0))
+        assert {n for n, ok in results.items() if not ok} == {"s3"}
+        assert a.batches - before <= len(names) // TXN_BATCH + 2  # one marking transaction per batch, no deletes
+        kvs, _ = await c.get_prefix(a.prefix)
+        values = {a.vip_of(kv.key): kv.value for kv in kvs}
+        assert sorted(values) == sorted(names)  # every key still there, on the lease
+        assert all(v == owner_value("a", released=True, epoch=won[n][1].epoch) for n, v in values.items() if n != "s3")
+        assert values["s3"] == "a"
+        await c.revoke(lease)
+        kvs, now = await c.get_prefix(a.prefix)
+        assert kvs == []
+        events = await _events(c, a.prefix, start + 1, now)
+        deletes = [ev for ev in events if ev.type == "DELETE"]
+        assert len(deletes) == len(names) and len({ev.kv.mod_revision for ev in deletes}) == 1
+        assert events[:len(names) - 1] == [ev for ev in events if ev.type != "DELETE"]  # every mark first
+
+
 async def _events(c: EtcdClient, prefix: str, start: int, until: int) -> list[Any]:
     out: list[Any] = []
     async with aclosing(c.watch_prefix(prefix, start)) as batches:

@@ -64,7 +64,7 @@ class FakeKeys:
         self.etcd._publish(name)
         return True, rec
 
-    async def release(self, name: str, epoch: int, lease: int = 0) -> bool:
+    async def release(self, name: str, epoch: int, lease: int = 0, leave: bool = False) -> bool:
         await trio.sleep(0.002)
         self.etcd.calls.append(("release", self.node))
         if "release" in self.etcd.fail:
@@ -76,6 +76,8 @@ class FakeKeys:
             self.etcd.revision += 1
             self.etcd.keys[name] = replace(rec, revision=self.etcd.revision, released=True)
             self.etcd._publish(name)
+            if leave:  # the lease's revoke deletes it (expire_lease)
+                return True
         self.etcd.revision += 1
         del self.etcd.keys[name]
         self.etcd._publish(name)
@@ -88,6 +90,7 @@ class FakeKernel:
 
     held: dict[str, float] = field(default_factory=dict)
     fail_add: bool = False
+    fail_remove: bool = False
     claim_delay: float = 0.0  # a claim that waits in a batch of thousands
     history: list[tuple[float, str, str]] = field(default_factory=list)
 
@@ -103,6 +106,8 @@ class FakeKernel:
         self.history.append((trio.current_time(), "add", v.name))
 
     async def release(self, v: VipSpec) -> None:
+        if self.fail_remove:
+            raise AddressError("EIO (fake)")
         self.held.pop(v.name, None)
         self.history.append((trio.current_time(), "del", v.name))
 

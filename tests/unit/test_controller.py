@@ -189,6 +189,48 @@ async def test_shutdown_removes_then_gives_the_key_back(autojump_clock):
         n.cancel_scope.cancel()
 
 
+async def test_a_daemon_stop_frees_the_address_before_the_key_and_says_so(autojump_clock):
+    """ShutdownRequested(revoke=True): `address_gone` turns true once the address left the kernel,
+    while the key is still being marked (etcd slow): a stop may revoke then. The key is left on the
+    lease, marked released."""
+    etcd = FakeEtcd()
+    hosts = [make_host(etcd, "h1", 1, [vip()])]
+    async with trio.open_nursery() as n:
+        await start(n, etcd, hosts)
+        await trio.sleep(2)
+        h = owner_of(hosts)
+        assert not h.controller.address_gone
+        etcd.fail.add("release")
+        h.controller.post(ShutdownRequested(revoke=True))
+        with trio.fail_after(2):
+            while not h.controller.address_gone:
+                await trio.sleep(0.001)
+        assert not h.kernel.held and h.controller.state.state is State.RELEASING
+        etcd.fail.clear()
+        await h.controller.stopped.wait()
+        assert h.controller.state.state is State.STOPPED and h.controller.address_gone
+        n.cancel_scope.cancel()
+
+
+async def test_a_unit_whose_removal_failed_on_the_way_out_keeps_the_revoke_back(autojump_clock):
+    """Fenced (etcd silent), its removal failing, then stopped: STOPPED, yet `address_gone` stays
+    false: its address may still be in the kernel until its lifetime ends."""
+    etcd = FakeEtcd()
+    hosts = [make_host(etcd, "h1", 1, [vip()])]
+    async with trio.open_nursery() as n:
+        alive = await start(n, etcd, hosts)
+        await trio.sleep(2)
+        h = owner_of(hosts)
+        h.kernel.fail_remove = True
+        alive[0][0] = False
+        await wait_state(h, State.FENCED)
+        h.controller.post(ShutdownRequested(revoke=True))
+        await wait_state(h, State.STOPPED)
+        await trio.sleep(0.1)
+        assert not h.controller.address_gone
+        n.cancel_scope.cancel()
+
+
 async def test_a_keepalive_that_arrives_during_a_long_claim_is_taken_before_the_deadline_fences(autojump_clock):
     """A claim that waits longer than the lease's fence deadline (a batch of thousands): the
     keepalives posted meanwhile extend the deadline before the unit steps the claim's outcome or

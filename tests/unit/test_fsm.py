@@ -208,14 +208,33 @@ def test_shutdown_of_owner_releases_then_stops():
     assert s.state is State.STOPPED and acts == []
 
 
+def test_a_daemon_stop_that_revokes_the_lease_only_marks_the_key():
+    """ShutdownRequested(revoke=True): the address goes first, then the key is marked released and
+    left to the revoke (one request deletes every key); a reload's stop (revoke=False) deletes it;
+    a stop that reaches a unit already releasing for another reason marks it the same way; an
+    unclean hand-back (address failure) is deleted unmarked, revoke or not."""
+    s, acts = run(owner(), ShutdownRequested(revoke=True))
+    assert acts == [StopAnnouncing(), RemoveAddress()]
+    s, acts = run(s, AddressRemoved())
+    assert acts == [DeleteOwnerKey(11, lease=LEASE, leave=True)]
+    s, acts = run(s, KeyReleased())
+    assert s.state is State.STOPPED and acts == []
+    s, acts = run(owner(), ShutdownRequested(revoke=False), AddressRemoved())
+    assert acts[-1:] == [DeleteOwnerKey(11, lease=LEASE)]
+    s, acts = run(owner(), ReleaseRequested("operator"), ShutdownRequested(revoke=True), AddressRemoved())
+    assert acts[-1:] == [DeleteOwnerKey(11, lease=LEASE, leave=True)]
+    s, acts = run(owner(), AddressFailed("EIO"), ShutdownRequested(revoke=True), AddressRemoved())
+    assert acts[-1:] == [DeleteOwnerKey(11, lease=0, leave=False)]
+
+
 def test_shutdown_stops_even_if_key_delete_fails():
     s, _ = run(owner(), ShutdownRequested(), AddressRemoved(), ReleaseFailed("etcd down"))
     assert s.state is State.STOPPED
 
 
-def test_shutdown_of_backup_stops_and_ensures_absence():
+def test_shutdown_of_backup_stops_without_touching_the_kernel():
     s, acts = run(backup(), ShutdownRequested())
-    assert s.state is State.STOPPED and acts == [RemoveAddress()]
+    assert s.state is State.STOPPED and acts == []
     s, acts = run(s, OwnerObserved(ABSENT), Tick(), LeaseValid(LEASE, 200.0))
     assert s.state is State.STOPPED and acts == []
 

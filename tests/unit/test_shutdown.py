@@ -13,11 +13,12 @@ from vipd.model import State
 from vipd.ownership.state import Sub
 
 
-def unit(name: str, stopped: bool) -> SimpleNamespace:
+def unit(name: str, stopped: bool, sub: Sub = Sub.REMOVING) -> SimpleNamespace:
     ev = trio.Event()
     if stopped:
         ev.set()
-    return SimpleNamespace(name=name, stopped=ev, state=SimpleNamespace(state=State.RELEASING, sub=Sub.REMOVING))
+    return SimpleNamespace(name=name, stopped=ev, state=SimpleNamespace(state=State.RELEASING, sub=sub),
+                           address_gone=stopped or sub is not Sub.REMOVING)
 
 
 async def test_a_hung_release_is_named_within_the_grace(autojump_clock, caplog) -> None:  # type: ignore[no-untyped-def]
@@ -54,3 +55,16 @@ async def test_revoke_only_runs_bounded(autojump_clock) -> None:  # type: ignore
     await shutdown.revoke(hangs, 8, 1.0, lambda: forgot.append(True))
     assert trio.current_time() - t0 == 1.0 and forgot == [True]
     assert shutdown.stop_bound(1.0) < 10  # inside the unit's TimeoutStopSec
+
+
+async def test_units_left_with_their_keys_only_do_not_hold_the_revoke_back(autojump_clock, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Past the grace, units whose addresses are gone (marking their keys) are not hung: the revoke
+    deletes their keys; one unit still removing its address holds it back."""
+    caplog.set_level(logging.INFO, logger="vipd")
+    marking = [unit(f"k{i}", False, Sub.DELETING) for i in range(3)]
+    assert await shutdown.wait_stopped([unit("a", True), *marking]) == []
+    assert "shutdown_keys_left_to_revoke" in caplog.text and "units=3" in caplog.text
+    assert "shutdown_grace_exceeded" not in caplog.text
+    removing = unit("r", False)
+    assert await shutdown.wait_stopped([*marking, removing]) == [removing]
+    assert "shutdown_grace_exceeded" in caplog.text and "r:releasing/removing" in caplog.text

@@ -84,7 +84,7 @@ class OwnerKeys:
         self.node = node
         self._campaigns: Coalescer[tuple[str, int], tuple[bool, OwnerRecord]] = Coalescer(
             self._campaign_batch, max_batch=TXN_BATCH, parallel=PARALLEL_TXNS)
-        self._releases: Coalescer[tuple[str, int, int], bool] = Coalescer(
+        self._releases: Coalescer[tuple[str, int, int, bool], bool] = Coalescer(
             self._release_batch, max_batch=TXN_BATCH, parallel=PARALLEL_TXNS)
         # our own keys: name -> (epoch, mod revision last written or seen): later writes compare it
         self.held: dict[str, tuple[int, int]] = {}
@@ -156,11 +156,12 @@ class OwnerKeys:
         """Create our owner key for ``vip`` on ``lease`` if there is none: (won, the key's record)."""
         return await self._campaigns.submit((vip, lease))
 
-    async def release(self, vip: str, epoch: int, lease: int = 0) -> bool:
+    async def release(self, vip: str, epoch: int, lease: int = 0, leave: bool = False) -> bool:
         """Delete our owner key for this epoch; never someone else's. With `lease` (a clean hand-back:
         our address is already gone), first mark the value `<node> released` so the next owner knows
-        no stray copy of the address can answer and may skip its conflict probe."""
-        return await self._releases.submit((vip, epoch, lease))
+        no stray copy of the address can answer and may skip its conflict probe. With `leave` as
+        well, only mark it: the caller revokes the lease next, which deletes every key at once."""
+        return await self._releases.submit((vip, epoch, lease, leave and bool(lease)))
 
     @property
     def batches(self) -> int:
@@ -179,21 +180,26 @@ class OwnerKeys:
                     self._saw(vip, done[n][1])
         return [done[n] for n in range(len(items))]
 
-    async def _release_batch(self, items: list[tuple[str, int, int]]) -> list[Union[bool, BaseException]]:
+    async def _release_batch(self, items: list[tuple[str, int, int, bool]]) -> list[Union[bool, BaseException]]:
         done: dict[int, bool] = {}
         for part in _unique_keys(items, lambda i: i[0]):
-            clean = [(vip, epoch, lease) for _, (vip, epoch, lease) in part if lease]
+            clean = [(n, vip, epoch, lease) for n, (vip, epoch, lease, _) in part if lease]
             if clean:  # first mark the clean hand-backs (their watchers see "released" before the delete)
                 results, revision = await self._client.txn_each([
                     self._if_ours(vip, epoch, EtcdClient.put_request(
                         self.key(vip), owner_value(self.node, released=True, epoch=epoch), lease))
-                    for vip, epoch, lease in clean])
-                for (vip, epoch, _), (ok, _) in zip(clean, results):
+                    for _, vip, epoch, lease in clean])
+                for (n, vip, epoch, _), (ok, _) in zip(clean, results):
                     if ok:
                         self.held[vip] = (epoch, revision)
-            ops = [self._if_ours(vip, epoch, EtcdClient.delete_request(self.key(vip))) for _, (vip, epoch, _) in part]
+                    if items[n][3]:
+                        done[n] = ok  # left to the lease's revoke: marked is done
+            rest = [(n, (vip, epoch)) for n, (vip, epoch, _, leave) in part if not leave]
+            if not rest:
+                continue
+            ops = [self._if_ours(vip, epoch, EtcdClient.delete_request(self.key(vip))) for _, (vip, epoch) in rest]
             results, _ = await self._client.txn_each(ops)
-            for (n, (vip, epoch, _)), (ok, _) in zip(part, results):
+            for (n, (vip, _)), (ok, _) in zip(rest, results):
                 done[n] = ok
                 if ok:
                     self.held.pop(vip, None)

@@ -37,7 +37,7 @@ class AnnouncePort(Protocol):
 
 class KeysPort(Protocol):
     async def campaign(self, vip: str, lease: int) -> tuple[bool, OwnerRecord]: ...
-    async def release(self, vip: str, epoch: int, lease: int = 0) -> bool: ...
+    async def release(self, vip: str, epoch: int, lease: int = 0, leave: bool = False) -> bool: ...
 
 
 class TakeoverPort(Protocol):
@@ -114,6 +114,7 @@ class Controller:
         self._announcing = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._busy = False  # inside handle(): kernel actions of a step in progress
+        self._remove_failed = False  # the last address removal failed (an address may remain)
         self._wait: trio.CancelScope | None = None  # the receive's timer, while the task waits
         # the newest keepalive not stepped yet: taken before the unit's next event (a marker in the
         # channel wakes the task for it, unless defer_lease kept it without one)
@@ -223,6 +224,19 @@ class Controller:
         return actions
 
     @property
+    def address_gone(self) -> bool:
+        """Every address of the unit is out of the kernel for good (a stop may revoke the lease):
+        its last removal did not fail, and it is past it (RELEASING with only the key left, or
+        STOPPED with every action of its last step done). A unit stopped after a failed removal (a
+        fenced one) is not: its address may serve until its lifetime ends."""
+        s = self.state
+        if self._remove_failed:
+            return False
+        if s.state is State.RELEASING:
+            return s.sub in (Sub.DELETING, Sub.RETRY_DELETE)
+        return s.state is State.STOPPED and (self.stopped.is_set() or not self._busy)
+
+    @property
     def valid_until(self) -> float:
         """The unit's lease validity, counting a keepalive kept for it (defer_lease)."""
         kept = self._kept
@@ -289,7 +303,7 @@ class Controller:
             self._peer_takeover = True
             self._spawn(self._take_over, action.record, action.lease)
         elif isinstance(action, DeleteOwnerKey):
-            self._spawn(self._delete_key, action.epoch, action.lease)
+            self._spawn(self._delete_key, action.epoch, action.lease, action.leave)
         elif isinstance(action, HoldOff):
             if self._holdoff is not None:
                 self._holdoff(self.name, action.active)
@@ -372,6 +386,7 @@ class Controller:
                 self._metrics.count_dataplane_error(self.name, "remove")
                 log.error("address_remove_failed", vip=self.name, address=vip.address, error=e)
                 failed = e
+        self._remove_failed = failed is not None
         return RemoveFailed(str(failed)) if failed else AddressRemoved()
 
     def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -422,9 +437,9 @@ class Controller:
             log.info("took_over", vip=self.name, previous=record.node, epoch=now.epoch)
         self.post(CampaignWon(now) if won else CampaignLost(now))
 
-    async def _delete_key(self, epoch: int, lease: int) -> None:
+    async def _delete_key(self, epoch: int, lease: int, leave: bool) -> None:
         try:
-            await self._keys.release(self.name, epoch, lease)
+            await self._keys.release(self.name, epoch, lease, leave)
         except EtcdError as e:
             log.warning("owner_key_delete_failed", vip=self.name, epoch=epoch, error=e)
             self.post(ReleaseFailed(str(e)))

@@ -85,8 +85,8 @@ def _fence(s: VipState, reason: str, now: float) -> Result:
 
 
 def _release(s: VipState, now: float, reason: str, *, then: State = S.BACKUP, clean: bool = True,
-             preempt: bool = False) -> Result:
-    s = _to(s, S.RELEASING, Sub.REMOVING, reason, release=Release(reason, then, clean, preempt), preempt=None,
+             preempt: bool = False, revoke: bool = False) -> Result:
+    s = _to(s, S.RELEASING, Sub.REMOVING, reason, release=Release(reason, then, clean, preempt, revoke), preempt=None,
             retry_at=0.0, changed_at=now)
     return s, [StopAnnouncing(), RemoveAddress()]
 
@@ -109,7 +109,8 @@ def _released(p: Params, s: VipState, now: float, reason: str) -> Result:
 def _give_key_back(s: VipState) -> Result:
     """RELEASING with the addresses gone: delete the key (marked clean when we served fine)."""
     rel = s.release or Release(s.reason)
-    return _to(s, S.RELEASING, Sub.DELETING, s.reason), [DeleteOwnerKey(s.epoch, s.lease if rel.clean else 0)]
+    leave = rel.clean and rel.revoke and rel.then is S.STOPPED  # the lease's revoke deletes it
+    return _to(s, S.RELEASING, Sub.DELETING, s.reason), [DeleteOwnerKey(s.epoch, s.lease if rel.clean else 0, leave)]
 
 
 def _campaign_if_allowed(p: Params, s: VipState, now: float) -> Result:
@@ -137,7 +138,16 @@ def _start(p: Params, s: VipState, ev: Event, now: float) -> Result:
 
 
 def _stop_idle(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    """INIT: its stale-copy removal may not have run yet: ensure absence on the way out."""
     return _to(s, S.STOPPED, Sub.NONE, "shutdown"), [RemoveAddress()]
+
+
+def _stop_backup(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    """A BACKUP holds no address (every path into it removed it first; a stray one the reconcile
+    tick found is removed by the task before it takes this event): nothing to do in the kernel.
+    Thousands of backups at a stop would otherwise each queue an address dump for nothing;
+    `vipd cleanup` (ExecStopPost) and the next start remove any tagged leftover anyway."""
+    return _to(s, S.STOPPED, Sub.NONE, "shutdown"), []
 
 
 def _backup_won(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -256,7 +266,8 @@ def _holding_release(p: Params, s: VipState, ev: Event, now: float) -> Result:
 
 
 def _holding_shutdown(p: Params, s: VipState, ev: Event, now: float) -> Result:
-    return _release(s, now, "shutdown", then=S.STOPPED)
+    assert isinstance(ev, ShutdownRequested)
+    return _release(s, now, "shutdown", then=S.STOPPED, revoke=ev.revoke)
 
 
 def _owner_preempt_granted(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -342,8 +353,9 @@ def _releasing_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Resu
 
 
 def _releasing_shutdown(p: Params, s: VipState, ev: Event, now: float) -> Result:
+    assert isinstance(ev, ShutdownRequested)
     rel = s.release or Release(s.reason)
-    return replace(s, release=replace(rel, then=S.STOPPED)), []
+    return replace(s, release=replace(rel, then=S.STOPPED, revoke=ev.revoke)), []
 
 
 def _fenced_shutdown(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -366,7 +378,7 @@ def _table() -> dict[tuple[State, type], Handler]:
         (S.BACKUP, ReleaseFailed): _backup_key_done,
         (S.BACKUP, LeaseGone): _backup_lease_gone,
         (S.BACKUP, Reconcile): _present_stray,
-        (S.BACKUP, ShutdownRequested): _stop_idle,
+        (S.BACKUP, ShutdownRequested): _stop_backup,
         (S.BACKUP, PreemptGranted): _token_not_needed,
         (S.ACQUIRING, ProbeDone): _probe_done,
         (S.ACQUIRING, AddressAdded): _added,
