@@ -1,15 +1,20 @@
 """A planned stop, bounded: it ends within `stop_bound(request_timeout)` seconds, always.
 
-1. Every controller is asked to stop (ShutdownRequested): an owner removes its addresses, then hands
-   its key back (marked clean). They get SHUTDOWN_GRACE seconds together.
-2. Only when all of them stopped is the host lease revoked (2 x request_timeout at most), so the
-   other hosts may take over at once: no address of ours is left to overlap with theirs.
-   If one did not stop in time (a netlink call or etcd answer that hangs), its address may still
-   be in the kernel: the lease is NOT revoked and the token fence table stays. That is the lease
-   path: the kernel ends the address at its lifetime, before the lease can expire in etcd (the
-   fence margin), and only then can another host win. One log line (`shutdown_grace_exceeded`)
-   names the units and the state they hung in. systemd's ExecStopPost (`vipd cleanup`) then
-   removes the addresses and revokes the recorded lease, which shortens it again.
+1. Every controller is asked to stop (ShutdownRequested(revoke=True)): an owner removes its
+   addresses, then marks its key released (batched: one write per key, no delete); a backup just
+   stops. They get SHUTDOWN_GRACE seconds together.
+2. Once no unit's address can be in the kernel (every unit stopped, or past its removal with only
+   its key's mark pending: Controller.address_gone), the host lease is revoked (2 x
+   request_timeout at most): etcd deletes every key of ours in one revision and the other hosts
+   take over at once, with no address of ours left to overlap with theirs (a watcher saw each
+   "released" mark that landed before the deletion: no conflict probe for those).
+   If a unit's address may still be in the kernel (a netlink call that hangs, a removal that
+   failed: even a stopped unit counts), the lease is NOT revoked and the token fence table stays.
+   That is the lease path: the kernel ends the address at its lifetime, before the lease can
+   expire in etcd (the fence margin), and only then can another host win. One log line
+   (`shutdown_grace_exceeded`) names the units and the state they hung in. systemd's
+   ExecStopPost (`vipd cleanup`) then removes the addresses and revokes the recorded lease, which
+   shortens it again.
 3. Our nftables tables are removed (NFT_GRACE), the hooks of the releases get HOOK_GRACE.
 
 With the default request_timeout (1 s) the bound is 3 + 2 + 1 + 2 = 8 s, inside the unit's
