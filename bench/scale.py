@@ -11,10 +11,14 @@ the trouble it cost). Then SIGTERM: time until every address is gone and how man
 the process exited. Also the footprint at 10 VIPs: idle RSS, start to ready, and `vipd cleanup`
 start to first removal.
 
-Cluster (`--cluster-vips M`, default 10000, 0 skips it): three hosts with the same M VIPs (on lo:
-the NIC's neighbour tables are not the point here), default placement. Settled = every VIP held by
-exactly one host; then etcd requests per second at steady state; then a planned stop (SIGTERM) of
-h3 and the time until every VIP it held is held by another host.
+Cluster (`--cluster-vips M`, default 10000, 0 skips it): three hosts with the same M VIPs on their
+NIC (`--cluster-on lo`: on lo, routed VIPs, which have no token fence and so fail over by the lease
+on a crash), default placement, fast takeover on (`[peers]` on the hosts' lab addresses;
+`--no-peers`: lease takeover only). Settled = every VIP held by
+exactly one host; then CPU per host and etcd requests per second at steady state; then a planned
+stop (SIGTERM) of h3: per VIP, when another host holds it (p10/p50/p90/all, polled every ~50 ms);
+then (`--no-crash` skips it) h2 is SIGKILLed and the same for h1 taking h2's VIPs. All three vipd
+and etcd share this machine's cores: a stop's work on every host competes for them.
 
 Runs as root, in namespaces named vts* (removed on exit; a killed run's leftovers are removed by the
 next). Output: a table on stdout and bench/out/scale-<ts>.json, with every log in bench/out/scale-<ts>/.
@@ -229,8 +233,28 @@ def holders(lab: Lab) -> dict[str, set[Any]]:
     return {h.name: tagged_addresses(h.ns) for h in lab.hosts}
 
 
+def moves(lab: Lab, ips: set[Any], to: list[Any], t0: float, timeout: float) -> dict[str, Any]:
+    """Poll the hosts `to` (every ~50 ms) until each of `ips` is held by one of them: per VIP, the
+    first poll it was seen there, in seconds after t0; the distribution, and how many never moved."""
+    seen: dict[Any, float] = {}
+    while len(seen) < len(ips) and time.monotonic() - t0 < timeout:
+        held = holders(lab)
+        now = time.monotonic() - t0
+        for ip in ips - seen.keys():
+            if any(ip in held[h.name] for h in to):
+                seen[ip] = now
+        time.sleep(0.05)
+    times = sorted(seen.values())
+
+    def pct(q: float) -> float | None:
+        return round(times[min(len(times) - 1, int(q * len(times)))], 3) if times else None
+
+    return {"vips": len(ips), "p10_s": pct(0.1), "p50_s": pct(0.5), "p90_s": pct(0.9),
+            "all_s": round(times[-1], 3) if len(times) == len(ips) else None, "not_moved": len(ips) - len(times)}
+
+
 def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict[str, Any]:
-    vips = scale_vips(0, m)
+    vips = scale_vips(m, 0) if args.cluster_on == "nic" else scale_vips(0, m)
     wanted = vip_ips(vips)
     with Lab(PREFIX, n_hosts=3) as lab:
         etcd = EtcdServer(work / f"etcd-c{m}-{run}", host=str(lab.etcd_ip), client_port=2379, peer_port=2380,
@@ -239,6 +263,9 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
         try:
             cluster = Cluster(lab, work / f"cluster-{m}-{run}", vips, endpoints=[etcd.endpoint],
                               **profile(args.timing))
+            if not args.no_peers:  # fast takeover: heartbeats between the hosts' lab addresses
+                for h in lab.hosts:
+                    cluster.host_tables[h.name] = {"peers": {"address": str(h.ip.ip)}}
             t0 = time.monotonic()
             cluster.start_all()
             pids = [C.main_pid(p.pid) for p in cluster.procs.values()]
@@ -248,23 +275,27 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
                 return all(sum(ip in s for s in held.values()) == 1 for ip in wanted)
 
             ok = C.wait_until(settled, args.settle_timeout, interval=0.2)
-            result: dict[str, Any] = {"vips": m, "settled_s": round(time.monotonic() - t0, 2) if ok else None,
+            result: dict[str, Any] = {"vips": m, "on": args.cluster_on, "peers": not args.no_peers,
+                                      "settled_s": round(time.monotonic() - t0, 2) if ok else None,
                                       "per_host": {k: len(v & wanted) for k, v in holders(lab).items()}}
             if not ok:
                 return result
             result["steady"] = steady(lab, etcd, pids, args.steady)
-            h3 = lab.hosts[2]
+            h1, h2, h3 = lab.hosts
             moved = holders(lab)[h3.name] & wanted
+            cpu0 = [C.proc_cpu_seconds(p) for p in pids]
             t1 = time.monotonic()
             cluster.signal(h3, signal.SIGTERM)
-
-            def taken_over() -> bool:
-                held = holders(lab)
-                return all(any(ip in held[h.name] for h in lab.hosts[:2]) for ip in moved)
-
-            ok = C.wait_until(taken_over, 60, interval=0.05)
-            result["planned_stop"] = {"vips_moved": len(moved),
-                                      "all_held_elsewhere_s": round(time.monotonic() - t1, 3) if ok else None}
+            result["planned_stop"] = moves(lab, moved, [h1, h2], t1, 60)
+            result["planned_stop"]["all_held_elsewhere_s"] = result["planned_stop"]["all_s"]
+            result["planned_stop"]["cpu_s"] = [round(C.proc_cpu_seconds(p) - c, 2) for p, c in zip(pids[:2], cpu0)]
+            cluster.procs[h3.name].wait(30)
+            if args.crash:  # then h2 is lost (SIGKILL): h1 takes all of its VIPs
+                time.sleep(2.0)
+                lost = holders(lab)[h2.name] & wanted
+                t2 = time.monotonic()
+                cluster.signal(h2, signal.SIGKILL)
+                result["crash"] = moves(lab, lost, [h1], t2, 60)
             result["trouble"] = {h.name: trouble(log_events(cluster.log_path(h))) for h in lab.hosts}
             return result
         finally:
@@ -288,6 +319,12 @@ def main() -> int:
     p.add_argument("--no-footprint", action="store_true")
     p.add_argument("--stall", type=float, default=5.0,
                    help="single host: seconds etcd is frozen after the steady phase (0 skips)")
+    p.add_argument("--cluster-on", choices=("nic", "lo"), default="nic",
+                   help="cluster: VIPs on the hosts' NIC (token fence, fast takeover) or on lo (routed VIPs: "
+                        "no token fence, so a crash fails over by the lease)")
+    p.add_argument("--no-peers", action="store_true", help="cluster: fast takeover off (lease takeover only)")
+    p.add_argument("--crash", action=argparse.BooleanOptionalAction, default=True,
+                   help="cluster: after the planned stop, SIGKILL h2 and measure h1 taking its VIPs")
     p.add_argument("--timing", choices=("shipped", "ttl3"), default="shipped",
                    help="vipd's defaults (lease TTL 10 s), or lease TTL 3 s (a keepalive every 0.3 s)")
     args = p.parse_args()
@@ -339,11 +376,19 @@ def main() -> int:
                                             sum(sum(h.get("etcd_stall", {}).get("trouble", {}).values()) for h in hs)))],
                  [f"{n}+{n} VIPs: SIGTERM to exit (s)", med([h["stop_exit_s"] for h in hs])],
                  [f"{n}+{n} VIPs: left after exit", max(h["left_after_exit"] for h in hs)]]
-    for c in out["cluster"]:
-        rows += [[f"3 hosts, {c['vips']} VIPs: settled (s)", c.get("settled_s")],
-                 [f"3 hosts, {c['vips']} VIPs: etcd requests/s steady", c.get("steady", {}).get("etcd_requests_per_s")],
-                 [f"3 hosts, {c['vips']} VIPs: h3 stop, its VIPs held elsewhere (s)",
-                  c.get("planned_stop", {}).get("all_held_elsewhere_s")]]
+    cs = out["cluster"]
+    if cs:
+        m = cs[0]["vips"]
+
+        def dist(phase: str) -> str:
+            return " / ".join(str(med([c.get(phase, {}).get(k) for c in cs])) for k in ("p50_s", "p90_s", "all_s"))
+
+        rows += [[f"3 hosts, {m} VIPs: settled (s)", med([c.get("settled_s") for c in cs])],
+                 [f"3 hosts, {m} VIPs: steady CPU per host (% of a core)",
+                  " / ".join(str(med([c.get("steady", {}).get("cpu_percent", [None] * 3)[i] for c in cs])) for i in range(3))],
+                 [f"3 hosts, {m} VIPs: etcd requests/s steady", med([c.get("steady", {}).get("etcd_requests_per_s") for c in cs])],
+                 [f"3 hosts, {m} VIPs: h3 SIGTERM, its VIPs held elsewhere p50 / p90 / all (s)", dist("planned_stop")],
+                 [f"3 hosts, {m} VIPs: then h2 SIGKILL, h1 holds its VIPs p50 / p90 / all (s)", dist("crash")]]
     print(C.table(["measure", "median"], rows, right=[1]))
     path = work.with_suffix(".json")
     path.write_text(json.dumps(out, indent=2, default=str))

@@ -108,6 +108,7 @@ class Succession:
         self._arms: Coalescer[str, None] = Coalescer(self._arm_batch)
         self._disarms: Coalescer[tuple[VipSpec, ...], None] = Coalescer(self._disarm_batch)
         self._refresh = trio.Event()
+        self._scanned: tuple[int, dict[tuple[str, Generation | None, bool], float | None]] | None = None  # (version, grants) of the last pass
         self._wake = trio.Event()
         self.enabled = True  # off when the token fence or the heartbeats cannot run: lease takeover only
         self.renames = 0
@@ -242,9 +243,11 @@ class Succession:
                 out.append(peer)
         return out
 
-    def _cap(self, unit: str, owned: _Owned) -> float:
+    def _cap(self, unit: str, owned: _Owned, memo: dict[tuple[str, Generation | None, bool], float | None] | None = None) -> float:
         """The unit's token deadline: H_etcd, bounded by the grants of every peer that may take it
-        over; -inf (no token) once the key names another owner."""
+        over; -inf (no token) once the key names another owner. `memo`: the peers' grants, read
+        once per pass over thousands of units (a grant is a pure function of its link's state,
+        which no pass awaits within)."""
         rec = self._records.get(unit)
         if rec is not None and rec.node != self.node:
             return -math.inf  # replaced (a takeover): never re-open, whatever the controller still thinks
@@ -256,26 +259,32 @@ class Succession:
                 return -math.inf
             uncertain = self._uncertain.get(unit, {})
             if peer in uncertain:  # etcd may name it since a rename that started with this generation
-                granted = link.granted_upto(uncertain[peer])
+                key = (peer, uncertain[peer], True)
             elif peer == target and (rec is None or rec.successor != target):
-                granted = link.granted_upto(gen)  # a rename in flight: generations seen at its start
+                key = (peer, gen, True)  # a rename in flight: generations seen at its start
             else:  # the named successor: validated generations only (it may have taken over already)
-                granted = link.granted_until()
+                key = (peer, None, False)
+            if memo is not None and key in memo:
+                granted = memo[key]
+            else:
+                granted = link.granted_upto(key[1]) if key[2] else link.granted_until()
+                if memo is not None:
+                    memo[key] = granted
             cap = min(cap, granted if granted is not None else -math.inf)
         return cap
 
-    async def _arm(self, units: list[tuple[str, _Owned]]) -> None:
-        """Arm each unit's token to its cap, in one batch (call with the lock held)."""
+    async def _arm(self, units: list[tuple[str, _Owned]], caps: list[float] | None = None) -> None:
+        """Arm each unit's token to its cap (`caps`: computed by the caller in this same step), in one
+        batch (call with the lock held)."""
         floor = self._clock() - 1.0  # "already over": the fence removes the token
-        caps = [self._cap(u, o) for u, o in units]
+        if caps is None:
+            memo: dict[tuple[str, Generation | None, bool], float | None] = {}
+            caps = [self._cap(u, o, memo) for u, o in units]
         await self._fence.arm_many([(o.vips, max(cap, floor)) for (_, o), cap in zip(units, caps)])
         for (_, o), cap in zip(units, caps):
             o.armed = cap
         self.refreshes += 1
 
-    def _due(self, unit: str, owned: _Owned) -> bool:
-        cap = self._cap(unit, owned)
-        return cap < owned.armed or cap - owned.armed >= self._step
 
     async def refresh(self) -> None:
         """Re-arm tokens whose grant moved forward by a step (or fell): after acks, renames, records."""
@@ -283,12 +292,40 @@ class Succession:
             await self._refresh.wait()
             self._refresh = trio.Event()
             async with self._lock:
-                due = [(u, o) for u, o in self._owned.items() if self._due(u, o)]
+                if self._quiet():
+                    continue
+                memo: dict[tuple[str, Generation | None, bool], float | None] = {}
+                due, caps = [], []
+                for u, o in self._owned.items():
+                    cap = self._cap(u, o, memo)
+                    if cap < o.armed or cap - o.armed >= self._step:  # moved a step forward, or fell
+                        due.append((u, o))
+                        caps.append(cap)
+                self._scanned = (self._version, memo)
                 if due:
                     try:
-                        await self._arm(due)
+                        await self._arm(due, caps)
                     except DataplaneError as e:  # the tokens end at their previous deadlines: loud, never unsafe
                         log.error("token_refresh_failed", units=len(due), error=e)
+
+    def _quiet(self) -> bool:
+        """Nothing the tokens depend on changed since the last pass over every unit (no record,
+        rename or owned unit; no grant fell or moved a step): an ack then costs O(peers), not
+        O(units), and the passes coincide with the re-arms they find due. A token may so trail its
+        grant by up to 2 steps (liveness only: a token only ever ends earlier than its grant)."""
+        if self._scanned is None or self._scanned[0] != self._version:
+            return False
+        for (peer, gen, upto), old in self._scanned[1].items():
+            link = self._peers.link(peer)
+            if link is None:
+                return False
+            now = link.granted_upto(gen) if upto else link.granted_until()
+            if now is None or old is None:
+                if now != old:
+                    return False
+            elif now < old or now - old >= self._step:
+                return False
+        return True
 
     # ---- the successor side: take over ------------------------------------------------------
 

@@ -12,7 +12,7 @@ import trio
 from vipd.election.owners import owner_value, parse_value
 from vipd.model import OwnerRecord, PeerSuspected, VipSpec
 from vipd.peers import wire
-from vipd.peers.protocol import Params, PeerLink, Suspected
+from vipd.peers.protocol import Acked, Params, PeerLink, Suspected
 from vipd.succession import HOLD_DOWN, REBALANCE_AFTER, Succession
 
 L, G, H = 0.090, 0.130, 0.010
@@ -414,3 +414,51 @@ def test_the_peers_the_tokens_depend_on_follow_renames_disarms_and_new_units():
         assert s._peers_used() == ({"h2"}, {"h2"})
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_acks_that_move_no_grant_a_step_cost_no_pass_over_the_units():
+    """Thousands of units share one successor: an ack re-reads the peers' grants only, and a pass
+    over every unit runs once a grant moved a step (without `_quiet`, on every ack); every token
+    still stays open while the acks flow and trails its grant by at most 2 steps."""
+    units = [VipSpec(f"v{i}", ipaddress.ip_interface(f"10.0.1.{i}/32"), "eth0") for i in range(50)]
+
+    async def main(quiet: bool) -> int:
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        if not quiet:
+            s._quiet = lambda: False  # type: ignore[method-assign]
+        for v in units:
+            s.observe(v.name, OwnerRecord("h1", 11, 7, 11))
+        await s.arm_many([([v], now + 60.0) for v in units])
+        await trio.sleep(HOLD_DOWN + 0.01)
+        peers.heartbeat(trio.current_time())
+        await s._rename(s._plan(trio.current_time()))
+        assert all(s.successor(v.name) == "h2" for v in units)
+        calls = 0
+        cap = s._cap
+
+        def counted(*a: Any) -> float:
+            nonlocal calls
+            calls += 1
+            return cap(*a)
+
+        s._cap = counted  # type: ignore[method-assign]
+        async with trio.open_nursery() as n:
+            n.start_soon(s.refresh)
+            for _ in range(200):  # 2 s of heartbeats, each acked at once
+                peers.heartbeat(trio.current_time())
+                s.on_peer_event(Acked("h2", peers.links["h2"].granted_until() or 0.0))  # (wakes the refresh)
+                await trio.sleep(H)
+                now = trio.current_time()
+                grant = peers.links["h2"].granted_until()
+                assert grant is not None
+                for v in units:
+                    assert fence.until[v.name] > now
+                    assert grant - fence.until[v.name] <= 2 * s._step + 1e-9
+            n.cancel_scope.cancel()
+        return calls
+
+    eager = trio.run(main, False, clock=trio.testing.MockClock(autojump_threshold=0))
+    lazy = trio.run(main, True, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert eager >= 200 * len(units)
+    assert lazy <= 0.6 * eager, (lazy, eager)
