@@ -334,7 +334,10 @@ class Succession:
         if (not self.enabled or record.node is None or self._peers.link(record.node) is None
                 or not self._peers.suspect(record.node)):
             return False, record
-        won, now = await self._keys.take_over(unit, record, lease)
+        owner = record.node
+        # batched with the takeovers of every other unit of that owner; suspect() is asked again
+        # right before the transaction goes out (the argument above: sent while suspect holds)
+        won, now = await self._keys.take_over(unit, record, lease, lambda: self._peers.suspect(owner))
         if won and self._metrics is not None:
             since = self._suspected_at.get(record.node)
             self._metrics.record_takeover(unit, "peer", None if since is None else self._clock() - since)

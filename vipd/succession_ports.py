@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 from vipd.model import OwnerRecord, VipSpec
 from vipd.peers.protocol import Generation
@@ -17,7 +17,8 @@ class TokenFence(Protocol):
 
 class Keys(Protocol):
     async def rename(self, items: Sequence[tuple[str, OwnerRecord, str | None]]) -> dict[str, tuple[bool, OwnerRecord]]: ...
-    async def take_over(self, vip: str, record: OwnerRecord, lease: int) -> tuple[bool, OwnerRecord]: ...
+    async def take_over(self, vip: str, record: OwnerRecord, lease: int,
+                        still: Callable[[], bool] = ...) -> tuple[bool, OwnerRecord]: ...
 
 
 class Link(Protocol):  # vipd.peers.protocol.PeerLink, as read here

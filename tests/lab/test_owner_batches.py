@@ -115,6 +115,40 @@ async def test_a_stop_marks_keys_released_and_the_revoke_deletes_them_at_once(et
         assert events[:len(names) - 1] == [ev for ev in events if ev.type != "DELETE"]  # every mark first
 
 
+async def test_concurrent_takeovers_are_batched_and_each_compares_its_own_record(etcd_server: EtcdServer) -> None:
+    """b owns 250 keys naming a as successor; a takes all over at once: a few transactions, each
+    key replaced only if it still has the record a saw, and one whose reason no longer holds when
+    its batch goes out (`still`) is not sent at all."""
+    names = [f"t{i}" for i in range(250)]
+    async with EtcdClient([etcd_server.endpoint], timeout=2.0) as c:
+        lease_a, _ = await c.grant(30)
+        lease_b, _ = await c.grant(30)
+        a, b = OwnerKeys(c, PREFIX, "a"), OwnerKeys(c, PREFIX, "b")
+        won = await campaign_all(b, names, lease_b)
+        records = {n: rec for n, (_, rec) in won.items()}
+        await c.put(b.key("t5"), owner_value("b", epoch=records["t5"].epoch), lease_b)  # t5 moved on since
+        results: dict[str, Any] = {}
+
+        async def take(name: str) -> None:
+            results[name] = await a.take_over(name, records[name], lease_a, lambda: name != "t9")
+
+        before = a._takeovers.batches
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(take, name)
+        assert a._takeovers.batches - before <= len(names) // TXN_BATCH + 2  # not one request per VIP
+        assert {n for n, (ok, _) in results.items() if not ok} == {"t5", "t9"}
+        assert results["t9"] == (False, records["t9"]) and results["t5"][1].node == "b"
+        kvs, _ = await c.get_prefix(a.prefix)
+        values = {a.vip_of(kv.key): (kv.value, kv.lease) for kv in kvs}
+        for n in names:
+            if n in ("t5", "t9"):
+                assert values[n][1] == lease_b
+            else:
+                assert values[n] == (owner_value("a", epoch=records[n].revision + 1), lease_a)
+                assert results[n][1].epoch == records[n].revision + 1
+
+
 async def _events(c: EtcdClient, prefix: str, start: int, until: int) -> list[Any]:
     out: list[Any] = []
     async with aclosing(c.watch_prefix(prefix, start)) as batches:

@@ -84,6 +84,8 @@ class OwnerKeys:
         self.node = node
         self._campaigns: Coalescer[tuple[str, int], tuple[bool, OwnerRecord]] = Coalescer(
             self._campaign_batch, max_batch=TXN_BATCH, parallel=PARALLEL_TXNS)
+        self._takeovers: Coalescer[tuple[str, OwnerRecord, int, Callable[[], bool]], tuple[bool, OwnerRecord]] = (
+            Coalescer(self._take_over_batch, max_batch=TXN_BATCH, parallel=PARALLEL_TXNS))
         self._releases: Coalescer[tuple[str, int, int, bool], bool] = Coalescer(
             self._release_batch, max_batch=TXN_BATCH, parallel=PARALLEL_TXNS)
         # our own keys: name -> (epoch, mod revision last written or seen): later writes compare it
@@ -114,20 +116,39 @@ class OwnerKeys:
         elif record.node != self.node:
             self.held.pop(name, None)
 
-    async def take_over(self, vip: str, record: OwnerRecord, lease: int) -> tuple[bool, OwnerRecord]:
+    async def take_over(self, vip: str, record: OwnerRecord, lease: int,
+                        still: Callable[[], bool] = lambda: True) -> tuple[bool, OwnerRecord]:
         """Replace `record` (a peer's key naming us successor) with ours on `lease`, only if the key
-        still has record's mod revision: (won, the key's record now)."""
-        key = self.key(vip)
-        value = owner_value(self.node, epoch=record.revision + 1)
-        op = EtcdClient.if_mod_op(key, record.revision, EtcdClient.put_request(key, value, lease),
-                                  otherwise={"request_range": {"key": EtcdClient.b64(key)}})
-        results, revision = await self._client.txn_each([op])
-        ok, responses = results[0]
-        if ok:
-            won = OwnerRecord(self.node, record.revision + 1, lease, revision)
-            self._saw(vip, won)
-            return True, won
-        return False, self._current(responses, revision)
+        still has record's mod revision: (won, the key's record now). Takeovers that many units ask
+        for at once (a host lost) share transactions; `still()` is asked again right before the
+        transaction goes out, and an item for which it no longer holds is not sent (lost, record
+        unchanged): a takeover must be sent while its reason holds (vipd/succession.py)."""
+        return await self._takeovers.submit((vip, record, lease, still))
+
+    async def _take_over_batch(self, items: list[tuple[str, OwnerRecord, int, Callable[[], bool]]],
+                               ) -> list[Union[tuple[bool, OwnerRecord], BaseException]]:
+        done: dict[int, tuple[bool, OwnerRecord]] = {}
+        for part in _unique_keys(items, lambda i: i[0]):
+            send = [(n, vip, record, lease) for n, (vip, record, lease, still) in part if still()]
+            for n, (_, record, _, _) in part:
+                done.setdefault(n, (False, record))  # (replaced below when sent)
+            if not send:
+                continue
+            ops = []
+            for _, vip, record, lease in send:  # (no await between still() and the request)
+                key = self.key(vip)
+                ops.append(EtcdClient.if_mod_op(key, record.revision, EtcdClient.put_request(
+                    key, owner_value(self.node, epoch=record.revision + 1), lease),
+                    otherwise={"request_range": {"key": EtcdClient.b64(key)}}))
+            results, revision = await self._client.txn_each(ops)
+            for (n, vip, record, lease), (ok, responses) in zip(send, results):
+                if ok:
+                    won = OwnerRecord(self.node, record.revision + 1, lease, revision)
+                    self._saw(vip, won)
+                    done[n] = (True, won)
+                else:
+                    done[n] = (False, self._current(responses, revision))
+        return [done[n] for n in range(len(items))]
 
     async def rename(self, items: Sequence[tuple[str, OwnerRecord, str | None]]) -> dict[str, tuple[bool, OwnerRecord]]:
         """For each (name, our record, successor): rewrite our key naming `successor` (None: nobody),
