@@ -280,6 +280,22 @@ async def test_arm_many_one_batch_and_timeouts(lab: Lab, timeout_update: bool) -
         await fence.remove_all()
 
 
+async def test_ten_thousand_vips_fit_in_the_table_and_in_one_arm(lab: Lab) -> None:
+    """5,000 IPv4 and 5,000 IPv6 VIPs: the managed sets and one arm of every token go in messages of
+    a bounded size (one message per set overflowed a netlink attribute's 16-bit length: a traceback
+    at start-up with ~2,300 IPv6 VIPs on a NIC)."""
+    nic = lab.nic
+    many = [VipSpec(f"m{i}", ipaddress.ip_interface(f"10.214.{i // 250}.{i % 250 + 1}/32" if i % 2 == 0
+                                                      else f"fd00:214::{i + 1:x}/128"), nic) for i in range(10000)]
+    async with Netlink(lab.host("h1").ns) as nl, NftFence(nl) as fence:
+        await fence.ensure(many)
+        now = trio.current_time()
+        await fence.arm_many([((v,), now + 100) for v in many])
+        got = {**token_elements(lab, "token4"), **token_elements(lab, "token6")}
+        assert len(got) == 10000 and all(95000 < ms <= 100000 for ms in got.values())
+        await fence.remove_all()
+
+
 USER_TABLE = """table inet vtuser {
 	set vtkeep {
 		type ipv4_addr

@@ -37,7 +37,7 @@ import ipaddress
 import os
 import re
 import struct
-from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Iterable, NamedTuple, Optional, Sequence, TypeVar, Union
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
@@ -134,10 +134,10 @@ def rule_exprs(direction: str) -> list[tuple[str, list[dict[str, Any]]]]:
 # -- setup batch ----------------------------------------------------------------------------
 
 
-def _elems(set_name: str, elems: Optional[list[dict[str, Any]]], msg_type: int) -> Op:
+def _elems(set_name: str, elems: Optional[Sequence[dict[str, Any]]], msg_type: int) -> Op:
     attrs: list[tuple[str, Any]] = [("NFTA_SET_ELEM_LIST_TABLE", TABLE), ("NFTA_SET_ELEM_LIST_SET", set_name)]
     if elems is not None:
-        attrs.append(("NFTA_SET_ELEM_LIST_ELEMENTS", elems))
+        attrs.append(("NFTA_SET_ELEM_LIST_ELEMENTS", list(elems)))
     return Op(msg_type, tuple(attrs), NLM_F_CREATE if msg_type == nfts.NFT_MSG_NEWSETELEM else 0)
 
 
@@ -168,12 +168,10 @@ def setup_ops(managed: Iterable[tuple[IPAddress, str]], stale_devs: Iterable[str
                 ("NFTA_SET_ID", len(ops))), NLM_F_CREATE))
         ops.append(_elems(MANAGED[v], None, nfts.NFT_MSG_DELSETELEM))  # flush, then refill: atomic
         keys = [_key(ip) for ip, _ in managed if ip.version == v]
-        if keys:
-            ops.append(_elems(MANAGED[v], keys, nfts.NFT_MSG_NEWSETELEM))
+        ops += [_elems(MANAGED[v], part, nfts.NFT_MSG_NEWSETELEM) for part in _chunks(keys)]
         ops.append(_elems(L2ONLY[v], None, nfts.NFT_MSG_DELSETELEM))
         keys = [_key(ip) for ip in l2only if ip.version == v]
-        if keys:
-            ops.append(_elems(L2ONLY[v], keys, nfts.NFT_MSG_NEWSETELEM))
+        ops += [_elems(L2ONLY[v], part, nfts.NFT_MSG_NEWSETELEM) for part in _chunks(keys)]
     for dev in sorted(set(stale_devs) - {d for _, d in managed}):
         for chain in chain_names(dev):
             ops.append(Op(nfts.NFT_MSG_DELRULE, (("NFTA_RULE_TABLE", TABLE), ("NFTA_RULE_CHAIN", chain))))
@@ -250,6 +248,15 @@ _TABLE_ATTR = _nla(_L_TABLE, TABLE.encode() + b"\0")
 _SET_ATTR = {name: _nla(_L_SET, name.encode() + b"\0") for name in (*TOKEN.values(), *MANAGED.values())}
 
 
+ELEMS_PER_MSG = 500  # set elements per message: a netlink attribute's length is 16 bits (~50 bytes each)
+
+T = TypeVar("T")
+
+
+def _chunks(items: Sequence[T]) -> list[Sequence[T]]:
+    return [items[i:i + ELEMS_PER_MSG] for i in range(0, len(items), ELEMS_PER_MSG)]
+
+
 def token_batch(arm: Sequence[tuple[IPAddress, int]], remove: Sequence[IPAddress], seq: int,
                 timeout_update: bool = True) -> tuple[bytes, int]:
     """One nfnetlink batch: arm each (VIP, ms) in its token set (``timeout ms expires ms``) and
@@ -263,13 +270,12 @@ def token_batch(arm: Sequence[tuple[IPAddress, int]], remove: Sequence[IPAddress
         gone = [ip for ip in remove if ip.version == v]
         if gone or (up and not timeout_update):
             keys = [ip for ip, _ in up] + gone
-            parts.append((_NEWSETELEM, head + _nla(_L_ELEMENTS | _NLA_F_NESTED,
-                                                   b"".join(_elem(ip, MIN_TOKEN_MS) for ip in keys))))
-            parts.append((_DELSETELEM, head + _nla(_L_ELEMENTS | _NLA_F_NESTED,
-                                                   b"".join(_elem(ip, None) for ip in keys))))
-        if up:
-            parts.append((_NEWSETELEM, head + _nla(_L_ELEMENTS | _NLA_F_NESTED,
-                                                   b"".join(_elem(ip, ms) for ip, ms in up))))
+            parts += [(_NEWSETELEM, head + _nla(_L_ELEMENTS | _NLA_F_NESTED,
+                                                b"".join(_elem(ip, MIN_TOKEN_MS) for ip in part))) for part in _chunks(keys)]
+            parts += [(_DELSETELEM, head + _nla(_L_ELEMENTS | _NLA_F_NESTED,
+                                                b"".join(_elem(ip, None) for ip in part))) for part in _chunks(keys)]
+        parts += [(_NEWSETELEM, head + _nla(_L_ELEMENTS | _NLA_F_NESTED,
+                                            b"".join(_elem(ip, ms) for ip, ms in part))) for part in _chunks(up)]
     out = [_msg(_BATCH_BEGIN, _NLM_F_REQUEST, seq, b"", _NFNL_SUBSYS_NFTABLES)]
     for i, (kind, attrs) in enumerate(parts):
         flags = _NLM_F_REQUEST | (_NLM_F_ACK if i == len(parts) - 1 else 0)

@@ -64,6 +64,7 @@ Key = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]  # a VIP, as VipSp
 _ENOENT = 2
 _NETLINK_NETFILTER = 12
 _SOL_NETLINK, _NETLINK_CAP_ACK = 270, 10
+_SO_SNDBUFFORCE = 32  # socket.SO_SNDBUFFORCE is not exported by every Python
 _ACK_WAIT = 5.0  # seconds; the kernel answers a batch in well under a millisecond
 _MAX_PASSES = 3  # sends of one token batch when the thread is held up (see the module docstring)
 _LEAD_BASE = 0.0003  # seconds: clock read -> kernel insert for a small batch, with room to spare
@@ -80,6 +81,21 @@ class _Sockets:
         self.raw.bind((0, 0))
         self.raw.settimeout(_ACK_WAIT)
         self.seq = 1
+        self._sndbuf = self.raw.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+    def fit(self, size: int) -> None:
+        """Let one send of `size` bytes through (a token batch of thousands of VIPs is larger than
+        the default socket buffer: EMSGSIZE). SO_SNDBUFFORCE needs CAP_NET_ADMIN, which vipd has."""
+        if size + 4096 <= self._sndbuf // 2:  # (the kernel doubles what is set, and reports that)
+            return
+        want = 2 * (size + 4096)
+        for opt in (_SO_SNDBUFFORCE, socket.SO_SNDBUF):
+            try:
+                self.raw.setsockopt(socket.SOL_SOCKET, opt, want)
+                break
+            except OSError:
+                continue
+        self._sndbuf = self.raw.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
 
     def close(self) -> None:
         self.raw.close()
@@ -353,6 +369,7 @@ class NftFence:
         s.seq = (s.seq + len(arm) + len(remove) + 16) & 0x7FFFFFFF or 1
         if last < 0:
             return 0, time.perf_counter()
+        s.fit(len(data))
         s.raw.send(data)  # nfnetlink processes the whole batch inside this call
         sent = time.perf_counter()
         err = 0
