@@ -38,9 +38,8 @@ no longer extends; its next rewrite fails the compare and the controller fences.
 
 Liveness: O renames the successor (to the best other candidate whose acks arrive, or to nobody)
 when S stops acking for L/2, so a dead standby costs O nothing as long as etcd answers within L/2.
-A successor must have been heard continuously for HOLD_DOWN before it is named, and one dropped
-because its acks ran late is not named again for HOLD_DOWN (flapping links and loaded loops cause
-no rename storms), and S takes over only while it can reach etcd (the transaction). A live
+A successor must have been heard continuously for HOLD_DOWN before it is named (flapping links
+cause no move storms), and S takes over only while it can reach etcd (the transaction). A live
 successor is kept while the placement still lists it, until a better-ranked peer has been nameable
 for REBALANCE_AFTER = HOLD_DOWN (so successors, like owners, spread by placement once hosts settle), and
 replaced at once when the placement drops it (unfit, drained, in its release hold-off).
@@ -97,7 +96,6 @@ class Succession:
         self._records: dict[str, OwnerRecord] = {}  # latest record of every unit (from OwnerKeys)
         self._naming: dict[str, tuple[str | None, Generation | None]] = {}  # rename in flight: unit -> (target, its gen then)
         self._suspected_at: dict[str, float] = {}  # peer -> last suspicion
-        self._dropped_at: dict[str, float] = {}  # peer -> last time a rename dropped it as a successor
         self._uncertain: dict[str, dict[str, Generation | None]] = {}  # unit -> target of a rename of unknown
         # outcome -> the generation seen when the first such rename started
         self._eligible_since: dict[str, float] = {}  # peer -> since when it could be named (as last planned)
@@ -351,7 +349,7 @@ class Succession:
         link = self._peers.link(peer)
         if link is None or link.suspected or link.peer_gen is None:
             return False
-        if now - max(self._suspected_at.get(peer, -math.inf), self._dropped_at.get(peer, -math.inf)) < HOLD_DOWN:
+        if now - self._suspected_at.get(peer, -math.inf) < HOLD_DOWN:
             return False
         granted = link.granted_until(link.peer_gen)
         return granted is not None and granted > now + self._lease / 2
@@ -386,10 +384,6 @@ class Succession:
                 link.validated is None or link.peer_gen > link.validated)
             if want != current or (stale and want == current):
                 plan.append((unit, rec, want))
-            if current is not None and want != current and not self._eligible(current, now):
-                # dropped for acks running late (a loaded loop, not a suspicion): not named again
-                # for a hold-down either, or an owner of thousands renames them back and forth
-                self._dropped_at[current] = now
         return plan
 
     def _next_check(self, now: float) -> float:
@@ -400,7 +394,7 @@ class Succession:
             granted = link.granted_until() if link is not None else None
             if granted is not None:
                 times.append(granted - self._lease / 2)
-        times += [t + HOLD_DOWN for t in (*self._suspected_at.values(), *self._dropped_at.values()) if t + HOLD_DOWN > now]
+        times += [t + HOLD_DOWN for t in self._suspected_at.values() if t + HOLD_DOWN > now]
         times += [t + REBALANCE_AFTER for t in self._eligible_since.values() if t + REBALANCE_AFTER > now]
         return min(times, default=now + 1.0)
 
