@@ -250,7 +250,8 @@ def moves(lab: Lab, ips: set[Any], to: list[Any], t0: float, timeout: float) -> 
         return round(times[min(len(times) - 1, int(q * len(times)))], 3) if times else None
 
     return {"vips": len(ips), "p10_s": pct(0.1), "p50_s": pct(0.5), "p90_s": pct(0.9),
-            "all_s": round(times[-1], 3) if len(times) == len(ips) else None, "not_moved": len(ips) - len(times)}
+            "all_s": round(times[-1], 3) if times and len(times) == len(ips) else None,
+            "not_moved": len(ips) - len(times)}
 
 
 def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict[str, Any]:
