@@ -1,5 +1,5 @@
 """vipd.dataplane.addrdump's request/reply helpers against a scripted socket: the interface index
-by name, and a delete's verdict (absent is fine, other errors are raised, malformed replies too)."""
+by name, and a delete's verdict (absent is fine, other errors are reported, malformed replies raise)."""
 
 from __future__ import annotations
 
@@ -45,20 +45,18 @@ def test_link_index_by_name_none_when_absent_and_errors_raised() -> None:
     assert e.value.errno == errno.EPERM
 
 
-def test_delete_absent_is_fine_other_errors_and_malformed_replies_raise() -> None:
+def test_delete_absent_is_fine_other_errors_are_reported_and_malformed_replies_raise() -> None:
     entry = ad.RawAddress(3, ipaddress.ip_interface("10.0.0.5/32"), 0xBC, 5, 0, ipaddress.ip_address("10.0.0.5"))
-    ad.delete(Script([error(0)]), 9, entry)  # type: ignore[arg-type]
-    ad.delete(Script([error(errno.EADDRNOTAVAIL)]), 9, entry)  # type: ignore[arg-type]
-    with pytest.raises(OSError) as e:
-        ad.delete(Script([error(errno.EPERM)]), 9, entry)  # type: ignore[arg-type]
-    assert e.value.errno == errno.EPERM
+    assert ad.delete_many(Script([error(0)]), 9, [entry]) == [0]  # type: ignore[arg-type]
+    assert ad.delete_many(Script([error(errno.EADDRNOTAVAIL)]), 9, [entry]) == [0]  # type: ignore[arg-type]
+    assert ad.delete_many(Script([error(errno.EPERM)]), 9, [entry]) == [errno.EPERM]  # type: ignore[arg-type]
 
     class Broken(Script):
         def recv(self, _n: int) -> bytes:
             return HDR.pack(4, ad.NLMSG_ERROR, 0, 9, 0)  # a length shorter than the header
 
     with pytest.raises(OSError) as e:
-        ad.delete(Broken([]), 9, entry)  # type: ignore[arg-type]
+        ad.delete_many(Broken([]), 9, [entry])  # type: ignore[arg-type]
     assert e.value.errno == errno.EPROTO
 
 
@@ -110,3 +108,16 @@ def test_delete_many_pipelines_each_address_as_dumped_and_reports_each_verdict()
     assert ad.delete_many(many, 1, [raw(f"10.1.{i // 256}.{i % 256}/32") for i in range(n)]) == [0] * n  # type: ignore[arg-type]
     assert many.sends == [ad._CHUNK, ad._CHUNK, 5]
     assert [d[3] for d in many.deleted] == [f"10.1.{i // 256}.{i % 256}" for i in range(n)]
+
+
+def test_link_names_reads_each_links_name_whatever_comes_before_it() -> None:
+    def rta(kind: int, payload: bytes) -> bytes:
+        n = 4 + len(payload)
+        return struct.pack("=HH", n, kind) + payload + b"\0" * (-n & 3)
+
+    eth = struct.pack("=BxHiII", 0, 1, 42, 0, 0) + rta(4, struct.pack("=I", 1500)) + rta(ad.IFLA_IFNAME, b"eth0\0")
+    lo = struct.pack("=BxHiII", 0, 772, 1, 0, 0) + rta(ad.IFLA_IFNAME, b"lo\0")
+    nameless = struct.pack("=BxHiII", 0, 1, 7, 0, 0) + rta(4, struct.pack("=I", 1500))
+    done = (3, b"\0\0\0\0")  # NLMSG_DONE
+    got = ad.link_names(Script([(ad.RTM_NEWLINK, eth), (ad.RTM_NEWLINK, lo), (ad.RTM_NEWLINK, nameless), done]), 5)  # type: ignore[arg-type]
+    assert got == {42: "eth0", 1: "lo"}

@@ -1,4 +1,4 @@
-"""A fast address dump (and delete): RTM_GETADDR / RTM_DELADDR over a plain NETLINK_ROUTE socket,
+"""A fast address dump (and deletion, link names, refresh): RTM_GETADDR / RTM_DELADDR over a plain NETLINK_ROUTE socket,
 built and decoded with struct.
 
 pyroute2 decodes every attribute of every message into Python objects: ~75 us per address, so a
@@ -7,7 +7,7 @@ claim batch. This reads only what vipd looks at (index, address, prefix length, 
 lifetime, flags): a few microseconds per address. Runs in the Netlink owner thread
 (``Netlink.route_socket``), blocking, bounded by the socket's timeout. ``vipd cleanup`` uses it
 without pyroute2 or trio at all, so that the crash path removes addresses within milliseconds of
-starting (:func:`open_socket`, :func:`delete`).
+starting (:func:`open_socket`, :func:`delete_many`).
 """
 
 from __future__ import annotations
@@ -112,15 +112,10 @@ def link_names(sock: socket.socket, seq: int) -> dict[int, str]:
         if kind != RTM_NEWLINK or end - start < _IFI.size:
             continue
         index = _IFI.unpack_from(data, start)[2]
-        off = start + _IFI.size
-        while off + _RTA.size <= end:
-            length, kind_ = _RTA.unpack_from(data, off)
-            if length < _RTA.size:
-                break
+        for kind_, a0, a1 in nldump.attrs(data, start + _IFI.size, end):
             if kind_ == IFLA_IFNAME:
-                names[index] = data[off + _RTA.size:off + length].split(b"\0", 1)[0].decode(errors="replace")
+                names[index] = data[a0:a1].split(b"\0", 1)[0].decode(errors="replace")
                 break
-            off += _align(length)
     return names
 
 
@@ -179,7 +174,7 @@ def dump(sock: socket.socket, seq: int) -> list[RawAddress]:
 
 
 def open_socket(timeout: float = 5.0) -> socket.socket:
-    """A blocking NETLINK_ROUTE socket in the calling thread's netns, for dump() and delete()."""
+    """A blocking NETLINK_ROUTE socket in the calling thread's netns, for dump() and delete_many()."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
     sock.settimeout(timeout)
     sock.bind((0, 0))
@@ -193,13 +188,6 @@ def _delete_message(seq: int, entry: RawAddress) -> bytes:
                      for kind in ((IFA_LOCAL, IFA_ADDRESS) if ip.version == 4 else (IFA_ADDRESS,)))
     body = _IFA.pack(family, entry.address.network.prefixlen, 0, 0, entry.index) + attrs
     return _HDR.pack(_HDR.size + len(body), RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
-
-
-def delete(sock: socket.socket, seq: int, entry: RawAddress) -> None:
-    """Delete one address exactly as dumped (an address already gone is fine). OSError otherwise."""
-    code = delete_many(sock, seq, [entry])[0]
-    if code:
-        raise OSError(code, os.strerror(code))
 
 
 def delete_many(sock: socket.socket, seq: int, entries: Sequence[RawAddress]) -> list[int]:

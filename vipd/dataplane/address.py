@@ -35,7 +35,7 @@ from vipd.coalesce import Coalescer, Outcome
 from vipd.model import VipSpec
 from vipd.dataplane import addrdump
 from vipd.dataplane.addrdump import IPAddress
-from vipd.dataplane.netlink import Netlink, netlink_error_text
+from vipd.dataplane.netlink import Netlink
 from vipd.errors import AddressError, DataplaneError
 
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
@@ -43,7 +43,6 @@ IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
 VIPD_PROTO = 0x56  # 'V'; shown as "proto 0x56" by iproute2 >= 6.3 (Debian 12's ip does not print it)
 _FOREVER = 0xFFFFFFFF  # INFINITY_LIFE_TIME
 _ENODEV = 19
-_EADDRNOTAVAIL = 99
 BATCH = 500  # addresses per netlink job: bounds how long one job holds the owner thread (~0.15 s)
 
 
@@ -98,13 +97,8 @@ def _delete_many(nl: Netlink, entries: list[_Entry]) -> list[int]:
     return addrdump.delete_many(sock, seq, entries)
 
 
-def _delete(ipr: IPRoute, e: _Entry) -> None:
-    """Delete one address; one that is already gone (e.g. just expired) is fine."""
-    try:
-        ipr.addr("del", index=e.index, address=str(e.address.ip), prefixlen=e.address.network.prefixlen)
-    except NetlinkError as err:
-        if err.code != _EADDRNOTAVAIL:
-            raise
+def _errno_text(code: int) -> str:
+    return f"{os.strerror(code)} (errno {code})"
 
 
 class AddressManager:
@@ -168,12 +162,10 @@ class AddressManager:
                         f"{what}: {foreign[0].address} is already on {ifname} without vipd's tag "
                         f"(proto {foreign[0].proto}); refusing to take it over")
                     continue
-                try:
-                    for e in same:
-                        if e.address != address:  # ours, but an old prefix length: IPv6 replace would keep it
-                            _delete(ipr, e)
-                except NetlinkError as e:
-                    failures[n] = AddressError(f"{what}: {netlink_error_text(e)}")
+                stale = [e for e in same if e.address != address]  # ours, an old prefix length: replace would keep it
+                code = next((c for c in _delete_many(self.nl, stale) if c), 0)
+                if code:
+                    failures[n] = AddressError(f"{what}: {_errno_text(code)}")
                     continue
                 todo.append((n, index, lifetime))
             # struct-built RTM_NEWADDR (create or replace; IPv6 without DAD), many per send:
@@ -185,8 +177,7 @@ class AddressManager:
             for (n, _, _), code in zip(todo, codes):
                 if code:
                     vip = items[n][0]
-                    failures[n] = AddressError(f"claim {vip.address} on {vip.interface}: "
-                                               f"{os.strerror(code)} (errno {code})")
+                    failures[n] = AddressError(f"claim {vip.address} on {vip.interface}: {_errno_text(code)}")
 
         await self.nl.call_checked(f"claim {len(items)} addresses", job, AddressError)
         return failures
@@ -216,8 +207,7 @@ class AddressManager:
                                                       for vip, index, lifetime in todo])
             for (vip, _, _), code in zip(todo, codes):
                 if code:
-                    failures[vip.name] = AddressError(f"refresh {vip.address} on {vip.interface}: "
-                                                      f"{os.strerror(code)} (errno {code})")
+                    failures[vip.name] = AddressError(f"refresh {vip.address} on {vip.interface}: {_errno_text(code)}")
 
         await self.nl.call_checked(f"refresh {len(items)} addresses", job, AddressError)
         return failures
@@ -247,8 +237,7 @@ class AddressManager:
             for (n, _), code in zip(doomed, _delete_many(self.nl, [e for _, e in doomed])):
                 if code and failures[n] is None:
                     vip = vips[n]
-                    failures[n] = AddressError(f"release {vip.address} on {vip.interface}: "
-                                               f"{os.strerror(code)} (errno {code})")
+                    failures[n] = AddressError(f"release {vip.address} on {vip.interface}: {_errno_text(code)}")
 
         await self.nl.call_checked(f"release {len(vips)} addresses", job, AddressError)
         return failures
@@ -299,7 +288,7 @@ class AddressManager:
             failed = [(e, code) for e, code in zip(doomed, _delete_many(self.nl, doomed)) if code]
             if failed:
                 e, code = failed[0]
-                raise NetlinkError(code, f"remove {e.address}: {os.strerror(code)}")
+                raise NetlinkError(code, f"remove {e.address}: {_errno_text(code)}")
 
         what = f"remove {items[0].address} from {items[0].interface}" if len(items) == 1 else \
             f"remove {len(items)} addresses"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
@@ -37,23 +37,12 @@ def dump_chains(nft: NFTables) -> dict[str, Optional[str]]:
 _NFT_GETSETELEM, _NFT_NEWSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | 13, (NFNL_SUBSYS_NFTABLES << 8) | 12
 _NFPROTO_NETDEV = 5
 _RTA = struct.Struct("=HH")
-_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 _L_TABLE, _L_SET, _L_ELEMENTS, _LIST_ELEM = 1, 2, 3, 1
 
 
 def _nla(kind: int, payload: bytes) -> bytes:
     n = _RTA.size + len(payload)
     return _RTA.pack(n, kind) + payload + b"\0" * (-n & 3)
-
-
-def _attrs(data: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, payload start, payload end) of the attributes in data[pos:end]."""
-    while pos + _RTA.size <= end:
-        rlen, rtype = _RTA.unpack_from(data, pos)
-        if rlen < _RTA.size:
-            return
-        yield rtype & _TYPE_MASK, pos + _RTA.size, min(end, pos + rlen)
-        pos += (rlen + 3) & ~3
 
 
 def count_elements(sock: socket.socket, seq: int, set_name: str) -> int:
@@ -67,9 +56,9 @@ def count_elements(sock: socket.socket, seq: int, set_name: str) -> int:
     for kind, data, start, end in nldump.dump(sock, request, f"NFT_MSG_GETSETELEM {set_name}", seq=seq):
         if kind != _NFT_NEWSETELEM:
             continue
-        for atype, a0, a1 in _attrs(data, start + 4, end):  # after struct nfgenmsg
+        for atype, a0, a1 in nldump.attrs(data, start + 4, end):  # after struct nfgenmsg
             if atype == _L_ELEMENTS:
-                count += sum(1 for etype, _, _ in _attrs(data, a0, a1) if etype == _LIST_ELEM)
+                count += sum(1 for etype, _, _ in nldump.attrs(data, a0, a1) if etype == _LIST_ELEM)
     return count
 
 

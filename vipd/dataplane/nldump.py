@@ -18,11 +18,13 @@ import os
 import socket
 import struct
 import threading
-from typing import Callable
+from typing import Callable, Iterator
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x4, 0x300, 0x10
 HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+RTA = struct.Struct("=HH")  # rtattr / nlattr: len, type
+TYPE_MASK = 0x3FFF  # an attribute's type without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 RETRIES = 5
 
 Message = tuple[int, bytes, int, int]  # type, data, payload start, payload end
@@ -76,3 +78,14 @@ def dump(sock: socket.socket, request: Callable[[int], bytes], what: str, *,
         if not interrupted:
             break
     return out
+
+
+def attrs(data: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, payload start, payload end) of the attributes in data[pos:end] (rtattr and nlattr:
+    the same layout)."""
+    while pos + RTA.size <= end:
+        rlen, rtype = RTA.unpack_from(data, pos)
+        if rlen < RTA.size:
+            return
+        yield rtype & TYPE_MASK, pos + RTA.size, min(end, pos + rlen)
+        pos += (rlen + 3) & ~3
