@@ -316,8 +316,8 @@ class Daemon:
         scope.cancel()
 
     async def stop(self) -> None:
-        """Bounded (vipd/shutdown.py): remove addresses and give keys back, then revoke the lease,
-        only if every controller let go in time; else the lease path."""
+        """Bounded (vipd/shutdown.py): remove addresses and mark keys released, then revoke the lease
+        (it deletes the keys), only once no unit's address can remain; else the lease path."""
         systemd.notify("STOPPING=1", "STATUS=releasing VIPs")
         self.broadcast(ShutdownRequested(revoke=True))  # the lease is revoked after: keys are only marked
         hung = await shutdown.wait_stopped(self._running)

@@ -198,8 +198,8 @@ class ReleaseRequested:
 @dataclass(frozen=True)
 class ShutdownRequested:
     """Stop the unit: an owner removes its addresses and hands its key back. `revoke`: the whole
-    daemon stops and revokes its lease once every unit stopped (vipd/shutdown.py), which deletes
-    every key at once, so a clean hand-back only marks the key released (one write per unit, one
+    daemon stops and revokes its lease once no unit's address can remain (vipd/shutdown.py), which
+    deletes every key at once, so a clean hand-back only marks the key released (one write per unit, one
     request for all deletions: a 3,300-VIP stop spent seconds deleting keys one batch at a time).
     A reload's removed units get revoke=False: the lease lives on, their keys are deleted."""
 

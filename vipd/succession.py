@@ -285,7 +285,6 @@ class Succession:
             o.armed = cap
         self.refreshes += 1
 
-
     async def refresh(self) -> None:
         """Re-arm tokens whose grant moved forward by a step (or fell): after acks, renames, records."""
         while True:

@@ -109,7 +109,7 @@ def _released(p: Params, s: VipState, now: float, reason: str) -> Result:
 def _give_key_back(s: VipState) -> Result:
     """RELEASING with the addresses gone: delete the key (marked clean when we served fine)."""
     rel = s.release or Release(s.reason)
-    leave = rel.clean and rel.revoke and rel.then is S.STOPPED  # the lease's revoke deletes it
+    leave = rel.clean and rel.revoke  # a daemon stop: the lease's revoke deletes it
     return _to(s, S.RELEASING, Sub.DELETING, s.reason), [DeleteOwnerKey(s.epoch, s.lease if rel.clean else 0, leave)]
 
 

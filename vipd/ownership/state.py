@@ -79,7 +79,7 @@ class Release:
     then: State = S.BACKUP  # BACKUP, or STOPPED at shutdown
     clean: bool = True  # we served fine (not an address failure or conflict): mark the hand-back clean
     preempt: bool = False  # a handover to the preferred host: the host-wide token returns at the end
-    revoke: bool = False  # STOPPED by a daemon stop that revokes the lease: a clean key is only marked
+    revoke: bool = False  # a daemon stop (then is STOPPED) that revokes the lease: a clean key is only marked
 
 
 @dataclass(frozen=True)
