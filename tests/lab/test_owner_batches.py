@@ -27,6 +27,16 @@ async def campaign_all(keys: OwnerKeys, names: list[str], lease: int) -> dict[st
     return results
 
 
+async def held_by_a(c: EtcdClient, names: list[str]) -> tuple[int, OwnerKeys, dict[str, Any], int]:
+    """Host a, on a fresh lease, owns every key of `names`: (lease, a's OwnerKeys, the campaign
+    results, the revision right after)."""
+    lease, _ = await c.grant(30)
+    a = OwnerKeys(c, PREFIX, "a")
+    won = await campaign_all(a, names, lease)
+    _, start = await c.get_prefix(a.prefix)
+    return lease, a, won, start
+
+
 async def test_concurrent_campaigns_are_batched_and_exclusive(etcd_server: EtcdServer) -> None:
     names = [f"v{i}" for i in range(300)]
     async with EtcdClient([etcd_server.endpoint], timeout=2.0) as c:
@@ -52,10 +62,7 @@ async def test_concurrent_campaigns_are_batched_and_exclusive(etcd_server: EtcdS
 async def test_batched_releases_delete_only_our_epoch(etcd_server: EtcdServer) -> None:
     names = [f"v{i}" for i in range(200)]
     async with EtcdClient([etcd_server.endpoint], timeout=2.0) as c:
-        lease, _ = await c.grant(30)
-        a = OwnerKeys(c, PREFIX, "a")
-        won = await campaign_all(a, names, lease)
-        _, start = await c.get_prefix(a.prefix)
+        lease, a, won, start = await held_by_a(c, names)
         results: dict[str, bool] = {}
 
         async def release(name: str, epoch: int, clean: bool) -> None:
@@ -86,10 +93,7 @@ async def test_a_stop_marks_keys_released_and_the_revoke_deletes_them_at_once(et
     revision, so a watcher sees every "released" mark before any deletion."""
     names = [f"s{i}" for i in range(250)]
     async with EtcdClient([etcd_server.endpoint], timeout=2.0) as c:
-        lease, _ = await c.grant(30)
-        a = OwnerKeys(c, PREFIX, "a")
-        won = await campaign_all(a, names, lease)
-        _, start = await c.get_prefix(a.prefix)
+        lease, a, won, start = await held_by_a(c, names)
         results: dict[str, bool] = {}
 
         async def release(name: str, epoch: int) -> None:

@@ -6,7 +6,7 @@ soon), the catch-up when keepalives stop, and no catch-up past the lease."""
 from __future__ import annotations
 
 import collections
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 import trio
 
@@ -117,20 +117,30 @@ class Host:
             await trio.sleep(0.01)
 
 
-async def test_a_keepalive_refreshes_a_lifetime_only_when_it_could_end_soon(autojump_clock):
-    """8 s lifetimes, a keepalive a second: each address is refreshed every ~5th keepalive and never
-    expires; the eager refresh (hold 0) touches every address on every keepalive."""
+async def lazy_and_eager(watch: Callable[[Host], Awaitable[collections.Counter[str]]]) -> dict[bool, collections.Counter[str]]:
+    """Run `watch` on a started host with lazy keepalives, then on one with eager ones (hold 0):
+    what it counted, per mode."""
     counts = {}
     for lazy in (True, False):
         h = Host(lazy)
         async with trio.open_nursery() as n:
             await h.start(n)
-            h.refresher.count.clear()
-            await trio.sleep(30)
-            assert h.expired == []
-            assert all(c.state.state is State.OWNER for c in h.controllers.values())
-            counts[lazy] = h.refresher.count
+            counts[lazy] = await watch(h)
             n.cancel_scope.cancel()
+    return counts
+
+
+async def test_a_keepalive_refreshes_a_lifetime_only_when_it_could_end_soon(autojump_clock):
+    """8 s lifetimes, a keepalive a second: each address is refreshed every ~5th keepalive and never
+    expires; the eager refresh (hold 0) touches every address on every keepalive."""
+    async def watch(h: Host) -> collections.Counter[str]:
+        h.refresher.count.clear()
+        await trio.sleep(30)
+        assert h.expired == []
+        assert all(c.state.state is State.OWNER for c in h.controllers.values())
+        return h.refresher.count
+
+    counts = await lazy_and_eager(watch)
     assert all(4 <= counts[True][f"v{i}"] <= 8 for i in range(N)), counts[True]
     assert all(counts[False][f"v{i}"] >= 29 for i in range(N)), counts[False]
 
@@ -138,21 +148,18 @@ async def test_a_keepalive_refreshes_a_lifetime_only_when_it_could_end_soon(auto
 async def test_a_keepalive_steps_an_owner_and_arms_its_token_only_when_it_could_end_soon(autojump_clock):
     """The unit's own fence deadline and its token are moved by the same lazy step as its lifetime:
     every ~5th keepalive, and each stays ahead of the kernel lifetime, so none ends first."""
-    counts = {}
-    for lazy in (True, False):
-        h = Host(lazy)
-        async with trio.open_nursery() as n:
-            await h.start(n)
-            h.token.arms.clear()
-            for _ in range(300):
-                await trio.sleep(0.1)
-                now = trio.current_time()
-                for name, c in h.controllers.items():
-                    assert c.state.state is State.OWNER
-                    assert c.state.valid_until - MARGIN >= h.kernel.held[name] > now
-                    assert h.token.until[name] >= h.kernel.held[name]
-            counts[lazy] = h.token.arms
-            n.cancel_scope.cancel()
+    async def watch(h: Host) -> collections.Counter[str]:
+        h.token.arms.clear()
+        for _ in range(300):
+            await trio.sleep(0.1)
+            now = trio.current_time()
+            for name, c in h.controllers.items():
+                assert c.state.state is State.OWNER
+                assert c.state.valid_until - MARGIN >= h.kernel.held[name] > now
+                assert h.token.until[name] >= h.kernel.held[name]
+        return h.token.arms
+
+    counts = await lazy_and_eager(watch)
     assert all(4 <= counts[True][f"v{i}"] <= 8 for i in range(N)), counts[True]
     assert all(counts[False][f"v{i}"] >= 29 for i in range(N)), counts[False]
 
