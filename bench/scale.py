@@ -8,16 +8,18 @@ present (raw rtnetlink dumps every ~50 ms), when the last NIC VIP was announced;
 gRPC counters, which the JSON gateway goes through), and every expiry / re-add / fence / failed etcd
 request in vipd's log; then etcd frozen for `--stall S` seconds (the fewest addresses present, and
 the trouble it cost). Then SIGTERM: time until every address is gone and how many were left when
-the process exited. Also the footprint at 10 VIPs: idle RSS, start to ready, and `vipd cleanup`
-start to first removal.
+the process exited. Also the footprint at 10 VIPs: idle RSS, start to ready (and how much of it
+is importing vipd.app), and `vipd cleanup` start to first removal.
 
 Cluster (`--cluster-vips M`, default 10000, 0 skips it): three hosts with the same M VIPs on their
 NIC (`--cluster-on lo`: on lo, routed VIPs, which have no token fence and so fail over by the lease
 on a crash), default placement, fast takeover on (`[peers]` on the hosts' lab addresses;
 `--no-peers`: lease takeover only). Settled = every VIP held by
 exactly one host; then CPU per host and etcd requests per second at steady state; then a planned
-stop (SIGTERM) of h3: per VIP, when another host holds it (p10/p50/p90/all, polled every ~50 ms);
-then (`--no-crash` skips it) h2 is SIGKILLed and the same for h1 taking h2's VIPs. All three vipd
+stop (SIGTERM) of h3: per VIP, when another host holds it (p10/p50/p90/all, polled every ~50 ms),
+and when h3 revoked its lease;
+then (`--no-crash` skips it) h2 is SIGKILLed and the same for h1 taking h2's VIPs; and how many
+successor renames (`successor_named`) each host logged. All three vipd
 and etcd share this machine's cores: a stop's work on every host competes for them.
 
 Runs as root, in namespaces named vts* (removed on exit; a killed run's leftovers are removed by the
@@ -190,6 +192,17 @@ def etcd_stall(seconds: float, etcd: EtcdServer, log: Path, present: Any) -> dic
             "catch_ups": after.get("lifetimes_caught_up", 0) - before.get("lifetimes_caught_up", 0)}
 
 
+def import_seconds(runs: int = 3) -> float:
+    """The fastest of `runs` fresh interpreters importing the daemon (vipd.app): the part of start
+    to ready that is Python loading trio, pyroute2, httpx and prometheus-client."""
+    times = []
+    for _ in range(runs):
+        t = time.monotonic()
+        subprocess.run([sys.executable, "-c", "import vipd.app"], check=True, cwd=C.ROOT)
+        times.append(time.monotonic() - t)
+    return round(min(times), 3)
+
+
 def footprint(args: argparse.Namespace, work: Path, run: int) -> dict[str, Any]:
     """10 VIPs: start to ready, idle RSS and CPU, and vipd cleanup's start to first removal."""
     vips = scale_vips(5, 5)
@@ -224,7 +237,8 @@ def footprint(args: argparse.Namespace, work: Path, run: int) -> dict[str, Any]:
             return {"start_to_ready_s": round(ready - started, 3) if ready else None,
                     "idle_rss_mib": idle["rss_mib_max"][0], "idle_cpu_percent": idle["cpu_percent"][0],
                     "cleanup_first_removal_s": round(first - t, 3) if first else None,
-                    "cleanup_total_s": round(done - t, 3), "left_after_cleanup": len(tagged_addresses(h.ns))}
+                    "cleanup_total_s": round(done - t, 3), "left_after_cleanup": len(tagged_addresses(h.ns)),
+                    "import_s": import_seconds()}
         finally:
             etcd.stop()
 
@@ -285,19 +299,23 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
             h1, h2, h3 = lab.hosts
             moved = holders(lab)[h3.name] & wanted
             cpu0 = [C.proc_cpu_seconds(p) for p in pids]
-            t1 = time.monotonic()
+            t1, wall = time.monotonic(), time.time()
             cluster.signal(h3, signal.SIGTERM)
             result["planned_stop"] = moves(lab, moved, [h1, h2], t1, 60)
             result["planned_stop"]["all_held_elsewhere_s"] = result["planned_stop"]["all_s"]
             result["planned_stop"]["cpu_s"] = [round(C.proc_cpu_seconds(p) - c, 2) for p, c in zip(pids[:2], cpu0)]
             cluster.procs[h3.name].wait(30)
+            revoked = log_time(cluster.log_path(h3), "lease_revoked")  # (its log is complete once it exited)
+            result["planned_stop"]["lease_revoked_s"] = round(revoked - wall, 3) if revoked else None
             if args.crash:  # then h2 is lost (SIGKILL): h1 takes all of its VIPs
                 time.sleep(2.0)
                 lost = holders(lab)[h2.name] & wanted
                 t2 = time.monotonic()
                 cluster.signal(h2, signal.SIGKILL)
                 result["crash"] = moves(lab, lost, [h1], t2, 60)
-            result["trouble"] = {h.name: trouble(log_events(cluster.log_path(h))) for h in lab.hosts}
+            events = {h.name: log_events(cluster.log_path(h)) for h in lab.hosts}
+            result["trouble"] = {name: trouble(e) for name, e in events.items()}
+            result["successor_renames"] = {name: e.get("successor_named", 0) for name, e in events.items()}
             return result
         finally:
             cluster.stop_all()
@@ -356,7 +374,8 @@ def main() -> int:
         rows += [["10 VIPs: start to ready (s)", med([r["start_to_ready_s"] for r in fp])],
                  ["10 VIPs: idle RSS (MiB)", med([r["idle_rss_mib"] for r in fp])],
                  ["10 VIPs: idle CPU (% of a core)", med([r["idle_cpu_percent"] for r in fp])],
-                 ["vipd cleanup: start to first removal (s)", med([r["cleanup_first_removal_s"] for r in fp])]]
+                 ["vipd cleanup: start to first removal (s)", med([r["cleanup_first_removal_s"] for r in fp])],
+                 ["importing vipd.app (s)", med([r["import_s"] for r in fp])]]
     if out["host"]:
         hs = out["host"]
         n = hs[0]["nic_vips"]
@@ -389,6 +408,10 @@ def main() -> int:
                   " / ".join(str(med([c.get("steady", {}).get("cpu_percent", [None] * 3)[i] for c in cs])) for i in range(3))],
                  [f"3 hosts, {m} VIPs: etcd requests/s steady", med([c.get("steady", {}).get("etcd_requests_per_s") for c in cs])],
                  [f"3 hosts, {m} VIPs: h3 SIGTERM, its VIPs held elsewhere p50 / p90 / all (s)", dist("planned_stop")],
+                 [f"3 hosts, {m} VIPs: h3 SIGTERM to its lease revoked (s)",
+                  med([c.get("planned_stop", {}).get("lease_revoked_s") for c in cs])],
+                 [f"3 hosts, {m} VIPs: successor renames per run (all hosts)",
+                  " / ".join(str(sum(c.get("successor_renames", {}).values())) for c in cs)],
                  [f"3 hosts, {m} VIPs: then h2 SIGKILL, h1 holds its VIPs p50 / p90 / all (s)", dist("crash")]]
     print(C.table(["measure", "median"], rows, right=[1]))
     path = work.with_suffix(".json")
