@@ -262,6 +262,12 @@ def test_reconcile_snapshot_older_than_our_last_address_change_is_ignored():
     s, _ = run(s, AddressAdded(), now=100.5)
     assert run(s, Reconcile(missing=True, present=False, taken_at=100.4), now=100.6)[1] == []
     assert run(s, Reconcile(missing=True, present=False, taken_at=100.6), now=100.6)[1] != []
+    # asked for at 100.5, added (a batch of 1,000 takes a while) at 100.9: a snapshot taken in
+    # between did not see it yet, and is no reason to add it again
+    s = replace(acquiring(valid_until=105.0), changed_at=100.5)
+    s, _ = run(s, AddressAdded(), now=100.9)
+    assert run(s, Reconcile(missing=True, present=False, taken_at=100.7), now=101.0)[1] == []
+    assert run(s, Reconcile(missing=True, present=False, taken_at=100.95), now=101.0)[1] != []
 
 
 def test_expired_address_of_a_silent_lease_is_not_re_added():

@@ -238,7 +238,8 @@ def _probe_done(p: Params, s: VipState, ev: Event, now: float) -> Result:
 def _added(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if s.sub is not Sub.ADDING:
         return s, []
-    s = _to(s, S.OWNER, Sub.SERVING, "address added", conflicts=0)
+    # a snapshot taken before the add completed (after it was asked for) says nothing either
+    s = _to(s, S.OWNER, Sub.SERVING, "address added", conflicts=0, changed_at=now)
     return track_target(p, s, now), [Announce()]
 
 
