@@ -374,3 +374,73 @@ async def test_a_dsr_vip_is_gated_for_arp_and_nd_only(lab: Lab) -> None:
             lab.ip(lab.client, "neigh", "flush", "dev", lab.nic)
             lab.ip(h1, "neigh", "flush", "dev", lab.nic)
         await fence.remove_all()
+
+
+def grant_elements(lab: Lab) -> dict[int, list[int]]:
+    """Grant id -> the timeouts (ms) of its elements (ip, arp, ip6), from `nft -j list sets`: only
+    grants with a live element."""
+    doc = json.loads(nft(lab, lab.host("h1").ns, "-j", "list", "sets", "netdev"))
+    out: dict[int, list[int]] = {}
+    for item in doc["nftables"]:
+        s = item.get("set", {})
+        if s.get("table") == "vipd_fence" and s["name"].startswith("grant_") and s.get("elem"):
+            out[int(s["name"][6:])] = sorted(int(e["elem"]["timeout"] * 1000) for e in s["elem"])
+    return out
+
+
+def group_members(lab: Lab) -> dict[str, int]:
+    """VIP -> the grant id its group depends on, from `nft -j list map ... group4/group6`."""
+    out: dict[str, int] = {}
+    for name in ("group4", "group6"):
+        doc = json.loads(nft(lab, lab.host("h1").ns, "-j", "list", "map", "netdev", "vipd_fence", name))
+        for item in doc["nftables"]:
+            for key, verdict in item.get("map", {}).get("elem", []):
+                out[str(key)] = int(verdict["jump"]["target"].removeprefix("grant_"))
+    return out
+
+
+async def test_a_vip_in_a_group_is_served_only_while_its_grant_lives_too(lab: Lab) -> None:
+    """One grant element bounds every VIP of its group (the successor's grant, vipd/succession.py):
+    a lapsed grant darkens them with their own tokens alive; leaving the group re-opens them
+    without the grant; the table's repair restores groups and grants with the tokens (a token
+    never comes back without its group)."""
+    put_vips(lab)
+    vips = vips_of(lab)
+    ns = lab.host("h1").ns
+    async with Netlink(ns) as nl, NftFence(nl) as fence:
+        await fence.ensure(vips)
+        now = trio.current_time()
+        await fence.arm_many([(vips, now + 60)], grants=[("h2", now + 60)], groups=[(vips, "h2")])
+        assert group_members(lab) == {str(lab.vip4(1).ip): 1, str(lab.vip6(1).ip): 1}
+        assert len(grant_elements(lab)[1]) == 3 and all(55000 < ms <= 60000 for ms in grant_elements(lab)[1])
+        assert "vipd_fence" in nft(lab, ns, "list", "ruleset")  # nft itself reads all of it back
+        assert fence.grant_of(vips[0]) == "h2" and fence.armed_until(vips) == now + 60
+        assert await trio.to_thread.run_sync(reachable, lab)
+        # the grant alone runs out: both VIPs go dark, their own tokens still alive for a minute
+        until = trio.current_time() + TOKEN_S
+        await fence.arm_many([], grants=[("h2", until)])
+        assert fence.armed_until(vips) == until
+        await trio.sleep_until(until + 0.05)
+        assert grant_elements(lab) == {} and len(token_elements(lab, "token4")) == 1
+        assert await trio.to_thread.run_sync(dark, lab)
+        assert not await fence.verify() and fence.lapses() == 2
+        # a grant in the past removes it at once; a new one re-opens the group
+        await fence.arm_many([], grants=[("h2", trio.current_time() + 60)])
+        assert await trio.to_thread.run_sync(reachable, lab)
+        await fence.arm_many([], grants=[("h2", trio.current_time() - 1)])
+        assert await trio.to_thread.run_sync(dark, lab)
+        # moved to another grant's group (leave, then join, in one batch), then to none
+        await fence.arm_many([], grants=[("h3", trio.current_time() + 60)], groups=[(vips[:1], "h3")])
+        assert group_members(lab) == {str(lab.vip4(1).ip): 2, str(lab.vip6(1).ip): 1}
+        await fence.arm_many([], groups=[(vips[1:], None)])
+        assert group_members(lab) == {str(lab.vip4(1).ip): 2}
+        assert await trio.to_thread.run_sync(reachable, lab)  # v4 by h3's grant, v6 by its token alone
+        # someone deletes everything: the repair brings back tokens, groups and grants together
+        nft(lab, ns, "flush", "ruleset")
+        assert await fence.verify()
+        assert group_members(lab) == {str(lab.vip4(1).ip): 2} and set(grant_elements(lab)) == {2}
+        assert await trio.to_thread.run_sync(reachable, lab)
+        # a disarm takes the VIP out of its group with its token
+        await fence.disarm(vips[:1])
+        assert group_members(lab) == {} and fence.grant_of(vips[0]) is None
+        await fence.remove_all()

@@ -57,3 +57,14 @@ def test_parse_acks() -> None:
 def test_kernel_has_timeout_update() -> None:
     assert kernel_has_timeout_update("6.11.0") and kernel_has_timeout_update("6.18.1-amd64")
     assert not kernel_has_timeout_update("6.10.14") and not kernel_has_timeout_update("5.15.0")
+
+
+def test_token_batch_groups_and_grants_in_one_batch() -> None:
+    data, last = token_batch([(V4, 500)], [], seq=1, grants=[(2, 90)], ungrant=[3], join=[(V4, 2)], leave=[V4])
+    kinds = [k for k, _, _ in messages(data)]
+    # group4: leave (delete) before join (add); token4; grant_2 armed; grant_3 removed (add, delete)
+    assert kinds == [0x10, 0x0A0E, 0x0A0C, 0x0A0C, 0x0A0C, 0x0A0C, 0x0A0E, 0x11]
+    assert last == 7
+    assert b"group4\0" in data and b"grant_2\0" in data and b"grant_3\0" in data
+    assert struct.pack("!i", -3) in data  # the join's verdict: jump (to chain grant_2)
+    assert data.count(struct.pack("!H", 0x0806)) == 3  # the arp element: grant_2 armed, grant_3 added and deleted

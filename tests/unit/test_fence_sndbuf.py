@@ -1,4 +1,4 @@
-"""The token socket's send buffer (vipd/dataplane/fence_nft.py `_Sockets.fit`): grown to fit one
+"""The token socket's send buffer (vipd/dataplane/fence_send.py `Sockets.fit`): grown to fit one
 token batch of thousands of VIPs, with SO_SNDBUFFORCE, or SO_SNDBUF when that is refused (no
 CAP_NET_ADMIN: up to the system's limit, and a batch larger still fails with a clear FenceError);
 a batch that fits changes nothing."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from vipd.dataplane import fence_nft
+from vipd.dataplane import fence_send
 
 
 class Raw:
@@ -18,7 +18,7 @@ class Raw:
 
     def setsockopt(self, level: int, opt: int, value: int) -> None:
         self.calls.append((opt, value))
-        if opt == fence_nft._SO_SNDBUFFORCE and not self.force_ok:
+        if opt == fence_send._SO_SNDBUFFORCE and not self.force_ok:
             raise PermissionError(1, "Operation not permitted")
         self.sndbuf = 2 * value  # the kernel doubles what is set
 
@@ -28,7 +28,7 @@ class Raw:
 
 
 def sockets(raw: Raw) -> Any:
-    s = object.__new__(fence_nft._Sockets)
+    s = object.__new__(fence_send.Sockets)
     s.raw = raw  # type: ignore[assignment]
     s._sndbuf = raw.sndbuf
     return s
@@ -41,7 +41,7 @@ def test_a_batch_that_fits_changes_nothing() -> None:
 
 
 def test_a_large_batch_grows_the_buffer_forced_or_else_plainly() -> None:
-    for force_ok, used in ((True, fence_nft._SO_SNDBUFFORCE), (False, socket.SO_SNDBUF)):
+    for force_ok, used in ((True, fence_send._SO_SNDBUFFORCE), (False, socket.SO_SNDBUF)):
         raw = Raw(212992, force_ok)
         s = sockets(raw)
         s.fit(600_000)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from vipd.dataplane.fence_build import _elem, _nla
+from vipd.dataplane.fence_build import _elem, _key_attr, _nla
 from vipd.lab import fence_tokens as ft
 from vipd.lab.fence_tokens import REREAD, TokenGates
 
@@ -26,7 +26,7 @@ def both(data: bytes, keys: frozenset[bytes]) -> tuple[dict[bytes, int | None], 
 
 
 def test_wanted_elements_with_their_remaining_time() -> None:
-    data = message(_elem(A, 1500) + _elem(B, None) + _elem(ipaddress.ip_address("10.0.0.3"), 7))
+    data = message(_elem(_key_attr(A), 1500) + _elem(_key_attr(B), None) + _elem(_key_attr(ipaddress.ip_address("10.0.0.3")), 7))
     fast, full = both(data, frozenset({A.packed, B.packed, ipaddress.ip_address("10.0.0.9").packed}))
     assert fast == full == {A.packed: 1500, B.packed: None}
 
@@ -64,3 +64,12 @@ def test_serving_rule() -> None:
     assert j.serving == {C: {"h3"}} and j.passed == {"h1"}
     g.read_at["h1"] = 10.4
     assert not g.judge(state, 10.5).passed
+
+
+def test_group_elements_name_the_grant_chain_they_jump_to() -> None:
+    from vipd.dataplane.fence_build import _jump
+    data = ft._TABLE_ATTR + _nla(2, b"group4\0") + _nla(ft._L_ELEMENTS, _elem(_key_attr(A), None, _jump(2))
+                                                         + _elem(_key_attr(B), None, _jump(7)))
+    out: dict[bytes, str] = {}
+    ft._find_groups(data, 0, len(data), frozenset({A.packed, C.packed}), out)
+    assert out == {A.packed: "grant_2"}

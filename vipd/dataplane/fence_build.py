@@ -7,14 +7,27 @@ four sets and one pair of base chains per device that carries a fenced VIP::
     set token4   { type ipv4_addr; flags timeout }  the VIPs whose ownership is proven, until a deadline
     set managed6 / token6                           the same for IPv6
     set l2only4 / l2only6                           managed VIPs gated for ARP/ND only (DSR, below)
+    map group4 { type ipv4_addr : verdict }         a VIP -> "jump grant_<id>": the grant it depends on
+    map group6 { type ipv6_addr : verdict }         (the same for IPv6)
+    set grant_<id> { type ether_type; flags timeout }   ip, arp and ip6 while grant <id> is alive
+    chain grant_<id> { meta protocol != @grant_<id> drop }
     chain in_<dev>  { type filter hook ingress device <dev> priority -500; policy accept;
         ip daddr @managed4 ip daddr != @token4 drop
         arp daddr ip @managed4 arp daddr ip != @token4 drop              (requests/replies *to* the VIP)
         ip6 daddr @managed6 ip6 daddr != @token6 drop
-        icmpv6 type nd-neighbor-solicit  <target> @managed6 <target> != @token6 drop }
+        icmpv6 type nd-neighbor-solicit  <target> @managed6 <target> != @token6 drop
+        ... and the same four again ending "ip daddr vmap @group4" (and so on) }
     chain out_<dev> { type filter hook egress device <dev> priority -500; policy accept;
         ip saddr ... / arp saddr ip ... / ip6 saddr ...                  (anything *from* the VIP)
         icmpv6 type nd-neighbor-advert <target> @managed6 <target> != @token6 drop }
+
+A VIP is served only while its own token is alive AND, if it is in a group (group4/group6 send its
+packets through chain grant_<id>), while that grant is alive too. A grant is three elements (one
+per protocol) for any number of VIPs: the fast takeover's successor grant (vipd/succession.py)
+bounds every VIP that successor may take over, so an ack re-arms one grant per peer, not one token
+per VIP. (A lookup on a map's result, the shorter form, is valid for the kernel but crashes nft
+1.0.6's `nft list`: everything here is what nft itself writes and prints.) Grant chains and sets
+are created on first use (:func:`grant_ops`) and live as long as the table.
 
 A DSR VIP (one with services) is in l2only4/6 too: its IPv4/IPv6 rules let it pass (the director
 forwards frames to the VIP unchanged to every backend, which answers from the VIP itself, owner
@@ -54,6 +67,8 @@ PRIORITY = -500  # before anything else on the device
 MANAGED = {4: "managed4", 6: "managed6"}
 TOKEN = {4: "token4", 6: "token6"}
 L2ONLY = {4: "l2only4", 6: "l2only6"}
+GROUP = {4: "group4", 6: "group6"}  # verdict maps: VIP -> jump to its grant's chain
+GRANT_PREFIX = "grant_"  # grant_<id>: a grant's chain and set
 # The kernel keeps element timeouts in jiffies rounded down; a timeout under one jiffy becomes 0,
 # which the kernel reads as "no timeout" (a permanent element). 10 ms covers HZ >= 100: anything
 # shorter is not armed at all (the element is removed instead).
@@ -61,6 +76,9 @@ MIN_TOKEN_MS = 10
 MAX_TOKEN_MS = 1 << 40
 
 _KEY = {4: (7, 4), 6: (8, 16)}  # nft datatypes ipv4_addr / ipv6_addr: (type, length)
+_ETHERTYPE = (10, 2)  # nft datatype ether_type: a grant set's key
+_NFT_DATA_VERDICT = 0xFFFFFF00
+_NFT_JUMP = -3
 _HOOK_INGRESS, _HOOK_EGRESS = 0, 1
 _NF_ACCEPT = 1
 _NF_DROP = 0
@@ -114,6 +132,40 @@ def _fenced(load: dict[str, Any], version: int, l2: bool = False) -> list[dict[s
                 ("NFTA_VERDICT_CODE", _NF_DROP)]})]})]
 
 
+def _grouped(load: dict[str, Any], version: int, l2: bool = False) -> list[dict[str, Any]]:
+    """Address in register 1 is managed (and, unless `l2`, not gated for ARP/ND only) and in a
+    group -> jump to its grant's chain (which drops unless the grant is alive)."""
+    exempt = [] if l2 else [load, _expr("lookup", set=L2ONLY[version], sreg=1, flags={"NFT_LOOKUP_F_INV"})]
+    return [load, _expr("lookup", set=MANAGED[version], sreg=1), *exempt,
+            load, _expr("lookup", set=GROUP[version], sreg=1, dreg=0)]
+
+
+def grant_name(gid: int) -> str:
+    """The chain and set of grant `gid`."""
+    return f"{GRANT_PREFIX}{gid}"
+
+
+def grant_ops(gids: Iterable[int]) -> list[Op]:
+    """Create each grant's set (empty: the grant is not alive) and chain with its one rule, or
+    leave them as they are (idempotent; its elements are kept)."""
+    ops: list[Op] = []
+    for gid in gids:
+        name = grant_name(gid)
+        ops.append(Op(nfts.NFT_MSG_NEWSET, (
+            ("NFTA_SET_TABLE", TABLE), ("NFTA_SET_NAME", name), ("NFTA_SET_FLAGS", {"NFT_SET_TIMEOUT"}),
+            ("NFTA_SET_KEY_TYPE", _ETHERTYPE[0]), ("NFTA_SET_KEY_LEN", _ETHERTYPE[1]), ("NFTA_SET_ID", gid)),
+            NLM_F_CREATE))
+        ops.append(Op(nfts.NFT_MSG_NEWCHAIN, (("NFTA_CHAIN_TABLE", TABLE), ("NFTA_CHAIN_NAME", name)), NLM_F_CREATE))
+        ops.append(Op(nfts.NFT_MSG_DELRULE, (("NFTA_RULE_TABLE", TABLE), ("NFTA_RULE_CHAIN", name))))
+        exprs = [_meta(_META_PROTOCOL), _expr("lookup", set=name, sreg=1, flags={"NFT_LOOKUP_F_INV"}),
+                 _expr("immediate", dreg=0, data={"attrs": [("NFTA_DATA_VERDICT", {"attrs": [
+                     ("NFTA_VERDICT_CODE", _NF_DROP)]})]})]
+        ops.append(Op(nfts.NFT_MSG_NEWRULE, (("NFTA_RULE_TABLE", TABLE), ("NFTA_RULE_CHAIN", name),
+                                             ("NFTA_RULE_EXPRESSIONS", exprs), ("NFTA_RULE_USERDATA", "vipd grant")),
+                      NLM_F_CREATE | NLM_F_APPEND))
+    return ops
+
+
 def rule_exprs(direction: str) -> list[tuple[str, list[dict[str, Any]]]]:
     """(comment, expressions) of every rule of an ``"in"`` or ``"out"`` chain."""
     inbound = direction == "in"
@@ -123,12 +175,12 @@ def rule_exprs(direction: str) -> list[tuple[str, list[dict[str, Any]]]]:
     nd = _ND_NS if inbound else _ND_NA
     nd_match = _proto("ip6") + [_meta(_META_L4PROTO), _cmp(bytes([_ICMPV6])),
                                 _payload(_BASE_TRANSPORT, 0, 1), _cmp(bytes([nd]))]
-    return [
-        ("vipd fence ipv4", _proto("ip") + _fenced(_payload(_BASE_NETWORK, ip4, 4), 4)),
-        ("vipd fence arp", _proto("arp") + _fenced(_payload(_BASE_NETWORK, arp, 4), 4, l2=True)),
-        ("vipd fence ipv6", _proto("ip6") + _fenced(_payload(_BASE_NETWORK, ip6, 16), 6)),
-        ("vipd fence nd", nd_match + _fenced(_payload(_BASE_TRANSPORT, 8, 16), 6, l2=True)),
-    ]
+    matches = [("ipv4", _proto("ip"), _payload(_BASE_NETWORK, ip4, 4), 4, False),
+               ("arp", _proto("arp"), _payload(_BASE_NETWORK, arp, 4), 4, True),
+               ("ipv6", _proto("ip6"), _payload(_BASE_NETWORK, ip6, 16), 6, False),
+               ("nd", nd_match, _payload(_BASE_TRANSPORT, 8, 16), 6, True)]
+    return ([(f"vipd fence {name}", match + _fenced(load, v, l2)) for name, match, load, v, l2 in matches]
+            + [(f"vipd fence {name} grant", match + _grouped(load, v, l2)) for name, match, load, v, l2 in matches])
 
 
 # -- setup batch ----------------------------------------------------------------------------
@@ -155,7 +207,7 @@ def setup_ops(managed: Iterable[tuple[IPAddress, str]], stale_devs: Iterable[str
               l2only: Iterable[IPAddress] = ()) -> list[Op]:
     """One batch that makes the table exactly: sets (managed = the given VIPs, l2only = those of
     them gated for ARP/ND only), a chain pair with its rules per device of the given (VIP, device)
-    pairs; chains of ``stale_devs`` are deleted. Tokens already armed stay as they are (the token
+    pairs; chains of ``stale_devs`` are deleted. Tokens, groups and grants stay as they are (their
     sets are created if missing, never flushed)."""
     managed, l2only = list(managed), list(l2only)
     ops = [Op(nfts.NFT_MSG_NEWTABLE, (("NFTA_TABLE_NAME", TABLE), ("NFTA_TABLE_FLAGS", 0),
@@ -166,6 +218,10 @@ def setup_ops(managed: Iterable[tuple[IPAddress, str]], stale_devs: Iterable[str
                 ("NFTA_SET_TABLE", TABLE), ("NFTA_SET_NAME", name), ("NFTA_SET_FLAGS", flags),
                 ("NFTA_SET_KEY_TYPE", _KEY[v][0]), ("NFTA_SET_KEY_LEN", _KEY[v][1]),
                 ("NFTA_SET_ID", len(ops))), NLM_F_CREATE))
+        ops.append(Op(nfts.NFT_MSG_NEWSET, (
+            ("NFTA_SET_TABLE", TABLE), ("NFTA_SET_NAME", GROUP[v]), ("NFTA_SET_FLAGS", {"NFT_SET_MAP"}),
+            ("NFTA_SET_KEY_TYPE", _KEY[v][0]), ("NFTA_SET_KEY_LEN", _KEY[v][1]),
+            ("NFTA_SET_DATA_TYPE", _NFT_DATA_VERDICT), ("NFTA_SET_ID", len(ops))), NLM_F_CREATE))
         ops.append(_elems(MANAGED[v], None, nfts.NFT_MSG_DELSETELEM))  # flush, then refill: atomic
         keys = [_key(ip) for ip, _ in managed if ip.version == v]
         ops += [_elems(MANAGED[v], part, nfts.NFT_MSG_NEWSETELEM) for part in _chunks(keys)]
@@ -208,8 +264,9 @@ _NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
 _NFNL_SUBSYS_NFTABLES = 10
 _NEWSETELEM = (_NFNL_SUBSYS_NFTABLES << 8) | nfts.NFT_MSG_NEWSETELEM
 _DELSETELEM = (_NFNL_SUBSYS_NFTABLES << 8) | nfts.NFT_MSG_DELSETELEM
-# NFTA_SET_ELEM_LIST_{TABLE,SET,ELEMENTS}, NFTA_LIST_ELEM, NFTA_SET_ELEM_{KEY,TIMEOUT,EXPIRATION}, NFTA_DATA_VALUE
-_L_TABLE, _L_SET, _L_ELEMENTS, _LIST_ELEM, _E_KEY, _E_TIMEOUT, _E_EXPIRATION, _D_VALUE = 1, 2, 3, 1, 1, 4, 5, 1
+# NFTA_SET_ELEM_LIST_{TABLE,SET,ELEMENTS}, NFTA_LIST_ELEM, NFTA_SET_ELEM_{KEY,DATA,TIMEOUT,EXPIRATION}, NFTA_DATA_VALUE
+_L_TABLE, _L_SET, _L_ELEMENTS, _LIST_ELEM, _E_KEY, _E_DATA, _E_TIMEOUT, _E_EXPIRATION, _D_VALUE = 1, 2, 3, 1, 1, 2, 4, 5, 1
+_D_VERDICT, _V_CODE, _V_CHAIN = 2, 1, 2  # NFTA_DATA_VERDICT, NFTA_VERDICT_{CODE,CHAIN}
 
 
 def _nla(kind: int, payload: bytes) -> bytes:
@@ -230,13 +287,22 @@ def _key_attr(ip: IPAddress) -> bytes:
     return attr
 
 
-def _elem(ip: IPAddress, ms: Optional[int]) -> bytes:
-    key = _key_attr(ip)
-    if ms is None:
-        return struct.pack("=HH", 4 + len(key), _LIST_ELEM | _NLA_F_NESTED) + key
-    t = ms.to_bytes(8, "big")
-    return (struct.pack("=HH", 28 + len(key), _LIST_ELEM | _NLA_F_NESTED) + key
-            + _TIMES.pack(12, _E_TIMEOUT, t, 12, _E_EXPIRATION, t))
+# a grant set's elements: one per protocol the fence rules match (meta protocol, big-endian)
+_GRANT_KEYS = [_nla(_E_KEY | _NLA_F_NESTED, _nla(_D_VALUE, struct.pack("!H", p))) for p in _ETH_P.values()]
+
+
+def _jump(gid: int) -> bytes:
+    """NFTA_SET_ELEM_DATA of a group element: jump to the grant's chain."""
+    verdict = _nla(_V_CODE, struct.pack("!i", _NFT_JUMP)) + _nla(_V_CHAIN, grant_name(gid).encode() + b"\0")
+    return _nla(_E_DATA | _NLA_F_NESTED, _nla(_D_VERDICT | _NLA_F_NESTED, verdict))
+
+
+def _elem(key: bytes, ms: Optional[int], data: bytes = b"") -> bytes:
+    """One NFTA_LIST_ELEM: the key attribute, with ``timeout ms expires ms`` (ms None: none), then
+    `data` (a map element's NFTA_SET_ELEM_DATA)."""
+    extra = b"" if ms is None else _TIMES.pack(12, _E_TIMEOUT, ms.to_bytes(8, "big"), 12, _E_EXPIRATION,
+                                              ms.to_bytes(8, "big"))
+    return struct.pack("=HH", 4 + len(key) + len(extra) + len(data), _LIST_ELEM | _NLA_F_NESTED) + key + extra + data
 
 
 def _msg(kind: int, flags: int, seq: int, payload: bytes, res_id: int = 0) -> bytes:
@@ -245,7 +311,14 @@ def _msg(kind: int, flags: int, seq: int, payload: bytes, res_id: int = 0) -> by
 
 
 _TABLE_ATTR = _nla(_L_TABLE, TABLE.encode() + b"\0")
-_SET_ATTR = {name: _nla(_L_SET, name.encode() + b"\0") for name in (*TOKEN.values(), *MANAGED.values())}
+_SET_ATTR = {name: _nla(_L_SET, name.encode() + b"\0") for name in (*TOKEN.values(), *MANAGED.values(), *GROUP.values())}
+
+
+def _set_attr(name: str) -> bytes:
+    attr = _SET_ATTR.get(name)
+    if attr is None:
+        attr = _SET_ATTR[name] = _nla(_L_SET, name.encode() + b"\0")
+    return attr
 
 
 ELEMS_PER_MSG = 500  # set elements per message: a netlink attribute's length is 16 bits (~50 bytes each)
@@ -257,25 +330,46 @@ def _chunks(items: Sequence[T]) -> list[Sequence[T]]:
     return [items[i:i + ELEMS_PER_MSG] for i in range(0, len(items), ELEMS_PER_MSG)]
 
 
+Part = tuple[int, bytes]  # (message type, attributes) of one message of a batch
+
+
+def _elements(kind: int, set_name: str, elems: Sequence[bytes]) -> list[Part]:
+    head = _TABLE_ATTR + _set_attr(set_name)
+    return [(kind, head + _nla(_L_ELEMENTS | _NLA_F_NESTED, b"".join(part))) for part in _chunks(elems)]
+
+
+def _timed(set_name: str, arm: Sequence[tuple[bytes, int]], remove: Sequence[bytes], timeout_update: bool) -> list[Part]:
+    """Arm each (key, ms) of a timeout set, remove each key of `remove`; absent elements are no
+    error: a removal is "add, then delete"; an arm on a kernel without element timeout update
+    (< 6.11) is "add, delete, add"."""
+    parts: list[Part] = []
+    if remove or (arm and not timeout_update):
+        keys = [k for k, _ in arm] + list(remove)
+        parts += _elements(_NEWSETELEM, set_name, [_elem(k, MIN_TOKEN_MS) for k in keys])
+        parts += _elements(_DELSETELEM, set_name, [_elem(k, None) for k in keys])
+    return parts + _elements(_NEWSETELEM, set_name, [_elem(k, ms) for k, ms in arm])
+
+
 def token_batch(arm: Sequence[tuple[IPAddress, int]], remove: Sequence[IPAddress], seq: int,
-                timeout_update: bool = True) -> tuple[bytes, int]:
-    """One nfnetlink batch: arm each (VIP, ms) in its token set (``timeout ms expires ms``) and
-    remove each VIP of ``remove``. Returns (bytes, sequence number of the one message that asks
-    for an ack: the last). Missing elements are no error: a removal is "add, then delete"; an arm
-    on a kernel without element timeout update (< 6.11) is "add, delete, add"."""
-    parts: list[tuple[int, bytes]] = []  # (message type, attributes)
+                timeout_update: bool = True, *, grants: Sequence[tuple[int, int]] = (), ungrant: Sequence[int] = (),
+                join: Sequence[tuple[IPAddress, int]] = (), leave: Sequence[IPAddress] = ()) -> tuple[bytes, int]:
+    """One nfnetlink batch (atomic: the kernel applies all of it or nothing): arm each (VIP, ms) in
+    its token set and remove each VIP of ``remove``; arm each (grant id, ms) of ``grants`` and remove
+    each of ``ungrant`` (their chains and sets exist: :func:`grant_ops`); take each VIP of ``leave``
+    out of its group (it must be in one), then put each (VIP, grant id) of ``join`` in that group
+    (it must be in none). Returns (bytes, sequence number of the one message that asks for an
+    ack: the last)."""
+    parts: list[Part] = []
     for v in (4, 6):
-        head = _TABLE_ATTR + _SET_ATTR[TOKEN[v]]
-        up = [(ip, ms) for ip, ms in arm if ip.version == v]
-        gone = [ip for ip in remove if ip.version == v]
-        if gone or (up and not timeout_update):
-            keys = [ip for ip, _ in up] + gone
-            parts += [(_NEWSETELEM, head + _nla(_L_ELEMENTS | _NLA_F_NESTED,
-                                                b"".join(_elem(ip, MIN_TOKEN_MS) for ip in part))) for part in _chunks(keys)]
-            parts += [(_DELSETELEM, head + _nla(_L_ELEMENTS | _NLA_F_NESTED,
-                                                b"".join(_elem(ip, None) for ip in part))) for part in _chunks(keys)]
-        parts += [(_NEWSETELEM, head + _nla(_L_ELEMENTS | _NLA_F_NESTED,
-                                            b"".join(_elem(ip, ms) for ip, ms in part))) for part in _chunks(up)]
+        parts += _elements(_DELSETELEM, GROUP[v], [_elem(_key_attr(ip), None) for ip in leave if ip.version == v])
+        parts += _elements(_NEWSETELEM, GROUP[v], [_elem(_key_attr(ip), None, _jump(gid)) for ip, gid in join
+                                                   if ip.version == v])
+        parts += _timed(TOKEN[v], [(_key_attr(ip), ms) for ip, ms in arm if ip.version == v],
+                        [_key_attr(ip) for ip in remove if ip.version == v], timeout_update)
+    for g, ms in grants:
+        parts += _timed(grant_name(g), [(k, ms) for k in _GRANT_KEYS], [], timeout_update)
+    for g in ungrant:
+        parts += _timed(grant_name(g), [], _GRANT_KEYS, timeout_update)
     out = [_msg(_BATCH_BEGIN, _NLM_F_REQUEST, seq, b"", _NFNL_SUBSYS_NFTABLES)]
     for i, (kind, attrs) in enumerate(parts):
         flags = _NLM_F_REQUEST | (_NLM_F_ACK if i == len(parts) - 1 else 0)

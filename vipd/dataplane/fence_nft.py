@@ -1,8 +1,10 @@
 """The nftables token fence: a VIP is served only while its kernel-held token is alive.
 
 The owner of a VIP arms a token (an element of the ``token4``/``token6`` set of vipd's own table
-``netdev vipd_fence``, see :mod:`vipd.dataplane.fence_build`) with a millisecond timeout; the
-daemon refreshes it every 10-20 ms. Base chains on the ingress AND egress hooks of every device
+``netdev vipd_fence``, see :mod:`vipd.dataplane.fence_build`) with a millisecond timeout, and may
+put the VIP in a grant's group: then the grant (one timed element for the whole group, refreshed
+every 10-20 ms by the fast takeover) must be alive too. Group changes, grants and tokens of one
+call go in one atomic batch. Base chains on the ingress AND egress hooks of every device
 carrying a fenced VIP drop IPv4, ARP, IPv6 and ND to/from a *managed* VIP (a configured one)
 whose token is absent or expired. So a SIGKILLed or SIGSTOPped daemon loses the VIP at its token
 deadline with no code running: the kernel stops its ARP/ND replies, its frames sent through
@@ -39,67 +41,27 @@ kernel work runs in the Netlink owner thread, in its netns.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
+import math
 import time
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 import trio
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink import nftsocket as nfts
-from pyroute2.nftables.main import NFTables
 
 from vipd.config import VipSpec
-from vipd.dataplane.fence_build import (NFPROTO_NETDEV, TABLE, Op,
-                                        drop_table_ops, encode_setup, kernel_has_timeout_update, parse_acks,
-                                        setup_ops, token_batch, token_ms)
+from vipd.dataplane.fence_build import (TABLE, drop_table_ops, encode_setup, grant_name, grant_ops,
+                                        kernel_has_timeout_update, setup_ops)
 from vipd.dataplane.fence_read import dump_chains, is_whole
-from vipd.dataplane.netlink import Netlink, enter_netns, netlink_error_text
+from vipd.dataplane.fence_send import Key, Sockets, TokenOps, send
+from vipd.dataplane.netlink import Netlink, netlink_error_text
 from vipd.errors import DataplaneError, FenceError
 
 __all__ = ["FenceError", "NftFence"]
 
-Key = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]  # a VIP, as VipSpec.address
-
 _ENOENT = 2
-_NETLINK_NETFILTER = 12
-_SOL_NETLINK, _NETLINK_CAP_ACK = 270, 10
-_SO_SNDBUFFORCE = 32  # socket.SO_SNDBUFFORCE is not exported by every Python
-_ACK_WAIT = 5.0  # seconds; the kernel answers a batch in well under a millisecond
 _MAX_PASSES = 3  # sends of one token batch when the thread is held up (see the module docstring)
 _LEAD_BASE = 0.0003  # seconds: clock read -> kernel insert for a small batch, with room to spare
-
-
-class _Sockets:
-    """The owner thread's sockets: pyroute2 for setup and dumps, a raw one for token batches."""
-
-    def __init__(self, netns: Optional[str]) -> None:
-        with enter_netns(netns):
-            self.nft = NFTables(nfgen_family=NFPROTO_NETDEV)
-            self.raw = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
-        self.raw.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
-        self.raw.bind((0, 0))
-        self.raw.settimeout(_ACK_WAIT)
-        self.seq = 1
-        self._sndbuf = self.raw.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-
-    def fit(self, size: int) -> None:
-        """Let one send of `size` bytes through (a token batch of thousands of VIPs is larger than
-        the default socket buffer: EMSGSIZE). SO_SNDBUFFORCE needs CAP_NET_ADMIN, which vipd has."""
-        if size + 4096 <= self._sndbuf // 2:  # (the kernel doubles what is set, and reports that)
-            return
-        want = 2 * (size + 4096)
-        for opt in (_SO_SNDBUFFORCE, socket.SO_SNDBUF):
-            try:
-                self.raw.setsockopt(socket.SOL_SOCKET, opt, want)
-                break
-            except OSError:
-                continue
-        self._sndbuf = self.raw.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-
-    def close(self) -> None:
-        self.raw.close()
-        self.nft.close()
+T = TypeVar("T")
 
 
 class NftFence:
@@ -110,12 +72,16 @@ class NftFence:
     def __init__(self, nl: Netlink, *, timeout_update: Optional[bool] = None) -> None:
         self.nl = nl
         self.timeout_update = kernel_has_timeout_update() if timeout_update is None else timeout_update
-        self._socks: Optional[_Sockets] = None  # touched only in the owner thread
+        self._socks: Optional[Sockets] = None  # touched only in the owner thread
         # Records are keyed by VipSpec.name (unique in a config; str hashes are cached, which keeps
         # a 1,000-unit refresh cheap); ensure() checks that a name keeps its address.
         self._managed: Optional[dict[str, tuple[Key, str]]] = None  # name -> (VIP, device), last ensure
         self._l2only: list[Key] = []  # DSR VIPs: gated for ARP/ND only (vipd/dataplane/fence_build.py)
         self._until: dict[str, float] = {}  # name -> last deadline armed (trio clock)
+        self._group: dict[str, str] = {}  # name -> the grant its group depends on, as in the kernel
+        self._grant_until: dict[str, float] = {}  # grant -> last deadline armed (trio clock)
+        self._gid: dict[str, int] = {}  # grant -> its id in the kernel (1, 2, ... in order of first use)
+        self._created: set[int] = set()  # grant ids whose chain and set exist (owner thread only)
         self._lapse_counted: set[str] = set()
         self._refreshes = 0
         self._lapses = 0
@@ -152,8 +118,12 @@ class NftFence:
         """Serve ``vips`` until ``until`` (trio clock) and not one tick longer."""
         await self.arm_many([(vips, until)])
 
-    async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]]) -> None:
-        """Arm every unit to its own deadline in ONE netlink batch."""
+    async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]], *,
+                       grants: Sequence[tuple[str, float]] = (),
+                       groups: Sequence[tuple[Sequence[VipSpec], Optional[str]]] = ()) -> None:
+        """In ONE netlink batch (atomic): arm every unit's tokens to its own deadline, each grant of
+        `grants` to its deadline, and put the VIPs of each (VIPs, grant) of `groups` in that grant's
+        group (None: in no group). A VIP in a group is served only while its token AND the grant live."""
         wanted: dict[str, float] = {}
         pairs: list[tuple[Key, float]] = []
         for vips, until in items:
@@ -164,38 +134,87 @@ class NftFence:
                     pairs = [(a, d) for a, d in pairs if a is not addr and a != addr]
                 wanted[name] = u
                 pairs.append((addr, u))
-        if not wanted:
+        old = self._group
+        after, leave, join = old, [], []
+        for vips, grant in groups:
+            for name, addr in self._managed_vips(vips, "group"):
+                was = after.get(name)
+                if was == grant:
+                    continue
+                if after is old:
+                    after = dict(old)
+                if was is not None:
+                    leave.append(addr)
+                    del after[name]
+                if grant is not None:
+                    join.append((addr, self._id(grant)))
+                    after[name] = grant
+        if not wanted and not grants and after is old:
             return
         now = trio.current_time()
-        until_was, counted = self._until, self._lapse_counted
+        counted = self._lapse_counted
         for name in wanted:
-            prev = until_was.get(name)
+            prev = self._effective(name)
             if prev is not None and prev <= now and name not in counted:
                 self._lapses += 1  # it ran out while we held it: counted once, here or in verify()
         counted.difference_update(wanted)
-        deadlines = _to_perf(pairs)
+        ops = TokenOps(_to_perf(pairs), _to_perf([(self._id(g), u) for g, u in grants]), join, leave)
+        rebuilt = self._rebuilt(after, ops)
         armed = await self._run(lambda: f"arm fence tokens of {_shown(pairs)}",
-                               lambda s: self._send_tokens(s, deadlines))
+                                lambda s: self._send_tokens(s, ops, rebuilt))
         self._until.update(wanted)
+        self._grant_until.update(grants)
+        self._group = after
         self._refreshes += armed
 
     async def disarm(self, vips: Sequence[VipSpec]) -> None:
         """Stop serving ``vips`` now (their tokens are removed; absent ones are fine)."""
+        leave = [v.address for v in vips if v.name in self._group]
+        if leave:
+            self._group = {n: g for n, g in self._group.items() if n not in {v.name for v in vips}}
         for v in vips:
             self._until.pop(v.name, None)
             self._lapse_counted.discard(v.name)
         if self._managed is None or not vips:
             return
-        gone = [(v.address, 0.0) for v in vips]
-        await self._run(lambda: f"disarm fence tokens of {_shown(gone)}", lambda s: self._send_tokens(s, gone))
+        ops = TokenOps([(v.address, 0.0) for v in vips], leave=leave)
+        rebuilt = self._rebuilt(self._group, ops)
+        await self._run(lambda: f"disarm fence tokens of {_shown(ops.tokens)}",
+                        lambda s: self._send_tokens(s, ops, rebuilt))
 
     def armed_until(self, vips: Sequence[VipSpec]) -> Optional[float]:
-        """The deadline last armed for ``vips`` (the earliest of them; None if any is disarmed).
-        It may be in the past: the token then lapsed."""
-        found = [self._until.get(v.name) for v in vips]
+        """The deadline last armed for ``vips`` (the earliest of them, their grants included; None
+        if any is disarmed). It may be in the past: the token then lapsed."""
+        found = [self._effective(v.name) for v in vips]
         if not found or any(u is None for u in found):
             return None
         return min(u for u in found if u is not None)
+
+    def grant_of(self, vip: VipSpec) -> Optional[str]:
+        """The grant the VIP's group depends on (None: in no group)."""
+        return self._group.get(vip.name)
+
+    def _effective(self, name: str) -> Optional[float]:
+        until, grant = self._until.get(name), self._group.get(name)
+        if until is None or grant is None:
+            return until
+        return min(until, self._grant_until.get(grant, -math.inf))
+
+    def _id(self, grant: str) -> int:
+        gid = self._gid.get(grant)
+        if gid is None:
+            gid = self._gid[grant] = len(self._gid) + 1
+        return gid
+
+    def _rebuilt(self, groups: dict[str, str], ops: TokenOps) -> Callable[[], TokenOps]:
+        """What a rebuilt (empty) table needs with `ops`, built in the owner thread only if needed:
+        `ops`' tokens, every group membership of `groups` and every grant we know of (read here, on
+        the trio thread: a grant is never re-armed longer than armed)."""
+        armed = {g for g, _ in ops.grants}
+        known = _to_perf([(self._id(g), u) for g, u in self._grant_until.items() if self._id(g) not in armed])
+        managed, gid = self._managed or {}, self._gid
+        return lambda: TokenOps(list(ops.tokens), list(ops.grants) + known,
+                                [(managed[n][0], gid[g]) for n, g in groups.items() if n in managed])
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -215,25 +234,29 @@ class NftFence:
         old = self._managed or {}
         # no longer configured, or the name now stands for another address: its token goes
         dropped = [name for name in old if name not in managed or managed[name][0] != old[name][0]]
-        gone = [(old[name][0], 0.0) for name in dropped]
+        gone = TokenOps([(old[name][0], 0.0) for name in dropped],
+                        leave=[old[name][0] for name in dropped if name in self._group])
         vip_devs = list(managed.values())
         l2only = [v.address for v in vips if not v.on_loopback and v.services]
 
-        def job(s: _Sockets) -> None:
+        def job(s: Sockets) -> None:
             try:
                 current = dump_chains(s.nft)
             except NetlinkError as e:
                 if e.code != _ENOENT:
                     raise
                 current = {}
-            stale = {c.split("_", 1)[1] for c in current}
+            stale = {c.split("_", 1)[1] for c in current if c.startswith(("in_", "out_"))}
+            self._created.intersection_update(g for g in list(self._created) if grant_name(g) in current)
             s.nft.nlm_request_batch(encode_setup(setup_ops(vip_devs, stale, l2only)))
             if gone:
-                self._send_tokens(s, gone)
+                self._send_tokens(s, gone, rebuilt)
 
+        kept = {n: g for n, g in self._group.items() if n not in dropped}
+        rebuilt = self._rebuilt(kept, gone)
         devs = ", ".join(sorted({dev for _, dev in vip_devs})) or "no device"
         await self._run(f"build table netdev {TABLE} on {devs}", job)
-        self._managed, self._l2only = managed, l2only
+        self._managed, self._l2only, self._group = managed, l2only, kept
         for name in dropped:
             self._until.pop(name, None)
             self._lapse_counted.discard(name)
@@ -243,21 +266,23 @@ class NftFence:
         tokens re-armed from our record. Also counts tokens that lapsed since the last call.
         Returns True when it had to repair. Cheap: one dump each of chains, rules, two sets."""
         now = trio.current_time()
-        for name, until in self._until.items():
-            if until <= now and name not in self._lapse_counted:
+        for name in self._until:
+            until = self._effective(name)
+            if until is not None and until <= now and name not in self._lapse_counted:
                 self._lapse_counted.add(name)
                 self._lapses += 1
         if self._managed is None:
             return False
         vip_devs = list(self._managed.values())
-        deadlines = _to_perf([(self._managed[n][0], u) for n, u in self._until.items() if n in self._managed])
+        ops = TokenOps(_to_perf([(self._managed[n][0], u) for n, u in self._until.items() if n in self._managed]))
+        every = self._rebuilt(self._group, ops)
 
-        def job(s: _Sockets) -> bool:
-            first = s.seq
-            s.seq = (s.seq + 64) & 0x7FFFFFFF or 1  # the element counts' four dumps (and their retries)
-            if is_whole(s.nft, vip_devs, self._l2only, raw=(s.raw, first)):
+        def job(s: Sockets) -> bool:
+            first, grants = s.seq, sorted(self._created)
+            s.seq = (s.seq + 64 + 4 * len(grants)) & 0x7FFFFFFF or 1  # the set dumps (and their retries)
+            if is_whole(s.nft, vip_devs, self._l2only, raw=(s.raw, first), grants=grants):
                 return False
-            self._rebuild(s, vip_devs, deadlines)
+            self._rebuild(s, vip_devs, every())
             return True
 
         repaired: bool = await self._run(f"verify table netdev {TABLE}", job)
@@ -267,12 +292,14 @@ class NftFence:
     async def remove_all(self) -> None:
         """Delete vipd's fence table (cleanup, clean stop). Absent is fine; nothing else touched."""
 
-        def job(s: _Sockets) -> None:
+        def job(s: Sockets) -> None:
             s.nft.nlm_request_batch(encode_setup(drop_table_ops()))
 
         await self._run(f"delete table netdev {TABLE}", job)
+        self._created.clear()
         self._managed = None
         self._until.clear()
+        self._group, self._grant_until = {}, {}
         self._lapse_counted.clear()
 
     # -- metrics hooks ----------------------------------------------------------------------------
@@ -314,11 +341,11 @@ class NftFence:
                             if v.name not in managed or managed[v.name][0] != v.address)
         raise FenceError(f"{what}: VIP {missing} is not managed by the fence (not in ensure())")
 
-    async def _run(self, what: Union[str, Callable[[], str]], fn: Callable[[_Sockets], Any]) -> Any:
+    async def _run(self, what: Union[str, Callable[[], str]], fn: Callable[[Sockets], Any]) -> Any:
         """fn(sockets) in the owner thread; pyroute2/OS errors raised as FenceError("WHAT: why")."""
         def job(_ipr: Any) -> Any:
             if self._socks is None:
-                self._socks = _Sockets(self.nl.netns)
+                self._socks = Sockets(self.nl.netns)
             return fn(self._socks)
 
         try:
@@ -331,72 +358,54 @@ class NftFence:
             why = str(e)
         raise FenceError(f"{what if isinstance(what, str) else what()}: {why}")
 
-    def _send_tokens(self, s: _Sockets, deadlines: Sequence[tuple[Key, float]]) -> int:
-        """Arm each VIP to its deadline (time.perf_counter clock; <= now: remove), in one batch.
-        Each timeout is counted from the moment the kernel is expected to have inserted the last
-        element (``_lead``); if the send took longer, the batch is recomputed and sent again at
-        once. A missing table or set: rebuilt from the last ensure(). Returns elements armed."""
-        arm: list[tuple[Key, int]] = []
+    def _send_tokens(self, s: Sockets, ops: TokenOps, rebuilt: Callable[[], TokenOps]) -> int:
+        """Send `ops` in one batch (deadlines on the time.perf_counter clock; <= now: remove). Each
+        timeout is counted from the moment the kernel is expected to have inserted the last element
+        (``_lead``); if the send took longer, the batch is recomputed and sent again at once. A
+        missing table or set: rebuilt from the last ensure(), then `rebuilt()` sent (everything a
+        VIP's serving depends on: its token never goes back without its group). Returns elements armed."""
+        armed = 0
+        self._create_grants(s, ops)
         for _ in range(_MAX_PASSES):
             t0 = time.perf_counter()
-            lead = _LEAD_BASE + 2.0 * self._per_elem * len(deadlines)
-            arm, remove = [], []
-            for ip, d in deadlines:
-                ms = token_ms(d, t0 + lead)
-                if ms:
-                    arm.append((ip, ms))
-                else:
-                    remove.append(ip)
-            err, sent = self._batch(s, arm, remove)
+            lead = _LEAD_BASE + 2.0 * self._per_elem * len(ops)
+            err, sent, armed = send(s, ops, t0 + lead, self.timeout_update)
             managed = self._managed  # replaced, never changed in place, by the trio thread
             if err == _ENOENT and managed is not None:
-                self._rebuild(s, list(managed.values()), deadlines)
-                return len(arm)
+                self._rebuild(s, list(managed.values()), rebuilt())
+                return armed
             if err:
                 raise NetlinkError(err)
             took = sent - t0  # the kernel inserted every element before send() returned
             self._last_batch = took
-            self._per_elem += 0.2 * (took / max(1, len(deadlines)) - self._per_elem)
+            self._per_elem += 0.2 * (took / max(1, len(ops)) - self._per_elem)
             if took <= lead:  # so each expires by t0 + took + ms <= its deadline
-                return len(arm)
-        return len(arm)  # each pass shortened: the last one was sent with the freshest clock
+                return armed
+        return armed  # each pass shortened: the last one was sent with the freshest clock
 
-    def _batch(self, s: _Sockets, arm: list[tuple[Key, int]], remove: list[Key]) -> tuple[int, float]:
-        """Send one token batch: (0 or the errno of the first failing message, the perf_counter
-        time right after the kernel processed it)."""
-        data, last = token_batch(arm, remove, s.seq, self.timeout_update)
-        first = s.seq
-        s.seq = (s.seq + len(arm) + len(remove) + 16) & 0x7FFFFFFF or 1
-        if last < 0:
-            return 0, time.perf_counter()
-        s.fit(len(data))
-        s.raw.send(data)  # nfnetlink processes the whole batch inside this call
-        sent = time.perf_counter()
-        err = 0
-        while True:
-            try:
-                reply = s.raw.recv(1 << 16)
-            except socket.timeout:
-                raise FenceError(f"no answer from nf_tables within {_ACK_WAIT:g} s") from None
-            for seq, code in parse_acks(reply):
-                if first <= seq <= last:
-                    err = err or code
-                    if seq == last:
-                        return err, sent
-
-    def _rebuild(self, s: _Sockets, vip_devs: Sequence[tuple[Key, str]], deadlines: Sequence[tuple[Key, float]]) -> None:
-        """Delete and rebuild the whole table in one batch, then re-arm the tokens (deadlines on
-        the perf_counter clock) in the next one: until then every managed VIP is dropped."""
+    def _rebuild(self, s: Sockets, vip_devs: Sequence[tuple[Key, str]], ops: TokenOps) -> None:
+        """Delete and rebuild the whole table in one batch, then send `ops` (deadlines on the
+        perf_counter clock) in the next one: until then every managed VIP is dropped."""
         s.nft.nlm_request_batch(encode_setup(drop_table_ops() + setup_ops(vip_devs, (), self._l2only)))
-        if deadlines:
-            t0 = time.perf_counter()
-            arm = [(ip, ms) for ip, d in deadlines if (ms := token_ms(d, t0 + _LEAD_BASE))]
-            err, _ = self._batch(s, arm, [])
+        self._created.clear()
+        self._create_grants(s, ops)
+        if len(ops):
+            err, _, _ = send(s, ops, time.perf_counter() + _LEAD_BASE, self.timeout_update)
             if err:
                 raise NetlinkError(err)
 
 
-def _to_perf(until: Sequence[tuple[Key, float]]) -> list[tuple[Key, float]]:
+    def _create_grants(self, s: Sockets, ops: TokenOps) -> None:
+        """The chain and set of every grant `ops` arms or joins that has none yet (a batch of its own
+        before `ops`: an empty grant set lets nothing through, and no VIP is in its group yet)."""
+        new = {g for g, _ in ops.grants} | {g for _, g in ops.join}
+        new.difference_update(self._created)
+        if new:
+            s.nft.nlm_request_batch(encode_setup(grant_ops(sorted(new))))
+            self._created.update(new)
+
+
+def _to_perf(until: Sequence[tuple[T, float]]) -> list[tuple[T, float]]:
     """Trio-clock deadlines -> time.perf_counter deadlines (the owner thread cannot read trio's
     clock). The offset is read trio-clock-last, so a deadline can only come out earlier."""
     t_perf = time.perf_counter()

@@ -16,13 +16,14 @@ from pyroute2.netlink.nfnetlink import nftsocket as nfts
 from pyroute2.nftables.main import NFTables
 
 from vipd.dataplane import nldump
-from vipd.dataplane.fence_build import L2ONLY, MANAGED, TABLE, TOKEN, IPAddress, chain_names, rules_per_chain
+from vipd.dataplane.fence_build import (GROUP, L2ONLY, MANAGED, TABLE, TOKEN, IPAddress, chain_names, grant_name,
+                                        rules_per_chain)
 
 _ENOENT = 2
 
 
 def dump_chains(nft: NFTables) -> dict[str, Optional[str]]:
-    """Chain name -> hooked device, for the fence table's chains."""
+    """Chain name -> hooked device (None: a grant's chain), for the fence table's chains."""
     msg = nfts.nft_chain_msg()
     msg["attrs"] = [("NFTA_CHAIN_TABLE", TABLE)]
     out: dict[str, Optional[str]] = {}
@@ -63,9 +64,10 @@ def count_elements(sock: socket.socket, seq: int, set_name: str) -> int:
 
 
 def is_whole(nft: NFTables, vips: Iterable[tuple[IPAddress, str]], l2only: Iterable[IPAddress] = (),
-             raw: Optional[tuple[socket.socket, int]] = None) -> bool:
-    """Every chain hooked to its device with every rule, and the managed and ARP/ND-only sets
-    complete, for these (VIP, device) pairs. `raw`: a plain NETLINK_NETFILTER socket of the same
+             raw: Optional[tuple[socket.socket, int]] = None, grants: Iterable[int] = ()) -> bool:
+    """Every chain hooked to its device with every rule, the managed and ARP/ND-only sets complete,
+    the token and group sets present, for these (VIP, device) pairs; each grant of `grants` with
+    its chain, rule and set. `raw`: a plain NETLINK_NETFILTER socket of the same
     netns and a first sequence number, to count set elements without pyroute2's decoding."""
     managed = dict(vips)
     l2 = list(l2only)
@@ -74,6 +76,9 @@ def is_whole(nft: NFTables, vips: Iterable[tuple[IPAddress, str]], l2only: Itera
         want = {c: dev for dev in set(managed.values()) for c in chain_names(dev)}
         if any(chains.get(c) != dev for c, dev in want.items()):
             return False
+        granted = [grant_name(g) for g in grants]
+        if any(name not in chains for name in granted):
+            return False
         msg = nfts.nft_rule_msg()
         msg["attrs"] = [("NFTA_RULE_TABLE", TABLE)]
         count: dict[str, int] = {}
@@ -81,7 +86,7 @@ def is_whole(nft: NFTables, vips: Iterable[tuple[IPAddress, str]], l2only: Itera
             if r.get_attr("NFTA_RULE_TABLE") == TABLE:
                 name = r.get_attr("NFTA_RULE_CHAIN")
                 count[name] = count.get(name, 0) + 1
-        if any(count.get(c, 0) != rules_per_chain() for c in want):
+        if any(count.get(c, 0) != rules_per_chain() for c in want) or any(count.get(c, 0) != 1 for c in granted):
             return False
         for v in (4, 6):
             for name, want_n in ((MANAGED[v], sum(1 for ip in managed if ip.version == v)),
@@ -100,9 +105,18 @@ def is_whole(nft: NFTables, vips: Iterable[tuple[IPAddress, str]], l2only: Itera
                               for m in nft.request_get(req, nfts.NFT_MSG_GETSETELEM))
                 if got != want_n:
                     return False
-            req = nfts.nft_set_elem_list_msg()  # the token set must exist (it may be empty)
-            req["attrs"] = [("NFTA_SET_ELEM_LIST_TABLE", TABLE), ("NFTA_SET_ELEM_LIST_SET", TOKEN[v])]
-            nft.request_get(req, nfts.NFT_MSG_GETSETELEM)
+        for i, name in enumerate((TOKEN[4], TOKEN[6], GROUP[4], GROUP[6], *granted)):  # must exist (may be empty)
+            if raw is not None:
+                try:
+                    count_elements(raw[0], raw[1] + 16 + 4 * i, name)
+                except OSError as e:
+                    if e.errno == _ENOENT:
+                        return False
+                    raise
+            else:
+                req = nfts.nft_set_elem_list_msg()
+                req["attrs"] = [("NFTA_SET_ELEM_LIST_TABLE", TABLE), ("NFTA_SET_ELEM_LIST_SET", name)]
+                nft.request_get(req, nfts.NFT_MSG_GETSETELEM)
     except NetlinkError as e:
         if e.code == _ENOENT:
             return False

@@ -2,7 +2,9 @@
 
 vipd's fence (:mod:`vipd.dataplane.fence_build`) is the table ``netdev vipd_fence``: a VIP in set
 ``managed4``/``managed6`` is served only while its element in ``token4``/``token6`` is alive
-(elements carry a millisecond timeout; an expired element is absent for lookups and for dumps).
+(elements carry a millisecond timeout; an expired element is absent for lookups and for dumps),
+and, when map ``group4``/``group6`` sends it to a grant's chain, while that grant's set
+(``grant_<id>``: one element per protocol) has a live element too.
 
 :func:`read_set` dumps one set (NFT_MSG_GETSETELEM) over a NETLINK_NETFILTER socket opened inside
 the host's namespace by :func:`netfilter_socket`, and returns, for the wanted keys only, each
@@ -32,6 +34,8 @@ from vipd.lab import netns
 TABLE = "vipd_fence"  # == vipd.dataplane.fence_build.TABLE (not imported: the lab reads the kernel only)
 MANAGED = {4: "managed4", 6: "managed6"}
 TOKEN = {4: "token4", 6: "token6"}
+GROUP = {4: "group4", 6: "group6"}
+_GRANT_KEYS = frozenset(struct.pack("!H", p) for p in (0x0800, 0x0806, 0x86DD))  # a grant set's elements
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 NETLINK_NETFILTER = 12
 NFPROTO_NETDEV = 5
@@ -41,7 +45,7 @@ _NFGEN = 4  # struct nfgenmsg
 _RTA = struct.Struct("=HH")
 _TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 _L_TABLE, _L_SET, _L_ELEMENTS, _LIST_ELEM = 1, 2, 3, 1
-_E_KEY, _E_EXPIRATION, _D_VALUE = 1, 5, 1
+_E_KEY, _E_DATA, _E_EXPIRATION, _D_VALUE, _D_VERDICT, _V_CHAIN = 1, 2, 5, 1, 2, 2
 _U64 = struct.Struct("!Q")
 
 
@@ -64,10 +68,10 @@ def _nla(kind: int, payload: bytes) -> bytes:
 
 _TABLE_ATTR = _nla(_L_TABLE, TABLE.encode() + b"\0")
 _SET_ATTR = {name: _nla(_L_SET, name.encode() + b"\0") for name in (*MANAGED.values(), *TOKEN.values())}
-def read_set(sock: socket.socket, set_name: str, keys: frozenset[bytes]) -> dict[bytes, int | None] | None:
-    """The elements of ``netdev vipd_fence`` set `set_name` whose key (packed address) is in `keys`:
-    key -> remaining ms (None: no timeout). None when the table or the set does not exist."""
-    body = struct.pack("!BBH", NFPROTO_NETDEV, 0, 0) + _TABLE_ATTR + _SET_ATTR[set_name]
+def _dump(sock: socket.socket, set_name: str) -> list[tuple[int, bytes, int, int]] | None:
+    """The NEWSETELEM messages of one set dump; None when the table or the set does not exist."""
+    body = (struct.pack("!BBH", NFPROTO_NETDEV, 0, 0) + _TABLE_ATTR
+            + (_SET_ATTR.get(set_name) or _nla(_L_SET, set_name.encode() + b"\0")))
     request = lambda n: nldump.header(len(body), _NFT_GETSETELEM, nldump.NLM_F_REQUEST | nldump.NLM_F_DUMP, n) + body  # noqa: E731
     try:
         messages = nldump.dump(sock, request, f"NFT_MSG_GETSETELEM {set_name}")
@@ -75,11 +79,56 @@ def read_set(sock: socket.socket, set_name: str, keys: frozenset[bytes]) -> dict
         if e.errno in (errno.ENOENT, errno.EOPNOTSUPP):  # no table / set (no nf_tables)
             return None
         raise
+    return [m for m in messages if m[0] == _NFT_NEWSETELEM]
+
+
+def read_set(sock: socket.socket, set_name: str, keys: frozenset[bytes]) -> dict[bytes, int | None] | None:
+    """The elements of ``netdev vipd_fence`` set `set_name` whose key (packed address) is in `keys`:
+    key -> remaining ms (None: no timeout). None when the table or the set does not exist."""
+    messages = _dump(sock, set_name)
+    if messages is None:
+        return None
     out: dict[bytes, int | None] = {}
-    for kind, data, start, end in messages:
-        if kind == _NFT_NEWSETELEM:
-            _find_elements(data, start + _NFGEN, end, keys, out)
+    for _, data, start, end in messages:
+        _find_elements(data, start + _NFGEN, end, keys, out)
     return out
+
+
+def read_groups(sock: socket.socket, map_name: str, keys: frozenset[bytes]) -> dict[bytes, str]:
+    """The wanted VIPs of verdict map `map_name` (group4/group6): key -> the grant chain it jumps to."""
+    out: dict[bytes, str] = {}
+    for _, data, start, end in _dump(sock, map_name) or []:
+        _find_groups(data, start + _NFGEN, end, keys, out)
+    return out
+
+
+def _find_groups(data: bytes, pos: int, end: int, keys: frozenset[bytes], out: dict[bytes, str]) -> None:
+    """The wanted elements of one NEWSETELEM message of a verdict map: key -> the chain it jumps to."""
+    for kind, a0, a1 in _attrs(data, pos, end):
+        if kind != _L_ELEMENTS:
+            continue
+        for ekind, e0, e1 in _attrs(data, a0, a1):
+            key, chain = None, None
+            for akind, b0, b1 in _attrs(data, e0, e1) if ekind == _LIST_ELEM else []:
+                inner = _attrs(data, b0, b1)
+                if akind == _E_KEY:
+                    key = next((data[c0:c1] for k, c0, c1 in inner if k == _D_VALUE), None)
+                elif akind == _E_DATA:
+                    for k, c0, c1 in inner:
+                        if k == _D_VERDICT:
+                            chain = next((data[d0:d1].rstrip(b"\0").decode() for vk, d0, d1 in _attrs(data, c0, c1)
+                                          if vk == _V_CHAIN), None)
+            if key in keys and chain:
+                out[key] = chain
+
+
+def read_grant(sock: socket.socket, name: str) -> int | None:
+    """The remaining ms of grant set `name` (its latest element: erring toward serving); _ABSENT
+    when it has no live element or does not exist."""
+    els = read_set(sock, name, _GRANT_KEYS)
+    if not els:
+        return _ABSENT
+    return None if any(ms is None for ms in els.values()) else max(ms for ms in els.values() if ms is not None)
 
 
 def _attrs(data: bytes, pos: int, end: int) -> list[tuple[int, int, int]]:
@@ -183,10 +232,19 @@ class TokenGates:
                 for ip in mine:
                     self.open[host, ip] = True
                 continue
+            live = frozenset(k for k in keys if k in tokens)
+            groups = read_groups(sock, GROUP[version], live) if live else {}
+            grants = {name: read_grant(sock, name) for name in set(groups.values())}
+            self.reads += 1 + len(grants) if live else 0
+            r = time.monotonic()
             unknown = []
             for ip in mine:
                 k = (host, ip)
                 ms = tokens.get(ip.packed, _ABSENT)
+                grant = groups.get(ip.packed)
+                if ms != _ABSENT and grant is not None:  # served while the token AND the grant live
+                    g = grants[grant]
+                    ms = _ABSENT if g == _ABSENT else g if ms is None else ms if g is None else min(ms, g)
                 if ms != _ABSENT:  # the truth at r, later or earlier than known (a re-arm may shorten it)
                     self.end[k] = _INF if ms is None else r + ms / 1000.0
                 elif self.end.get(k, -_INF) > r:  # removed before its known end: gone by r at the latest
