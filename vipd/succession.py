@@ -9,7 +9,13 @@ O's kernel token (the nftables element of each VIP, vipd/dataplane/fence_nft.py)
     token(unit) = min(H_etcd, granted_until(S))     while the key names S,
     token(unit) = H_etcd                            while it names nobody,
 where H_etcd is the controller's fence deadline (the last acknowledged keepalive's send time + TTL
-- margin). When S hears nothing from O for the grace G after its last ack, S replaces the key by
+- margin). In the kernel the first case is two elements: the unit's token armed to H_etcd, and the
+unit in S's grant group, whose one grant element is armed to granted_until(S) for every unit S
+succeeds (vipd/dataplane/fence_build.py); the kernel serves the unit while both live, i.e. until
+the same min. A unit whose record is being rewritten (a rename in flight, or of unknown outcome)
+leaves the group in the same atomic batch that arms its token to its whole cap (every grant that
+bounds it), and rejoins once the record names one successor again: so an ack re-arms one element
+per successor, and the token bound below holds for every element. When S hears nothing from O for the grace G after its last ack, S replaces the key by
 a transaction comparing the mod revision of the record naming it, then claims the VIP at once.
 
 Why no two hosts serve at once. Every change of a unit's owner or successor is a transaction on
@@ -71,7 +77,8 @@ RENAME_BATCH = 100  # units per rename transaction (under etcd's --max-txn-ops)
 class _Owned:
     vips: Sequence[VipSpec]
     h_etcd: float
-    armed: float = -math.inf
+    armed: float = -math.inf  # the token's deadline last armed
+    group: str | None = None  # the successor whose grant's group it was last put in
 
 
 class Succession:
@@ -108,7 +115,10 @@ class Succession:
         self._arms: Coalescer[str, None] = Coalescer(self._arm_batch)
         self._disarms: Coalescer[tuple[VipSpec, ...], None] = Coalescer(self._disarm_batch)
         self._refresh = trio.Event()
-        self._scanned: tuple[int, dict[tuple[str, Generation | None, bool], float | None]] | None = None  # (version, grants) of the last pass
+        self._scanned = -1  # the version of the last pass over every owned unit
+        self._direct: set[str] = set()  # owned units outside a grant's group whose tokens follow grants (as of it)
+        self._grouped: set[str] = set()  # the successors owned units are grouped under (as of it)
+        self._granted: dict[str, float] = {}  # successor -> the grant last armed for its group
         self._wake = trio.Event()
         self.enabled = True  # off when the token fence or the heartbeats cannot run: lease takeover only
         self.renames = 0
@@ -273,58 +283,88 @@ class Succession:
             cap = min(cap, granted if granted is not None else -math.inf)
         return cap
 
-    async def _arm(self, units: list[tuple[str, _Owned]], caps: list[float] | None = None) -> None:
-        """Arm each unit's token to its cap (`caps`: computed by the caller in this same step), in one
-        batch (call with the lock held)."""
+    def _via(self, unit: str) -> str | None:
+        """The successor in whose grant's group the unit is: its record (ours) names S, and no rename
+        is in flight or of unknown outcome. Its token is then H_etcd and S's grant bounds it in the
+        kernel (vipd/dataplane/fence_build.py): the same deadline as min(H_etcd, granted_until(S)),
+        one element for every unit S succeeds. Any other unit: its token carries the whole cap."""
+        rec = self._records.get(unit)
+        if (rec is None or rec.node != self.node or not rec.successor or unit in self._naming
+                or unit in self._uncertain):
+            return None
+        return rec.successor
+
+    def _grant(self, peer: str) -> float:
+        """The deadline of `peer`'s group: its grant from validated generations (as `_cap` reads a
+        named successor's)."""
+        link = self._peers.link(peer)
+        granted = link.granted_until() if link is not None else None
+        return granted if granted is not None else -math.inf
+
+    def _grants_due(self, also: set[str] = set()) -> list[tuple[str, float]]:
+        """Grants to re-arm: of every group in use (and of `also`: the groups of the units being
+        armed), those that moved a step forward, fell, or were never armed."""
+        out = []
+        for peer in self._grouped | also:
+            g, was = self._grant(peer), self._granted.get(peer)
+            if was is None or g < was or g - was >= self._step:
+                out.append((peer, g))
+        return out
+
+    async def _arm(self, units: list[tuple[str, _Owned]], caps: list[float] | None = None,
+                   grants: list[tuple[str, float]] | None = None) -> None:
+        """Arm each unit's token to its cap (`caps`: computed by the caller in this same step), put it
+        in its successor's group or in none, and arm the grants due, in one batch (call with the
+        lock held)."""
         floor = self._clock() - 1.0  # "already over": the fence removes the token
+        vias = [self._via(u) for u, _ in units]
         if caps is None:
             memo: dict[tuple[str, Generation | None, bool], float | None] = {}
-            caps = [self._cap(u, o, memo) for u, o in units]
-        await self._fence.arm_many([(o.vips, max(cap, floor)) for (_, o), cap in zip(units, caps)])
-        for (_, o), cap in zip(units, caps):
-            o.armed = cap
+            caps = [o.h_etcd if via else self._cap(u, o, memo) for (u, o), via in zip(units, vias)]
+        if grants is None:
+            grants = self._grants_due({via for via in vias if via is not None})
+        await self._fence.arm_many([(o.vips, max(cap, floor)) for (_, o), cap in zip(units, caps)],
+                                   grants=[(p, max(g, floor)) for p, g in grants],
+                                   groups=[(o.vips, via) for (_, o), via in zip(units, vias)])
+        for (_, o), cap, via in zip(units, caps, vias):
+            o.armed, o.group = cap, via
+        self._granted.update(grants)
         self.refreshes += 1
 
     async def refresh(self) -> None:
-        """Re-arm tokens whose grant moved forward by a step (or fell): after acks, renames, records."""
+        """Re-arm what moved a step forward (or fell) after acks, renames, records: the grants of the
+        groups in use (one element per successor), and the tokens of units outside a group whose
+        cap follows grants. A pass over every unit only when what `_via`/`_cap` read changed
+        (`_version`): an ack then costs O(peers + units in a rename), not O(units)."""
         while True:
             await self._refresh.wait()
             self._refresh = trio.Event()
             async with self._lock:
-                if self._quiet():
-                    continue
+                version = self._version
+                full = self._scanned != version
+                units = self._owned if full else {u: self._owned[u] for u in self._direct if u in self._owned}
                 memo: dict[tuple[str, Generation | None, bool], float | None] = {}
-                due, caps = [], []
-                for u, o in self._owned.items():
-                    cap = self._cap(u, o, memo)
-                    if cap < o.armed or cap - o.armed >= self._step:  # moved a step forward, or fell
+                due, caps, direct, grouped = [], [], set(), set()
+                for u, o in units.items():
+                    via = self._via(u)
+                    if via is not None:
+                        grouped.add(via)
+                        cap = o.h_etcd
+                    else:
+                        cap = self._cap(u, o, memo)
+                        if self._depends(u):
+                            direct.add(u)
+                    if cap < o.armed or cap - o.armed >= self._step or via != o.group:
                         due.append((u, o))
                         caps.append(cap)
-                self._scanned = (self._version, memo)
-                if due:
+                if full:
+                    self._scanned, self._direct, self._grouped = version, direct, grouped
+                grants = self._grants_due()
+                if due or grants:
                     try:
-                        await self._arm(due, caps)
+                        await self._arm(due, caps, grants)
                     except DataplaneError as e:  # the tokens end at their previous deadlines: loud, never unsafe
                         log.error("token_refresh_failed", units=len(due), error=e)
-
-    def _quiet(self) -> bool:
-        """Nothing the tokens depend on changed since the last pass over every unit (no record,
-        rename or owned unit; no grant fell or moved a step): an ack then costs O(peers), not
-        O(units), and the passes coincide with the re-arms they find due. A token may so trail its
-        grant by up to 2 steps (liveness only: a token only ever ends earlier than its grant)."""
-        if self._scanned is None or self._scanned[0] != self._version:
-            return False
-        for (peer, gen, upto), old in self._scanned[1].items():
-            link = self._peers.link(peer)
-            if link is None:
-                return False
-            now = link.granted_upto(gen) if upto else link.granted_until()
-            if now is None or old is None:
-                if now != old:
-                    return False
-            elif now < old or now - old >= self._step:
-                return False
-        return True
 
     # ---- the successor side: take over ------------------------------------------------------
 

@@ -8,6 +8,7 @@ tests assert who serves, in which order, and what each host's kernel holds.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import re
@@ -19,6 +20,7 @@ import pytest
 
 from tests.lab.util import wait_for
 from vipd.lab.cluster import Cluster, VipDef
+from vipd.lab.fence_tokens import TokenGates, netfilter_socket
 from vipd.lab.probe import Probe
 from vipd.lab.topology import Lab
 
@@ -51,11 +53,13 @@ def named(c: Cluster, probe: Probe) -> tuple[str, str]:
 
 
 def token_alive(lab: Lab, host: str, ip: Any) -> bool:
-    out = lab.run(lab.host(host), ["nft", "-j", "list", "set", "netdev", "vipd_fence", "token4"], check=False)
-    if out.returncode != 0:
-        return False
-    elems = [e for item in json.loads(out.stdout)["nftables"] if "set" in item for e in item["set"].get("elem", [])]
-    return any((e.get("elem", {}).get("val") if isinstance(e, dict) else e) == str(ip) for e in elems)
+    """The host's fence lets the VIP through: its token alive, and its successor's grant too when
+    it is in a grant's group (read as the address monitor reads it)."""
+    gates = TokenGates()
+    with contextlib.closing(netfilter_socket(lab.host(host).ns)) as sock:
+        at = gates.read(host, sock, [ip])
+    end = gates.gated_end(host, ip)
+    return end is None or end > at
 
 
 def responders_since(probe: Probe, t: float) -> set[str]:
