@@ -440,7 +440,35 @@ async def test_a_vip_in_a_group_is_served_only_while_its_grant_lives_too(lab: La
         assert await fence.verify()
         assert group_members(lab) == {str(lab.vip4(1).ip): 2} and set(grant_elements(lab)) == {2}
         assert await trio.to_thread.run_sync(reachable, lab)
+        # a flushed group map (the token alone would serve the VIP) is repaired too
+        nft(lab, ns, "flush", "map", "netdev", "vipd_fence", "group4")
+        assert await fence.verify() and group_members(lab) == {str(lab.vip4(1).ip): 2}
+        assert not await fence.verify()
         # a disarm takes the VIP out of its group with its token
         await fence.disarm(vips[:1])
         assert group_members(lab) == {} and fence.grant_of(vips[0]) is None
         await fence.remove_all()
+
+
+async def test_a_new_process_starts_from_an_empty_table(lab: Lab) -> None:
+    """A previous run's groups and grants (its grant ids, its peers) mean nothing to the next run:
+    its first ensure() starts from an empty table, so its own groups go in without a clash (a
+    restarted daemon failed every arm with EEXIST in the chaos soak), and no VIP is served by a
+    token or grant it did not arm; a reload's ensure() keeps what this run armed."""
+    put_vips(lab)
+    vips = vips_of(lab)
+    async with Netlink(lab.host("h1").ns) as nl:
+        async with NftFence(nl) as old:
+            await old.ensure(vips)
+            now = trio.current_time()
+            await old.arm_many([(vips, now + 60)], grants=[("h3", now + 60)], groups=[(vips, "h3")])
+        async with NftFence(nl) as fence:
+            await fence.ensure(vips)
+            assert group_members(lab) == {} and grant_elements(lab) == {} and token_elements(lab, "token4") == {}
+            assert await trio.to_thread.run_sync(dark, lab)
+            now = trio.current_time()
+            await fence.arm_many([(vips, now + 60)], grants=[("h2", now + 60)], groups=[(vips, "h2")])
+            await fence.ensure(vips)  # a reload: what this run armed stays
+            assert group_members(lab) == {str(lab.vip4(1).ip): 1, str(lab.vip6(1).ip): 1}
+            assert await trio.to_thread.run_sync(reachable, lab)
+            await fence.remove_all()

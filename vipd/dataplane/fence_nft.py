@@ -220,8 +220,10 @@ class NftFence:
 
     async def ensure(self, vips: Sequence[VipSpec]) -> None:
         """Make the table fence exactly the covered VIPs of ``vips`` (routed ones are skipped):
-        one atomic batch, idempotent. Tokens already armed stay armed; tokens of VIPs no longer
-        configured are removed."""
+        one atomic batch, idempotent. The first call of a process starts from an empty table (a
+        previous run's tokens, groups and grants are gone with it: grant ids are this process's,
+        and no VIP is ours yet); later calls (reload) keep tokens, groups and grants, and remove
+        the tokens of VIPs no longer configured."""
         managed: dict[str, tuple[Key, str]] = {}
         seen: set[object] = set()
         for v in vips:
@@ -231,6 +233,10 @@ class NftFence:
                 raise FenceError(f"fence: VIP {v.name} ({v.ip}) is configured twice")
             seen.add(v.ip)
             managed[v.name] = (v.address, v.interface)
+        fresh = self._managed is None
+        if fresh:
+            self._until, self._group, self._grant_until = {}, {}, {}
+            self._lapse_counted.clear()
         old = self._managed or {}
         # no longer configured, or the name now stands for another address: its token goes
         dropped = [name for name in old if name not in managed or managed[name][0] != old[name][0]]
@@ -240,6 +246,10 @@ class NftFence:
         l2only = [v.address for v in vips if not v.on_loopback and v.services]
 
         def job(s: Sockets) -> None:
+            if fresh:
+                s.nft.nlm_request_batch(encode_setup(drop_table_ops() + setup_ops(vip_devs, (), l2only)))
+                self._created.clear()
+                return
             try:
                 current = dump_chains(s.nft)
             except NetlinkError as e:
@@ -276,11 +286,12 @@ class NftFence:
         vip_devs = list(self._managed.values())
         ops = TokenOps(_to_perf([(self._managed[n][0], u) for n, u in self._until.items() if n in self._managed]))
         every = self._rebuilt(self._group, ops)
+        members = [self._managed[n][0].ip for n in self._group if n in self._managed]
 
         def job(s: Sockets) -> bool:
             first, grants = s.seq, sorted(self._created)
             s.seq = (s.seq + 64 + 4 * len(grants)) & 0x7FFFFFFF or 1  # the set dumps (and their retries)
-            if is_whole(s.nft, vip_devs, self._l2only, raw=(s.raw, first), grants=grants):
+            if is_whole(s.nft, vip_devs, self._l2only, raw=(s.raw, first), grants=grants, members=members):
                 return False
             self._rebuild(s, vip_devs, every())
             return True

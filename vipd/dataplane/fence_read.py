@@ -64,13 +64,14 @@ def count_elements(sock: socket.socket, seq: int, set_name: str) -> int:
 
 
 def is_whole(nft: NFTables, vips: Iterable[tuple[IPAddress, str]], l2only: Iterable[IPAddress] = (),
-             raw: Optional[tuple[socket.socket, int]] = None, grants: Iterable[int] = ()) -> bool:
+             raw: Optional[tuple[socket.socket, int]] = None, grants: Iterable[int] = (),
+             members: Iterable[IPAddress] = ()) -> bool:
     """Every chain hooked to its device with every rule, the managed and ARP/ND-only sets complete,
-    the token and group sets present, for these (VIP, device) pairs; each grant of `grants` with
-    its chain, rule and set. `raw`: a plain NETLINK_NETFILTER socket of the same
+    the token set present and the group maps holding exactly `members`' count, for these (VIP,
+    device) pairs; each grant of `grants` with its chain, rule and set. `raw`: a plain NETLINK_NETFILTER socket of the same
     netns and a first sequence number, to count set elements without pyroute2's decoding."""
     managed = dict(vips)
-    l2 = list(l2only)
+    l2, grouped = list(l2only), list(members)
     try:
         chains = dump_chains(nft)
         want = {c: dev for dev in set(managed.values()) for c in chain_names(dev)}
@@ -89,11 +90,12 @@ def is_whole(nft: NFTables, vips: Iterable[tuple[IPAddress, str]], l2only: Itera
         if any(count.get(c, 0) != rules_per_chain() for c in want) or any(count.get(c, 0) != 1 for c in granted):
             return False
         for v in (4, 6):
-            for name, want_n in ((MANAGED[v], sum(1 for ip in managed if ip.version == v)),
-                                 (L2ONLY[v], sum(1 for ip in l2 if ip.version == v))):
+            for i, (name, want_n) in enumerate(((MANAGED[v], sum(1 for ip in managed if ip.version == v)),
+                                                (L2ONLY[v], sum(1 for ip in l2 if ip.version == v)),
+                                                (GROUP[v], sum(1 for ip in grouped if ip.version == v)))):
                 if raw is not None:
                     try:
-                        got = count_elements(raw[0], raw[1] + 8 * (v == 6) + 4 * (name == L2ONLY[v]), name)
+                        got = count_elements(raw[0], raw[1] + 12 * (v == 6) + 4 * i, name)
                     except OSError as e:
                         if e.errno == _ENOENT:
                             return False
@@ -105,10 +107,10 @@ def is_whole(nft: NFTables, vips: Iterable[tuple[IPAddress, str]], l2only: Itera
                               for m in nft.request_get(req, nfts.NFT_MSG_GETSETELEM))
                 if got != want_n:
                     return False
-        for i, name in enumerate((TOKEN[4], TOKEN[6], GROUP[4], GROUP[6], *granted)):  # must exist (may be empty)
+        for i, name in enumerate((TOKEN[4], TOKEN[6], *granted)):  # must exist (may be empty)
             if raw is not None:
                 try:
-                    count_elements(raw[0], raw[1] + 16 + 4 * i, name)
+                    count_elements(raw[0], raw[1] + 24 + 4 * i, name)
                 except OSError as e:
                     if e.errno == _ENOENT:
                         return False
