@@ -286,7 +286,7 @@ class NftFence:
         vip_devs = list(self._managed.values())
         ops = TokenOps(_to_perf([(self._managed[n][0], u) for n, u in self._until.items() if n in self._managed]))
         every = self._rebuilt(self._group, ops)
-        members = [self._managed[n][0].ip for n in self._group if n in self._managed]
+        members = [self._managed[n][0] for n in self._group if n in self._managed]
 
         def job(s: Sockets) -> bool:
             first, grants = s.seq, sorted(self._created)

@@ -77,12 +77,13 @@ def send(s: Sockets, ops: TokenOps, at: float, timeout_update: bool) -> tuple[in
     """Send `ops` as one batch, each timeout counted from `at` (perf_counter): (0 or the errno of
     the first failing message, the perf_counter time right after the kernel processed it, the
     elements armed)."""
-    arm = [(k.ip, ms) for k, d in ops.tokens if (ms := token_ms(d, at))]
-    remove = [k.ip for k, d in ops.tokens if not token_ms(d, at)]
+    # (an address with its prefix is an address: encoded by its packed bytes, no .ip object made)
+    arm = [(k, ms) for k, d in ops.tokens if (ms := token_ms(d, at))]
+    remove = [k for k, d in ops.tokens if not token_ms(d, at)]
     grants = [(g, ms) for g, d in ops.grants if (ms := token_ms(d, at))]
     ungrant = [g for g, d in ops.grants if not token_ms(d, at)]
     data, last = token_batch(arm, remove, s.seq, timeout_update, grants=grants, ungrant=ungrant,
-                             join=[(k.ip, g) for k, g in ops.join], leave=[k.ip for k in ops.leave])
+                             join=list(ops.join), leave=list(ops.leave))
     first = s.seq
     s.seq = (s.seq + len(ops) + 16) & 0x7FFFFFFF or 1
     if last < 0:
