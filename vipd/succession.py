@@ -71,6 +71,7 @@ HOLD_DOWN = 1.0  # seconds a peer must have been heard without a suspicion befor
 REBALANCE_AFTER = HOLD_DOWN  # seconds a better-ranked peer must have been nameable before it replaces a live successor
 RETRY = 0.1  # seconds before a failed rename is tried again
 RENAME_BATCH = 100  # units per rename transaction (under etcd's --max-txn-ops)
+PLAN_EVERY = 1.0  # seconds: the longest the planner goes without a pass over the units
 
 
 @dataclass
@@ -399,15 +400,26 @@ class Succession:
                 return host
         return None
 
-    def _plan(self, now: float) -> list[tuple[str, OwnerRecord, str | None]]:
-        plan: list[tuple[str, OwnerRecord, str | None]] = []
-        if not self.enabled:
-            return plan
+    def _plan_inputs(self, now: float) -> tuple[object, ...]:
+        """Note since when each peer is nameable; return what a plan reads besides the units, their
+        records and the placement (O(peers)): the same inputs make the same (empty) plan."""
+        out: list[object] = [self._version]
         for peer in self._peers.peer_names():
             if self._eligible(peer, now):
                 self._eligible_since.setdefault(peer, now)
             else:
                 self._eligible_since.pop(peer, None)
+            link = self._peers.link(peer)
+            since = self._eligible_since.get(peer)
+            out.append((peer, since is not None and now - since >= REBALANCE_AFTER, since is not None,
+                        link.peer_gen if link else None, link.validated if link else None))
+        return tuple(out)
+
+    def _plan(self, now: float) -> list[tuple[str, OwnerRecord, str | None]]:
+        plan: list[tuple[str, OwnerRecord, str | None]] = []
+        if not self.enabled:
+            return plan
+        self._plan_inputs(now)
         for unit in self._owned:
             rec = self._records.get(unit)
             if rec is None or rec.node != self.node or rec.released or unit in self._naming:
@@ -441,10 +453,17 @@ class Succession:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.refresh)
             task_status.started()
+            planned: tuple[object, ...] = ()
+            planned_at = -math.inf
             while True:
                 now = self._clock()
                 self._validate_unused()
-                plan = self._plan(now)
+                # a pass over the units when what it reads changed (or every PLAN_EVERY: the placement
+                # has no version), not at every wake: the grant checks wake this loop every ~L/2
+                inputs = self._plan_inputs(now)
+                plan = []
+                if inputs != planned or now - planned_at >= PLAN_EVERY:
+                    plan, planned, planned_at = self._plan(now), inputs, now
                 if plan:
                     for i in range(0, len(plan), RENAME_BATCH):
                         await self._rename(plan[i:i + RENAME_BATCH])

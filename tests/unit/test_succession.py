@@ -518,3 +518,48 @@ def test_a_takeover_queued_behind_others_is_not_sent_once_the_owner_is_heard_aga
         assert won and keys.taken == [named]
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_planner_passes_over_the_units_only_when_what_it_reads_changes():
+    """Acks flowing wake the planner every ~L/2 (a successor's grant check); with nothing changed it
+    does not pass over the units (at most every PLAN_EVERY); when the successor falls silent, the
+    rename to nobody still goes out within L/2 of its last ack."""
+    from vipd.succession import PLAN_EVERY
+    units = [VipSpec(f"v{i}", ipaddress.ip_interface(f"10.0.1.{i}/32"), "eth0") for i in range(20)]
+
+    async def main() -> None:
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        for v in units:
+            s.observe(v.name, OwnerRecord("h1", 11, 7, 11))
+        await s.arm_many([([v], now + 60.0) for v in units])
+        passes = 0
+        plan = s._plan
+
+        def counted(t: float) -> Any:
+            nonlocal passes
+            passes += 1
+            return plan(t)
+
+        s._plan = counted  # type: ignore[method-assign]
+        async with trio.open_nursery() as n:
+            await n.start(s.run)
+            await trio.sleep(HOLD_DOWN + 0.01)
+            for _ in range(5):
+                peers.heartbeat(trio.current_time())
+                s.on_peer_event(Acked("h2", 0.0))
+                await trio.sleep(H)
+            assert all(s.successor(v.name) == "h2" for v in units)
+            passes = 0
+            for _ in range(200):  # 2 s of acks
+                peers.heartbeat(trio.current_time())
+                s.on_peer_event(Acked("h2", 0.0))
+                await trio.sleep(H)
+            assert passes <= 2 / PLAN_EVERY + 2, passes
+            silent = trio.current_time()
+            while s.successor(units[0].name) == "h2":
+                await trio.sleep(0.005)
+            assert trio.current_time() - silent <= L / 2 + 0.01
+            n.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
