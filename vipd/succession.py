@@ -65,13 +65,13 @@ from vipd.errors import DataplaneError, EtcdError
 from vipd.model import Event, OwnerRecord, PeerRecovered, PeerSuspected, VipSpec
 from vipd.peers.protocol import Acked, Challenged, Generation, Recovered, Suspected
 from vipd.peers.protocol import Event as PeerEvent
+from vipd.succession_plan import HOLD_DOWN, PLAN_EVERY, REBALANCE_AFTER, Planning
 from vipd.succession_ports import Counts, Keys, PeersPort, TokenFence
 
-HOLD_DOWN = 1.0  # seconds a peer must have been heard without a suspicion before it is named successor
-REBALANCE_AFTER = HOLD_DOWN  # seconds a better-ranked peer must have been nameable before it replaces a live successor
+__all__ = ["HOLD_DOWN", "PLAN_EVERY", "REBALANCE_AFTER", "Succession"]
+
 RETRY = 0.1  # seconds before a failed rename is tried again
 RENAME_BATCH = 100  # units per rename transaction (under etcd's --max-txn-ops)
-PLAN_EVERY = 1.0  # seconds: the longest the planner goes without a pass over the units
 
 
 @dataclass
@@ -82,7 +82,7 @@ class _Owned:
     group: str | None = None  # the successor whose grant's group it was last put in
 
 
-class Succession:
+class Succession(Planning):
     """Implements vipd.fence.Fence (the token fence, capped by the successor's grants) and the
     controller's TakeoverPort; `run` names successors. All on the trio thread."""
 
@@ -383,71 +383,7 @@ class Succession:
             self._metrics.record_takeover(unit, "peer", None if since is None else self._clock() - since)
         return won, now
 
-    # ---- the owner side: name successors ----------------------------------------------------
-
-    def _eligible(self, peer: str, now: float) -> bool:
-        link = self._peers.link(peer)
-        if link is None or link.suspected or link.peer_gen is None:
-            return False
-        if now - self._suspected_at.get(peer, -math.inf) < HOLD_DOWN:
-            return False
-        granted = link.granted_until(link.peer_gen)
-        return granted is not None and granted > now + self._lease / 2
-
-    def _choose(self, unit: str, now: float) -> str | None:
-        for host in self._placement(unit):
-            if host != self.node and self._eligible(host, now):
-                return host
-        return None
-
-    def _plan_inputs(self, now: float) -> tuple[object, ...]:
-        """Note since when each peer is nameable; return what a plan reads besides the units, their
-        records and the placement (O(peers)): the same inputs make the same (empty) plan."""
-        out: list[object] = [self._version]
-        for peer in self._peers.peer_names():
-            if self._eligible(peer, now):
-                self._eligible_since.setdefault(peer, now)
-            else:
-                self._eligible_since.pop(peer, None)
-            link = self._peers.link(peer)
-            since = self._eligible_since.get(peer)
-            out.append((peer, since is not None and now - since >= REBALANCE_AFTER, since is not None,
-                        link.peer_gen if link else None, link.validated if link else None))
-        return tuple(out)
-
-    def _plan(self, now: float) -> list[tuple[str, OwnerRecord, str | None]]:
-        plan: list[tuple[str, OwnerRecord, str | None]] = []
-        if not self.enabled:
-            return plan
-        self._plan_inputs(now)
-        for unit in self._owned:
-            rec = self._records.get(unit)
-            if rec is None or rec.node != self.node or rec.released or unit in self._naming:
-                continue
-            want = self._choose(unit, now)
-            current = rec.successor
-            if (current is not None and want is not None and current != want and self._eligible(current, now)
-                    and current in self._placement(unit)
-                    and now - self._eligible_since.get(want, now) < REBALANCE_AFTER):
-                want = current  # keep a live candidate: no churn while the ranking settles
-            link = self._peers.link(current) if current else None
-            stale = link is not None and link.peer_gen is not None and (
-                link.validated is None or link.peer_gen > link.validated)
-            if want != current or (stale and want == current):
-                plan.append((unit, rec, want))
-        return plan
-
-    def _next_check(self, now: float) -> float:
-        """When a named successor's grant falls within L/2 of running out (time to rename)."""
-        times = []
-        for peer in self._peers_used()[0]:
-            link = self._peers.link(peer)
-            granted = link.granted_until() if link is not None else None
-            if granted is not None:
-                times.append(granted - self._lease / 2)
-        times += [t + HOLD_DOWN for t in self._suspected_at.values() if t + HOLD_DOWN > now]
-        times += [t + REBALANCE_AFTER for t in self._eligible_since.values() if t + REBALANCE_AFTER > now]
-        return min(times, default=now + 1.0)
+    # ---- the owner side: name successors (the plan: vipd/succession_plan.py) -----------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

@@ -28,6 +28,7 @@ class Link(Protocol):  # vipd.peers.protocol.PeerLink, as read here
     peer_gen: Generation | None
     validated: Generation | None
     last_rx: float | None  # when the peer was last heard (None: never)
+    last_send: float | None  # when we last sent it a heartbeat (None: never)
     def granted_until(self, validated: Generation | None = None) -> float | None: ...
     def granted_upto(self, gen: Generation | None) -> float | None: ...
 

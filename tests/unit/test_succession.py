@@ -557,9 +557,50 @@ def test_the_planner_passes_over_the_units_only_when_what_it_reads_changes():
                 await trio.sleep(H)
             assert passes <= 2 / PLAN_EVERY + 2, passes
             silent = trio.current_time()
-            while s.successor(units[0].name) == "h2":
-                await trio.sleep(0.005)
+            for _ in range(100):  # h2 falls silent: we keep sending, nothing is echoed
+                if s.successor(units[0].name) != "h2":
+                    break
+                peers.links["h2"].on_send(trio.current_time())
+                await trio.sleep(H / 2)
+            assert s.successor(units[0].name) is None
             assert trio.current_time() - silent <= L / 2 + 0.01
             n.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_successor_is_not_renamed_for_our_own_lateness_but_is_when_it_falls_silent():
+    """Two live peers; the named one runs short of grant because this host stalled (sent nothing,
+    read nothing): kept, no rename to the other peer nor to nobody. The named one stops echoing
+    while we keep sending and the other answers: renamed to the other once short, as before."""
+    async def main() -> None:
+        now = trio.current_time()
+        fence, keys, peers = Fence(), Keys(), Peers(now)
+        peers.links["h3"] = PeerLink("h3", MY_INC, Params(H, L, G), now)
+        s = Succession("h1", fence, keys, peers, lease=L, interval=H, placement=lambda u: ("h1", "h2", "h3"),
+                       broadcast=lambda e: None, clock=trio.current_time)
+
+        def beat(t: float, echo: tuple[str, ...] = ("h2", "h3")) -> None:
+            for name in ("h2", "h3"):
+                link = peers.links[name]
+                m = link.on_send(t)
+                if name in echo:
+                    link.on_receive(wire.Message(0, 0, S_INC, link.peer_seq + 1, MY_INC, m.seq, 0), t + 0.001)
+
+        s.observe("api", OwnerRecord("h1", 11, 7, 11, successor="h2"))
+        await s.arm([VIP], now + 60.0)
+        for _ in range(int(HOLD_DOWN / H) + 2):
+            beat(trio.current_time())
+            await trio.sleep(H)
+        for link in peers.links.values():
+            link.validate(link.peer_gen)  # (as the first rename would have)
+        assert s._plan(trio.current_time()) == []
+        await trio.sleep(L * 0.7)  # a stall: nothing sent, nothing read; both grants run short
+        assert not s._eligible("h2", trio.current_time())
+        assert s._plan(trio.current_time()) == []
+        for _ in range(6):  # h2 silent, h3 answers
+            beat(trio.current_time(), echo=("h3",))
+            await trio.sleep(H)
+        assert [w for _, _, w in s._plan(trio.current_time())] == ["h3"]
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -1,0 +1,111 @@
+"""Fast takeover, the owner's plan: which peer each unit it owns should name as successor, and
+when to look again (a mixin of vipd.succession.Succession, whose state it reads; the rules are
+stated in that module's docstring, under Liveness)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from vipd.model import OwnerRecord
+from vipd.peers.protocol import Generation
+from vipd.succession_ports import PeersPort
+
+HOLD_DOWN = 1.0  # seconds a peer must have been heard without a suspicion before it is named successor
+REBALANCE_AFTER = HOLD_DOWN  # seconds a better-ranked peer must have been nameable before it replaces a live successor
+PLAN_EVERY = 1.0  # seconds: the longest the planner goes without a pass over the units
+
+
+class Planning:
+    node: str
+    enabled: bool
+    _peers: PeersPort
+    _lease: float
+    _placement: Callable[[str], Sequence[str]]
+    _records: dict[str, OwnerRecord]
+    _owned: dict[str, Any]
+    _naming: dict[str, tuple[str | None, Generation | None]]
+    _suspected_at: dict[str, float]
+    _eligible_since: dict[str, float]
+    _version: int
+
+    if TYPE_CHECKING:
+        def _peers_used(self) -> tuple[set[str], set[str]]: ...
+
+    def _eligible(self, peer: str, now: float) -> bool:
+        link = self._peers.link(peer)
+        if link is None or link.suspected or link.peer_gen is None:
+            return False
+        if now - self._suspected_at.get(peer, -math.inf) < HOLD_DOWN:
+            return False
+        granted = link.granted_until(link.peer_gen)
+        return granted is not None and granted > now + self._lease / 2
+
+    def _late(self, peer: str, now: float) -> bool:
+        """Has the peer left our heartbeats unechoed for L/4 (its grant trails our last send + L by
+        that much), or been suspected within HOLD_DOWN? A successor whose grant runs short but is
+        not late is kept: what is late is this host (its loop did not send or did not read), and a
+        rename would churn every unit the successor has (a busy owner flipped hundreds of units
+        between two live peers, or to nobody and back, every second). A dead successor is late
+        L/4 after its last echo, well before its grant is within L/2 of running out: renamed as fast."""
+        link = self._peers.link(peer)
+        if link is None or link.suspected or now - self._suspected_at.get(peer, -math.inf) < HOLD_DOWN:
+            return True
+        granted = link.granted_until()
+        return granted is None or link.last_send is None or link.last_send + self._lease - granted >= self._lease / 4
+
+    def _choose(self, unit: str, now: float) -> str | None:
+        for host in self._placement(unit):
+            if host != self.node and self._eligible(host, now):
+                return host
+        return None
+
+    def _plan_inputs(self, now: float) -> tuple[object, ...]:
+        """Note since when each peer is nameable; return what a plan reads besides the units, their
+        records and the placement (O(peers)): the same inputs make the same (empty) plan."""
+        out: list[object] = [self._version]
+        for peer in self._peers.peer_names():
+            if self._eligible(peer, now):
+                self._eligible_since.setdefault(peer, now)
+            else:
+                self._eligible_since.pop(peer, None)
+            link = self._peers.link(peer)
+            since = self._eligible_since.get(peer)
+            out.append((peer, since is not None and now - since >= REBALANCE_AFTER, since is not None,
+                        link.peer_gen if link else None, link.validated if link else None))
+        return tuple(out)
+
+    def _plan(self, now: float) -> list[tuple[str, OwnerRecord, str | None]]:
+        plan: list[tuple[str, OwnerRecord, str | None]] = []
+        if not self.enabled:
+            return plan
+        self._plan_inputs(now)
+        for unit in self._owned:
+            rec = self._records.get(unit)
+            if rec is None or rec.node != self.node or rec.released or unit in self._naming:
+                continue
+            want = self._choose(unit, now)
+            current = rec.successor
+            if (current is not None and current != want and current in self._placement(unit)
+                    and (want is not None and now - self._eligible_since.get(want, now) < REBALANCE_AFTER
+                         if self._eligible(current, now) else not self._late(current, now))):
+                want = current  # keep a live candidate: no churn while the ranking settles, or while we are late
+            link = self._peers.link(current) if current else None
+            stale = link is not None and link.peer_gen is not None and (
+                link.validated is None or link.peer_gen > link.validated)
+            if want != current or (stale and want == current):
+                plan.append((unit, rec, want))
+        return plan
+
+    def _next_check(self, now: float) -> float:
+        """When a named successor's grant falls within L/2 of running out (time to rename)."""
+        times = []
+        for peer in self._peers_used()[0]:
+            link = self._peers.link(peer)
+            granted = link.granted_until() if link is not None else None
+            if granted is not None:
+                times.append(granted - self._lease / 2)
+        times += [t + HOLD_DOWN for t in self._suspected_at.values() if t + HOLD_DOWN > now]
+        times += [t + REBALANCE_AFTER for t in self._eligible_since.values() if t + REBALANCE_AFTER > now]
+        return min(times, default=now + 1.0)
+
