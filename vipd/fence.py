@@ -85,5 +85,7 @@ class LifetimeFence:
             self._armed.pop(vip.name, None)  # the controller removes the addresses themselves
 
     def armed_until(self, vips: Sequence[VipSpec]) -> float | None:
+        if len(vips) == 1:  # (most units: read for every owner on every keepalive)
+            return self._armed.get(vips[0].name)
         times = [self._armed.get(v.name) for v in vips]
         return None if any(t is None for t in times) else min(t for t in times if t is not None)

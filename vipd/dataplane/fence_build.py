@@ -254,7 +254,14 @@ def encode_setup(ops: Sequence[Op]) -> list[Any]:
 
 
 def rules_per_chain() -> int:
-    return len(rule_exprs("in"))
+    """Rules in each device chain (read on every reconcile tick: counted once)."""
+    global _RULES_PER_CHAIN
+    if _RULES_PER_CHAIN is None:
+        _RULES_PER_CHAIN = len(rule_exprs("in"))
+    return _RULES_PER_CHAIN
+
+
+_RULES_PER_CHAIN: Optional[int] = None
 
 
 # -- token batches, encoded by hand ---------------------------------------------------------
