@@ -71,6 +71,10 @@ class Daemon:
         if self.nft is None:
             self.succession.enabled = False
         self.keys.listeners.append(self.succession.observe)
+        # NIC VIPs probe for a conflict before their first claim: their campaigns go first, so the
+        # probe's wait overlaps the routed VIPs' campaigns and claims rather than following them
+        nic_units = {u.name for u in cfg.units if any(not v.on_loopback for v in u.vips)}
+        self.keys.rank_campaigns(lambda unit: 0 if unit in nic_units else 1)
         self.metrics.registry.register(PeerCollector(
             lambda: self.peers.transport.peers.links if self.peers.transport else {}, self.nft, self.succession))
 

@@ -8,6 +8,10 @@ a time across all leaders. Items arriving while chunks are in flight form the ne
 leader takes them once a slot is free, so every wave that arrived meanwhile shares it. The other
 callers wait for their own result.
 
+With ``rank``, a batch is taken lowest rank first (stable) and its chunks start in that order: the
+items whose result is awaited longest afterwards can go first (trio wakes the tasks of one event
+in either order, so submission order alone decides nothing).
+
 The batch function returns one outcome per item, in order: a value, or an exception instance
 that is raised in that item's caller. An exception raised by the batch function itself is raised
 in every caller of the chunk.
@@ -41,10 +45,11 @@ class _Slot(Generic[I, R]):
 
 class Coalescer(Generic[I, R]):
     def __init__(self, run_batch: Callable[[list[I]], Awaitable[Sequence[Outcome[R]]]], *,
-                 max_batch: int = 0, parallel: int = 1) -> None:
+                 max_batch: int = 0, parallel: int = 1, rank: Callable[[I], int] | None = None) -> None:
         if parallel < 1 or max_batch < 0:
             raise ValueError("parallel must be >= 1 and max_batch >= 0")
         self._run_batch = run_batch
+        self.rank = rank
         self._max_batch = max_batch
         self._limit = trio.Semaphore(parallel)
         self._pending: list[_Slot[I, R]] = []
@@ -65,6 +70,9 @@ class Coalescer(Generic[I, R]):
                     await self._limit.acquire()
                     self._limit.release()
                     batch, self._pending, self._leading = self._pending, [], False
+                    if self.rank is not None:
+                        rank = self.rank
+                        batch.sort(key=lambda slot: rank(slot.item))
                     await self._run(batch)
         await slot.done.wait()
         if slot.error is not None:
@@ -78,12 +86,15 @@ class Coalescer(Generic[I, R]):
             await self._chunk(chunks[0])
             return
         async with trio.open_nursery() as nursery:
-            for chunk in chunks:
-                nursery.start_soon(self._chunk, chunk)
+            for chunk in chunks:  # each starts once it has a slot, in order
+                await self._limit.acquire()
+                nursery.start_soon(self._chunk, chunk, True)
 
-    async def _chunk(self, chunk: list[_Slot[I, R]]) -> None:
+    async def _chunk(self, chunk: list[_Slot[I, R]], held: bool = False) -> None:
         try:
-            async with self._limit:
+            if not held:
+                await self._limit.acquire()
+            try:
                 self.batches += 1
                 try:
                     outcomes = list(await self._run_batch([s.item for s in chunk]))
@@ -91,6 +102,8 @@ class Coalescer(Generic[I, R]):
                         raise RuntimeError(f"batch returned {len(outcomes)} outcomes for {len(chunk)} items")
                 except Exception as e:  # noqa: BLE001 - handed to every caller of the chunk
                     outcomes = [e] * len(chunk)
+            finally:
+                self._limit.release()
             for slot, out in zip(chunk, outcomes):
                 if isinstance(out, BaseException):
                     slot.error = out

@@ -51,3 +51,20 @@ async def test_an_exception_of_the_batch_reaches_every_caller_of_it(autojump_clo
         for i in range(4):
             n.start_soon(submit, i)
     assert errors == ["boom"] * 4 and c.batches == 1
+
+
+async def test_a_ranked_batch_goes_lowest_rank_first_chunk_by_chunk(autojump_clock):
+    """Items of one wave arrive in whatever order trio wakes their tasks; with `rank` the low ranks
+    form the first chunks and those start first (the slots taken in order)."""
+    started: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        started.append(items)
+        await trio.sleep(1.0)
+        return items
+
+    c: Coalescer[int, int] = Coalescer(run, max_batch=2, parallel=1, rank=lambda i: i % 2)
+    async with trio.open_nursery() as n:
+        for i in (5, 2, 7, 4, 1, 6):
+            n.start_soon(c.submit, i)
+    assert [[x % 2 for x in chunk] for chunk in started] == [[0, 0], [0, 1], [1, 1]]

@@ -173,6 +173,10 @@ class OwnerKeys:
         kvs = responses[0].get("response_range", {}).get("kvs", []) if responses else []
         return self.record(EtcdClient.kv(kvs[0])) if kvs else OwnerRecord(None, revision=revision)
 
+    def rank_campaigns(self, rank: Callable[[str], int]) -> None:
+        """Campaigns queued together go lowest `rank(vip)` first (units that probe before claiming)."""
+        self._campaigns.rank = lambda item: rank(item[0])
+
     async def campaign(self, vip: str, lease: int) -> tuple[bool, OwnerRecord]:
         """Create our owner key for ``vip`` on ``lease`` if there is none: (won, the key's record)."""
         return await self._campaigns.submit((vip, lease))
