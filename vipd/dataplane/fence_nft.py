@@ -83,6 +83,7 @@ class NftFence:
         self._gid: dict[str, int] = {}  # grant -> its id in the kernel (1, 2, ... in order of first use)
         self._created: set[int] = set()  # grant ids whose chain and set exist (owner thread only)
         self._lapse_counted: set[str] = set()
+        self._lock = trio.Lock()
         self._refreshes = 0
         self._lapses = 0
         self._repairs = 0
@@ -118,12 +119,9 @@ class NftFence:
         """Serve ``vips`` until ``until`` (trio clock) and not one tick longer."""
         await self.arm_many([(vips, until)])
 
-    async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]], *,
+    async def _arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]], *,
                        grants: Sequence[tuple[str, float]] = (),
                        groups: Sequence[tuple[Sequence[VipSpec], Optional[str]]] = ()) -> None:
-        """In ONE netlink batch (atomic): arm every unit's tokens to its own deadline, each grant of
-        `grants` to its deadline, and put the VIPs of each (VIPs, grant) of `groups` in that grant's
-        group (None: in no group). A VIP in a group is served only while its token AND the grant live."""
         wanted: dict[str, float] = {}
         pairs: list[tuple[Key, float]] = []
         for vips, until in items:
@@ -167,8 +165,7 @@ class NftFence:
         self._group = after
         self._refreshes += armed
 
-    async def disarm(self, vips: Sequence[VipSpec]) -> None:
-        """Stop serving ``vips`` now (their tokens are removed; absent ones are fine)."""
+    async def _disarm(self, vips: Sequence[VipSpec]) -> None:
         leave = [v.address for v in vips if v.name in self._group]
         if leave:
             self._group = {n: g for n, g in self._group.items() if n not in {v.name for v in vips}}
@@ -181,6 +178,39 @@ class NftFence:
         rebuilt = self._rebuilt(self._group, ops)
         await self._run(lambda: f"disarm fence tokens of {_shown(ops.tokens)}",
                         lambda s: self._send_tokens(s, ops, rebuilt))
+
+    # -- every change and check of the kernel state holds the lock: the records above are read
+    # before a batch and updated after it, so two batches never interleave (a reload's ensure()
+    # against the successor planner's arms: a lost group membership)
+
+    async def arm_many(self, items: Sequence[tuple[Sequence[VipSpec], float]], *,
+                       grants: Sequence[tuple[str, float]] = (),
+                       groups: Sequence[tuple[Sequence[VipSpec], Optional[str]]] = ()) -> None:
+        """In ONE netlink batch (atomic): arm every unit's tokens to its own deadline, each grant of
+        `grants` to its deadline, and put the VIPs of each (VIPs, grant) of `groups` in that grant's
+        group (None: in no group). A VIP in a group is served only while its token AND the grant live."""
+        async with self._lock:
+            await self._arm_many(items, grants=grants, groups=groups)
+
+    async def disarm(self, vips: Sequence[VipSpec]) -> None:
+        """Stop serving ``vips`` now (their tokens are removed; absent ones are fine)."""
+        async with self._lock:
+            await self._disarm(vips)
+
+    async def ensure(self, vips: Sequence[VipSpec]) -> None:
+        """Make the table fence exactly the covered VIPs of ``vips`` (see `_ensure`)."""
+        async with self._lock:
+            await self._ensure(vips)
+
+    async def verify(self) -> bool:
+        """Check the table is whole; rebuild it if not (see `_verify`). True when it repaired."""
+        async with self._lock:
+            return await self._verify()
+
+    async def remove_all(self) -> None:
+        """Delete vipd's fence table (cleanup, clean stop). Absent is fine; nothing else touched."""
+        async with self._lock:
+            await self._remove_all()
 
     def armed_until(self, vips: Sequence[VipSpec]) -> Optional[float]:
         """The deadline last armed for ``vips`` (the earliest of them, their grants included; None
@@ -218,7 +248,7 @@ class NftFence:
 
     # -- setup ----------------------------------------------------------------------------------
 
-    async def ensure(self, vips: Sequence[VipSpec]) -> None:
+    async def _ensure(self, vips: Sequence[VipSpec]) -> None:
         """Make the table fence exactly the covered VIPs of ``vips`` (routed ones are skipped):
         one atomic batch, idempotent. The first call of a process starts from an empty table (a
         previous run's tokens, groups and grants are gone with it: grant ids are this process's,
@@ -271,7 +301,7 @@ class NftFence:
             self._until.pop(name, None)
             self._lapse_counted.discard(name)
 
-    async def verify(self) -> bool:
+    async def _verify(self) -> bool:
         """Check the table is whole (chains, rules, managed sets); rebuild it in one batch if not,
         tokens re-armed from our record. Also counts tokens that lapsed since the last call.
         Returns True when it had to repair. Cheap: one dump each of chains, rules, two sets."""
@@ -300,9 +330,7 @@ class NftFence:
         self._repairs += repaired
         return repaired
 
-    async def remove_all(self) -> None:
-        """Delete vipd's fence table (cleanup, clean stop). Absent is fine; nothing else touched."""
-
+    async def _remove_all(self) -> None:
         def job(s: Sockets) -> None:
             s.nft.nlm_request_batch(encode_setup(drop_table_ops()))
 
@@ -392,6 +420,9 @@ class NftFence:
             self._per_elem += 0.2 * (took / max(1, len(ops)) - self._per_elem)
             if took <= lead:  # so each expires by t0 + took + ms <= its deadline
                 return armed
+            # sent again for its timeouts only: its group changes are in (a leave sent twice is
+            # ENOENT: the table was rebuilt, every VIP dark for a moment, when a send ran late)
+            ops = TokenOps(ops.tokens, ops.grants)
         return armed  # each pass shortened: the last one was sent with the freshest clock
 
     def _rebuild(self, s: Sockets, vip_devs: Sequence[tuple[Key, str]], ops: TokenOps) -> None:
