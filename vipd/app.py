@@ -42,6 +42,7 @@ from vipd.peers.protocol import Event as PeerEvent
 from vipd.peers.metrics import PeerCollector
 from vipd.peers.service import PeerService
 from vipd.succession import Succession
+from vipd.suspicions import Suspicions
 from vipd.wiring_dsr import DsrWiring
 from vipd.wiring_l2 import L2Gate
 from vipd.hostview import UnitIndex, reconcile_posts
@@ -67,10 +68,11 @@ class Daemon:
         self.succession = Succession(cfg.node, self.nft, self.keys, self.peers,  # type: ignore[arg-type]
                                      lease=cfg.peers.lease, interval=cfg.peers.interval,
                                      placement=lambda u: self.directory.successors.get(u, ()),
-                                     broadcast=self.broadcast, metrics=self.metrics)
+                                     broadcast=self.tell, metrics=self.metrics)
         if self.nft is None:
             self.succession.enabled = False
         self.keys.listeners.append(self.succession.observe)
+        self.suspicions = Suspicions(lambda: self.controllers, self.post)
         # NIC VIPs probe for a conflict before their first claim: their campaigns go first, so the
         # probe's wait overlaps the routed VIPs' campaigns and claims rather than following them
         nic_units = {u.name for u in cfg.units if any(not v.on_loopback for v in u.vips)}
@@ -105,8 +107,7 @@ class Daemon:
         self.index = UnitIndex(self.controllers)  # rebuilt by a reload that adds or removes units
         self._reconcile_now = trio.Event()  # a kernel event overflow: reconcile before the next tick
         self._running: list[Controller] = []  # started controllers (a stop during startup waits for these)
-        self.directory = HostDirectory(client, cfg.etcd.prefix, cfg.units,
-                                       lambda name, ranking: self.post(name, Placement(ranking)), self._hosts)
+        self.directory = HostDirectory(client, cfg.etcd.prefix, cfg.units, self._deliver_placement, self._hosts)
         self.fitness.peer_address = lambda: self.peers.address
         self.interfaces = InterfaceWatch(nl, self.fitness, lambda: self.cfg.units)
         self.drain = Drain(self)
@@ -198,6 +199,11 @@ class Daemon:
     def broadcast(self, ev: Event) -> None:
         for c in list(self.controllers.values()):
             c.post(ev)
+
+    def tell(self, ev: Event) -> None:
+        """Peer suspicions to the units they concern (vipd/suspicions.py); anything else to all."""
+        if not self.suspicions.tell(ev):
+            self.broadcast(ev)
 
     def release(self, name: str, reason: str = "operator request") -> str:
         c = self.controllers[self.cfg.unit_of(name)]  # KeyError: no such VIP or group
@@ -388,6 +394,11 @@ class Daemon:
     def _deliver_owner(self, name: str, record) -> None:  # type: ignore[no-untyped-def]
         if name not in self.reloader.rewatched:  # a unit a reload started has a watch of its own
             self.post(name, OwnerObserved(record))
+            self.suspicions.after_owner(name, record)
+
+    def _deliver_placement(self, name: str, ranking: tuple[str, ...]) -> None:
+        self.post(name, Placement(ranking))
+        self.suspicions.after_placement(name, ranking)
 
 
 async def run(cfg: Config, path: str | None = None) -> None:

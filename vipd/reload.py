@@ -169,6 +169,7 @@ class Reloader:
 
         def deliver(name: str, record: OwnerRecord) -> None:
             dm.post(name, OwnerObserved(record))
+            dm.suspicions.after_owner(name, record)
 
         async def watch(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with scope:
