@@ -135,6 +135,16 @@ async def owning_and_heard(s: Succession, peers: Peers, now: float, gen: int = 0
     peers.heartbeat(trio.current_time(), gen=gen)
 
 
+async def owning_many(n: int, now: float) -> tuple[list[VipSpec], Succession, Fence, Keys, Peers]:
+    """We own n one-VIP units (armed to the etcd horizon, a minute away), nobody named yet."""
+    units = [VipSpec(f"v{i}", ipaddress.ip_interface(f"10.0.1.{i}/32"), "eth0") for i in range(n)]
+    s, fence, keys, peers, _ = make(now)
+    for v in units:
+        s.observe(v.name, OwnerRecord("h1", 11, 7, 11))
+    await s.arm_many([([v], now + 60.0) for v in units])
+    return units, s, fence, keys, peers
+
+
 def test_owner_value_round_trips():
     assert parse_value(owner_value("h1")) == ("h1", False, None, None)
     assert parse_value(owner_value("h1", epoch=12, successor="h2")) == ("h1", False, 12, "h2")
@@ -450,14 +460,8 @@ def test_an_ack_re_arms_one_grant_not_every_unit():
     (about every other ack: when it moved a step) and pass over no unit; every VIP stays open
     while the acks flow and trails the grant by at most 2 steps; when the acks stop, every VIP
     closes at the last grant armed, no token touched."""
-    units = [VipSpec(f"v{i}", ipaddress.ip_interface(f"10.0.1.{i}/32"), "eth0") for i in range(50)]
-
     async def main() -> None:
-        now = trio.current_time()
-        s, fence, keys, peers, _ = make(now)
-        for v in units:
-            s.observe(v.name, OwnerRecord("h1", 11, 7, 11))
-        await s.arm_many([([v], now + 60.0) for v in units])
+        units, s, fence, keys, peers = await owning_many(50, trio.current_time())
         await trio.sleep(HOLD_DOWN + 0.01)
         peers.heartbeat(trio.current_time())
         await s._rename(s._plan(trio.current_time()))
@@ -525,14 +529,8 @@ def test_the_planner_passes_over_the_units_only_when_what_it_reads_changes():
     does not pass over the units (at most every PLAN_EVERY); when the successor falls silent, the
     rename to nobody still goes out within L/2 of its last ack."""
     from vipd.succession import PLAN_EVERY
-    units = [VipSpec(f"v{i}", ipaddress.ip_interface(f"10.0.1.{i}/32"), "eth0") for i in range(20)]
-
     async def main() -> None:
-        now = trio.current_time()
-        s, fence, keys, peers, _ = make(now)
-        for v in units:
-            s.observe(v.name, OwnerRecord("h1", 11, 7, 11))
-        await s.arm_many([([v], now + 60.0) for v in units])
+        units, s, fence, keys, peers = await owning_many(20, trio.current_time())
         passes = 0
         plan = s._plan
 

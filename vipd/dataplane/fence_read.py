@@ -93,34 +93,35 @@ def is_whole(nft: NFTables, vips: Iterable[tuple[IPAddress, str]], l2only: Itera
             for i, (name, want_n) in enumerate(((MANAGED[v], sum(1 for ip in managed if ip.version == v)),
                                                 (L2ONLY[v], sum(1 for ip in l2 if ip.version == v)),
                                                 (GROUP[v], sum(1 for ip in grouped if ip.version == v)))):
-                if raw is not None:
-                    try:
-                        got = count_elements(raw[0], raw[1] + 12 * (v == 6) + 4 * i, name)
-                    except OSError as e:
-                        if e.errno == _ENOENT:
-                            return False
-                        raise
-                else:
-                    req = nfts.nft_set_elem_list_msg()
-                    req["attrs"] = [("NFTA_SET_ELEM_LIST_TABLE", TABLE), ("NFTA_SET_ELEM_LIST_SET", name)]
-                    got = sum(len(m.get_attr("NFTA_SET_ELEM_LIST_ELEMENTS") or [])
-                              for m in nft.request_get(req, nfts.NFT_MSG_GETSETELEM))
-                if got != want_n:
+                got = _count(nft, raw, 12 * (v == 6) + 4 * i, name)
+                if got != want_n:  # (None: no such set)
                     return False
         for i, name in enumerate((TOKEN[4], TOKEN[6], *granted)):  # must exist (may be empty)
-            if raw is not None:
-                try:
-                    count_elements(raw[0], raw[1] + 24 + 4 * i, name)
-                except OSError as e:
-                    if e.errno == _ENOENT:
-                        return False
-                    raise
-            else:
-                req = nfts.nft_set_elem_list_msg()
-                req["attrs"] = [("NFTA_SET_ELEM_LIST_TABLE", TABLE), ("NFTA_SET_ELEM_LIST_SET", name)]
-                nft.request_get(req, nfts.NFT_MSG_GETSETELEM)
+            if _count(nft, raw, 24 + 4 * i, name) is None:
+                return False
     except NetlinkError as e:
         if e.code == _ENOENT:
             return False
         raise
     return True
+
+
+def _count(nft: NFTables, raw: Optional[tuple[socket.socket, int]], offset: int, name: str) -> Optional[int]:
+    """Elements in the fence table's set `name` (None: no such set or table): counted raw on
+    `raw`'s socket at sequence number first + `offset`, else through pyroute2."""
+    if raw is not None:
+        try:
+            return count_elements(raw[0], raw[1] + offset, name)
+        except OSError as e:
+            if e.errno == _ENOENT:
+                return None
+            raise
+    req = nfts.nft_set_elem_list_msg()
+    req["attrs"] = [("NFTA_SET_ELEM_LIST_TABLE", TABLE), ("NFTA_SET_ELEM_LIST_SET", name)]
+    try:
+        return sum(len(m.get_attr("NFTA_SET_ELEM_LIST_ELEMENTS") or [])
+                   for m in nft.request_get(req, nfts.NFT_MSG_GETSETELEM))
+    except NetlinkError as e:
+        if e.code == _ENOENT:
+            return None
+        raise
