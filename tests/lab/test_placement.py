@@ -89,6 +89,16 @@ def test_thirty_vips_spread_over_three_hosts_and_a_lost_host_spreads_its_share(l
     print("placement spread with 3 hosts and 30 VIPs:", dict(spread))
     victim = lab.hosts[2]
     lost = [v for v in vips if lab.holders(ip_of(v)) == [victim.name]]
+
+    def successors() -> set[str]:  # the victim's successors, as it names them (vipd status)
+        out = c.run_cli(victim, "status", "--json")
+        rows = json.loads(out.stdout)["vips"] if out.returncode == 0 else []
+        return {r["successor"] for r in rows if r.get("owner") == victim.name and r.get("successor")}
+
+    # successors spread by placement too, once the ranking settled (a successor named while the
+    # others started is kept until a better-ranked one has been nameable for a second)
+    wait_for(lambda: successors() == {lab.hosts[0].name, lab.hosts[1].name}, 15, "the victim's successors spread")
+    lost = [v for v in vips if lab.holders(ip_of(v)) == [victim.name]]
     c.kill(victim)
     wait_for(lambda: all(len(lab.holders(ip_of(v))) == 1 and victim.name not in lab.holders(ip_of(v))
                          for v in vips), 15, "the lost host's VIPs taken over")
