@@ -1,4 +1,4 @@
-"""A token batch sent again because its send ran late (vipd/dataplane/fence_nft.py `_send_tokens`)
+"""A token batch sent again because its send ran late (vipd/dataplane/fence_send.py `write`)
 carries its timeouts only: its group changes went in with the first send, and a leave sent twice
 fails with ENOENT (the fence then rebuilt its table: every VIP dark for a moment)."""
 
@@ -8,7 +8,9 @@ import ipaddress
 import time
 from typing import Any
 
-from vipd.dataplane import fence_nft
+from types import SimpleNamespace
+
+from vipd.dataplane import fence_send
 from vipd.dataplane.fence_send import TokenOps
 
 A = ipaddress.ip_interface("10.0.0.1/32")
@@ -22,12 +24,11 @@ def test_a_late_send_is_repeated_for_its_timeouts_only(monkeypatch: Any) -> None
         sent.append(ops)
         return 0, time.perf_counter() + (1.0 if len(sent) == 1 else 0.0), len(ops.tokens) + len(ops.grants)
 
-    monkeypatch.setattr(fence_nft, "send", late_send)
-    fence = fence_nft.NftFence(object(), timeout_update=True)  # type: ignore[arg-type]
-    fence._created = {1}  # (its chain and set exist)
+    monkeypatch.setattr(fence_send, "send", late_send)
+    socks = SimpleNamespace(created={1}, per_elem=2e-6, last_batch=0.0)  # (grant 1's chain and set exist)
     deadline = time.perf_counter() + 60
     ops = TokenOps([(A, deadline)], [(1, deadline)], join=[(A, 1)], leave=[B])
-    fence._send_tokens(object(), ops, lambda: TokenOps())  # type: ignore[arg-type]
+    fence_send.write(socks, ops, lambda: TokenOps(), None, True)  # type: ignore[arg-type]
     assert len(sent) == 2
     assert sent[0] is ops
     assert sent[1].tokens == ops.tokens and sent[1].grants == ops.grants

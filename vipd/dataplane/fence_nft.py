@@ -49,18 +49,16 @@ import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vipd.config import VipSpec
-from vipd.dataplane.fence_build import (TABLE, drop_table_ops, encode_setup, grant_name, grant_ops,
-                                        kernel_has_timeout_update, setup_ops)
+from vipd.dataplane.fence_build import (TABLE, drop_table_ops, encode_setup, grant_name, kernel_has_timeout_update,
+                                        setup_ops)
 from vipd.dataplane.fence_read import dump_chains, is_whole
-from vipd.dataplane.fence_send import Key, Sockets, TokenOps, send
+from vipd.dataplane.fence_send import Key, Sockets, TokenOps, rebuild, write
 from vipd.dataplane.netlink import Netlink, netlink_error_text
 from vipd.errors import DataplaneError, FenceError
 
 __all__ = ["FenceError", "NftFence"]
 
 _ENOENT = 2
-_MAX_PASSES = 3  # sends of one token batch when the thread is held up (see the module docstring)
-_LEAD_BASE = 0.0003  # seconds: clock read -> kernel insert for a small batch, with room to spare
 T = TypeVar("T")
 
 
@@ -81,14 +79,11 @@ class NftFence:
         self._group: dict[str, str] = {}  # name -> the grant its group depends on, as in the kernel
         self._grant_until: dict[str, float] = {}  # grant -> last deadline armed (trio clock)
         self._gid: dict[str, int] = {}  # grant -> its id in the kernel (1, 2, ... in order of first use)
-        self._created: set[int] = set()  # grant ids whose chain and set exist (owner thread only)
         self._lapse_counted: set[str] = set()
         self._lock = trio.Lock()
         self._refreshes = 0
         self._lapses = 0
         self._repairs = 0
-        self._per_elem = 2e-6  # seconds per element from clock read to kernel insert (running mean)
-        self._last_batch = 0.0
 
     async def __aenter__(self) -> "NftFence":
         return self
@@ -278,7 +273,7 @@ class NftFence:
         def job(s: Sockets) -> None:
             if fresh:
                 s.nft.nlm_request_batch(encode_setup(drop_table_ops() + setup_ops(vip_devs, (), l2only)))
-                self._created.clear()
+                s.created.clear()
                 return
             try:
                 current = dump_chains(s.nft)
@@ -287,7 +282,7 @@ class NftFence:
                     raise
                 current = {}
             stale = {c.split("_", 1)[1] for c in current if c.startswith(("in_", "out_"))}
-            self._created.intersection_update(g for g in list(self._created) if grant_name(g) in current)
+            s.created.intersection_update(g for g in list(s.created) if grant_name(g) in current)
             s.nft.nlm_request_batch(encode_setup(setup_ops(vip_devs, stale, l2only)))
             if gone:
                 self._send_tokens(s, gone, rebuilt)
@@ -319,7 +314,7 @@ class NftFence:
         members = [self._managed[n][0] for n in self._group if n in self._managed]
 
         def job(s: Sockets) -> bool:
-            first, grants = s.seq, sorted(self._created)
+            first, grants = s.seq, sorted(s.created)
             s.seq = (s.seq + 64 + 4 * len(grants)) & 0x7FFFFFFF or 1  # the set dumps (and their retries)
             if is_whole(s.nft, vip_devs, self._l2only, raw=(s.raw, first), grants=grants, members=members):
                 return False
@@ -333,9 +328,9 @@ class NftFence:
     async def _remove_all(self) -> None:
         def job(s: Sockets) -> None:
             s.nft.nlm_request_batch(encode_setup(drop_table_ops()))
+            s.created.clear()
 
         await self._run(f"delete table netdev {TABLE}", job)
-        self._created.clear()
         self._managed = None
         self._until.clear()
         self._group, self._grant_until = {}, {}
@@ -353,7 +348,7 @@ class NftFence:
 
     def last_batch_seconds(self) -> float:
         """Clock read -> kernel done, of the last token batch (encoding + the kernel's work)."""
-        return self._last_batch
+        return self._socks.last_batch if self._socks is not None else 0.0
 
     def repairs(self) -> int:
         """Times verify() had to rebuild the table."""
@@ -398,53 +393,12 @@ class NftFence:
         raise FenceError(f"{what if isinstance(what, str) else what()}: {why}")
 
     def _send_tokens(self, s: Sockets, ops: TokenOps, rebuilt: Callable[[], TokenOps]) -> int:
-        """Send `ops` in one batch (deadlines on the time.perf_counter clock; <= now: remove). Each
-        timeout is counted from the moment the kernel is expected to have inserted the last element
-        (``_lead``); if the send took longer, the batch is recomputed and sent again at once. A
-        missing table or set: rebuilt from the last ensure(), then `rebuilt()` sent (everything a
-        VIP's serving depends on: its token never goes back without its group). Returns elements armed."""
-        armed = 0
-        self._create_grants(s, ops)
-        for _ in range(_MAX_PASSES):
-            t0 = time.perf_counter()
-            lead = _LEAD_BASE + 2.0 * self._per_elem * len(ops)
-            err, sent, armed = send(s, ops, t0 + lead, self.timeout_update)
-            managed = self._managed  # replaced, never changed in place, by the trio thread
-            if err == _ENOENT and managed is not None:
-                self._rebuild(s, list(managed.values()), rebuilt())
-                return armed
-            if err:
-                raise NetlinkError(err)
-            took = sent - t0  # the kernel inserted every element before send() returned
-            self._last_batch = took
-            self._per_elem += 0.2 * (took / max(1, len(ops)) - self._per_elem)
-            if took <= lead:  # so each expires by t0 + took + ms <= its deadline
-                return armed
-            # sent again for its timeouts only: its group changes are in (a leave sent twice is
-            # ENOENT: the table was rebuilt, every VIP dark for a moment, when a send ran late)
-            ops = TokenOps(ops.tokens, ops.grants)
-        return armed  # each pass shortened: the last one was sent with the freshest clock
+        managed = self._managed  # replaced, never changed in place, by the trio thread
+        table = None if managed is None else (list(managed.values()), self._l2only)
+        return write(s, ops, rebuilt, table, self.timeout_update)
 
     def _rebuild(self, s: Sockets, vip_devs: Sequence[tuple[Key, str]], ops: TokenOps) -> None:
-        """Delete and rebuild the whole table in one batch, then send `ops` (deadlines on the
-        perf_counter clock) in the next one: until then every managed VIP is dropped."""
-        s.nft.nlm_request_batch(encode_setup(drop_table_ops() + setup_ops(vip_devs, (), self._l2only)))
-        self._created.clear()
-        self._create_grants(s, ops)
-        if len(ops):
-            err, _, _ = send(s, ops, time.perf_counter() + _LEAD_BASE, self.timeout_update)
-            if err:
-                raise NetlinkError(err)
-
-
-    def _create_grants(self, s: Sockets, ops: TokenOps) -> None:
-        """The chain and set of every grant `ops` arms or joins that has none yet (a batch of its own
-        before `ops`: an empty grant set lets nothing through, and no VIP is in its group yet)."""
-        new = {g for g, _ in ops.grants} | {g for _, g in ops.join}
-        new.difference_update(self._created)
-        if new:
-            s.nft.nlm_request_batch(encode_setup(grant_ops(sorted(new))))
-            self._created.update(new)
+        rebuild(s, vip_devs, self._l2only, ops, self.timeout_update)
 
 
 def _to_perf(until: Sequence[tuple[T, float]]) -> list[tuple[T, float]]:

@@ -1,10 +1,13 @@
 """The token fence's sockets and its one kernel write path (owner thread only).
 
-`Sockets`: pyroute2's NFTables for setup and dumps, and a raw NETLINK_NETFILTER socket for token
-batches. `TokenOps`: one atomic batch's worth of changes, deadlines on time.perf_counter's clock
-(the owner thread cannot read trio's): VIP tokens and grants to arm (a deadline already over
-removes the element), VIPs to put in a grant's group or take out of theirs. `send` encodes it
-(vipd.dataplane.fence_build.token_batch) and waits for the kernel's verdict.
+`Sockets`: pyroute2's NFTables for setup and dumps, a raw NETLINK_NETFILTER socket for token
+batches, and what the owner thread knows of the table (grants created, send timing).
+`TokenOps`: one atomic batch's worth of changes, deadlines on time.perf_counter's clock (the owner
+thread cannot read trio's): VIP tokens and grants to arm (a deadline already over removes the
+element), VIPs to put in a grant's group or take out of theirs. `send` encodes it
+(vipd.dataplane.fence_build.token_batch) and waits for the kernel's verdict; `write` sends it so
+that no element outlives its deadline (vipd/dataplane/fence_nft.py's docstring), rebuilding the
+table if it went missing.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import ipaddress
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
+from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.nftables.main import NFTables
 
-from vipd.dataplane.fence_build import NFPROTO_NETDEV, parse_acks, token_batch, token_ms
+from vipd.dataplane.fence_build import (NFPROTO_NETDEV, drop_table_ops, encode_setup, grant_ops, parse_acks, setup_ops,
+                                        token_batch, token_ms)
 from vipd.dataplane.netlink import enter_netns
 from vipd.errors import FenceError
 
@@ -27,6 +32,9 @@ _NETLINK_NETFILTER = 12
 _SOL_NETLINK, _NETLINK_CAP_ACK = 270, 10
 _SO_SNDBUFFORCE = 32  # socket.SO_SNDBUFFORCE is not exported by every Python
 _ACK_WAIT = 5.0  # seconds; the kernel answers a batch in well under a millisecond
+_ENOENT = 2
+_MAX_PASSES = 3  # sends of one token batch when the thread is held up (see fence_nft's docstring)
+_LEAD_BASE = 0.0003  # seconds: clock read -> kernel insert for a small batch, with room to spare
 
 
 class Sockets:
@@ -41,6 +49,9 @@ class Sockets:
         self.raw.settimeout(_ACK_WAIT)
         self.seq = 1
         self._sndbuf = self.raw.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.created: set[int] = set()  # grant ids whose chain and set exist
+        self.per_elem = 2e-6  # seconds per element from clock read to kernel insert (running mean)
+        self.last_batch = 0.0  # clock read -> kernel done, of the last batch
 
     def fit(self, size: int) -> None:
         """Let one send of `size` bytes through (a token batch of thousands of VIPs is larger than
@@ -102,3 +113,58 @@ def send(s: Sockets, ops: TokenOps, at: float, timeout_update: bool) -> tuple[in
                 err = err or code
                 if seq == last:
                     return err, sent, len(arm) + len(grants)
+
+
+Table = tuple[Sequence[tuple[Key, str]], Sequence[Key]]  # (VIP, device) pairs and the ARP/ND-only VIPs of ensure()
+
+
+def write(s: Sockets, ops: TokenOps, rebuilt: Callable[[], TokenOps], table: Optional[Table],
+          timeout_update: bool) -> int:
+    """Send `ops` in one batch. Each timeout is counted from the moment the kernel is expected to
+    have inserted the last element (a lead learnt from past batches); if the send took longer, the
+    batch is recomputed and sent again at once. A missing table or set: rebuilt from `table` (the
+    last ensure()), then `rebuilt()` sent (everything a VIP's serving depends on: its token never
+    goes back without its group). Returns elements armed."""
+    armed = 0
+    create_grants(s, ops)
+    for _ in range(_MAX_PASSES):
+        t0 = time.perf_counter()
+        lead = _LEAD_BASE + 2.0 * s.per_elem * len(ops)
+        err, sent, armed = send(s, ops, t0 + lead, timeout_update)
+        if err == _ENOENT and table is not None:
+            rebuild(s, table[0], table[1], rebuilt(), timeout_update)
+            return armed
+        if err:
+            raise NetlinkError(err)
+        took = sent - t0  # the kernel inserted every element before send() returned
+        s.last_batch = took
+        s.per_elem += 0.2 * (took / max(1, len(ops)) - s.per_elem)
+        if took <= lead:  # so each expires by t0 + took + ms <= its deadline
+            return armed
+        # sent again for its timeouts only: its group changes are in (a leave sent twice is
+        # ENOENT: the table was rebuilt, every VIP dark for a moment, when a send ran late)
+        ops = TokenOps(ops.tokens, ops.grants)
+    return armed  # each pass shortened: the last one was sent with the freshest clock
+
+
+def rebuild(s: Sockets, vip_devs: Sequence[tuple[Key, str]], l2only: Sequence[Key], ops: TokenOps,
+            timeout_update: bool) -> None:
+    """Delete and rebuild the whole table in one batch, then send `ops` in the next one: until then
+    every managed VIP is dropped."""
+    s.nft.nlm_request_batch(encode_setup(drop_table_ops() + setup_ops(vip_devs, (), l2only)))
+    s.created.clear()
+    create_grants(s, ops)
+    if len(ops):
+        err, _, _ = send(s, ops, time.perf_counter() + _LEAD_BASE, timeout_update)
+        if err:
+            raise NetlinkError(err)
+
+
+def create_grants(s: Sockets, ops: TokenOps) -> None:
+    """The chain and set of every grant `ops` arms or joins that has none yet (a batch of its own
+    before `ops`: an empty grant set lets nothing through, and no VIP is in its group yet)."""
+    new = {g for g, _ in ops.grants} | {g for _, g in ops.join}
+    new.difference_update(s.created)
+    if new:
+        s.nft.nlm_request_batch(encode_setup(grant_ops(sorted(new))))
+        s.created.update(new)
