@@ -161,18 +161,20 @@ class NftFence:
         self._refreshes += armed
 
     async def _disarm(self, vips: Sequence[VipSpec]) -> None:
+        names = {v.name for v in vips}
         leave = [v.address for v in vips if v.name in self._group]
-        if leave:
-            self._group = {n: g for n, g in self._group.items() if n not in {v.name for v in vips}}
+        after = {n: g for n, g in self._group.items() if n not in names} if leave else self._group
         for v in vips:
             self._until.pop(v.name, None)
             self._lapse_counted.discard(v.name)
         if self._managed is None or not vips:
+            self._group = after
             return
         ops = TokenOps([(v.address, 0.0) for v in vips], leave=leave)
-        rebuilt = self._rebuilt(self._group, ops)
+        rebuilt = self._rebuilt(after, ops)
         await self._run(lambda: f"disarm fence tokens of {_shown(ops.tokens)}",
                         lambda s: self._send_tokens(s, ops, rebuilt))
+        self._group = after  # (only once out of the kernel: a later join must not find it there)
 
     # -- every change and check of the kernel state holds the lock: the records above are read
     # before a batch and updated after it, so two batches never interleave (a reload's ensure()
