@@ -81,7 +81,6 @@ class _Owned:
     vips: Sequence[VipSpec]
     h_etcd: float
     armed: float = -math.inf  # the token's deadline last armed
-    group: str | None = None  # the successor whose grant's group it was last put in
 
 
 class Succession(Planning):
@@ -304,7 +303,7 @@ class Succession(Planning):
         granted = link.granted_until() if link is not None else None
         return granted if granted is not None else -math.inf
 
-    def _grants_due(self, also: set[str] = set()) -> list[tuple[str, float]]:
+    def _grants_due(self, also: frozenset[str] = frozenset()) -> list[tuple[str, float]]:
         """Grants to re-arm: of every group in use (and of `also`: the groups of the units being
         armed), those that moved a step forward, fell, or were never armed."""
         out = []
@@ -325,12 +324,12 @@ class Succession(Planning):
             memo: dict[tuple[str, Generation | None, bool], float | None] = {}
             caps = [o.h_etcd if via else self._cap(u, o, memo) for (u, o), via in zip(units, vias)]
         if grants is None:
-            grants = self._grants_due({via for via in vias if via is not None})
+            grants = self._grants_due(frozenset(via for via in vias if via is not None))
         await self._fence.arm_many([(o.vips, max(cap, floor)) for (_, o), cap in zip(units, caps)],
                                    grants=[(p, max(g, floor)) for p, g in grants],
                                    groups=[(o.vips, via) for (_, o), via in zip(units, vias)])
-        for (_, o), cap, via in zip(units, caps, vias):
-            o.armed, o.group = cap, via
+        for (_, o), cap in zip(units, caps):
+            o.armed = cap
         self._granted.update(grants)
         self.refreshes += 1
 
@@ -357,7 +356,7 @@ class Succession(Planning):
                         cap = self._cap(u, o, memo)
                         if self._depends(u):
                             direct.add(u)
-                    if cap < o.armed or cap - o.armed >= self._step or via != o.group:
+                    if cap < o.armed or cap - o.armed >= self._step or via != self._fence.grant_of(o.vips[0]):
                         due.append((u, o))
                         caps.append(cap)
                 if full:

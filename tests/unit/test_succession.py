@@ -64,6 +64,9 @@ class Fence:
     def armed_until(self, vips: Sequence[VipSpec]) -> float | None:
         return self.until.get(vips[0].name)
 
+    def grant_of(self, vip: VipSpec) -> str | None:
+        return self.group.get(vip.name)
+
     def open_at(self, now: float) -> bool:
         return self.until.get("api", -math.inf) > now
 
