@@ -29,10 +29,6 @@ class Suspicions:
         self._post = post
         self._told: dict[str, set[str]] = {}  # suspect peer -> units told so (until it recovers)
 
-    @property
-    def suspects(self) -> set[str]:
-        return set(self._told)
-
     def tell(self, ev: Event) -> bool:
         """Deliver PeerSuspected / PeerRecovered; False for any other event (not ours to deliver)."""
         if isinstance(ev, PeerSuspected):
