@@ -19,7 +19,9 @@ exactly one host; then CPU per host and etcd requests per second at steady state
 stop (SIGTERM) of h3: per VIP, when another host holds it (p10/p50/p90/all, polled every ~50 ms),
 and when h3 revoked its lease;
 then (`--no-crash` skips it) h2 is SIGKILLed and the same for h1 taking h2's VIPs; and how many
-successor renames (`successor_named`) each host logged. All three vipd
+successor renames (`successor_named`) each host logged; a cluster that does not settle in
+`--settle-timeout` reports how many VIPs each host held and its suspicions, failed keepalives,
+lost leases, renames and re-added addresses (`unsettled_events`). All three vipd
 and etcd share this machine's cores: a stop's work on every host competes for them.
 
 Runs as root, in namespaces named vts* (removed on exit; a killed run's leftovers are removed by the
@@ -56,6 +58,8 @@ from vipd.lab.scale import log_events, scale_vips, tagged_addresses, trouble, vi
 from vipd.lab.topology import Lab
 
 PREFIX = "vts"
+# log events counted per host when a cluster does not settle
+UNSETTLED = ("peer_suspected", "keepalive_failed", "lease_lost", "successor_named", "address_missing")
 
 
 def profile(name: str) -> dict[str, Any]:
@@ -293,7 +297,10 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
             result: dict[str, Any] = {"vips": m, "on": args.cluster_on, "peers": not args.no_peers,
                                       "settled_s": round(time.monotonic() - t0, 2) if ok else None,
                                       "per_host": {k: len(v & wanted) for k, v in holders(lab).items()}}
-            if not ok:
+            if not ok:  # what the hosts logged meanwhile: why it did not settle
+                events = {h.name: log_events(cluster.log_path(h)) for h in lab.hosts}
+                result["unsettled_events"] = {name: {k: e.get(k, 0) for k in UNSETTLED}
+                                              for name, e in events.items()}
                 return result
             result["steady"] = steady(lab, etcd, pids, args.steady)
             h1, h2, h3 = lab.hosts
