@@ -75,8 +75,7 @@ class Daemon:
         self.suspicions = Suspicions(lambda: self.controllers, self.post)
         # NIC VIPs probe for a conflict before their first claim: their campaigns go first, so the
         # probe's wait overlaps the routed VIPs' campaigns and claims rather than following them
-        nic_units = {u.name for u in cfg.units if any(not v.on_loopback for v in u.vips)}
-        self.keys.rank_campaigns(lambda unit: 0 if unit in nic_units else 1)
+        self.keys.rank_campaigns(self._campaign_rank)
         self.metrics.registry.register(PeerCollector(
             lambda: self.peers.transport.peers.links if self.peers.transport else {}, self.nft, self.succession))
 
@@ -125,6 +124,12 @@ class Daemon:
                           self.lifetime, fences=self._fences, conflicts=self, hooks=self.hooks, preempt_gate=self._gate,
                           lease=self, healthy=healthy, ownership=self.owning, holdoff=self.fitness.hold,
                           takeover=self.succession)
+
+    def _campaign_rank(self, unit: str) -> int:
+        """0 for a unit with a VIP on a NIC (it probes before claiming), else 1; read from the
+        running controllers, so units a reload adds are ranked too."""
+        c = self.controllers.get(unit)
+        return 0 if c is not None and any(not v.on_loopback for v in c.vips) else 1
 
     def _hosts(self, hosts: dict[str, HostInfo]) -> None:
         self.peers.set_hosts({n: h.peer for n, h in hosts.items()})
