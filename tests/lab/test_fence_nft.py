@@ -191,13 +191,18 @@ async def main():
         await fence.ensure(vips)
         last = time.monotonic()
         while True:
-            if time.monotonic() - last > 0.2:  # frozen meanwhile: nothing until a new proof comes
+            # frozen meanwhile (in the sleep or inside arm()): nothing until a new proof comes
+            if time.monotonic() - last > 0.2:
                 with open(state, "a") as f:
                     f.write("frozen\n")
                 while not os.path.exists(go):
                     await trio.sleep(0.01)
+            proof = time.monotonic()
             await fence.arm(vips, trio.current_time() + float(lifetime))
-            last = time.monotonic()
+            if time.monotonic() - proof > 0.2:
+                last = proof  # the freeze hit inside arm(): the top of the loop reports it
+                continue
+            last = proof
             with open(state, "a") as f:
                 f.write(f"armed {last}\n")
             await trio.sleep(0.02)
