@@ -54,7 +54,7 @@ from vipd.config import EtcdConfig, TimingConfig
 from vipd.lab import topology
 from vipd.lab.cluster import Cluster, vipd_argv
 from vipd.lab.etcd import EtcdServer
-from vipd.lab.scale import log_events, scale_vips, tagged_addresses, trouble, vip_ips
+from vipd.lab.scale import log_events, loop_stalls, scale_vips, tagged_addresses, trouble, vip_ips
 from vipd.lab.topology import Lab
 
 PREFIX = "vts"
@@ -297,6 +297,8 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
             result: dict[str, Any] = {"vips": m, "on": args.cluster_on, "peers": not args.no_peers,
                                       "settled_s": round(time.monotonic() - t0, 2) if ok else None,
                                       "per_host": {k: len(v & wanted) for k, v in holders(lab).items()}}
+            # trio batches past the peer lease while settling (vipd/loopwatch.py)
+            result["loop_stalls"] = {h.name: loop_stalls(cluster.log_path(h)) for h in lab.hosts}
             if not ok:  # what the hosts logged meanwhile: why it did not settle
                 events = {h.name: log_events(cluster.log_path(h)) for h in lab.hosts}
                 result["unsettled_events"] = {name: {k: e.get(k, 0) for k in UNSETTLED}

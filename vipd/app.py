@@ -29,6 +29,7 @@ from vipd.drain import Drain
 from vipd.reload import Reloader
 from vipd.routing import Routing
 from vipd.hooks import HookRunner
+from vipd.loopwatch import LoopWatch
 from vipd.metrics import Metrics, serve
 from vipd.model import (Event, LinkUp, OwnerObserved, Placement, Reconcile, ReleaseRequested, ShutdownRequested,
                         State)
@@ -410,6 +411,8 @@ async def run(cfg: Config, path: str | None = None) -> None:
     check_host(cfg, allow_missing_interfaces=True)
     async with Netlink() as nl, EtcdClient.from_config(cfg.etcd) as client:
         daemon = Daemon(cfg, client, nl, path)
+        # a batch longer than the peer lease lets this host's grants lapse (vipd/succession.py)
+        trio.lowlevel.add_instrument(LoopWatch(daemon.metrics.registry, warn=cfg.peers.lease))
         try:
             await daemon.run()
         finally:

@@ -57,6 +57,18 @@ def log_events(path: Path) -> dict[str, int]:
     return counts
 
 
+_STALL_RE = re.compile(r" event=loop_stalled .*?longest=([0-9.]+).*? batches=(\d+)")
+
+
+def loop_stalls(path: Path) -> dict[str, float]:
+    """From a vipd log's `loop_stalled` lines: how many trio batches ran past the warning and the longest."""
+    count, longest = 0, 0.0
+    if path.exists():
+        for m in _STALL_RE.finditer(path.read_text(errors="replace")):
+            longest, count = max(longest, float(m.group(1))), count + int(m.group(2))
+    return {"batches": count, "longest_s": longest}
+
+
 def trouble(counts: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in counts.items() if k in TROUBLE and v}
 

@@ -1,0 +1,38 @@
+import time
+from pathlib import Path
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from vipd.lab.scale import loop_stalls
+from vipd.loopwatch import LoopWatch
+
+
+def test_a_blocking_task_is_one_long_batch() -> None:
+    reg = CollectorRegistry()
+    watch = LoopWatch(reg, warn=0.05)
+
+    async def main() -> None:
+        trio.lowlevel.add_instrument(watch)
+        await trio.sleep(0.01)
+        time.sleep(0.12)  # the loop polls nothing meanwhile
+        await trio.sleep(0.01)
+
+    trio.run(main)
+    assert watch.stalls == 1 and 0.12 <= watch.longest < 1.0
+    assert reg.get_sample_value("vipd_loop_batch_seconds_count") >= 3
+    assert reg.get_sample_value("vipd_loop_batch_seconds_bucket", {"le": "0.1"}) == \
+        reg.get_sample_value("vipd_loop_batch_seconds_count") - 1
+
+
+def test_stall_lines_are_throttled_and_parsed_back(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    watch = LoopWatch(warn=0.1)
+    for seconds, now in [(0.05, 0.0), (0.3, 10.0), (0.2, 10.5), (0.4, 11.2), (0.11, 11.3)]:
+        watch.batch(seconds, now)
+    assert (watch.stalls, watch.longest) == (4, 0.4)
+    log = tmp_path / "vipd.log"
+    log.write_text("2026-12-06T00:00:00.000Z WARNING event=loop_stalled longest=0.3 batches=1\n"
+                   "2026-12-06T00:00:01.000Z WARNING event=loop_stalled longest=0.4 batches=2\n"
+                   "2026-12-06T00:00:01.000Z INFO event=ready node=h1\n")
+    assert loop_stalls(log) == {"batches": 3, "longest_s": 0.4}
+    assert loop_stalls(tmp_path / "absent.log") == {"batches": 0, "longest_s": 0.0}
