@@ -412,10 +412,13 @@ async def run(cfg: Config, path: str | None = None) -> None:
     async with Netlink() as nl, EtcdClient.from_config(cfg.etcd) as client:
         daemon = Daemon(cfg, client, nl, path)
         # a batch longer than the peer lease lets this host's grants lapse (vipd/succession.py)
-        trio.lowlevel.add_instrument(LoopWatch(daemon.metrics.registry, warn=cfg.peers.lease))
+        watch = LoopWatch(daemon.metrics.registry, warn=cfg.peers.lease)
+        trio.lowlevel.add_instrument(watch)
+        watch.start_gc_watch()
         try:
             await daemon.run()
         finally:
+            watch.stop_gc_watch()
             await daemon.routing.aclose()
             if daemon.nft is not None:
                 await daemon.nft.aclose()

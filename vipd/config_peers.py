@@ -23,6 +23,7 @@ class PeersConfig:
     grace: float = 0.130  # G: the successor never takes over before its last ack + G
     key: bytes | None = field(default=None, repr=False)  # None: bootstrapped through etcd (<prefix>peerkey)
     address: str | None = None  # None: this host's address on the VIPs' interface
+    stall: float = 1.0  # heartbeats stop once the daemon's loop has not run for this long (a hang)
 
 
 def parse_peers(t: Table) -> PeersConfig:
@@ -60,8 +61,11 @@ def parse_peers(t: Table) -> PeersConfig:
             ipaddress.ip_address(address)
         except ValueError:
             raise ConfigError(t.key("address"), f"{address!r} is not an IP address") from None
+    stall = float(positive(t.key("stall"), t.get("stall", (int, float), 1.0), 0, 60))
+    if stall < lease:
+        raise ConfigError(t.key("stall"), f"must be at least lease ({lease}), got {stall}")
     t.done()
-    return PeersConfig(enabled, port, interval, lease, grace, key, address)
+    return PeersConfig(enabled, port, interval, lease, grace, key, address, stall)
 
 
 def _hex(key: str, text: str) -> bytes:

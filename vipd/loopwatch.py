@@ -5,10 +5,15 @@ datagram is read and no timer fires, so the longest batch bounds how late the da
 anything on its loop (an etcd keepalive reply, a kernel event). The watch records each batch's
 length (Prometheus histogram `vipd_loop_batch_seconds`) and logs `loop_stalled` for batches
 longer than `warn` (at most once per second, with how many there were since the last line).
+
+Python's cyclic garbage collector stops every thread of the process while it runs (the heartbeat
+thread too): its pauses are timed as well (`vipd_gc_pause_seconds`, and `gc_paused` lines past
+`warn`).
 """
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Callable
 
@@ -31,6 +36,11 @@ class LoopWatch(trio.abc.Instrument):
         self._logged_at = -float("inf")
         self._unlogged = 0
         self._unlogged_max = 0.0
+        self.gc_longest = 0.0
+        self._gc_began = 0.0
+        self._gc_hist = (Histogram("vipd_gc_pause_seconds", "Length of one garbage collection (every thread "
+                                   "waits)", ["generation"], buckets=BUCKETS, registry=registry)
+                         if registry is not None else None)
         self._hist = (Histogram("vipd_loop_batch_seconds", "Length of one trio scheduler batch (no I/O is "
                                 "read while one runs)", buckets=BUCKETS, registry=registry)
                       if registry is not None else None)
@@ -58,3 +68,23 @@ class LoopWatch(trio.abc.Instrument):
         if now - self._logged_at >= 1.0:
             log.warning("loop_stalled", longest=round(self._unlogged_max, 3), batches=self._unlogged)
             self._logged_at, self._unlogged, self._unlogged_max = now, 0, 0.0
+
+    def start_gc_watch(self) -> None:
+        gc.callbacks.append(self._gc)
+
+    def stop_gc_watch(self) -> None:
+        if self._gc in gc.callbacks:
+            gc.callbacks.remove(self._gc)
+
+    def _gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_began = self._clock()
+            return
+        seconds = self._clock() - self._gc_began
+        self.gc_longest = max(self.gc_longest, seconds)
+        if self._gc_hist is not None:
+            self._gc_hist.labels(str(info.get("generation", "?"))).observe(seconds)
+        if seconds > self.warn:
+            log.warning("gc_paused", seconds=round(seconds, 3), generation=info.get("generation"),
+                        collected=info.get("collected"))
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import struct
 import subprocess
 import sys
@@ -96,6 +97,26 @@ def test_heartbeats_flow_and_a_cut_host_is_suspected_then_recovers(lab: Lab, key
     s = stats_of(finals["h1"], "h2")
     assert s["sent"] > 50 and s["received"] > 50 and s["rejected"] == {} and s["suspicions"] == 0
     assert s["granted_until"] is not None and stats_of(finals["h1"], "h3")["suspicions"] == 1
+
+
+def test_a_busy_loop_keeps_heartbeating_a_hung_one_does_not(lab: Lab, key: str, tmp_path: Path) -> None:
+    """The heartbeats run on their own thread: a trio loop blocked for stall/2 (a long batch of
+    steps) is not suspected; one blocked for 2 x stall (a hang) is, and only after stall."""
+    nodes = start(lab, key, tmp_path, ["h1", "h2"])
+    h1, h2 = nodes["h1"], nodes["h2"]
+    time.sleep(0.5)
+    h1.proc.send_signal(signal.SIGUSR1)  # blocked 0.5 s: four times the grace
+    h1.wait_for(lambda x: x.get("event") == "LoopResumed", "the short block's end")
+    time.sleep(0.3)
+    assert h2.events("Suspected") == [], "a busy (not hung) loop was suspected"
+    h1.proc.send_signal(signal.SIGUSR2)  # blocked 2 s: past the stall allowance
+    blocked = h1.wait_for(lambda x: x.get("event") == "LoopBlocked" and x["seconds"] == 2.0, "the long block")
+    suspected = h2.wait_for(lambda x: x.get("event") == "Suspected" and x["peer"] == "h1", "h2 suspecting h1")
+    resumed = h1.wait_for(lambda x: x.get("event") == "LoopResumed" and x["t"] > blocked["t"], "the long block's end")
+    assert blocked["t"] + 1.0 <= suspected["t"] <= resumed["t"], "suspected before the stall allowance ran out"
+    h2.wait_for(lambda x: x.get("event") == "Recovered" and x["peer"] == "h1", "h1 heard again")
+    finals = {n: node.stop() for n, node in nodes.items()}
+    assert stats_of(finals["h2"], "h1")["suspicions"] == 1 and stats_of(finals["h1"], "h2")["suspicions"] == 0
 
 
 def test_one_way_loss_is_suspected_only_by_the_side_that_hears_nothing(lab: Lab, key: str, tmp_path: Path) -> None:

@@ -36,3 +36,18 @@ def test_stall_lines_are_throttled_and_parsed_back(tmp_path: Path, capsys) -> No
                    "2026-12-06T00:00:01.000Z INFO event=ready node=h1\n")
     assert loop_stalls(log) == {"batches": 3, "longest_s": 0.4}
     assert loop_stalls(tmp_path / "absent.log") == {"batches": 0, "longest_s": 0.0}
+
+
+def test_gc_pauses_are_timed_until_the_watch_stops() -> None:
+    import gc
+    reg = CollectorRegistry()
+    watch = LoopWatch(reg, warn=10.0)
+    watch.start_gc_watch()
+    try:
+        gc.collect()
+    finally:
+        watch.stop_gc_watch()
+    assert watch.gc_longest > 0
+    assert reg.get_sample_value("vipd_gc_pause_seconds_count", {"generation": "2"}) == 1
+    gc.collect()
+    assert reg.get_sample_value("vipd_gc_pause_seconds_count", {"generation": "2"}) == 1

@@ -16,8 +16,8 @@ def peers(table: dict[str, object]):  # type: ignore[no-untyped-def]
 
 def test_defaults() -> None:
     p = parse({"node": "n1"}).peers
-    assert (p.enabled, p.port, p.interval, p.lease, p.grace, p.key, p.address) == (
-        True, 9655, 0.010, 0.090, 0.130, None, None)
+    assert (p.enabled, p.port, p.interval, p.lease, p.grace, p.key, p.address, p.stall) == (
+        True, 9655, 0.010, 0.090, 0.130, None, None, 1.0)
 
 
 @pytest.mark.parametrize("table,key", [
@@ -28,6 +28,9 @@ def test_defaults() -> None:
     ({"key": "zz" * 16}, "peers.key"),
     ({"address": "nope"}, "peers.address"),
     ({"bogus": 1}, "peers.bogus"),
+    ({"stall": 0.05}, "peers.stall"),
+    ({"stall": 0}, "peers.stall"),
+    ({"stall": "1"}, "peers.stall"),
     ({"key": "00" * 16, "key_file": "/x"}, "peers.key"),
     ({"key_file": "/nonexistent/vt"}, "peers.key_file"),
 ])

@@ -37,7 +37,7 @@ class PeerCollector(Collector):
             sent.add_metric([name], st.sent)
             received.add_metric([name], st.received)
             lost.add_metric([name], st.lost)
-            for reason, n in sorted(st.rejected.items()):
+            for reason, n in sorted(dict(st.rejected).items()):  # (a copy: the heartbeat thread adds)
                 rejected.add_metric([name, reason], n)
             suspicions.add_metric([name], st.suspicions)
             if st.detection_latency is not None:

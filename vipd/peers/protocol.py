@@ -194,7 +194,8 @@ class PeerLink:
             if sent is not None:
                 until = sent + self.params.lease
                 if until > self._grants.get(gen, float("-inf")):
-                    self._grants[gen] = until
+                    # replaced, not changed in place: another thread may be reading granted_until()
+                    self._grants = {**self._grants, gen: until}
         after = self.granted_until()
         if after is not None and (before is None or after > before):
             events.append(Acked(self.name, after))
@@ -222,8 +223,10 @@ class PeerLink:
         if self.validated is not None and gen <= self.validated:
             return
         self.validated = gen
-        for g in [g for g in self._grants if g <= gen]:
-            self._base = max(self._base, self._grants.pop(g))
+        folded = [t for g, t in self._grants.items() if g <= gen]
+        if folded:  # _base first: a reader in between sees the grant twice, never not at all
+            self._base = max(self._base, *folded)
+            self._grants = {g: t for g, t in self._grants.items() if g > gen}
 
     def granted_upto(self, gen: Generation | None) -> float | None:
         """granted_until counting echoes of generations up to `gen` (None: the validated ones only)."""

@@ -22,7 +22,7 @@ from vipd.dataplane.netlink import Netlink
 from vipd.errors import DataplaneError, EtcdError
 from vipd.peers.keyring import KeyClient, cluster_key
 from vipd.peers.protocol import Event, Generation, Params, PeerLink, Peers
-from vipd.peers.transport import PeerTransport, load_incarnation
+from vipd.peers.transport import PeerTransport, load_incarnation, loop_clock
 
 RETRY = 1.0  # seconds between attempts to read the cluster key while etcd does not answer
 
@@ -71,7 +71,8 @@ class PeerService:
                 log.warning("peers_key_unavailable", error=e, retry=RETRY)
                 await trio.sleep(RETRY)
         peers = Peers(self._cfg.node, load_incarnation(self._cfg.state_dir), key, self.params)
-        transport = PeerTransport(peers, (ip, self._cfg.peers.port), on_event=self._on_event, clock=trio.current_time)
+        transport = PeerTransport(peers, (ip, self._cfg.peers.port), on_event=self._on_event, clock=loop_clock(),
+                                  stall=self._cfg.peers.stall)
         async with trio.open_nursery() as nursery:
             await nursery.start(transport.run)
             self.transport = transport

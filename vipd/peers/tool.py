@@ -2,7 +2,9 @@
 
 Prints one JSON line per event ({"t": monotonic, "event": ..., "peer": ...}) on stdout, validates
 every generation a peer shows at once (a test stand-in for the ownership core's etcd check), and on
-SIGTERM/SIGINT prints a final {"stats": ...} line and exits 0.
+SIGTERM/SIGINT prints a final {"stats": ...} line and exits 0. SIGUSR1 / SIGUSR2 block its trio loop
+(a busy daemon) for stall/2 / 2 x stall seconds, between a "LoopBlocked" and a "LoopResumed" line:
+the heartbeat thread keeps heartbeating through the first and stops during the second.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=0.010)
     ap.add_argument("--lease", type=float, default=0.090)
     ap.add_argument("--grace", type=float, default=0.130)
+    ap.add_argument("--stall", type=float, default=1.0)
     ap.add_argument("--quiet-acks", action="store_true", help="do not print Acked events")
     args = ap.parse_args(argv)
     peers = Peers(args.node, load_incarnation(args.state_dir), bytes.fromhex(args.key),
@@ -50,15 +53,22 @@ def main(argv: list[str] | None = None) -> int:
         d = {"t": time.monotonic(), "event": type(ev).__name__, **asdict(ev)}
         print(json.dumps(d), flush=True)
 
-    transport = PeerTransport(peers, _addr(args.bind), on_event=emit)
+    transport = PeerTransport(peers, _addr(args.bind), on_event=emit, stall=args.stall)
 
     async def run() -> None:
         transport.set_peers(directory)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(transport.run)
                 print(json.dumps({"t": time.monotonic(), "event": "Ready"}), flush=True)
-                async for _ in signals:
+                async for signum in signals:
+                    if signum in (signal.SIGUSR1, signal.SIGUSR2):
+                        seconds = args.stall / 2 if signum == signal.SIGUSR1 else 2 * args.stall
+                        print(json.dumps({"t": time.monotonic(), "event": "LoopBlocked", "seconds": seconds}),
+                              flush=True)
+                        time.sleep(seconds)  # the loop runs nothing meanwhile (the heartbeat thread does)
+                        print(json.dumps({"t": time.monotonic(), "event": "LoopResumed"}), flush=True)
+                        continue
                     nursery.cancel_scope.cancel()
                     break
         stats = {n: {**asdict(lk.stats), "granted_until": lk.granted_until(), "send_errors":

@@ -1,22 +1,34 @@
-"""The heartbeat transport: one UDP socket, one trio task, no busy polling.
+"""The heartbeat transport: one UDP socket served by one thread of its own, no busy polling.
 
-The task sleeps until the socket is readable or the earliest deadline the protocol state asks for
-(a peer's next periodic send, or the moment a peer becomes suspect), whichever comes first. It then
-drains every pending datagram before deciding anything (a daemon that was paused reads what arrived
-meanwhile before it suspects anyone), answers each periodic heartbeat at once, sends the periodic
-heartbeats that are due, and only then asks the protocol which peers are now suspect.
+Why a thread. A daemon with thousands of VIPs runs long scheduler batches on its trio loop
+(starting controllers, a placement pass): heartbeats sent from that loop would pause with it and
+its peers would suspect a host that is merely busy (vipd/loopwatch.py measures those batches).
+The thread keeps heartbeating through them, as long as the trio loop still runs: it sends nothing
+once the loop has not checked in for `stall` seconds (a hung daemon is suspected after
+stall + G; a stopped or dead process after G, its thread stopping with it). The thread waits in
+poll() for the socket, a wake-up from the loop, or the earliest deadline the protocol asks for (a
+peer's next periodic send, or the moment a peer becomes suspect), drains every pending datagram
+before deciding anything (a daemon that was paused reads what arrived meanwhile before it suspects
+anyone), answers each periodic heartbeat at once, sends the heartbeats that are due, and only then
+asks the protocol which peers are now suspect.
 
-Events (protocol.Acked / Suspected / Recovered / Challenged) go to a synchronous callback: it runs
-on the transport task and must not block (put them on a memory channel with send_nowait, or update
-state and set a trio.Event).
+The protocol state (vipd/peers/protocol.py) is changed under one lock, by the thread and by the
+loop's calls (set_peers, validate, suspect). Events (Acked / Suspected / Recovered / Challenged)
+reach `on_event` on the trio loop (run_sync_soon), in order; it must not block.
+
+Clock: every time here is on the clock the owner of the Peers state reads (for the daemon, trio's:
+`loop_clock()`, readable from any thread), so grants compare directly with its deadlines.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import math
 import os
+import select
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,6 +39,7 @@ from vipd.peers.protocol import Event, Generation, PeerLink, Peers
 
 Clock = Callable[[], float]
 MAX_DRAIN = 4096  # datagrams read per wake-up before the deadlines are served again
+STALL = 1.0  # default: seconds without a check-in from the trio loop before heartbeats stop
 
 
 def load_incarnation(state_dir: str | os.PathLike[str], *, now_ns: int | None = None) -> int:
@@ -48,20 +61,37 @@ def load_incarnation(state_dir: str | os.PathLike[str], *, now_ns: int | None = 
     return inc
 
 
+def loop_clock() -> Clock:
+    """trio.current_time() of the running loop, readable from any thread (trio's system clock is
+    perf_counter, i.e. CLOCK_MONOTONIC, plus a fixed offset)."""
+    offset = trio.current_time() - time.perf_counter()
+    return lambda: time.perf_counter() + offset
+
+
 class PeerTransport:
     """Moves the bytes of a Peers state over one UDP socket bound to this host's address."""
 
     def __init__(self, peers: Peers, address: tuple[str, int], *, on_event: Callable[[Event], None] | None = None,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, stall: float = STALL) -> None:
         self.peers = peers
         self.address = address
         self.clock = clock
+        self.stall = stall
         self.on_event = on_event or (lambda ev: None)
         self.directory: dict[str, tuple[str, int]] = {}
         self.send_errors: dict[str, int] = {}
+        self.withheld = 0  # sends skipped while the trio loop had not checked in for `stall`
         self._sock: socket.socket | None = None
-        self._scope: trio.CancelScope | None = None  # the current wait: cancelled when the plan changes
+        self._lock = threading.Lock()
         self._replies: set[str] = set()  # peers owed a reply at once
+        self._events: list[Event] = []  # for the trio loop
+        self._posted = False  # a _deliver is scheduled on the trio loop
+        self._failed: BaseException | None = None  # what ended the thread
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._stopping = False
+        self._alive = clock()  # the trio loop's last check-in
 
     @property
     def bound(self) -> tuple[str, int]:
@@ -70,69 +100,118 @@ class PeerTransport:
 
     def set_peers(self, directory: dict[str, tuple[str, int]]) -> None:
         """Follow the host directory: {node: (ip, port)}; this node's own entry is ignored."""
-        self.directory = {n: a for n, a in directory.items() if n != self.peers.node}
-        self.peers.set_peers(self.directory, self.clock())
+        with self._lock:
+            self.directory = {n: a for n, a in directory.items() if n != self.peers.node}
+            self.peers.set_peers(self.directory, self.clock())
         self._wake()
 
-    def _wake(self) -> None:
-        if self._scope is not None:
-            self._scope.cancel()
-
     def validate(self, peer: str, gen: Generation) -> None:
-        for ev in self.peers.validate(peer, gen):
+        with self._lock:
+            events = self.peers.validate(peer, gen)
+        for ev in events:
             self.on_event(ev)
 
     def granted_until(self, peer: str) -> float | None:
-        return self.peers.granted_until(peer)
+        with self._lock:
+            return self.peers.granted_until(peer)
 
     def link(self, peer: str) -> PeerLink | None:
+        """The link's state (its fields are read without the lock: each is one atomic value, and its
+        grants are replaced, never changed in place)."""
         return self.peers.links.get(peer)
 
     def peer_names(self) -> list[str]:
         return list(self.peers.links)
 
     def suspect(self, peer: str) -> bool:
-        """May we take over from peer now? Drains the socket first (run on the transport's own trio loop)."""
-        self._drain()
-        return self.peers.suspect(peer, self.clock())
+        """May we take over from peer now? Drains the socket first."""
+        with self._lock:
+            self._drain()
+            return self.peers.suspect(peer, self.clock())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, start the thread, then check in every heartbeat interval until cancelled."""
         ip = ipaddress.ip_address(self.address[0])
         sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM)
+        self._wake_r, self._wake_w = socket.socketpair()
+        thread = None
         try:
             sock.setblocking(False)
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
             sock.bind(self.address)
             self._sock = sock
+            self._token = trio.lowlevel.current_trio_token()
+            self._alive = self.clock()
+            self._stopping = False
+            thread = threading.Thread(target=self._serve, name="vipd-peers", daemon=True)
+            thread.start()
             task_status.started()
-            while True:
-                await self._wait()
-                self._drain()
-                replies, self._replies = self._replies, set()
-                now = self.clock()
-                for name in sorted(replies | set(self.peers.due(now))):
-                    self._send(name, reply=name in replies)
-                for ev in self.peers.tick(self.clock()):
-                    self.on_event(ev)
+            while thread.is_alive():
+                self._alive = self.clock()
+                await trio.sleep(self.peers.params.interval)
+            raise RuntimeError(f"heartbeat thread ended: {self._failed!r}")
         finally:
+            self._stopping = True
+            self._wake()
+            if thread is not None:
+                thread.join(1.0)
             self._sock = None
             sock.close()
+            self._wake_r.close()
+            self._wake_w.close()
 
-    async def _wait(self) -> None:
-        assert self._sock is not None
-        if self._replies:
-            await trio.lowlevel.checkpoint()
-            return
-        deadline = self.peers.next_deadline()
-        at = float("inf") if deadline is None else trio.current_time() + (deadline - self.clock())
-        with trio.move_on_at(at) as scope:
-            self._scope = scope
-            await trio.lowlevel.wait_readable(self._sock)
-        self._scope = None
-        if scope.cancelled_caught:
-            await trio.lowlevel.checkpoint()
+    # ---- the thread ----------------------------------------------------------------------------
 
-    def _drain(self) -> None:
-        """Read every pending datagram; peers that sent a periodic heartbeat are owed a reply at once."""
+    def _wake(self) -> None:
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"w")
+            except (BlockingIOError, OSError):
+                pass  # a wake-up is already pending (or we are closing)
+
+    def _serve(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # run() re-raises it on the trio loop
+            self._failed = e
+
+    def _loop(self) -> None:
+        assert self._sock is not None and self._wake_r is not None
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        interval = self.peers.params.interval
+        while not self._stopping:
+            with self._lock:
+                deadline = None if self._replies else self.peers.next_deadline()
+                now = self.clock()
+                wait = 0.0 if self._replies else (None if deadline is None else max(0.0, deadline - now))
+                if now - self._alive > self.stall:  # nothing is sent until the loop checks in
+                    wait = interval if wait is None else max(wait, interval)
+            poller.poll(None if wait is None else math.ceil(wait * 1000))  # (ms: a deadline is served <= 1 ms late)
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+            if self._stopping:
+                return
+            with self._lock:
+                self._drain(wake=False)
+                replies, self._replies = self._replies, set()
+                now = self.clock()
+                if now - self._alive <= self.stall:
+                    for name in sorted(replies | set(self.peers.due(now))):
+                        self._send(name, reply=name in replies)
+                else:
+                    self.withheld += 1
+                self._events.extend(self.peers.tick(self.clock()))
+                self._post()
+
+    def _drain(self, wake: bool = True) -> None:
+        """Read every pending datagram (call with the lock held); peers that sent a periodic
+        heartbeat are owed a reply at once (`wake`: the thread is told to send it)."""
         if self._sock is None:
             return
         for _ in range(MAX_DRAIN):
@@ -145,10 +224,26 @@ class PeerTransport:
             name, reply, events = self.peers.receive(data, self.clock())
             if name is not None and reply:
                 self._replies.add(name)
-            for ev in events:
-                self.on_event(ev)
-        if self._replies:
+            self._events.extend(events)
+        if self._replies and wake:
             self._wake()
+        self._post()
+
+    def _post(self) -> None:
+        """Hand the events gathered so far to the trio loop (lock held)."""
+        if not self._events or self._posted or self._token is None:
+            return
+        try:
+            self._token.run_sync_soon(self._deliver)
+            self._posted = True
+        except trio.RunFinishedError:
+            self._events.clear()
+
+    def _deliver(self) -> None:
+        with self._lock:
+            events, self._events, self._posted = self._events, [], False
+        for ev in events:
+            self.on_event(ev)
 
     def _send(self, name: str, *, reply: bool) -> None:
         addr = self.directory.get(name)
