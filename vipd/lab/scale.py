@@ -57,16 +57,21 @@ def log_events(path: Path) -> dict[str, int]:
     return counts
 
 
+_GC_RE = re.compile(r" event=gc_paused seconds=([0-9.]+)")
 _STALL_RE = re.compile(r" event=loop_stalled .*?longest=([0-9.]+).*? batches=(\d+)")
 
 
 def loop_stalls(path: Path) -> dict[str, float]:
-    """From a vipd log's `loop_stalled` lines: how many trio batches ran past the warning and the longest."""
-    count, longest = 0, 0.0
+    """From a vipd log's `loop_stalled` and `gc_paused` lines: how many trio batches ran past the
+    warning and the longest; how many garbage collections did and the longest."""
+    count, longest, gcs, gc_longest = 0, 0.0, 0, 0.0
     if path.exists():
-        for m in _STALL_RE.finditer(path.read_text(errors="replace")):
+        text = path.read_text(errors="replace")
+        for m in _STALL_RE.finditer(text):
             longest, count = max(longest, float(m.group(1))), count + int(m.group(2))
-    return {"batches": count, "longest_s": longest}
+        for m in _GC_RE.finditer(text):
+            gc_longest, gcs = max(gc_longest, float(m.group(1))), gcs + 1
+    return {"batches": count, "longest_s": longest, "gc_pauses": gcs, "gc_longest_s": gc_longest}
 
 
 def trouble(counts: dict[str, int]) -> dict[str, int]:
