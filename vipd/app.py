@@ -95,7 +95,7 @@ class Daemon:
         self.controllers = {u.name: self.controller(u, self.fitness.initial(u.name)) for u in cfg.units}
         self.lease = HostLease(client, ttl=cfg.etcd.lease_ttl, keepalives_per_ttl=cfg.timing.keepalives_per_ttl,
                                presence_key=f"{cfg.etcd.prefix}hosts/{cfg.node}", presence=self.fitness.presence,
-                               publish=lambda ev: self.refresh.publish(ev), metrics=self.metrics,
+                               publish=self.l2.gate(lambda ev: self.refresh.publish(ev)), metrics=self.metrics,
                                record_path=lease_record_path(cfg))
         self.duplicates = {ifname: DuplicateResponderWatch(nl, ifname, self._duplicate)
                            for ifname in sorted({v.interface for v in cfg.vips
@@ -361,7 +361,7 @@ class Daemon:
                 await nursery.start(serve, self.metrics, self.cfg.metrics_listen)
             await nursery.start(control.serve, self, self.cfg.control_socket)
             await nursery.start(self.hooks.run)
-            nursery.start_soon(self.l2.run)  # before the first claim: awaited before the lease below
+            nursery.start_soon(self.l2.run)  # units learn of the lease only once it is done (L2Gate.gate)
             await nursery.start(self.dsr.run)  # the director's maps exist before a controller arms them
             self.drain.restore()  # a drained host stays drained across restarts
             await self.interfaces.refresh()  # a missing NIC's VIPs unfit before any campaign
@@ -373,7 +373,6 @@ class Daemon:
             systemd.notify("STATUS=waiting for etcd")
             await nursery.start(self.keys.watch, list(self.controllers), self._deliver_owner)
             await nursery.start(self.directory.run)
-            await self.l2.checked.wait()
             await nursery.start(self.refresh.run)
             await nursery.start(self.lease.run)
             nursery.start_soon(self.lease.sync_presence)

@@ -3,8 +3,12 @@
 
 Contract:
 - `run()` tests every interface carrying NIC VIPs once, all at once (about 0.3 s), and caches the
-  answer for the life of the daemon; `checked` is set when it is done, and the daemon waits for it
-  before it takes its lease (no claim can happen before that).
+  answer for the life of the daemon; `checked` is set when it is done. The daemon takes its lease
+  meanwhile (start to ready does not wait for the probes), but its units learn of it only through
+  `gate(publish)`, which holds every keepalive (LeaseValid) back until the check is done: a unit
+  without a lease never campaigns, so no claim can happen before the vetoes below. For those
+  0.3 s the presence shows the host fit for its L2 units; a blocked segment republishes it at
+  once, well inside the default preempt_delay (5 s) any other host waits before handing one over.
 - A blocked interface: one `l2_blocked` error line (reason and fix), `vipd_l2_blocked{interface}` 1,
   and a Fitness veto on every unit with a VIP there, so it never campaigns; the reason shows in the
   presence (`vipd status`) and in `vipd state`.
@@ -14,7 +18,7 @@ Contract:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import trio
 
@@ -24,6 +28,7 @@ from vipd.dataplane.netlink import Netlink
 from vipd.doctor.checks_l2 import L2Metrics, l2_blockers, l2_vips, report_l2_blockers
 from vipd.doctor.findings import Finding
 from vipd.errors import DataplaneError
+from vipd.model import Event, LeaseValid
 
 SOURCE = "l2"
 
@@ -51,6 +56,18 @@ class L2Gate:
         self._limit = limit  # the whole check gives up (blocking nothing) after this long
         self.blocked: dict[str, Finding] = {}  # interface -> the blocking finding (cached)
         self.checked = trio.Event()
+        self._held: tuple[Callable[[Event], None], LeaseValid] | None = None  # a keepalive held back
+
+    def gate(self, publish: Callable[[Event], None]) -> Callable[[Event], None]:
+        """`publish`, except that keepalives are held back until the check is done (the newest one is
+        published then); any other event passes, and drops the one held (it is older news)."""
+        def gated(ev: Event) -> None:
+            if isinstance(ev, LeaseValid) and not self.checked.is_set():
+                self._held = (publish, ev)
+                return
+            self._held = None
+            publish(ev)
+        return gated
 
     @property
     def needed(self) -> bool:
@@ -66,6 +83,9 @@ class L2Gate:
                     self._fitness.veto(unit, reason, source=SOURCE)
         finally:
             self.checked.set()
+            held, self._held = self._held, None
+            if held is not None:
+                held[0](held[1])
 
     async def _test(self) -> dict[str, Finding]:
         error: object = f"no answer in {self._limit:g} s"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+import trio.testing
 
 from tests.unit.controller_fakes import FakeEtcd, make_host
 from tests.unit.test_controller import owner_of, start, wait_state
@@ -155,3 +156,31 @@ async def test_l2_gate_without_nic_vips_does_nothing() -> None:
     assert not gate.needed
     await gate.run()
     assert gate.checked.is_set()
+
+
+async def test_l2_gate_holds_keepalives_back_until_its_vetoes_are_in() -> None:
+    from vipd.doctor.findings import Finding, Severity
+    from vipd.model import LeaseGone, LeaseValid
+
+    class Blocked(L2Gate):
+        async def _test(self):  # type: ignore[no-untyped-def]
+            await release.wait()
+            return {"eth0": Finding("l2.proxy_arp", Severity.ERROR, "eth0", "proxy ARP answers for everyone",
+                                    fix="turn it off")}
+
+    release, vetoes, published = trio.Event(), Vetoes(), []
+    gate = Blocked(cfg(), Netlink(), Metrics("n1"), vetoes)
+    publish = gate.gate(lambda ev: published.append((ev, list(vetoes.calls))))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.run)
+        await trio.testing.wait_all_tasks_blocked()
+        publish(LeaseValid(7, 10.0))
+        publish(LeaseGone(7))  # passes, and the older keepalive is not published after it
+        publish(LeaseValid(8, 11.0))
+        publish(LeaseValid(8, 12.0))
+        assert [ev for ev, _ in published] == [LeaseGone(7)]
+        release.set()
+    assert [ev for ev, _ in published] == [LeaseGone(7), LeaseValid(8, 12.0)]
+    assert {u for u, _ in published[1][1]} == {"api", "web"}  # the vetoes were in before the lease
+    publish(LeaseValid(8, 13.0))  # once checked, at once
+    assert published[-1][0] == LeaseValid(8, 13.0)
