@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 
@@ -11,12 +10,9 @@ import trio
 from vipd import log, shutdown, signals, systemd
 from vipd.config import Config, check_host
 from vipd.model import Unit
-from vipd.dataplane.address import AddressManager, RefreshBatcher, TaggedAddress
+from vipd.dataplane.address import AddressManager, RefreshBatcher
 from vipd.dataplane.announce import Announcer
 from vipd.dataplane.conflict import DuplicateResponderWatch, check_free
-from vipd.dataplane.kernel_events import AddressAdded as KernelAddressAdded
-from vipd.dataplane.kernel_events import AddressRemoved as KernelAddressRemoved
-from vipd.dataplane.kernel_events import LinkChanged, Overflowed, kernel_events
 from vipd.dataplane.netlink import Netlink
 from vipd.election.etcd import EtcdClient
 from vipd.election.hosts import HostDirectory
@@ -31,7 +27,7 @@ from vipd.routing import Routing
 from vipd.hooks import HookRunner
 from vipd.loopwatch import LoopWatch
 from vipd.metrics import Metrics, serve
-from vipd.model import (Event, LinkUp, OwnerObserved, Placement, Reconcile, ReleaseRequested, ShutdownRequested,
+from vipd.model import (Event, OwnerObserved, Placement, ReleaseRequested, ShutdownRequested,
                         State)
 from vipd.fence import Fence, LifetimeFence
 from vipd.ownership.controller import Controller
@@ -46,13 +42,14 @@ from vipd.succession import Succession
 from vipd.suspicions import Suspicions
 from vipd.wiring_dsr import DsrWiring
 from vipd.wiring_l2 import L2Gate
-from vipd.hostview import UnitIndex, reconcile_posts
+from vipd.hostview import UnitIndex
+from vipd.kernel_view import KernelView
 from vipd.refresh import BatchedFence, HostLifetimeFence, HostRefresh, Inflight, lazy_timing
 
 SHUTDOWN_GRACE = shutdown.SHUTDOWN_GRACE  # seconds the controllers get to remove addresses and give keys back
 
 
-class Daemon:
+class Daemon(KernelView):
     def __init__(self, cfg: Config, client: EtcdClient, nl: Netlink, path: str | None = None) -> None:
         self.cfg = cfg
         self.client = client
@@ -229,23 +226,6 @@ class Daemon:
                        "unavailable": self.fitness.unavailable(name) or None}
                 for name, c in self.controllers.items()}
 
-    async def remove_stale(self) -> None:
-        """At start we own nothing: remove every address we tagged earlier (but the BGP source)."""
-        await self._remove_strays([t for t in await self.addresses.tagged() if not self.routing.is_source(t)],
-                                  "stale_address_removed")
-
-    async def _remove_strays(self, items: list[TaggedAddress], what: str) -> None:
-        """Remove many tagged addresses in one netlink job (remove_many)."""
-        if not items:
-            return
-        try:
-            await self.addresses.remove_many(items)
-        except DataplaneError as e:  # their lifetimes end them anyway; the next tick tries again
-            log.error("stray_address_remove_failed", addresses=len(items), error=e)
-            return
-        for t in items:
-            log.info(what, interface=t.interface, address=t.address)
-
     async def revoke_recorded(self) -> None:
         """A previous run's lease (crash without ExecStopPost): its addresses are gone, so revoke it."""
         old = read_recorded_lease(lease_record_path(self.cfg))
@@ -258,57 +238,6 @@ class Daemon:
         except EtcdError as e:
             log.warning("previous_lease_revoke_failed", lease=f"{old:x}", error=e)
         forget_recorded_lease(lease_record_path(self.cfg))
-
-    async def reconcile(self) -> None:
-        """Level-triggered: tell every controller whether its address is in the kernel; drop strays."""
-        while True:
-            with trio.move_on_after(self.cfg.timing.reconcile_interval):
-                await self._reconcile_now.wait()
-            self._reconcile_now = trio.Event()
-            configured = self.cfg.by_address  # (a reload replaces cfg)
-            await self.interfaces.refresh()
-            taken_at = trio.current_time()
-            try:
-                tagged = await self.addresses.tagged()
-            except DataplaneError as e:
-                log.error("reconcile_failed", error=e)
-                continue
-            present, strays = set(), []
-            for t in tagged:
-                vip = configured.get((t.interface, t.ip))
-                if vip is None and not self.routing.is_source(t):
-                    strays.append(t)
-                elif vip is not None:
-                    present.add(vip.name)
-            await self._remove_strays(strays, "stray_address_removed")
-            for c in list(self.controllers.values()):
-                self.metrics.set_address_present(c.name, all(v.name in present for v in c.vips))
-            reconcile_posts(list(self.controllers.values()), present, taken_at)  # only units that disagree
-            await self.routing.reconcile()
-            if self.nft is not None and self.succession.enabled:
-                try:
-                    await self.nft.verify()  # rebuilds the token table if anything of it went missing
-                except DataplaneError as e:
-                    log.error("fence_verify_failed", error=e)
-
-    async def watch_kernel(self) -> None:
-        async with contextlib.aclosing(kernel_events()) as events:  # type: ignore[type-var]
-            async for ev in events:
-                if isinstance(ev, LinkChanged) and self.index.on_interface(ev.ifname):
-                    await self.interfaces.refresh()  # a VIP's NIC may be gone, or back (and every tick)
-                if isinstance(ev, LinkChanged) and ev.up:
-                    for c in self.index.on_interface(ev.ifname):
-                        c.post(LinkUp())
-                elif (isinstance(ev, KernelAddressAdded) and self.routing.source is not None
-                      and ev.address.ip == self.routing.source):
-                    await self.routing.reconcile()  # the kernel dropped our prefsrc routes with it
-                elif isinstance(ev, KernelAddressRemoved):
-                    unit = self.index.holding(ev.ifname, ev.address.ip)
-                    if unit is not None and unit.state.state in (State.OWNER, State.ACQUIRING):
-                        unit.post(Reconcile(missing=True, present=False))
-                elif isinstance(ev, Overflowed):  # notifications lost: re-list and reconcile now
-                    log.warning("kernel_events_overflowed", action="reconciling now")
-                    self._reconcile_now.set()  # (link changes come again from the events' re-dump)
 
     async def watchdog(self, interval: float) -> None:
         """Feed systemd's watchdog only while the loop runs and the netlink thread answers."""

@@ -136,6 +136,27 @@ def test_stale_tagged_address_removed_untagged_left(lab, make_cluster):
     assert "stale_address_removed" in c.log_path(h).read_text()
 
 
+def test_stray_tagged_address_added_while_running_goes_at_once(lab, make_cluster):
+    """The kernel's notification starts the relist (vipd/kernel_view.py), not the backstop tick: with
+    30 s ticks, the first relist by tick comes 30 s after the start, after this test."""
+    from pyroute2 import IPRoute
+
+    from vipd.dataplane.address import VIPD_PROTO
+    c = make_cluster(start=False)
+    c.timing["reconcile_interval"] = 30.0
+    c.start_all()
+    c.wait_owner(ip_of(c.vips[0]))
+    h = lab.hosts[0]
+    stray = lab.vip4(7)
+    with IPRoute(netns=h.ns, flags=0) as ipr:
+        idx = ipr.link_lookup(ifname=h.ifname)[0]
+        ipr.addr("add", index=idx, address=str(stray.ip), prefixlen=stray.network.prefixlen, proto=VIPD_PROTO)
+    wait_for(lambda: h.name not in lab.holders(stray.ip), 20, "stray tagged address removed")
+    line = next(x for x in c.log_path(h).read_text().splitlines()
+                if "event=stray_address_removed" in x and str(stray.ip) in x)
+    assert "found_by=notification" in line, line
+
+
 def test_client_neighbour_entry_follows_owner_mac(lab, make_cluster):
     c = make_cluster()
     v4, v6 = (ip_of(v) for v in c.vips)

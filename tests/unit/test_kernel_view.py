@@ -1,0 +1,75 @@
+"""The reconcile tick's cadence (vipd/kernel_view.py): cheap checks every tick, the full address
+relist every RELIST_EVERY-th tick or at once when a notification asks; strays go either way."""
+
+from __future__ import annotations
+
+import ipaddress
+from types import SimpleNamespace
+from typing import Any
+
+import trio
+import trio.testing
+
+from vipd import config
+from vipd.dataplane.address import TaggedAddress
+from vipd.hostview import UnitIndex
+from vipd.kernel_view import RELIST_EVERY, KernelView
+
+
+class Parts:
+    def __init__(self) -> None:
+        self.listed = 0
+        self.removed: list[TaggedAddress] = []
+        self.checks = 0
+        self.tagged_now: list[TaggedAddress] = []
+
+    async def tagged(self) -> list[TaggedAddress]:
+        self.listed += 1
+        return list(self.tagged_now)
+
+    async def remove_many(self, items: list[TaggedAddress]) -> None:
+        self.removed += items
+        self.tagged_now = [t for t in self.tagged_now if t not in items]
+
+    async def refresh(self) -> None:
+        self.checks += 1
+
+    async def reconcile(self) -> None:
+        pass
+
+    def is_source(self, t: TaggedAddress) -> bool:
+        return False
+
+
+class View(KernelView):
+    def __init__(self) -> None:
+        self.cfg = config.parse({"node": "n1", "timing": {"reconcile_interval": 1.0},
+                                 "vip": [{"name": "api", "address": "10.0.0.10/24", "interface": "eth0"}]})
+        self.parts = Parts()
+        self.addresses = self.parts  # type: ignore[assignment]
+        self.interfaces = self.routing = self.parts
+        self.metrics = SimpleNamespace(set_address_present=lambda name, present: None)
+        self.controllers = {}
+        self.index = UnitIndex({})
+        self.nft: Any = None
+        self._reconcile_now = trio.Event()
+
+
+def stray(ip: str) -> TaggedAddress:
+    iface = ipaddress.ip_interface(ip)
+    return TaggedAddress("eth0", iface, 5, iface.ip)
+
+
+async def test_full_relist_every_nth_tick_and_at_once_when_asked(autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    view = View()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(view.reconcile)
+        await trio.sleep(2 * RELIST_EVERY + 0.5)  # ticks at 1 .. 2N s: relists at the 1st and the N+1st
+        assert view.parts.checks == 2 * RELIST_EVERY and view.parts.listed == 2
+        view.parts.tagged_now = [stray("10.9.9.9/32")]
+        view._reconcile_now.set()  # a notification: relisted now, not at the next N-th tick
+        await trio.testing.wait_all_tasks_blocked()
+        assert view.parts.listed == 3 and view.parts.removed == [stray("10.9.9.9/32")]
+        nursery.cancel_scope.cancel()
+    assert view.relists == 3
+
