@@ -27,3 +27,42 @@ def test_a_held_unit_is_no_candidate_but_a_successor_an_unfit_one_neither():
     assert all(campaign[u.name] == succeed[u.name] for u in UNITS if u.name not in ("v1", "v2"))
     # the order among the others is the same: a successor ranking only adds the held host
     assert [h for h in succeed["v1"] if h != "h2"] == list(campaign["v1"])
+
+
+def _reference(units, hosts, successors):  # type: ignore[no-untyped-def]
+    """The placement as first written (one ranking per unit over its own candidates), to hold the
+    one-pass `placements` to the same answers."""
+    from vipd.placement import Item, assign, ranking
+    healthy = {n: h.weight for n, h in hosts.items() if h.healthy and not h.drained}
+    targets = assign([Item(u.name, u.prefer, u.avoid, len(u.vips)) for u in units], healthy)
+    out = {}
+    for u in units:
+        cands = {n: w for n, w in healthy.items()
+                 if u.name not in hosts[n].down or (successors and u.name in hosts[n].held)}
+        order = ranking(u.name, cands, u.prefer, u.avoid)
+        target = targets.get(u.name)
+        if target in cands:
+            order = [target] + [h for h in order if h != target]
+        out[u.name] = tuple(order)
+    return out
+
+
+def test_one_pass_placements_match_the_per_unit_definition():
+    import random
+    from dataclasses import replace
+
+    from vipd.election.hosts import placements
+    rnd = random.Random(13)
+    names = [f"h{i}" for i in range(1, 6)]
+    for _ in range(200):
+        units = [Unit(u.name, (replace(u.vips[0], prefer=tuple(rnd.sample(names, rnd.randint(0, 1))),
+                                       avoid=tuple(rnd.sample(names, rnd.randint(0, 1)))),))
+                 if rnd.random() < 0.3 else u for u in UNITS]
+        hosts = {}
+        for n in rnd.sample(names, rnd.randint(1, 5)):
+            down = tuple(u.name for u in UNITS if rnd.random() < 0.3)
+            held = tuple(x for x in down if rnd.random() < 0.5)
+            hosts[n] = HostInfo(n, healthy=rnd.random() < 0.9, weight=rnd.choice([0.0, 1.0, 1.0, 2.0]),
+                                drained=rnd.random() < 0.1, down=down, held=held)
+        place, succ = placements(units, hosts)
+        assert place == _reference(units, hosts, False) and succ == _reference(units, hosts, True)

@@ -47,18 +47,29 @@ def rankings(units: Sequence[Unit], hosts: Mapping[str, HostInfo], *,
     """Bounded-load rendezvous placement over the healthy hosts; per unit the hosts that can serve
     it, its assigned target first, then the others in rendezvous order. `successors`: a host in its
     release hold-off for a unit still counts (it does not campaign, but takes over when named)."""
+    return placements(units, hosts)[1 if successors else 0]
+
+
+def placements(units: Sequence[Unit], hosts: Mapping[str, HostInfo]
+               ) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """(rankings, rankings with successors=True) in one pass: one assignment, and each unit ranked
+    once over the healthy hosts (again only for a unit some host is unfit for or holds back)."""
     healthy = {n: h.weight for n, h in hosts.items() if h.healthy and not h.drained}
-    targets = assign([Item(u.name, u.prefer, u.avoid, len(u.vips)) for u in units], healthy)
-    out = {}
+    ranked = {u.name: ranking(u.name, healthy, u.prefer, u.avoid) for u in units}
+    targets = assign([Item(u.name, u.prefer, u.avoid, len(u.vips)) for u in units], healthy, ranked=ranked)
+    down = {n: (hosts[n].down, hosts[n].held) for n in healthy if hosts[n].down}
+    place: dict[str, tuple[str, ...]] = {}
+    succ: dict[str, tuple[str, ...]] = {}
     for u in units:
-        cands = {n: w for n, w in healthy.items()
-                 if u.name not in hosts[n].down or (successors and u.name in hosts[n].held)}
-        order = ranking(u.name, cands, u.prefer, u.avoid)
-        target = targets.get(u.name)
-        if target in cands:
-            order = [target] + [h for h in order if h != target]
-        out[u.name] = tuple(order)
-    return out
+        name, target = u.name, targets.get(u.name)
+        out_place = [n for n, (d, _) in down.items() if name in d]
+        out_succ = [n for n, (d, h) in down.items() if name in d and name not in h]
+        for out, wanted in ((place, out_place), (succ, out_succ)):
+            order = ranked[name] if not wanted else [h for h in ranked[name] if h not in wanted]
+            if target is not None and target in order:
+                order = [target] + [h for h in order if h != target]
+            out[name] = tuple(order)
+    return place, succ
 
 
 class HostDirectory:
@@ -100,13 +111,12 @@ class HostDirectory:
     def _recompute(self) -> None:
         if self._on_hosts is not None:
             self._on_hosts(self.hosts)
-        new = rankings(self._units, self.hosts)
+        new, self.successors = placements(self._units, self.hosts)
         for name, order in new.items():
             if self.placement.get(name) != order:
                 log.debug("placement", vip=name, ranking=",".join(order) or "-")
                 self._on_placement(name, order)
         self.placement = new
-        self.successors = rankings(self._units, self.hosts, successors=True)
         self._changed.set()
         self._changed = trio.Event()
 
