@@ -18,7 +18,9 @@ starts with acked_at = its creation time: every ack an earlier incarnation of S 
 before that, so the promise of the old incarnation is kept by the new one.
 
 Suspicion generations. When S suspects O it increments suspect_gen toward O; every later message
-carries it. O keys what it grants by the generation of the message carrying the echo, a pair
+carries it. Every decision to take over counts as a suspicion: the transport's `suspect()` opens the
+generation itself when its periodic check has not yet, before it answers yes, under the lock its
+sends take (so no echo sent after a decision carries a generation O already counts). O keys what it grants by the generation of the message carrying the echo, a pair
 (S's incarnation, suspect_gen), ordered lexicographically, and grants only through generations the
 daemon has validated (`validate(S, gen)`, called by the ownership core after an etcd transaction,
 begun after it saw the generation, that makes a takeover by S on that suspicion impossible). Echoes

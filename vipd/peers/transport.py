@@ -124,10 +124,20 @@ class PeerTransport:
         return list(self.peers.links)
 
     def suspect(self, peer: str) -> bool:
-        """May we take over from peer now? Drains the socket first."""
+        """May we take over from peer now? Drains the socket first. A yes opens a new suspicion
+        generation at once when the periodic check has not yet (the thread may be a moment behind
+        the caller's clock): under the lock the thread sends with, so no echo sent after this
+        decision carries a generation the peer counts (vipd/peers/protocol.py, the safety argument)."""
         with self._lock:
             self._drain()
-            return self.peers.suspect(peer, self.clock())
+            now = self.clock()
+            if not self.peers.suspect(peer, now):
+                return False
+            link = self.peers.links[peer]
+            if not link.suspected:
+                self._events.append(link.on_suspect(now))
+                self._post()
+            return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind, start the thread, then check in every heartbeat interval until cancelled."""
