@@ -292,8 +292,12 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
             cluster = Cluster(lab, work / f"cluster-{m}-{run}", vips, endpoints=[etcd.endpoint],
                               **profile(args.timing))
             if not args.no_peers:  # fast takeover: heartbeats between the hosts' lab addresses
+                timing = {}
+                if args.peers_timing:
+                    grace, lease, interval = (float(x) for x in args.peers_timing.split(","))
+                    timing = {"grace": grace, "lease": lease, "interval": interval}
                 for h in lab.hosts:
-                    cluster.host_tables[h.name] = {"peers": {"address": str(h.ip.ip)}}
+                    cluster.host_tables[h.name] = {"peers": {"address": str(h.ip.ip), **timing}}
             t0 = time.monotonic()
             cluster.start_all()
             pids = [C.main_pid(p.pid) for p in cluster.procs.values()]
@@ -304,6 +308,7 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
 
             ok = C.wait_until(settled, args.settle_timeout, interval=0.2)
             result: dict[str, Any] = {"vips": m, "on": args.cluster_on, "peers": not args.no_peers,
+                                      "peers_timing": args.peers_timing or "shipped",
                                       "settled_s": round(time.monotonic() - t0, 2) if ok else None,
                                       "per_host": {k: len(v & wanted) for k, v in holders(lab).items()}}
             # trio batches past the peer lease while settling (vipd/loopwatch.py)
@@ -360,6 +365,8 @@ def main() -> int:
                    help="cluster: VIPs on the hosts' NIC (token fence, fast takeover) or on lo (routed VIPs: "
                         "no token fence, so a crash fails over by the lease)")
     p.add_argument("--no-peers", action="store_true", help="cluster: fast takeover off (lease takeover only)")
+    p.add_argument("--peers-timing", metavar="G,L,H",
+                   help="cluster: [peers] grace, lease and interval (s) instead of the shipped 0.13,0.09,0.01")
     p.add_argument("--crash", action=argparse.BooleanOptionalAction, default=True,
                    help="cluster: after the planned stop, SIGKILL h2 and measure h1 taking its VIPs")
     p.add_argument("--timing", choices=("shipped", "ttl3"), default="shipped",
