@@ -56,7 +56,6 @@ replaced at once when the placement drops it (unfit, drained, in its release hol
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import trio
@@ -68,6 +67,7 @@ from vipd.model import Event, OwnerRecord, PeerRecovered, PeerSuspected, VipSpec
 from vipd.peers.protocol import Acked, Challenged, Generation, Recovered, Suspected
 from vipd.peers.protocol import Event as PeerEvent
 from vipd.succession_plan import HOLD_DOWN, PLAN_EVERY, REBALANCE_AFTER, Planning
+from vipd.succession_tokens import Owned, Tokens
 from vipd.succession_ports import Counts, Keys, PeersPort, TokenFence
 
 __all__ = ["HOLD_DOWN", "PLAN_EVERY", "REBALANCE_AFTER", "Succession"]
@@ -76,14 +76,7 @@ RETRY = 0.1  # seconds before a failed rename is tried again
 RENAME_BATCH = 100  # units per rename transaction (under etcd's --max-txn-ops)
 
 
-@dataclass
-class _Owned:
-    vips: Sequence[VipSpec]
-    h_etcd: float
-    armed: float = -math.inf  # the token's deadline last armed
-
-
-class Succession(Planning):
+class Succession(Tokens, Planning):
     """Implements vipd.fence.Fence (the token fence, capped by the successor's grants) and the
     controller's TakeoverPort; `run` names successors. All on the trio thread."""
 
@@ -101,7 +94,7 @@ class Succession(Planning):
         self._broadcast = broadcast
         self._metrics = metrics
         self._clock = clock
-        self._owned: dict[str, _Owned] = {}
+        self._owned: dict[str, Owned] = {}
         self._records: dict[str, OwnerRecord] = {}  # latest record of every unit (from OwnerKeys)
         self._naming: dict[str, tuple[str | None, Generation | None]] = {}  # rename in flight: unit -> (target, its gen then)
         self._suspected_at: dict[str, float] = {}  # peer -> last suspicion
@@ -185,7 +178,7 @@ class Succession(Planning):
         """arm() for many units, in one token batch (vipd/refresh.py coalesces the controllers' arms)."""
         if not self.enabled or not items:
             return
-        mine: list[tuple[str, _Owned]] = []
+        mine: list[tuple[str, Owned]] = []
         for vips, until in items:
             unit = vips[0].unit
             owned = self._own(unit, vips, until)
@@ -197,13 +190,13 @@ class Succession(Planning):
                 await self._arm(live)
         self._wake.set()
 
-    def _own(self, unit: str, vips: Sequence[VipSpec], until: float) -> _Owned:
+    def _own(self, unit: str, vips: Sequence[VipSpec], until: float) -> Owned:
         """The unit's token record (a new one changes what the tokens depend on). Every arm wakes
         the planner afterwards: a keepalive is also its periodic look at generations to validate
         (a chaos replay, seed 3975951903, left tokens closed for good without it)."""
         owned = self._owned.get(unit)
         if owned is None:
-            owned = self._owned[unit] = _Owned(vips, until)
+            owned = self._owned[unit] = Owned(vips, until)
             self._version += 1
         return owned
 
@@ -241,132 +234,6 @@ class Succession(Planning):
     def successor(self, unit: str) -> str | None:
         rec = self._records.get(unit)
         return rec.successor if rec is not None and rec.node == self.node else None
-
-    # ---- the token ---------------------------------------------------------------------------
-
-    def _depends(self, unit: str) -> list[str]:
-        """Peers whose grants bound the unit's token: the named successor, a rename's target, and the
-        targets of renames whose outcome is unknown (etcd may name them)."""
-        rec = self._records.get(unit)
-        out = [rec.successor] if rec is not None and rec.node == self.node and rec.successor else []
-        target = self._naming.get(unit, (None, None))[0]
-        for peer in [target, *sorted(self._uncertain.get(unit, ()))]:
-            if peer and peer not in out:
-                out.append(peer)
-        return out
-
-    def _cap(self, unit: str, owned: _Owned, memo: dict[tuple[str, Generation | None, bool], float | None] | None = None) -> float:
-        """The unit's token deadline: H_etcd, bounded by the grants of every peer that may take it
-        over; -inf (no token) once the key names another owner. `memo`: the peers' grants, read
-        once per pass over thousands of units (a grant is a pure function of its link's state,
-        which no pass awaits within)."""
-        rec = self._records.get(unit)
-        if rec is not None and rec.node != self.node:
-            return -math.inf  # replaced (a takeover): never re-open, whatever the controller still thinks
-        cap = owned.h_etcd
-        target, gen = self._naming.get(unit, (None, None))
-        for peer in self._depends(unit):
-            link = self._peers.link(peer)
-            if link is None:
-                return -math.inf
-            uncertain = self._uncertain.get(unit, {})
-            if peer in uncertain:  # etcd may name it since a rename that started with this generation
-                key = (peer, uncertain[peer], True)
-            elif peer == target and (rec is None or rec.successor != target):
-                key = (peer, gen, True)  # a rename in flight: generations seen at its start
-            else:  # the named successor: validated generations only (it may have taken over already)
-                key = (peer, None, False)
-            if memo is not None and key in memo:
-                granted = memo[key]
-            else:
-                granted = link.granted_upto(key[1]) if key[2] else link.granted_until()
-                if memo is not None:
-                    memo[key] = granted
-            cap = min(cap, granted if granted is not None else -math.inf)
-        return cap
-
-    def _via(self, unit: str) -> str | None:
-        """The successor in whose grant's group the unit is: its record (ours) names S, and no rename
-        is in flight or of unknown outcome. Its token is then H_etcd and S's grant bounds it in the
-        kernel (vipd/dataplane/fence_build.py): the same deadline as min(H_etcd, granted_until(S)),
-        one element for every unit S succeeds. Any other unit: its token carries the whole cap."""
-        rec = self._records.get(unit)
-        if (rec is None or rec.node != self.node or not rec.successor or unit in self._naming
-                or unit in self._uncertain):
-            return None
-        return rec.successor
-
-    def _grant(self, peer: str) -> float:
-        """The deadline of `peer`'s group: its grant from validated generations (as `_cap` reads a
-        named successor's)."""
-        link = self._peers.link(peer)
-        granted = link.granted_until() if link is not None else None
-        return granted if granted is not None else -math.inf
-
-    def _grants_due(self, also: frozenset[str] = frozenset()) -> list[tuple[str, float]]:
-        """Grants to re-arm: of every group in use (and of `also`: the groups of the units being
-        armed), those that moved a step forward, fell, or were never armed."""
-        out = []
-        for peer in self._grouped | also:
-            g, was = self._grant(peer), self._granted.get(peer)
-            if was is None or g < was or g - was >= self._step:
-                out.append((peer, g))
-        return out
-
-    async def _arm(self, units: list[tuple[str, _Owned]], caps: list[float] | None = None,
-                   grants: list[tuple[str, float]] | None = None) -> None:
-        """Arm each unit's token to its cap (`caps`: computed by the caller in this same step), put it
-        in its successor's group or in none, and arm the grants due, in one batch (call with the
-        lock held)."""
-        floor = self._clock() - 1.0  # "already over": the fence removes the token
-        vias = [self._via(u) for u, _ in units]
-        if caps is None:
-            memo: dict[tuple[str, Generation | None, bool], float | None] = {}
-            caps = [o.h_etcd if via else self._cap(u, o, memo) for (u, o), via in zip(units, vias)]
-        if grants is None:
-            grants = self._grants_due(frozenset(via for via in vias if via is not None))
-        await self._fence.arm_many([(o.vips, max(cap, floor)) for (_, o), cap in zip(units, caps)],
-                                   grants=[(p, max(g, floor)) for p, g in grants],
-                                   groups=[(o.vips, via) for (_, o), via in zip(units, vias)])
-        for (_, o), cap in zip(units, caps):
-            o.armed = cap
-        self._granted.update(grants)
-        self.refreshes += 1
-
-    async def refresh(self) -> None:
-        """Re-arm what moved a step forward (or fell) after acks, renames, records: the grants of the
-        groups in use (one element per successor), and the tokens of units outside a group whose
-        cap follows grants. A pass over every unit only when what `_via`/`_cap` read changed
-        (`_version`): an ack then costs O(peers + units in a rename), not O(units)."""
-        while True:
-            await self._refresh.wait()
-            self._refresh = trio.Event()
-            async with self._lock:
-                version = self._version
-                full = self._scanned != version
-                units = self._owned if full else {u: self._owned[u] for u in self._direct if u in self._owned}
-                memo: dict[tuple[str, Generation | None, bool], float | None] = {}
-                due, caps, direct, grouped = [], [], set(), set()
-                for u, o in units.items():
-                    via = self._via(u)
-                    if via is not None:
-                        grouped.add(via)
-                        cap = o.h_etcd
-                    else:
-                        cap = self._cap(u, o, memo)
-                        if self._depends(u):
-                            direct.add(u)
-                    if cap < o.armed or cap - o.armed >= self._step or via != self._fence.grant_of(o.vips[0]):
-                        due.append((u, o))
-                        caps.append(cap)
-                if full:
-                    self._scanned, self._direct, self._grouped = version, direct, grouped
-                grants = self._grants_due()
-                if due or grants:
-                    try:
-                        await self._arm(due, caps, grants)
-                    except DataplaneError as e:  # the tokens end at their previous deadlines: loud, never unsafe
-                        log.error("token_refresh_failed", units=len(due), error=e)
 
     # ---- the successor side: take over ------------------------------------------------------
 

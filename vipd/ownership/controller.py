@@ -9,7 +9,7 @@ never waits on etcd. Every timer is the core's `wakeup(state)`.
 from __future__ import annotations
 
 import math
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
@@ -22,62 +22,10 @@ from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Ann
                         ReleaseFailed, RemoveAddress, RemoveFailed, RenewLease, RequestPreempt, ReturnPreemptToken,
                         Start, State, StopAnnouncing, TakeOver, Tick, Unit, VipSpec)
 from vipd.ownership import fsm
+from vipd.ownership.ports import (AddressPort, AnnouncePort, ConflictPort, GatePort, HooksPort, KeysPort, LeasePort,
+                                  MetricsPort, TakeoverPort, NoLease)
 from vipd.ownership.state import HOLDING, Params, Sub, VipState, wakeup
 from vipd.takeover import takeover
-
-
-class AddressPort(Protocol):
-    async def claim(self, vip: VipSpec, lifetime: int) -> None: ...
-    async def release(self, vip: VipSpec) -> None: ...
-
-
-class AnnouncePort(Protocol):
-    async def announce(self, vip: VipSpec) -> int: ...
-
-
-class KeysPort(Protocol):
-    async def campaign(self, vip: str, lease: int) -> tuple[bool, OwnerRecord]: ...
-    async def release(self, vip: str, epoch: int, lease: int = 0, leave: bool = False) -> bool: ...
-
-
-class TakeoverPort(Protocol):
-    async def take_over(self, unit: str, record: OwnerRecord, lease: int) -> tuple[bool, OwnerRecord]:
-        """Replace the suspect owner's record, only if the owner is still suspect at the moment of
-        sending (vipd/succession.py): (won, the key's record now)."""
-
-
-class ConflictPort(Protocol):
-    async def check_free(self, vip: VipSpec) -> None:
-        """Raise an AddressError (AddressConflict, with .mac) when another machine answers for the VIP."""
-
-
-class LeasePort(Protocol):
-    def renew(self) -> None:
-        """Send a keepalive now (the result arrives as LeaseValid)."""
-
-
-class GatePort(Protocol):
-    async def acquire(self) -> None: ...
-    def release(self) -> None: ...
-
-
-class HooksPort(Protocol):
-    def fire(self, event: str, *, vip: str, address: object = "", interface: str = "", reason: str = "",
-             epoch: int = 0) -> bool: ...
-
-
-class MetricsPort(Protocol):
-    def record_transition(self, vip: str, old: State, new: State) -> None: ...
-    def set_epoch(self, vip: str, epoch: int) -> None: ...
-    def count_announcements(self, vip: str, frames: int) -> None: ...
-    def count_dataplane_error(self, vip: str, op: str) -> None: ...
-    def count_conflict(self, vip: str) -> None: ...
-    def record_takeover(self, vip: str, cause: str, seconds: float | None = None) -> None: ...
-
-
-class _NoLease:
-    def renew(self) -> None:
-        pass
 
 
 class Controller:
@@ -104,7 +52,7 @@ class Controller:
         self._conflicts = conflicts
         self._hooks = hooks
         self._gate = preempt_gate
-        self._lease = lease or _NoLease()
+        self._lease = lease or NoLease()
         self._ownership = ownership  # told when we start/stop owning (duplicate-responder watch)
         self._holdoff = holdoff  # publishes this host's release hold-off for the unit (presence)
         self._takeover = takeover
