@@ -4,10 +4,11 @@ Why a thread. A daemon with thousands of VIPs runs long scheduler batches on its
 (starting controllers, a placement pass): heartbeats sent from that loop would pause with it and
 its peers would suspect a host that is merely busy (vipd/loopwatch.py measures those batches).
 The thread keeps heartbeating through them, as long as the trio loop still runs: it sends nothing
-once the loop has not checked in for `stall` seconds (a hung daemon is suspected after
-stall + G; a stopped or dead process after G, its thread stopping with it). The thread waits in
-poll() for the socket, a wake-up from the loop, or the earliest deadline the protocol asks for (a
-peer's next periodic send, or the moment a peer becomes suspect), drains every pending datagram
+once the loop has not checked in for `stall` seconds (it checks in every stall/4: a hung daemon is
+suspected within stall + G; a stopped or dead process after G, its thread stopping with it). The
+thread waits in poll() for the socket, a wake-up from the loop, or the earliest deadline the
+protocol asks for (a peer's next periodic send, or the moment a peer becomes suspect), drains every
+pending datagram
 before deciding anything (a daemon that was paused reads what arrived meanwhile before it suspects
 anyone), answers each periodic heartbeat at once, sends the heartbeats that are due, and only then
 asks the protocol which peers are now suspect.
@@ -140,7 +141,7 @@ class PeerTransport:
             return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Bind, start the thread, then check in every heartbeat interval until cancelled."""
+        """Bind, start the thread, then check in every stall/4 until cancelled."""
         ip = ipaddress.ip_address(self.address[0])
         sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM)
         self._wake_r, self._wake_w = socket.socketpair()
@@ -157,9 +158,9 @@ class PeerTransport:
             thread = threading.Thread(target=self._serve, name="vipd-peers", daemon=True)
             thread.start()
             task_status.started()
-            while thread.is_alive():
+            while thread.is_alive():  # (so a hung loop's heartbeats stop 0.75 to 1 x stall after it hung)
                 self._alive = self.clock()
-                await trio.sleep(self.peers.params.interval)
+                await trio.sleep(self.stall / 4)
             raise RuntimeError(f"heartbeat thread ended: {self._failed!r}")
         finally:
             self._stopping = True
