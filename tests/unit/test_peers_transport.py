@@ -24,3 +24,20 @@ def test_a_yes_opens_the_generation_even_before_the_periodic_check() -> None:
     m = wire.Receiver(wire.auth_key(KEY), wire.node_id("o"))
     m.known = {wire.node_id("s")}
     assert m.accept(s.build("o", now[0])).suspect_gen == 1  # every later echo carries it
+
+
+async def test_a_dead_heartbeat_thread_ends_run_loudly() -> None:
+    """A bug in the thread must not leave a daemon that looks alive to itself and dead to its peers."""
+    import pytest
+    import trio
+
+    t = PeerTransport(Peers("s", 1, KEY, Params()), ("127.0.0.1", 0))  # bound, never sends: no peers
+
+    def broken() -> None:
+        raise ValueError("boom")
+
+    t._loop = broken  # type: ignore[method-assign]
+    with pytest.raises(Exception) as e:  # (an ExceptionGroup: trio nurseries are strict)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(t.run)
+    assert e.group_contains(RuntimeError, match="heartbeat thread ended: ValueError")
