@@ -383,6 +383,9 @@ class Controller:
             return
         if won:
             log.info("took_over", vip=self.name, previous=record.node, epoch=now.epoch)
+        else:  # the owner spoke again, or the key moved on: why a takeover waits its retry
+            log.info("takeover_lost", vip=self.name, owner=record.node,
+                     why="owner heard again" if now == record else f"key now {now.node} rev {now.revision}")
         self.post(CampaignWon(now) if won else CampaignLost(now))
 
     async def _delete_key(self, epoch: int, lease: int, leave: bool) -> None:
