@@ -27,6 +27,9 @@ SECTIONS: dict[str, str] = {
     "placement": "Which host owns what, and when a VIP moves back.",
     "hooks": "Commands run on ownership transitions (queued, never delaying them).",
     "bgp": "A fixed BGP source address for routed VIPs.",
+    "peers": "Host-to-host heartbeats for fast takeover (a crashed, hung or cut-off owner's VIPs move "
+             "in about G plus one etcd transaction). Safety needs grace - lease to cover clock-rate "
+             "error, the kernel's 4 ms nftables tick and the delay from reading the clock to arming.",
     "vip[]": "One [[vip]] table per virtual IP.",
     "check[]": "A health check, in [[host.check]] or [[vip.check]].",
     "egress[]": "One [[egress]] table per SNAT rule that follows a VIP's ownership.",
@@ -67,6 +70,18 @@ KEYS: tuple[Key, ...] = (
     Key("bgp.source_pool", "-", "or a prefix to allocate it from, once per node, through etcd", None),
     Key("bgp.peers", "[]", "BGP peers whose sessions leave from the source address", None),
     Key("bgp.snat", "false", "also SNAT tcp/179 to the peers (speakers that cannot bind a source)", None),
+    Key("peers.enabled", "true", "fast takeover on (off: every VIP fails over by the lease TTL)", False),
+    Key("peers.port", "9655", "UDP port of the heartbeats", 9656),
+    Key("peers.interval", "0.010", "h: seconds between heartbeats to each peer (below lease/3)", 0.02),
+    Key("peers.lease", "0.090", "L: an owner serves at most L past a heartbeat its successor echoed", 0.1),
+    Key("peers.grace", "0.130", "G: a successor takes over no earlier than G after its last ack "
+        "(at least L + 0.02); above the longest pause the daemon sees (GC, a starved CPU)", 0.2),
+    Key("peers.stall", "1.0", "heartbeats stop once the daemon's event loop has not run this long "
+        "(a hung loop is suspected within stall + G); at least L", 2.0),
+    Key("peers.key_file", "-", "the cluster key, hex, >= 16 bytes (default: created once in etcd)", None),
+    Key("peers.key", "-", "the cluster key inline (prefer key_file)", "ab" * 16),
+    Key("peers.address", "-", "this host's heartbeat address (default: its IPv4 on the first NIC VIP's "
+        "interface)", "192.0.2.10"),
     Key("vip[].name", "-", "unique name (letters, digits, '_', '.', '-')", None),
     Key("vip[].address", "-", "address with prefix length (bare = /32 or /128)", None),
     Key("vip[].interface", "lo", "lo: a routed VIP (BGP announces it); a NIC: an L2 VIP (GARP/NA)", None),

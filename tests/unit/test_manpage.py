@@ -44,7 +44,8 @@ def test_an_undocumented_key_would_be_rejected() -> None:
 
 
 @pytest.mark.parametrize("section, cls", [("etcd", config.EtcdConfig), ("timing", config.TimingConfig),
-                                          ("placement", config.PlacementConfig), ("host", config.HostConfig)])
+                                          ("placement", config.PlacementConfig), ("host", config.HostConfig),
+                                          ("peers", config.PeersConfig)])
 def test_every_parsed_field_is_documented(section: str, cls: type) -> None:
     documented = {k.key.split(".", 1)[1] for k in KEYS if k.key.startswith(section + ".")}
     fields = {"checks" if f.name == "checks" else f.name for f in dataclasses.fields(cls)}
