@@ -109,6 +109,8 @@ def test_a_busy_loop_keeps_heartbeating_a_hung_one_does_not(lab: Lab, key: str, 
     h1.wait_for(lambda x: x.get("event") == "LoopResumed", "the short block's end")
     time.sleep(0.3)
     assert h2.events("Suspected") == [], "a busy (not hung) loop was suspected"
+    err = tmp_path / "peers-h1.err"
+    assert "heartbeats_withheld" not in err.read_text()
     h1.proc.send_signal(signal.SIGUSR2)  # blocked 2 s: past the stall allowance
     blocked = h1.wait_for(lambda x: x.get("event") == "LoopBlocked" and x["seconds"] == 2.0, "the long block")
     suspected = h2.wait_for(lambda x: x.get("event") == "Suspected" and x["peer"] == "h1", "h2 suspecting h1")
@@ -116,6 +118,7 @@ def test_a_busy_loop_keeps_heartbeating_a_hung_one_does_not(lab: Lab, key: str, 
     # the loop checks in every stall/4: its heartbeats stop 0.75 to 1 x stall after the block began
     assert blocked["t"] + 0.75 <= suspected["t"] <= resumed["t"], "suspected before the stall allowance ran out"
     h2.wait_for(lambda x: x.get("event") == "Recovered" and x["peer"] == "h1", "h1 heard again")
+    assert "heartbeats_withheld" in err.read_text()  # the host says why its peers suspect it
     finals = {n: node.stop() for n, node in nodes.items()}
     assert stats_of(finals["h2"], "h1")["suspicions"] == 1 and stats_of(finals["h1"], "h2")["suspicions"] == 0
 

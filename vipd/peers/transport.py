@@ -36,6 +36,7 @@ from typing import Callable
 
 import trio
 
+from vipd import log
 from vipd.peers.protocol import Event, Generation, PeerLink, Peers
 
 Clock = Callable[[], float]
@@ -81,7 +82,7 @@ class PeerTransport:
         self.on_event = on_event or (lambda ev: None)
         self.directory: dict[str, tuple[str, int]] = {}
         self.send_errors: dict[str, int] = {}
-        self.withheld = 0  # sends skipped while the trio loop had not checked in for `stall`
+        self.withholding = False  # sends stopped: the trio loop has not checked in for `stall`
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._replies: set[str] = set()  # peers owed a reply at once
@@ -212,11 +213,16 @@ class PeerTransport:
                 self._drain(wake=False)
                 replies, self._replies = self._replies, set()
                 now = self.clock()
-                if now - self._alive <= self.stall:
+                live = now - self._alive <= self.stall
+                if self.withholding == live:  # a change: logged (the peers are about to suspect this host)
+                    self.withholding = not live
+                    if live:
+                        log.info("heartbeats_resumed")
+                    else:
+                        log.warning("heartbeats_withheld", loop_silent=round(now - self._alive, 3))
+                if live:
                     for name in sorted(replies | set(self.peers.due(now))):
                         self._send(name, reply=name in replies)
-                else:
-                    self.withheld += 1
                 self._events.extend(self.peers.tick(self.clock()))
                 self._post()
 
