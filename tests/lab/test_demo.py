@@ -75,7 +75,11 @@ def test_demo_runs_the_whole_story_and_leaves_nothing() -> None:
 
 def test_ctrl_c_tears_everything_down() -> None:
     vtd_before = set(netns.list_ns("vtd"))
-    proc = subprocess.Popen(DEMO, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT at its default in the demo, as in a terminal: a shell without job control starts
+    # background commands (`.ci/run &`) with SIGINT ignored, the child inherits that, and Python
+    # leaves an ignored SIGINT ignored (no KeyboardInterrupt for the Ctrl-C under test)
+    proc = subprocess.Popen(DEMO, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     started = threading.Event()
 
