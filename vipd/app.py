@@ -103,6 +103,7 @@ class Daemon(KernelView):
                                    hold=hold, catch_up_after=catch_up_after)
         self.index = UnitIndex(self.controllers)  # rebuilt by a reload that adds or removes units
         self._reconcile_now = trio.Event()  # a kernel event overflow: reconcile before the next tick
+        self._present: set[str] = set()  # VIP names in the kernel: the last relist, then notifications
         self._running: list[Controller] = []  # started controllers (a stop during startup waits for these)
         self.directory = HostDirectory(client, cfg.etcd.prefix, cfg.units, self._deliver_placement, self._hosts)
         self.fitness.peer_address = lambda: self.peers.address

@@ -48,6 +48,7 @@ class KernelView:
     succession: Any
     index: UnitIndex
     _reconcile_now: trio.Event  # set: relist at once (a notification overflow, a stray added)
+    _present: set[str]  # names of the VIPs in the kernel: the last relist's, kept by notifications
     relists = 0
 
     async def remove_stale(self) -> None:
@@ -104,6 +105,7 @@ class KernelView:
             elif vip is not None:
                 present.add(vip.name)
         await self._remove_strays(strays, "stray_address_removed", found_by=found_by)
+        self._present = present
         for c in list(self.controllers.values()):
             self.metrics.set_address_present(c.name, all(v.name in present for v in c.vips))
         reconcile_posts(list(self.controllers.values()), present, taken_at)  # only units that disagree
@@ -121,13 +123,30 @@ class KernelView:
                         await self.routing.reconcile()  # the kernel dropped our prefsrc routes with it
                     elif ev.proto == VIPD_PROTO and not self._held_here(ev.ifname, ev.address.ip):
                         self._reconcile_now.set()  # one of ours where no unit holds it: a stray
+                    elif ev.proto == VIPD_PROTO:
+                        self._presence(ev.ifname, ev.address.ip, True)
                 elif isinstance(ev, AddressRemoved):
+                    self._presence(ev.ifname, ev.address.ip, False)
                     unit = self.index.holding(ev.ifname, ev.address.ip)
                     if unit is not None and unit.state.state in (State.OWNER, State.ACQUIRING):
                         unit.post(Reconcile(missing=True, present=False))
                 elif isinstance(ev, Overflowed):  # notifications lost: re-list and reconcile now
                     log.warning("kernel_events_overflowed", action="reconciling now")
                     self._reconcile_now.set()  # (link changes come again from the events' re-dump)
+
+    def _presence(self, ifname: str, ip: Any, present: bool) -> None:
+        """A VIP's address added (tagged) or removed: its unit's address_present gauge follows at
+        once, not at the next relist (the relist replaces this view). A lifetime refresh notifies
+        as an add too: a name already present changes nothing."""
+        vip = self.cfg.by_address.get((ifname, ip))
+        unit = self.index.holding(ifname, ip)
+        if vip is None or unit is None or (vip.name in self._present) == present:
+            return
+        if present:
+            self._present.add(vip.name)
+        else:
+            self._present.discard(vip.name)
+        self.metrics.set_address_present(unit.name, all(v.name in self._present for v in unit.vips))
 
     def _held_here(self, ifname: str, ip: Any) -> bool:
         unit = self.index.holding(ifname, ip)
