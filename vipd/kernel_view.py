@@ -49,6 +49,7 @@ class KernelView:
     index: UnitIndex
     _reconcile_now: trio.Event  # set: relist at once (a notification overflow, a stray added)
     _present: set[str]  # names of the VIPs in the kernel: the last relist's, kept by notifications
+    _since_dump: dict[str, bool] | None = None  # during a relist: what notifications said since its dump
     relists = 0
 
     async def remove_stale(self) -> None:
@@ -91,9 +92,11 @@ class KernelView:
     async def _relist(self, found_by: str) -> None:
         configured = self.cfg.by_address  # (a reload replaces cfg)
         taken_at = trio.current_time()
+        self._since_dump = {}
         try:
             tagged = await self.addresses.tagged()
         except DataplaneError as e:
+            self._since_dump = None
             log.error("reconcile_failed", error=e)
             return
         self.relists += 1
@@ -105,9 +108,10 @@ class KernelView:
             elif vip is not None:
                 present.add(vip.name)
         await self._remove_strays(strays, "stray_address_removed", found_by=found_by)
-        self._present = present
+        since, self._since_dump = self._since_dump or {}, None  # newer than the dump: they win
+        self._present = {n for n in present if since.get(n, True)} | {n for n, p in since.items() if p}
         for c in list(self.controllers.values()):
-            self.metrics.set_address_present(c.name, all(v.name in present for v in c.vips))
+            self.metrics.set_address_present(c.name, all(v.name in self._present for v in c.vips))
         reconcile_posts(list(self.controllers.values()), present, taken_at)  # only units that disagree
 
     async def watch_kernel(self) -> None:
@@ -140,7 +144,11 @@ class KernelView:
         as an add too: a name already present changes nothing."""
         vip = self.cfg.by_address.get((ifname, ip))
         unit = self.index.holding(ifname, ip)
-        if vip is None or unit is None or (vip.name in self._present) == present:
+        if vip is None or unit is None:
+            return
+        if self._since_dump is not None:  # a relist in flight: its dump may predate this
+            self._since_dump[vip.name] = present
+        if (vip.name in self._present) == present:
             return
         if present:
             self._present.add(vip.name)

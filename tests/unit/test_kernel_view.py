@@ -14,6 +14,7 @@ from vipd import config
 from vipd.dataplane.address import TaggedAddress
 from vipd.hostview import UnitIndex
 from vipd.kernel_view import RELIST_EVERY, KernelView
+from vipd.model import State
 
 
 class Parts:
@@ -53,6 +54,7 @@ class View(KernelView):
         self.index = UnitIndex({})
         self.nft: Any = None
         self._reconcile_now = trio.Event()
+        self._present: set[str] = set()
 
 
 def stray(ip: str) -> TaggedAddress:
@@ -73,3 +75,43 @@ async def test_full_relist_every_nth_tick_and_at_once_when_asked(autojump_clock)
         nursery.cancel_scope.cancel()
     assert view.relists == 3
 
+
+
+class Gauges(dict):  # type: ignore[type-arg]
+    def set_address_present(self, name: str, present: bool) -> None:
+        self[name] = present
+
+
+async def test_address_present_follows_notifications_and_a_relist_never_undoes_a_newer_one() -> None:
+    view = View()
+    api = view.cfg.units[0]
+    posted: list[Any] = []  # (the relist also tells the unit; this test reads only the gauge)
+    unit = SimpleNamespace(name=api.name, vips=api.vips, state=SimpleNamespace(state=State.OWNER), post=posted.append)
+    view.controllers = {api.name: unit}  # type: ignore[dict-item]
+    view.index = UnitIndex(view.controllers)
+    view.metrics = gauges = Gauges()  # type: ignore[assignment]
+    ip = api.vips[0].ip
+    view._presence("eth0", ip, True)  # a claim notified: the gauge follows at once
+    assert gauges == {"api": True} and view._present == {"api"}
+    view._presence("eth0", ip, True)  # a lifetime refresh notifies as an add: nothing changes
+    view._presence("eth0", ipaddress.ip_address("10.0.0.99"), False)  # not ours: ignored
+    assert gauges == {"api": True}
+
+    ours = TaggedAddress("eth0", api.vips[0].address, 5, ip)
+    view.parts.tagged_now = [ours]
+    listed = view.parts.tagged
+
+    async def dump_then_removed() -> list[TaggedAddress]:  # the removal is notified while the dump returns
+        got = await listed()
+        view._presence("eth0", ip, False)
+        return got
+
+    view.parts.tagged = dump_then_removed  # type: ignore[method-assign]
+    await view._relist("tick")
+    assert gauges == {"api": False} and view._present == set() and view._since_dump is None
+    view.parts.tagged = listed  # type: ignore[method-assign]
+    view.parts.tagged_now = []
+    view._presence("eth0", ip, True)
+    view.parts.tagged_now = [ours]
+    await view._relist("tick")  # a plain relist agrees with the kernel
+    assert gauges == {"api": True} and view._present == {"api"}
