@@ -61,26 +61,31 @@ def test_delete_absent_is_fine_other_errors_are_reported_and_malformed_replies_r
 
 
 class Pipelined:
-    """A kernel that answers every message of a send with an ACK, in order, its errno chosen per IP;
-    it records each RTM_DELADDR as (family, prefixlen, index, ip) and every send's message count."""
+    """A kernel that handles the messages of a send in order, answering one that failed (errno
+    chosen per IP) or that asked for NLM_F_ACK, as rtnetlink does; it records each RTM_DELADDR as
+    (family, prefixlen, index, ip), every send's message count and how many answers it sent."""
 
     def __init__(self, codes: dict[str, int]) -> None:
         self.codes = codes
         self.deleted: list[tuple[int, int, int, str]] = []
         self.sends: list[int] = []
+        self.answers = 0
         self.pending: list[bytes] = []
 
     def send(self, data: bytes) -> None:
         off, reply, count = 0, b"", 0
         while off < len(data):
-            length, kind, _flags, seq, _pid = HDR.unpack_from(data, off)
+            length, kind, flags, seq, _pid = HDR.unpack_from(data, off)
             assert kind == ad.RTM_DELADDR
             family, prefixlen, _f, _s, index = struct.unpack_from("=BBBBI", data, off + HDR.size)
             rta_len, _rta_type = struct.unpack_from("=HH", data, off + HDR.size + 8)
             raw = data[off + HDR.size + 12:off + HDR.size + 8 + rta_len]
             ip = str(ipaddress.ip_address(raw))
             self.deleted.append((family, prefixlen, index, ip))
-            reply += HDR.pack(HDR.size + 20, ad.NLMSG_ERROR, 0, seq, 0) + struct.pack("=i", -self.codes.get(ip, 0)) + b"\0" * 16
+            code = self.codes.get(ip, 0)
+            if code or flags & ad.NLM_F_ACK:
+                self.answers += 1
+                reply += HDR.pack(HDR.size + 20, ad.NLMSG_ERROR, 0, seq, 0) + struct.pack("=i", -code) + b"\0" * 16
             off += (length + 3) & ~3
             count += 1
         self.sends.append(count)
@@ -96,17 +101,21 @@ def raw(text: str, index: int = 3) -> ad.RawAddress:
 
 
 def test_delete_many_pipelines_each_address_as_dumped_and_reports_each_verdict() -> None:
-    """Many deletions per send, one ACK each: absent counts as deleted, another errno is that
-    item's own (the others are still deleted); more than a send's worth goes in several sends."""
+    """Many deletions per send, only the last asking for an ACK: absent counts as deleted, another
+    errno is that item's own, wherever in the send (the others are still deleted); more than a
+    send's worth goes in several sends, each waited for by its last ACK."""
     kernel = Pipelined({"fd00::2": errno.EADDRNOTAVAIL, "10.0.0.3": errno.EPERM})
-    entries = [raw("10.0.0.1/32"), raw("fd00::2/128", 7), raw("10.0.0.3/24")]
-    assert ad.delete_many(kernel, 40, entries) == [0, 0, errno.EPERM]  # type: ignore[arg-type]
-    assert kernel.deleted == [(2, 32, 3, "10.0.0.1"), (10, 128, 7, "fd00::2"), (2, 24, 3, "10.0.0.3")]
-    assert kernel.sends == [3]
-    many = Pipelined({})
+    entries = [raw("10.0.0.1/32"), raw("fd00::2/128", 7), raw("10.0.0.3/24"), raw("10.0.0.4/32")]
+    assert ad.delete_many(kernel, 40, entries) == [0, 0, errno.EPERM, 0]  # type: ignore[arg-type]
+    assert kernel.deleted == [(2, 32, 3, "10.0.0.1"), (10, 128, 7, "fd00::2"), (2, 24, 3, "10.0.0.3"),
+                              (2, 32, 3, "10.0.0.4")]
+    assert kernel.sends == [4] and kernel.answers == 3  # two errors and the last ACK
+    many = Pipelined({"10.1.0.7": errno.EPERM, f"10.1.{(ad._CHUNK + 3) // 256}.{(ad._CHUNK + 3) % 256}": errno.EBUSY})
     n = ad._CHUNK * 2 + 5
-    assert ad.delete_many(many, 1, [raw(f"10.1.{i // 256}.{i % 256}/32") for i in range(n)]) == [0] * n  # type: ignore[arg-type]
-    assert many.sends == [ad._CHUNK, ad._CHUNK, 5]
+    want = [0] * n
+    want[7], want[ad._CHUNK + 3] = errno.EPERM, errno.EBUSY
+    assert ad.delete_many(many, 1, [raw(f"10.1.{i // 256}.{i % 256}/32") for i in range(n)]) == want  # type: ignore[arg-type]
+    assert many.sends == [ad._CHUNK, ad._CHUNK, 5] and many.answers == 3 + 2
     assert [d[3] for d in many.deleted] == [f"10.1.{i // 256}.{i % 256}" for i in range(n)]
 
 

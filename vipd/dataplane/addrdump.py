@@ -181,40 +181,41 @@ def open_socket(timeout: float = 5.0) -> socket.socket:
     return sock
 
 
-def _delete_message(seq: int, entry: RawAddress) -> bytes:
+def _delete_message(seq: int, entry: RawAddress, ack: bool = True) -> bytes:
     ip = entry.address.ip
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
     attrs = b"".join(_RTA.pack(4 + len(ip.packed), kind) + ip.packed
                      for kind in ((IFA_LOCAL, IFA_ADDRESS) if ip.version == 4 else (IFA_ADDRESS,)))
     body = _IFA.pack(family, entry.address.network.prefixlen, 0, 0, entry.index) + attrs
-    return _HDR.pack(_HDR.size + len(body), RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+    return _HDR.pack(_HDR.size + len(body), RTM_DELADDR, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq, 0) + body
 
 
 def delete_many(sock: socket.socket, seq: int, entries: Sequence[RawAddress]) -> list[int]:
-    """RTM_DELADDR for each address exactly as dumped, many per send, one ACK each: each item's
-    errno in order (0: deleted, or already gone). OSError when the socket itself fails."""
-    codes = _acked(sock, seq, len(entries), lambda i, n: _delete_message(n, entries[i]))
+    """RTM_DELADDR for each address exactly as dumped, many per send: each item's errno in order
+    (0: deleted, or already gone). OSError when the socket itself fails."""
+    codes = _acked(sock, seq, len(entries), lambda i, n, ack: _delete_message(n, entries[i], ack))
     return [0 if code == _EADDRNOTAVAIL else code for code in codes]
 
 
 NLM_F_REPLACE, NLM_F_CREATE = 0x100, 0x400
 IFA_F_NODAD = 0x02
-_CHUNK = 200  # messages per send: well under the socket buffers (each message ~80 bytes, each ACK ~36)
+_CHUNK = 200  # messages per send: well under the socket buffers (each message ~80 bytes, each error ~116)
 
 
 _HDR_SEQ = struct.Struct("=II")  # nlmsghdr's seq and pid
 _CACHEINFO = struct.Struct("=IIII")  # ifa_cacheinfo: preferred, valid, cstamp, tstamp
-_templates: dict[tuple[int, int, int], tuple[bytes, bytes, IPInterface]] = {}
+_templates: dict[tuple[int, int, int], tuple[bytes, bytes, bytes, IPInterface]] = {}
 
 
-def _replace_template(index: int, address: IPInterface, proto: int) -> tuple[bytes, bytes]:
+def _replace_template(index: int, address: IPInterface, proto: int) -> tuple[bytes, bytes, bytes]:
     """The RTM_NEWADDR replace message for one address, cut around its sequence number and with
     IFA_CACHEINFO last (the lifetimes): a refresh round of thousands of addresses only packs those
-    two fields. Cached per (index, address object, proto)."""
+    two fields. Returns (head without NLM_F_ACK, head with it, body). Cached per (index, address
+    object, proto)."""
     key = (index, id(address), proto)  # hashing an IPv6Interface costs microseconds; ids are checked
     found = _templates.get(key)
-    if found is not None and found[2] is address:
-        return found[0], found[1]
+    if found is not None and found[3] is address:
+        return found[0], found[1], found[2]
     ip = address.ip
     v4 = ip.version == 4
     flags = 0 if v4 else IFA_F_NODAD
@@ -225,40 +226,48 @@ def _replace_template(index: int, address: IPInterface, proto: int) -> tuple[byt
     attrs += _RTA.pack(4 + _CACHEINFO.size, IFA_CACHEINFO)
     body = _IFA.pack(socket.AF_INET if v4 else socket.AF_INET6, address.network.prefixlen, flags, 0, index) + attrs
     length = _HDR.size + len(body) + _CACHEINFO.size
-    head = struct.pack("=IHH", length, RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
+    quiet = struct.pack("=IHH", length, RTM_NEWADDR, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE)
+    acked = struct.pack("=IHH", length, RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
     if len(_templates) > 65536:  # interfaces come and go: never grow without bound
         _templates.clear()
-    _templates[key] = (head, body, address)  # (holding the address keeps its id from being reused)
-    return head, body
+    _templates[key] = (quiet, acked, body, address)  # (holding the address keeps its id from being reused)
+    return quiet, acked, body
 
 
 def replace_many(sock: socket.socket, seq: int, items: list[tuple[int, IPInterface, int, int]]) -> list[int]:
     """RTM_NEWADDR with NLM_F_CREATE | NLM_F_REPLACE for each (index, address, lifetime, proto):
     add the address, or restart the lifetime of one that is there (valid = preferred = lifetime
-    seconds; IPv6 with IFA_F_NODAD), what ``ip addr replace`` does. Many messages per send, one ACK
-    each. Returns each item's errno (0: done), in order. OSError when the socket itself fails."""
+    seconds; IPv6 with IFA_F_NODAD), what ``ip addr replace`` does. Many messages per send.
+    Returns each item's errno (0: done), in order. OSError when the socket itself fails."""
     parts = [(*_replace_template(index, address, proto), _CACHEINFO.pack(lifetime, lifetime, 0, 0))
              for index, address, lifetime, proto in items]
-    return _acked(sock, seq, len(parts), lambda i, n: parts[i][0] + _HDR_SEQ.pack(n, 0) + parts[i][1] + parts[i][2])
+    return _acked(sock, seq, len(parts),
+                  lambda i, n, ack: parts[i][1 if ack else 0] + _HDR_SEQ.pack(n, 0) + parts[i][2] + parts[i][3])
 
 
-def _acked(sock: socket.socket, seq: int, count: int, build: Callable[[int, int], bytes]) -> list[int]:
-    """Send `count` messages, message i built by build(i, seq + i) (its sequence number), `_CHUNK`
-    per send, and collect every ACK: each message's errno, in order."""
+def _acked(sock: socket.socket, seq: int, count: int, build: Callable[[int, int, bool], bytes]) -> list[int]:
+    """Send `count` messages, message i built by build(i, seq + i, ack) (its sequence number; ack:
+    whether it asks for NLM_F_ACK), `_CHUNK` per send, and collect each message's errno, in order.
+
+    Only the last message of a send asks for an ACK: the kernel answers a failed message with its
+    error whether or not it asked, and handles the messages of one send in order, so once the last
+    one's ACK is read every error of that send has been read before it. (An ACK for each message
+    cost a recv each: at 2,000 VIPs, hundreds of syscalls a second for lifetime refreshes.)"""
     errors = [0] * count
     for start in range(0, count, _CHUNK):
         end = min(count, start + _CHUNK)
-        sock.send(b"".join(build(i, seq + i) for i in range(start, end)))
-        pending = set(range(seq + start, seq + end))
-        while pending:
+        sock.send(b"".join(build(i, seq + i, i == end - 1) for i in range(start, end)))
+        first, last = seq + start, seq + end - 1
+        done = False
+        while not done:
             data = sock.recv(1 << 17)
             off = 0
             while off + _HDR.size <= len(data):
                 length, kind, _flags, mseq, _pid = _HDR.unpack_from(data, off)
                 if length < _HDR.size:
                     raise OSError(errno.EPROTO, "malformed netlink message")
-                if kind == NLMSG_ERROR and mseq in pending:
-                    pending.discard(mseq)
+                if kind == NLMSG_ERROR and first <= mseq <= last:
                     errors[mseq - seq] = _errno(data, off)
+                    done = done or mseq == last
                 off += _align(length)
     return errors
