@@ -111,7 +111,7 @@ class KernelView:
         since, self._since_dump = self._since_dump or {}, None  # newer than the dump: they win
         self._present = {n for n in present if since.get(n, True)} | {n for n, p in since.items() if p}
         for c in list(self.controllers.values()):
-            self.metrics.set_address_present(c.name, all(v.name in self._present for v in c.vips))
+            self.metrics.set_address_present(c.name, self._all_present(c))
         reconcile_posts(list(self.controllers.values()), present, taken_at)  # only units that disagree
 
     async def watch_kernel(self) -> None:
@@ -154,7 +154,10 @@ class KernelView:
             self._present.add(vip.name)
         else:
             self._present.discard(vip.name)
-        self.metrics.set_address_present(unit.name, all(v.name in self._present for v in unit.vips))
+        self.metrics.set_address_present(unit.name, self._all_present(unit))
+
+    def _all_present(self, unit: Controller) -> bool:
+        return all(v.name in self._present for v in unit.vips)
 
     def _held_here(self, ifname: str, ip: Any) -> bool:
         unit = self.index.holding(ifname, ip)

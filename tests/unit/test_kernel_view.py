@@ -12,6 +12,7 @@ import trio.testing
 
 from vipd import config
 from vipd.dataplane.address import TaggedAddress
+from vipd.errors import DataplaneError
 from vipd.hostview import UnitIndex
 from vipd.kernel_view import RELIST_EVERY, KernelView
 from vipd.model import State
@@ -115,3 +116,26 @@ async def test_address_present_follows_notifications_and_a_relist_never_undoes_a
     view.parts.tagged_now = [ours]
     await view._relist("tick")  # a plain relist agrees with the kernel
     assert gauges == {"api": True} and view._present == {"api"}
+
+
+async def test_a_relist_whose_dump_fails_changes_no_gauge_and_leaves_no_relist_in_flight() -> None:
+    """The dump fails (a DataplaneError): logged, the gauges stay as notifications left them, and
+    later notifications are no longer held for a relist that is not coming."""
+    view = View()
+    api = view.cfg.units[0]
+    unit = SimpleNamespace(name=api.name, vips=api.vips, state=SimpleNamespace(state=State.OWNER), post=lambda ev: None)
+    view.controllers = {api.name: unit}  # type: ignore[dict-item]
+    view.index = UnitIndex(view.controllers)
+    view.metrics = gauges = Gauges()  # type: ignore[assignment]
+    ip = api.vips[0].ip
+    view._presence("eth0", ip, True)
+
+    async def broken() -> list[TaggedAddress]:
+        raise DataplaneError("dump failed")
+
+    view.parts.tagged = broken  # type: ignore[method-assign]
+    await view._relist("tick")
+    assert view._since_dump is None and view.relists == 0
+    assert gauges == {"api": True} and view._present == {"api"}
+    view._presence("eth0", ip, False)
+    assert gauges == {"api": False} and view._since_dump is None
