@@ -42,17 +42,25 @@ class Planning:
         return granted is not None and granted > now + self._lease / 2
 
     def _late(self, peer: str, now: float) -> bool:
-        """Has the peer left our heartbeats unechoed for L/4 (its grant trails our last send + L by
-        that much), or been suspected within HOLD_DOWN? A successor whose grant runs short but is
-        not late is kept: what is late is this host (its loop did not send or did not read), and a
+        """Has the peer left a heartbeat of ours unechoed for L/4 (the oldest we sent after the
+        newest it echoed went out that long ago), or been suspected within HOLD_DOWN? A successor
+        whose grant runs short but is not late is kept: what is late is this host (its loop or
+        its heartbeat thread did not send or did not read: a collector pause stops both), and a
         rename would churn every unit the successor has (a busy owner flipped hundreds of units
-        between two live peers, or to nobody and back, every second). A dead successor is late
-        L/4 after its last echo, well before its grant is within L/2 of running out: renamed as fast."""
+        between two live peers, or to nobody and back, every second). After such a pause the
+        first heartbeat goes out before its echo can be back: judged by our newest send, as it
+        was, every peer looked late at once (3,000 VIPs on 3 hosts: ~3,000 renames a host, most of
+        the etcd traffic and CPU of the steady state). A dead successor is late L/4 after the
+        first heartbeat it left unechoed, well before its grant is within L/2 of running out:
+        renamed as fast."""
         link = self._peers.link(peer)
         if link is None or link.suspected or now - self._suspected_at.get(peer, -math.inf) < HOLD_DOWN:
             return True
         granted = link.granted_until()
-        return granted is None or link.last_send is None or link.last_send + self._lease - granted >= self._lease / 4
+        if granted is None:
+            return True
+        first = link.unechoed_since(granted - self._lease)
+        return first is not None and now - first >= self._lease / 4
 
     def _choose(self, unit: str, now: float) -> str | None:
         for host in self._placement(unit):
@@ -80,6 +88,13 @@ class Planning:
         if not self.enabled:
             return plan
         self._plan_inputs(now)
+        late: dict[str, bool] = {}  # per peer, for this pass (a dead peer's ring is read once)
+
+        def is_late(peer: str) -> bool:
+            if peer not in late:
+                late[peer] = self._late(peer, now)
+            return late[peer]
+
         for unit in self._owned:
             rec = self._records.get(unit)
             if rec is None or rec.node != self.node or rec.released or unit in self._naming:
@@ -88,7 +103,7 @@ class Planning:
             current = rec.successor
             if (current is not None and current != want and current in self._placement(unit)
                     and (want is not None and now - self._eligible_since.get(want, now) < REBALANCE_AFTER
-                         if self._eligible(current, now) else not self._late(current, now))):
+                         if self._eligible(current, now) else not is_late(current))):
                 want = current  # keep a live candidate: no churn while the ranking settles, or while we are late
             link = self._peers.link(current) if current else None
             stale = link is not None and link.peer_gen is not None and (

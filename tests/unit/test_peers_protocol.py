@@ -272,3 +272,16 @@ def test_the_checker_finds_the_bug_when_unvalidated_generations_grant() -> None:
     # O validating after S took over (what an etcd transaction forbids) must be caught
     states, violations = explore(tmax=4, sends=2, chan=1, grant_unvalidated=True, restart=False)
     assert violations, states
+
+
+def test_unechoed_since_is_our_oldest_send_after_the_newest_echoed_one() -> None:
+    from vipd.peers.protocol import PeerLink
+    link = PeerLink("s", 100, Params(interval=0.010, lease=0.090, grace=0.130, ring=8), 0.0)
+    assert link.unechoed_since(0.0) is None  # nothing sent yet
+    for t in (1.00, 1.01, 1.02):
+        link.on_send(t)
+    assert link.unechoed_since(1.00) == 1.01
+    assert link.unechoed_since(1.02) is None  # the newest send was echoed
+    for i in range(20):  # a silent peer: the ring holds the last 8 sends only
+        link.on_send(2.0 + i / 100)
+    assert link.unechoed_since(1.02) == pytest.approx(2.12)

@@ -572,7 +572,8 @@ def test_the_planner_passes_over_the_units_only_when_what_it_reads_changes():
 
 def test_a_successor_is_not_renamed_for_our_own_lateness_but_is_when_it_falls_silent():
     """Two live peers; the named one runs short of grant because this host stalled (sent nothing,
-    read nothing): kept, no rename to the other peer nor to nobody. The named one stops echoing
+    read nothing): kept, no rename to the other peer nor to nobody, also once the first heartbeat
+    after the stall is out and its echo is not back yet. The named one stops echoing
     while we keep sending and the other answers: renamed to the other once short, as before."""
     async def main() -> None:
         now = trio.current_time()
@@ -598,6 +599,9 @@ def test_a_successor_is_not_renamed_for_our_own_lateness_but_is_when_it_falls_si
         assert s._plan(trio.current_time()) == []
         await trio.sleep(L * 0.7)  # a stall: nothing sent, nothing read; both grants run short
         assert not s._eligible("h2", trio.current_time())
+        assert s._plan(trio.current_time()) == []
+        beat(trio.current_time(), echo=())  # (a collector pause:) the first heartbeat after it is out,
+        await trio.sleep(H / 2)  # its echoes not back yet: still no peer is late
         assert s._plan(trio.current_time()) == []
         for _ in range(6):  # h2 silent, h3 answers
             beat(trio.current_time(), echo=("h3",))

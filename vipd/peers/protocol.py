@@ -166,6 +166,17 @@ class PeerLink:
         s, t = self._sent_at[seq % self.params.ring]
         return t if s == seq and seq > 0 else None
 
+    def unechoed_since(self, echoed: float) -> float | None:
+        """The send time of our oldest message sent after `echoed` (the send time of the newest
+        message the peer echoed) that the ring still holds; None when we sent nothing since."""
+        oldest, seq = None, self.seq
+        while seq > 0 and seq > self.seq - self.params.ring:
+            t = self.sent_at(seq)
+            if t is None or t <= echoed + 1e-9:
+                break
+            oldest, seq = t, seq - 1
+        return oldest
+
     def next_send(self) -> float:
         return float("-inf") if self.last_send is None else self.last_send + self.params.interval
 
