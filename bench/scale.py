@@ -4,7 +4,8 @@ Single host (`--host-vips N`, default 1000): N VIPs on the host's NIC (IPv4 /32 
 alternating) plus N on `lo`, one etcd, vipd with its shipped timing (lease TTL 10 s, a keepalive
 a second; `--timing ttl3`: lease TTL 3 s, a keepalive every 0.3 s), started as systemd starts it. Measured from the `lease_granted` log line: when 10/50/90/100 % of the 2N addresses are
 present (raw rtnetlink dumps every ~50 ms), when the last NIC VIP was announced; then, for
-`--steady S` seconds: CPU (share of one core) and RSS of vipd, etcd requests per second (etcd's own
+`--steady S` seconds: CPU (share of one core; and the share spent collecting garbage,
+vipd_gc_pause_seconds) and RSS of vipd, etcd requests per second (etcd's own
 gRPC counters, which the JSON gateway goes through), and every expiry / re-add / fence / failed etcd
 request in vipd's log; then etcd frozen for `--stall S` seconds (the fewest addresses present, and
 the trouble it cost). Then SIGTERM: time until every address is gone and how many were left when
@@ -15,7 +16,8 @@ Cluster (`--cluster-vips M`, default 10000, 0 skips it): three hosts with the sa
 NIC (`--cluster-on lo`: on lo, routed VIPs, which have no token fence and so fail over by the lease
 on a crash), default placement, fast takeover on (`[peers]` on the hosts' lab addresses;
 `--no-peers`: lease takeover only). Settled = every VIP held by
-exactly one host; then CPU per host and etcd requests per second at steady state; then a planned
+exactly one host; then CPU per host (and its garbage collection share), etcd requests per second
+and successor renames (churn: a live successor is kept) at steady state; then a planned
 stop (SIGTERM) of the host holding the most VIPs: per VIP, when another host holds it
 (p10/p50/p90/all, polled every ~50 ms), and when it revoked its lease;
 then (`--no-crash` skips it) the busier of the other two is SIGKILLed and the same for the last
@@ -99,9 +101,16 @@ def cpu_rss(pid: int) -> tuple[float, int]:
     return C.proc_cpu_seconds(pid), C.proc_status(pid).get("VmRSS", 0)
 
 
-def steady(lab: Lab, etcd: EtcdServer, pids: list[int], seconds: float) -> dict[str, Any]:
+def gc_seconds(cluster: Cluster) -> list[float]:
+    """Per host, the seconds vipd spent in garbage collection so far (vipd_gc_pause_seconds)."""
+    return [sum(float(line.rsplit(" ", 1)[1]) for line in cluster.metrics(h).splitlines()
+                if line.startswith("vipd_gc_pause_seconds_sum{")) for h in cluster.lab.hosts]
+
+
+def steady(lab: Lab, etcd: EtcdServer, pids: list[int], seconds: float, cluster: Cluster) -> dict[str, Any]:
     cpu0 = [C.proc_cpu_seconds(p) for p in pids]
     split0 = [C.proc_cpu_split(p) for p in pids]
+    gc0 = gc_seconds(cluster)
     ops0, t0 = etcd_requests(lab, etcd), time.monotonic()
     rss_max = [0] * len(pids)
     while time.monotonic() - t0 < seconds:
@@ -113,6 +122,7 @@ def steady(lab: Lab, etcd: EtcdServer, pids: list[int], seconds: float) -> dict[
             "cpu_user_sys_percent": [[round(100 * (now - then) / elapsed, 1) for now, then in zip(C.proc_cpu_split(p), s0)]
                                      for p, s0 in zip(pids, split0)],
             "rss_mib_max": [round(r / 1024, 1) for r in rss_max],
+            "gc_percent": [round(100 * (now - then) / elapsed, 2) for now, then in zip(gc_seconds(cluster), gc0)],
             "etcd_requests_per_s": round((etcd_requests(lab, etcd) - ops0) / elapsed, 2)}
 
 
@@ -152,7 +162,7 @@ def single_host(args: argparse.Namespace, work: Path, n: int, run: int) -> dict[
                 "announced_all_s_after_lease": round(announced - granted, 3) if announced else None,
                 "trouble_while_settling": trouble(before)}
             if 100 in marks and args.steady > 0:
-                result["steady"] = steady(lab, etcd, [pid], args.steady)
+                result["steady"] = steady(lab, etcd, [pid], args.steady, cluster)
                 after = log_events(log)
                 result["trouble_while_steady"] = {k: v - before.get(k, 0) for k, v in trouble(after).items()
                                                   if v - before.get(k, 0)}
@@ -234,7 +244,7 @@ def footprint(args: argparse.Namespace, work: Path, run: int) -> dict[str, Any]:
             C.wait_until(lambda: log_time(cluster.log_path(h), "ready"), 15)
             ready = log_time(cluster.log_path(h), "ready")
             C.wait_until(lambda: len(tagged_addresses(h.ns)) >= len(vips), 15)
-            idle = steady(lab, etcd, [pid], args.idle)
+            idle = steady(lab, etcd, [pid], args.idle, cluster)
             # a crash under systemd: SIGKILL, then ExecStopPost=vipd cleanup
             os.kill(pid, signal.SIGKILL)
             proc.wait(10)
@@ -319,7 +329,10 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
                 result["unsettled_events"] = {name: {k: e.get(k, 0) for k in UNSETTLED}
                                               for name, e in events.items()}
                 return result
-            result["steady"] = steady(lab, etcd, pids, args.steady)
+            named = {h.name: log_events(cluster.log_path(h)).get("successor_named", 0) for h in lab.hosts}
+            result["steady"] = steady(lab, etcd, pids, args.steady, cluster)
+            result["steady"]["successor_renames"] = {  # churn at rest: a live successor is kept
+                h.name: log_events(cluster.log_path(h)).get("successor_named", 0) - named[h.name] for h in lab.hosts}
             # the busiest host stops (placement need not have given every host a third: the lab
             # profile does not preempt), then the busier of the other two is lost
             pid_of = {h.name: p for h, p in zip(lab.hosts, pids)}
@@ -422,6 +435,8 @@ def main() -> int:
                  [f"{n}+{n} VIPs: steady CPU user / kernel (% of a core)",
                   "/".join(str(med([h.get("steady", {}).get("cpu_user_sys_percent", [[None, None]])[0][i] for h in hs]))
                            for i in (0, 1))],
+                 [f"{n}+{n} VIPs: steady garbage collection (% of a core)",
+                  med([h.get("steady", {}).get("gc_percent", [None])[0] for h in hs])],
                  [f"{n}+{n} VIPs: steady RSS max (MiB)", med([h.get("steady", {}).get("rss_mib_max", [None])[0] for h in hs])],
                  [f"{n}+{n} VIPs: etcd requests/s steady", med([h.get("steady", {}).get("etcd_requests_per_s") for h in hs])],
                  [f"{n}+{n} VIPs: trouble lines while steady", sum(sum(h.get("trouble_while_steady", {}).values()) for h in hs)],
@@ -441,6 +456,10 @@ def main() -> int:
         rows += [[f"3 hosts, {m} VIPs: settled (s)", med([c.get("settled_s") for c in cs])],
                  [f"3 hosts, {m} VIPs: steady CPU per host (% of a core)",
                   " / ".join(str(med([c.get("steady", {}).get("cpu_percent", [None] * 3)[i] for c in cs])) for i in range(3))],
+                 [f"3 hosts, {m} VIPs: steady garbage collection per host (% of a core)",
+                  " / ".join(str(med([c.get("steady", {}).get("gc_percent", [None] * 3)[i] for c in cs])) for i in range(3))],
+                 [f"3 hosts, {m} VIPs: successor renames while steady (all hosts)",
+                  med([sum(c["steady"]["successor_renames"].values()) if "steady" in c else None for c in cs])],
                  [f"3 hosts, {m} VIPs: etcd requests/s steady", med([c.get("steady", {}).get("etcd_requests_per_s") for c in cs])],
                  [f"3 hosts, {m} VIPs: busiest host SIGTERM, its VIPs held elsewhere p50 / p90 / all (s)", dist("planned_stop")],
                  [f"3 hosts, {m} VIPs: its SIGTERM to its lease revoked (s)",
