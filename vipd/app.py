@@ -313,7 +313,7 @@ class Daemon(KernelView):
             systemd.notify("READY=1", f"STATUS=running: {len(self.controllers)} VIPs")
             self.reloader.ready.set()
             log.info("ready", node=self.cfg.node, vips=len(self.controllers), lease=f"{self.lease.lease_id:x}",
-                     ttl=self.lease.granted_ttl)
+                     ttl=self.lease.granted_ttl, heap_frozen=LoopWatch.freeze_heap())
         log.info("stopped", node=self.cfg.node)
 
     async def _start_controllers(self, nursery: trio.Nursery) -> None:

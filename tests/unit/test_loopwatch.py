@@ -52,3 +52,15 @@ def test_gc_pauses_are_timed_until_the_watch_stops() -> None:
     assert reg.get_sample_value("vipd_gc_pause_seconds_count", {"generation": "2"}) == 1
     gc.collect()
     assert reg.get_sample_value("vipd_gc_pause_seconds_count", {"generation": "2"}) == 1
+
+
+def test_freeze_heap_takes_what_is_alive_out_of_every_collection() -> None:
+    import gc
+    kept = [[i] for i in range(1000)]  # alive at "ready"
+    try:
+        frozen = LoopWatch.freeze_heap()
+        assert frozen >= len(kept) and gc.get_freeze_count() == frozen
+        collected = {id(o) for g in (0, 1, 2) for o in gc.get_objects(generation=g)}
+        assert all(gc.is_tracked(x) and id(x) not in collected for x in kept)
+    finally:
+        gc.unfreeze()  # (the test process goes on collecting as before)
