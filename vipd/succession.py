@@ -43,13 +43,15 @@ lapsed in the kernel, and every arm it makes is capped by grants that a new susp
 no longer extends; its next rewrite fails the compare and the controller fences.
 
 Liveness: O renames the successor (to the best other candidate whose acks arrive, or to nobody)
-when S stops acking for L/2, so a dead standby costs O nothing as long as etcd answers within L/2;
-not when it is O that is late (S echoed O's heartbeats up to L/4 ago: O's own loop stalled), which
-would rename every unit S succeeds for nothing (vipd/succession_plan.py `_late`).
+when S has left a heartbeat of O unechoed for L/2, so a dead standby costs O nothing as long as
+etcd answers within L/2; not when it is O that is late (it sent nothing since S's newest echo, or
+only just now: O's own loop or thread stalled), which would rename every unit S succeeds for
+nothing (vipd/succession_plan.py `_late`).
 A successor must have been heard continuously for HOLD_DOWN before it is named (flapping links
 cause no move storms), and S takes over only while it can reach etcd (the transaction). A live
 successor is kept while the placement still lists it, until a better-ranked peer has been nameable
-for REBALANCE_AFTER = HOLD_DOWN (so successors, like owners, spread by placement once hosts settle), and
+for REBALANCE_AFTER = 10 s (so successors, like owners, spread by placement once hosts settle, and a
+rename away from a late successor is not undone within seconds: vipd/succession_plan.py), and
 replaced at once when the placement drops it (unfit, drained, in its release hold-off).
 """
 

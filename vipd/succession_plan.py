@@ -12,7 +12,11 @@ from vipd.peers.protocol import Generation
 from vipd.succession_ports import PeersPort
 
 HOLD_DOWN = 1.0  # seconds a peer must have been heard without a suspicion before it is named successor
-REBALANCE_AFTER = HOLD_DOWN  # seconds a better-ranked peer must have been nameable before it replaces a live successor
+# seconds a better-ranked peer must have been nameable before it replaces a live successor: a
+# rename away from a late successor is followed by no rename back for that long. At 1 s (= HOLD_DOWN)
+# the two fed each other on a loaded host: each rename of hundreds of units (etcd, token arms, every
+# peer's watch) made the next echo late, and units flipped between two live peers every second.
+REBALANCE_AFTER = 10.0
 PLAN_EVERY = 1.0  # seconds: the longest the planner goes without a pass over the units
 
 
@@ -42,17 +46,17 @@ class Planning:
         return granted is not None and granted > now + self._lease / 2
 
     def _late(self, peer: str, now: float) -> bool:
-        """Has the peer left a heartbeat of ours unechoed for L/4 (the oldest we sent after the
+        """Has the peer left a heartbeat of ours unechoed for L/2 (the oldest we sent after the
         newest it echoed went out that long ago), or been suspected within HOLD_DOWN? A successor
         whose grant runs short but is not late is kept: what is late is this host (its loop or
         its heartbeat thread did not send or did not read: a collector pause stops both), and a
-        rename would churn every unit the successor has (a busy owner flipped hundreds of units
-        between two live peers, or to nobody and back, every second). After such a pause the
-        first heartbeat goes out before its echo can be back: judged by our newest send, as it
-        was, every peer looked late at once (3,000 VIPs on 3 hosts: ~3,000 renames a host, most of
-        the etcd traffic and CPU of the steady state). A dead successor is late L/4 after the
-        first heartbeat it left unechoed, well before its grant is within L/2 of running out:
-        renamed as fast."""
+        rename would churn every unit the successor has. After such a pause the first heartbeat
+        goes out before its echo can be back: judged by our newest send, as it was, every peer
+        looked late at once. And L/4 (22 ms at the shipped timing) was shorter than the echo
+        delays of a loaded host: 3,000 VIPs on 3 hosts renamed thousands of units a second between
+        two live peers, each rename (etcd, token arms, every peer's watch) loading the hosts into
+        the next. A dead successor is late L/2 after the first heartbeat it left unechoed, which
+        leaves the rename L/2 before the grant it bounds runs out."""
         link = self._peers.link(peer)
         if link is None or link.suspected or now - self._suspected_at.get(peer, -math.inf) < HOLD_DOWN:
             return True
@@ -60,7 +64,7 @@ class Planning:
         if granted is None:
             return True
         first = link.unechoed_since(granted - self._lease)
-        return first is not None and now - first >= self._lease / 4
+        return first is not None and now - first >= self._lease / 2
 
     def _choose(self, unit: str, now: float) -> str | None:
         for host in self._placement(unit):
@@ -80,6 +84,7 @@ class Planning:
             link = self._peers.link(peer)
             since = self._eligible_since.get(peer)
             out.append((peer, since is not None and now - since >= REBALANCE_AFTER, since is not None,
+                        since is None and self._late(peer, now),
                         link.peer_gen if link else None, link.validated if link else None))
         return tuple(out)
 
@@ -113,13 +118,20 @@ class Planning:
         return plan
 
     def _next_check(self, now: float) -> float:
-        """When a named successor's grant falls within L/2 of running out (time to rename)."""
+        """When a named successor's grant falls within L/2 of running out (time to rename); for one
+        short of grant already but not late (this host paused, or its echo is on the way), when it
+        would be late, so the planner never spins on a check time in the past."""
         times = []
         for peer in self._peers_used()[0]:
             link = self._peers.link(peer)
             granted = link.granted_until() if link is not None else None
-            if granted is not None:
-                times.append(granted - self._lease / 2)
+            if granted is None:
+                continue
+            check = granted - self._lease / 2
+            if check <= now:
+                first = link.unechoed_since(granted - self._lease)  # type: ignore[union-attr]
+                check = max((now if first is None else first) + self._lease / 2, now + self._lease / 8)
+            times.append(check)
         times += [t + HOLD_DOWN for t in self._suspected_at.values() if t + HOLD_DOWN > now]
         times += [t + REBALANCE_AFTER for t in self._eligible_since.values() if t + REBALANCE_AFTER > now]
         return min(times, default=now + 1.0)

@@ -603,6 +603,7 @@ def test_a_successor_is_not_renamed_for_our_own_lateness_but_is_when_it_falls_si
         beat(trio.current_time(), echo=())  # (a collector pause:) the first heartbeat after it is out,
         await trio.sleep(H / 2)  # its echoes not back yet: still no peer is late
         assert s._plan(trio.current_time()) == []
+        assert s._next_check(trio.current_time()) > trio.current_time()  # (no spinning on a past check)
         for _ in range(6):  # h2 silent, h3 answers
             beat(trio.current_time(), echo=("h3",))
             await trio.sleep(H)
