@@ -173,7 +173,7 @@ class Daemon(KernelView):
     def post(self, unit: str, ev: Event) -> None:
         c = self.controllers.get(unit)
         if c is not None:  # None: a reload just removed it
-            c.post(ev)
+            c.offer(ev)
 
     def owning(self, vips, owned: bool) -> None:  # type: ignore[no-untyped-def]
         """Controllers report ownership changes: watch for another MAC answering for our VIPs."""
@@ -202,7 +202,7 @@ class Daemon(KernelView):
 
     def broadcast(self, ev: Event) -> None:
         for c in list(self.controllers.values()):
-            c.post(ev)
+            c.offer(ev)
 
     def tell(self, ev: Event) -> None:
         """Peer suspicions to the units they concern (vipd/suspicions.py); anything else to all."""

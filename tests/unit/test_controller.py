@@ -8,7 +8,8 @@ import trio
 
 from tests.unit.controller_fakes import FakeEtcd, FakeHost, make_host, vip
 from vipd.errors import AddressError
-from vipd.model import HealthChanged, LeaseValid, OwnerObserved, OwnerRecord, ReleaseRequested, ShutdownRequested, State
+from vipd.model import (HealthChanged, LeaseValid, OwnerObserved, OwnerRecord, Placement, ReleaseRequested,
+                        ShutdownRequested, State)
 from vipd.ownership.state import Params, Sub
 
 
@@ -266,4 +267,32 @@ async def test_a_unit_not_holding_keeps_a_keepalive_of_its_lease_until_its_next_
         c.post(HealthChanged(True))  # the next event takes the kept lease first
         await trio.sleep(0.1)
         assert c.state.valid_until == 20.0
+        n.cancel_scope.cancel()
+
+
+async def test_an_offered_event_that_only_notes_is_stepped_in_place_and_one_with_actions_wakes_the_task(autojump_clock):
+    """offer(): a placement for a unit that waits is noted at once, without a task wake-up (no
+    checkpoint passes between the offer and the check); a keepalive kept for the unit, or an
+    event whose step asks for something (the owner gone: a campaign), goes to the task."""
+    etcd = FakeEtcd()
+    hosts = [make_host(etcd, "h1", 1), make_host(etcd, "h2", 2)]
+    async with trio.open_nursery() as n:
+        await start(n, etcd, hosts)
+        await trio.sleep(2.2)  # (between two keepalives: none queued)
+        o = owner_of(hosts)
+        other = hosts[1] if o is hosts[0] else hosts[0]
+        c = other.controller
+        assert c.state.state is State.BACKUP
+        c.offer(Placement((other.node, o.node)))
+        assert c.state.ranking == (other.node, o.node) and c.state.state is State.BACKUP
+        assert c.defer_lease(LeaseValid(other.lease.lease_id, trio.current_time() + 5))
+        c.offer(Placement((o.node, other.node)))  # a keepalive is kept: the task steps both, in order
+        assert c.state.ranking == (other.node, o.node)
+        await trio.sleep(0.1)
+        assert c.state.ranking == (o.node, other.node)
+        gone = OwnerRecord(None, revision=etcd.revision + 1)
+        c.offer(OwnerObserved(gone))  # its step campaigns: not in place
+        assert c.state.owner != gone
+        o.controller.post(ShutdownRequested())
+        await wait_state(other, State.OWNER)
         n.cancel_scope.cancel()

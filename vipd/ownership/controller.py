@@ -150,22 +150,39 @@ class Controller:
         finally:
             self._busy = False
 
+    def offer(self, ev: Event) -> None:
+        """post(), except that an event which only updates what the unit notes (a placement, a
+        peer suspected, an owner record: the step keeps the state and sub-state and asks for
+        nothing) is stepped right here, without waking the task. A host-wide event reaches
+        thousands of units at once; each wake-up (a task switch, a channel receive) was most of
+        what a broadcast cost at 10,000 VIPs."""
+        if isinstance(ev, LeaseValid) or self._kept is not None:
+            self.post(ev)  # (a kept keepalive is stepped before any other event, by the task)
+        else:
+            self._step_here(ev, (), same_sub=True)
+
     def step_if_idle(self, ev: Event, only: tuple[type, ...]) -> list[Action] | None:
         """Step the core with `ev` right here, without waking the task (vipd/refresh.py: one
         keepalive refreshes every unit in one batch): only while the task waits for its next event
         and only when the step keeps the state and asks for actions of the types `only`, which
         the caller then carries out. Otherwise `ev` is posted as usual and None returned."""
+        actions = self._step_here(ev, only, same_sub=False)
+        if actions is not None:
+            self._kept = None  # (older than ev)
+        return actions
+
+    def _step_here(self, ev: Event, only: tuple[type, ...], *, same_sub: bool) -> list[Action] | None:
         wait = self._wait
         if wait is None or self._busy or self._queued:
             self.post(ev)
             return None
         now = trio.current_time()
         new, actions = fsm.step(self.params, self.state, ev, now)
-        if new.state is not self.state.state or any(not isinstance(a, only) for a in actions):
+        if (new.state is not self.state.state or (same_sub and new.sub is not self.state.sub)
+                or any(not isinstance(a, only) for a in actions)):
             self.post(ev)  # the step is pure: the task takes it again, with its actions
             return None
         old, self.state = self.state, new
-        self._kept = None  # (older than ev)
         self._log_step(old, ev, actions)
         wake = wakeup(self.params, new, now)
         wait.deadline = wake if wake is not None else math.inf
