@@ -285,3 +285,14 @@ def test_unechoed_since_is_our_oldest_send_after_the_newest_echoed_one() -> None
     for i in range(20):  # a silent peer: the ring holds the last 8 sends only
         link.on_send(2.0 + i / 100)
     assert link.unechoed_since(1.02) == pytest.approx(2.12)
+
+
+def test_a_suspected_peer_that_leaves_the_directory_is_recovered_and_comes_back_unsuspected() -> None:
+    """A peer we suspected leaves the host directory (its presence lapsed: a restart revokes it)
+    and comes back: the units must hear it is no longer a suspect, or they would go on trying to
+    take over from it (and, the moment it really fails, wait out a takeover retry)."""
+    o, _ = pair()
+    o.links["s"].on_suspect(2.0)
+    assert o.set_peers(["o"], 3.0) == [Recovered("s")]
+    assert o.set_peers(["o", "s"], 4.0) == [] and not o.links["s"].suspected
+    assert o.set_peers(["o"], 5.0) == []  # gone again, not suspected: nothing to say

@@ -273,19 +273,26 @@ class Peers:
         self._by_id: dict[int, str] = {}
         self.unattributed: dict[str, int] = {}  # rejections from no known peer, by reason
 
-    def set_peers(self, names: Iterable[str], now: float) -> None:
-        """Follow the host directory: new peers get a fresh link, gone peers are forgotten."""
+    def set_peers(self, names: Iterable[str], now: float) -> list[Event]:
+        """Follow the host directory: new peers get a fresh link, gone peers are forgotten. A gone
+        peer we suspected is no longer a suspect (Recovered): a host that left the directory (its
+        presence lapsed) and comes back gets a fresh, unsuspected link, and nothing else would ever
+        tell the units (which would go on trying to take over from it every retry)."""
         wanted = {n for n in names if n != self.node}
         ids = {wire.node_id(n): n for n in wanted}
         if len(ids) != len(wanted) or self.me in ids:
             raise ValueError("two node names share a wire id; rename one")
+        events: list[Event] = []
         for name in set(self.links) - wanted:
+            if self.links[name].suspected:
+                events.append(Recovered(name))
             del self.links[name]
             self.receiver.forget(wire.node_id(name))
         for name in sorted(wanted - set(self.links)):
             self.links[name] = PeerLink(name, self.incarnation, self.params, now)
         self._by_id = ids
         self.receiver.known = set(ids)
+        return events
 
     def build(self, peer: str, now: float, reply: bool = False) -> bytes:
         link = self.links[peer]

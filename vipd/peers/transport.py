@@ -104,7 +104,9 @@ class PeerTransport:
         """Follow the host directory: {node: (ip, port)}; this node's own entry is ignored."""
         with self._lock:
             self.directory = {n: a for n, a in directory.items() if n != self.peers.node}
-            self.peers.set_peers(self.directory, self.clock())
+            events = self.peers.set_peers(self.directory, self.clock())
+        for ev in events:
+            self.on_event(ev)
         self._wake()
 
     def validate(self, peer: str, gen: Generation) -> None:
