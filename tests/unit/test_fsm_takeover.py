@@ -86,3 +86,16 @@ def test_no_handover_to_a_preferred_host_whose_heartbeats_stopped():
     assert s.state is State.OWNER and acts == []
     s, _ = run(s, PeerRecovered("h3"), now=103.0, p=pp)
     assert s.preempt is not None and s.preempt.since == 103.0  # the hold-down starts again
+
+
+def test_a_new_suspicion_of_the_owner_ends_a_takeover_retry_wait():
+    """A takeover lost to the owner heard again waits its retry; the owner recovers, then falls
+    silent again within that wait (a SIGSTOP right after a flap): the new suspicion takes over at
+    once, not at the retry (which cost a host-loss failover up to 200 ms more)."""
+    s, _ = run(backup(owner=NAMED), PeerSuspected("h2"), p=TP)
+    s, _ = run(s, CampaignLost(NAMED), p=TP)
+    assert s.why_not == "takeover retry" and s.retry_at > 100.0
+    s, acts = run(s, PeerSuspected("h2"), p=TP)  # still the same suspicion: the wait stands
+    assert acts == [] and s.why_not == "takeover retry"
+    s, acts = run(s, PeerRecovered("h2"), PeerSuspected("h2"), p=TP)
+    assert acts == [TakeOver(NAMED, LEASE)]

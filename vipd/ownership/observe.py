@@ -19,7 +19,9 @@ def observe(p: Params, s: VipState, ev: Event, now: float) -> VipState:
     if isinstance(ev, HealthChanged):
         return replace(s, healthy=ev.healthy)
     if isinstance(ev, PeerSuspected):  # (a suspect is no preferred host to hand over to)
-        return track_target(p, replace(s, suspects=s.suspects | {ev.peer}), now)
+        fresh = s.state is S.BACKUP and ev.peer not in s.suspects and s.owner is not None and s.owner.node == ev.peer
+        # a new suspicion of the owner ends a takeover retry wait: that wait was for an owner heard again
+        return track_target(p, replace(s, suspects=s.suspects | {ev.peer}, retry_at=0.0 if fresh else s.retry_at), now)
     if isinstance(ev, PeerRecovered):
         return track_target(p, replace(s, suspects=s.suspects - {ev.peer}), now)
     if isinstance(ev, Placement):
