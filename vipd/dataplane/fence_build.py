@@ -204,12 +204,16 @@ def drop_table_ops() -> list[Op]:
 
 
 def setup_ops(managed: Iterable[tuple[IPAddress, str]], stale_devs: Iterable[str] = (),
-              l2only: Iterable[IPAddress] = ()) -> list[Op]:
+              l2only: Iterable[IPAddress] = (), hooked: Iterable[str] = ()) -> list[Op]:
     """One batch that makes the table exactly: sets (managed = the given VIPs, l2only = those of
     them gated for ARP/ND only), a chain pair with its rules per device of the given (VIP, device)
     pairs; chains of ``stale_devs`` are deleted. Tokens, groups and grants stay as they are (their
-    sets are created if missing, never flushed)."""
-    managed, l2only = list(managed), list(l2only)
+    sets are created if missing, never flushed). Devices in ``hooked`` already have their chain
+    pair: their chains and rules are left as they are (rewriting a hooked chain's rules makes the
+    kernel's commit wait for an RCU grace period, 40-70 ms here, and a reload's batch holds the
+    fence's lock that long: the successors' grants lapsed behind it; verify() repairs a damaged
+    chain at the next tick)."""
+    managed, l2only, hooked = list(managed), list(l2only), set(hooked)
     ops = [Op(nfts.NFT_MSG_NEWTABLE, (("NFTA_TABLE_NAME", TABLE), ("NFTA_TABLE_FLAGS", 0),
                                       ("NFTA_TABLE_USERDATA", TABLE_COMMENT)), NLM_F_CREATE)]
     for v in (4, 6):
@@ -232,7 +236,7 @@ def setup_ops(managed: Iterable[tuple[IPAddress, str]], stale_devs: Iterable[str
         for chain in chain_names(dev):
             ops.append(Op(nfts.NFT_MSG_DELRULE, (("NFTA_RULE_TABLE", TABLE), ("NFTA_RULE_CHAIN", chain))))
             ops.append(Op(nfts.NFT_MSG_DELCHAIN, (("NFTA_CHAIN_TABLE", TABLE), ("NFTA_CHAIN_NAME", chain))))
-    for dev in sorted({d for _, d in managed}):
+    for dev in sorted({d for _, d in managed} - hooked):
         for chain, hook, direction in zip(chain_names(dev), (_HOOK_INGRESS, _HOOK_EGRESS), ("in", "out")):
             hook_attr = {"attrs": [("NFTA_HOOK_HOOKNUM", hook), ("NFTA_HOOK_PRIORITY", PRIORITY),
                                    ("NFTA_HOOK_DEV", dev)]}

@@ -49,8 +49,8 @@ import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vipd.config import VipSpec
-from vipd.dataplane.fence_build import (TABLE, drop_table_ops, encode_setup, grant_name, kernel_has_timeout_update,
-                                        setup_ops)
+from vipd.dataplane.fence_build import (TABLE, chain_names, drop_table_ops, encode_setup, grant_name,
+                                        kernel_has_timeout_update, setup_ops)
 from vipd.dataplane.fence_read import dump_chains, is_whole
 from vipd.dataplane.fence_send import Key, Sockets, TokenOps, rebuild, write
 from vipd.dataplane.netlink import Netlink, netlink_error_text
@@ -284,8 +284,9 @@ class NftFence:
                     raise
                 current = {}
             stale = {c.split("_", 1)[1] for c in current if c.startswith(("in_", "out_"))}
+            hooked = {dev for _, dev in vip_devs if all(current.get(c) == dev for c in chain_names(dev))}
             s.created.intersection_update(g for g in list(s.created) if grant_name(g) in current)
-            s.nft.nlm_request_batch(encode_setup(setup_ops(vip_devs, stale, l2only)))
+            s.nft.nlm_request_batch(encode_setup(setup_ops(vip_devs, stale, l2only, hooked)))
             if gone:
                 self._send_tokens(s, gone, rebuilt)
 
