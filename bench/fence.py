@@ -2,12 +2,14 @@
 """The nftables token fence: what a refresh costs, and how precisely the kernel cuts at the deadline.
 Prints a table and writes JSON.
 
-    .venv/bin/python bench/fence.py [--runs 7] [--refreshes 50] [--json PATH]
+    .venv/bin/python bench/fence.py [--runs 7] [--refreshes 50] [--reloads 10] [--json PATH]
 
 Refresh cost: wall time of one `await fence.arm_many(...)` (trio -> Netlink owner thread -> one
 nfnetlink batch -> ack -> back), for 1 / 100 / 1,000 elements, median over `--refreshes` calls,
 with the element timeout update (kernel >= 6.11) and with the delete + add fallback; and the part
 of it in the owner thread from the clock read to the kernel's done (encoding + the kernel's work).
+Reload cost: one table update as a reload sends it, at 4 and 1,000 VIPs, and the batch it sent before
+955f4b3 (every hooked chain's rules rewritten), median over `--reloads` each.
 Cut precision: a client probe every 1 ms to a VIP on h1; the token is armed to a deadline 200 ms
 ahead, then nothing; the first probe sent at or after the cut is the first that goes unanswered.
 Reported: (send time of the first unanswered probe) - deadline, and (last answered) - deadline;
@@ -31,6 +33,7 @@ import trio  # noqa: E402
 
 from bench._common import describe, environment, table  # noqa: E402
 from vipd.config import VipSpec  # noqa: E402
+from vipd.dataplane.fence_build import encode_setup, setup_ops  # noqa: E402
 from vipd.dataplane.fence_nft import NftFence  # noqa: E402
 from vipd.dataplane.netlink import Netlink  # noqa: E402
 from vipd.lab.probe import Probe  # noqa: E402
@@ -61,6 +64,35 @@ async def refresh_cost(lab: Lab, n_calls: int) -> list[dict[str, Any]]:
                              "median_ms": statistics.median(times), "p90_ms": sorted(times)[int(0.9 * len(times))],
                              "batch_median_ms": statistics.median(batch),
                              "calls": n_calls})
+            await fence.remove_all()
+    return rows
+
+
+async def reload_cost(lab: Lab, n_calls: int) -> list[dict[str, Any]]:
+    """What a reload's table update costs with 4 and 1,000 VIPs on one device, the fence's lock held all
+    along (the successors' grant re-arms wait behind it): `ensure()` as it is (the device's chains
+    already hooked: sets rewritten only), and the batch it sent before 955f4b3 (every hooked
+    chain's rules deleted and added again)."""
+    rows = []
+    for n in (4, max(SIZES)):
+        many = [VipSpec(f"m{i}", ipaddress.ip_interface(f"10.214.{i // 250}.{i % 250 + 1}/32"), lab.nic)
+                for i in range(n)]
+        devs = [(v.address, v.interface) for v in many]
+        async with Netlink(lab.host("h2").ns) as nl, NftFence(nl) as fence:
+            await fence.ensure(many)
+            for mode in ("ensure (chains kept)", "rules rewritten (before 955f4b3)"):
+                times = []
+                for _ in range(n_calls):
+                    t0 = time.perf_counter()
+                    if mode.startswith("ensure"):
+                        await fence.ensure(many)
+                    else:
+                        await fence._run("bench: rewrite rules", lambda s: s.nft.nlm_request_batch(  # noqa: SLF001
+                            encode_setup(setup_ops(devs))))
+                    times.append((time.perf_counter() - t0) * 1000)
+                    await trio.sleep(0.005)
+                rows.append({"mode": mode, "vips": n, "median_ms": statistics.median(times),
+                             "max_ms": max(times), "calls": n_calls})
             await fence.remove_all()
     return rows
 
@@ -102,14 +134,16 @@ async def cut_precision(lab: Lab, runs: int) -> list[dict[str, Any]]:
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
     with Lab("vtfb", n_hosts=2) as lab:
         refresh = await refresh_cost(lab, args.refreshes)
+        reload = await reload_cost(lab, args.reloads)
         cut = await cut_precision(lab, args.runs)
-    return {"refresh": refresh, "cut": cut}
+    return {"refresh": refresh, "reload": reload, "cut": cut}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7, help="cut-precision runs")
     ap.add_argument("--refreshes", type=int, default=50, help="arm_many calls per size and mode")
+    ap.add_argument("--reloads", type=int, default=10, help="table updates timed per mode")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     res = trio.run(amain, args)
@@ -122,6 +156,11 @@ def main() -> int:
                 [[r["elements"], r["mode"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
                   f"{r['batch_median_ms']:.2f}"] for r in res["refresh"]], right=(0, 2, 3, 4)))
     print()
+    print("a reload's table update, the fence's lock held all along (grant re-arms wait behind it)")
+    print(table(["mode", "VIPs", "median ms", "max ms"],
+                [[r["mode"], r["vips"], f"{r['median_ms']:.1f}", f"{r['max_ms']:.1f}"] for r in res["reload"]],
+                right=(1, 2, 3)))
+    print()
     print(f"cut precision: probe every 1 ms, token armed 200 ms ahead, {len(res['cut'])} runs "
           "(ms from the deadline; negative = early)")
     print(table(["measure", "min", "median", "max"],
@@ -131,7 +170,7 @@ def main() -> int:
     out = Path(__file__).resolve().parent / "out"
     out.mkdir(exist_ok=True)
     path = args.json or out / f"fence-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"settings": {"runs": args.runs, "refreshes": args.refreshes},
+    path.write_text(json.dumps({"settings": {"runs": args.runs, "refreshes": args.refreshes, "reloads": args.reloads},
                                 "environment": environment(), **res,
                                 "summary": {"first_dropped_ms": first, "last_answered_ms": last,
                                             "answered_after_deadline": late}}, indent=2, default=str))

@@ -88,13 +88,17 @@ def log_time(path: Path, event: str, nth: int = 1) -> float | None:
     return None
 
 
+def metric_sum(text: str, series: str) -> float:
+    """The sum of every sample of `series` (its name and the label brace) in a Prometheus text page."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + "{"))
+
+
 def etcd_requests(lab: Lab, etcd: EtcdServer) -> float:
     """etcd's total of gRPC request messages received, unary and streamed (keepalives, watches):
     the JSON gateway's requests go through gRPC."""
     out = lab.run(lab.etcd_ns, [sys.executable, "-c", "import urllib.request;print(urllib.request.urlopen("
                                 f"'{etcd.endpoint}/metrics',timeout=3).read().decode())"], check=False).stdout
-    return sum(float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
-               if line.startswith("grpc_server_msg_received_total{"))
+    return metric_sum(out, "grpc_server_msg_received_total")
 
 
 def cpu_rss(pid: int) -> tuple[float, int]:
@@ -103,8 +107,7 @@ def cpu_rss(pid: int) -> tuple[float, int]:
 
 def gc_seconds(cluster: Cluster) -> list[float]:
     """Per host, the seconds vipd spent in garbage collection so far (vipd_gc_pause_seconds)."""
-    return [sum(float(line.rsplit(" ", 1)[1]) for line in cluster.metrics(h).splitlines()
-                if line.startswith("vipd_gc_pause_seconds_sum{")) for h in cluster.lab.hosts]
+    return [metric_sum(cluster.metrics(h), "vipd_gc_pause_seconds_sum") for h in cluster.lab.hosts]
 
 
 def steady(lab: Lab, etcd: EtcdServer, pids: list[int], seconds: float, cluster: Cluster) -> dict[str, Any]:

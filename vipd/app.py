@@ -25,7 +25,7 @@ from vipd.drain import Drain
 from vipd.reload import Reloader
 from vipd.routing import Routing
 from vipd.hooks import HookRunner
-from vipd.loopwatch import LoopWatch
+from vipd.loopwatch import LoopWatch, freeze_heap
 from vipd.metrics import Metrics, serve
 from vipd.model import (Event, OwnerObserved, Placement, ReleaseRequested, ShutdownRequested,
                         State)
@@ -312,8 +312,9 @@ class Daemon(KernelView):
                 nursery.start_soon(self.watchdog, interval)
             systemd.notify("READY=1", f"STATUS=running: {len(self.controllers)} VIPs")
             self.reloader.ready.set()
+            frozen = freeze_heap()  # (once: vipd/loopwatch.py)
             log.info("ready", node=self.cfg.node, vips=len(self.controllers), lease=f"{self.lease.lease_id:x}",
-                     ttl=self.lease.granted_ttl, heap_frozen=LoopWatch.freeze_heap())
+                     ttl=self.lease.granted_ttl, heap_frozen=frozen)
         log.info("stopped", node=self.cfg.node)
 
     async def _start_controllers(self, nursery: trio.Nursery) -> None:

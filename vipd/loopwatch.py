@@ -69,20 +69,6 @@ class LoopWatch(trio.abc.Instrument):
             log.warning("loop_stalled", longest=round(self._unlogged_max, 3), batches=self._unlogged)
             self._logged_at, self._unlogged, self._unlogged_max = now, 0, 0.0
 
-    @staticmethod
-    def freeze_heap() -> int:
-        """Take every object alive now out of the collector's sight (gc.freeze); returns how many.
-
-        Called once, when the daemon is ready: the config, every unit, its controller and the
-        imported modules live for the whole run, and every full collection walked them all again
-        (at 2,000 VIPs, full collections of ~67 ms, each stopping the heartbeat thread too; the
-        collector's share of a core at rest went from 0.44-0.51 % to 0.29-0.32 %, bench/scale.py).
-        Cost, bounded: an object frozen here that later becomes cyclic garbage (a unit a reload
-        removes) is never collected; at most what was alive at ready, once, since nothing is
-        frozen afterwards."""
-        gc.freeze()
-        return gc.get_freeze_count()
-
     def start_gc_watch(self) -> None:
         gc.callbacks.append(self._gc)
 
@@ -102,3 +88,17 @@ class LoopWatch(trio.abc.Instrument):
             log.warning("gc_paused", seconds=round(seconds, 3), generation=info.get("generation"),
                         collected=info.get("collected"))
 
+
+def freeze_heap() -> int:
+    """Take every object alive now out of the collector's sight (gc.freeze); returns how many.
+
+    Called once, when the daemon is ready: the config, every unit, its controller and the
+    imported modules live for the whole run, and every full collection walked them all again,
+    each stopping the heartbeat thread too (1,000 + 1,000 VIPs, the collector's share of a core
+    at rest: 0.44-0.51 % -> 0.29-0.32 %, `bench/scale.py --host-vips 1000 --cluster-vips 0
+    --no-footprint --steady 60 --stall 0`, "steady garbage collection").
+    Cost, bounded: an object frozen here that later becomes cyclic garbage (a unit a reload
+    removes) is never collected; at most what was alive at ready, once, since nothing is
+    frozen afterwards."""
+    gc.freeze()
+    return gc.get_freeze_count()

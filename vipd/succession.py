@@ -103,6 +103,7 @@ class Succession(Tokens, Planning):
         self._uncertain: dict[str, dict[str, Generation | None]] = {}  # unit -> target of a rename of unknown
         # outcome -> the generation seen when the first such rename started
         self._eligible_since: dict[str, float] = {}  # peer -> since when it could be named (as last planned)
+        self._short_kept: set[str] = set()  # (vipd/succession_plan.py, per planner pass)
         # bumped whenever what `_depends` reads changes (owned units, records, renames): the peers
         # the tokens depend on are recomputed only then, not on every check (thousands of units)
         self._version = 0

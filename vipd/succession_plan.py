@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from vipd.model import OwnerRecord
 from vipd.peers.protocol import Generation
-from vipd.succession_ports import PeersPort
+from vipd.succession_ports import Link, PeersPort
 
 HOLD_DOWN = 1.0  # seconds a peer must have been heard without a suspicion before it is named successor
 # seconds a better-ranked peer must have been nameable before it replaces a live successor: a
@@ -31,6 +31,7 @@ class Planning:
     _naming: dict[str, tuple[str | None, Generation | None]]
     _suspected_at: dict[str, float]
     _eligible_since: dict[str, float]
+    _short_kept: set[str]  # peers short of grant but not late, as of the last _plan_inputs: kept as successor
     _version: int
 
     if TYPE_CHECKING:
@@ -53,9 +54,9 @@ class Planning:
         rename would churn every unit the successor has. After such a pause the first heartbeat
         goes out before its echo can be back: judged by our newest send, as it was, every peer
         looked late at once. And L/4 (22 ms at the shipped timing) was shorter than the echo
-        delays of a loaded host: 3,000 VIPs on 3 hosts renamed thousands of units a second between
-        two live peers, each rename (etcd, token arms, every peer's watch) loading the hosts into
-        the next. A dead successor is late L/2 after the first heartbeat it left unechoed, which
+        delays of a loaded host: at 3,000 VIPs on 3 hosts the steady state renamed thousands of
+        units between two live peers (bench/scale.py, "successor renames while steady"), each
+        rename (etcd, token arms, every peer's watch) loading the hosts into the next. A dead successor is late L/2 after the first heartbeat it left unechoed, which
         leaves the rename L/2 before the grant it bounds runs out."""
         link = self._peers.link(peer)
         if link is None or link.suspected or now - self._suspected_at.get(peer, -math.inf) < HOLD_DOWN:
@@ -63,8 +64,14 @@ class Planning:
         granted = link.granted_until()
         if granted is None:
             return True
+        at = self._late_at(link, granted)
+        return at is not None and now >= at
+
+    def _late_at(self, link: Link, granted: float) -> float | None:
+        """When the peer turns late by its echoes: L/2 after the oldest heartbeat we sent after the
+        newest it echoed (whose send time is `granted` - L); None while we sent nothing since."""
         first = link.unechoed_since(granted - self._lease)
-        return first is not None and now - first >= self._lease / 2
+        return None if first is None else first + self._lease / 2
 
     def _choose(self, unit: str, now: float) -> str | None:
         for host in self._placement(unit):
@@ -76,6 +83,7 @@ class Planning:
         """Note since when each peer is nameable; return what a plan reads besides the units, their
         records and the placement (O(peers)): the same inputs make the same (empty) plan."""
         out: list[object] = [self._version]
+        self._short_kept = set()
         for peer in self._peers.peer_names():
             if self._eligible(peer, now):
                 self._eligible_since.setdefault(peer, now)
@@ -83,23 +91,18 @@ class Planning:
                 self._eligible_since.pop(peer, None)
             link = self._peers.link(peer)
             since = self._eligible_since.get(peer)
+            if since is None and not self._late(peer, now):
+                self._short_kept.add(peer)
             out.append((peer, since is not None and now - since >= REBALANCE_AFTER, since is not None,
-                        since is None and self._late(peer, now),
-                        link.peer_gen if link else None, link.validated if link else None))
+                        peer in self._short_kept, link.peer_gen if link else None,
+                        link.validated if link else None))
         return tuple(out)
 
     def _plan(self, now: float) -> list[tuple[str, OwnerRecord, str | None]]:
         plan: list[tuple[str, OwnerRecord, str | None]] = []
         if not self.enabled:
             return plan
-        self._plan_inputs(now)
-        late: dict[str, bool] = {}  # per peer, for this pass (a dead peer's ring is read once)
-
-        def is_late(peer: str) -> bool:
-            if peer not in late:
-                late[peer] = self._late(peer, now)
-            return late[peer]
-
+        self._plan_inputs(now)  # (and which peers are short of grant but not late, for this pass)
         for unit in self._owned:
             rec = self._records.get(unit)
             if rec is None or rec.node != self.node or rec.released or unit in self._naming:
@@ -108,7 +111,7 @@ class Planning:
             current = rec.successor
             if (current is not None and current != want and current in self._placement(unit)
                     and (want is not None and now - self._eligible_since.get(want, now) < REBALANCE_AFTER
-                         if self._eligible(current, now) else not is_late(current))):
+                         if self._eligible(current, now) else current in self._short_kept)):
                 want = current  # keep a live candidate: no churn while the ranking settles, or while we are late
             link = self._peers.link(current) if current else None
             stale = link is not None and link.peer_gen is not None and (
@@ -125,12 +128,12 @@ class Planning:
         for peer in self._peers_used()[0]:
             link = self._peers.link(peer)
             granted = link.granted_until() if link is not None else None
-            if granted is None:
+            if link is None or granted is None:
                 continue
             check = granted - self._lease / 2
             if check <= now:
-                first = link.unechoed_since(granted - self._lease)  # type: ignore[union-attr]
-                check = max((now if first is None else first) + self._lease / 2, now + self._lease / 8)
+                at = self._late_at(link, granted)
+                check = max(now + self._lease / 2 if at is None else at, now + self._lease / 8)
             times.append(check)
         times += [t + HOLD_DOWN for t in self._suspected_at.values() if t + HOLD_DOWN > now]
         times += [t + REBALANCE_AFTER for t in self._eligible_since.values() if t + REBALANCE_AFTER > now]

@@ -24,7 +24,7 @@ import trio
 
 from tests.lab.util import wait_for
 from vipd.config import VipSpec
-from vipd.dataplane.fence_build import MIN_TOKEN_MS
+from vipd.dataplane.fence_build import MIN_TOKEN_MS, chain_names
 from vipd.dataplane.fence_nft import FenceError, NftFence
 from vipd.dataplane.netlink import Netlink
 from vipd.lab import netns
@@ -346,6 +346,15 @@ async def test_own_table_only_cleanup_and_repair(lab: Lab) -> None:
         # a flushed managed set (the fence would fail open) is repaired too
         nft(lab, ns, "flush", "set", "netdev", "vipd_fence", "managed4")
         assert await fence.verify() and fence.repairs() == 2
+        # a hooked chain's rules deleted: a reload's ensure() leaves a hooked chain as it is (no rule
+        # rewrite under the lock), verify() repairs it
+        chain = chain_names(vips[0].interface)[0]
+        nft(lab, ns, "flush", "chain", "netdev", "vipd_fence", chain)
+        await fence.ensure(vips)
+        assert "rule" not in json.dumps(json.loads(nft(lab, ns, "-j", "list", "chain", "netdev", "vipd_fence",
+                                                       chain))["nftables"][1:])
+        assert await fence.verify() and fence.repairs() == 3
+        assert not await fence.verify()
         subprocess.run(netns.exec_argv(ns, ["nft", "-f", "-"]), input=USER_TABLE, text=True, check=True,
                        timeout=10)
         await fence.remove_all()

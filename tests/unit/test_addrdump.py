@@ -110,12 +110,14 @@ def test_delete_many_pipelines_each_address_as_dumped_and_reports_each_verdict()
     assert kernel.deleted == [(2, 32, 3, "10.0.0.1"), (10, 128, 7, "fd00::2"), (2, 24, 3, "10.0.0.3"),
                               (2, 32, 3, "10.0.0.4")]
     assert kernel.sends == [4] and kernel.answers == 3  # two errors and the last ACK
-    many = Pipelined({"10.1.0.7": errno.EPERM, f"10.1.{(ad._CHUNK + 3) // 256}.{(ad._CHUNK + 3) % 256}": errno.EBUSY})
+    last = ad._CHUNK - 1  # the message that asks for the ACK fails: its error ends the send's wait
+    many = Pipelined({"10.1.0.7": errno.EPERM, f"10.1.{(ad._CHUNK + 3) // 256}.{(ad._CHUNK + 3) % 256}": errno.EBUSY,
+                      f"10.1.{last // 256}.{last % 256}": errno.EACCES})
     n = ad._CHUNK * 2 + 5
     want = [0] * n
-    want[7], want[ad._CHUNK + 3] = errno.EPERM, errno.EBUSY
+    want[7], want[ad._CHUNK + 3], want[last] = errno.EPERM, errno.EBUSY, errno.EACCES
     assert ad.delete_many(many, 1, [raw(f"10.1.{i // 256}.{i % 256}/32") for i in range(n)]) == want  # type: ignore[arg-type]
-    assert many.sends == [ad._CHUNK, ad._CHUNK, 5] and many.answers == 3 + 2
+    assert many.sends == [ad._CHUNK, ad._CHUNK, 5] and many.answers == 3 + 2  # (the failed last: one answer)
     assert [d[3] for d in many.deleted] == [f"10.1.{i // 256}.{i % 256}" for i in range(n)]
 
 

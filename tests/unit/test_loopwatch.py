@@ -5,7 +5,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from vipd.lab.scale import loop_stalls
-from vipd.loopwatch import LoopWatch
+from vipd.loopwatch import LoopWatch, freeze_heap
 
 
 def test_a_blocking_task_is_one_long_batch() -> None:
@@ -58,7 +58,7 @@ def test_freeze_heap_takes_what_is_alive_out_of_every_collection() -> None:
     import gc
     kept = [[i] for i in range(1000)]  # alive at "ready"
     try:
-        frozen = LoopWatch.freeze_heap()
+        frozen = freeze_heap()
         assert frozen >= len(kept) and gc.get_freeze_count() == frozen
         collected = {id(o) for g in (0, 1, 2) for o in gc.get_objects(generation=g)}
         assert all(gc.is_tracked(x) and id(x) not in collected for x in kept)

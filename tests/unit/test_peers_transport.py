@@ -4,7 +4,7 @@ suspect() has always opened a new suspicion generation before anything else is s
 from __future__ import annotations
 
 from vipd.peers import wire
-from vipd.peers.protocol import Params, Peers, Suspected
+from vipd.peers.protocol import Params, Peers, Recovered, Suspected
 from vipd.peers.transport import PeerTransport
 
 KEY = b"k" * 32
@@ -24,6 +24,21 @@ def test_a_yes_opens_the_generation_even_before_the_periodic_check() -> None:
     m = wire.Receiver(wire.auth_key(KEY), wire.node_id("o"))
     m.known = {wire.node_id("s")}
     assert m.accept(s.build("o", now[0])).suspect_gen == 1  # every later echo carries it
+
+
+def test_a_suspected_peer_leaving_the_directory_reaches_the_daemon_as_recovered() -> None:
+    """set_peers hands the protocol's Recovered to on_event (as validate does): the units drop
+    the suspicion of a host whose presence lapsed, which comes back with a fresh link."""
+    now, seen = [100.0], []
+    s = Peers("s", 1, KEY, Params())
+    t = PeerTransport(s, ("127.0.0.1", 0), on_event=seen.append, clock=lambda: now[0])
+    t.set_peers({"o": ("127.0.0.1", 9)})
+    now[0] += Params().grace
+    assert t.suspect("o")
+    t.set_peers({})
+    assert seen == [Recovered("o")]
+    t.set_peers({"o": ("127.0.0.1", 9)})
+    assert seen == [Recovered("o")] and not s.links["o"].suspected
 
 
 async def test_a_dead_heartbeat_thread_ends_run_loudly() -> None:

@@ -252,7 +252,7 @@ def _acked(sock: socket.socket, seq: int, count: int, build: Callable[[int, int,
     Only the last message of a send asks for an ACK: the kernel answers a failed message with its
     error whether or not it asked, and handles the messages of one send in order, so once the last
     one's ACK is read every error of that send has been read before it. (An ACK for each message
-    cost a recv each: at 2,000 VIPs, hundreds of syscalls a second for lifetime refreshes.)"""
+    cost a recv for every address of every lifetime refresh round.)"""
     errors = [0] * count
     for start in range(0, count, _CHUNK):
         end = min(count, start + _CHUNK)

@@ -153,9 +153,8 @@ class Controller:
     def offer(self, ev: Event) -> None:
         """post(), except that an event which only updates what the unit notes (a placement, a
         peer suspected, an owner record: the step keeps the state and sub-state and asks for
-        nothing) is stepped right here, without waking the task. A host-wide event reaches
-        thousands of units at once; each wake-up (a task switch, a channel receive) was most of
-        what a broadcast cost at 10,000 VIPs."""
+        nothing) is stepped right here, without waking the task: a host-wide event reaches
+        thousands of units at once, and each wake-up is a task switch and a channel receive."""
         if isinstance(ev, LeaseValid) or self._kept is not None:
             self.post(ev)  # (a kept keepalive is stepped before any other event, by the task)
         else:
