@@ -66,5 +66,24 @@ def make_cluster(lab: Lab, lab_etcd: EtcdServer, tmp_path) -> Iterator[Callable[
     for m in monitors:
         m.stop()
     # the invariant every lab test guards, checked even when the test body forgot to
-    for m in monitors:
-        m.assert_never_dual()
+    for i, m in enumerate(monitors):
+        try:
+            m.assert_never_dual()
+        except AssertionError as e:
+            path = _write_timelines(m, tmp_path / f"monitor{i}.txt")
+            raise AssertionError(f"{e} (timelines: {path})") from None
+
+
+def _write_timelines(m: AddressMonitor, path):  # type: ignore[no-untyped-def]
+    """Every watched address's holders and address timelines, in monotonic and wall-clock time (to
+    lay beside the vipd logs), so a dual ownership can be explained after the run."""
+    import datetime
+    import time
+    offset = time.time() - time.monotonic()
+    wall = lambda t: datetime.datetime.fromtimestamp(t + offset, datetime.timezone.utc).strftime("%H:%M:%S.%f")[:-3]  # noqa: E731
+    lines = [m.summary()]
+    for ip in m.ips:
+        for kind, line in (("serving", m.holders_timeline(ip)), ("address", m.address_timeline(ip))):
+            lines += [f"{ip} {kind} {t:.4f} {wall(t)} {','.join(sorted(h)) or '-'}" for t, h in line]  # type: ignore[union-attr]
+    path.write_text("\n".join(lines) + "\n")
+    return path
