@@ -8,8 +8,9 @@ Refresh cost: wall time of one `await fence.arm_many(...)` (trio -> Netlink owne
 nfnetlink batch -> ack -> back), for 1 / 100 / 1,000 elements, median over `--refreshes` calls,
 with the element timeout update (kernel >= 6.11) and with the delete + add fallback; and the part
 of it in the owner thread from the clock read to the kernel's done (encoding + the kernel's work).
-Reload cost: one table update as a reload sends it, at 4 and 1,000 VIPs, and the batch it sent before
-955f4b3 (every hooked chain's rules rewritten), median over `--reloads` each.
+Reload cost: one table update as a reload sends it (one VIP in or out), at 4 and 1,000 VIPs, the batch
+it sent before (managed sets flushed and refilled) and before 955f4b3 (every hooked chain's rules
+rewritten too), median over `--reloads` each.
 Cut precision: a client probe every 1 ms to a VIP on h1; the token is armed to a deadline 200 ms
 ahead, then nothing; the first probe sent at or after the cut is the first that goes unanswered.
 Reported: (send time of the first unanswered probe) - deadline, and (last answered) - deadline;
@@ -71,8 +72,9 @@ async def refresh_cost(lab: Lab, n_calls: int) -> list[dict[str, Any]]:
 async def reload_cost(lab: Lab, n_calls: int) -> list[dict[str, Any]]:
     """What a reload's table update costs with 4 and 1,000 VIPs on one device, the fence's lock held all
     along (the successors' grant re-arms wait behind it): `ensure()` as it is (the device's chains
-    already hooked: sets rewritten only), and the batch it sent before 955f4b3 (every hooked
-    chain's rules deleted and added again)."""
+    already hooked, the sets read back and only their difference written: one VIP dropped or
+    added back, alternately), the batch it sent before (sets flushed and refilled), and the one before 955f4b3 (every hooked chain's
+    rules deleted and added again too)."""
     rows = []
     for n in (4, max(SIZES)):
         many = [VipSpec(f"m{i}", ipaddress.ip_interface(f"10.214.{i // 250}.{i % 250 + 1}/32"), lab.nic)
@@ -80,15 +82,18 @@ async def reload_cost(lab: Lab, n_calls: int) -> list[dict[str, Any]]:
         devs = [(v.address, v.interface) for v in many]
         async with Netlink(lab.host("h2").ns) as nl, NftFence(nl) as fence:
             await fence.ensure(many)
-            for mode in ("ensure (chains kept)", "rules rewritten (before 955f4b3)"):
+            sent_before = {  # the batches earlier versions sent (the same table, rewritten)
+                "sets flushed + refilled (before this)": setup_ops(devs, hooked=[lab.nic]),
+                "rules rewritten too (before 955f4b3)": setup_ops(devs)}
+            for mode in ("ensure (one VIP in or out)", *sent_before):
                 times = []
-                for _ in range(n_calls):
+                for i in range(n_calls):
                     t0 = time.perf_counter()
                     if mode.startswith("ensure"):
-                        await fence.ensure(many)
+                        await fence.ensure(many[i % 2:])
                     else:
-                        await fence._run("bench: rewrite rules", lambda s: s.nft.nlm_request_batch(  # noqa: SLF001
-                            encode_setup(setup_ops(devs))))
+                        batch = encode_setup(sent_before[mode])
+                        await fence._run("bench: an older batch", lambda s: s.nft.nlm_request_batch(batch))  # noqa: SLF001
                     times.append((time.perf_counter() - t0) * 1000)
                     await trio.sleep(0.005)
                 rows.append({"mode": mode, "vips": n, "median_ms": statistics.median(times),

@@ -24,7 +24,8 @@ import trio
 
 from tests.lab.util import wait_for
 from vipd.config import VipSpec
-from vipd.dataplane.fence_build import MIN_TOKEN_MS, chain_names
+from vipd.dataplane.fence_build import chain_names
+from vipd.dataplane.fence_wire import MIN_TOKEN_MS
 from vipd.dataplane.fence_nft import FenceError, NftFence
 from vipd.dataplane.netlink import Netlink
 from vipd.lab import netns
@@ -354,6 +355,15 @@ async def test_own_table_only_cleanup_and_repair(lab: Lab) -> None:
         assert "rule" not in json.dumps(json.loads(nft(lab, ns, "-j", "list", "chain", "netdev", "vipd_fence",
                                                        chain))["nftables"][1:])
         assert await fence.verify() and fence.repairs() == 3
+        assert not await fence.verify()
+        # a reload writes the managed sets' difference from what the kernel holds (not from what
+        # vipd believes): an element someone deleted comes back, one someone added goes
+        v4 = str(lab.vip4(1).ip)
+        nft(lab, ns, "delete", "element", "netdev", "vipd_fence", "managed4", "{ " + v4 + " }")
+        nft(lab, ns, "add", "element", "netdev", "vipd_fence", "managed4", "{ 10.213.9.9 }")
+        await fence.ensure(vips)
+        doc = json.loads(nft(lab, ns, "-j", "list", "set", "netdev", "vipd_fence", "managed4"))
+        assert doc["nftables"][1]["set"].get("elem") == [v4]
         assert not await fence.verify()
         subprocess.run(netns.exec_argv(ns, ["nft", "-f", "-"]), input=USER_TABLE, text=True, check=True,
                        timeout=10)

@@ -1,12 +1,11 @@
-"""Pure parts of the nftables token fence: timeouts, the hand-encoded token batch, acks."""
+"""Pure parts of the nftables token fence: timeouts, the hand-encoded token batch, acks, the setup batch."""
 
 from __future__ import annotations
 
 import ipaddress
 import struct
 
-from vipd.dataplane.fence_build import (MIN_TOKEN_MS, kernel_has_timeout_update, parse_acks, token_batch,
-                                        token_ms)
+from vipd.dataplane.fence_wire import MIN_TOKEN_MS, parse_acks, token_batch, token_ms
 
 V4 = ipaddress.ip_address("10.0.0.1")
 V6 = ipaddress.ip_address("fd00::1")
@@ -54,11 +53,6 @@ def test_parse_acks() -> None:
     assert parse_acks(ack + err) == [(5, 0), (6, 2)]
 
 
-def test_kernel_has_timeout_update() -> None:
-    assert kernel_has_timeout_update("6.11.0") and kernel_has_timeout_update("6.18.1-amd64")
-    assert not kernel_has_timeout_update("6.10.14") and not kernel_has_timeout_update("5.15.0")
-
-
 def test_token_batch_groups_and_grants_in_one_batch() -> None:
     data, last = token_batch([(V4, 500)], [], seq=1, grants=[(2, 90)], ungrant=[3], join=[(V4, 2)], leave=[V4])
     kinds = [k for k, _, _ in messages(data)]
@@ -87,3 +81,33 @@ def test_setup_leaves_the_chains_and_rules_of_hooked_devices_alone():
     assert touched(setup_ops(managed)) == {*chain_names("eth0"), *chain_names("eth1")}
     assert touched(setup_ops(managed, hooked=["eth0"])) == set(chain_names("eth1"))
     assert touched(setup_ops(managed, stale_devs=["eth0", "eth1", "old"], hooked=["eth0", "eth1"])) == set(chain_names("old"))
+
+
+def test_setup_writes_only_the_difference_from_the_sets_the_kernel_holds():
+    """With the kernel's current keys (a reload), the managed and ARP/ND-only sets get deletes and
+    adds of the difference; without them (a fresh table), a flush and a refill."""
+    from pyroute2.netlink.nfnetlink import nftsocket as nfts
+
+    from vipd.dataplane.fence_build import setup_ops
+
+    def elems(ops, kind: int, name: str) -> list:  # type: ignore[no-untyped-def]
+        out = []
+        for op in ops:
+            a = dict(op.attrs)
+            if op.msg_type == kind and a["NFTA_SET_ELEM_LIST_SET"] == name:
+                out.append([e["attrs"][0][1]["attrs"][0][1] for e in a.get("NFTA_SET_ELEM_LIST_ELEMENTS", [])])
+        return out
+
+    other = ipaddress.ip_address("10.0.0.2")
+    managed = [(V4, "eth0"), (V6, "eth0")]
+    fresh = setup_ops(managed, l2only=[V4])
+    assert elems(fresh, nfts.NFT_MSG_DELSETELEM, "managed4") == [[]]  # flush (no element list)
+    assert elems(fresh, nfts.NFT_MSG_NEWSETELEM, "managed4") == [[V4.packed]]
+    present = {"managed4": {V4.packed, other.packed}, "managed6": set(), "l2only4": {V4.packed}, "l2only6": set()}
+    ops = setup_ops(managed, l2only=[V4], hooked=["eth0"], present=present)
+    assert elems(ops, nfts.NFT_MSG_DELSETELEM, "managed4") == [[other.packed]]
+    assert elems(ops, nfts.NFT_MSG_NEWSETELEM, "managed4") == []
+    assert elems(ops, nfts.NFT_MSG_NEWSETELEM, "managed6") == [[V6.packed]]
+    assert elems(ops, nfts.NFT_MSG_DELSETELEM, "managed6") == []
+    assert elems(ops, nfts.NFT_MSG_DELSETELEM, "l2only4") == elems(ops, nfts.NFT_MSG_NEWSETELEM, "l2only4") == []
+    assert elems(setup_ops(managed, present={"managed6": set()}), nfts.NFT_MSG_DELSETELEM, "managed4") == [[]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from vipd.dataplane.fence_build import _elem, _key_attr, _nla
+from vipd.dataplane.fence_wire import _elem, _key_attr, _nla
 from vipd.lab import fence_tokens as ft
 from vipd.lab.fence_tokens import REREAD, TokenGates
 
@@ -67,7 +67,7 @@ def test_serving_rule() -> None:
 
 
 def test_group_elements_name_the_grant_chain_they_jump_to() -> None:
-    from vipd.dataplane.fence_build import _jump
+    from vipd.dataplane.fence_wire import _jump
     data = ft._TABLE_ATTR + _nla(2, b"group4\0") + _nla(ft._L_ELEMENTS, _elem(_key_attr(A), None, _jump(2))
                                                          + _elem(_key_attr(B), None, _jump(7)))
     out: dict[bytes, str] = {}

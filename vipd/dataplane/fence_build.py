@@ -39,21 +39,18 @@ payload.) ARP probes (sender 0.0.0.0), DAD probes (source ::), and neighbour adv
 stay untouched, so conflict detection works while a VIP is fenced.
 
 Setup (:func:`setup_ops`) is pyroute2 message data, one atomic batch that converges from any
-state (create-if-missing, then flush and refill what vipd owns). Token refreshes are encoded
-here by hand (:func:`token_batch`), straight to bytes: one batch of O(elements) bytes, ~1 ms for
-1,000 elements, where pyroute2's message classes take ~60 ms.
+state (create-if-missing, then flush and refill what vipd owns, or, on a reload, write the sets'
+difference from what the kernel holds). Token refreshes are encoded by hand
+(vipd/dataplane/fence_wire.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
-import re
 import struct
-from typing import Any, Iterable, NamedTuple, Optional, Sequence, TypeVar, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, TypeVar, Union
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
+from pyroute2.netlink import NLM_F_APPEND, NLM_F_CREATE
 from pyroute2.netlink.nfnetlink import nftsocket as nfts
 
 from vipd.dataplane.nft_build import Op, encode_batch  # one batch encoder and op type for both tables
@@ -69,23 +66,16 @@ TOKEN = {4: "token4", 6: "token6"}
 L2ONLY = {4: "l2only4", 6: "l2only6"}
 GROUP = {4: "group4", 6: "group6"}  # verdict maps: VIP -> jump to its grant's chain
 GRANT_PREFIX = "grant_"  # grant_<id>: a grant's chain and set
-# The kernel keeps element timeouts in jiffies rounded down; a timeout under one jiffy becomes 0,
-# which the kernel reads as "no timeout" (a permanent element). 10 ms covers HZ >= 100: anything
-# shorter is not armed at all (the element is removed instead).
-MIN_TOKEN_MS = 10
-MAX_TOKEN_MS = 1 << 40
 
 _KEY = {4: (7, 4), 6: (8, 16)}  # nft datatypes ipv4_addr / ipv6_addr: (type, length)
 _ETHERTYPE = (10, 2)  # nft datatype ether_type: a grant set's key
 _NFT_DATA_VERDICT = 0xFFFFFF00
-_NFT_JUMP = -3
 _HOOK_INGRESS, _HOOK_EGRESS = 0, 1
 _NF_ACCEPT = 1
 _NF_DROP = 0
 _META_PROTOCOL, _META_L4PROTO = 1, 16
 _BASE_NETWORK, _BASE_TRANSPORT = 1, 2
-_BATCH_BEGIN, _BATCH_END = 0x10, 0x11
-_ETH_P = {"ip": 0x0800, "arp": 0x0806, "ip6": 0x86DD}
+ETH_P = {"ip": 0x0800, "arp": 0x0806, "ip6": 0x86DD}
 _ICMPV6, _ND_NS, _ND_NA = 58, 135, 136
 
 
@@ -119,7 +109,7 @@ def _payload(base: int, offset: int, length: int) -> dict[str, Any]:
 
 
 def _proto(eth: str) -> list[dict[str, Any]]:
-    return [_meta(_META_PROTOCOL), _cmp(struct.pack("!H", _ETH_P[eth]))]
+    return [_meta(_META_PROTOCOL), _cmp(struct.pack("!H", ETH_P[eth]))]
 
 
 def _fenced(load: dict[str, Any], version: int, l2: bool = False) -> list[dict[str, Any]]:
@@ -193,8 +183,8 @@ def _elems(set_name: str, elems: Optional[Sequence[dict[str, Any]]], msg_type: i
     return Op(msg_type, tuple(attrs), NLM_F_CREATE if msg_type == nfts.NFT_MSG_NEWSETELEM else 0)
 
 
-def _key(ip: IPAddress) -> dict[str, Any]:
-    return {"attrs": [("NFTA_SET_ELEM_KEY", _value(ip.packed))]}
+def _key(packed: bytes) -> dict[str, Any]:
+    return {"attrs": [("NFTA_SET_ELEM_KEY", _value(packed))]}
 
 
 def drop_table_ops() -> list[Op]:
@@ -203,8 +193,24 @@ def drop_table_ops() -> list[Op]:
     return [Op(nfts.NFT_MSG_NEWTABLE, name, NLM_F_CREATE), Op(nfts.NFT_MSG_DELTABLE, name)]
 
 
+def _fill(name: str, want: Sequence[bytes], present: Optional[Mapping[str, set[bytes]]]) -> list[Op]:
+    """Make set `name` hold exactly `want`: flush and refill (atomic in the batch), or, when
+    `present` has its current keys, delete and add only the difference."""
+    have = present.get(name) if present is not None else None
+    if have is None:
+        ops = [_elems(name, None, nfts.NFT_MSG_DELSETELEM)]
+        add: Sequence[bytes] = want
+    else:
+        wanted = set(want)
+        gone = sorted(have - wanted)
+        ops = [_elems(name, part, nfts.NFT_MSG_DELSETELEM) for part in chunks([_key(k) for k in gone])]
+        add = [k for k in want if k not in have]
+    return ops + [_elems(name, part, nfts.NFT_MSG_NEWSETELEM) for part in chunks([_key(k) for k in add])]
+
+
 def setup_ops(managed: Iterable[tuple[IPAddress, str]], stale_devs: Iterable[str] = (),
-              l2only: Iterable[IPAddress] = (), hooked: Iterable[str] = ()) -> list[Op]:
+              l2only: Iterable[IPAddress] = (), hooked: Iterable[str] = (),
+              present: Optional[Mapping[str, set[bytes]]] = None) -> list[Op]:
     """One batch that makes the table exactly: sets (managed = the given VIPs, l2only = those of
     them gated for ARP/ND only), a chain pair with its rules per device of the given (VIP, device)
     pairs; chains of ``stale_devs`` are deleted. Tokens, groups and grants stay as they are (their
@@ -212,7 +218,9 @@ def setup_ops(managed: Iterable[tuple[IPAddress, str]], stale_devs: Iterable[str
     pair: their chains and rules are left as they are. Rewriting them made a reload's batch take
     23-27 ms (median; up to 52) instead of 4 ms at 4 VIPs, under the fence's lock, and the
     successors' grant re-arms lapsed behind it (`bench/fence.py`, "a reload's table update").
-    verify() repairs a damaged chain at the next tick."""
+    verify() repairs a damaged chain at the next tick. ``present``: the managed and ARP/ND-only
+    sets' keys as the kernel holds them now (read in the same thread just before): only the
+    difference is written, where a flush and refill of 1,000 VIPs held the lock ~47 ms."""
     managed, l2only, hooked = list(managed), list(l2only), set(hooked)
     ops = [Op(nfts.NFT_MSG_NEWTABLE, (("NFTA_TABLE_NAME", TABLE), ("NFTA_TABLE_FLAGS", 0),
                                       ("NFTA_TABLE_USERDATA", TABLE_COMMENT)), NLM_F_CREATE)]
@@ -226,12 +234,8 @@ def setup_ops(managed: Iterable[tuple[IPAddress, str]], stale_devs: Iterable[str
             ("NFTA_SET_TABLE", TABLE), ("NFTA_SET_NAME", GROUP[v]), ("NFTA_SET_FLAGS", {"NFT_SET_MAP"}),
             ("NFTA_SET_KEY_TYPE", _KEY[v][0]), ("NFTA_SET_KEY_LEN", _KEY[v][1]),
             ("NFTA_SET_DATA_TYPE", _NFT_DATA_VERDICT), ("NFTA_SET_ID", len(ops))), NLM_F_CREATE))
-        ops.append(_elems(MANAGED[v], None, nfts.NFT_MSG_DELSETELEM))  # flush, then refill: atomic
-        keys = [_key(ip) for ip, _ in managed if ip.version == v]
-        ops += [_elems(MANAGED[v], part, nfts.NFT_MSG_NEWSETELEM) for part in _chunks(keys)]
-        ops.append(_elems(L2ONLY[v], None, nfts.NFT_MSG_DELSETELEM))
-        keys = [_key(ip) for ip in l2only if ip.version == v]
-        ops += [_elems(L2ONLY[v], part, nfts.NFT_MSG_NEWSETELEM) for part in _chunks(keys)]
+        ops += _fill(MANAGED[v], [ip.packed for ip, _ in managed if ip.version == v], present)
+        ops += _fill(L2ONLY[v], [ip.packed for ip in l2only if ip.version == v], present)
     for dev in sorted(set(stale_devs) - {d for _, d in managed}):
         for chain in chain_names(dev):
             ops.append(Op(nfts.NFT_MSG_DELRULE, (("NFTA_RULE_TABLE", TABLE), ("NFTA_RULE_CHAIN", chain))))
@@ -268,150 +272,10 @@ def rules_per_chain() -> int:
 _RULES_PER_CHAIN: Optional[int] = None
 
 
-# -- token batches, encoded by hand ---------------------------------------------------------
-
-_NLA_F_NESTED = 0x8000
-_NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
-_NFNL_SUBSYS_NFTABLES = 10
-_NEWSETELEM = (_NFNL_SUBSYS_NFTABLES << 8) | nfts.NFT_MSG_NEWSETELEM
-_DELSETELEM = (_NFNL_SUBSYS_NFTABLES << 8) | nfts.NFT_MSG_DELSETELEM
-# NFTA_SET_ELEM_LIST_{TABLE,SET,ELEMENTS}, NFTA_LIST_ELEM, NFTA_SET_ELEM_{KEY,DATA,TIMEOUT,EXPIRATION}, NFTA_DATA_VALUE
-_L_TABLE, _L_SET, _L_ELEMENTS, _LIST_ELEM, _E_KEY, _E_DATA, _E_TIMEOUT, _E_EXPIRATION, _D_VALUE = 1, 2, 3, 1, 1, 2, 4, 5, 1
-_D_VERDICT, _V_CODE, _V_CHAIN = 2, 1, 2  # NFTA_DATA_VERDICT, NFTA_VERDICT_{CODE,CHAIN}
-
-
-def _nla(kind: int, payload: bytes) -> bytes:
-    n = 4 + len(payload)
-    return struct.pack("=HH", n, kind) + payload + b"\0" * (-n & 3)
-
-
-_KEY_ATTR: dict[IPAddress, bytes] = {}  # VIP -> its NFTA_SET_ELEM_KEY attribute (a refresh re-encodes only times)
-_TIMES = struct.Struct("=HH8sHH8s")
-
-
-def _key_attr(ip: IPAddress) -> bytes:
-    attr = _KEY_ATTR.get(ip)
-    if attr is None:
-        if len(_KEY_ATTR) > 100_000:
-            _KEY_ATTR.clear()
-        attr = _KEY_ATTR[ip] = _nla(_E_KEY | _NLA_F_NESTED, _nla(_D_VALUE, ip.packed))
-    return attr
-
-
-# a grant set's elements: one per protocol the fence rules match (meta protocol, big-endian)
-_GRANT_KEYS = [_nla(_E_KEY | _NLA_F_NESTED, _nla(_D_VALUE, struct.pack("!H", p))) for p in _ETH_P.values()]
-
-
-def _jump(gid: int) -> bytes:
-    """NFTA_SET_ELEM_DATA of a group element: jump to the grant's chain."""
-    verdict = _nla(_V_CODE, struct.pack("!i", _NFT_JUMP)) + _nla(_V_CHAIN, grant_name(gid).encode() + b"\0")
-    return _nla(_E_DATA | _NLA_F_NESTED, _nla(_D_VERDICT | _NLA_F_NESTED, verdict))
-
-
-def _elem(key: bytes, ms: Optional[int], data: bytes = b"") -> bytes:
-    """One NFTA_LIST_ELEM: the key attribute, with ``timeout ms expires ms`` (ms None: none), then
-    `data` (a map element's NFTA_SET_ELEM_DATA)."""
-    extra = b"" if ms is None else _TIMES.pack(12, _E_TIMEOUT, ms.to_bytes(8, "big"), 12, _E_EXPIRATION,
-                                              ms.to_bytes(8, "big"))
-    return struct.pack("=HH", 4 + len(key) + len(extra) + len(data), _LIST_ELEM | _NLA_F_NESTED) + key + extra + data
-
-
-def _msg(kind: int, flags: int, seq: int, payload: bytes, res_id: int = 0) -> bytes:
-    body = struct.pack("!BBH", NFPROTO_NETDEV if res_id == 0 else 0, 0, res_id) + payload
-    return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
-
-
-_TABLE_ATTR = _nla(_L_TABLE, TABLE.encode() + b"\0")
-_SET_ATTR = {name: _nla(_L_SET, name.encode() + b"\0") for name in (*TOKEN.values(), *MANAGED.values(), *GROUP.values())}
-
-
-def _set_attr(name: str) -> bytes:
-    attr = _SET_ATTR.get(name)
-    if attr is None:
-        attr = _SET_ATTR[name] = _nla(_L_SET, name.encode() + b"\0")
-    return attr
-
-
 ELEMS_PER_MSG = 500  # set elements per message: a netlink attribute's length is 16 bits (~50 bytes each)
 
 T = TypeVar("T")
 
 
-def _chunks(items: Sequence[T]) -> list[Sequence[T]]:
+def chunks(items: Sequence[T]) -> list[Sequence[T]]:
     return [items[i:i + ELEMS_PER_MSG] for i in range(0, len(items), ELEMS_PER_MSG)]
-
-
-Part = tuple[int, bytes]  # (message type, attributes) of one message of a batch
-
-
-def _elements(kind: int, set_name: str, elems: Sequence[bytes]) -> list[Part]:
-    head = _TABLE_ATTR + _set_attr(set_name)
-    return [(kind, head + _nla(_L_ELEMENTS | _NLA_F_NESTED, b"".join(part))) for part in _chunks(elems)]
-
-
-def _timed(set_name: str, arm: Sequence[tuple[bytes, int]], remove: Sequence[bytes], timeout_update: bool) -> list[Part]:
-    """Arm each (key, ms) of a timeout set, remove each key of `remove`; absent elements are no
-    error: a removal is "add, then delete"; an arm on a kernel without element timeout update
-    (< 6.11) is "add, delete, add"."""
-    parts: list[Part] = []
-    if remove or (arm and not timeout_update):
-        keys = [k for k, _ in arm] + list(remove)
-        parts += _elements(_NEWSETELEM, set_name, [_elem(k, MIN_TOKEN_MS) for k in keys])
-        parts += _elements(_DELSETELEM, set_name, [_elem(k, None) for k in keys])
-    return parts + _elements(_NEWSETELEM, set_name, [_elem(k, ms) for k, ms in arm])
-
-
-def token_batch(arm: Sequence[tuple[IPAddress, int]], remove: Sequence[IPAddress], seq: int,
-                timeout_update: bool = True, *, grants: Sequence[tuple[int, int]] = (), ungrant: Sequence[int] = (),
-                join: Sequence[tuple[IPAddress, int]] = (), leave: Sequence[IPAddress] = ()) -> tuple[bytes, int]:
-    """One nfnetlink batch (atomic: the kernel applies all of it or nothing): arm each (VIP, ms) in
-    its token set and remove each VIP of ``remove``; arm each (grant id, ms) of ``grants`` and remove
-    each of ``ungrant`` (their chains and sets exist: :func:`grant_ops`); take each VIP of ``leave``
-    out of its group (it must be in one), then put each (VIP, grant id) of ``join`` in that group
-    (it must be in none). Returns (bytes, sequence number of the one message that asks for an
-    ack: the last)."""
-    parts: list[Part] = []
-    for v in (4, 6):
-        parts += _elements(_DELSETELEM, GROUP[v], [_elem(_key_attr(ip), None) for ip in leave if ip.version == v])
-        parts += _elements(_NEWSETELEM, GROUP[v], [_elem(_key_attr(ip), None, _jump(gid)) for ip, gid in join
-                                                   if ip.version == v])
-        parts += _timed(TOKEN[v], [(_key_attr(ip), ms) for ip, ms in arm if ip.version == v],
-                        [_key_attr(ip) for ip in remove if ip.version == v], timeout_update)
-    for g, ms in grants:
-        parts += _timed(grant_name(g), [(k, ms) for k in _GRANT_KEYS], [], timeout_update)
-    for g in ungrant:
-        parts += _timed(grant_name(g), [], _GRANT_KEYS, timeout_update)
-    out = [_msg(_BATCH_BEGIN, _NLM_F_REQUEST, seq, b"", _NFNL_SUBSYS_NFTABLES)]
-    for i, (kind, attrs) in enumerate(parts):
-        flags = _NLM_F_REQUEST | (_NLM_F_ACK if i == len(parts) - 1 else 0)
-        flags |= NLM_F_CREATE if kind == _NEWSETELEM else 0
-        out.append(_msg(kind, flags, seq + 1 + i, attrs))
-    last = seq + len(parts)
-    out.append(_msg(_BATCH_END, _NLM_F_REQUEST, last + 1, b"", _NFNL_SUBSYS_NFTABLES))
-    return b"".join(out), (last if parts else -1)
-
-
-def parse_acks(data: bytes) -> list[tuple[int, int]]:
-    """(sequence number, errno) of every NLMSG_ERROR in ``data`` (errno 0: an ack)."""
-    out: list[tuple[int, int]] = []
-    off = 0
-    while off + 16 <= len(data):
-        length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
-        if length < 16:
-            break
-        if kind == 2 and length >= 20:  # NLMSG_ERROR
-            out.append((seq, -struct.unpack_from("=i", data, off + 16)[0]))
-        off += (length + 3) & ~3
-    return out
-
-
-def token_ms(until: float, now: float) -> int:
-    """Whole milliseconds from ``now`` to ``until``, rounded down (0 when under MIN_TOKEN_MS)."""
-    ms = int((until - now) * 1000.0)  # truncation == floor for positive values
-    return ms if ms >= MIN_TOKEN_MS else 0
-
-
-def kernel_has_timeout_update(release: Optional[str] = None) -> bool:
-    """Element timeout update (``timeout T expires T`` on an existing element): Linux >= 6.11."""
-    m = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
-    return m is not None and (int(m[1]), int(m[2])) >= (6, 11)

@@ -49,11 +49,12 @@ import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vipd.config import VipSpec
-from vipd.dataplane.fence_build import (TABLE, chain_names, drop_table_ops, encode_setup, grant_name,
-                                        kernel_has_timeout_update, setup_ops)
-from vipd.dataplane.fence_read import dump_chains, is_whole
+from vipd.dataplane.fence_build import (L2ONLY, MANAGED, TABLE, chain_names, drop_table_ops, encode_setup, grant_name,
+                                        setup_ops)
+from vipd.dataplane.fence_read import dump_chains, is_whole, read_sets
 from vipd.dataplane.fence_send import Key, Sockets, TokenOps, rebuild, write
 from vipd.dataplane.netlink import Netlink, netlink_error_text
+from vipd.dataplane.nft_build import kernel_has_timeout_update
 from vipd.errors import DataplaneError, FenceError
 
 __all__ = ["FenceError", "NftFence"]
@@ -286,7 +287,8 @@ class NftFence:
             stale = {c.split("_", 1)[1] for c in current if c.startswith(("in_", "out_"))}
             hooked = {dev for _, dev in vip_devs if all(current.get(c) == dev for c in chain_names(dev))}
             s.created.intersection_update(g for g in list(s.created) if grant_name(g) in current)
-            s.nft.nlm_request_batch(encode_setup(setup_ops(vip_devs, stale, l2only, hooked)))
+            present = read_sets(s.raw, s.take_seqs(16), (*MANAGED.values(), *L2ONLY.values()))
+            s.nft.nlm_request_batch(encode_setup(setup_ops(vip_devs, stale, l2only, hooked, present)))
             if gone:
                 self._send_tokens(s, gone, rebuilt)
 
@@ -317,8 +319,8 @@ class NftFence:
         members = [self._managed[n][0] for n in self._group if n in self._managed]
 
         def job(s: Sockets) -> bool:
-            first, grants = s.seq, sorted(s.created)
-            s.seq = (s.seq + 64 + 4 * len(grants)) & 0x7FFFFFFF or 1  # the set dumps (and their retries)
+            grants = sorted(s.created)
+            first = s.take_seqs(64 + 4 * len(grants))  # the set dumps (and their retries)
             if is_whole(s.nft, vip_devs, self._l2only, raw=(s.raw, first), grants=grants, members=members):
                 return False
             self._rebuild(s, vip_devs, every())

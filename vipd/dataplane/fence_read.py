@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
@@ -39,6 +39,7 @@ _NFT_GETSETELEM, _NFT_NEWSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | 13, (NFNL_SUBSY
 _NFPROTO_NETDEV = 5
 _RTA = struct.Struct("=HH")
 _L_TABLE, _L_SET, _L_ELEMENTS, _LIST_ELEM = 1, 2, 3, 1
+_E_KEY, _D_VALUE = 1, 1  # NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE
 
 
 def _nla(kind: int, payload: bytes) -> bytes:
@@ -46,21 +47,39 @@ def _nla(kind: int, payload: bytes) -> bytes:
     return _RTA.pack(n, kind) + payload + b"\0" * (-n & 3)
 
 
-def count_elements(sock: socket.socket, seq: int, set_name: str) -> int:
-    """How many elements the fence table's set holds, from one raw NFT_MSG_GETSETELEM dump counted
-    with struct (pyroute2 decodes every element: ~20 us each, thousands every reconcile tick).
-    OSError (ENOENT: no table or set) as the kernel answers."""
+def _element_lists(sock: socket.socket, seq: int, set_name: str) -> Iterator[tuple[bytes, int, int]]:
+    """(data, start, end) of every NFTA_SET_ELEM_LIST_ELEMENTS attribute of one raw
+    NFT_MSG_GETSETELEM dump of the fence table's set. OSError (ENOENT: no table or set) as the
+    kernel answers."""
     body = (struct.pack("!BBH", _NFPROTO_NETDEV, 0, 0) + _nla(_L_TABLE, TABLE.encode() + b"\0")
             + _nla(_L_SET, set_name.encode() + b"\0"))
     request = lambda n: nldump.header(len(body), _NFT_GETSETELEM, nldump.NLM_F_REQUEST | nldump.NLM_F_DUMP, n) + body  # noqa: E731
-    count = 0
     for kind, data, start, end in nldump.dump(sock, request, f"NFT_MSG_GETSETELEM {set_name}", seq=seq):
         if kind != _NFT_NEWSETELEM:
             continue
         for atype, a0, a1 in nldump.attrs(data, start + 4, end):  # after struct nfgenmsg
             if atype == _L_ELEMENTS:
-                count += sum(1 for etype, _, _ in nldump.attrs(data, a0, a1) if etype == _LIST_ELEM)
-    return count
+                yield data, a0, a1
+
+
+def count_elements(sock: socket.socket, seq: int, set_name: str) -> int:
+    """How many elements the fence table's set holds, counted with struct (pyroute2 decodes every
+    element: ~20 us each, thousands every reconcile tick)."""
+    return sum(1 for data, a0, a1 in _element_lists(sock, seq, set_name)
+               for etype, _, _ in nldump.attrs(data, a0, a1) if etype == _LIST_ELEM)
+
+
+def element_keys(sock: socket.socket, seq: int, set_name: str) -> set[bytes]:
+    """The keys (packed addresses) of the fence table's set `set_name`."""
+    out: set[bytes] = set()
+    for data, a0, a1 in _element_lists(sock, seq, set_name):
+        for etype, e0, e1 in nldump.attrs(data, a0, a1):
+            if etype != _LIST_ELEM:
+                continue
+            for ktype, k0, k1 in nldump.attrs(data, e0, e1):
+                if ktype == _E_KEY:
+                    out.update(data[v0:v1] for vtype, v0, v1 in nldump.attrs(data, k0, k1) if vtype == _D_VALUE)
+    return out
 
 
 def is_whole(nft: NFTables, vips: Iterable[tuple[IPAddress, str]], l2only: Iterable[IPAddress] = (),
@@ -104,6 +123,19 @@ def is_whole(nft: NFTables, vips: Iterable[tuple[IPAddress, str]], l2only: Itera
             return False
         raise
     return True
+
+
+def read_sets(sock: socket.socket, first: int, names: Iterable[str]) -> dict[str, set[bytes]]:
+    """The keys of each fence set of `names` that exists (sequence numbers from `first`, 4 per
+    dump)."""
+    out = {}
+    for i, name in enumerate(names):
+        try:
+            out[name] = element_keys(sock, first + 4 * i, name)
+        except OSError as e:
+            if e.errno != _ENOENT:
+                raise
+    return out
 
 
 def _count(nft: NFTables, raw: Optional[tuple[socket.socket, int]], offset: int, name: str) -> Optional[int]:

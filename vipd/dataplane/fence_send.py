@@ -5,7 +5,7 @@ batches, and what the owner thread knows of the table (grants created, send timi
 `TokenOps`: one atomic batch's worth of changes, deadlines on time.perf_counter's clock (the owner
 thread cannot read trio's): VIP tokens and grants to arm (a deadline already over removes the
 element), VIPs to put in a grant's group or take out of theirs. `send` encodes it
-(vipd.dataplane.fence_build.token_batch) and waits for the kernel's verdict; `write` sends it so
+(vipd.dataplane.fence_wire.token_batch) and waits for the kernel's verdict; `write` sends it so
 that no element outlives its deadline (vipd/dataplane/fence_nft.py's docstring), rebuilding the
 table if it went missing.
 """
@@ -21,8 +21,8 @@ from typing import Callable, Optional, Sequence, Union
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.nftables.main import NFTables
 
-from vipd.dataplane.fence_build import (NFPROTO_NETDEV, drop_table_ops, encode_setup, grant_ops, parse_acks, setup_ops,
-                                        token_batch, token_ms)
+from vipd.dataplane.fence_build import NFPROTO_NETDEV, drop_table_ops, encode_setup, grant_ops, setup_ops
+from vipd.dataplane.fence_wire import parse_acks, token_batch, token_ms
 from vipd.dataplane.netlink import enter_netns
 from vipd.errors import FenceError
 
@@ -52,6 +52,12 @@ class Sockets:
         self.created: set[int] = set()  # grant ids whose chain and set exist
         self.per_elem = 2e-6  # seconds per element from clock read to kernel insert (running mean)
         self.last_batch = 0.0  # clock read -> kernel done, of the last batch
+
+    def take_seqs(self, n: int) -> int:
+        """Reserve `n` sequence numbers on the raw socket (dumps, batches); returns the first."""
+        first = self.seq
+        self.seq = (self.seq + n) & 0x7FFFFFFF or 1
+        return first
 
     def fit(self, size: int) -> None:
         """Let one send of `size` bytes through (a token batch of thousands of VIPs is larger than
@@ -95,8 +101,7 @@ def send(s: Sockets, ops: TokenOps, at: float, timeout_update: bool) -> tuple[in
     ungrant = [g for g, d in ops.grants if not token_ms(d, at)]
     data, last = token_batch(arm, remove, s.seq, timeout_update, grants=grants, ungrant=ungrant,
                              join=list(ops.join), leave=list(ops.leave))
-    first = s.seq
-    s.seq = (s.seq + len(ops) + 16) & 0x7FFFFFFF or 1
+    first = s.take_seqs(len(ops) + 16)
     if last < 0:
         return 0, time.perf_counter(), 0
     s.fit(len(data))
