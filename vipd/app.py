@@ -341,8 +341,10 @@ async def run(cfg: Config, path: str | None = None) -> None:
     check_host(cfg, allow_missing_interfaces=True)
     async with Netlink() as nl, EtcdClient.from_config(cfg.etcd) as client:
         daemon = Daemon(cfg, client, nl, path)
-        # a batch longer than the peer lease lets this host's grants lapse (vipd/succession.py)
-        watch = LoopWatch(daemon.metrics.registry, warn=cfg.peers.lease)
+        # A grant is re-armed when it has moved 2 heartbeats (vipd/succession_tokens.py), so right
+        # before a re-arm it has about L - 2h left: a batch longer than that can let it lapse and
+        # blink this host's VIPs (vipd_fence_token_lapses_total counts it); name such batches.
+        watch = LoopWatch(daemon.metrics.registry, warn=max(0.01, cfg.peers.lease - 2 * cfg.peers.interval))
         trio.lowlevel.add_instrument(watch)
         watch.start_gc_watch()
         try:
