@@ -305,7 +305,10 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
         try:
             cluster = Cluster(lab, work / f"cluster-{m}-{run}", vips, endpoints=[etcd.endpoint],
                               **profile(args.timing))
-            if not args.no_peers:  # fast takeover: heartbeats between the hosts' lab addresses
+            if args.no_peers:  # (on by default in vipd: it must be turned off)
+                for h in lab.hosts:
+                    cluster.host_tables[h.name] = {"peers": {"enabled": False}}
+            else:  # fast takeover: heartbeats between the hosts' lab addresses
                 timing = {}
                 if args.peers_timing:
                     grace, lease, interval = (float(x) for x in args.peers_timing.split(","))
