@@ -25,7 +25,7 @@ from vipd.drain import Drain
 from vipd.reload import Reloader
 from vipd.routing import Routing
 from vipd.hooks import HookRunner
-from vipd.loopwatch import LoopWatch, freeze_heap
+from vipd.loopwatch import LoopWatch, collector_held, freeze_heap
 from vipd.metrics import Metrics, serve
 from vipd.model import (Event, OwnerObserved, Placement, ReleaseRequested, ShutdownRequested,
                         State)
@@ -295,7 +295,8 @@ class Daemon(KernelView):
             await nursery.start(self.dsr.run)  # the director's maps exist before a controller arms them
             self.drain.restore()  # a drained host stays drained across restarts
             await self.interfaces.refresh()  # a missing NIC's VIPs unfit before any campaign
-            await self._start_controllers(nursery)
+            with collector_held():
+                await self._start_controllers(nursery)
             nursery.start_soon(self.fitness.run)
             for watch in self.duplicates.values():
                 nursery.start_soon(self.run_duplicate_watch, watch)
@@ -340,7 +341,8 @@ class Daemon(KernelView):
 async def run(cfg: Config, path: str | None = None) -> None:
     check_host(cfg, allow_missing_interfaces=True)
     async with Netlink() as nl, EtcdClient.from_config(cfg.etcd) as client:
-        daemon = Daemon(cfg, client, nl, path)
+        with collector_held():
+            daemon = Daemon(cfg, client, nl, path)
         # A grant is re-armed when it has moved 2 heartbeats (vipd/succession_tokens.py), so right
         # before a re-arm it has about L - 2h left: a batch longer than that can let it lapse and
         # blink this host's VIPs (vipd_fence_token_lapses_total counts it); name such batches.

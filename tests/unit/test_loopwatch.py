@@ -64,3 +64,28 @@ def test_freeze_heap_takes_what_is_alive_out_of_every_collection() -> None:
         assert all(gc.is_tracked(x) and id(x) not in collected for x in kept)
     finally:
         gc.unfreeze()  # (the test process goes on collecting as before)
+
+
+def test_collector_held_collects_nothing_inside_then_freezes_what_was_built_and_resumes() -> None:
+    import gc
+
+    from vipd.loopwatch import collector_held
+    runs: list[int] = []
+    count = lambda phase, info: runs.append(info["generation"]) if phase == "start" else None  # noqa: E731
+    gc.callbacks.append(count)
+    try:
+        assert gc.isenabled()
+        with collector_held():
+            assert not gc.isenabled()
+            built = [[i] for i in range(50_000)]  # far past the young generation's threshold
+        assert runs == [] and gc.isenabled()
+        collected = {id(o) for g in (0, 1, 2) for o in gc.get_objects(generation=g)}
+        assert not any(id(x) in collected for x in built[::997])  # frozen: out of every collection
+        gc.disable()
+        with collector_held():  # the state it found is the state it leaves
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.callbacks.remove(count)
+        gc.enable()
+        gc.unfreeze()
