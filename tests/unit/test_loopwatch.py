@@ -56,14 +56,18 @@ def test_gc_pauses_are_timed_until_the_watch_stops() -> None:
 
 def test_freeze_heap_takes_what_is_alive_out_of_every_collection() -> None:
     import gc
+    from vipd.loopwatch import OLDEST_AFTER
     kept = [[i] for i in range(1000)]  # alive at "ready"
+    threshold = gc.get_threshold()
     try:
         frozen = freeze_heap()
         assert frozen >= len(kept) and gc.get_freeze_count() == frozen
         collected = {id(o) for g in (0, 1, 2) for o in gc.get_objects(generation=g)}
         assert all(gc.is_tracked(x) and id(x) not in collected for x in kept)
+        assert gc.get_threshold() == (*threshold[:2], OLDEST_AFTER)  # full collections far rarer
     finally:
         gc.unfreeze()  # (the test process goes on collecting as before)
+        gc.set_threshold(*threshold)
 
 
 def test_collector_held_collects_nothing_inside_then_freezes_what_was_built_and_resumes() -> None:
