@@ -108,9 +108,9 @@ def collector_held() -> Iterator[None]:
 
 
 # Collections of the middle generation before the collector considers a full one (Python's default
-# is 10). A full collection stops every thread, the heartbeats too: at 3,000 VIPs on 3 hosts its
-# pauses (tens of ms, under the loop_stalled line) made this host's echoes late (L/2) and its peers
-# rename every unit it succeeds. Measured at rest (bench/scale.py --host-vips 0 --no-footprint
+# is 10). A full collection stops every thread, the heartbeats too: at 3,000 VIPs on 3 hosts such
+# pauses (not logged under 70 ms) are the likely cause of echoes late by L/2, after which a peer
+# renames every unit this host succeeds. Measured at rest (bench/scale.py --host-vips 0 --no-footprint
 # --cluster-vips 3000 --steady 20 --runs 1 --no-crash, 6 runs each, alternated): successor renames
 # median ~4,000 -> ~1,500 per window, etcd storms (> 20 requests/s) 2 -> 0 of 6; RSS unchanged.
 OLDEST_AFTER = 1000
