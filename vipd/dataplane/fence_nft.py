@@ -19,9 +19,11 @@ measured the cut 2-8 ms early, never late); under ``MIN_TOKEN_MS`` the token is 
 (a sub-tick timeout would be a permanent element). Each timeout counts from when the kernel is
 expected to have inserted the element (the clock read plus a lead learnt from past batches); if
 the send took longer (preemption, a stop), the batch is recomputed and sent again at once, so when
-``arm`` returns no element outlives its deadline. One window is left for the core's margins: a
-stop landing in the microseconds between the clock read and the send makes the thawed thread send
-a stale timeout, which re-opens a lapsed VIP for one round trip (< ~2 ms) until the resend.
+``arm`` returns no element outlives its deadline. A batch whose encoding outran its lead is
+encoded again from a fresh clock before it is sent (fence_send `send`): sent stale, a thawed
+owner's lapsed VIP served again beside its successor for 7 ms (bench/failover.py, SIGSTOP).
+One window is left for the core's margins: a stop or preemption landing in the few bytecodes
+between that check and the kernel re-opens a lapsed VIP until the resend answers.
 
 DSR VIPs (with services) are gated for ARP/ND only (their IP traffic reaches and leaves every
 backend, owner or not): a fenced owner stops claiming the address on the segment at its token
