@@ -23,6 +23,7 @@ import trio
 from vipd.model import VipSpec
 
 LIFETIME_SLACK = 0.05  # seconds: the lifetime is computed from the deadline minus this, at the call
+# (a hold-up past 0.5 s between that and the kernel is taken off in the netlink thread: address.py `_aged`)
 KERNEL_EARLY = 0.05  # seconds: the kernel may remove an address this much before its lifetime (timer fuzz, jiffies)
 
 

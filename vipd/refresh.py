@@ -34,6 +34,7 @@ out late. Here:
 from __future__ import annotations
 
 import math
+import time
 from typing import Iterable, Mapping, Optional, Protocol, Sequence
 
 import trio
@@ -138,7 +139,8 @@ class HostLifetimeFence(LifetimeFence):
 
 
 class RefreshManyPort(Protocol):
-    async def refresh_many(self, items: Sequence[tuple[VipSpec, int]]) -> dict[str, AddressError]: ...
+    async def refresh_many(self, items: Sequence[tuple[VipSpec, int]],
+                           at: Optional[float] = None) -> dict[str, AddressError]: ...
 
 
 class MetricsPort(Protocol):
@@ -256,7 +258,7 @@ class HostRefresh:
     async def _lifetimes(self, due: list[tuple[Controller, float]]) -> None:
         items: list[tuple[VipSpec, int]] = []
         armed: list[tuple[Controller, float]] = []
-        now = trio.current_time()
+        now, at = trio.current_time(), time.perf_counter()
         for c, until in due:
             life = whole_seconds_before(until, now)
             if life >= 1:  # else the running lifetime ends earlier still: nothing to extend
@@ -267,7 +269,7 @@ class HostRefresh:
         for i in range(0, len(items), CHUNK):
             chunk = items[i:i + CHUNK]
             try:
-                failures.update(await self._addresses.refresh_many(chunk))
+                failures.update(await self._addresses.refresh_many(chunk, at))  # (a later chunk waited for this one)
             except DataplaneError as e:
                 failures.update({v.name: AddressError(str(e)) for v, _ in chunk})
         for c, until in armed:

@@ -52,6 +52,7 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     def replace_many(_sock: Any, _seq: int, items: list[Any]) -> list[int]:
         k["replaced"] += [str(address) for _, address, _, _ in items]
+        k["lifetimes"] = k.get("lifetimes", []) + [life for _, _, life, _ in items]
         return [0] * len(items)
 
     monkeypatch.setattr(am, "_entries", lambda nl, index=None: k["entries"])
@@ -89,3 +90,22 @@ async def test_a_claim_whose_old_prefix_copy_cannot_go_fails_alone(kernel: dict[
     assert kernel["deleted"] == ["10.0.0.1/24"] and kernel["replaced"] == ["10.0.0.2/32"]
     assert failures[1] is None and "Operation not permitted (errno 1)" in str(failures[0])
     assert str(failures[0]).startswith("claim 10.0.0.1/32")
+
+
+async def test_lifetimes_computed_before_a_hold_up_are_shortened_by_it_or_not_sent(kernel: dict[str, Any]) -> None:
+    """The process stopped (SIGSTOP) or starved between computing a lifetime and telling the kernel:
+    sent as computed, the countdown would start late and the address (the only fence of a routed
+    VIP) outlive its deadline by the hold-up. It is shortened by it, rounded up; one that would
+    not reach a second is not sent (the running countdown ends first) and fails, saying why."""
+    import time
+    mgr = am.AddressManager(Nl())  # type: ignore[arg-type]
+    a, b = vip("a", "10.0.0.1/32"), vip("b", "10.0.0.2/32")
+    failures = await mgr.refresh_many([(a, 9), (b, 2)], at=time.perf_counter() - 1.2)
+    assert {n: str(e) for n, e in failures.items()} == {"b": f"refresh 10.0.0.2/32 on eth0: {am._LATE}"}
+    assert kernel["replaced"] == ["10.0.0.1/32"] and kernel["lifetimes"] == [7]  # 9 - ceil(1.2)
+    claimed = await mgr.claim_many([(a, 9), (b, 2)], at=time.perf_counter() - 1.2)
+    assert claimed[0] is None and str(claimed[1]) == f"claim 10.0.0.2/32 on eth0: {am._LATE}"
+    assert kernel["lifetimes"] == [7, 7]
+    await mgr.refresh_many([(a, 9)], at=time.perf_counter() - 0.3)  # an ordinary wait: as computed
+    assert kernel["lifetimes"] == [7, 7, 9]
+    assert am._aged(am._FOREVER, time.perf_counter() - 100) == am._FOREVER

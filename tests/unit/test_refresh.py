@@ -33,7 +33,8 @@ class Refresher:
         self.count[v.name] += 1
         await self.kernel.refresh(v, lifetime)
 
-    async def refresh_many(self, items: Sequence[tuple[VipSpec, int]]) -> dict[str, AddressError]:
+    async def refresh_many(self, items: Sequence[tuple[VipSpec, int]],
+                           at: float | None = None) -> dict[str, AddressError]:
         for v, life in items:
             await self.refresh(v, life)
         return {}

@@ -23,7 +23,9 @@ addresses on the host.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import time
 from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
 
 import trio
@@ -106,7 +108,7 @@ class AddressManager:
 
     def __init__(self, nl: Netlink) -> None:
         self.nl = nl
-        self._claims: Coalescer[tuple[VipSpec, int], None] = Coalescer(self._claim_batch, max_batch=BATCH)
+        self._claims: Coalescer[tuple[VipSpec, int, float], None] = Coalescer(self._claim_batch, max_batch=BATCH)
         self._releases: Coalescer[VipSpec, None] = Coalescer(self._release_batch, max_batch=BATCH)
         # claims and releases started and not yet done: tagged() waits for them (see there)
         self._inflight: set[trio.Event] = set()
@@ -133,12 +135,15 @@ class AddressManager:
             lifetime = _FOREVER
         elif isinstance(lifetime, bool) or not isinstance(lifetime, int) or not 1 <= lifetime < _FOREVER:
             raise AddressError(f"{vip.name}: lifetime must be whole seconds >= 1 or None, got {lifetime!r}")
-        await self._tracked(self._claims, (vip, lifetime))
+        await self._tracked(self._claims, (vip, lifetime, time.perf_counter()))
 
-    async def claim_many(self, items: Sequence[tuple[VipSpec, int]]) -> list[Optional[AddressError]]:
+    async def claim_many(self, items: Sequence[tuple[VipSpec, int]],
+                         at: Optional[float] = None) -> list[Optional[AddressError]]:
         """claim() for many addresses in one netlink job (lifetime: seconds, or _FOREVER): one
-        address dump for every foreign-copy check. Returns the failure of each item, in order."""
+        address dump for every foreign-copy check. Returns the failure of each item, in order.
+        `at`: when the lifetimes were computed (perf_counter; default now), see `_aged`."""
         failures: list[Optional[AddressError]] = [None] * len(items)
+        at = time.perf_counter() if at is None else at
 
         def job(ipr: IPRoute) -> None:
             indexes: dict[str, Optional[int]] = {}
@@ -167,7 +172,11 @@ class AddressManager:
                 if code:
                     failures[n] = AddressError(f"{what}: {_errno_text(code)}")
                     continue
-                todo.append((n, index, lifetime))
+                life = _aged(lifetime, at)
+                if life < 1:
+                    failures[n] = AddressError(f"{what}: {_LATE}")
+                    continue
+                todo.append((n, index, life))
             # struct-built RTM_NEWADDR (create or replace; IPv6 without DAD), many per send:
             # pyroute2's addr("replace") costs ~1-2 ms of CPU per address, under the GIL
             sock, seq = self.nl.route_socket()
@@ -182,11 +191,14 @@ class AddressManager:
         await self.nl.call_checked(f"claim {len(items)} addresses", job, AddressError)
         return failures
 
-    async def refresh_many(self, items: Sequence[tuple[VipSpec, int]]) -> dict[str, AddressError]:
+    async def refresh_many(self, items: Sequence[tuple[VipSpec, int]],
+                           at: Optional[float] = None) -> dict[str, AddressError]:
         """Restart the countdown of addresses we hold, all in one netlink job and without listing
         the interface (claim() checked for a foreign copy when it first added them; the reconcile
-        tick lists tagged addresses). Returns the failures by VIP name."""
+        tick lists tagged addresses). Returns the failures by VIP name. `at`: when the lifetimes
+        were computed (perf_counter; default now), see `_aged`."""
         failures: dict[str, AddressError] = {}
+        at = time.perf_counter() if at is None else at
 
         def job(ipr: IPRoute) -> None:
             indexes: dict[str, Optional[int]] = {}
@@ -195,10 +207,13 @@ class AddressManager:
                 if vip.interface not in indexes:
                     indexes[vip.interface] = _index(self.nl, vip.interface)
                 index = indexes[vip.interface]
+                life = _aged(lifetime, at)
                 if index is None:
                     failures[vip.name] = AddressError(f"refresh {vip.address}: no interface {vip.interface!r}")
+                elif life < 1:
+                    failures[vip.name] = AddressError(f"refresh {vip.address} on {vip.interface}: {_LATE}")
                 else:
-                    todo.append((vip, index, lifetime))
+                    todo.append((vip, index, life))
             # struct-built messages, many per send (pyroute2 costs ~1 ms per address here): what
             # addr("replace", ..., proto=VIPD_PROTO, valid_lft=lifetime, preferred_lft=lifetime) does
             sock, seq = self.nl.route_socket()
@@ -242,8 +257,9 @@ class AddressManager:
         await self.nl.call_checked(f"release {len(vips)} addresses", job, AddressError)
         return failures
 
-    async def _claim_batch(self, items: list[tuple[VipSpec, int]]) -> list[Outcome[None]]:
-        return [e if e is not None else None for e in await self.claim_many(items)]
+    async def _claim_batch(self, items: list[tuple[VipSpec, int, float]]) -> list[Outcome[None]]:
+        at = min(t for _, _, t in items)  # (the oldest: every lifetime is shortened at least enough)
+        return [e if e is not None else None for e in await self.claim_many([(v, life) for v, life, _ in items], at)]
 
     async def _release_batch(self, vips: list[VipSpec]) -> list[Outcome[None]]:
         return [e if e is not None else None for e in await self.release_many(vips)]
@@ -319,6 +335,27 @@ class AddressManager:
         return None if e is None else e.valid_lft
 
 
+_LATE = "its deadline passed before the kernel could be told (the process was held up)"
+
+
+HELD_UP = 0.5  # seconds between computing a lifetime and sending it past which it is shortened
+
+
+def _aged(lifetime: int, at: float) -> int:
+    """A lifetime computed at `at` (perf_counter) as it must be sent now, in the owner thread just
+    before the kernel is told. A process stopped (SIGSTOP) or starved between the two would start
+    the countdown late, and the address, the only fence of a routed VIP, would outlive its
+    deadline by as long: past the fence margin (>= MIN_FENCE_MARGIN, 1.25 s), the etcd lease may
+    have expired and another host claimed the VIP. Past HELD_UP (0.5 s, well inside that margin;
+    an ordinary queue wait is far shorter, and shortening for it would end addresses before the
+    lazy refresh expects, vipd/refresh.py) it is shortened by the whole time since, rounded up
+    (below 1: not sent, the running countdown ends first). _FOREVER stays."""
+    if lifetime >= _FOREVER:
+        return lifetime
+    age = time.perf_counter() - at
+    return lifetime if age <= HELD_UP else lifetime - math.ceil(age)
+
+
 class RefreshBatcher:
     """Coalesces the lifetime refreshes that many controllers make after the same keepalive into
     one netlink job: the first caller of a scheduler pass leads, the others wait for its result."""
@@ -329,7 +366,7 @@ class RefreshBatcher:
         self._leading = False
 
     async def refresh(self, vip: VipSpec, lifetime: int) -> None:
-        item = _Refresh(vip, lifetime)
+        item = _Refresh(vip, lifetime, time.perf_counter())
         self._pending.append(item)
         if self._leading:
             await item.done.wait()
@@ -342,7 +379,8 @@ class RefreshBatcher:
                 with trio.CancelScope(shield=True):
                     failures: dict[str, AddressError] = {}
                     try:
-                        failures = await self._addresses.refresh_many([(r.vip, r.lifetime) for r in batch])
+                        failures = await self._addresses.refresh_many([(r.vip, r.lifetime) for r in batch],
+                                                                      min(r.at for r in batch))
                     except DataplaneError as e:
                         failures = {r.vip.name: AddressError(str(e)) for r in batch}
                     except BaseException as e:  # never leave a follower waiting, whatever happened
@@ -357,7 +395,7 @@ class RefreshBatcher:
 
 
 class _Refresh:
-    def __init__(self, vip: VipSpec, lifetime: int) -> None:
-        self.vip, self.lifetime = vip, lifetime
+    def __init__(self, vip: VipSpec, lifetime: int, at: float) -> None:
+        self.vip, self.lifetime, self.at = vip, lifetime, at
         self.done = trio.Event()
         self.error: Optional[AddressError] = None
