@@ -99,3 +99,18 @@ def test_a_new_suspicion_of_the_owner_ends_a_takeover_retry_wait():
     assert acts == [] and s.why_not == "takeover retry"
     s, acts = run(s, PeerRecovered("h2"), PeerSuspected("h2"), p=TP)
     assert acts == [TakeOver(NAMED, LEASE)]
+
+
+def test_a_lost_campaign_answered_after_a_newer_record_keeps_the_newer_one():
+    """Our campaign lost to h2, but its answer came after the watch told us h2 had since named us
+    successor (batched campaigns under load: scale-20261207-004905, 68 VIPs). The answer's record
+    is older: taken as is, it erased the naming, and when h2 died its VIPs waited for its lease
+    (10 s) instead of being taken over."""
+    won_by_h2 = OwnerRecord("h2", epoch=12, lease=99, revision=12)  # what our losing transaction saw
+    s, _ = run(backup(owner=None, sub=Sub.CAMPAIGNING), OwnerObserved(NAMED), p=TP)  # the watch: rev 13
+    s, acts = run(s, CampaignLost(won_by_h2), p=TP)
+    assert s.owner == NAMED and acts == []
+    s, acts = run(s, PeerSuspected("h2"), p=TP)
+    assert acts == [TakeOver(NAMED, LEASE)]
+    s, _ = run(backup(owner=OTHER, sub=Sub.CAMPAIGNING), CampaignLost(NAMED), p=TP)  # newer: taken
+    assert s.owner == NAMED

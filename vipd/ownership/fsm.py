@@ -168,7 +168,10 @@ def _backup_won(p: Params, s: VipState, ev: Event, now: float) -> Result:
 def _backup_lost(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, CampaignLost)
     retry = now + RETRY_CAMPAIGN if s.sub is Sub.TAKING_OVER else s.retry_at  # the owner spoke again, or moved on
-    return _to(s, S.BACKUP, Sub.IDLE, s.reason, owner=ev.record, retry_at=retry), []
+    # the record our transaction saw, unless the watch told of a later one while it was out (the
+    # winner named us successor meanwhile: kept, or its crash waits for its lease)
+    o = ev.record if s.owner is None or ev.record.revision >= s.owner.revision else s.owner
+    return _to(s, S.BACKUP, Sub.IDLE, s.reason, owner=o, retry_at=retry), []
 
 
 def _backup_campaign_failed(p: Params, s: VipState, ev: Event, now: float) -> Result:
