@@ -73,3 +73,21 @@ def test_group_elements_name_the_grant_chain_they_jump_to() -> None:
     out: dict[bytes, str] = {}
     ft._find_groups(data, 0, len(data), frozenset({A.packed, C.packed}), out)
     assert out == {A.packed: "grant_2"}
+
+
+def test_a_read_a_batch_landed_in_is_taken_again(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The token set, group map and grants are separate dumps: a batch between them (a VIP leaving
+    its group as its token closes) read half before, half after looked like a live token in no
+    group. A read whose generation moved is taken again (at most TRIES times)."""
+    gens = iter([7, 8, 8, 8])  # before/after of each attempt: torn, then whole
+    monkeypatch.setattr(ft, "generation", lambda sock: next(gens))
+    calls = []
+    gates = TokenGates()
+    monkeypatch.setattr(gates, "_read", lambda host, sock, ips: calls.append(host) or 1.0)
+    assert gates.read("h1", None, [A]) == 1.0  # type: ignore[arg-type]
+    assert calls == ["h1", "h1"] and gates.torn == 1
+    always = iter(range(100))
+    monkeypatch.setattr(ft, "generation", lambda sock: next(always))
+    calls.clear()
+    gates.read("h1", None, [A])  # type: ignore[arg-type]
+    assert len(calls) == ft.TRIES  # bounded: the last is taken

@@ -37,6 +37,9 @@ a dump socket (RTM_GETADDR) and an event socket subscribed to the IPv4/IPv6 addr
   wake-up is read again. So a recorded overlap of tokens is real (up to that tick), begins within
   a sample of the later arm (arms raise no event) and ends at the earlier token's end.
   The rule trusts the table to be whole (chains on the VIP's device; vipd's verify() repairs it).
+  A host's token set, group map and grants are separate dumps: a read that an nftables batch
+  landed in (the generation id moved, NFT_MSG_GETGEN) is taken again (fence_tokens
+  `TokenGates.read`), or a VIP leaving its group as its token closed read as live and ungrouped.
 
 Measured (2 CPUs, interval 10 ms; first figures on a quiet machine): 0.13-0.2 ms of CPU per
 wake-up, 1.4 % of a core with 3 hosts, 2.2 % with 5 hosts and 20 addresses; mean gap 10.0 ms, max
@@ -398,7 +401,7 @@ class AddressMonitor:
             "busy_per_wakeup_ms": self.busy / self.wakeups * 1e3 if self.wakeups else 0.0,
             "busy_fraction": self.busy / duration if duration > 0 else 0.0,
             "token_reads": self._gates.reads, "token_wakeups": self.token_wakeups,
-            "token_rereads": self._gates.rereads,
+            "token_rereads": self._gates.rereads, "token_torn": self._gates.torn,
             "token_busy_fraction": self._gates.busy / duration if duration > 0 else 0.0,
         }
 
