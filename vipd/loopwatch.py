@@ -96,7 +96,9 @@ def collector_held() -> Iterator[None]:
     then what was built is frozen (it lives for the whole run) and collection resumes. At 10,000
     VIPs per host, full collections ran every ~0.5-1 s while the units were built, each walking
     the growing heap again for 0.2-0.35 s, every thread stopped: the heartbeats too, so the peers
-    suspected a host that was only starting."""
+    suspected a host that was only starting. `bench/scale.py --host-vips 0 --no-footprint
+    --cluster-vips 10000 --runs 1 --no-crash --settle-timeout 60`, `loop_stalls` ->
+    `gc_pauses_before_ready` (collections past 70 ms): 8-10 per host before, 0 since."""
     was = gc.isenabled()
     gc.disable()
     try:

@@ -34,9 +34,12 @@ def test_stall_lines_are_throttled_and_parsed_back(tmp_path: Path, capsys) -> No
     log.write_text("2026-12-06T00:00:00.000Z WARNING event=loop_stalled longest=0.3 batches=1\n"
                    "2026-12-06T00:00:01.000Z WARNING event=loop_stalled longest=0.4 batches=2\n"
                    "2026-12-06T00:00:01.000Z WARNING event=gc_paused seconds=0.25 generation=2 collected=0\n"
-                   "2026-12-06T00:00:01.000Z INFO event=ready node=h1\n")
-    assert loop_stalls(log) == {"batches": 3, "longest_s": 0.4, "gc_pauses": 1, "gc_longest_s": 0.25}
-    assert loop_stalls(tmp_path / "absent.log") == {"batches": 0, "longest_s": 0.0, "gc_pauses": 0, "gc_longest_s": 0.0}
+                   "2026-12-06T00:00:01.000Z INFO event=ready node=h1\n"
+                   "2026-12-06T00:00:02.000Z WARNING event=gc_paused seconds=0.15 generation=2 collected=0\n")
+    assert loop_stalls(log) == {"batches": 3, "longest_s": 0.4, "gc_pauses": 2, "gc_longest_s": 0.25,
+                                "gc_pauses_before_ready": 1}
+    assert loop_stalls(tmp_path / "absent.log") == {"batches": 0, "longest_s": 0.0, "gc_pauses": 0, "gc_longest_s": 0.0,
+                                                    "gc_pauses_before_ready": 0}
 
 
 def test_gc_pauses_are_timed_until_the_watch_stops() -> None:

@@ -63,15 +63,19 @@ _STALL_RE = re.compile(r" event=loop_stalled .*?longest=([0-9.]+).*? batches=(\d
 
 def loop_stalls(path: Path) -> dict[str, float]:
     """From a vipd log's `loop_stalled` and `gc_paused` lines: how many trio batches ran past the
-    warning and the longest; how many garbage collections did and the longest."""
-    count, longest, gcs, gc_longest = 0, 0.0, 0, 0.0
+    warning and the longest; how many garbage collections did and the longest, and how many of
+    them came before the daemon's first `ready` line (while it built and started its units)."""
+    count, longest, gcs, gc_longest, gc_before_ready = 0, 0.0, 0, 0.0, 0
     if path.exists():
         text = path.read_text(errors="replace")
+        ready = text.find(" event=ready ")
         for m in _STALL_RE.finditer(text):
             longest, count = max(longest, float(m.group(1))), count + int(m.group(2))
         for m in _GC_RE.finditer(text):
             gc_longest, gcs = max(gc_longest, float(m.group(1))), gcs + 1
-    return {"batches": count, "longest_s": longest, "gc_pauses": gcs, "gc_longest_s": gc_longest}
+            gc_before_ready += ready < 0 or m.start() < ready
+    return {"batches": count, "longest_s": longest, "gc_pauses": gcs, "gc_longest_s": gc_longest,
+            "gc_pauses_before_ready": gc_before_ready}
 
 
 def trouble(counts: dict[str, int]) -> dict[str, int]:
