@@ -253,7 +253,8 @@ class NftFence:
         one atomic batch, idempotent. The first call of a process starts from an empty table (a
         previous run's tokens, groups and grants are gone with it: grant ids are this process's,
         and no VIP is ours yet); later calls (reload) keep tokens, groups and grants, and remove
-        the tokens of VIPs no longer configured."""
+        the tokens of VIPs no longer configured; a later call that finds the table gone rebuilds
+        it with every token, group and grant from our record (as verify())."""
         managed: dict[str, tuple[Key, str]] = {}
         seen: set[object] = set()
         for v in vips:
@@ -286,16 +287,25 @@ class NftFence:
                 if e.code != _ENOENT:
                     raise
                 current = {}
+            present = read_sets(s.raw, s.take_seqs(16), (*MANAGED.values(), *L2ONLY.values()))
+            if not present:
+                # the table is gone (someone deleted it): rebuilt whole, and the tokens of the VIPs
+                # still configured re-armed from our record, as verify() does; a table made anew
+                # without them would read whole to verify() and keep their owner dark until the
+                # next refresh
+                rebuild(s, vip_devs, l2only, whole(), self.timeout_update)
+                return
             stale = {c.split("_", 1)[1] for c in current if c.startswith(("in_", "out_"))}
             hooked = {dev for _, dev in vip_devs if all(current.get(c) == dev for c in chain_names(dev))}
             s.created.intersection_update(g for g in list(s.created) if grant_name(g) in current)
-            present = read_sets(s.raw, s.take_seqs(16), (*MANAGED.values(), *L2ONLY.values()))
             s.nft.nlm_request_batch(encode_setup(setup_ops(vip_devs, stale, l2only, hooked, present)))
             if gone:
                 self._send_tokens(s, gone, rebuilt)
 
         kept = {n: g for n, g in self._group.items() if n not in dropped}
         rebuilt = self._rebuilt(kept, gone)
+        whole = self._rebuilt(kept, TokenOps(_to_perf([(managed[n][0], u) for n, u in self._until.items()
+                                                       if n in managed and n not in dropped])))
         devs = ", ".join(sorted({dev for _, dev in vip_devs})) or "no device"
         await self._run(f"build table netdev {TABLE} on {devs}", job)
         self._managed, self._l2only, self._group = managed, l2only, kept
