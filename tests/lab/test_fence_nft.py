@@ -134,7 +134,10 @@ async def test_token_gates_traffic_and_lapses_by_itself(lab: Lab) -> None:
     vips = vips_of(lab)
     async with Netlink(lab.host("h1").ns) as nl, NftFence(nl) as fence:
         assert fence.covers(vips) and not fence.covers([VipSpec("r", lab.vip4(2), "lo")])
+        await fence.ensure(vips[:1])
+        assert fence.covers(vips[:1]) and not fence.covers(vips)  # set up: only what the table fences
         await fence.ensure(vips)
+        assert fence.covers(vips)
         # managed without a token: dropped from the start
         assert await trio.to_thread.run_sync(dark, lab)
         await fence.arm(vips, trio.current_time() + 60)

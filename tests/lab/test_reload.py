@@ -10,6 +10,7 @@ import re
 import signal
 
 from tests.lab.util import wait_for
+from vipd.dataplane.fence_build import TABLE, chain_names
 from vipd.lab.cluster import VipDef
 from vipd.lab.monitor import AddressMonitor
 
@@ -90,3 +91,54 @@ def test_reload_applies_every_kind_of_change_and_never_touches_an_unchanged_vip(
     finally:
         extra.stop()
     extra.assert_never_dual()
+
+
+def _rows(c, host) -> dict:  # type: ignore[no-untyped-def]
+    import json
+    out = c.run_cli(host, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    return {r["vip"]: r for r in json.loads(out.stdout)["vips"]}
+
+
+def test_a_vip_a_reload_adds_on_an_interface_not_there_yet_is_token_fenced_once_it_appears(lab, make_cluster):
+    """The reload adds a VIP on an interface that does not exist yet. This kernel (>= 6.16) hooks
+    the token fence's chains on a device that appears later, so the fence update succeeds and,
+    once the interface is there, the VIP is owned behind a token with a successor named (fast
+    takeover). The VIP already running keeps its owner and its tokens all along. (Where the
+    update fails, older kernels, the new VIP stays outside the token fence: covers() is False
+    for it, so it never arms a token or gets a successor: tests/lab/test_fence_nft.py.)"""
+    keep = VipDef("keep", str(lab.vip4(0)))
+    c = make_cluster([keep])
+    owner = c.wait_owner(_ip(keep))
+    wait_for(lambda: bool(_rows(c, c.host(owner))["keep"].get("successor")), 20, "keep's successor named",
+             interval=0.3)
+    changes = len(c.monitor.owner_changes(_ip(keep)))
+    late = VipDef("late", str(lab.vip4(6)), interface="vtlate0")
+    c.vips = [keep, late]
+    try:
+        for h in lab.hosts:
+            c.write_config(h)
+            c.signal(h, signal.SIGHUP)
+        wait_for(lambda: _count(c, "event=reloaded") == 3, 15, "every host reloaded")
+        for h in lab.hosts:
+            lab.ip(h, "link", "add", "vtlate0", "type", "veth", "peer", "name", "vtlate1")
+            lab.ip(h, "link", "set", "vtlate1", "up")
+            lab.ip(h, "link", "set", "vtlate0", "up")
+        got: dict = {}
+
+        def late_named() -> bool:
+            for h in lab.hosts:
+                r = _rows(c, h).get("late", {})
+                if r.get("owner") == h.name and r.get("successor"):
+                    got.update(r)
+                    return True
+            return False
+        wait_for(late_named, 20, "the new VIP owned, its successor named", interval=0.3)
+        nft = lab.run(c.host(got["owner"]).ns, ["nft", "list", "chain", "netdev", TABLE, chain_names("vtlate0")[0]])
+        assert "vtlate0" in nft.stdout, nft.stdout
+        assert _count(c, "event=fence_update_failed") == 0 and _count(c, "event=fence_arm_failed") == 0, c.log_tail()
+        assert lab.holders(_ip(keep)) == [owner]
+        assert len(c.monitor.owner_changes(_ip(keep))) == changes, c.monitor.owner_changes(_ip(keep))
+    finally:
+        for h in lab.hosts:
+            lab.run(h.ns, ["ip", "link", "del", "vtlate0"], check=False)

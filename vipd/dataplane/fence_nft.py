@@ -110,8 +110,16 @@ class NftFence:
     # -- the Fence port -----------------------------------------------------------------------
 
     def covers(self, vips: Sequence[VipSpec]) -> bool:
-        """True when every VIP is on a NIC (routed VIPs on ``lo`` are not fenced here)."""
-        return all(not v.on_loopback for v in vips)
+        """True when every VIP is on a NIC (routed VIPs on ``lo`` are not fenced here) and, once the
+        table is set up, in it: a VIP a failed ensure() left out is not fenced by a token, so its
+        unit must neither arm one (one such VIP fails a whole coalesced batch: every owner's
+        tokens lapse) nor let its owner name a successor (who would take over at a token deadline
+        that stops nothing; the address lifetime is then the only fence, and the lease takeover
+        is the only safe one)."""
+        if any(v.on_loopback for v in vips):
+            return False
+        managed = self._managed
+        return managed is None or all(v.name in managed and managed[v.name][0] == v.address for v in vips)
 
     async def arm(self, vips: Sequence[VipSpec], until: float) -> None:
         """Serve ``vips`` until ``until`` (trio clock) and not one tick longer."""
@@ -384,7 +392,7 @@ class NftFence:
             out.append((v.name, m[0]))
         else:
             return out
-        if not self.covers(vips):
+        if any(v.on_loopback for v in vips):
             raise FenceError(f"{what}: {_names(vips)}: routed VIPs (on lo) are not fenced by nftables")
         if managed is None:
             raise FenceError(f"{what}: {_names(vips)}: the fence is not set up (ensure() first)")
