@@ -141,6 +141,18 @@ class Succession(Tokens, Planning):
                 self._wake.set()
                 self._refresh.set()
 
+    def _all_renamed(self, peer: str, ours: set[str], renamed: set[str]) -> bool:
+        """Some unit of ours depends on `peer`, and every one that does is in `renamed`. Stops at
+        the first that is not: a plan of thousands of units goes out in batches, and each batch
+        but the last finds one at once."""
+        naming = False
+        for u in ours:
+            if peer in self._depends(u):
+                if u not in renamed:
+                    return False
+                naming = True
+        return naming
+
     def on_peer_event(self, ev: PeerEvent) -> None:
         """From the heartbeat transport (its task; never blocks)."""
         if isinstance(ev, Acked):
@@ -343,9 +355,9 @@ class Succession(Tokens, Planning):
         # a peer's generation is validated once every record of ours naming it was rewritten by a
         # transaction started after we saw that generation
         renamed = {u for u, _, _ in plan if results.get(u, (False,))[0]}
+        ours = self._ours()  # (once: per peer it was O(units) each, in every batch of a plan)
         for peer, gen in seen.items():
-            naming = [u for u in self._ours() if peer in self._depends(u)]
-            if gen is not None and naming and all(u in renamed for u in naming):
+            if gen is not None and self._all_renamed(peer, ours, renamed):
                 self._peers.validate(peer, gen)
         self._refresh.set()
         if not results:
