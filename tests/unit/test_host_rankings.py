@@ -66,3 +66,29 @@ def test_one_pass_placements_match_the_per_unit_definition():
                                 drained=rnd.random() < 0.1, down=down, held=held)
         place, succ = placements(units, hosts)
         assert place == _reference(units, hosts, False) and succ == _reference(units, hosts, True)
+
+
+def test_the_memo_answers_from_the_last_placement_only_while_nothing_it_reads_changed():
+    """A host key that changes only what placement does not read (its heartbeat address, a
+    reason) costs no recomputation: the same answer, the same objects. Any change it does read
+    (health, weight, drain, down or held units, the units themselves) is a fresh answer, equal
+    to the one without a memo."""
+    from dataclasses import replace
+
+    from vipd.election.hosts import PlacementMemo, placements
+    memo = PlacementMemo()
+    hosts = {n: HostInfo(n) for n in ("h1", "h2", "h3")}
+    first = placements(UNITS, hosts, memo)
+    cosmetic = dict(hosts, h2=replace(hosts["h2"], peer="10.0.0.2:9655", reasons=("x",), bgp_source="10.0.0.2"))
+    assert placements(UNITS, cosmetic, memo) is first
+    units2 = list(UNITS)
+    for changed, units in [(dict(hosts, h2=replace(hosts["h2"], healthy=False)), UNITS),
+                           (dict(hosts, h2=replace(hosts["h2"], weight=2.0)), UNITS),
+                           (dict(hosts, h2=replace(hosts["h2"], drained=True)), UNITS),
+                           (dict(hosts, h2=replace(hosts["h2"], down=("v1",))), UNITS),
+                           (dict(hosts, h2=replace(hosts["h2"], down=("v1",), held=("v1",))), UNITS),
+                           ({n: h for n, h in hosts.items() if n != "h3"}, UNITS),
+                           (hosts, units2[:3])]:
+        got = placements(units, changed, memo)
+        assert got is not first and got == placements(units, changed)
+    assert placements(units2[:3], hosts, memo) == placements(units2[:3], hosts)
