@@ -2,8 +2,8 @@
 
 The controller decides nothing. Kernel actions (probe, add, arm, remove) run inline and in order,
 so no two address operations of a unit interleave, and their outcome comes back as the next event;
-etcd actions and announcements run as child tasks whose results are posted as events, so a fence
-never waits on etcd. Every timer is the core's `wakeup(state)`.
+etcd actions and announcements run as child tasks (vipd/ownership/tasks.py) whose results are
+posted as events, so a fence never waits on etcd. Every timer is the core's `wakeup(state)`.
 """
 
 from __future__ import annotations
@@ -14,21 +14,21 @@ from typing import Any, Awaitable, Callable, Sequence
 import trio
 
 from vipd import log
-from vipd.errors import AddressError, DataplaneError, EtcdError
+from vipd.errors import AddressError, DataplaneError
 from vipd.fence import Fence, LifetimeFence, whole_seconds_before
 from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Announce, ArmFence, Campaign,
-                        CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, ClaimDeferred, DeleteOwnerKey,
-                        Event, HoldOff, KeyReleased, LeaseValid, OwnerRecord, PreemptGranted, ProbeConflicts, ProbeDone, Reconcile,
-                        ReleaseFailed, RemoveAddress, RemoveFailed, RenewLease, RequestPreempt, ReturnPreemptToken,
-                        Start, State, StopAnnouncing, TakeOver, Tick, Unit, VipSpec)
+                        ClaimAddress, ClaimDeferred, DeleteOwnerKey, Event, HoldOff, LeaseValid, ProbeConflicts,
+                        ProbeDone, Reconcile, RemoveAddress, RemoveFailed, RenewLease, RequestPreempt,
+                        ReturnPreemptToken, Start, State, StopAnnouncing, TakeOver, Tick, Unit, VipSpec)
 from vipd.ownership import fsm
 from vipd.ownership.ports import (AddressPort, AnnouncePort, ConflictPort, GatePort, HooksPort, KeysPort, LeasePort,
                                   MetricsPort, TakeoverPort, NoLease)
 from vipd.ownership.state import HOLDING, Params, Sub, VipState, wakeup
+from vipd.ownership.tasks import ChildTasks
 from vipd.takeover import takeover
 
 
-class Controller:
+class Controller(ChildTasks):
     """Owns one election unit: a VIP, or the VIPs of a group, always held together."""
 
     def __init__(self, unit: Unit, params: Params, addresses: AddressPort, announcer: AnnouncePort,
@@ -356,59 +356,3 @@ class Controller:
     def _spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
-
-    async def _announce_all(self, scope: trio.CancelScope) -> None:
-        with scope:
-            async with trio.open_nursery() as nursery:
-                for vip in self.vips:
-                    nursery.start_soon(self._announce, vip)
-
-    async def _announce(self, vip: VipSpec) -> None:
-        try:
-            sent = await self._announcer.announce(vip)
-        except DataplaneError as e:
-            self._metrics.count_dataplane_error(self.name, "announce")
-            log.warning("announce_failed", vip=self.name, address=vip.address, error=e)
-            return
-        if sent:
-            self._metrics.count_announcements(self.name, sent)
-            log.info("announced", vip=self.name, address=vip.address, frames=sent)
-
-    async def _preempt_token(self, target: str) -> None:
-        if self._gate is not None:
-            await self._gate.acquire()
-            log.info("handover_to_preferred", vip=self.name, target=target)
-        self.post(PreemptGranted())
-
-    async def _campaign(self, lease: int) -> None:
-        try:
-            won, record = await self._keys.campaign(self.name, lease)
-        except EtcdError as e:
-            self.post(CampaignFailed(str(e)))
-            return
-        self.post(CampaignWon(record) if won else CampaignLost(record))
-
-    async def _take_over(self, record: OwnerRecord, lease: int) -> None:
-        if self._takeover is None:
-            self.post(CampaignLost(record))
-            return
-        try:
-            won, now = await self._takeover.take_over(self.name, record, lease)
-        except EtcdError as e:
-            self.post(CampaignFailed(str(e)))
-            return
-        if won:
-            log.info("took_over", vip=self.name, previous=record.node, epoch=now.epoch)
-        else:  # the owner spoke again, or the key moved on: why a takeover waits its retry
-            log.info("takeover_lost", vip=self.name, owner=record.node,
-                     why="owner heard again" if now == record else f"key now {now.node} rev {now.revision}")
-        self.post(CampaignWon(now) if won else CampaignLost(now))
-
-    async def _delete_key(self, epoch: int, lease: int, leave: bool) -> None:
-        try:
-            await self._keys.release(self.name, epoch, lease, leave)
-        except EtcdError as e:
-            log.warning("owner_key_delete_failed", vip=self.name, epoch=epoch, error=e)
-            self.post(ReleaseFailed(str(e)))
-            return
-        self.post(KeyReleased())

@@ -26,9 +26,10 @@ from typing import Callable
 from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Announce, ArmFence, Campaign,
                         CampaignFailed, CampaignLost, CampaignWon, ClaimAddress, ClaimDeferred, DeleteOwnerKey,
                         EtcdRestored, Event, HealthChanged, HoldOff, KeyReleased, LeaseGone, LeaseValid, LinkUp,
-                        OwnerObserved, OwnerRecord, PreemptGranted, ProbeConflicts, ProbeDone, Reconcile,
-                        ReleaseFailed, ReleaseRequested, RemoveAddress, RemoveFailed, RenewLease, RequestPreempt,
-                        ReturnPreemptToken, ShutdownRequested, Start, State, StopAnnouncing, TakeOver, Tick)
+                        OwnerObserved, PreemptGranted, ProbeDone, Reconcile, ReleaseFailed, ReleaseRequested,
+                        RemoveAddress, RemoveFailed, RenewLease, RequestPreempt, ReturnPreemptToken,
+                        ShutdownRequested, Start, State, TakeOver, Tick)
+from vipd.ownership.moves import acquire, claim, fence, give_key_back, release, released, to
 from vipd.ownership.observe import observe, track_target
 from vipd.ownership.state import (HOLDING, RETRY_CAMPAIGN, RETRY_DELETE, RETRY_REMOVE, SUBSTATES, TRANSITIONS,
                                   Params, Release, Sub, VipState, fence_deadline, lifetime,
@@ -61,85 +62,33 @@ def step(p: Params, s: VipState, ev: Event, now: float) -> Result:
     return new, actions
 
 
-# ---- shared moves ----------------------------------------------------------------------------
-
-def _to(s: VipState, state: State, sub: Sub, reason: str, **kw: object) -> VipState:
-    return replace(s, state=state, sub=sub, reason=reason, why_not="", **kw)  # type: ignore[arg-type]
-
-
-def _claim(p: Params, s: VipState, now: float) -> Result:
-    return _to(s, S.ACQUIRING, Sub.ADDING, s.reason, changed_at=now), [ClaimAddress(fence_deadline(p, s))]
-
-
-def _acquire(p: Params, s: VipState, now: float, reason: str, epoch: int, probe: bool = True) -> Result:
-    s = _to(s, S.ACQUIRING, Sub.ADDING, reason, epoch=epoch, retry_at=0.0)
-    if probe and p.conflict_check and not s.probed and not s.last_clean:
-        # no vipd peer handed it back cleanly: another machine may answer for it
-        return _to(s, S.ACQUIRING, Sub.PROBING, reason), [ProbeConflicts()]
-    return _claim(p, s, now)
-
-
-def _fence(s: VipState, reason: str, now: float) -> Result:
-    s = _to(s, S.FENCED, Sub.REMOVING, reason, epoch=0, preempt=None, retry_at=0.0, changed_at=now)
-    return s, [StopAnnouncing(), RemoveAddress()]
-
-
-def _release(s: VipState, now: float, reason: str, *, then: State = S.BACKUP, clean: bool = True,
-             preempt: bool = False, revoke: bool = False) -> Result:
-    s = _to(s, S.RELEASING, Sub.REMOVING, reason, release=Release(reason, then, clean, preempt, revoke), preempt=None,
-            retry_at=0.0, changed_at=now)
-    return s, [StopAnnouncing(), RemoveAddress()]
-
-
-def _released(p: Params, s: VipState, now: float, reason: str) -> Result:
-    rel = s.release or Release(reason)
-    actions: list[Action] = [ReturnPreemptToken()] if rel.preempt else []
-    if rel.then is S.STOPPED:
-        return _to(s, S.STOPPED, Sub.NONE, reason, epoch=0, release=None), actions
-    backoff = 2 ** min(s.conflicts - 1, 5) if s.conflicts else 1  # back off on repeated conflicts
-    holdoff = p.release_holdoff * backoff
-    if not p.anycast and s.owner is not None and s.owner.node == p.node:  # we gave it back: it is absent
-        s = replace(s, owner=OwnerRecord(None, revision=s.owner.revision), last_owner=p.node,
-                    last_clean=rel.clean, absent_since=now)
-    return (_to(s, S.BACKUP, Sub.IDLE, reason, epoch=0, release=None, retry_at=0.0,
-                holdoff_until=now + holdoff if holdoff > 0 else 0.0),
-            actions + ([HoldOff(True)] if holdoff > 0 else []))
-
-
-def _give_key_back(s: VipState) -> Result:
-    """RELEASING with the addresses gone: delete the key (marked clean when we served fine)."""
-    rel = s.release or Release(s.reason)
-    leave = rel.clean and rel.revoke  # a daemon stop: the lease's revoke deletes it
-    return _to(s, S.RELEASING, Sub.DELETING, s.reason), [DeleteOwnerKey(s.epoch, s.lease if rel.clean else 0, leave)]
-
-
 def _campaign_if_allowed(p: Params, s: VipState, now: float) -> Result:
     """BACKUP/IDLE: campaign for an absent key, adopt our own key, or clear our stale one."""
     why = why_not_campaign(p, s, now)
     if why:
         return replace(s, why_not=why), []
     if p.anycast:
-        return _acquire(p, s, now, "anycast: healthy with a live lease", 0)
+        return acquire(p, s, now, "anycast: healthy with a live lease", 0)
     o = s.owner
     assert o is not None
     if o.node is None:
-        return _to(s, S.BACKUP, Sub.CAMPAIGNING, s.reason), [Campaign(s.lease)]
+        return to(s, S.BACKUP, Sub.CAMPAIGNING, s.reason), [Campaign(s.lease)]
     if may_take_over(p, s):
-        return _to(s, S.BACKUP, Sub.TAKING_OVER, f"owner {o.node} suspect"), [TakeOver(o, s.lease)]
+        return to(s, S.BACKUP, Sub.TAKING_OVER, f"owner {o.node} suspect"), [TakeOver(o, s.lease)]
     if o.lease == s.lease:  # our key on our live lease: serve it again
-        return _acquire(p, s, now, "adopted own key", o.epoch)
-    return _to(s, S.BACKUP, Sub.CLEARING, "own key on a dead lease"), [DeleteOwnerKey(o.epoch)]
+        return acquire(p, s, now, "adopted own key", o.epoch)
+    return to(s, S.BACKUP, Sub.CLEARING, "own key on a dead lease"), [DeleteOwnerKey(o.epoch)]
 
 
 # ---- handlers, by state ----------------------------------------------------------------------
 
 def _start(p: Params, s: VipState, ev: Event, now: float) -> Result:
-    return _to(s, S.BACKUP, Sub.IDLE, "started", changed_at=now), [RemoveAddress()]
+    return to(s, S.BACKUP, Sub.IDLE, "started", changed_at=now), [RemoveAddress()]
 
 
 def _stop_idle(p: Params, s: VipState, ev: Event, now: float) -> Result:
     """INIT: its stale-copy removal may not have run yet: ensure absence on the way out."""
-    return _to(s, S.STOPPED, Sub.NONE, "shutdown"), [RemoveAddress()]
+    return to(s, S.STOPPED, Sub.NONE, "shutdown"), [RemoveAddress()]
 
 
 def _stop_backup(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -147,7 +96,7 @@ def _stop_backup(p: Params, s: VipState, ev: Event, now: float) -> Result:
     tick found is removed by the task before it takes this event): nothing to do in the kernel.
     Thousands of backups at a stop would otherwise each queue an address dump for nothing;
     `vipd cleanup` (ExecStopPost) and the next start remove any tagged leftover anyway."""
-    return _to(s, S.STOPPED, Sub.NONE, "shutdown"), []
+    return to(s, S.STOPPED, Sub.NONE, "shutdown"), []
 
 
 def _backup_won(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -158,11 +107,11 @@ def _backup_won(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if not taken and s.sub is not Sub.CAMPAIGNING or o.lease != s.lease or not s.healthy \
             or now >= fence_deadline(p, s):
         # won, but can no longer serve it safely: hand the key straight back
-        return _to(s, S.BACKUP, Sub.CLEARING, "won, but the lease or health no longer allows serving"), \
+        return to(s, S.BACKUP, Sub.CLEARING, "won, but the lease or health no longer allows serving"), \
             [DeleteOwnerKey(o.epoch)]
     if taken:  # the previous owner's kernel token ended before our transaction could win
-        return _acquire(p, s, now, "took over from a suspect owner", o.epoch, probe=False)
-    return _acquire(p, s, now, "campaign won", o.epoch)
+        return acquire(p, s, now, "took over from a suspect owner", o.epoch, probe=False)
+    return acquire(p, s, now, "campaign won", o.epoch)
 
 
 def _backup_lost(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -171,18 +120,18 @@ def _backup_lost(p: Params, s: VipState, ev: Event, now: float) -> Result:
     # the record our transaction saw, unless the watch told of a later one while it was out (the
     # winner named us successor meanwhile: kept, or its crash waits for its lease)
     o = ev.record if s.owner is None or ev.record.revision >= s.owner.revision else s.owner
-    return _to(s, S.BACKUP, Sub.IDLE, s.reason, owner=o, retry_at=retry), []
+    return to(s, S.BACKUP, Sub.IDLE, s.reason, owner=o, retry_at=retry), []
 
 
 def _backup_campaign_failed(p: Params, s: VipState, ev: Event, now: float) -> Result:
-    return _to(s, S.BACKUP, Sub.IDLE, s.reason, retry_at=now + RETRY_CAMPAIGN), []
+    return to(s, S.BACKUP, Sub.IDLE, s.reason, retry_at=now + RETRY_CAMPAIGN), []
 
 
 def _backup_key_done(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if s.sub is not Sub.CLEARING:
         return s, []
     retry = now + RETRY_DELETE if isinstance(ev, ReleaseFailed) else 0.0
-    return _to(s, S.BACKUP, Sub.IDLE, s.reason, retry_at=retry), []
+    return to(s, S.BACKUP, Sub.IDLE, s.reason, retry_at=retry), []
 
 
 def _backup_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -190,7 +139,7 @@ def _backup_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if ev.lease != s.lease:
         return s, []
     sub = Sub.IDLE if s.sub is Sub.CLEARING else s.sub  # our stale key went with the lease
-    return _to(s, S.BACKUP, sub, s.reason, lease=0, valid_until=0.0), []
+    return to(s, S.BACKUP, sub, s.reason, lease=0, valid_until=0.0), []
 
 
 def _present_stray(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -203,9 +152,9 @@ def _present_stray(p: Params, s: VipState, ev: Event, now: float) -> Result:
 def _holding_lease(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, LeaseValid)
     if ev.lease != s.lease:
-        return _fence(replace(s, lease=ev.lease, valid_until=ev.valid_until), "lease replaced", now)
+        return fence(replace(s, lease=ev.lease, valid_until=ev.valid_until), "lease replaced", now)
     if s.sub is Sub.DEFERRED:
-        return _claim(p, s, now)
+        return claim(p, s, now)
     if s.state is S.OWNER:
         return s, [ArmFence(fence_deadline(p, s))]
     return s, []
@@ -215,7 +164,7 @@ def _holding_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Result
     assert isinstance(ev, LeaseGone)
     if ev.lease != s.lease:
         return s, []
-    return _fence(replace(s, lease=0, valid_until=0.0), "lease lost", now)
+    return fence(replace(s, lease=0, valid_until=0.0), "lease lost", now)
 
 
 def _holding_owner(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -224,7 +173,7 @@ def _holding_owner(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if p.anycast or o.revision <= s.epoch:
         return s, []  # anycast has no key; an observation older than our claim is stale
     if o.node != p.node or o.epoch != s.epoch:
-        return _fence(replace(s, owner=o), f"owner key now {o.node or 'absent'}", now)
+        return fence(replace(s, owner=o), f"owner key now {o.node or 'absent'}", now)
     return replace(s, owner=o), []
 
 
@@ -234,50 +183,50 @@ def _probe_done(p: Params, s: VipState, ev: Event, now: float) -> Result:
         return s, []
     if ev.conflict is not None:
         s = replace(s, conflicts=s.conflicts + 1)
-        return _release(s, now, f"address conflict: {ev.conflict}", clean=False)
-    return _claim(p, replace(s, probed=True), now)
+        return release(s, now, f"address conflict: {ev.conflict}", clean=False)
+    return claim(p, replace(s, probed=True), now)
 
 
 def _added(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if s.sub is not Sub.ADDING:
         return s, []
     # a snapshot taken before the add completed (after it was asked for) says nothing either
-    s = _to(s, S.OWNER, Sub.SERVING, "address added", conflicts=0, changed_at=now)
+    s = to(s, S.OWNER, Sub.SERVING, "address added", conflicts=0, changed_at=now)
     return track_target(p, s, now), [Announce()]
 
 
 def _add_failed(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, AddressFailed)
-    return _release(s, now, f"address failed: {ev.error}", clean=False)
+    return release(s, now, f"address failed: {ev.error}", clean=False)
 
 
 def _deferred(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if s.state is S.ACQUIRING and s.sub is Sub.ADDING:
-        return _to(s, S.ACQUIRING, Sub.DEFERRED, s.reason), [RenewLease()]
+        return to(s, S.ACQUIRING, Sub.DEFERRED, s.reason), [RenewLease()]
     return s, [RenewLease()]  # OWNER: a re-add found the lease nearly spent: renew, re-add on reconcile
 
 
 def _holding_health(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, HealthChanged)
     if not ev.healthy:
-        return _release(s, now, f"unhealthy: {ev.reason}")
+        return release(s, now, f"unhealthy: {ev.reason}")
     return s, []
 
 
 def _holding_release(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, ReleaseRequested)
-    return _release(s, now, ev.reason)
+    return release(s, now, ev.reason)
 
 
 def _holding_shutdown(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, ShutdownRequested)
-    return _release(s, now, "shutdown", then=S.STOPPED, revoke=ev.revoke)
+    return release(s, now, "shutdown", then=S.STOPPED, revoke=ev.revoke)
 
 
 def _owner_preempt_granted(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if s.sub is Sub.HANDING_OVER and s.preempt is not None:
-        return _release(s, now, f"handing over to preferred host {s.preempt.target}", preempt=True)
-    return _to(s, S.OWNER, Sub.SERVING, s.reason), [ReturnPreemptToken()]  # the target went away meanwhile
+        return release(s, now, f"handing over to preferred host {s.preempt.target}", preempt=True)
+    return to(s, S.OWNER, Sub.SERVING, s.reason), [ReturnPreemptToken()]  # the target went away meanwhile
 
 
 def _token_not_needed(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -301,11 +250,11 @@ def _owner_reconcile(p: Params, s: VipState, ev: Event, now: float) -> Result:
 
 def _holding_tick(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if now >= fence_deadline(p, s):
-        return _fence(s, "lease deadline passed", now)
+        return fence(s, "lease deadline passed", now)
     pre = s.preempt
     if (s.sub is Sub.SERVING and pre is not None and p.preempt_delay is not None
             and now >= pre.since + p.preempt_delay):
-        return _to(s, S.OWNER, Sub.HANDING_OVER, s.reason), [RequestPreempt(pre.target)]
+        return to(s, S.OWNER, Sub.HANDING_OVER, s.reason), [RequestPreempt(pre.target)]
     return s, []
 
 
@@ -313,10 +262,10 @@ def _removed(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if s.sub is not Sub.REMOVING:
         return s, []
     if s.state is S.FENCED:
-        return _to(s, S.BACKUP, Sub.IDLE, s.reason), []
+        return to(s, S.BACKUP, Sub.IDLE, s.reason), []
     if s.epoch == 0 or s.lease == 0:  # nothing left to give back in etcd
-        return _released(p, s, now, s.reason)
-    return _give_key_back(s)
+        return released(p, s, now, s.reason)
+    return give_key_back(s)
 
 
 def _remove_failed(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -329,12 +278,12 @@ def _retry_tick(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if s.sub is Sub.REMOVING:
         return replace(s, retry_at=0.0, changed_at=now), [RemoveAddress()]
     if s.sub is Sub.RETRY_DELETE:
-        return _give_key_back(replace(s, retry_at=0.0))
+        return give_key_back(replace(s, retry_at=0.0))
     return s, []
 
 
 def _releasing_key_released(p: Params, s: VipState, ev: Event, now: float) -> Result:
-    return _released(p, s, now, s.reason) if s.sub is Sub.DELETING else (s, [])
+    return released(p, s, now, s.reason) if s.sub is Sub.DELETING else (s, [])
 
 
 def _releasing_key_failed(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -342,8 +291,8 @@ def _releasing_key_failed(p: Params, s: VipState, ev: Event, now: float) -> Resu
     if s.sub is not Sub.DELETING:
         return s, []
     if s.release is not None and s.release.then is S.STOPPED:
-        return _released(p, s, now, f"{s.reason}; key left to its lease: {ev.error}")
-    return _to(s, S.RELEASING, Sub.RETRY_DELETE, s.reason, retry_at=now + RETRY_DELETE), []
+        return released(p, s, now, f"{s.reason}; key left to its lease: {ev.error}")
+    return to(s, S.RELEASING, Sub.RETRY_DELETE, s.reason, retry_at=now + RETRY_DELETE), []
 
 
 def _releasing_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -352,7 +301,7 @@ def _releasing_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Resu
         return s, []
     s = replace(s, lease=0, valid_until=0.0)
     if s.sub in (Sub.DELETING, Sub.RETRY_DELETE):  # addresses gone; the key went with the lease
-        return _released(p, s, now, f"{s.reason}; key went with the lease")
+        return released(p, s, now, f"{s.reason}; key went with the lease")
     return s, []
 
 
@@ -363,7 +312,7 @@ def _releasing_shutdown(p: Params, s: VipState, ev: Event, now: float) -> Result
 
 
 def _fenced_shutdown(p: Params, s: VipState, ev: Event, now: float) -> Result:
-    return _to(s, S.STOPPED, Sub.NONE, "shutdown"), [RemoveAddress()]
+    return to(s, S.STOPPED, Sub.NONE, "shutdown"), [RemoveAddress()]
 
 
 def stale(s: VipState, ev: Reconcile) -> bool:
