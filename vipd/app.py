@@ -38,6 +38,7 @@ from vipd.election.hosts import HostInfo
 from vipd.peers.protocol import Event as PeerEvent
 from vipd.peers.metrics import PeerCollector
 from vipd.peers.service import PeerService
+from vipd.pacing import Pacer
 from vipd.succession import Succession
 from vipd.suspicions import Suspicions
 from vipd.wiring_dsr import DsrWiring
@@ -99,8 +100,9 @@ class Daemon(KernelView):
                                                  if v.conflict_check and not v.on_loopback})}
         self._unit_of_ip = {v.ip: v.unit for v in cfg.vips}
         hold, catch_up_after = lazy_timing(cfg.etcd.lease_ttl / cfg.timing.keepalives_per_ttl)
+        self.pacer = Pacer(self._offer)  # host-wide deliveries, ~PER_TURN per trio batch (vipd/pacing.py)
         self.refresh = HostRefresh(self.controllers, self.lifetime, batched, self.addresses, self.metrics, inflight,
-                                   hold=hold, catch_up_after=catch_up_after)
+                                   hold=hold, catch_up_after=catch_up_after, pacer=self.pacer)
         self.index = UnitIndex(self.controllers)  # rebuilt by a reload that adds or removes units
         self._reconcile_now = trio.Event()  # a kernel event overflow: reconcile before the next tick
         self._present: set[str] = set()  # VIP names in the kernel: the last relist, then notifications
@@ -171,6 +173,10 @@ class Daemon(KernelView):
         self.lease.renew()
 
     def post(self, unit: str, ev: Event) -> None:
+        """A host-level event for one unit, paced (vipd/pacing.py)."""
+        self.pacer.post(unit, ev)
+
+    def _offer(self, unit: str, ev: Event) -> None:
         c = self.controllers.get(unit)
         if c is not None:  # None: a reload just removed it
             c.offer(ev)
@@ -201,8 +207,8 @@ class Daemon(KernelView):
             await self.interfaces.wait_present(watch.ifname)
 
     def broadcast(self, ev: Event) -> None:
-        for c in list(self.controllers.values()):
-            c.offer(ev)
+        for name in list(self.controllers):
+            self.pacer.post(name, ev)
 
     def tell(self, ev: Event) -> None:
         """Peer suspicions to the units they concern (vipd/suspicions.py); anything else to all."""
@@ -282,6 +288,7 @@ class Daemon(KernelView):
             # first, so that SIGTERM during startup (etcd unreachable) still stops cleanly
             nursery.start_soon(self.stop_on_signal, nursery.cancel_scope)
             await nursery.start(self.reloader.serve, nursery)  # SIGHUP: from now on never fatal
+            await nursery.start(self.pacer.run)
             await self.remove_stale()
             await self.revoke_recorded()
             await self.routing.start()

@@ -147,11 +147,19 @@ class MetricsPort(Protocol):
     def count_dataplane_error(self, vip: str, op: str) -> None: ...
 
 
+class PacerPort(Protocol):
+    def post(self, unit: str, ev: Event) -> None: ...
+
+    def pending(self, unit: str) -> bool: ...
+
+
 class HostRefresh:
     def __init__(self, controllers: Mapping[str, Controller], lifetime: LifetimeFence,
                  fences: Sequence[BatchedFence], addresses: RefreshManyPort, metrics: MetricsPort,
-                 inflight: Inflight, *, hold: float = 0.0, catch_up_after: float = math.inf) -> None:
+                 inflight: Inflight, *, hold: float = 0.0, catch_up_after: float = math.inf,
+                 pacer: Optional[PacerPort] = None) -> None:
         self._controllers = controllers
+        self._pacer = pacer  # host-wide deliveries (vipd/pacing.py): lease events go through it
         self._lifetime = lifetime
         self._fences = fences
         self._addresses = addresses
@@ -184,8 +192,11 @@ class HostRefresh:
         """The lease's publish: a LeaseValid is taken here, any other event goes to every unit."""
         if not isinstance(ev, LeaseValid) or self._nursery is None:
             self._last, self._skipped, self._catch_up_at = None, set(), math.inf  # (no catch-up past it)
-            for c in self._controllers.values():
-                c.post(ev)
+            for name, c in list(self._controllers.items()):
+                if self._pacer is not None:
+                    self._pacer.post(name, ev)
+                else:
+                    c.post(ev)
             return
         self._last = ev
         self._catch_up_at = trio.current_time() + self._catch_up_after if self._hold > 0 else math.inf
@@ -211,6 +222,9 @@ class HostRefresh:
                 self._skipped.add(c.name)
                 continue
             self._skipped.discard(c.name)
+            if self._pacer is not None and self._pacer.pending(c.name):
+                self._pacer.post(c.name, ev)  # behind the unit's paced events, not ahead of them
+                continue
             if c.defer_lease(ev):
                 continue
             actions = c.step_if_idle(ev, (ArmFence,))
