@@ -57,7 +57,7 @@ from vipd.config import EtcdConfig, TimingConfig
 from vipd.lab import topology
 from vipd.lab.cluster import Cluster, vipd_argv
 from vipd.lab.etcd import EtcdServer
-from vipd.lab.scale import log_events, loop_stalls, scale_vips, tagged_addresses, trouble, vip_ips
+from vipd.lab.scale import log_events, loop_stalls, loop_tasks, scale_vips, tagged_addresses, trouble, vip_ips
 from vipd.lab.topology import Lab
 
 PREFIX = "vts"
@@ -330,6 +330,8 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
                                       "per_host": {k: len(v & wanted) for k, v in holders(lab).items()}}
             # trio batches past the peer lease while settling (vipd/loopwatch.py)
             result["loop_stalls"] = {h.name: loop_stalls(cluster.log_path(h)) for h in lab.hosts}
+            if args.loop_tasks:  # which tasks the long batches spent their time in (vipd/loopwatch.py TaskTimes)
+                result["loop_tasks"] = {h.name: loop_tasks(cluster.log_path(h)) for h in lab.hosts}
             if not ok:  # what the hosts logged meanwhile: why it did not settle
                 events = {h.name: log_events(cluster.log_path(h)) for h in lab.hosts}
                 result["unsettled_events"] = {name: {k: e.get(k, 0) for k in UNSETTLED}
@@ -394,6 +396,9 @@ def main() -> int:
                    help="cluster: VIPs on the hosts' NIC (token fence, fast takeover) or on lo (routed VIPs: "
                         "no token fence, so a crash fails over by the lease)")
     p.add_argument("--no-peers", action="store_true", help="cluster: fast takeover off (lease takeover only)")
+    p.add_argument("--loop-tasks", action="store_true",
+                   help="cluster: vipd times every task step (VIPD_LOOP_TASKS=1) and the JSON says which tasks "
+                        "the long batches while settling spent their time in (loop_tasks)")
     p.add_argument("--peers-timing", metavar="G,L,H",
                    help="cluster: [peers] grace, lease and interval (s) instead of the shipped 0.13,0.09,0.01")
     p.add_argument("--crash", action=argparse.BooleanOptionalAction, default=True,
@@ -401,6 +406,8 @@ def main() -> int:
     p.add_argument("--timing", choices=("shipped", "ttl3"), default="shipped",
                    help="vipd's defaults (lease TTL 10 s), or lease TTL 3 s (a keepalive every 0.3 s)")
     args = p.parse_args()
+    if args.loop_tasks:
+        os.environ["VIPD_LOOP_TASKS"] = "1"  # inherited by the daemons the lab starts
     if os.geteuid() != 0:
         print("bench/scale.py needs root (network namespaces)", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from vipd.drain import Drain
 from vipd.reload import Reloader
 from vipd.routing import Routing
 from vipd.hooks import HookRunner
-from vipd.loopwatch import LoopWatch, collector_held, freeze_heap
+from vipd.loopwatch import LoopWatch, TaskTimes, collector_held, freeze_heap
 from vipd.metrics import Metrics, serve
 from vipd.model import (Event, OwnerObserved, Placement, ReleaseRequested, ShutdownRequested,
                         State)
@@ -355,6 +355,8 @@ async def run(cfg: Config, path: str | None = None) -> None:
         # blink this host's VIPs (vipd_fence_token_lapses_total counts it); name such batches.
         watch = LoopWatch(daemon.metrics.registry, warn=max(0.01, cfg.peers.lease - 2 * cfg.peers.interval))
         trio.lowlevel.add_instrument(watch)
+        if os.environ.get("VIPD_LOOP_TASKS") == "1":  # a diagnostic (vipd/loopwatch.py TaskTimes)
+            trio.lowlevel.add_instrument(TaskTimes(watch.warn))
         watch.start_gc_watch()
         try:
             await daemon.run()

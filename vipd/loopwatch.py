@@ -90,6 +90,56 @@ class LoopWatch(trio.abc.Instrument):
                         collected=info.get("collected"))
 
 
+class TaskTimes(trio.abc.Instrument):
+    """Which tasks a long batch spent its time in (a diagnostic: `VIPD_LOOP_TASKS=1` in vipd's
+    environment, `bench/scale.py --loop-tasks`; it times every task step). For the longest batch
+    past `warn` in each second it logs `loop_stalled_tasks` with the tasks that took most of it,
+    as `name=seconds/steps`: e.g. `Controller.run=0.935/10000` is 10,000 unit tasks stepped in
+    one batch. What found the host-wide deliveries that vipd/pacing.py now spreads."""
+
+    TOP = 6
+
+    def __init__(self, warn: float, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.warn = warn
+        self._clock = clock
+        self._began: float | None = None
+        self._step_began = 0.0
+        self._tasks: dict[str, list[float]] = {}
+        self._worst: tuple[float, dict[str, list[float]]] | None = None
+        self._logged_at = -float("inf")
+
+    def after_io_wait(self, timeout: float) -> None:
+        self._began = self._clock()
+        self._tasks = {}
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._step_began = self._clock()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._began is None:
+            return
+        name = ".".join(str(task.name).rsplit(".", 2)[-2:])
+        t = self._tasks.get(name)
+        if t is None:
+            t = self._tasks[name] = [0.0, 0]
+        t[0] += self._clock() - self._step_began
+        t[1] += 1
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self._began is None:
+            return
+        now = self._clock()
+        seconds, self._began = now - self._began, None
+        if seconds > self.warn and (self._worst is None or seconds > self._worst[0]):
+            self._worst = (seconds, self._tasks)
+        if self._worst is not None and now - self._logged_at >= 1.0:
+            worst, tasks = self._worst
+            top = sorted(tasks.items(), key=lambda kv: -kv[1][0])[:self.TOP]
+            log.warning("loop_stalled_tasks", seconds=round(worst, 3),
+                        top=";".join(f"{n}={v[0]:.3f}/{int(v[1])}" for n, v in top))
+            self._worst, self._logged_at = None, now
+
+
 @contextlib.contextmanager
 def collector_held() -> Iterator[None]:
     """No collection while the daemon builds and starts its units (no etcd wait inside: bounded),

@@ -96,3 +96,43 @@ def test_collector_held_collects_nothing_inside_then_freezes_what_was_built_and_
         gc.callbacks.remove(count)
         gc.enable()
         gc.unfreeze()
+
+
+def test_task_times_names_the_tasks_a_long_batch_spent_its_time_in(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The diagnostic (VIPD_LOOP_TASKS=1): for batches past `warn`, the tasks that took them, as
+    name=seconds/steps; at most a line a second, with the longest batch since the last line;
+    parsed back by bench/scale.py."""
+    from vipd.lab.scale import loop_tasks
+    from vipd.loopwatch import TaskTimes
+
+    class Task:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    now = [0.0]
+    tt = TaskTimes(0.1, clock=lambda: now[0])
+
+    def batch(at: float, steps: list[tuple[str, float]]) -> None:
+        now[0] = at
+        tt.after_io_wait(0)
+        for name, seconds in steps:
+            tt.before_task_step(Task(name))  # type: ignore[arg-type]
+            now[0] += seconds
+            tt.after_task_step(Task(name))  # type: ignore[arg-type]
+        tt.before_io_wait(0)
+
+    batch(0.0, [("vipd.ownership.controller.Controller.run", 0.001)] * 300 + [("vipd.app.Daemon.x", 0.05)])
+    batch(5.0, [("a.Fast.run", 0.01)])  # short: no line
+    batch(5.5, [("b.Slow.run", 0.2)])  # a second after the last line: logged at once
+    batch(5.8, [("b.Slow.run", 0.3)])  # 0.4 s after it: kept, the worst so far
+    batch(5.9, [("b.Slow.run", 0.15)])  # not the worst: forgotten
+    batch(7.0, [("c.Quick.run", 0.001)])  # short, but a second has passed: the kept worst goes out
+    lines = [r.getMessage() for r in caplog.records if "loop_stalled_tasks" in r.getMessage()]
+    assert len(lines) == 3, lines
+    assert 'top="Controller.run=0.300/300;Daemon.x=0.050/1"' in lines[0] and "seconds=0.35" in lines[0]
+    assert 'top="Slow.run=0.200/1"' in lines[1] and 'top="Slow.run=0.300/1"' in lines[2]
+    log = tmp_path / "vipd.log"
+    log.write_text("\n".join(f"2026-12-07T00:00:00.000Z WARNING {line}" for line in lines) + "\n")
+    assert loop_tasks(log) == {"Slow.run": {"longest_in": 2, "seconds": 0.5},
+                               "Controller.run": {"longest_in": 1, "seconds": 0.3},
+                               "Daemon.x": {"longest_in": 0, "seconds": 0.05}}

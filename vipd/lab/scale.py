@@ -78,6 +78,25 @@ def loop_stalls(path: Path) -> dict[str, float]:
             "gc_pauses_before_ready": gc_before_ready}
 
 
+_TASKS_RE = re.compile(r' event=loop_stalled_tasks seconds=([0-9.]+) top="([^"]*)"')
+
+
+def loop_tasks(path: Path) -> dict[str, dict[str, float]]:
+    """From a vipd log's `loop_stalled_tasks` lines (VIPD_LOOP_TASKS=1): per task name, in how many
+    of those long batches it took the most time, and its seconds in them all."""
+    out: dict[str, dict[str, float]] = {}
+    if path.exists():
+        for m in _TASKS_RE.finditer(path.read_text(errors="replace")):
+            for i, part in enumerate(m.group(2).split(";")):
+                name, _, rest = part.rpartition("=")
+                if not name:
+                    continue
+                row = out.setdefault(name, {"longest_in": 0, "seconds": 0.0})
+                row["longest_in"] += i == 0
+                row["seconds"] = round(row["seconds"] + float(rest.split("/")[0]), 3)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["seconds"]))
+
+
 def trouble(counts: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in counts.items() if k in TROUBLE and v}
 
