@@ -56,12 +56,11 @@ Placements = tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]
 class PlacementMemo:
     """The last `placements` answer and what it was computed from. At 10,000 units an answer costs
     60-120 ms, and most host-key changes (a heartbeat address, a BGP source, a health reason)
-    change nothing it depends on: the units, the healthy hosts' weights, and who holds what down."""
+    change nothing it depends on: the units, the healthy hosts' weights, and who holds what down.
+    (One tuple, replaced whole: the host directory computes in a worker thread.)"""
 
     def __init__(self) -> None:
-        self.units: Sequence[Unit] | None = None
-        self.key: Any = None
-        self.answer: Placements | None = None
+        self.entry: tuple[Sequence[Unit], Any, Placements] | None = None
 
 
 def placements(units: Sequence[Unit], hosts: Mapping[str, HostInfo], memo: PlacementMemo | None = None
@@ -73,8 +72,9 @@ def placements(units: Sequence[Unit], hosts: Mapping[str, HostInfo], memo: Place
     healthy = {n: h.weight for n, h in hosts.items() if h.healthy and not h.drained}
     down = {n: (hosts[n].down, hosts[n].held) for n in healthy if hosts[n].down}
     key = (sorted(healthy.items()), sorted(down.items()))
-    if memo is not None and memo.units is units and memo.key == key and memo.answer is not None:
-        return memo.answer
+    last = memo.entry if memo is not None else None
+    if last is not None and last[0] is units and last[1] == key:
+        return last[2]
     ranked = {u.name: ranking(u.name, healthy, u.prefer, u.avoid) for u in units}
     targets = assign([Item(u.name, u.prefer, u.avoid, len(u.vips)) for u in units], healthy, ranked=ranked)
     place: dict[str, tuple[str, ...]] = {}
@@ -90,7 +90,7 @@ def placements(units: Sequence[Unit], hosts: Mapping[str, HostInfo], memo: Place
             out[name] = tuple(order)
     answer = (place, succ)
     if memo is not None:
-        memo.units, memo.key, memo.answer = units, key, answer
+        memo.entry = (units, key, answer)
     return answer
 
 
@@ -108,12 +108,13 @@ class HostDirectory:
         self.successors: dict[str, tuple[str, ...]] = {}  # the same, for naming successors (hold-off counts)
         self._changed = trio.Event()  # set (and replaced) at every recompute: see wait()
         self._memo = PlacementMemo()
+        self._dirty = trio.Event()  # host keys changed since the last placement (see _recomputer)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         def snapshot(kvs: Sequence[Any], revision: int) -> None:
             self.hosts = {kv.key[len(self.prefix):]: HostInfo.from_json(kv.key[len(self.prefix):], kv.value)
                           for kv in kvs}
-            self._recompute()
+            self._recompute()  # (here: placed before the directory is ready)
 
         def event(ev: Any) -> None:
             node = ev.kv.key[len(self.prefix):]
@@ -121,9 +122,26 @@ class HostDirectory:
                 self.hosts.pop(node, None)
             else:
                 self.hosts[node] = HostInfo.from_json(node, ev.kv.value)
-            self._recompute()
+            if self._on_hosts is not None:
+                self._on_hosts(self.hosts)
+            self._dirty.set()
 
-        await follow(self._client, self.prefix, snapshot, event, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._recomputer)
+            await follow(self._client, self.prefix, snapshot, event, task_status=task_status)
+
+    async def _recomputer(self) -> None:
+        """Place again after host-key changes, in a worker thread: at 10,000 units an answer takes
+        0.1-1.3 s of CPU on a busy host, and computed on the loop it held every socket and timer
+        for as long (the heartbeats were withheld, bench/scale.py --loop-tasks: HostDirectory.run).
+        Changes that arrive meanwhile are placed together by the next pass."""
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            units, hosts = self._units, dict(self.hosts)
+            answer = await trio.to_thread.run_sync(placements, units, hosts, self._memo)
+            if units is self._units:  # (else a reload placed the new units meanwhile, on the loop)
+                self._apply(answer)
 
     def set_units(self, units: Sequence[Unit]) -> None:
         """A config reload changed the units (or their prefer/avoid): place them again now."""
@@ -134,7 +152,10 @@ class HostDirectory:
     def _recompute(self) -> None:
         if self._on_hosts is not None:
             self._on_hosts(self.hosts)
-        new, self.successors = placements(self._units, self.hosts, self._memo)
+        self._apply(placements(self._units, self.hosts, self._memo))
+
+    def _apply(self, answer: Placements) -> None:
+        new, self.successors = answer
         for name, order in ([] if new is self.placement else new.items()):  # (the same answer: nothing moved)
             if self.placement.get(name) != order:
                 log.debug("placement", vip=name, ranking=",".join(order) or "-")
