@@ -249,3 +249,31 @@ async def test_a_keepalive_with_an_earlier_deadline_is_never_skipped(autojump_cl
         await trio.sleep(0.01)
         assert max(h.kernel.held.values()) <= now + 4.0 - MARGIN
         n.cancel_scope.cancel()
+
+
+async def test_a_keepalive_steps_a_host_of_units_a_slice_per_batch_and_stops_at_a_lease_event(
+        autojump_clock, monkeypatch):
+    """More units than a slice: the first slice is stepped at once, the rest a slice per trio batch;
+    a lease event in between ends the pass (no unit is stepped with that keepalive after it)."""
+    import vipd.refresh as refresh
+    monkeypatch.setattr(refresh, "SLICE", 2)
+    h = Host(lazy=False, catch_up=False)
+    async with trio.open_nursery() as n:
+        await h.start(n)
+        h.alive = False  # keepalives from here on are the test's
+        await trio.sleep(0.5)
+        names = list(h.controllers)
+        now = trio.current_time()
+        h.refresh.publish(LeaseValid(1, now + TTL + 1))
+        stepped = lambda: [c.state.valid_until == now + TTL + 1 for c in h.controllers.values()]  # noqa: E731
+        assert stepped() == [True, True] + [False] * (N - 2)  # the first slice, at once
+        await trio.sleep(0.1)
+        assert all(stepped()), stepped()
+
+        later = trio.current_time()
+        h.refresh.publish(LeaseValid(1, later + TTL + 2))
+        h.refresh.publish(LeaseGone(1))  # the pass ends here: only the first slice had the keepalive
+        await trio.sleep(0.1)
+        assert [c.state.valid_until == later + TTL + 2 for c in h.controllers.values()][2:] == [False] * (N - 2)
+        assert names == list(h.controllers)
+        n.cancel_scope.cancel()
