@@ -73,8 +73,10 @@ async def reload_cost(lab: Lab, n_calls: int) -> list[dict[str, Any]]:
     """What a reload's table update costs with 4 and 1,000 VIPs on one device, the fence's lock held all
     along (the successors' grant re-arms wait behind it): `ensure()` as it is (the device's chains
     already hooked, the sets read back and only their difference written: one VIP dropped or
-    added back, alternately), the batch it sent before (sets flushed and refilled), and the one before 955f4b3 (every hooked chain's
-    rules deleted and added again too)."""
+    added back, alternately; or one VIP on a device not hooked yet, whose chain pair is created and
+    deleted: the kernel hooks a device that does not exist yet since 6.16), the batch it sent before
+    (sets flushed and refilled), and the one before 955f4b3 (every hooked chain's rules deleted and
+    added again too)."""
     rows = []
     for n in (4, max(SIZES)):
         many = [VipSpec(f"m{i}", ipaddress.ip_interface(f"10.214.{i // 250}.{i % 250 + 1}/32"), lab.nic)
@@ -85,12 +87,15 @@ async def reload_cost(lab: Lab, n_calls: int) -> list[dict[str, Any]]:
             sent_before = {  # the batches earlier versions sent (the same table, rewritten)
                 "sets flushed + refilled (before this)": setup_ops(devs, hooked=[lab.nic]),
                 "rules rewritten too (before 955f4b3)": setup_ops(devs)}
-            for mode in ("ensure (one VIP in or out)", *sent_before):
+            other = VipSpec("new", ipaddress.ip_interface("10.215.0.1/32"), "vtbnewdev0")  # (no such device)
+            for mode in ("ensure (one VIP in or out)", "ensure (a VIP on a new device in or out)", *sent_before):
                 times = []
                 for i in range(n_calls):
                     t0 = time.perf_counter()
-                    if mode.startswith("ensure"):
+                    if mode == "ensure (one VIP in or out)":
                         await fence.ensure(many[i % 2:])
+                    elif mode.startswith("ensure"):  # the device's chain pair created, then deleted
+                        await fence.ensure(many + [other] if i % 2 == 0 else many)
                     else:
                         batch = encode_setup(sent_before[mode])
                         await fence._run("bench: an older batch", lambda s: s.nft.nlm_request_batch(batch))  # noqa: SLF001
