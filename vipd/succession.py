@@ -181,8 +181,8 @@ class Succession(Tokens, Planning):
         return self._fence.covers(vips)
 
     async def arm(self, vips: Sequence[VipSpec], until: float) -> None:
-        if not self.enabled:
-            return
+        if not self.enabled or not self._fence.covers(vips):
+            return  # (not in the token table: see arm_many)
         unit = vips[0].unit
         owned = self._own(unit, vips, until)
         owned.h_etcd = until
@@ -195,6 +195,10 @@ class Succession(Tokens, Planning):
             return
         mine: list[tuple[str, Owned]] = []
         for vips, until in items:
+            if not self._fence.covers(vips):
+                # a VIP the token table does not hold (its update failed): no token, never owned
+                # here, so never given a successor, and the others' batch is not failed by it
+                continue
             unit = vips[0].unit
             owned = self._own(unit, vips, until)
             owned.h_etcd = until

@@ -610,3 +610,29 @@ def test_a_successor_is_not_renamed_for_our_own_lateness_but_is_when_it_falls_si
         assert [w for _, _, w in s._plan(trio.current_time())] == ["h3"]
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_unit_the_token_table_does_not_hold_is_never_armed_or_given_a_successor():
+    """The token table's update failed for a unit's VIPs (covers() is False for them): arming it
+    is a no-op, so it is never owned here, never named a successor, and the other units' batch
+    goes out without it."""
+    async def main() -> None:
+        now = trio.current_time()
+        outside = VipSpec("late", ipaddress.ip_interface("10.0.2.1/32"), "eth9")
+        s, fence, keys, peers, _ = make(now)
+        fence.covers = lambda vips: all(v.name != "late" for v in vips)  # type: ignore[method-assign]
+        s.observe("api", OwnerRecord("h1", 11, 7, 11))
+        s.observe("late", OwnerRecord("h1", 12, 7, 12))
+        await s.arm_many([([VIP], now + 60.0), ([outside], now + 60.0)])
+        await s.arm([outside], now + 60.0)
+        assert "late" not in fence.token and fence.token["api"] > now
+        await trio.sleep(HOLD_DOWN + 0.01)
+        now = trio.current_time()
+        peers.heartbeat(now)
+        plan = s._plan(now)
+        assert [(u, succ) for u, _, succ in plan] == [("api", "h2")], plan
+        await s._rename(plan)
+        assert s.successor("api") == "h2" and s.successor("late") is None
+        assert "late" not in fence.token
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
