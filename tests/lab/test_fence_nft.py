@@ -379,6 +379,17 @@ async def test_own_table_only_cleanup_and_repair(lab: Lab) -> None:
             doc = json.loads(nft(lab, ns, "-j", "list", "set", "netdev", "vipd_fence", name))
             assert doc["nftables"][1]["set"].get("elem") == [ip]
         assert not await fence.verify()
+        # a reload adding a VIP on a device the table does not hook yet: its chain pair, encoded
+        # before the lock (fence_build.prebuild), is sent whole and numbered; the others' tokens
+        # stay; out again, its chains go (this kernel hooks a device that does not exist yet)
+        extra = VipSpec("x", ipaddress.ip_interface("10.213.77.1/32"), "vtfx0")
+        await fence.ensure([*vips, extra])
+        assert not await fence.verify()
+        assert "vtfx0" in nft(lab, ns, "list", "chain", "netdev", "vipd_fence", chain_names("vtfx0")[0])
+        assert set(token_elements(lab, "token4")) == {v4}
+        await fence.ensure(vips)
+        assert chain_names("vtfx0")[0] not in nft(lab, ns, "list", "table", "netdev", "vipd_fence")
+        assert not await fence.verify()
         subprocess.run(netns.exec_argv(ns, ["nft", "-f", "-"]), input=USER_TABLE, text=True, check=True,
                        timeout=10)
         await fence.remove_all()

@@ -49,6 +49,7 @@ from typing import Any, Optional, Sequence
 import trio
 
 from vipd.config import VipSpec
+from vipd.dataplane.fence_build import hook_ops, prebuild
 from vipd.dataplane.fence_send import Key, Sockets, TokenOps
 from vipd.dataplane.fence_table import FenceTable, to_perf
 from vipd.dataplane.netlink import Netlink
@@ -199,9 +200,17 @@ class NftFence(FenceTable):
             await self._disarm(vips)
 
     async def ensure(self, vips: Sequence[VipSpec]) -> None:
-        """Make the table fence exactly the covered VIPs of ``vips`` (see `_ensure`)."""
+        """Make the table fence exactly the covered VIPs of ``vips`` (see `_ensure`). The chain
+        pairs of devices the table does not hook yet are encoded first, in a worker thread and
+        before the lock (`fence_build.prebuild`)."""
+        managed, pre = self._managed, None
+        if managed is not None:
+            have = {dev for _, dev in managed.values()}
+            new = sorted({v.interface for v in vips if not v.on_loopback} - have)
+            if new:
+                pre = (new, await trio.to_thread.run_sync(prebuild, hook_ops(new)))
         async with self._lock:
-            await self._ensure(vips)
+            await self._ensure(vips, pre)
 
     async def verify(self) -> bool:
         """Check the table is whole; rebuild it if not (see `_verify`). True when it repaired.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -33,6 +34,7 @@ _SOL_NETLINK, _NETLINK_CAP_ACK = 270, 10
 _SO_SNDBUFFORCE = 32  # socket.SO_SNDBUFFORCE is not exported by every Python
 _ACK_WAIT = 5.0  # seconds; the kernel answers a batch in well under a millisecond
 _ENOENT = 2
+_NLM_F_ACK = 4
 _MAX_PASSES = 3  # sends of one token batch when the thread is held up (see fence_nft's docstring)
 _LEAD_BASE = 0.0003  # seconds: clock read -> kernel insert for a small batch, with room to spare
 
@@ -172,6 +174,35 @@ def rebuild(s: Sockets, vip_devs: Sequence[tuple[Key, str]], l2only: Sequence[Ke
     create_grants(s, ops)
     if len(ops):
         err, _, _, _ = send(s, ops, _LEAD_BASE + 2.0 * s.per_elem * len(ops), timeout_update)
+        if err:
+            raise NetlinkError(err)
+
+
+def send_prebuilt(s: Sockets, parts: Sequence[bytes]) -> None:
+    """Send a batch `fence_build.prebuild` encoded (numbered here), on the raw socket; NetlinkError
+    with the first failing message's errno. nfnetlink answers the whole batch inside the send, so
+    every ack or error is queued by the time the first is read."""
+    first = s.take_seqs(len(parts))
+    buf = bytearray(b"".join(parts))
+    acked: set[int] = set()
+    off = 0
+    for i, part in enumerate(parts):
+        struct.pack_into("=I", buf, off + 8, first + i)
+        if struct.unpack_from("=H", buf, off + 6)[0] & _NLM_F_ACK:
+            acked.add(first + i)
+        off += len(part)
+    s.fit(len(buf))
+    s.raw.send(buf)
+    while acked:
+        try:
+            reply = s.raw.recv(1 << 16)
+        except socket.timeout:
+            raise FenceError(f"no answer from nf_tables within {_ACK_WAIT:g} s") from None
+        err = 0
+        for seq, code in parse_acks(reply):
+            if seq in acked:
+                acked.discard(seq)
+                err = err or code
         if err:
             raise NetlinkError(err)
 

@@ -15,7 +15,7 @@ from vipd.config import VipSpec
 from vipd.dataplane.fence_build import (L2ONLY, MANAGED, TABLE, chain_names, drop_table_ops, encode_setup, grant_name,
                                         setup_ops)
 from vipd.dataplane.fence_read import dump_chains, is_whole, read_sets
-from vipd.dataplane.fence_send import Key, Sockets, TokenOps, rebuild, write
+from vipd.dataplane.fence_send import Key, Sockets, TokenOps, rebuild, send_prebuilt, write
 from vipd.dataplane.netlink import Netlink, netlink_error_text
 from vipd.errors import FenceError
 
@@ -52,7 +52,8 @@ class FenceTable:
         return lambda: TokenOps(list(ops.tokens), list(ops.grants) + known,
                                 [(managed[n][0], gid[g]) for n, g in groups.items() if n in managed])
 
-    async def _ensure(self, vips: Sequence[VipSpec]) -> None:
+    async def _ensure(self, vips: Sequence[VipSpec],
+                      pre: Optional[tuple[Sequence[str], Sequence[bytes]]] = None) -> None:
         """Make the table fence exactly the covered VIPs of ``vips`` (routed ones are skipped):
         one atomic batch, idempotent. The first call of a process starts from an empty table (a
         previous run's tokens, groups and grants are gone with it: grant ids are this process's,
@@ -101,6 +102,9 @@ class FenceTable:
                 return
             stale = {c.split("_", 1)[1] for c in current if c.startswith(("in_", "out_"))}
             hooked = {dev for _, dev in vip_devs if all(current.get(c) == dev for c in chain_names(dev))}
+            if pre is not None and not set(pre[0]) <= hooked:
+                send_prebuilt(s, pre[1])  # the new devices' chain pairs, encoded before the lock
+                hooked.update(pre[0])
             s.created.intersection_update(g for g in list(s.created) if grant_name(g) in current)
             s.nft.nlm_request_batch(encode_setup(setup_ops(vip_devs, stale, l2only, hooked, present)))
             if gone:
