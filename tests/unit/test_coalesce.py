@@ -68,3 +68,37 @@ async def test_a_ranked_batch_goes_lowest_rank_first_chunk_by_chunk(autojump_clo
         for i in (5, 2, 7, 4, 1, 6):
             n.start_soon(c.submit, i)
     assert [[x % 2 for x in chunk] for chunk in started] == [[0, 0], [0, 1], [1, 1]]
+
+
+async def test_the_callers_of_a_large_chunk_are_woken_a_slice_per_scheduler_batch(monkeypatch):
+    """Every caller gets its own result; no more than WAKE_SLICE of them resume in one batch."""
+    import vipd.coalesce as coalesce
+    monkeypatch.setattr(coalesce, "WAKE_SLICE", 10)
+
+    class Batches(trio.abc.Instrument):
+        n = 0
+
+        def before_io_wait(self, timeout: float) -> None:
+            Batches.n += 1
+
+    async def double(items: list[int]) -> list[int]:
+        return [2 * i for i in items]
+
+    c: coalesce.Coalescer[int, int] = coalesce.Coalescer(double)
+    resumed: dict[int, list[int]] = {}
+    got: dict[int, int] = {}
+
+    async def call(i: int) -> None:
+        got[i] = await c.submit(i)
+        resumed.setdefault(Batches.n, []).append(i)
+
+    inst = Batches()
+    trio.lowlevel.add_instrument(inst)
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(45):
+                nursery.start_soon(call, i)
+    finally:
+        trio.lowlevel.remove_instrument(inst)
+    assert got == {i: 2 * i for i in range(45)} and c.batches == 1
+    assert max(len(v) for v in resumed.values()) <= 10 and len(resumed) >= 5, resumed
