@@ -521,3 +521,32 @@ async def test_a_new_process_starts_from_an_empty_table(lab: Lab) -> None:
             assert group_members(lab) == {str(lab.vip4(1).ip): 1, str(lab.vip6(1).ip): 1}
             assert await trio.to_thread.run_sync(reachable, lab)
             await fence.remove_all()
+
+
+async def test_a_prebuilt_batch_the_kernel_refuses_is_a_clear_error_and_changes_nothing(lab: Lab) -> None:
+    """A new device's chain pair, encoded before the lock (fence_build.prebuild) and sent numbered
+    (fence_send.send_prebuilt): refused whole (no table yet), or for one message in its middle
+    (the rest would pass), it raises FenceError with the kernel's reason, leaves the kernel as it
+    was, and the fence's sockets still work."""
+    from vipd.dataplane.fence_build import TABLE, Op, hook_ops, prebuild
+    from vipd.dataplane.fence_send import send_prebuilt
+    from pyroute2.netlink.nfnetlink import nftsocket as nfts
+
+    ns = lab.host("h1").ns
+    vips = vips_of(lab)
+    async with Netlink(ns) as nl, NftFence(nl) as fence:
+        refused = prebuild(hook_ops(["vtfx1"]))
+        with pytest.raises(FenceError, match=r"^hook vtfx1: .*No such file or directory"):
+            await fence._run("hook vtfx1", lambda s: send_prebuilt(s, refused))  # noqa: SLF001
+        assert "vipd_fence" not in nft(lab, ns, "list", "tables")
+        await fence.ensure(vips)
+        before = nft(lab, ns, "list", "table", "netdev", TABLE)
+        middle = prebuild(hook_ops(["vtfx1"]) + [Op(nfts.NFT_MSG_DELCHAIN, (("NFTA_CHAIN_TABLE", TABLE),
+                                                                           ("NFTA_CHAIN_NAME", "vtnochain")))]
+                          + hook_ops(["vtfx2"]))
+        with pytest.raises(FenceError, match=r"^hook vtfx1, vtfx2: .*No such file or directory"):
+            await fence._run("hook vtfx1, vtfx2", lambda s: send_prebuilt(s, middle))  # noqa: SLF001
+        assert nft(lab, ns, "list", "table", "netdev", TABLE) == before  # the batch was aborted whole
+        await fence.arm(vips, trio.current_time() + 60)
+        assert not await fence.verify()
+        await fence.remove_all()

@@ -34,7 +34,6 @@ _SOL_NETLINK, _NETLINK_CAP_ACK = 270, 10
 _SO_SNDBUFFORCE = 32  # socket.SO_SNDBUFFORCE is not exported by every Python
 _ACK_WAIT = 5.0  # seconds; the kernel answers a batch in well under a millisecond
 _ENOENT = 2
-_NLM_F_ACK = 4
 _MAX_PASSES = 3  # sends of one token batch when the thread is held up (see fence_nft's docstring)
 _LEAD_BASE = 0.0003  # seconds: clock read -> kernel insert for a small batch, with room to spare
 
@@ -121,6 +120,12 @@ def send(s: Sockets, ops: TokenOps, lead: float, timeout_update: bool) -> tuple[
     first = s.take_seqs(len(ops) + 16)
     s.raw.send(data)  # nfnetlink processes the whole batch inside this call
     sent = time.perf_counter()
+    return _acked(s, first, last), t0, sent, len(arm) + len(grants)
+
+
+def _acked(s: Sockets, first: int, last: int) -> int:
+    """Read the raw socket's answers up to message `last`'s: 0, or the errno of the first message
+    in first..last that failed (the kernel answers a batch in order, `last` asking for an ack)."""
     err = 0
     while True:
         try:
@@ -131,7 +136,7 @@ def send(s: Sockets, ops: TokenOps, lead: float, timeout_update: bool) -> tuple[
             if first <= seq <= last:
                 err = err or code
                 if seq == last:
-                    return err, t0, sent, len(arm) + len(grants)
+                    return err
 
 
 Table = tuple[Sequence[tuple[Key, str]], Sequence[Key]]  # (VIP, device) pairs and the ARP/ND-only VIPs of ensure()
@@ -179,32 +184,19 @@ def rebuild(s: Sockets, vip_devs: Sequence[tuple[Key, str]], l2only: Sequence[Ke
 
 
 def send_prebuilt(s: Sockets, parts: Sequence[bytes]) -> None:
-    """Send a batch `fence_build.prebuild` encoded (numbered here), on the raw socket; NetlinkError
-    with the first failing message's errno. nfnetlink answers the whole batch inside the send, so
-    every ack or error is queued by the time the first is read."""
+    """Send a batch `fence_build.prebuild` encoded (begin, ops asking for an ack, end), numbered
+    here, on the raw socket; NetlinkError with the first failing message's errno."""
     first = s.take_seqs(len(parts))
     buf = bytearray(b"".join(parts))
-    acked: set[int] = set()
     off = 0
     for i, part in enumerate(parts):
         struct.pack_into("=I", buf, off + 8, first + i)
-        if struct.unpack_from("=H", buf, off + 6)[0] & _NLM_F_ACK:
-            acked.add(first + i)
         off += len(part)
     s.fit(len(buf))
     s.raw.send(buf)
-    while acked:
-        try:
-            reply = s.raw.recv(1 << 16)
-        except socket.timeout:
-            raise FenceError(f"no answer from nf_tables within {_ACK_WAIT:g} s") from None
-        err = 0
-        for seq, code in parse_acks(reply):
-            if seq in acked:
-                acked.discard(seq)
-                err = err or code
-        if err:
-            raise NetlinkError(err)
+    err = _acked(s, first + 1, first + len(parts) - 2)  # (the batch's begin and end are not acked)
+    if err:
+        raise NetlinkError(err)
 
 
 def create_grants(s: Sockets, ops: TokenOps) -> None:
