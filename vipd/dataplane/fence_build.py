@@ -267,7 +267,8 @@ def hook_ops(devs: Iterable[str]) -> list[Op]:
 def prebuild(ops: Sequence[Op]) -> list[bytes]:
     """The batch of `ops` (`encode_setup`), every message encoded now, sequence number 0: sent by
     fence_send.send_prebuilt, which numbers them. Encoding a device's chain pair with pyroute2 is
-    ~10-20 ms of CPU; done here, before the fence's lock and in a worker thread, the successors'
+    most of a reload's table update for a new device (bench/fence.py, "a VIP on a new device in or
+    out": the whole update against the lock held); done here, before the fence's lock and in a worker thread, the successors'
     grant re-arms no longer wait for it (a reload adding a VIP on a new device)."""
     out = []
     for m in encode_setup(ops):

@@ -55,7 +55,7 @@ Placements = tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]
 
 class PlacementMemo:
     """The last `placements` answer and what it was computed from. At 10,000 units an answer costs
-    60-120 ms, and most host-key changes (a heartbeat address, a BGP source, a health reason)
+    ~100 ms of CPU (bench/placement.py), and most host-key changes (a heartbeat address, a BGP source, a health reason)
     change nothing it depends on: the units, the healthy hosts' weights, and who holds what down.
     (One tuple, replaced whole: the host directory computes in a worker thread.)"""
 
