@@ -277,3 +277,27 @@ async def test_a_keepalive_steps_a_host_of_units_a_slice_per_batch_and_stops_at_
         assert [c.state.valid_until == later + TTL + 2 for c in h.controllers.values()][2:] == [False] * (N - 2)
         assert names == list(h.controllers)
         n.cancel_scope.cancel()
+
+
+async def test_a_parked_owner_is_passed_by_without_the_full_check_until_its_lifetime_changes(
+        autojump_clock, monkeypatch):
+    """Once a keepalive found an owner it may pass by, the next ones pass it by on a few comparisons
+    (no `_may_skip`); a lifetime deadline that moved under it (an address re-added with a shorter
+    lifetime) or a new state makes the next keepalive check it in full and refresh it."""
+    h = Host(lazy=True)
+    async with trio.open_nursery() as n:
+        await h.start(n)
+        await trio.sleep(2.5)  # a keepalive passed every owner by: all parked
+        assert sorted(h.refresh._parked) == sorted(h.controllers)
+        full: list[str] = []
+        may_skip = h.refresh._may_skip
+        monkeypatch.setattr(h.refresh, "_may_skip", lambda c, ev, now: full.append(c.name) or may_skip(c, ev, now))
+        await trio.sleep(1.0)
+        assert full == []  # passed by on the parked entry
+        c = h.controllers["v0"]
+        before = h.refresher.count["v0"]
+        h.lifetime.claimed(c.vips, trio.current_time() + 1.0)  # its lifetime now ends in a second
+        await trio.sleep(1.0)
+        assert full == ["v0"] and h.refresher.count["v0"] == before + 1
+        assert h.expired == []
+        n.cancel_scope.cancel()
