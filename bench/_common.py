@@ -6,6 +6,7 @@ Nothing here knows about a particular daemon or fault.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import re
@@ -225,6 +226,15 @@ def environment() -> dict[str, Any]:
         "vipd_source_digest": source_digest(),
         "vipd_source_files": source_files(),
     }
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    """bench/out/<name>-<timestamp>.json with `payload` and the environment; prints and returns it."""
+    path = ROOT / "bench" / "out" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment(), **payload}, indent=1))
+    print(f"JSON: {path}")
+    return path
 
 
 def source_files(root: Path = SRC / "vipd") -> dict[str, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import statistics
 import time
 from dataclasses import replace
@@ -51,10 +50,7 @@ def main() -> int:
             rows.append([f"{n} units, 3 hosts: {mode}", f"{statistics.median(times):.2f}", f"{max(times):.2f}"])
             out.append({"units": n, "mode": mode, "median_ms": statistics.median(times), "max_ms": max(times)})
     print(C.table(["placement", "median ms", "max ms"], rows, right=[1, 2]))
-    path = C.ROOT / "bench" / "out" / f"placement-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": C.environment(), "runs": args.runs, "rows": out}, indent=1))
-    print(f"JSON: {path}")
+    C.write_json("placement", {"runs": args.runs, "rows": out})
     return 0
 
 
