@@ -24,6 +24,7 @@ from vipd.interfaces import InterfaceWatch
 from vipd.drain import Drain
 from vipd.reload import Reloader
 from vipd.routing import Routing
+from vipd.handover import HandoverGate
 from vipd.hooks import HookRunner
 from vipd.loopwatch import LoopWatch, TaskTimes, collector_held, freeze_heap
 from vipd.metrics import Metrics, serve
@@ -80,7 +81,7 @@ class Daemon(KernelView):
 
         self.hooks = HookRunner.from_config(cfg.hooks, node=cfg.node)
         self.fitness = Fitness(cfg, self.post, lambda: self.lease.presence_changed(), self.metrics, nl)
-        gate = trio.Semaphore(1)  # one handover to a preferred host at a time, per host
+        gate = HandoverGate(cfg.placement.handover_batch)  # handovers to preferred hosts in flight, per host
         inflight = Inflight()  # host-level refresh batches (vipd/refresh.py): disarms wait for them
         self.lifetime: LifetimeFence = HostLifetimeFence(RefreshBatcher(self.addresses), inflight)
         self.dsr = DsrWiring(cfg, nl, self.metrics.registry, self.fitness)

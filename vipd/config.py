@@ -48,6 +48,7 @@ class PlacementConfig:
     preempt: bool = True  # hand units back to their preferred host
     preempt_delay: float = 5.0  # ... once it has been preferred and healthy this long
     campaign_stagger: float = 0.2  # seconds per place behind in the ranking before campaigning
+    handover_batch: int = 256  # units this host hands to their preferred hosts at once (vipd/handover.py)
 
 
 # Defaults that ride out an etcd leader change with etcd's default flags (heartbeat 100 ms, election
@@ -257,8 +258,9 @@ def _parse_placement(t: _Table) -> PlacementConfig:
     preempt = t.get("preempt", bool, True)
     delay = float(_positive(t.key("preempt_delay"), t.get("preempt_delay", (int, float), 5.0), 0, 3600))
     stagger = float(_positive(t.key("campaign_stagger"), t.get("campaign_stagger", (int, float), 0.2), 0, 10))
+    batch = int(_positive(t.key("handover_batch"), t.get("handover_batch", int, 256), 1, 100000))
     t.done()
-    return PlacementConfig(preempt, delay, stagger)
+    return PlacementConfig(preempt, delay, stagger, batch)
 
 
 def parse(data: dict[str, Any], *, hostname: str | None = None) -> Config:

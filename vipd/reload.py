@@ -12,7 +12,8 @@ Contract:
   clean, so another host takes over at once without a conflict probe) and their controllers end;
   replaced and added units then start new controllers in the daemon's nursery, which campaign as
   usual (placement, health, lease events reach them like any other).
-- Live timing (release_holdoff, campaign_stagger, preempt, preempt_delay, reconcile_interval), host
+- Live timing (release_holdoff, campaign_stagger, preempt, preempt_delay, handover_batch,
+  reconcile_interval), host
   weight and checks, hooks and the log level apply at once.
 - One reload at a time; a SIGHUP during startup is kept and applied once the daemon is ready.
 """
@@ -121,6 +122,7 @@ class Reloader:
             if params != c.params:
                 c.params = params
                 c.post(Tick())  # its timers are derived from the params: recompute them now
+        dm._gate.batch = new.placement.handover_batch
         dm.fitness.reconfigure(new)
         await dm.interfaces.refresh()
         dm._unit_of_ip = {v.ip: v.unit for v in new.vips}
