@@ -14,9 +14,12 @@ is importing vipd.app), and `vipd cleanup` start to first removal.
 
 Cluster (`--cluster-vips M`, default 10000, 0 skips it): three hosts with the same M VIPs on their
 NIC (`--cluster-on lo`: on lo, routed VIPs, which have no token fence and so fail over by the lease
-on a crash), default placement, fast takeover on (`[peers]` on the hosts' lab addresses;
-`--no-peers`: lease takeover only). Settled = every VIP held by
-exactly one host; then CPU per host (and its garbage collection share), etcd requests per second
+on a crash), vipd's default placement (preemption on: each VIP is handed to the host placement
+assigns once that host has been up `preempt_delay`; `--placement lab`: the lab's, without
+preemption, where the first host up keeps what it took), fast takeover on (`[peers]` on the hosts'
+lab addresses; `--no-peers`: lease takeover only). Settled = every VIP held by
+exactly one host; placed (default placement) = every VIP held by exactly the host placement
+assigns it, a third each; then CPU per host (and its garbage collection share), etcd requests per second
 and successor renames (churn: a live successor is kept) at steady state; then a planned
 stop (SIGTERM) of the host holding the most VIPs: per VIP, when another host holds it
 (p10/p50/p90/all, polled every ~50 ms), and when it revoked its lease;
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import ipaddress
 import json
 import os
 import re
@@ -59,6 +63,7 @@ from vipd.lab.cluster import Cluster, vipd_argv
 from vipd.lab.etcd import EtcdServer
 from vipd.lab.scale import log_events, loop_stalls, loop_tasks, scale_vips, tagged_addresses, trouble, vip_ips
 from vipd.lab.topology import Lab
+from vipd.placement import Item, assign
 
 PREFIX = "vts"
 # log events counted per host when a cluster does not settle
@@ -274,6 +279,12 @@ def holders(lab: Lab) -> dict[str, set[Any]]:
     return {h.name: tagged_addresses(h.ns) for h in lab.hosts}
 
 
+def placed(vips: list[Any], hosts: list[str]) -> dict[Any, str]:
+    """VIP IP -> the host vipd's placement assigns it with every host healthy (one-VIP units)."""
+    target = assign([Item(v.name) for v in vips], {h: 1.0 for h in hosts})
+    return {ipaddress.ip_interface(v.address).ip: target[v.name] for v in vips}
+
+
 def moves(lab: Lab, ips: set[Any], to: list[Any], t0: float, timeout: float) -> dict[str, Any]:
     """Poll the hosts `to` (every ~50 ms) until each of `ips` is held by one of them: per VIP, the
     first poll it was seen there, in seconds after t0; the distribution, and how many never moved."""
@@ -303,8 +314,9 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
                           netns=lab.etcd_ns, name=f"{PREFIX}etcd")
         etcd.start(timeout=15.0)
         try:
+            placement = {} if args.placement == "default" else {"preempt": False}  # (the lab's own default)
             cluster = Cluster(lab, work / f"cluster-{m}-{run}", vips, endpoints=[etcd.endpoint],
-                              **profile(args.timing))
+                              placement={"preempt": True, **placement}, **profile(args.timing))
             if args.no_peers:  # (on by default in vipd: it must be turned off)
                 for h in lab.hosts:
                     cluster.host_tables[h.name] = {"peers": {"enabled": False}}
@@ -325,9 +337,21 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
 
             ok = C.wait_until(settled, args.settle_timeout, interval=0.2)
             result: dict[str, Any] = {"vips": m, "on": args.cluster_on, "peers": not args.no_peers,
-                                      "peers_timing": args.peers_timing or "shipped",
+                                      "peers_timing": args.peers_timing or "shipped", "placement": args.placement,
                                       "settled_s": round(time.monotonic() - t0, 2) if ok else None,
                                       "per_host": {k: len(v & wanted) for k, v in holders(lab).items()}}
+            if ok and args.placement == "default":  # preemption hands each VIP to its placed host
+                target = placed(vips, [h.name for h in lab.hosts])
+
+                def as_placed() -> bool:
+                    held = holders(lab)
+                    return all(ip in held[target[ip]] and sum(ip in s for s in held.values()) == 1 for ip in wanted)
+
+                done = C.wait_until(as_placed, args.settle_timeout, interval=0.2)
+                result["placed_s"] = round(time.monotonic() - t0, 2) if done else None
+                result["per_host_placed"] = {k: len(v & wanted) for k, v in holders(lab).items()}
+                if not done:
+                    return result
             # trio batches past the peer lease while settling (vipd/loopwatch.py)
             result["loop_stalls"] = {h.name: loop_stalls(cluster.log_path(h)) for h in lab.hosts}
             if args.loop_tasks:  # which tasks the long batches spent their time in (vipd/loopwatch.py TaskTimes)
@@ -341,8 +365,8 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
             result["steady"] = steady(lab, etcd, pids, args.steady, cluster)
             result["steady"]["successor_renames"] = {  # churn at rest: a live successor is kept
                 h.name: log_events(cluster.log_path(h)).get("successor_named", 0) - named[h.name] for h in lab.hosts}
-            # the busiest host stops (placement need not have given every host a third: the lab
-            # profile does not preempt), then the busier of the other two is lost
+            # the busiest host stops (with `--placement lab` placement need not have given every
+            # host a third), then the busier of the other two is lost
             pid_of = {h.name: p for h, p in zip(lab.hosts, pids)}
             held = holders(lab)
             stop, *rest = sorted(lab.hosts, key=lambda h: (-len(held[h.name] & wanted), h.name))
@@ -395,6 +419,9 @@ def main() -> int:
     p.add_argument("--cluster-on", choices=("nic", "lo"), default="nic",
                    help="cluster: VIPs on the hosts' NIC (token fence, fast takeover) or on lo (routed VIPs: "
                         "no token fence, so a crash fails over by the lease)")
+    p.add_argument("--placement", choices=("default", "lab"), default="default",
+                   help="cluster: vipd's default placement (preemption on: each VIP is handed to the host placement "
+                        "assigns, 5 s after it is up), or the lab's (no preemption: the first host up keeps what it took)")
     p.add_argument("--no-peers", action="store_true", help="cluster: fast takeover off (lease takeover only)")
     p.add_argument("--loop-tasks", action="store_true",
                    help="cluster: vipd times every task step (VIPD_LOOP_TASKS=1) and the JSON says which tasks "
@@ -467,6 +494,8 @@ def main() -> int:
             return " / ".join(str(med([c.get(phase, {}).get(k) for c in cs])) for k in ("p50_s", "p90_s", "all_s"))
 
         rows += [[f"3 hosts, {m} VIPs: settled (s)", med([c.get("settled_s") for c in cs])],
+                 [f"3 hosts, {m} VIPs: placed, a third each (s; default placement)",
+                  med([c.get("placed_s") for c in cs if "placed_s" in c]) if any("placed_s" in c for c in cs) else "-"],
                  [f"3 hosts, {m} VIPs: steady CPU per host (% of a core)",
                   " / ".join(str(med([c.get("steady", {}).get("cpu_percent", [None] * 3)[i] for c in cs])) for i in range(3))],
                  [f"3 hosts, {m} VIPs: steady garbage collection per host (% of a core)",
