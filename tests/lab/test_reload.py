@@ -46,6 +46,7 @@ def test_reload_applies_every_kind_of_change_and_never_touches_an_unchanged_vip(
         c.timing["release_holdoff"] = 1.0
         c.timing["reconcile_interval"] = 0.4
         c.placement["preempt_delay"] = 7.0
+        c.placement["handover_batch"] = 8
         c.host_extra = {h.name: {"weight": 2.0} for h in lab.hosts}
         c.top_extra = {"hooks": {"owner": ["/bin/true"], "timeout": 5}}
         for h in lab.hosts:

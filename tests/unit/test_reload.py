@@ -37,7 +37,7 @@ def test_every_kind_of_change_is_classified() -> None:
                {"name": "move", "address": "10.0.0.22/24", "interface": "eth0"},
                {"name": "new", "address": "10.0.0.14/24", "interface": "eth0"}],
               timing={"release_holdoff": 5.0, "reconcile_interval": 0.5},
-              placement={"preempt_delay": 9.0}, host={"weight": 2.0}, hooks={"owner": ["/bin/true"]},
+              placement={"preempt_delay": 9.0, "handover_batch": 16}, host={"weight": 2.0}, hooks={"owner": ["/bin/true"]},
               log_level="debug")
     d = diff(old, new)
     assert [u.name for u in d.added] == ["new"]
@@ -46,7 +46,7 @@ def test_every_kind_of_change_is_classified() -> None:
     assert [u.name for u in d.retuned] == ["tune"]
     assert d.unchanged == ("keep",)
     assert set(d.live) == {"timing.release_holdoff", "timing.reconcile_interval", "placement.preempt_delay",
-                           "host.weight", "hooks", "log_level"}
+                           "placement.handover_batch", "host.weight", "hooks", "log_level"}
     assert d.restart == ()
     assert "added new" in d.summary() and "removed gone" in d.summary()
     assert diff(old, cfg()).empty
