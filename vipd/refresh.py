@@ -50,6 +50,7 @@ from vipd.ownership.state import Sub
 CHUNK = 1000  # addresses per lifetime refresh job (struct-built: ~1 ms per 100)
 SLICE = 1000  # units a keepalive steps per trio batch (see HostRefresh._take)
 CATCH_UP_ROOM = 1.0  # seconds of lifetime a skipped address still has when a catch-up starts
+SLOW = 1.0  # seconds: a host refresh batch (token arms, then lifetimes) that took longer is logged
 
 
 def lazy_timing(keepalive_interval: float) -> tuple[float, float]:
@@ -293,6 +294,7 @@ class HostRefresh:
         return False
 
     async def _arm(self, due: list[tuple[Controller, float]]) -> None:
+        began = trio.current_time()
         try:
             self.batches += 1
             for fence in self._fences:  # kernel tokens first, as Controller._arm does
@@ -309,7 +311,12 @@ class HostRefresh:
                     log.error("fence_arm_failed", units=len(items), fence=type(fence.inner).__name__, error=e)
                 else:
                     self._unarmed.difference_update(c.name for c, _ in due if fence in c.fences)
+            armed = trio.current_time()
             await self._lifetimes(due)
+            done = trio.current_time()
+            if done - began > SLOW:  # (where a refresh waited when lifetimes ran out under owners)
+                log.warning("refresh_slow", units=len(due), seconds=round(done - began, 3),
+                            fences_s=round(armed - began, 3), lifetimes_s=round(done - armed, 3))
         finally:
             self._inflight.end()
 
