@@ -224,7 +224,7 @@ class AddressManager:
                 if code:
                     failures[vip.name] = AddressError(f"refresh {vip.address} on {vip.interface}: {_errno_text(code)}")
 
-        await self.nl.call_checked(f"refresh {len(items)} addresses", job, AddressError, urgent=True)
+        await self.nl.call_checked(f"refresh {len(items)} addresses", job, AddressError)
         return failures
 
     async def release(self, vip: VipSpec) -> None:

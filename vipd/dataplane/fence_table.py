@@ -162,7 +162,7 @@ class FenceTable:
             return fn(self._socks)
 
         try:
-            return await self.nl.call(job, urgent=True)  # tokens and grants keep what is held alive
+            return await self.nl.call(job)
         except NetlinkError as e:
             why = netlink_error_text(e)
         except FileNotFoundError:

@@ -5,10 +5,7 @@ and frees them only on ``close()``, so calling it from trio's short-lived worker
 sockets. :class:`Netlink` starts one dedicated thread per instance; that thread opens the
 ``IPRoute`` (in a named netns if asked), runs every job handed to :meth:`Netlink.call` in
 submission order, and hands each outcome back to the waiting trio task through the trio token
-(no per-call threads, no polling). Jobs submitted ``urgent`` (what keeps held state alive: lifetime
-refreshes, token and grant arms) run before every ordinary job still queued (claims, releases,
-dumps), in their own submission order: in a wave of thousands of claims and releases a refresh
-queued behind them came too late and addresses of a busy owner expired under it.
+(no per-call threads, no polling).
 
 Cancellation: a job that has not started yet when its caller is cancelled is skipped; a job that
 is already running in the owner thread cannot be interrupted and runs to completion, its result
@@ -152,7 +149,6 @@ class _Job:
 
 
 _STOP = object()
-_URGENT = object()  # a wake-up for the owner thread: an urgent job is waiting
 
 
 class Netlink:
@@ -166,7 +162,6 @@ class Netlink:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         self._jobs: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._urgent: "queue.SimpleQueue[_Job]" = queue.SimpleQueue()  # run before any job of _jobs
         self._thread: threading.Thread | None = None
         self._closed = False
         self._route: socket.socket | None = None  # owner thread only: see route_socket()
@@ -233,10 +228,9 @@ class Netlink:
         try:
             while True:
                 job = self._jobs.get()
-                self._run_urgent(ipr)
                 if job is _STOP:
                     break
-                if job is _URGENT or job.abandoned:
+                if job.abandoned:
                     continue
                 job.hand_back(outcome.capture(job.fn, ipr))
         finally:
@@ -247,23 +241,13 @@ class Netlink:
             except Exception:  # noqa: BLE001 - nothing useful to do while shutting down
                 log.debug("closing IPRoute failed", exc_info=True)
             # Anything queued after the stop marker (a call racing __aexit__) must not hang.
-            for q in (self._urgent, self._jobs):
-                while True:
-                    try:
-                        job = q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if job is not _STOP and job is not _URGENT:
-                        job.hand_back(outcome.Error(DataplaneError("netlink owner thread is closed")))
-
-    def _run_urgent(self, ipr: IPRoute) -> None:
-        while True:
-            try:
-                job = self._urgent.get_nowait()
-            except queue.Empty:
-                return
-            if not job.abandoned:
-                job.hand_back(outcome.capture(job.fn, ipr))
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not _STOP:
+                    job.hand_back(outcome.Error(DataplaneError("netlink owner thread is closed")))
 
     def route_socket(self) -> tuple[socket.socket, int]:
         """Inside a job only (the owner thread): a plain blocking NETLINK_ROUTE socket in this
@@ -293,9 +277,8 @@ class Netlink:
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
-    async def call(self, fn: Callable[[IPRoute], T], *, urgent: bool = False) -> T:
-        """Run ``fn(ipr)`` in the owner thread and return its result (or raise its exception);
-        ``urgent``: ahead of every ordinary job still queued (see the module docstring).
+    async def call(self, fn: Callable[[IPRoute], T]) -> T:
+        """Run ``fn(ipr)`` in the owner thread and return its result (or raise its exception).
 
         Exceptions from pyroute2 (``NetlinkError``, ``OSError``) come back unchanged; callers
         translate them into the typed errors of their domain. See the module docstring for
@@ -305,18 +288,13 @@ class Netlink:
             raise DataplaneError("Netlink is not open (use `async with Netlink(...)`)")
         await trio.lowlevel.checkpoint_if_cancelled()
         job = _Job(fn, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token())
-        if urgent:
-            self._urgent.put(job)
-            self._jobs.put(_URGENT)  # wakes the thread if it waits; found drained later otherwise
-        else:
-            self._jobs.put(job)
+        self._jobs.put(job)
         return await self._wait(job)
 
-    async def call_checked(self, what: str, fn: Callable[[IPRoute], T], error: type[Exception], *,
-                           urgent: bool = False) -> T:
+    async def call_checked(self, what: str, fn: Callable[[IPRoute], T], error: type[Exception]) -> T:
         """:meth:`call`, with pyroute2's ``NetlinkError`` and ``OSError`` raised as ``error("WHAT: why")``."""
         try:
-            return await self.call(fn, urgent=urgent)
+            return await self.call(fn)
         except NetlinkError as e:
             raise error(f"{what}: {netlink_error_text(e)}") from None
         except OSError as e:
