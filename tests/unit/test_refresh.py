@@ -301,3 +301,32 @@ async def test_a_parked_owner_is_passed_by_without_the_full_check_until_its_life
         assert full == ["v0"] and h.refresher.count["v0"] == before + 1
         assert h.expired == []
         n.cancel_scope.cancel()
+
+
+async def test_lifetimes_are_refreshed_while_the_token_batch_still_waits(autojump_clock):
+    """A keepalive's token arms stuck behind other fence batches (a handover wave) do not hold its
+    lifetime refreshes back: the addresses are refreshed while the token batch waits, and the
+    batch ends (disarms may go on) only once the tokens are armed too."""
+    h = Host(lazy=False, catch_up=False)
+    async with trio.open_nursery() as n:
+        await h.start(n)
+        h.alive = False  # keepalives from here on are the test's
+        await trio.sleep(0.5)
+        release = trio.Event()
+        arm_many = h.token.arm_many
+
+        async def stuck(items):  # type: ignore[no-untyped-def]
+            await release.wait()
+            await arm_many(items)
+
+        h.token.arm_many = stuck  # type: ignore[method-assign]
+        before = dict(h.refresher.count)
+        now = trio.current_time()
+        h.refresh.publish(LeaseValid(1, now + TTL))
+        await trio.sleep(2.0)
+        assert all(h.refresher.count[name] == before.get(name, 0) + 1 for name in h.controllers)
+        assert all(h.token.until[name] < now + TTL - MARGIN for name in h.controllers)  # not yet armed
+        release.set()
+        await trio.sleep(0.01)
+        assert all(h.token.until[name] == now + TTL - MARGIN for name in h.controllers)
+        n.cancel_scope.cancel()
