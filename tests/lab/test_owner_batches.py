@@ -161,3 +161,24 @@ async def _events(c: EtcdClient, prefix: str, start: int, until: int) -> list[An
             if batch.revision >= until:
                 return out
     return out
+
+
+async def test_a_hand_back_whose_mark_landed_unanswered_is_still_deleted(etcd_server: EtcdServer) -> None:
+    """The first attempt's "released" mark reached etcd but its answer was lost (a timeout): the
+    retry's mark fails its compare (the key changed under our record), and the delete still goes,
+    for our own mark of that epoch only; another epoch's mark and another node's key stay."""
+    names = ["m0", "m1", "m2"]
+    async with EtcdClient([etcd_server.endpoint], timeout=2.0) as c:
+        lease, a, won, _ = await held_by_a(c, names)
+        epochs = {n: won[n][1].epoch for n in names}
+        for n in names:  # the mark an earlier attempt left (m1: of another epoch)
+            epoch = epochs[n] + (1 if n == "m1" else 0)
+            await c.put(a.key(n), owner_value("a", released=True, epoch=epoch), lease)
+        lease_b, _ = await c.grant(30)
+        await c.put(a.key("m2"), "b", lease_b)  # m2 is b's now
+        assert await a.release("m0", epochs["m0"], lease) is True
+        assert await a.release("m1", epochs["m1"], lease) is False
+        assert await a.release("m2", epochs["m2"], lease) is False
+        kvs, _ = await c.get_prefix(a.prefix)
+        left = {a.vip_of(kv.key): kv.value for kv in kvs}
+        assert left == {"m1": owner_value("a", released=True, epoch=epochs["m1"] + 1), "m2": "b"}
