@@ -50,7 +50,7 @@ from vipd.ownership.state import Sub
 CHUNK = 1000  # addresses per lifetime refresh job (struct-built: ~1 ms per 100)
 SLICE = 1000  # units a keepalive steps per trio batch (see HostRefresh._take)
 CATCH_UP_ROOM = 1.0  # seconds of lifetime a skipped address still has when a catch-up starts
-SLOW = 1.0  # seconds: a host refresh batch (token arms, then lifetimes) that took longer is logged
+SLOW = 1.0  # seconds: a host refresh batch (token arms and lifetimes, side by side) that took longer is logged
 
 
 def lazy_timing(keepalive_interval: float) -> tuple[float, float]:
