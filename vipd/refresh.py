@@ -45,7 +45,7 @@ from vipd.errors import AddressError, DataplaneError
 from vipd.fence import Fence, LifetimeFence, RefreshPort, lifetime_ends_after, whole_seconds_before
 from vipd.model import AddressFailed, ArmFence, Event, LeaseValid, State, VipSpec
 from vipd.ownership.controller import Controller
-from vipd.ownership.state import Sub
+from vipd.ownership.state import Sub, VipState
 
 CHUNK = 1000  # addresses per lifetime refresh job (struct-built: ~1 ms per 100)
 SLICE = 1000  # units a keepalive steps per trio batch (see HostRefresh._take)
@@ -173,12 +173,12 @@ class HostRefresh:
         self._last: LeaseValid | None = None  # the newest keepalive, while no other lease event followed
         self._skipped: set[str] = set()  # units that keepalive passed by (lazy: their deadlines are far)
         self._unarmed: set[str] = set()  # units whose last fence arm failed: never passed by
-        # name -> (its state, its lifetime's armed deadline, the lease, lifetime_ends_after(that
-        # deadline), the unit's fence margin): what `_may_skip` found, so that the next
-        # keepalives pass the unit by with a few comparisons (2,000 full checks cost 4.6 ms a
-        # second: bench/scale.py, py-spy). Valid only while the unit keeps that very state object
-        # (the core is pure: any step makes a new one) and that lifetime deadline.
-        self._parked: dict[str, tuple[object, float, object, float, float]] = {}
+        # name -> (its state, its lifetime's armed deadline, lifetime_ends_after(that deadline)):
+        # what `_may_skip` found, so that the next keepalives pass the unit by with a few
+        # comparisons instead of the full check (the before/after CPU: README, bench/scale.py).
+        # Valid only while the unit keeps that very state object (the core is pure: any step
+        # makes a new one; its lease is part of it) and that lifetime deadline.
+        self._parked: dict[str, tuple[VipState, float, float]] = {}
         self._catch_up_at = math.inf
         self._moved = trio.Event()
         self.batches = 0
@@ -252,8 +252,9 @@ class HostRefresh:
         for c in controllers:
             if lazy:
                 p = parked.get(c.name)
-                if (p is not None and p[0] is c.state and p[3] - now >= hold and ev.valid_until - p[4] >= p[1]
-                        and ev.lease == p[2] and armed_until(c.vips) == p[1]):
+                if (p is not None and p[0] is c.state and p[2] - now >= hold
+                        and ev.valid_until - c.params.fence_margin >= p[1] and ev.lease == p[0].lease
+                        and armed_until(c.vips) == p[1]):
                     skipped.add(c.name)
                     continue
                 if self._may_skip(c, ev, now):
@@ -287,9 +288,9 @@ class HostRefresh:
         last = self._lifetime.armed_until(c.vips)
         if last is None:
             return False
-        margin, ends = c.params.fence_margin, lifetime_ends_after(last)
-        if ev.valid_until - margin >= last and ends - now >= self._hold:
-            self._parked[c.name] = (s, last, s.lease, ends, margin)  # the same tests, from the same values
+        ends = lifetime_ends_after(last)
+        if ev.valid_until - c.params.fence_margin >= last and ends - now >= self._hold:
+            self._parked[c.name] = (s, last, ends)  # the same tests, from the same values
             return True
         return False
 
