@@ -330,3 +330,42 @@ async def test_lifetimes_are_refreshed_while_the_token_batch_still_waits(autojum
         await trio.sleep(0.01)
         assert all(h.token.until[name] == now + TTL - MARGIN for name in h.controllers)
         n.cancel_scope.cancel()
+
+
+async def test_a_failed_lifetime_refresh_releases_that_unit_only_and_the_tokens_still_arm(autojump_clock):
+    """The lifetime refresh (side by side with the token batch) fails for one address, then the
+    whole netlink call fails: each failed unit gets AddressFailed (released: address removed,
+    key handed back, counted as a "claim" error) while the others keep their refreshed lifetime,
+    and the token batch of that keepalive is armed all the same."""
+    h = Host(lazy=False, catch_up=False)
+    async with trio.open_nursery() as n:
+        await h.start(n)
+        h.alive = False  # keepalives from here on are the test's
+        await trio.sleep(0.5)
+        refresh_many = h.refresher.refresh_many
+        fail: dict[str, object] = {"only": "v1"}
+
+        async def failing(items, at=None):  # type: ignore[no-untyped-def]
+            if fail.get("all"):
+                raise DataplaneError("netlink socket gone")
+            await refresh_many([(v, life) for v, life in items if v.name != fail["only"]], at)
+            return {str(fail["only"]): AddressError("refused")} if any(v.name == fail["only"] for v, _ in items) else {}
+
+        h.refresher.refresh_many = failing  # type: ignore[method-assign]
+        now = trio.current_time()
+        h.refresh.publish(LeaseValid(1, now + TTL))
+        await trio.sleep(0.5)
+        assert h.controllers["v1"].state.state is not State.OWNER and not h.kernel.holds("v1")
+        assert h.metrics.errors == ["claim"]  # (the fake counts the op)
+        others = [name for name in h.controllers if name != "v1"]
+        assert all(h.controllers[name].state.state is State.OWNER for name in others)
+        assert all(h.lifetime.armed_until(h.controllers[name].vips) == now + TTL - MARGIN for name in others)
+        assert all(h.token.until[name] == now + TTL - MARGIN for name in others)
+
+        fail["all"] = True
+        later = trio.current_time()
+        h.refresh.publish(LeaseValid(1, later + TTL))
+        await trio.sleep(0.5)
+        assert all(h.controllers[name].state.state is not State.OWNER for name in others)
+        assert all(not h.kernel.holds(name) for name in others)
+        n.cancel_scope.cancel()
