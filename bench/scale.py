@@ -63,7 +63,8 @@ from vipd.lab.cluster import Cluster, vipd_argv
 from vipd.lab.etcd import EtcdServer
 from vipd.lab.scale import log_events, loop_stalls, loop_tasks, scale_vips, tagged_addresses, trouble, vip_ips
 from vipd.lab.topology import Lab
-from vipd.placement import Item, assign
+from vipd.election.hosts import HostInfo, rankings
+from vipd.model import Unit, VipSpec
 
 PREFIX = "vts"
 # log events counted per host when a cluster does not settle
@@ -280,9 +281,11 @@ def holders(lab: Lab) -> dict[str, set[Any]]:
 
 
 def placed(vips: list[Any], hosts: list[str]) -> dict[Any, str]:
-    """VIP IP -> the host vipd's placement assigns it with every host healthy (one-VIP units)."""
-    target = assign([Item(v.name) for v in vips], {h: 1.0 for h in hosts})
-    return {ipaddress.ip_interface(v.address).ip: target[v.name] for v in vips}
+    """VIP IP -> the host vipd's placement (the host directory's `rankings`) assigns it with every
+    host healthy (one-VIP units, as the bench configures them)."""
+    units = [Unit(v.name, (VipSpec(v.name, ipaddress.ip_interface(v.address), v.interface or "eth0"),)) for v in vips]
+    ranked = rankings(units, {h: HostInfo(h) for h in hosts})
+    return {ipaddress.ip_interface(v.address).ip: ranked[v.name][0] for v in vips}
 
 
 def moves(lab: Lab, ips: set[Any], to: list[Any], t0: float, timeout: float) -> dict[str, Any]:
