@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 
@@ -117,7 +118,7 @@ class Daemon(KernelView):
     def params(self, u: Unit) -> Params:
         cfg, pl = self.cfg, self.cfg.placement
         return Params(cfg.node, cfg.timing.fence_margin, cfg.timing.release_holdoff,
-                      pl.preempt_delay if pl.preempt else None, pl.campaign_stagger, u.anycast,
+                      pl.preempt_delay if pl.preempt else None, pl.campaign_stagger, pl.join_grace, u.anycast,
                       conflict_check=any(v.conflict_check and not v.on_loopback for v in u.vips),
                       takeover=self.nft is not None and not u.anycast and self.nft.covers(u.vips))
 
@@ -342,7 +343,8 @@ class Daemon(KernelView):
             self.suspicions.after_owner(name, record)
 
     def _deliver_placement(self, name: str, ranking: tuple[str, ...]) -> None:
-        self.post(name, Placement(ranking))
+        joined = self.directory.joined
+        self.post(name, Placement(ranking, tuple(joined.get(h, -math.inf) for h in ranking)))
         self.suspicions.after_placement(name, ranking)
 
 

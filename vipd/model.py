@@ -230,9 +230,11 @@ class HealthChanged:
 
 @dataclass(frozen=True)
 class Placement:
-    """Candidate hosts for the unit, best first (healthy ones only; the first is its target)."""
+    """Candidate hosts for the unit, best first (healthy ones only; the first is its target), and
+    when this host first saw each of them (the same order; () when not known)."""
 
     ranking: tuple[str, ...]
+    joined: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,33 @@ def test_campaign_is_staggered_by_ranking_so_the_preferred_host_wins():
     assert acts == [Campaign(LEASE)]
 
 
+def test_a_host_that_just_joined_campaigns_for_its_share_before_the_others():
+    """Cold start: h3 came up at 99.5 and ranks first; h1 has run for a while. Without the join
+    grace h1 campaigned 0.2 s after the key was absent, before h3's controllers had campaigned at
+    all, and took h3's share (which preemption then moved back, in waves)."""
+    joined = Placement(("h3", "h1", "h2"), (99.5, 10.0, 10.0))
+    none = OwnerObserved(OwnerRecord(None, revision=50))
+    base = backup(valid_until=110.0, owner=replace(OTHER, node="h9"))  # (a host gone meanwhile)
+    s, acts = run(base, joined, none, now=100.0, p=PP)
+    assert acts == [] and s.why_not == "waiting for better-ranked hosts"
+    assert st.wakeup(PP, s, 100.0) == pytest.approx(99.5 + 3.0 + 0.2)
+    assert run(s, Tick(), now=102.6, p=PP)[1] == []
+    assert run(s, Tick(), now=102.7, p=PP)[1] == [Campaign(LEASE)]
+    # the host that joined campaigns at once; one further back waits its stagger after the grace
+    assert run(base, joined, none, now=100.0, p=replace(PP, node="h3"))[1] == [Campaign(LEASE)]
+    h2 = replace(PP, node="h2")
+    s2, _ = run(base, joined, none, now=100.0, p=h2)
+    assert st.wakeup(h2, s2, 100.0) == pytest.approx(99.5 + 3.0 + 0.4)
+    # hosts seen long ago, an unknown join time, or no grace: the stagger alone, as before
+    for ev, p in ((Placement(("h3", "h1", "h2"), (50.0, 10.0, 10.0)), PP), (Placement(("h3", "h1", "h2")), PP),
+                  (joined, replace(PP, join_grace=0.0))):
+        s3, acts = run(base, ev, none, now=100.0, p=p)
+        assert acts == [] and st.wakeup(p, s3, 100.0) == pytest.approx(100.2), ev
+    # a host that joined behind us never delays us
+    s4, acts = run(base, Placement(("h1", "h3"), (10.0, 99.9)), none, now=100.0, p=PP)
+    assert acts == [Campaign(LEASE)]
+
+
 def test_stagger_skips_hosts_in_their_release_hold_off():
     """A held-off host publishes it (HoldOff -> presence), so the others' rankings skip it: h3 does
     not wait a stagger for h2, which could not campaign anyway (the demo's 219 ms planned stop)."""

@@ -104,6 +104,7 @@ class HostDirectory:
         self._on_placement = on_placement
         self._on_hosts = on_hosts
         self.hosts: dict[str, HostInfo] = {}
+        self.joined: dict[str, float] = {}  # when this host first saw each present host (trio clock)
         self.placement: dict[str, tuple[str, ...]] = {}
         self.successors: dict[str, tuple[str, ...]] = {}  # the same, for naming successors (hold-off counts)
         self._changed = trio.Event()  # set (and replaced) at every recompute: see wait()
@@ -114,14 +115,18 @@ class HostDirectory:
         def snapshot(kvs: Sequence[Any], revision: int) -> None:
             self.hosts = {kv.key[len(self.prefix):]: HostInfo.from_json(kv.key[len(self.prefix):], kv.value)
                           for kv in kvs}
+            now = trio.current_time()  # (a re-listing keeps the first sight of hosts still present)
+            self.joined = {n: self.joined.get(n, now) for n in self.hosts}
             self._recompute()  # (here: placed before the directory is ready)
 
         def event(ev: Any) -> None:
             node = ev.kv.key[len(self.prefix):]
             if ev.type == "DELETE":
                 self.hosts.pop(node, None)
+                self.joined.pop(node, None)
             else:
                 self.hosts[node] = HostInfo.from_json(node, ev.kv.value)
+                self.joined.setdefault(node, trio.current_time())
             if self._on_hosts is not None:
                 self._on_hosts(self.hosts)
             self._dirty.set()

@@ -25,7 +25,7 @@ def observe(p: Params, s: VipState, ev: Event, now: float) -> VipState:
     if isinstance(ev, PeerRecovered):
         return track_target(p, replace(s, suspects=s.suspects - {ev.peer}), now)
     if isinstance(ev, Placement):
-        return track_target(p, replace(s, ranking=ev.ranking), now)
+        return track_target(p, replace(s, ranking=ev.ranking, joined=ev.joined), now)
     if isinstance(ev, OwnerObserved) and s.state not in HOLDING:
         o = ev.record
         if o.node is None and (s.owner is None or s.owner.node is not None):

@@ -66,6 +66,7 @@ class Params:
     release_holdoff: float
     preempt_delay: float | None = None  # hand a unit to its preferred host after this hold-down; None: never
     campaign_stagger: float = 0.2  # per place behind in the ranking, wait this long before campaigning
+    join_grace: float = 3.0  # a better-ranked host that joined less than this ago campaigns first (cold start)
     anycast: bool = False  # every fit host holds the unit at once: no owner key, no election
     conflict_check: bool = False  # probe for another machine answering before the first claim
     takeover: bool = False  # fast takeover: take the unit from a suspect owner that names us successor
@@ -100,6 +101,7 @@ class VipState:
     epoch: int = 0  # our ownership epoch (owner key create_revision) while we hold or release it
     healthy: bool = True  # host and unit checks pass: may campaign and keep serving
     ranking: tuple[str, ...] | None = None  # healthy candidates, target first (None: no placement yet)
+    joined: tuple[float, ...] = ()  # when this host first saw each host of `ranking` (its order; () unknown)
     absent_since: float = 0.0  # when the owner key was last seen disappearing
     last_owner: str | None = None  # who held the key before it disappeared
     last_clean: bool = False  # ... and whether it marked its hand-back clean (address removed first)
@@ -149,7 +151,18 @@ def campaign_at(p: Params, s: VipState) -> float:
         place = order.index(p.node)
     else:
         return math.inf
-    return max(earliest, s.absent_since + place * p.campaign_stagger)
+    return max(earliest, max(s.absent_since, joined_ahead(p, s, order[:place])) + place * p.campaign_stagger)
+
+
+def joined_ahead(p: Params, s: VipState, ahead: list[str]) -> float:
+    """The end of the join grace of the better-ranked hosts that joined last (-inf: none did).
+    A host that just came up ranks first for its share of the units before its controllers have
+    campaigned for them: at a cold start the first host up would take them all (its campaigns go
+    out while the others register) and preemption would move most of them again, in waves. So a
+    unit without an owner waits for the hosts ranked ahead of it until `join_grace` after this host
+    first saw them; a host that stays silent only delays it by that much."""
+    seen = [t for h, t in zip(s.ranking or (), s.joined) if h in ahead]
+    return max(seen) + p.join_grace if seen else -math.inf
 
 
 def why_not_campaign(p: Params, s: VipState, now: float) -> str:
