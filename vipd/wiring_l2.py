@@ -28,7 +28,8 @@ from vipd.dataplane.netlink import Netlink
 from vipd.doctor.checks_l2 import L2Metrics, l2_blockers, l2_vips, report_l2_blockers
 from vipd.doctor.findings import Finding
 from vipd.errors import DataplaneError
-from vipd.model import Event, LeaseValid
+from vipd.lease_gate import KeepaliveGate
+from vipd.model import Event
 
 SOURCE = "l2"
 
@@ -55,19 +56,13 @@ class L2Gate:
         self._wait = wait
         self._limit = limit  # the whole check gives up (blocking nothing) after this long
         self.blocked: dict[str, Finding] = {}  # interface -> the blocking finding (cached)
-        self.checked = trio.Event()
-        self._held: tuple[Callable[[Event], None], LeaseValid] | None = None  # a keepalive held back
+        self._gate = KeepaliveGate()  # keepalives held back until the check is done
+        self.checked = self._gate.opened
 
     def gate(self, publish: Callable[[Event], None]) -> Callable[[Event], None]:
         """`publish`, except that keepalives are held back until the check is done (the newest one is
         published then); any other event passes, and drops the one held (it is older news)."""
-        def gated(ev: Event) -> None:
-            if isinstance(ev, LeaseValid) and not self.checked.is_set():
-                self._held = (publish, ev)
-                return
-            self._held = None
-            publish(ev)
-        return gated
+        return self._gate.gate(publish)
 
     @property
     def needed(self) -> bool:
@@ -82,10 +77,7 @@ class L2Gate:
                 for unit, reason in self.unit_reasons().items():
                     self._fitness.veto(unit, reason, source=SOURCE)
         finally:
-            self.checked.set()
-            held, self._held = self._held, None
-            if held is not None:
-                held[0](held[1])
+            self._gate.open()
 
     async def _test(self) -> dict[str, Finding]:
         error: object = f"no answer in {self._limit:g} s"
