@@ -44,6 +44,11 @@ class EtcdCompacted(EtcdError):
     """A watch asked for a revision that etcd has compacted away; re-list and watch again."""
 
 
+class CampaignWithdrawn(VipdError):
+    """A campaign not sent: by the time its transaction went out the unit no longer campaigned
+    (a better-ranked host joined, the key was taken, the lease or health changed)."""
+
+
 class LeaseLost(EtcdError):
     """The host lease is gone in etcd (expired or revoked)."""
 

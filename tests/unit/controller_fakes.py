@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import trio
 
-from vipd.errors import AddressError, EtcdUnavailable
+from vipd.errors import AddressError, CampaignWithdrawn, EtcdUnavailable
 from vipd.fence import LifetimeFence
 from vipd.model import OwnerObserved, OwnerRecord, State, Unit, VipSpec
 from vipd.ownership.controller import Controller
@@ -51,8 +51,10 @@ class FakeKeys:
     etcd: FakeEtcd
     node: str
 
-    async def campaign(self, name: str, lease: int) -> tuple[bool, OwnerRecord]:
+    async def campaign(self, name: str, lease: int, still: Callable[[], bool] = lambda: True) -> tuple[bool, OwnerRecord]:
         await trio.sleep(0.002)
+        if not still():
+            raise CampaignWithdrawn(name)
         self.etcd.calls.append(("campaign", self.node))
         if "campaign" in self.etcd.fail:
             raise EtcdUnavailable("etcd down (fake)")
@@ -63,6 +65,20 @@ class FakeKeys:
         self.etcd.keys[name] = rec
         self.etcd._publish(name)
         return True, rec
+
+    async def take_over(self, name: str, record: OwnerRecord, lease: int) -> tuple[bool, OwnerRecord]:
+        """A handed-back key replaced by ours, only if it still has record's mod revision."""
+        await trio.sleep(0.002)
+        self.etcd.calls.append(("take_over", self.node))
+        if "campaign" in self.etcd.fail:
+            raise EtcdUnavailable("etcd down (fake)")
+        rec = self.etcd.keys.get(name)
+        if rec is None or rec.revision != record.revision:
+            return False, rec or OwnerRecord(None, revision=self.etcd.revision)
+        self.etcd.revision += 1
+        self.etcd.keys[name] = won = OwnerRecord(self.node, record.revision + 1, lease, self.etcd.revision)
+        self.etcd._publish(name)
+        return True, won
 
     async def release(self, name: str, epoch: int, lease: int = 0, leave: bool = False) -> bool:
         await trio.sleep(0.002)

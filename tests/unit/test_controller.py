@@ -3,6 +3,8 @@ reached before, on trio's MockClock (autojump), with etcd failures injected at e
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import trio
 
@@ -295,4 +297,43 @@ async def test_an_offered_event_that_only_notes_is_stepped_in_place_and_one_with
         assert c.state.owner != gone
         o.controller.post(ShutdownRequested())
         await wait_state(other, State.OWNER)
+        n.cancel_scope.cancel()
+
+
+async def test_a_campaign_not_sent_yet_is_withdrawn_when_a_host_that_joined_meanwhile_ranks_first(autojump_clock):
+    """A host starting thousands of campaigns sends them over seconds; h9 joined meanwhile and
+    ranks first: the campaign is withdrawn right before its transaction would go out, the unit
+    waits h9's join grace, and campaigns only once h9 did not take it (here it never comes)."""
+    etcd = FakeEtcd()
+    h = make_host(etcd, "h1", 1)
+    async with trio.open_nursery() as n:
+        await start(n, etcd, [h])
+        h.controller.post(Placement(("h9", "h1"), (trio.current_time(), -math.inf)))
+        await trio.sleep(1)
+        assert "api" not in etcd.keys and ("campaign", "h1") not in etcd.calls
+        assert h.controller.state.sub is Sub.IDLE and h.controller.state.why_not == "waiting for better-ranked hosts"
+        await wait_state(h, State.OWNER, limit=3.5)
+        assert etcd.calls.count(("campaign", "h1")) == 1 and etcd.keys["api"].node == "h1"
+        n.cancel_scope.cancel()
+
+
+async def test_a_key_handed_back_at_a_stop_is_taken_over_before_the_revoke_deletes_it(autojump_clock):
+    """A daemon stop marks its keys released and leaves them for the lease's revoke, seconds later
+    at scale. The other host takes the marked key over at once (never two holders: `never_two`),
+    with an epoch above the mark's revision."""
+    etcd = FakeEtcd()
+    hosts = [make_host(etcd, "h1", 1), make_host(etcd, "h2", 2)]
+    async with trio.open_nursery() as n:
+        await start(n, etcd, hosts)
+        await trio.sleep(2)
+        o = owner_of(hosts)
+        other = hosts[1] if o is hosts[0] else hosts[0]
+        o.controller.post(ShutdownRequested(revoke=True))
+        await o.controller.stopped.wait()
+        marked = etcd.keys["api"]
+        assert marked.node == o.node and marked.released  # left for the revoke, which never comes here
+        await wait_state(other, State.OWNER, limit=1.0)
+        key = etcd.keys["api"]
+        assert key.node == other.node and key.epoch == marked.revision + 1 and not key.released
+        assert etcd.calls[-2:] == [("release", o.node), ("take_over", other.node)]
         n.cancel_scope.cancel()

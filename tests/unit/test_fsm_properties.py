@@ -12,7 +12,7 @@ from tests.unit.fsm_helpers import (ALL_EVENTS, AP, LEASE, MINE, OTHER, P, PP, T
 from vipd.model import (AddressAdded, AddressRemoved, Campaign, ClaimAddress, DeleteOwnerKey, HealthChanged,
                         KeyReleased, LeaseGone, LeaseValid, OwnerObserved, OwnerRecord, Placement, PreemptGranted,
                         ReleaseRequested, RemoveAddress, RequestPreempt, ReturnPreemptToken, State, StopAnnouncing,
-                        Tick)
+                        TakeOver, Tick)
 from vipd.ownership import fsm
 from vipd.ownership import state as st
 from vipd.ownership.fsm import InvalidTransition, step
@@ -158,8 +158,12 @@ def test_returning_preferred_host_campaigns_first_even_with_little_lease_left():
     """The preferred host came back; the key went absent when the interim owner handed it back.
     It used to skip its turn when less than a second of address lifetime was left (8 of 25 trials),
     letting the third host win and preemption move the VIP again 5 s later."""
-    s = backup(valid_until=101.3, owner=replace(OTHER, node="h2", released=True, revision=90))
-    s, acts = run(s, Placement(("h1", "h2", "h3")), OwnerObserved(OwnerRecord(None, revision=91)), p=PP)
+    marked = replace(OTHER, node="h2", released=True, revision=90)
+    s = backup(valid_until=101.3, owner=marked)
+    s, acts = run(s, Placement(("h1", "h2", "h3")), p=PP)
+    assert acts == [TakeOver(marked, LEASE)]  # the handed-back key, at once (its delete: not waited for)
+    s = backup(valid_until=101.3, owner=OwnerRecord(None, revision=91), last_owner="h2", last_clean=True)
+    s, acts = run(s, Placement(("h1", "h2", "h3")), p=PP)
     assert acts == [Campaign(LEASE)]
 
 

@@ -25,6 +25,7 @@ import trio
 
 from vipd.coalesce import Coalescer
 from vipd.election.etcd import EtcdClient
+from vipd.errors import CampaignWithdrawn
 from vipd.election.follow import follow
 from vipd.model import OwnerRecord
 
@@ -82,7 +83,7 @@ class OwnerKeys:
         self._client = client
         self.prefix = prefix + "vips/"
         self.node = node
-        self._campaigns: Coalescer[tuple[str, int], tuple[bool, OwnerRecord]] = Coalescer(
+        self._campaigns: Coalescer[tuple[str, int, Callable[[], bool]], tuple[bool, OwnerRecord]] = Coalescer(
             self._campaign_batch, max_batch=TXN_BATCH, parallel=PARALLEL_TXNS)
         self._takeovers: Coalescer[tuple[str, OwnerRecord, int, Callable[[], bool]], tuple[bool, OwnerRecord]] = (
             Coalescer(self._take_over_batch, max_batch=TXN_BATCH, parallel=PARALLEL_TXNS))
@@ -177,9 +178,12 @@ class OwnerKeys:
         """Campaigns queued together go lowest `rank(vip)` first (units that probe before claiming)."""
         self._campaigns.rank = lambda item: rank(item[0])
 
-    async def campaign(self, vip: str, lease: int) -> tuple[bool, OwnerRecord]:
-        """Create our owner key for ``vip`` on ``lease`` if there is none: (won, the key's record)."""
-        return await self._campaigns.submit((vip, lease))
+    async def campaign(self, vip: str, lease: int, still: Callable[[], bool] = lambda: True) -> tuple[bool, OwnerRecord]:
+        """Create our owner key for ``vip`` on ``lease`` if there is none: (won, the key's record).
+        `still()` is asked again right before the transaction goes out: a host starting thousands
+        of campaigns sends them over seconds, and a host that joined meanwhile may be the better
+        place for many of them. Not sent: CampaignWithdrawn."""
+        return await self._campaigns.submit((vip, lease, still))
 
     async def release(self, vip: str, epoch: int, lease: int = 0, leave: bool = False) -> bool:
         """Delete our owner key for this epoch; never someone else's. With `lease` (a clean hand-back:
@@ -193,16 +197,25 @@ class OwnerKeys:
         """etcd transactions sent for campaigns and releases so far."""
         return self._campaigns.batches + self._releases.batches
 
-    async def _campaign_batch(self, items: list[tuple[str, int]]) -> list[Union[tuple[bool, OwnerRecord], BaseException]]:
-        done: dict[int, tuple[bool, OwnerRecord]] = {}
+    async def _campaign_batch(self, items: list[tuple[str, int, Callable[[], bool]]],
+                              ) -> list[Union[tuple[bool, OwnerRecord], BaseException]]:
+        done: dict[int, Union[tuple[bool, OwnerRecord], BaseException]] = {}
         for part in _unique_keys(items, lambda i: i[0]):  # one write per key and transaction
-            ops = [EtcdClient.create_op(self.key(vip), self.node, lease) for _, (vip, lease) in part]
+            send = []
+            for n, (vip, lease, still) in part:
+                if still():
+                    send.append((n, (vip, lease)))
+                else:
+                    done[n] = CampaignWithdrawn(vip)
+            if not send:
+                continue
+            ops = [EtcdClient.create_op(self.key(vip), self.node, lease) for _, (vip, lease) in send]
             results, revision = await self._client.txn_each(ops)
-            for (n, (vip, lease)), (ok, responses) in zip(part, results):
+            for (n, (vip, lease)), (ok, responses) in zip(send, results):
                 won, kv = EtcdClient.create_result(self.key(vip), self.node, lease, ok, responses, revision)
                 done[n] = (won, self.record(kv))
                 if won:
-                    self._saw(vip, done[n][1])
+                    self._saw(vip, self.record(kv))
         return [done[n] for n in range(len(items))]
 
     async def _release_batch(self, items: list[tuple[str, int, int, bool]]) -> list[Union[bool, BaseException]]:

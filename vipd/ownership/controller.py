@@ -264,7 +264,7 @@ class Controller(ChildTasks):
         elif isinstance(action, Campaign):
             self._spawn(self._campaign, action.lease)
         elif isinstance(action, TakeOver):
-            self._peer_takeover = True
+            self._peer_takeover = not action.record.released  # (a hand-back is counted here, like a campaign)
             self._spawn(self._take_over, action.record, action.lease)
         elif isinstance(action, DeleteOwnerKey):
             self._spawn(self._delete_key, action.epoch, action.lease, action.leave)

@@ -33,7 +33,7 @@ from vipd.ownership.moves import acquire, claim, fence, give_key_back, release, 
 from vipd.ownership.observe import observe, track_target
 from vipd.ownership.state import (HOLDING, RETRY_CAMPAIGN, RETRY_DELETE, RETRY_REMOVE, SUBSTATES, TRANSITIONS,
                                   Params, Release, Sub, VipState, fence_deadline, lifetime,
-                                  may_take_over, why_not_campaign)
+                                  may_take_over, released_by_other, why_not_campaign)
 
 S = State
 Result = tuple[VipState, list[Action]]
@@ -73,6 +73,8 @@ def _campaign_if_allowed(p: Params, s: VipState, now: float) -> Result:
     assert o is not None
     if o.node is None:
         return to(s, S.BACKUP, Sub.CAMPAIGNING, s.reason), [Campaign(s.lease)]
+    if released_by_other(p, o):
+        return to(s, S.BACKUP, Sub.TAKING_OVER, f"owner {o.node} handed it back"), [TakeOver(o, s.lease)]
     if may_take_over(p, s):
         return to(s, S.BACKUP, Sub.TAKING_OVER, f"owner {o.node} suspect"), [TakeOver(o, s.lease)]
     if o.lease == s.lease:  # our key on our live lease: serve it again
@@ -103,12 +105,15 @@ def _backup_won(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, CampaignWon)
     o = ev.record
     taken = s.sub is Sub.TAKING_OVER
+    handed_back = taken and s.owner is not None and s.owner.released
     s = replace(s, owner=o)
     if not taken and s.sub is not Sub.CAMPAIGNING or o.lease != s.lease or not s.healthy \
             or now >= fence_deadline(p, s):
         # won, but can no longer serve it safely: hand the key straight back
         return to(s, S.BACKUP, Sub.CLEARING, "won, but the lease or health no longer allows serving"), \
             [DeleteOwnerKey(o.epoch)]
+    if handed_back:  # its owner had removed its addresses before it marked the key
+        return acquire(p, s, now, "took over a handed-back key", o.epoch, probe=False)
     if taken:  # the previous owner's kernel token ended before our transaction could win
         return acquire(p, s, now, "took over from a suspect owner", o.epoch, probe=False)
     return acquire(p, s, now, "campaign won", o.epoch)
@@ -116,7 +121,10 @@ def _backup_won(p: Params, s: VipState, ev: Event, now: float) -> Result:
 
 def _backup_lost(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, CampaignLost)
-    retry = now + RETRY_CAMPAIGN if s.sub is Sub.TAKING_OVER else s.retry_at  # the owner spoke again, or moved on
+    # a suspect owner spoke again, or the key moved on (not for a handed-back key: it moved on, and
+    # the watch tells where)
+    suspect = s.sub is Sub.TAKING_OVER and not (s.owner is not None and s.owner.released)
+    retry = now + RETRY_CAMPAIGN if suspect else s.retry_at
     # the record our transaction saw, unless the watch told of a later one while it was out (the
     # winner named us successor meanwhile: kept, or its crash waits for its lease)
     o = ev.record if s.owner is None or ev.record.revision >= s.owner.revision else s.owner

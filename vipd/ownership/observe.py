@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from vipd.model import (Event, HealthChanged, LeaseValid, OwnerObserved, Placement, PeerRecovered,
+from vipd.model import (Event, HealthChanged, LeaseValid, OwnerObserved, OwnerRecord, Placement, PeerRecovered,
                         PeerSuspected, State)
-from vipd.ownership.state import HOLDING, Params, Preempt, VipState, renewed
+from vipd.ownership.state import HOLDING, Params, Preempt, VipState, released_by_other, renewed
 
 S = State
 
@@ -28,11 +28,17 @@ def observe(p: Params, s: VipState, ev: Event, now: float) -> VipState:
         return track_target(p, replace(s, ranking=ev.ranking, joined=ev.joined), now)
     if isinstance(ev, OwnerObserved) and s.state not in HOLDING:
         o = ev.record
-        if o.node is None and (s.owner is None or s.owner.node is not None):
-            s = replace(s, absent_since=now, last_owner=s.owner.node if s.owner else None,
-                        last_clean=bool(s.owner and s.owner.released))
+        if free(p, o) and not (s.owner is not None and free(p, s.owner)):  # deleted, or handed back
+            last = s.owner if o.node is None else o
+            s = replace(s, absent_since=now, last_owner=last.node if last else None,
+                        last_clean=bool(last and last.released))
         return replace(s, owner=o)
     return s
+
+
+def free(p: Params, o: OwnerRecord) -> bool:
+    """No host holds the key: absent, or another host's hand-back mark (a candidate takes it)."""
+    return o.node is None or released_by_other(p, o)
 
 
 def track_target(p: Params, s: VipState, now: float) -> VipState:

@@ -4,7 +4,7 @@ the controller tests wire fakes (tests/unit/controller_fakes.py)."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 from vipd.model import OwnerRecord, State, VipSpec
 
@@ -19,8 +19,9 @@ class AnnouncePort(Protocol):
 
 
 class KeysPort(Protocol):
-    async def campaign(self, vip: str, lease: int) -> tuple[bool, OwnerRecord]: ...
+    async def campaign(self, vip: str, lease: int, still: Callable[[], bool] = ...) -> tuple[bool, OwnerRecord]: ...
     async def release(self, vip: str, epoch: int, lease: int = 0, leave: bool = False) -> bool: ...
+    async def take_over(self, vip: str, record: OwnerRecord, lease: int) -> tuple[bool, OwnerRecord]: ...
 
 
 class TakeoverPort(Protocol):

@@ -181,7 +181,7 @@ def why_not_campaign(p: Params, s: VipState, now: float) -> str:
         return "owner key not read yet"
     if s.owner.node == p.node and s.owner.released:
         return "own key being handed back"
-    if s.owner.node is not None:
+    if s.owner.node is not None and not released_by_other(p, s.owner):
         if s.owner.node == p.node:
             return ""
         if may_take_over(p, s):
@@ -193,6 +193,16 @@ def why_not_campaign(p: Params, s: VipState, now: float) -> str:
     if now < at:
         return "waiting for better-ranked hosts"
     return ""
+
+
+def released_by_other(p: Params, o: OwnerRecord) -> bool:
+    """Another host handed the key back (`<node> released`): it wrote that mark only after its
+    addresses were removed and its fences disarmed (vipd/ownership/moves.py `release`, then
+    vipd/election/owners.py), so the key is as free as a deleted one. Its lease deletes it only
+    when that host's stop revokes it (seconds later at 1,000 VIPs), or its own delete follows: the
+    candidates do not wait for either; they take the marked key over (vipd/ownership/tasks.py
+    `_take_released`), in the order they campaign for an absent key."""
+    return o.released and o.node is not None and o.node != p.node
 
 
 def may_take_over(p: Params, s: VipState) -> bool:
@@ -217,7 +227,7 @@ def wakeup(p: Params, s: VipState, now: float) -> float | None:
             times.append(s.holdoff_until)  # its end is published
         if not why_not_campaign(p, s, now):
             times.append(now)  # something to do at once (the event that made it so acts already)
-        elif s.owner is not None and s.owner.node is None and not p.anycast:
+        elif s.owner is not None and (s.owner.node is None or released_by_other(p, s.owner)) and not p.anycast:
             times.extend(t for t in (campaign_at(p, s), s.retry_at) if t > now)
         elif may_take_over(p, s) and s.retry_at > now:
             times.append(s.retry_at)

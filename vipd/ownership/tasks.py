@@ -9,15 +9,18 @@ from typing import Sequence
 import trio
 
 from vipd import log
-from vipd.errors import DataplaneError, EtcdError
+from vipd.errors import CampaignWithdrawn, DataplaneError, EtcdError
 from vipd.model import (CampaignFailed, CampaignLost, CampaignWon, Event, KeyReleased, OwnerRecord, PreemptGranted,
                         ReleaseFailed, VipSpec)
 from vipd.ownership.ports import AnnouncePort, GatePort, KeysPort, MetricsPort, TakeoverPort
+from vipd.ownership.state import Params, Sub, VipState, why_not_campaign
 
 
 class ChildTasks:
     name: str
     vips: Sequence[VipSpec]
+    state: VipState
+    params: Params
     _announcer: AnnouncePort
     _metrics: MetricsPort
     _gate: GatePort | None
@@ -52,13 +55,39 @@ class ChildTasks:
 
     async def _campaign(self, lease: int) -> None:
         try:
-            won, record = await self._keys.campaign(self.name, lease)
+            won, record = await self._keys.campaign(self.name, lease, self._still_campaigning)
+        except CampaignWithdrawn:  # not sent: back to waiting, the key as last seen
+            self.post(CampaignLost(self.state.owner or OwnerRecord(None)))
+            return
         except EtcdError as e:
             self.post(CampaignFailed(str(e)))
             return
         self.post(CampaignWon(record) if won else CampaignLost(record))
 
+    def _still_campaigning(self) -> bool:
+        """Right before the campaign's transaction goes out: does the unit, as it is now, still
+        campaign? (A host that joined since may rank ahead of us; the key may have been taken.)"""
+        s = self.state
+        return s.sub is Sub.CAMPAIGNING and not why_not_campaign(self.params, s, trio.current_time())
+
+    async def _take_released(self, record: OwnerRecord, lease: int) -> None:
+        """Take over a key another host handed back (state.released_by_other), without waiting for
+        its delete or its lease's revoke. Safety: that host wrote the mark with a compare on its own
+        key, after its addresses were removed and its fences disarmed; our put compares the mark's
+        mod revision, so when it lands that host serves nothing and cannot serve again without
+        winning the key anew: the same as a campaign after the delete. Its own delete or revoke,
+        later, compares its mark and leaves our key alone."""
+        try:
+            won, now = await self._keys.take_over(self.name, record, lease)
+        except EtcdError as e:
+            self.post(CampaignFailed(str(e)))
+            return
+        self.post(CampaignWon(now) if won else CampaignLost(now))
+
     async def _take_over(self, record: OwnerRecord, lease: int) -> None:
+        if record.released:
+            await self._take_released(record, lease)
+            return
         if self._takeover is None:
             self.post(CampaignLost(record))
             return
