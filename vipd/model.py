@@ -135,6 +135,7 @@ class OwnerObserved:
 @dataclass(frozen=True)
 class CampaignWon:
     record: OwnerRecord
+    handed_back: bool = False  # won by taking over a key its owner had handed back (released mark)
 
 
 @dataclass(frozen=True)

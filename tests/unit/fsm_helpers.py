@@ -62,6 +62,7 @@ ALL_EVENTS: list[Event] = [
     Reconcile(True, True, taken_at=50.0), Tick(), HealthChanged(False, "down"), HealthChanged(True),
     Placement(("h2", "h1")), Placement(("h1", "h2")), Placement(()), PreemptGranted(),
     OwnerObserved(NAMED), PeerSuspected("h2"), PeerRecovered("h2"), CampaignWon(replace(MINE, epoch=14, revision=14)),
+    OwnerObserved(replace(OTHER, released=True, revision=41)), CampaignWon(replace(MINE, epoch=42), handed_back=True),
 ]
 
 

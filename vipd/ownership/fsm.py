@@ -105,14 +105,13 @@ def _backup_won(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, CampaignWon)
     o = ev.record
     taken = s.sub is Sub.TAKING_OVER
-    handed_back = taken and s.owner is not None and s.owner.released
     s = replace(s, owner=o)
     if not taken and s.sub is not Sub.CAMPAIGNING or o.lease != s.lease or not s.healthy \
             or now >= fence_deadline(p, s):
         # won, but can no longer serve it safely: hand the key straight back
         return to(s, S.BACKUP, Sub.CLEARING, "won, but the lease or health no longer allows serving"), \
             [DeleteOwnerKey(o.epoch)]
-    if handed_back:  # its owner had removed its addresses before it marked the key
+    if taken and ev.handed_back:  # its owner had removed its addresses before it marked the key
         return acquire(p, s, now, "took over a handed-back key", o.epoch, probe=False)
     if taken:  # the previous owner's kernel token ended before our transaction could win
         return acquire(p, s, now, "took over from a suspect owner", o.epoch, probe=False)
