@@ -12,7 +12,7 @@ Contract:
   clean, so another host takes over at once without a conflict probe) and their controllers end;
   replaced and added units then start new controllers in the daemon's nursery, which campaign as
   usual (placement, health, lease events reach them like any other).
-- Live timing (release_holdoff, campaign_stagger, preempt, preempt_delay, handover_batch,
+- Live timing (release_holdoff, campaign_stagger, join_grace, preempt, preempt_delay, handover_batch,
   reconcile_interval), host
   weight and checks, hooks and the log level apply at once.
 - One reload at a time; a SIGHUP during startup is kept and applied once the daemon is ready.
