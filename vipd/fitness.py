@@ -8,6 +8,7 @@ A veto: `veto(unit, reason, source=...)`, lifted with None."""
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Protocol
 
 from vipd import log
@@ -26,6 +27,7 @@ class Fitness:
     def __init__(self, cfg: Config, post: Callable[[str, Event], None], presence_changed: Callable[[], None],
                  metrics: FitnessMetrics, nl: object = None) -> None:
         self._cfg = cfg
+        self.started = time.time()  # wall clock: the presence says since when this vipd runs
         self._vetoes: dict[str, list[str]] = {}  # unit -> reasons from outside the checks
         self._post = post
         self._presence_changed = presence_changed
@@ -155,7 +157,8 @@ class Fitness:
                         + ([f"drained: {self.drained}"] if self.drained else []))
         return HostInfo(self._cfg.node, not host_bad, self._cfg.host.weight, down, reasons,
                         self.bgp_source, self.peer_address(), drained=bool(self.drained),
-                        held=tuple(u for u in down if u in self._held and u not in unfit)).to_json()
+                        held=tuple(u for u in down if u in self._held and u not in unfit),
+                        since=round(self.started, 3)).to_json()
 
     async def run(self) -> None:
         """Run the checks forever (a reload may add the first ones later)."""

@@ -232,7 +232,7 @@ class HealthChanged:
 @dataclass(frozen=True)
 class Placement:
     """Candidate hosts for the unit, best first (healthy ones only; the first is its target), and
-    when this host first saw each of them (the same order; () when not known)."""
+    when each of them started, on this host's clock (the same order; () when not known)."""
 
     ranking: tuple[str, ...]
     joined: tuple[float, ...] = ()

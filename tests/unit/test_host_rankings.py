@@ -5,8 +5,13 @@ successor (it takes over when the owner that named it dies)."""
 from __future__ import annotations
 
 import ipaddress
+import math
+import time
 
-from vipd.election.hosts import HostInfo, rankings
+import pytest
+import trio
+
+from vipd.election.hosts import HostInfo, joined_at, rankings
 from vipd.model import Unit, VipSpec
 
 UNITS = [Unit(f"v{i}", (VipSpec(f"v{i}", ipaddress.ip_interface(f"10.0.0.{i + 1}/24"), "eth0"),)) for i in range(6)]
@@ -92,3 +97,19 @@ def test_the_memo_answers_from_the_last_placement_only_while_nothing_it_reads_ch
         got = placements(units, changed, memo)
         assert got is not first and got == placements(units, changed)
     assert placements(units2[:3], hosts, memo) == placements(units2[:3], hosts)
+
+
+def test_a_host_joined_when_its_vipd_started_never_later_than_now():
+    """Placements carry when each host started (on our clock): a host that has run for a while
+    is no newcomer just because this host started after it (a restarted host deferred to every
+    other host for join_grace, and a planned handover waited a stagger: 230 ms instead of 30)."""
+    async def main() -> None:
+        now, wall = trio.current_time(), time.time()
+        assert joined_at(HostInfo("h2", since=wall - 600), math.inf) == pytest.approx(now - 600, abs=1)
+        assert joined_at(HostInfo("h2", since=wall + 60), math.inf) == pytest.approx(now, abs=1)  # clock ahead
+        assert joined_at(HostInfo("h2"), math.inf) == -math.inf  # an older vipd, already there: old
+        assert joined_at(HostInfo("h2"), 0.0) == pytest.approx(now, abs=1)  # ... that just appeared: new
+        h = HostInfo("h2", since=1765000000.123)
+        assert HostInfo.from_json("h2", h.to_json()) == h
+
+    trio.run(main)

@@ -5,6 +5,8 @@ best first, the first being its target. Every host computes the same answer from
 from __future__ import annotations
 
 import json
+import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -27,6 +29,7 @@ class HostInfo:
     peer: str = ""  # "ip:port" of the host's heartbeat endpoint (vipd/peers), if any
     drained: bool = False  # the operator drained it (`vipd drain`): no placement until `vipd undrain`
     held: tuple[str, ...] = ()  # units in `down` only for their release hold-off (still fine successors)
+    since: float = 0.0  # wall-clock time its vipd started (0: not said, an older vipd)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -37,9 +40,19 @@ class HostInfo:
             d = json.loads(value)
             return cls(node, bool(d.get("healthy", True)), float(d.get("weight", 1.0)),
                        tuple(d.get("down", ())), tuple(d.get("reasons", ())), str(d.get("bgp_source", "")),
-                       str(d.get("peer", "")), bool(d.get("drained", False)), tuple(d.get("held", ())))
+                       str(d.get("peer", "")), bool(d.get("drained", False)), tuple(d.get("held", ())),
+                       float(d.get("since", 0.0)))
         except (ValueError, TypeError, AttributeError):
             return cls(node)  # a value we do not understand: present, defaults
+
+
+def joined_at(host: HostInfo, unknown_age: float) -> float:
+    """When `host`'s vipd started, on this host's trio clock: its `since` (wall clock) as an age,
+    never in the future (a clock ahead only makes it younger, up to now); `unknown_age` when it
+    does not say. Ownerless units placed on a host that started less than `[placement]
+    join_grace` ago wait for it (vipd/ownership/state.py `joined_ahead`)."""
+    age = max(0.0, time.time() - host.since) if host.since else unknown_age
+    return trio.current_time() - age
 
 
 def rankings(units: Sequence[Unit], hosts: Mapping[str, HostInfo], *,
@@ -104,7 +117,7 @@ class HostDirectory:
         self._on_placement = on_placement
         self._on_hosts = on_hosts
         self.hosts: dict[str, HostInfo] = {}
-        self.joined: dict[str, float] = {}  # when this host first saw each present host (trio clock)
+        self.joined: dict[str, float] = {}  # when each present host's vipd started (trio clock: joined_at)
         self.placement: dict[str, tuple[str, ...]] = {}
         self.successors: dict[str, tuple[str, ...]] = {}  # the same, for naming successors (hold-off counts)
         self._changed = trio.Event()  # set (and replaced) at every recompute: see wait()
@@ -115,8 +128,9 @@ class HostDirectory:
         def snapshot(kvs: Sequence[Any], revision: int) -> None:
             self.hosts = {kv.key[len(self.prefix):]: HostInfo.from_json(kv.key[len(self.prefix):], kv.value)
                           for kv in kvs}
-            now = trio.current_time()  # (a re-listing keeps the first sight of hosts still present)
-            self.joined = {n: self.joined.get(n, now) for n in self.hosts}
+            # (a re-listing keeps what it knew of hosts still present; a host already running when
+            # we started has run for a while, unless its own start says otherwise)
+            self.joined = {n: self.joined.get(n, joined_at(h, math.inf)) for n, h in self.hosts.items()}
             self._recompute()  # (here: placed before the directory is ready)
 
         def event(ev: Any) -> None:
@@ -126,7 +140,8 @@ class HostDirectory:
                 self.joined.pop(node, None)
             else:
                 self.hosts[node] = HostInfo.from_json(node, ev.kv.value)
-                self.joined.setdefault(node, trio.current_time())
+                if node not in self.joined:
+                    self.joined[node] = joined_at(self.hosts[node], 0.0)
             if self._on_hosts is not None:
                 self._on_hosts(self.hosts)
             self._dirty.set()

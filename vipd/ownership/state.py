@@ -101,7 +101,7 @@ class VipState:
     epoch: int = 0  # our ownership epoch (owner key create_revision) while we hold or release it
     healthy: bool = True  # host and unit checks pass: may campaign and keep serving
     ranking: tuple[str, ...] | None = None  # healthy candidates, target first (None: no placement yet)
-    joined: tuple[float, ...] = ()  # when this host first saw each host of `ranking` (its order; () unknown)
+    joined: tuple[float, ...] = ()  # when each host of `ranking` started, our clock (its order; () unknown)
     absent_since: float = 0.0  # when the owner key was last seen disappearing
     last_owner: str | None = None  # who held the key before it disappeared
     last_clean: bool = False  # ... and whether it marked its hand-back clean (address removed first)
@@ -159,8 +159,8 @@ def joined_ahead(p: Params, s: VipState, ahead: list[str]) -> float:
     A host that just came up ranks first for its share of the units before its controllers have
     campaigned for them: at a cold start the first host up would take them all (its campaigns go
     out while the others register) and preemption would move most of them again, in waves. So a
-    unit without an owner waits for the hosts ranked ahead of it until `join_grace` after this host
-    first saw them; a host that stays silent only delays it by that much."""
+    unit without an owner waits for the hosts ranked ahead of it until `join_grace` after they
+    started (vipd/election/hosts.py `joined_at`); a host that stays silent only delays it by that much."""
     seen = [t for h, t in zip(s.ranking or (), s.joined) if h in ahead]
     return max(seen) + p.join_grace if seen else -math.inf
 
