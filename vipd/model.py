@@ -141,6 +141,7 @@ class CampaignWon:
 @dataclass(frozen=True)
 class CampaignLost:
     record: OwnerRecord
+    handed_back: bool = False  # a takeover of a handed-back key that lost (the key was deleted, or taken)
 
 
 @dataclass(frozen=True)

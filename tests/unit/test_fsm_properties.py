@@ -9,7 +9,7 @@ import pytest
 
 from tests.unit.fsm_helpers import (ALL_EVENTS, AP, LEASE, MINE, OTHER, P, PP, TP, acquiring, backup, every_state,
                                     owner, run)
-from vipd.model import (AddressAdded, AddressRemoved, Campaign, CampaignWon, ClaimAddress, DeleteOwnerKey, HealthChanged,
+from vipd.model import (AddressAdded, AddressRemoved, Campaign, CampaignLost, CampaignWon, ClaimAddress, DeleteOwnerKey, HealthChanged,
                         KeyReleased, LeaseGone, LeaseValid, OwnerObserved, OwnerRecord, Placement, PreemptGranted,
                         ReleaseRequested, RemoveAddress, RequestPreempt, ReturnPreemptToken, State, StopAnnouncing,
                         TakeOver, Tick)
@@ -166,6 +166,10 @@ def test_returning_preferred_host_campaigns_first_even_with_little_lease_left():
                    CampaignWon(replace(MINE, epoch=91, revision=91), handed_back=True), p=PP)
     assert s2.state is State.ACQUIRING and s2.reason == "took over a handed-back key"
     assert not any(type(a).__name__ == "ProbeConflicts" for a in acts)  # its owner removed the address first
+    # the takeover lost because the stop's revoke deleted the key first: campaign at once, no retry wait
+    gone = OwnerRecord(None, revision=92)
+    s3, acts = run(replace(s, sub=Sub.TAKING_OVER), OwnerObserved(gone), CampaignLost(gone, handed_back=True), p=PP)
+    assert acts == [Campaign(LEASE)] and s3.retry_at == 0.0
     s = backup(valid_until=101.3, owner=OwnerRecord(None, revision=91), last_owner="h2", last_clean=True)
     s, acts = run(s, Placement(("h1", "h2", "h3")), p=PP)
     assert acts == [Campaign(LEASE)]

@@ -120,9 +120,10 @@ def _backup_won(p: Params, s: VipState, ev: Event, now: float) -> Result:
 
 def _backup_lost(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, CampaignLost)
-    # a suspect owner spoke again, or the key moved on (not for a handed-back key: it moved on, and
-    # the watch tells where)
-    suspect = s.sub is Sub.TAKING_OVER and not (s.owner is not None and s.owner.released)
+    # a suspect owner spoke again, or the key moved on (not for a handed-back key: it moved on, to
+    # its delete at a stop's revoke or to another candidate, and the watch tells where; a retry
+    # wait there held the next candidate's campaign 0.2 s: bench/failover.py sigterm)
+    suspect = s.sub is Sub.TAKING_OVER and not ev.handed_back
     retry = now + RETRY_CAMPAIGN if suspect else s.retry_at
     # the record our transaction saw, unless the watch told of a later one while it was out (the
     # winner named us successor meanwhile: kept, or its crash waits for its lease)

@@ -82,7 +82,7 @@ class ChildTasks:
         except EtcdError as e:
             self.post(CampaignFailed(str(e)))
             return
-        self.post(CampaignWon(now, handed_back=True) if won else CampaignLost(now))
+        self.post(CampaignWon(now, handed_back=True) if won else CampaignLost(now, handed_back=True))
 
     async def _take_over(self, record: OwnerRecord, lease: int) -> None:
         if record.released:
