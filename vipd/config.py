@@ -48,7 +48,7 @@ class PlacementConfig:
     preempt: bool = True  # hand units back to their preferred host
     preempt_delay: float = 5.0  # ... once it has been preferred and healthy this long
     campaign_stagger: float = 0.2  # seconds per place behind in the ranking before campaigning
-    join_grace: float = 3.0  # seconds a host that just joined has to campaign for its share first
+    join_grace: float = 5.0  # seconds a host that just joined has to campaign for its share first
     handover_batch: int = 256  # units this host hands to their preferred hosts at once (vipd/handover.py)
 
 
@@ -259,7 +259,7 @@ def _parse_placement(t: _Table) -> PlacementConfig:
     preempt = t.get("preempt", bool, True)
     delay = float(_positive(t.key("preempt_delay"), t.get("preempt_delay", (int, float), 5.0), 0, 3600))
     stagger = float(_positive(t.key("campaign_stagger"), t.get("campaign_stagger", (int, float), 0.2), 0, 10))
-    join = float(t.get("join_grace", (int, float), 3.0))
+    join = float(t.get("join_grace", (int, float), 5.0))
     if not 0 <= join <= 60:  # (0: a host's campaigns do not wait for hosts that just joined)
         raise ConfigError(t.key("join_grace"), f"must be between 0 and 60, got {join}")
     batch = int(_positive(t.key("handover_batch"), t.get("handover_batch", int, 256), 1, 100000))

@@ -61,7 +61,7 @@ KEYS: tuple[Key, ...] = (
     Key("placement.preempt", "true", "hand VIPs back to their preferred host", False),
     Key("placement.preempt_delay", "5.0", "... once it has been preferred and healthy this long (seconds)", 30.0),
     Key("placement.campaign_stagger", "0.2", "seconds per place behind in the ranking before campaigning", 0.1),
-    Key("placement.join_grace", "3.0", "seconds a host that just joined has to claim its share before the others "
+    Key("placement.join_grace", "5.0", "seconds a host that just joined has to claim its share before the others "
         "campaign for it (cold start)", 1.0),
     Key("placement.handover_batch", "256", "VIPs this host hands back to their preferred hosts at once (1: one at "
         "a time)", 64),

@@ -27,7 +27,7 @@ class Fitness:
     def __init__(self, cfg: Config, post: Callable[[str, Event], None], presence_changed: Callable[[], None],
                  metrics: FitnessMetrics, nl: object = None) -> None:
         self._cfg = cfg
-        self.started = time.time()  # wall clock: the presence says since when this vipd runs
+        self.since: float | None = None  # wall clock of the first presence (the lease grant): placement's join grace
         self._vetoes: dict[str, list[str]] = {}  # unit -> reasons from outside the checks
         self._post = post
         self._presence_changed = presence_changed
@@ -158,7 +158,12 @@ class Fitness:
         return HostInfo(self._cfg.node, not host_bad, self._cfg.host.weight, down, reasons,
                         self.bgp_source, self.peer_address(), drained=bool(self.drained),
                         held=tuple(u for u in down if u in self._held and u not in unfit),
-                        since=round(self.started, 3)).to_json()
+                        since=self._since()).to_json()
+
+    def _since(self) -> float:
+        if self.since is None:
+            self.since = round(time.time(), 3)
+        return self.since
 
     async def run(self) -> None:
         """Run the checks forever (a reload may add the first ones later)."""

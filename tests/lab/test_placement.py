@@ -196,3 +196,27 @@ def test_duplicate_responder_while_owning_raises_the_alarm(lab, make_cluster):
     for h in lab.hosts:  # peers never raise it for each other's announcements
         if h is not owner:
             assert "duplicate_responder" not in c.log_path(h).read_text()
+
+
+def test_a_stopping_hosts_vips_are_taken_over_from_its_hand_back_marks(lab, make_cluster):
+    """SIGTERM: the stopping host removes its addresses, marks its keys released and revokes its lease
+    once every unit let go. The others take the marked keys over at once (the first candidate of
+    each, "took over a handed-back key") instead of waiting for the revoke's deletes; never two
+    holders (the monitor), and the new key's epoch is above the mark's revision."""
+    import signal
+
+    vips = [VipDef(f"s{i}", f"{lab.vip4(0).network.network_address + 140 + i}/24",
+                   extra={"prefer": ["h1"], "conflict_check": False}) for i in range(6)]
+    c = make_cluster(vips, placement={"preempt": False})
+    h1 = c.host("h1")
+    for v in vips:
+        wait_for(lambda v=v: lab.holders(ip_of(v)) == ["h1"], 15, f"{v.name} on h1")
+    c.signal(h1, signal.SIGTERM)
+    c.procs["h1"].wait(15)
+    wait_for(lambda: all(len(lab.holders(ip_of(v))) == 1 and lab.holders(ip_of(v)) != ["h1"] for v in vips), 10,
+             "every VIP held once elsewhere")
+    taken = [line for h in lab.hosts[1:] for line in c.log_path(h).read_text().splitlines()
+             if 'reason="took over a handed-back key"' in line]
+    assert taken, "no VIP was taken over from its hand-back mark"
+    revoked = [line for line in c.log_path(h1).read_text().splitlines() if "event=lease_revoked" in line]
+    assert revoked and all(line.split()[0] < revoked[0].split()[0] for line in taken), (taken, revoked)

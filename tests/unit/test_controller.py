@@ -312,7 +312,7 @@ async def test_a_campaign_not_sent_yet_is_withdrawn_when_a_host_that_joined_mean
         await trio.sleep(1)
         assert "api" not in etcd.keys and ("campaign", "h1") not in etcd.calls
         assert h.controller.state.sub is Sub.IDLE and h.controller.state.why_not == "waiting for better-ranked hosts"
-        await wait_state(h, State.OWNER, limit=3.5)
+        await wait_state(h, State.OWNER, limit=5.5)
         assert etcd.calls.count(("campaign", "h1")) == 1 and etcd.keys["api"].node == "h1"
         n.cancel_scope.cancel()
 

@@ -121,17 +121,17 @@ def test_a_host_that_just_joined_campaigns_for_its_share_before_the_others():
     all, and took h3's share (which preemption then moved back, in waves)."""
     joined = Placement(("h3", "h1", "h2"), (99.5, 10.0, 10.0))
     none = OwnerObserved(OwnerRecord(None, revision=50))
-    base = backup(valid_until=110.0, owner=replace(OTHER, node="h9"))  # (a host gone meanwhile)
+    base = backup(valid_until=112.0, owner=replace(OTHER, node="h9"))  # (a host gone meanwhile)
     s, acts = run(base, joined, none, now=100.0, p=PP)
     assert acts == [] and s.why_not == "waiting for better-ranked hosts"
-    assert st.wakeup(PP, s, 100.0) == pytest.approx(99.5 + 3.0 + 0.2)
-    assert run(s, Tick(), now=102.6, p=PP)[1] == []
-    assert run(s, Tick(), now=102.7, p=PP)[1] == [Campaign(LEASE)]
+    assert st.wakeup(PP, s, 100.0) == pytest.approx(99.5 + 5.0 + 0.2)
+    assert run(s, Tick(), now=104.6, p=PP)[1] == []
+    assert run(s, Tick(), now=104.7, p=PP)[1] == [Campaign(LEASE)]
     # the host that joined campaigns at once; one further back waits its stagger after the grace
     assert run(base, joined, none, now=100.0, p=replace(PP, node="h3"))[1] == [Campaign(LEASE)]
     h2 = replace(PP, node="h2")
     s2, _ = run(base, joined, none, now=100.0, p=h2)
-    assert st.wakeup(h2, s2, 100.0) == pytest.approx(99.5 + 3.0 + 0.4)
+    assert st.wakeup(h2, s2, 100.0) == pytest.approx(99.5 + 5.0 + 0.4)
     # hosts seen long ago, an unknown join time, or no grace: the stagger alone, as before
     for ev, p in ((Placement(("h3", "h1", "h2"), (50.0, 10.0, 10.0)), PP), (Placement(("h3", "h1", "h2")), PP),
                   (joined, replace(PP, join_grace=0.0))):

@@ -29,7 +29,7 @@ class HostInfo:
     peer: str = ""  # "ip:port" of the host's heartbeat endpoint (vipd/peers), if any
     drained: bool = False  # the operator drained it (`vipd drain`): no placement until `vipd undrain`
     held: tuple[str, ...] = ()  # units in `down` only for their release hold-off (still fine successors)
-    since: float = 0.0  # wall-clock time its vipd started (0: not said, an older vipd)
+    since: float = 0.0  # wall-clock time of its first presence, at its lease grant (0: not said, an older vipd)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -47,7 +47,7 @@ class HostInfo:
 
 
 def joined_at(host: HostInfo, unknown_age: float) -> float:
-    """When `host`'s vipd started, on this host's trio clock: its `since` (wall clock) as an age,
+    """When `host` joined (its first presence), on this host's trio clock: its `since` as an age,
     never in the future (a clock ahead only makes it younger, up to now); `unknown_age` when it
     does not say. Ownerless units placed on a host that started less than `[placement]
     join_grace` ago wait for it (vipd/ownership/state.py `joined_ahead`)."""

@@ -66,7 +66,7 @@ class Params:
     release_holdoff: float
     preempt_delay: float | None = None  # hand a unit to its preferred host after this hold-down; None: never
     campaign_stagger: float = 0.2  # per place behind in the ranking, wait this long before campaigning
-    join_grace: float = 3.0  # a better-ranked host that joined less than this ago campaigns first (cold start)
+    join_grace: float = 5.0  # a better-ranked host that joined less than this ago campaigns first (cold start)
     anycast: bool = False  # every fit host holds the unit at once: no owner key, no election
     conflict_check: bool = False  # probe for another machine answering before the first claim
     takeover: bool = False  # fast takeover: take the unit from a suspect owner that names us successor
