@@ -198,3 +198,54 @@ async def test_refresh_many_restarts_every_lifetime(host: tuple[str, str], nl: N
         assert 38 <= a["valid_life_time"] <= 40 and 38 <= a["preferred_life_time"] <= 40, a
         assert not a.get("tentative")  # IPv6: no DAD
     assert {t.address for t in await am.tagged() if 38 <= (t.valid_lft or 0) <= 40} == {v.address for v in vips}
+
+
+class TaskSteps(trio.abc.Instrument):
+    """How many times each task was stepped (each step after the first followed a checkpoint)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[Any, int] = {}
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task] = self.steps.get(task, 0) + 1
+
+
+async def test_a_burst_of_many_vips_goes_out_without_a_scheduler_batch_per_frame(
+        host: tuple[str, str], nl: Netlink, nslab: NsLab) -> None:  # noqa: F811
+    """trio's socket send ends each success with a checkpoint, so in a busy loop (a handover wave)
+    each frame waited for a scheduler batch of its own; the sender writes a whole burst between
+    checkpoints (one per PER_CHECKPOINT VIPs), and every frame still arrives."""
+    ns, ifname = host
+    peer_ns, peer_if = nslab.namespaces[1], nslab.link("p")
+    vips = [vip(str(v.address), ifname, announce_count=1) for v in addresses(ifname, 600)]
+    async with Netlink(peer_ns) as peer:
+        listener = await peer.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        listener.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE  # the test's reader takes the burst
+        await listener.bind((peer_if, 0))
+        seen: set[Any] = set()
+
+        async def listen() -> None:
+            while True:
+                frame = await listener.recv(2048)
+                claim = parse_arp(frame) or parse_nd(frame)
+                if claim is not None:
+                    seen.add(claim.ip)
+
+        ann = Announcer(nl)
+        steps = TaskSteps()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listen)
+            await trio.sleep(0.05)
+            trio.lowlevel.add_instrument(steps)
+            try:
+                results = await run_all(ann.announce, vips)
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            await trio.sleep(0.2)  # the last frames cross the veth
+            nursery.cancel_scope.cancel()
+        listener.close()
+    assert all(results[n] == 1 for n in range(len(vips)))
+    assert ann.sockets_opened(ifname) == 1
+    busiest = max(n for task, n in steps.steps.items() if task.name.endswith("one"))
+    assert busiest < 60, busiest  # the sender's task: was a step per frame (600 frames)
+    assert {v.ip for v in vips} - seen == set()
