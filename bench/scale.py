@@ -44,6 +44,7 @@ import argparse
 import datetime as dt
 import ipaddress
 import json
+import math
 import os
 import re
 import signal
@@ -92,6 +93,37 @@ def log_time(path: Path, event: str, nth: int = 1) -> float | None:
             if seen == nth:
                 return dt.datetime.fromisoformat(m.group(1)).replace(tzinfo=dt.timezone.utc).timestamp()
     return None
+
+
+_ANNOUNCED_RE = re.compile(r"^(\S+)Z \w+ event=(announced|announce_failed) vip=\S+ address=([^/\s]+)")
+
+
+def announced(paths: list[Path], ips: set[Any], since: float) -> dict[str, Any]:
+    """Seconds from `since` (time.time()) to each of `ips` being announced by one of these logs
+    (`announced`, logged once its last burst went out: count - 1 intervals after its first), the
+    distribution, and how many announcements failed (every frame refused) meanwhile."""
+    want = {str(ip) for ip in ips}
+    first: dict[str, float] = {}
+    failed = 0
+    for path in paths:
+        for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+            m = _ANNOUNCED_RE.match(line)
+            if not m or m.group(3) not in want:
+                continue
+            t = dt.datetime.fromisoformat(m.group(1)).replace(tzinfo=dt.timezone.utc).timestamp() - since
+            if t < 0:
+                continue
+            if m.group(2) == "announce_failed":
+                failed += 1
+            elif t < first.get(m.group(3), math.inf):
+                first[m.group(3)] = t
+    times = sorted(first.values())
+
+    def pct(q: float) -> float | None:
+        return round(times[min(len(times) - 1, int(q * len(times)))], 3) if times else None
+
+    return {"p50_s": pct(0.5), "p90_s": pct(0.9), "all_s": round(times[-1], 3) if len(times) == len(want) else None,
+            "not_announced": len(want) - len(times), "failed": failed}
 
 
 def metric_sum(text: str, series: str) -> float:
@@ -385,6 +417,11 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
             cluster.procs[stop.name].wait(30)
             revoked = log_time(cluster.log_path(stop), "lease_revoked")  # (its log is complete once it exited)
             result["planned_stop"]["lease_revoked_s"] = round(revoked - wall, 3) if revoked else None
+            for _ in range(50):  # their last bursts are a few intervals after the last claim: up to 5 s more
+                result["planned_stop"]["announced"] = announced([cluster.log_path(h) for h in rest], moved, wall)
+                if not result["planned_stop"]["announced"]["not_announced"]:
+                    break
+                time.sleep(0.1)
             if args.crash:  # then the busier of the other two is lost (SIGKILL): the last takes its VIPs
                 time.sleep(2.0)
                 held = holders(lab)
@@ -507,6 +544,11 @@ def main() -> int:
                   med([sum(c["steady"]["successor_renames"].values()) if "steady" in c else None for c in cs])],
                  [f"3 hosts, {m} VIPs: etcd requests/s steady", med([c.get("steady", {}).get("etcd_requests_per_s") for c in cs])],
                  [f"3 hosts, {m} VIPs: busiest host SIGTERM, its VIPs held elsewhere p50 / p90 / all (s)", dist("planned_stop")],
+                 [f"3 hosts, {m} VIPs: ... and announced there (last burst) p50 / p90 / all (s)",
+                  " / ".join(str(med([c.get("planned_stop", {}).get("announced", {}).get(k) for c in cs]))
+                             for k in ("p50_s", "p90_s", "all_s"))],
+                 [f"3 hosts, {m} VIPs: ... announcements that failed (every frame refused)",
+                  " / ".join(str(c.get("planned_stop", {}).get("announced", {}).get("failed")) for c in cs)],
                  [f"3 hosts, {m} VIPs: its SIGTERM to its lease revoked (s)",
                   med([c.get("planned_stop", {}).get("lease_revoked_s") for c in cs])],
                  [f"3 hosts, {m} VIPs: successor renames per run (all hosts)",
