@@ -113,6 +113,7 @@ class Daemon(KernelView):
         self._present: set[str] = set()  # VIP names in the kernel: the last relist, then notifications
         self._running: list[Controller] = []  # started controllers (a stop during startup waits for these)
         self.directory = HostDirectory(client, cfg.etcd.prefix, cfg.units, self._deliver_placement, self._hosts)
+        self.directory.listeners.append(self.succession.placement_changed)
         self.fitness.peer_address = lambda: self.peers.address
         self.interfaces = InterfaceWatch(nl, self.fitness, lambda: self.cfg.units)
         self.drain = Drain(self)
@@ -276,6 +277,13 @@ class Daemon(KernelView):
         """Bounded (vipd/shutdown.py): remove addresses and mark keys released, then revoke the lease
         (it deletes the keys), only once no unit's address can remain; else the lease path."""
         systemd.notify("STOPPING=1", "STATUS=releasing VIPs")
+        # first, the presence says this host is leaving (drained, units untouched: they stop below):
+        # the others' placement drops it at once, so no host names it successor of a unit while it
+        # stops, and the units it succeeds are renamed while its heartbeats still grant them. Named
+        # as the successor of VIPs taken over from it, it exited with their grant and their fence
+        # closed, announcements refused, until a rename (bench/scale.py, planned stop of a host
+        # with 1,000 VIPs, "announcements that failed": 0 / 146 / 51 runs before, 0 / 1 / 0 after)
+        self.fitness.set_drained("stopping", units=False)
         self.broadcast(ShutdownRequested(revoke=True))  # the lease is revoked after: keys are only marked
         hung = await shutdown.wait_stopped(self._running)
         if not hung:
@@ -283,8 +291,10 @@ class Daemon(KernelView):
                                   lambda: forget_recorded_lease(lease_record_path(self.cfg)))
         if not hung:  # else the fences (egress, tokens) keep fencing a unit that did not let go, to their deadlines
             await shutdown.drop_tables([t for t in (self.routing.nft, self.nft) if t is not None])
-        with trio.move_on_after(shutdown.HOOK_GRACE):
-            await self.hooks.wait_idle()  # let the "backup" hooks of the release finish
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(shutdown.within, shutdown.HOOK_GRACE, self.hooks.wait_idle)  # releases' hooks
+            if self.succession.enabled:  # our heartbeats grant other owners' tokens until they rename
+                nursery.start_soon(shutdown.within, shutdown.HOOK_GRACE, self.succession.unnamed)
 
     async def run(self) -> None:
         if self.cfg.bgp.source is not None:

@@ -19,7 +19,11 @@
    (`shutdown_grace_exceeded`) names the units and the state they hung in. systemd's
    ExecStopPost (`vipd cleanup`) then removes the addresses and revokes the recorded lease, which
    shortens it again.
-3. Our nftables tables are removed (NFT_GRACE), the hooks of the releases get HOOK_GRACE.
+3. Our nftables tables are removed (NFT_GRACE). Then, side by side for HOOK_GRACE at most: the
+   hooks of the releases finish, and the heartbeats go on until no owner key of another host
+   names this host successor (vipd/succession.py `unnamed`: the presence said "stopping" at the
+   signal, so their placement dropped this host and they rename; an owner whose successor exits
+   first has its token fence closed until it renames).
 
 With the default request_timeout (1 s) the bound is 3 + 2 + 1 + 2 = 8 s, inside the unit's
 TimeoutStopSec=10; the lab's profile (0.5 s) gives 7 s.
@@ -77,6 +81,12 @@ async def wait_stopped(running: Sequence[Stoppable], grace: float = SHUTDOWN_GRA
                     reason="still letting go: their addresses may be in the kernel, so the lease is not "
                            "revoked; they fail over by the lease path (the address lifetime ends first)")
     return hung
+
+
+async def within(seconds: float, fn: Callable[[], Awaitable[Any]]) -> None:
+    """Await fn() for at most `seconds`."""
+    with trio.move_on_after(seconds):
+        await fn()
 
 
 async def revoke(revoke_fn: Callable[[int], Awaitable[Any]], lease_id: int, timeout: float,

@@ -119,6 +119,10 @@ class Succession(Tokens, Planning):
         self._granted: dict[str, float] = {}  # successor -> the grant last armed for its group
         self._wake = trio.Event()
         self.enabled = True  # off when the token fence or the heartbeats cannot run: lease takeover only
+        self._succeeding: set[str] = set()  # units another host owns whose record names us successor
+        self._unnamed = trio.Event()  # set while _succeeding is empty (a stop waits for it)
+        self._unnamed.set()
+        self._replan = False  # the placement changed: the planner passes over the units at once
         self.renames = 0
         self.refreshes = 0
 
@@ -137,9 +141,31 @@ class Succession(Tokens, Planning):
         if old is None or record.revision >= old.revision:
             self._records[unit] = record
             self._version += 1
+            if record.successor == self.node and record.node not in (None, self.node):
+                if not self._succeeding:
+                    self._unnamed = trio.Event()
+                self._succeeding.add(unit)
+            elif unit in self._succeeding:
+                self._succeeding.discard(unit)
+                if not self._succeeding:
+                    self._unnamed.set()
             if unit in self._owned:
                 self._wake.set()
                 self._refresh.set()
+
+    def placement_changed(self) -> None:
+        """The host directory placed the units again (a host joined, left, drained or stopping):
+        plan now rather than at the next PLAN_EVERY pass, so a successor the placement dropped is
+        replaced while its heartbeats still grant."""
+        self._replan = True
+        self._wake.set()
+
+    async def unnamed(self) -> None:
+        """Return once no owner record names this host successor of a unit another host owns: a
+        planned stop keeps heartbeating (granting those owners' tokens) until each has renamed its
+        successor, so none of their fences closes when this process exits (PacificA: a secondary
+        leaves the configuration before it stops granting)."""
+        await self._unnamed.wait()
 
     def _all_renamed(self, peer: str, ours: set[str], renamed: set[str]) -> bool:
         """Some unit of ours depends on `peer`, and every one that does is in `renamed`. Stops at
@@ -285,7 +311,8 @@ class Succession(Tokens, Planning):
                 # has no version), not at every wake: the grant checks wake this loop every ~L/2
                 inputs = self._plan_inputs(now)
                 plan = []
-                if inputs != planned or now - planned_at >= PLAN_EVERY:
+                if inputs != planned or now - planned_at >= PLAN_EVERY or self._replan:
+                    self._replan = False
                     plan, planned, planned_at = self._plan(now), inputs, now
                 if plan:
                     for i in range(0, len(plan), RENAME_BATCH):

@@ -9,6 +9,7 @@ tests assert who serves, in which order, and what each host's kernel holds.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import ipaddress
 import json
 import re
@@ -33,11 +34,11 @@ def status(c: Cluster, host: str) -> dict[str, Any]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
-def row(c: Cluster, host: str) -> dict[str, Any]:
-    return next(v for v in status(c, host)["vips"] if v["vip"] == "api")
+def row(c: Cluster, host: str, vip: str = "api") -> dict[str, Any]:
+    return next(v for v in status(c, host)["vips"] if v["vip"] == vip)
 
 
-def named(c: Cluster, probe: Probe) -> tuple[str, str]:
+def named(c: Cluster, probe: Probe, vip: str = "api") -> tuple[str, str]:
     """Wait for one host serving and its successor named in the owner key: (owner, successor)."""
     got: dict[str, Any] = {}
 
@@ -45,7 +46,7 @@ def named(c: Cluster, probe: Probe) -> tuple[str, str]:
         owner = probe.last_responder()
         if owner is None:
             return False
-        got.update(row(c, owner))
+        got.update(row(c, owner, vip))
         return got.get("owner") == owner and bool(got.get("successor"))
 
     wait_for(ready, 20, "an owner serving with a successor named", interval=0.3)
@@ -193,3 +194,31 @@ def test_segment_loss_never_two_servers_and_few_moves(lab: Lab, api: Any) -> Non
         assert probe.last_responder() is not None
     moves = len(c.monitor.owner_changes(ip))  # type: ignore[attr-defined]
     assert moves <= 10, f"{moves} ownership changes in 15 s of 10 % loss"
+
+
+def _logged_at(line: str) -> float:
+    return dt.datetime.fromisoformat(line.split()[0].rstrip("Z")).replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def test_a_standby_stopped_is_replaced_as_successor_before_it_stops_granting(lab: Lab, make_cluster: Any) -> None:
+    """SIGTERM to the successor of 40 VIPs' owner: its presence says "stopping" at once, the owner's
+    placement drops it and the owner renames the successor of each while the stopping host still
+    heartbeats (it waits for those renames before it exits), so no VIP's token depends on a grant
+    that lapses: the probed VIP never stops answering. (Before, the renames followed the exit: the
+    owner's grant from the stopped host lapsed first and its VIPs went dark for 20-40 ms.)"""
+    c = make_cluster([VipDef(f"v{i}", str(lab.vip4(i))) for i in range(40)])
+    ip = ipaddress.ip_interface(c.vips[0].address).ip
+    with Probe(lab, ip) as probe:
+        old, succ = named(c, probe, "v0")
+        third = ({h.name for h in lab.hosts} - {old, succ}).pop()
+        t0 = time.monotonic()
+        assert c.term(c.host(succ), 15) == 0
+        time.sleep(0.5)
+        assert responders_since(probe, t0) == {old}, probe.summary()
+        assert not probe.outages(since=t0), probe.summary()
+    renamed = [ln for ln in c.log_path(c.host(old)).read_text().splitlines()
+               if "event=successor_named vip=v0 " in ln and f"previous={succ}" in ln]
+    stopped = [ln for ln in c.log_path(c.host(succ)).read_text().splitlines() if "event=stopped" in ln]
+    assert renamed and stopped, (renamed, stopped)
+    assert _logged_at(renamed[-1]) < _logged_at(stopped[-1]), (renamed[-1], stopped[-1])
+    assert f"successor={third}" in renamed[-1] or "successor=-" in renamed[-1]

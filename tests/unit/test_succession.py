@@ -636,3 +636,79 @@ def test_a_unit_the_token_table_does_not_hold_is_never_armed_or_given_a_successo
         assert "late" not in fence.token
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_unnamed_waits_for_every_record_naming_us_under_another_owner():
+    """A stop keeps granting until no record of another owner names this host successor
+    (`unnamed`); our own records, deleted keys and stale revisions count as they should."""
+    async def main() -> None:
+        s, *_ = make(trio.current_time())
+        with trio.fail_after(0.01):
+            await s.unnamed()  # nobody names us
+        s.observe("own", OwnerRecord("h1", 3, 7, 3, successor="h2"))  # ours: not a grant we give
+        s.observe("a", OwnerRecord("h2", 5, 9, 10, successor="h1"))
+        s.observe("b", OwnerRecord("h3", 6, 8, 11, successor="h1"))
+        done = trio.Event()
+
+        async def wait() -> None:
+            await s.unnamed()
+            done.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(wait)
+            await trio.sleep(0.1)
+            s.observe("a", OwnerRecord("h2", 5, 9, 12, successor="h3"))  # renamed
+            s.observe("b", OwnerRecord("h3", 6, 8, 9, successor=None))  # an older revision: ignored
+            await trio.sleep(0.1)
+            assert not done.is_set()
+            s.observe("b", OwnerRecord(None, revision=13))  # its key went
+            with trio.fail_after(0.1):
+                await done.wait()
+        s.observe("a", OwnerRecord("h2", 5, 9, 14, successor="h1"))  # named again: waits again
+        with trio.move_on_after(0.5) as scope:
+            await s.unnamed()
+        assert scope.cancelled_caught
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_placement_change_is_planned_at_once():
+    """The placement dropped the successor (it is stopping): the planner renames when told, not at
+    its next PLAN_EVERY pass, while the successor's grant still holds."""
+    from vipd.succession import PLAN_EVERY
+
+    async def main() -> None:
+        candidates = ["h1", "h2"]
+        fence, keys, peers = Fence(), Keys(), Peers(trio.current_time())
+        s = Succession("h1", fence, keys, peers, lease=L, interval=H, placement=lambda u: tuple(candidates),
+                       broadcast=lambda ev: None, clock=trio.current_time)
+        units = [VipSpec(f"v{i}", ipaddress.ip_interface(f"10.0.1.{i}/32"), "eth0") for i in range(5)]
+        for v in units:
+            s.observe(v.name, OwnerRecord("h1", 11, 7, 11))
+        await s.arm_many([([v], trio.current_time() + 60.0) for v in units])
+        async with trio.open_nursery() as n:
+            await n.start(s.run)
+            await trio.sleep(HOLD_DOWN + 0.01)
+            for _ in range(5):
+                peers.heartbeat(trio.current_time())
+                s.on_peer_event(Acked("h2", 0.0))
+                await trio.sleep(H)
+            assert all(s.successor(v.name) == "h2" for v in units)
+            for _ in range(30):  # mid-way between two passes, h2 heard throughout
+                peers.heartbeat(trio.current_time())
+                s.on_peer_event(Acked("h2", 0.0))
+                await trio.sleep(H)
+            candidates.remove("h2")
+            s.placement_changed()
+            t0 = trio.current_time()
+            for _ in range(100):
+                if all(s.successor(v.name) is None for v in units):
+                    break
+                peers.heartbeat(trio.current_time())  # h2 still answers: only the placement dropped it
+                s.on_peer_event(Acked("h2", 0.0))
+                await trio.sleep(H)
+            assert all(s.successor(v.name) is None for v in units)
+            assert trio.current_time() - t0 < 0.2 * PLAN_EVERY
+            n.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -123,6 +123,7 @@ class HostDirectory:
         self._changed = trio.Event()  # set (and replaced) at every recompute: see wait()
         self._memo = PlacementMemo()
         self._dirty = trio.Event()  # host keys changed since the last placement (see _recomputer)
+        self.listeners: list[Callable[[], None]] = []  # told after every placement (the successor planner)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         def snapshot(kvs: Sequence[Any], revision: int) -> None:
@@ -183,6 +184,8 @@ class HostDirectory:
         self.placement = new
         self._changed.set()
         self._changed = trio.Event()
+        for listener in self.listeners:
+            listener()
 
     async def wait(self, predicate: Callable[[], bool]) -> None:
         """Return once predicate() holds, checked now and after every change of hosts or placement."""
