@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import _common as C
+from _fence_sample import FenceSampler
 
 from vipd.config import EtcdConfig, TimingConfig
 from vipd.lab import topology
@@ -407,6 +408,13 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
             stop, *rest = sorted(lab.hosts, key=lambda h: (-len(held[h.name] & wanted), h.name))
             moved = held[stop.name] & wanted
             cpu0 = [C.proc_cpu_seconds(pid_of[h.name]) for h in rest]
+            calm = FenceSampler(rest)  # at rest, for 2 s before the signal: none (checks the reader too)
+            calm.start()
+            time.sleep(2.0)
+            calm.stop()
+            result["dark_at_rest"] = calm.result()
+            sampler = FenceSampler(rest)  # from the signal until the announcements are in
+            sampler.start()
             t1, wall = time.monotonic(), time.time()
             cluster.signal(stop, signal.SIGTERM)
             result["planned_stop"] = moves(lab, moved, rest, t1, 60)
@@ -422,6 +430,8 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
                 if not result["planned_stop"]["announced"]["not_announced"]:
                     break
                 time.sleep(0.1)
+            sampler.stop()
+            result["planned_stop"]["dark"] = sampler.result()
             if args.crash:  # then the busier of the other two is lost (SIGKILL): the last takes its VIPs
                 time.sleep(2.0)
                 held = holders(lab)
@@ -549,6 +559,10 @@ def main() -> int:
                              for k in ("p50_s", "p90_s", "all_s"))],
                  [f"3 hosts, {m} VIPs: ... announcements that failed (every frame refused)",
                   " / ".join(str(c.get("planned_stop", {}).get("announced", {}).get("failed")) for c in cs)],
+                 [f"3 hosts, {m} VIPs: survivors' VIPs dark in their own fence (dead grant): most at once, "
+                  "dark samples / samples, VIP-s",
+                  " ; ".join("{most_at_once}, {dark_samples}/{samples}, {vip_seconds}".format(**c["planned_stop"]["dark"])
+                             for c in cs if "dark" in c.get("planned_stop", {}))],
                  [f"3 hosts, {m} VIPs: its SIGTERM to its lease revoked (s)",
                   med([c.get("planned_stop", {}).get("lease_revoked_s") for c in cs])],
                  [f"3 hosts, {m} VIPs: successor renames per run (all hosts)",

@@ -365,3 +365,34 @@ class Judgement(NamedTuple):
     gated: set[tuple[str, IP]]  # (host, VIP) served through a live token
     next_end: float  # the earliest known end of those tokens (inf: none)
     passed: set[str]  # hosts with a token whose known end passed since their last read
+
+
+class _AnyKey(frozenset[bytes]):
+    """Every key wanted (read_groups of a whole map)."""
+
+    def __contains__(self, key: object) -> bool:
+        return key is not None
+
+
+def dark_groups(sock: socket.socket, most: int = 16) -> dict[str, int]:
+    """The grants of this host's fence with no live element, each with how many VIPs its group
+    holds: VIPs whose owner (this host) serves them, that its own fence drops while the grant is
+    dead (vipd/succession.py: a successor's grant bounds every VIP of its group). Cheap while no
+    grant is dead (one small dump per grant, ids dense from 1); the group maps are read only then.
+    A VIP whose own token lapsed is not counted here."""
+    dead = []
+    for gid in range(1, most + 1):
+        name = f"grant_{gid}"
+        els = read_set(sock, name, _GRANT_KEYS)
+        if els is None:
+            break
+        if not els:
+            dead.append(name)
+    if not dead:
+        return {}
+    out = dict.fromkeys(dead, 0)
+    for version in (4, 6):
+        for chain in read_groups(sock, GROUP[version], _AnyKey()).values():
+            if chain in out:
+                out[chain] += 1
+    return out
