@@ -25,8 +25,11 @@ class FenceSampler:
         self.most = 0  # the most VIPs dark at once, on one host
         self.vip_seconds = 0.0  # sum over reads of (VIPs dark) x (time since that host's previous read)
         self.cpu_s = 0.0
+        self.started = time.monotonic()
+        self.episodes: list[tuple[float, str, int]] = []  # (seconds after start, host, VIPs dark), the first 50
 
     def start(self) -> None:
+        self.started = time.monotonic()
         self._thread.start()
 
     def stop(self) -> None:
@@ -47,6 +50,8 @@ class FenceSampler:
                         continue  # the host's namespace went away (the run ends)
                     now = time.monotonic()
                     self.most = max(self.most, dark)
+                    if dark and len(self.episodes) < 50:
+                        self.episodes.append((round(now - self.started, 3), h.name, dark))
                     self.vip_seconds += dark * (now - last[h.name])  # (as if dark since its last read)
                     last[h.name] = now
                     dark_here = dark_here or dark > 0
@@ -57,4 +62,5 @@ class FenceSampler:
 
     def result(self) -> dict[str, Any]:
         return {"samples": self.samples, "dark_samples": self.dark_samples, "most_at_once": self.most,
-                "vip_seconds": round(self.vip_seconds, 2), "sampler_cpu_s": round(self.cpu_s, 2)}
+                "vip_seconds": round(self.vip_seconds, 2), "sampler_cpu_s": round(self.cpu_s, 2),
+                "episodes": self.episodes}
