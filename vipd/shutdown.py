@@ -4,14 +4,10 @@
    addresses, then marks its key released (batched: one write per key, no delete); a backup just
    stops. They get SHUTDOWN_GRACE seconds together.
 2. Once no unit's address can be in the kernel (every unit stopped, or past its removal with only
-   its key's mark pending: Controller.address_gone, `let_go`), the host lease is revoked (2 x
+   its key's mark pending: Controller.address_gone), the host lease is revoked (2 x
    request_timeout at most): etcd deletes every key of ours in one revision and the other hosts
    take over at once, with no address of ours left to overlap with theirs (a watcher saw each
-   "released" mark that landed before the deletion: no conflict probe for those). The revoke
-   does not wait for the marks: on a host stopping with 1,000 VIPs they landed 0.7-1.9 s after
-   the signal, one write each, and the revoke that followed them deleted the keys not taken over
-   yet; it now goes out once the last address is gone, and the marks still in flight fail their
-   compare against the deleted key, which is what they were for (bench/scale.py planned_stop).
+   "released" mark that landed before the deletion: no conflict probe for those).
    If a unit's address may still be in the kernel (a netlink call that hangs, a removal that
    failed: even a stopped unit counts), the lease is NOT revoked and the token fence table stays.
    That is the lease path: the kernel ends the address at its lifetime, before the lease can
@@ -52,7 +48,6 @@ def stop_bound(request_timeout: float) -> float:
 class Stoppable(Protocol):
     name: str
     stopped: trio.Event
-    let_go: trio.Event  # stopped, or its addresses gone for good with only its key left
     state: Any
 
     @property
@@ -60,19 +55,19 @@ class Stoppable(Protocol):
 
 
 async def wait_stopped(running: Sequence[Stoppable], grace: float = SHUTDOWN_GRACE) -> list[Stoppable]:
-    """Wait up to `grace` for every controller to let go (stopped, or only its key left); returns
-    the ones whose addresses may still be in the kernel (logged), stopped or not (a fenced unit
-    whose removal failed stops, and its address serves until its lifetime ends: revoking then
-    would let another host claim it at once). A unit still busy with its key only (its addresses are gone: the
+    """Wait up to `grace` for every controller to stop; returns the ones whose addresses may still
+    be in the kernel (logged), stopped or not (a fenced unit whose removal failed stops, and its
+    address serves until its lifetime ends: revoking then would let another host claim it at
+    once). A unit still busy with its key only (its addresses are gone: the
     marks of thousands of keys queue behind each other on a loaded host) does not hold the revoke
     back: the revoke deletes its key too, and no address of ours is left to overlap."""
     with trio.move_on_after(grace):
         for c in running:
-            await c.let_go.wait()
+            await c.stopped.wait()
     late = [c for c in running if not c.stopped.is_set()]
     hung = [c for c in running if not c.address_gone]  # (a stopped one whose removal failed, too)
     if late and not hung:
-        log.info("shutdown_keys_left_to_revoke", units=len(late),
+        log.info("shutdown_keys_left_to_revoke", grace=grace, units=len(late),
                  reason="addresses removed, keys still being marked: the lease revoke deletes them")
     if hung:
         shown = ",".join(f"{c.name}:{c.state.state.value}/{c.state.sub.value}" for c in hung[:LOG_UNITS])

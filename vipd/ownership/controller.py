@@ -70,9 +70,6 @@ class Controller(ChildTasks):
         self._lease_marked = False  # a LeaseValid marker is in the channel
         self._queued = 0  # events in the channel
         self.stopped = trio.Event()
-        # set once the unit has let go of its addresses for good (address_gone) or stopped: a
-        # planned stop revokes the lease then, without waiting for the keys' marks (vipd/shutdown.py)
-        self.let_go = trio.Event()
 
     def post(self, ev: Event) -> None:
         """Queue an event; never blocks. A LeaseValid still queued is replaced by a newer one
@@ -107,7 +104,6 @@ class Controller(ChildTasks):
             self._announcing.cancel()
             nursery.cancel_scope.cancel()
         self.stopped.set()
-        self.let_go.set()
 
     async def _next(self) -> Event | None:
         """The next event, or Tick at the state's timer. A queued LeaseValid goes ahead of a timer
@@ -147,7 +143,6 @@ class Controller(ChildTasks):
                 if self.state.state is State.BACKUP and self.state.sub is not Sub.TAKING_OVER:
                     self._peer_takeover = False  # a takeover attempt that did not win
                 self._log_step(old, ev, actions)
-                self._note_let_go()
                 for action in actions:
                     follow = await self._do(action)
                     if follow is not None:
@@ -188,19 +183,9 @@ class Controller(ChildTasks):
             return None
         old, self.state = self.state, new
         self._log_step(old, ev, actions)
-        self._note_let_go()
         wake = wakeup(self.params, new, now)
         wait.deadline = wake if wake is not None else math.inf
         return actions
-
-    def _note_let_go(self) -> None:
-        """A unit stopping (a release that ends STOPPED) whose addresses are gone for good has only
-        its key left: `let_go` tells a planned stop it may revoke the lease without waiting for
-        the key's mark. Only a stop's release: a handover's (RELEASING -> BACKUP) may own again."""
-        s = self.state
-        if (s.state is State.RELEASING and s.release is not None and s.release.then is State.STOPPED
-                and self.address_gone):
-            self.let_go.set()
 
     @property
     def address_gone(self) -> bool:
