@@ -22,7 +22,11 @@ exactly one host; placed (default placement) = every VIP held by exactly the hos
 assigns it, a third each; then CPU per host (and its garbage collection share), etcd requests per second
 and successor renames (churn: a live successor is kept) at steady state; then a planned
 stop (SIGTERM) of the host holding the most VIPs: per VIP, when another host holds it
-(p10/p50/p90/all, polled every ~50 ms), and when it revoked its lease;
+(p10/p50/p90/all, polled every ~50 ms), when it was announced there (the `announced` line,
+after its last burst) and how many announcements failed, when the stopping host revoked its
+lease, and how many of the other hosts' VIPs their own token fence dropped meanwhile (a
+successor's grant with no live element darkens its whole group: read every 20 ms by
+bench/_fence_sample.py, and for 2 s at rest before the signal, `dark_at_rest`, as a check);
 then (`--no-crash` skips it) the busier of the other two is SIGKILLed and the same for the last
 taking its VIPs; and how many
 successor renames (`successor_named`) each host logged; a cluster that does not settle in
