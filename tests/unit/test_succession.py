@@ -122,11 +122,19 @@ class Peers:
         link.on_receive(wire.Message(0, 0, S_INC, link.peer_seq + 1, MY_INC, m.seq, gen), now + rtt)
 
 
-def make(now: float) -> tuple[Succession, Fence, Keys, Peers, list[Any]]:
+def make(now: float, placement: Any = lambda u: ("h1", "h2")) -> tuple[Succession, Fence, Keys, Peers, list[Any]]:
     fence, keys, peers, posted = Fence(), Keys(), Peers(now), []
-    s = Succession("h1", fence, keys, peers, lease=L, interval=H, placement=lambda u: ("h1", "h2"),
+    s = Succession("h1", fence, keys, peers, lease=L, interval=H, placement=placement,
                    broadcast=posted.append, clock=trio.current_time)
     return s, fence, keys, peers, posted
+
+
+async def acked(s: Succession, peers: Peers, rounds: int) -> None:
+    """`rounds` heartbeats, one every H, each echoed by h2 at once and its ack told to `s`."""
+    for _ in range(rounds):
+        peers.heartbeat(trio.current_time())
+        s.on_peer_event(Acked("h2", 0.0))
+        await trio.sleep(H)
 
 
 async def owning_and_heard(s: Succession, peers: Peers, now: float, gen: int = 0) -> None:
@@ -138,10 +146,11 @@ async def owning_and_heard(s: Succession, peers: Peers, now: float, gen: int = 0
     peers.heartbeat(trio.current_time(), gen=gen)
 
 
-async def owning_many(n: int, now: float) -> tuple[list[VipSpec], Succession, Fence, Keys, Peers]:
+async def owning_many(n: int, now: float, placement: Any = lambda u: ("h1", "h2"),
+                      ) -> tuple[list[VipSpec], Succession, Fence, Keys, Peers]:
     """We own n one-VIP units (armed to the etcd horizon, a minute away), nobody named yet."""
     units = [VipSpec(f"v{i}", ipaddress.ip_interface(f"10.0.1.{i}/32"), "eth0") for i in range(n)]
-    s, fence, keys, peers, _ = make(now)
+    s, fence, keys, peers, _ = make(now, placement)
     for v in units:
         s.observe(v.name, OwnerRecord("h1", 11, 7, 11))
     await s.arm_many([([v], now + 60.0) for v in units])
@@ -679,34 +688,20 @@ def test_a_placement_change_is_planned_at_once():
 
     async def main() -> None:
         candidates = ["h1", "h2"]
-        fence, keys, peers = Fence(), Keys(), Peers(trio.current_time())
-        s = Succession("h1", fence, keys, peers, lease=L, interval=H, placement=lambda u: tuple(candidates),
-                       broadcast=lambda ev: None, clock=trio.current_time)
-        units = [VipSpec(f"v{i}", ipaddress.ip_interface(f"10.0.1.{i}/32"), "eth0") for i in range(5)]
-        for v in units:
-            s.observe(v.name, OwnerRecord("h1", 11, 7, 11))
-        await s.arm_many([([v], trio.current_time() + 60.0) for v in units])
+        units, s, fence, keys, peers = await owning_many(5, trio.current_time(), lambda u: tuple(candidates))
         async with trio.open_nursery() as n:
             await n.start(s.run)
             await trio.sleep(HOLD_DOWN + 0.01)
-            for _ in range(5):
-                peers.heartbeat(trio.current_time())
-                s.on_peer_event(Acked("h2", 0.0))
-                await trio.sleep(H)
+            await acked(s, peers, 5)
             assert all(s.successor(v.name) == "h2" for v in units)
-            for _ in range(30):  # mid-way between two passes, h2 heard throughout
-                peers.heartbeat(trio.current_time())
-                s.on_peer_event(Acked("h2", 0.0))
-                await trio.sleep(H)
+            await acked(s, peers, 30)  # mid-way between two passes, h2 heard throughout
             candidates.remove("h2")
             s.placement_changed()
             t0 = trio.current_time()
             for _ in range(100):
                 if all(s.successor(v.name) is None for v in units):
                     break
-                peers.heartbeat(trio.current_time())  # h2 still answers: only the placement dropped it
-                s.on_peer_event(Acked("h2", 0.0))
-                await trio.sleep(H)
+                await acked(s, peers, 1)  # h2 still answers: only the placement dropped it
             assert all(s.successor(v.name) is None for v in units)
             assert trio.current_time() - t0 < 0.2 * PLAN_EVERY
             n.cancel_scope.cancel()
