@@ -39,6 +39,7 @@ from vipd import control
 from vipd.dataplane.fence_nft import NftFence
 from vipd.election.hosts import HostInfo
 from vipd.peers.protocol import Event as PeerEvent
+from vipd.peers.grants import GrantWriter
 from vipd.peers.metrics import PeerCollector
 from vipd.peers.service import PeerService
 from vipd.pacing import Pacer
@@ -79,7 +80,8 @@ class Daemon(KernelView):
         # probe's wait overlaps the routed VIPs' campaigns and claims rather than following them
         self.keys.rank_campaigns(self._campaign_rank)
         self.metrics.registry.register(PeerCollector(
-            lambda: self.peers.transport.peers.links if self.peers.transport else {}, self.nft, self.succession))
+            lambda: self.peers.transport.peers.links if self.peers.transport else {}, self.nft, self.succession,
+            lambda: self.peers.transport.grants if self.peers.transport else None))
 
         self.hooks = HookRunner.from_config(cfg.hooks, node=cfg.node)
         self.fitness = Fitness(cfg, self.post, lambda: self.lease.presence_changed(), self.metrics, nl)
@@ -163,6 +165,10 @@ class Daemon(KernelView):
             try:
                 async with trio.open_nursery() as inner:
                     await inner.start(self.peers.run, ip)
+                    transport, nft = self.peers.transport, self.nft
+                    if transport is not None and nft is not None:  # grants re-armed as echoes arrive
+                        transport.grants = GrantWriter(nft.nl.netns, nft.timeout_update, transport.clock,
+                                                       2 * self.cfg.peers.interval)
                     self.lease.presence_changed()  # publish our heartbeat address
             except OSError as e:  # bind failed: the address or port is not usable
                 self.succession.disable(f"heartbeat socket on {ip}:{self.cfg.peers.port}: {e.strerror or e}")
@@ -290,6 +296,8 @@ class Daemon(KernelView):
             await shutdown.revoke(self.client.revoke, self.lease.lease_id, 2 * self.cfg.etcd.request_timeout,
                                   lambda: forget_recorded_lease(lease_record_path(self.cfg)))
         if not hung:  # else the fences (egress, tokens) keep fencing a unit that did not let go, to their deadlines
+            if self.peers.transport is not None and self.peers.transport.grants is not None:
+                self.peers.transport.grants.stopped = True  # (our VIPs are gone: no grant bounds anything)
             await shutdown.drop_tables([t for t in (self.routing.nft, self.nft) if t is not None])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(shutdown.within, shutdown.HOOK_GRACE, self.hooks.wait_idle)  # releases' hooks

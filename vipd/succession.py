@@ -11,7 +11,8 @@ O's kernel token (the nftables element of each VIP, vipd/dataplane/fence_nft.py)
 where H_etcd is the controller's fence deadline (the last acknowledged keepalive's send time + TTL
 - margin). In the kernel the first case is two elements: the unit's token armed to H_etcd, and the
 unit in S's grant group, whose one grant element is armed to granted_until(S) for every unit S
-succeeds (vipd/dataplane/fence_build.py); the kernel serves the unit while both live, i.e. until
+succeeds (vipd/dataplane/fence_build.py; once the group exists, re-armed by the heartbeat thread as
+S's echoes arrive: vipd/peers/grants.py); the kernel serves the unit while both live, i.e. until
 the same min. A unit whose record is being rewritten (a rename in flight, or of unknown outcome)
 leaves the group in the same atomic batch that arms its token to its whole cap (every grant that
 bounds it), and rejoins once the record names one successor again: so an ack re-arms one element
@@ -117,6 +118,7 @@ class Succession(Tokens, Planning):
         self._direct: set[str] = set()  # owned units outside a grant's group whose tokens follow grants (as of it)
         self._grouped: set[str] = set()  # the successors owned units are grouped under (as of it)
         self._granted: dict[str, float] = {}  # successor -> the grant last armed for its group
+        self._handed: set[str] = set()  # successors whose grant the heartbeat thread re-arms (vipd/peers/grants.py)
         self._wake = trio.Event()
         self.enabled = True  # off when the token fence or the heartbeats cannot run: lease takeover only
         self._succeeding: set[str] = set()  # units another host owns whose record names us successor

@@ -38,6 +38,7 @@ class Tokens:
     _version: int
     _lock: trio.Lock
     _refresh: trio.Event
+    _handed: set[str]
     _scanned: int
     _direct: set[str]
     _grouped: set[str]
@@ -109,7 +110,7 @@ class Tokens:
         """Grants to re-arm: of every group in use (and of `also`: the groups of the units being
         armed), those that moved a step forward, fell, or were never armed."""
         out = []
-        for peer in self._grouped | also:
+        for peer in (self._grouped | also) - self._handed:  # (handed ones: the heartbeat thread's)
             g, was = self._grant(peer), self._granted.get(peer)
             if was is None or g < was or g - was >= self._step:
                 out.append((peer, g))
@@ -134,6 +135,12 @@ class Tokens:
             o.armed = cap
         self._granted.update(grants)
         self.refreshes += 1
+        # a grant now in the kernel goes to the heartbeat thread, which re-arms it as echoes
+        # arrive (vipd/peers/grants.py: from the trio loop it lapsed in takeover waves); this side
+        # never writes it again
+        ids = {p: gid for p, _ in grants if (gid := self._fence.grant_id(p)) is not None}
+        if ids and self._peers.hand_grants(ids):
+            self._handed.update(ids)
 
     async def refresh(self) -> None:
         """Re-arm what moved a step forward (or fell) after acks, renames, records: the grants of the

@@ -64,6 +64,9 @@ class Fence:
     def armed_until(self, vips: Sequence[VipSpec]) -> float | None:
         return self.until.get(vips[0].name)
 
+    def grant_id(self, grant: str) -> int | None:
+        return None  # (nothing is handed to a heartbeat thread here: vipd/peers/grants.py has its own tests)
+
     def grant_of(self, vip: VipSpec) -> str | None:
         return self.group.get(vip.name)
 
@@ -111,6 +114,9 @@ class Peers:
 
     def link(self, peer: str) -> PeerLink | None:
         return self.links.get(peer)
+
+    def hand_grants(self, grants: dict[str, int]) -> bool:
+        return False
 
     def peer_names(self) -> list[str]:
         return list(self.links)

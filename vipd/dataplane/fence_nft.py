@@ -237,6 +237,10 @@ class NftFence(FenceTable):
             return None
         return min(u for u in found if u is not None)
 
+    def grant_id(self, grant: str) -> Optional[int]:
+        """The id of `grant`'s set and chain once a batch armed it (they exist), else None."""
+        return self._gid.get(grant) if grant in self._grant_until else None
+
     def grant_of(self, vip: VipSpec) -> Optional[str]:
         """The grant the VIP's group depends on (None: in no group)."""
         return self._group.get(vip.name)

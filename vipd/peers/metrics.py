@@ -14,10 +14,12 @@ from vipd.peers.protocol import PeerLink
 
 
 class PeerCollector(Collector):
-    def __init__(self, links: Callable[[], dict[str, PeerLink]], fence: Any, succession: Any) -> None:
+    def __init__(self, links: Callable[[], dict[str, PeerLink]], fence: Any, succession: Any,
+                 grants: Callable[[], Any] = lambda: None) -> None:
         self._links = links
         self._fence = fence
         self._succession = succession
+        self._grants = grants  # the heartbeat thread's GrantWriter (vipd/peers/grants.py), if any
 
     def collect(self) -> Iterator[Any]:
         sent = CounterMetricFamily("vipd_peer_heartbeats_sent", "Heartbeat datagrams sent to the peer", labels=["peer"])
@@ -49,5 +51,11 @@ class PeerCollector(Collector):
                                       value=self._fence.refreshes())
             yield CounterMetricFamily("vipd_fence_token_lapses", "Tokens that ran out while this host owned the VIP "
                                       "(no grant or keepalive in time)", value=self._fence.lapses())
+        writer = self._grants()
+        if writer is not None:
+            yield CounterMetricFamily("vipd_fence_grant_writes", "Successors' grants re-armed by the heartbeat "
+                                      "thread (batches)", value=writer.writes)
+            yield CounterMetricFamily("vipd_fence_grant_write_failures", "Grant re-arms the kernel refused in the "
+                                      "heartbeat thread (they end at their previous deadlines)", value=writer.failures)
         yield CounterMetricFamily("vipd_successor_renames", "Owner-key rewrites naming (or re-validating) a "
                                   "successor", value=self._succession.renames)

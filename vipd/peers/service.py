@@ -110,6 +110,9 @@ class PeerService:
     def peer_names(self) -> list[str]:
         return self.transport.peer_names() if self.transport is not None else []
 
+    def hand_grants(self, grants: dict[str, int]) -> bool:
+        return self.transport is not None and self.transport.hand_grants(grants)
+
 
 def _parse(text: str) -> tuple[str, int] | None:
     host, _, port = text.rpartition(":")

@@ -37,6 +37,7 @@ from typing import Callable
 import trio
 
 from vipd import log
+from vipd.peers.grants import GrantWriter
 from vipd.peers.protocol import Event, Generation, PeerLink, Peers
 
 Clock = Callable[[], float]
@@ -94,6 +95,7 @@ class PeerTransport:
         self._wake_w: socket.socket | None = None
         self._stopping = False
         self._alive = clock()  # the trio loop's last check-in
+        self.grants: GrantWriter | None = None  # successors' grants re-armed here (vipd/peers/grants.py)
 
     @property
     def bound(self) -> tuple[str, int]:
@@ -114,6 +116,16 @@ class PeerTransport:
             events = self.peers.validate(peer, gen)
         for ev in events:
             self.on_event(ev)
+
+    def hand_grants(self, grants: dict[str, int]) -> bool:
+        """The trio side's grants (peer -> id) whose set exists: re-armed by this thread from now on.
+        False: no writer (the trio side keeps re-arming them)."""
+        if self.grants is None:
+            return False
+        with self._lock:
+            self.grants.hand(grants)
+        self._wake()
+        return True
 
     def granted_until(self, peer: str) -> float | None:
         with self._lock:
@@ -170,6 +182,8 @@ class PeerTransport:
             self._wake()
             if thread is not None:
                 thread.join(1.0)
+            if self.grants is not None and (thread is None or not thread.is_alive()):
+                self.grants.close()
             self._sock = None
             sock.close()
             self._wake_r.close()
@@ -227,6 +241,10 @@ class PeerTransport:
                         self._send(name, reply=name in replies)
                 self._events.extend(self.peers.tick(self.clock()))
                 self._post()
+                due = self.grants.due(self.peers) if self.grants is not None else []
+            if due:
+                assert self.grants is not None
+                self.grants.write(due)  # (outside the lock: a netlink round trip)
 
     def _drain(self, wake: bool = True) -> None:
         """Read every pending datagram (call with the lock held); peers that sent a periodic
