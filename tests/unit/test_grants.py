@@ -27,6 +27,19 @@ class Peers:
         link.on_receive(wire.Message(0, 0, S_INC, link.peer_seq + 1, MY_INC, m.seq, gen), sent + rtt)
 
 
+def heard(handed: bool = True) -> tuple[Peers, GrantWriter]:
+    """h2 validated and heard once; with `handed`, its grant (id 1) handed and written once."""
+    clock = time.perf_counter  # (the transport's clock: here perf_counter itself, offset 0)
+    peers = Peers(clock())
+    peers.links["h2"].validate((S_INC, 0))
+    w = GrantWriter(None, True, clock, step=2 * H)
+    peers.echo(clock())
+    if handed:
+        w.hand({"h2": 1})
+        w.write(w.due(peers))
+    return peers, w
+
+
 @pytest.fixture
 def written(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     out: list[Any] = []
@@ -68,13 +81,7 @@ def test_only_handed_grants_are_written_each_time_they_move_a_step(written: list
 
 
 def test_a_grant_that_ends_is_removed_once(written: list[Any]) -> None:
-    clock = time.perf_counter
-    peers = Peers(clock())
-    peers.links["h2"].validate((S_INC, 0))
-    w = GrantWriter(None, True, clock, step=2 * H)
-    peers.echo(clock())
-    w.hand({"h2": 1})
-    w.write(w.due(peers))
+    peers, w = heard()
     del peers.links["h2"]  # the peer left the directory: no grant
     due = w.due(peers)
     assert due and due[0][2] == float("-inf")
@@ -87,25 +94,15 @@ def test_a_grant_that_ends_is_removed_once(written: list[Any]) -> None:
 def test_a_newer_suspicion_generation_moves_nothing_until_validated(written: list[Any]) -> None:
     """Echoes in messages of a generation the trio side has not validated (the successor suspected
     us since) count for nothing here either: the grant stays where the old generation left it."""
-    clock = time.perf_counter
-    peers = Peers(clock())
-    peers.links["h2"].validate((S_INC, 0))
-    w = GrantWriter(None, True, clock, step=2 * H)
-    peers.echo(clock())
-    w.hand({"h2": 1})
-    w.write(w.due(peers))
+    peers, w = heard()
     before = peers.links["h2"].granted_until()
-    peers.echo(clock() + 5 * H, gen=1)
+    peers.echo(time.perf_counter() + 5 * H, gen=1)
     assert peers.links["h2"].granted_until() == before
     assert w.due(peers) == []
 
 
 def test_a_failed_write_is_counted_and_tried_again(monkeypatch: pytest.MonkeyPatch, written: list[Any]) -> None:
-    clock = time.perf_counter
-    peers = Peers(clock())
-    peers.links["h2"].validate((S_INC, 0))
-    w = GrantWriter(None, True, clock, step=2 * H)
-    peers.echo(clock())
+    peers, w = heard(handed=False)
     w.hand({"h2": 1})
 
     def refused(*a: Any) -> None:
