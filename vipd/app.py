@@ -289,7 +289,7 @@ class Daemon(KernelView):
         # wait below). Named successor of VIPs taken over from it, it exited with their grant: their
         # fence closed and their announcements were refused until a rename; a stopped standby's
         # owner went dark for 20-40 ms (tests/lab/test_fast_takeover.py, 40 VIPs: 3 of 3 before)
-        self.fitness.set_drained("stopping", units=False)
+        self.fitness.stopping()
         self.broadcast(ShutdownRequested(revoke=True))  # the lease is revoked after: keys are only marked
         hung = await shutdown.wait_stopped(self._running)
         if not hung:

@@ -110,6 +110,13 @@ class Fitness:
             self.drained, self._drain_units = reason, units
             self._changed()
 
+    def stopping(self) -> None:
+        """A planned stop: the presence says drained (the others' placement drops this host at
+        once) and the units' fitness stays as it is. An operator's drain is kept as it is: its
+        units stay unfit (made fit again here, they would campaign on the way out)."""
+        if not self.drained:
+            self.set_drained("stopping", units=False)
+
     def reconfigure(self, cfg: Config) -> list[tuple[str, object]]:
         """Swap in cfg's checks and units: checks no longer named (or changed) stop, new ones start;
         returns the checks started. A check added to a unit (or the host) that stays does not count

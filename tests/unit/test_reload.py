@@ -134,6 +134,20 @@ def test_drain_publishes_first_then_makes_every_unit_unfit() -> None:
     assert json.loads(f.presence())["drained"] is False and all(f.ok.values())
 
 
+def test_a_stop_publishes_drained_and_never_makes_a_drained_host_fit_again() -> None:
+    c = cfg()
+    p = Posts()
+    f = Fitness(c, p.post, p.changed, p)
+    f.stopping()
+    assert p.events == [] and json.loads(f.presence())["drained"] is True and all(f.ok.values())
+    f = Fitness(c, p.post, p.changed, p)
+    f.set_drained("since now")  # the operator drained it: every unit unfit
+    p.events.clear()
+    f.stopping()
+    assert p.events == [] and not any(f.ok.values()) and f.drained == "since now"
+    assert json.loads(f.presence())["drained"] is True
+
+
 async def test_reconfigure_keeps_unchanged_checks_and_a_new_check_does_not_drop_a_served_unit() -> None:
     old = cfg([{"name": "a", "address": "10.0.0.10/24", "interface": "eth0"},
                {"name": "b", "address": "10.0.0.11/24", "interface": "eth0"}])
