@@ -169,6 +169,7 @@ class Daemon(KernelView):
                     if transport is not None and nft is not None:  # grants re-armed as echoes arrive
                         transport.grants = GrantWriter(nft.nl.netns, nft.timeout_update, transport.clock,
                                                        2 * self.cfg.peers.interval)
+                        nft.grant_source = transport.grants.written
                     self.lease.presence_changed()  # publish our heartbeat address
             except OSError as e:  # bind failed: the address or port is not usable
                 self.succession.disable(f"heartbeat socket on {ip}:{self.cfg.peers.port}: {e.strerror or e}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import math
 import os
 import signal
 import socket
@@ -28,6 +29,8 @@ from vipd.dataplane.fence_build import chain_names
 from vipd.dataplane.fence_wire import MIN_TOKEN_MS
 from vipd.dataplane.fence_nft import FenceError, NftFence
 from vipd.dataplane.netlink import Netlink
+from vipd.peers.grants import GrantWriter
+from vipd.peers.transport import loop_clock
 from vipd.lab import netns
 from vipd.lab.topology import Lab
 
@@ -496,6 +499,43 @@ async def test_a_vip_in_a_group_is_served_only_while_its_grant_lives_too(lab: La
         # a disarm takes the VIP out of its group with its token
         await fence.disarm(vips[:1])
         assert group_members(lab) == {} and fence.grant_of(vips[0]) is None
+        await fence.remove_all()
+
+
+async def test_a_grant_the_heartbeat_thread_rearms_keeps_its_group_served_and_counts_no_lapse(lab: Lab) -> None:
+    """Once handed to the heartbeat thread (vipd/peers/grants.py), a grant is written there only:
+    its writes keep the group served past the last deadline this side armed, the fence reads the
+    thread's deadline (a lapse was counted for every grouped VIP at each verify, and a repair
+    re-armed the grant to this side's old, lapsed deadline), and when the thread lets the grant
+    end the group goes dark and is counted once."""
+    put_vips(lab)
+    vips = vips_of(lab)
+    ns = lab.host("h1").ns
+    async with Netlink(ns) as nl, NftFence(nl) as fence:
+        await fence.ensure(vips)
+        now = trio.current_time()
+        await fence.arm_many([(vips, now + 60)], grants=[("h2", now + TOKEN_S)], groups=[(vips, "h2")])
+        gid = fence.grant_id("h2")
+        assert gid is not None
+        writer = GrantWriter(ns, fence.timeout_update, loop_clock(), step=0.02)
+        writer.hand({"h2": gid})
+        fence.grant_source = writer.written
+        until = now + 30
+        try:
+            await trio.to_thread.run_sync(writer.write, [("h2", gid, until)])
+            assert writer.writes == 1 and writer.failures == 0
+            await trio.sleep(TOKEN_S + 0.05)  # past this side's grant
+            assert await trio.to_thread.run_sync(reachable, lab)
+            assert not await fence.verify() and fence.lapses() == 0
+            assert fence.armed_until(vips) == until
+            nft(lab, ns, "flush", "ruleset")  # the repair re-arms the thread's grant
+            assert await fence.verify() and 25000 < min(grant_elements(lab)[gid]) <= 30000
+            assert await trio.to_thread.run_sync(reachable, lab)
+            await trio.to_thread.run_sync(writer.write, [("h2", gid, -math.inf)])  # the grant ends
+            assert grant_elements(lab) == {} and await trio.to_thread.run_sync(dark, lab)
+            assert not await fence.verify() and fence.lapses() == 2
+        finally:
+            writer.close()
         await fence.remove_all()
 
 

@@ -44,7 +44,7 @@ kernel work runs in the Netlink owner thread, in its netns.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import trio
 
@@ -76,6 +76,9 @@ class NftFence(FenceTable):
         self._group: dict[str, str] = {}  # name -> the grant its group depends on, as in the kernel
         self._grant_until: dict[str, float] = {}  # grant -> last deadline armed (trio clock)
         self._gid: dict[str, int] = {}  # grant -> its id in the kernel (1, 2, ... in order of first use)
+        # grant -> the deadline the heartbeat thread last wrote (vipd/peers/grants.py), None until it
+        # writes one: from then on the truth for that grant, which this side no longer arms
+        self.grant_source: Callable[[str], Optional[float]] = lambda grant: None
         self._lapse_counted: set[str] = set()
         self._lock = trio.Lock()
         self._refreshes = 0
@@ -249,7 +252,7 @@ class NftFence(FenceTable):
         until, grant = self._until.get(name), self._group.get(name)
         if until is None or grant is None:
             return until
-        return min(until, self._grant_until.get(grant, -math.inf))
+        return min(until, self._grant_deadline(grant))
 
     # -- metrics hooks ----------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ owner-thread plumbing every kernel call of the fence goes through (`_run`)."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
@@ -33,6 +34,7 @@ class FenceTable:
     _group: dict[str, str]
     _grant_until: dict[str, float]
     _gid: dict[str, int]
+    grant_source: Callable[[str], Optional[float]]
     _lapse_counted: set[str]
     _repairs: int
 
@@ -42,12 +44,18 @@ class FenceTable:
             gid = self._gid[grant] = len(self._gid) + 1
         return gid
 
+    def _grant_deadline(self, grant: str) -> float:
+        """The deadline last armed for `grant` (trio clock), by this side or, once it handed the
+        grant over, by the heartbeat thread."""
+        written = self.grant_source(grant)
+        return written if written is not None else self._grant_until.get(grant, -math.inf)
+
     def _rebuilt(self, groups: dict[str, str], ops: TokenOps) -> Callable[[], TokenOps]:
         """What a rebuilt (empty) table needs with `ops`, built in the owner thread only if needed:
         `ops`' tokens, every group membership of `groups` and every grant we know of (read here, on
         the trio thread: a grant is never re-armed longer than armed)."""
         armed = {g for g, _ in ops.grants}
-        known = to_perf([(self._id(g), u) for g, u in self._grant_until.items() if self._id(g) not in armed])
+        known = to_perf([(self._id(g), self._grant_deadline(g)) for g in self._grant_until if self._id(g) not in armed])
         managed, gid = self._managed or {}, self._gid
         return lambda: TokenOps(list(ops.tokens), list(ops.grants) + known,
                                 [(managed[n][0], gid[g]) for n, g in groups.items() if n in managed])

@@ -51,7 +51,8 @@ class GrantWriter:
         self._clock = clock  # the transport's (the trio loop's clock, readable here)
         self._step = step  # re-arm when a deadline moved this much (or fell): as the trio side did
         self._grants: dict[str, int] = {}  # peer -> grant id, handed by the trio side
-        self._armed: dict[str, float] = {}  # peer -> the deadline last written here
+        self._armed: dict[str, float] = {}  # peer -> the deadline last written here, as computed (the due rule)
+        self._written: dict[str, float] = {}  # ... as the kernel got it (one already over: removed)
         self._socks: Optional[Sockets] = None
         self.writes = 0
         self.failures = 0
@@ -103,6 +104,13 @@ class GrantWriter:
         self.writes += 1
         for peer, _, g in due:
             self._armed[peer] = g
+            self._written[peer] = max(g, over + offset)
+
+    def written(self, peer: str) -> Optional[float]:
+        """The deadline last written for `peer`'s grant (trio clock; None before the first write):
+        what the trio side's fence reads as that grant's deadline (NftFence.grant_source), for its
+        lapse count and a rebuild. Read from the trio thread: one dict lookup."""
+        return self._written.get(peer)
 
     def close(self) -> None:
         if self._socks is not None:
