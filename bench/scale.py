@@ -103,10 +103,11 @@ def log_time(path: Path, event: str, nth: int = 1) -> float | None:
 _ANNOUNCED_RE = re.compile(r"^(\S+)Z \w+ event=(announced|announce_failed) vip=\S+ address=([^/\s]+)")
 
 
-def announced(paths: list[Path], ips: set[Any], since: float) -> dict[str, Any]:
+def announced(paths: list[Path], ips: set[Any], since: float, held: dict[Any, float]) -> dict[str, Any]:
     """Seconds from `since` (time.time()) to each of `ips` being announced by one of these logs
     (`announced`, logged once its last burst went out: count - 1 intervals after its first), the
-    distribution, and how many announcements failed (every frame refused) meanwhile."""
+    distribution, per VIP the lag from when it was first seen held there (`held`, seconds after
+    the same instant: `lag_*`), and how many announcements failed (every frame refused)."""
     want = {str(ip) for ip in ips}
     first: dict[str, float] = {}
     failed = 0
@@ -123,11 +124,14 @@ def announced(paths: list[Path], ips: set[Any], since: float) -> dict[str, Any]:
             elif t < first.get(m.group(3), math.inf):
                 first[m.group(3)] = t
     times = sorted(first.values())
+    lags = sorted(t - held[ip] for ip, t in ((ipaddress.ip_address(a), t) for a, t in first.items()) if ip in held)
 
-    def pct(q: float) -> float | None:
-        return round(times[min(len(times) - 1, int(q * len(times)))], 3) if times else None
+    def pct(xs: list[float], q: float) -> float | None:
+        return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None
 
-    return {"p50_s": pct(0.5), "p90_s": pct(0.9), "all_s": round(times[-1], 3) if len(times) == len(want) else None,
+    return {"p50_s": pct(times, 0.5), "p90_s": pct(times, 0.9),
+            "all_s": round(times[-1], 3) if len(times) == len(want) else None,
+            "lag_p50_s": pct(lags, 0.5), "lag_p90_s": pct(lags, 0.9),
             "not_announced": len(want) - len(times), "failed": failed}
 
 
@@ -325,10 +329,12 @@ def placed(vips: list[Any], hosts: list[str]) -> dict[Any, str]:
     return {ipaddress.ip_interface(v.address).ip: ranked[v.name][0] for v in vips}
 
 
-def moves(lab: Lab, ips: set[Any], to: list[Any], t0: float, timeout: float) -> dict[str, Any]:
+def moves(lab: Lab, ips: set[Any], to: list[Any], t0: float, timeout: float,
+          seen: dict[Any, float] | None = None) -> dict[str, Any]:
     """Poll the hosts `to` (every ~50 ms) until each of `ips` is held by one of them: per VIP, the
-    first poll it was seen there, in seconds after t0; the distribution, and how many never moved."""
-    seen: dict[Any, float] = {}
+    first poll it was seen there, in seconds after t0 (into `seen`, if given); the distribution,
+    and how many never moved."""
+    seen = {} if seen is None else seen
     while len(seen) < len(ips) and time.monotonic() - t0 < timeout:
         held = holders(lab)
         now = time.monotonic() - t0
@@ -421,7 +427,8 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
             sampler.start()
             t1, wall = time.monotonic(), time.time()
             cluster.signal(stop, signal.SIGTERM)
-            result["planned_stop"] = moves(lab, moved, rest, t1, 60)
+            held_at: dict[Any, float] = {}
+            result["planned_stop"] = moves(lab, moved, rest, t1, 60, held_at)
             result["planned_stop"]["host"] = stop.name
             result["planned_stop"]["all_held_elsewhere_s"] = result["planned_stop"]["all_s"]
             result["planned_stop"]["cpu_s"] = [round(C.proc_cpu_seconds(pid_of[h.name]) - c, 2)
@@ -430,7 +437,8 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
             revoked = log_time(cluster.log_path(stop), "lease_revoked")  # (its log is complete once it exited)
             result["planned_stop"]["lease_revoked_s"] = round(revoked - wall, 3) if revoked else None
             for _ in range(50):  # their last bursts are a few intervals after the last claim: up to 5 s more
-                result["planned_stop"]["announced"] = announced([cluster.log_path(h) for h in rest], moved, wall)
+                result["planned_stop"]["announced"] = announced([cluster.log_path(h) for h in rest], moved, wall,
+                                                                held_at)
                 if not result["planned_stop"]["announced"]["not_announced"]:
                     break
                 time.sleep(0.1)
@@ -561,6 +569,9 @@ def main() -> int:
                  [f"3 hosts, {m} VIPs: ... and announced there (last burst) p50 / p90 / all (s)",
                   " / ".join(str(med([c.get("planned_stop", {}).get("announced", {}).get(k) for c in cs]))
                              for k in ("p50_s", "p90_s", "all_s"))],
+                 [f"3 hosts, {m} VIPs: ... per VIP, seen held there to announced, p50 / p90 (s)",
+                  " / ".join(str(med([c.get("planned_stop", {}).get("announced", {}).get(k) for c in cs]))
+                             for k in ("lag_p50_s", "lag_p90_s"))],
                  [f"3 hosts, {m} VIPs: ... announcements that failed (every frame refused)",
                   " / ".join(str(c.get("planned_stop", {}).get("announced", {}).get("failed")) for c in cs)],
                  [f"3 hosts, {m} VIPs: survivors' VIPs dark in their own fence (dead grant): most at once, "

@@ -108,15 +108,16 @@ def read_set(sock: socket.socket, set_name: str, keys: frozenset[bytes]) -> dict
     return out
 
 
-def read_groups(sock: socket.socket, map_name: str, keys: frozenset[bytes]) -> dict[bytes, str]:
-    """The wanted VIPs of verdict map `map_name` (group4/group6): key -> the grant chain it jumps to."""
+def read_groups(sock: socket.socket, map_name: str, keys: frozenset[bytes] | None) -> dict[bytes, str]:
+    """The wanted VIPs (None: all) of verdict map `map_name` (group4/group6): key -> the grant
+    chain it jumps to."""
     out: dict[bytes, str] = {}
     for _, data, start, end in _dump(sock, map_name) or []:
         _find_groups(data, start + _NFGEN, end, keys, out)
     return out
 
 
-def _find_groups(data: bytes, pos: int, end: int, keys: frozenset[bytes], out: dict[bytes, str]) -> None:
+def _find_groups(data: bytes, pos: int, end: int, keys: frozenset[bytes] | None, out: dict[bytes, str]) -> None:
     """The wanted elements of one NEWSETELEM message of a verdict map: key -> the chain it jumps to."""
     for kind, a0, a1 in _attrs(data, pos, end):
         if kind != _L_ELEMENTS:
@@ -132,7 +133,7 @@ def _find_groups(data: bytes, pos: int, end: int, keys: frozenset[bytes], out: d
                         if k == _D_VERDICT:
                             chain = next((data[d0:d1].rstrip(b"\0").decode() for vk, d0, d1 in _attrs(data, c0, c1)
                                           if vk == _V_CHAIN), None)
-            if key in keys and chain:
+            if key is not None and (keys is None or key in keys) and chain:
                 out[key] = chain
 
 
@@ -367,13 +368,6 @@ class Judgement(NamedTuple):
     passed: set[str]  # hosts with a token whose known end passed since their last read
 
 
-class _AnyKey(frozenset[bytes]):
-    """Every key wanted (read_groups of a whole map)."""
-
-    def __contains__(self, key: object) -> bool:
-        return key is not None
-
-
 def dark_groups(sock: socket.socket, most: int = 16) -> dict[str, int]:
     """The grants of this host's fence with no live element, each with how many VIPs its group
     holds: VIPs whose owner (this host) serves them, that its own fence drops while the grant is
@@ -392,7 +386,7 @@ def dark_groups(sock: socket.socket, most: int = 16) -> dict[str, int]:
         return {}
     out = dict.fromkeys(dead, 0)
     for version in (4, 6):
-        for chain in read_groups(sock, GROUP[version], _AnyKey()).values():
+        for chain in read_groups(sock, GROUP[version], None).values():
             if chain in out:
                 out[chain] += 1
     return out
