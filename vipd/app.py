@@ -287,12 +287,21 @@ class Daemon(KernelView):
         # first, the presence says this host is leaving (drained, units untouched: they stop below):
         # the others' placement drops it at once, so no host names it successor of a unit while it
         # stops, and the units it succeeds are renamed while its heartbeats still grant them (the
-        # wait below). Named successor of VIPs taken over from it, it exited with their grant: their
+        # wait below, before the revoke). Named successor of VIPs taken over from it, it exited with their grant: their
         # fence closed and their announcements were refused until a rename; a stopped standby's
         # owner went dark for 20-40 ms (tests/lab/test_fast_takeover.py, 40 VIPs: 3 of 3 before)
         self.fitness.stopping()
         self.broadcast(ShutdownRequested(revoke=True))  # the lease is revoked after: keys are only marked
-        hung = await shutdown.wait_stopped(self._running)
+        hung: list[shutdown.Stoppable] = []
+
+        async def units() -> None:
+            hung.extend(await shutdown.wait_stopped(self._running))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(units)
+            if self.succession.enabled:  # our heartbeats grant other owners' tokens until they rename,
+                # and the revoke deletes our presence: their link to us, and with it the grant, goes
+                nursery.start_soon(shutdown.within, shutdown.SHUTDOWN_GRACE, self.succession.unnamed)
         if not hung:
             await shutdown.revoke(self.client.revoke, self.lease.lease_id, 2 * self.cfg.etcd.request_timeout,
                                   lambda: forget_recorded_lease(lease_record_path(self.cfg)))
@@ -300,10 +309,8 @@ class Daemon(KernelView):
             if self.peers.transport is not None and self.peers.transport.grants is not None:
                 self.peers.transport.grants.stopped = True  # (our VIPs are gone: no grant bounds anything)
             await shutdown.drop_tables([t for t in (self.routing.nft, self.nft) if t is not None])
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(shutdown.within, shutdown.HOOK_GRACE, self.hooks.wait_idle)  # releases' hooks
-            if self.succession.enabled:  # our heartbeats grant other owners' tokens until they rename
-                nursery.start_soon(shutdown.within, shutdown.HOOK_GRACE, self.succession.unnamed)
+        with trio.move_on_after(shutdown.HOOK_GRACE):
+            await self.hooks.wait_idle()  # let the "backup" hooks of the release finish
 
     async def run(self) -> None:
         if self.cfg.bgp.source is not None:

@@ -15,11 +15,12 @@
    (`shutdown_grace_exceeded`) names the units and the state they hung in. systemd's
    ExecStopPost (`vipd cleanup`) then removes the addresses and revokes the recorded lease, which
    shortens it again.
-3. Our nftables tables are removed (NFT_GRACE). Then, side by side for HOOK_GRACE at most: the
-   hooks of the releases finish, and the heartbeats go on until no owner key of another host
-   names this host successor (vipd/succession.py `unnamed`: the presence said "stopping" at the
-   signal, so their placement dropped this host and they rename; an owner whose successor exits
-   first has its token fence closed until it renames).
+   Side by side with step 1, within SHUTDOWN_GRACE too, and before the revoke: the heartbeats go
+   on until no owner key of another host names this host successor (vipd/succession.py
+   `unnamed`: the presence said "stopping" at the signal, so their placement dropped this host
+   and they rename). The revoke deletes the presence, the other hosts drop their link to this
+   one and the grant with it: an owner still naming it would have its VIPs dark until it renamed.
+3. Our nftables tables are removed (NFT_GRACE), the hooks of the releases get HOOK_GRACE.
 
 With the default request_timeout (1 s) the bound is 3 + 2 + 1 + 2 = 8 s, inside the unit's
 TimeoutStopSec=10; the lab's profile (0.5 s) gives 7 s.
