@@ -62,6 +62,10 @@ def _root_cause(exc: BaseException, ep: str) -> str:
         if isinstance(e, ssl.SSLError) and "UNEXPECTED_EOF" in str(e).upper():
             return f"{ep} closed the connection in the TLS handshake: it does not speak TLS (is it a plain " \
                    "http:// member?) or drops this client"
+        if ep.startswith("https:") and isinstance(exc, httpx.ConnectError) and isinstance(e, ConnectionResetError):
+            # (a plain-http member answers a ClientHello with a 400 or a reset, as its timing goes)
+            return f"{ep} reset the connection in the TLS handshake: it does not speak TLS (is it a plain " \
+                   "http:// member?) or drops this client"
         if str(e):
             last = e
         group = getattr(e, "exceptions", None)  # trio's "all attempts to connect ... failed": the first why
