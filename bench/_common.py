@@ -163,6 +163,15 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
 
 
+def proc_wakeups(pid: int) -> int:
+    """Voluntary context switches of the process's main thread (vipd's trio loop): each is a sleep
+    that ended in a wake-up, which this machine charges heavily (bench/machine.py)."""
+    for line in Path(f"/proc/{pid}/task/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
+
+
 def proc_cpu_split(pid: int) -> tuple[float, float]:
     """(utime, stime) of the whole process, seconds: Python and the kernel work it asked for."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -213,7 +222,9 @@ def environment() -> dict[str, Any]:
         return cp.stdout.strip() if cp.returncode == 0 else None
 
     status = git("status", "--porcelain")
+    from machine import wakeup_cost_us  # (bench/machine.py: what a wake-up costs here, today)
     return {
+        "wakeup_cpu_us_time_sleep_10ms": wakeup_cost_us(),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),

@@ -160,6 +160,7 @@ def gc_seconds(cluster: Cluster) -> list[float]:
 def steady(lab: Lab, etcd: EtcdServer, pids: list[int], seconds: float, cluster: Cluster) -> dict[str, Any]:
     cpu0 = [C.proc_cpu_seconds(p) for p in pids]
     split0 = [C.proc_cpu_split(p) for p in pids]
+    wake0 = [C.proc_wakeups(p) for p in pids]
     gc0 = gc_seconds(cluster)
     ops0, t0 = etcd_requests(lab, etcd), time.monotonic()
     rss_max = [0] * len(pids)
@@ -172,6 +173,7 @@ def steady(lab: Lab, etcd: EtcdServer, pids: list[int], seconds: float, cluster:
             "cpu_user_sys_percent": [[round(100 * (now - then) / elapsed, 1) for now, then in zip(C.proc_cpu_split(p), s0)]
                                      for p, s0 in zip(pids, split0)],
             "rss_mib_max": [round(r / 1024, 1) for r in rss_max],
+            "loop_wakeups_per_s": [round((C.proc_wakeups(p) - w) / elapsed, 1) for p, w in zip(pids, wake0)],
             "gc_percent": [round(100 * (now - then) / elapsed, 2) for now, then in zip(gc_seconds(cluster), gc0)],
             "etcd_requests_per_s": round((etcd_requests(lab, etcd) - ops0) / elapsed, 2)}
 
@@ -537,6 +539,8 @@ def main() -> int:
                  [f"{n}+{n} VIPs: steady CPU user / kernel (% of a core)",
                   "/".join(str(med([h.get("steady", {}).get("cpu_user_sys_percent", [[None, None]])[0][i] for h in hs]))
                            for i in (0, 1))],
+                 [f"{n}+{n} VIPs: steady loop wake-ups per second",
+                  med([h.get("steady", {}).get("loop_wakeups_per_s", [None])[0] for h in hs])],
                  [f"{n}+{n} VIPs: steady garbage collection (% of a core)",
                   med([h.get("steady", {}).get("gc_percent", [None])[0] for h in hs])],
                  [f"{n}+{n} VIPs: steady RSS max (MiB)", med([h.get("steady", {}).get("rss_mib_max", [None])[0] for h in hs])],
