@@ -312,6 +312,7 @@ def footprint(args: argparse.Namespace, work: Path, run: int) -> dict[str, Any]:
                     break
             return {"start_to_ready_s": round(ready - started, 3) if ready else None,
                     "idle_rss_mib": idle["rss_mib_max"][0], "idle_cpu_percent": idle["cpu_percent"][0],
+                    "idle_loop_wakeups_per_s": idle["loop_wakeups_per_s"][0],
                     "cleanup_first_removal_s": round(first - t, 3) if first else None,
                     "cleanup_total_s": round(done - t, 3), "left_after_cleanup": len(tagged_addresses(h.ns)),
                     "import_s": import_seconds()}
@@ -526,6 +527,7 @@ def main() -> int:
         rows += [["10 VIPs: start to ready (s)", med([r["start_to_ready_s"] for r in fp])],
                  ["10 VIPs: idle RSS (MiB)", med([r["idle_rss_mib"] for r in fp])],
                  ["10 VIPs: idle CPU (% of a core)", med([r["idle_cpu_percent"] for r in fp])],
+                 ["10 VIPs: idle loop wake-ups per second", med([r.get("idle_loop_wakeups_per_s") for r in fp])],
                  ["vipd cleanup: start to first removal (s)", med([r["cleanup_first_removal_s"] for r in fp])],
                  ["importing vipd.app (s)", med([r["import_s"] for r in fp])]]
     if out["host"]:

@@ -400,6 +400,7 @@ async def run(cfg: Config, path: str | None = None) -> None:
         # blink this host's VIPs (vipd_fence_token_lapses_total counts it); name such batches.
         watch = LoopWatch(daemon.metrics.registry, warn=max(0.01, cfg.peers.lease - 2 * cfg.peers.interval))
         trio.lowlevel.add_instrument(watch)
+        daemon.peers.loop_busy_since = watch.busy_since  # (the heartbeat thread: no check-in wake-ups)
         if os.environ.get("VIPD_LOOP_TASKS") == "1":  # a diagnostic (vipd/loopwatch.py TaskTimes)
             trio.lowlevel.add_instrument(TaskTimes(watch.warn))
         watch.start_gc_watch()

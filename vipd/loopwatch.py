@@ -49,6 +49,12 @@ class LoopWatch(trio.abc.Instrument):
     def after_io_wait(self, timeout: float) -> None:
         self._began = self._clock()
 
+    def busy_since(self) -> float | None:
+        """When the running batch began (on this watch's clock), None while the loop waits for
+        I/O. Any thread may call it (the heartbeat thread: a batch past its stall allowance is a
+        hung loop, vipd/peers/transport.py)."""
+        return self._began
+
     def before_io_wait(self, timeout: float) -> None:
         if self._began is None:
             return

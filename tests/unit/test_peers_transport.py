@@ -56,3 +56,61 @@ async def test_a_dead_heartbeat_thread_ends_run_loudly() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(t.run)
     assert e.group_contains(RuntimeError, match="heartbeat thread ended: ValueError")
+
+
+async def test_a_dead_heartbeat_thread_ends_run_loudly_when_the_loop_instrument_replaces_check_ins() -> None:
+    """With `loop_busy_since` the run task sleeps until the thread ends (no periodic check-in):
+    the thread's end still wakes it."""
+    import pytest
+    import trio
+
+    t = PeerTransport(Peers("s", 1, KEY, Params()), ("127.0.0.1", 0), loop_busy_since=lambda: None)
+
+    def broken() -> None:
+        raise ValueError("boom")
+
+    t._loop = broken  # type: ignore[method-assign]
+    with trio.fail_after(5), pytest.raises(Exception) as e:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(t.run)
+    assert e.group_contains(RuntimeError, match="heartbeat thread ended: ValueError")
+
+
+async def test_heartbeats_stop_while_the_loops_batch_runs_past_the_stall_and_resume_after_it() -> None:
+    """The thread reads the loop instrument: a loop waiting for I/O is alive (heartbeats go out),
+    a batch that began more than `stall` ago is a hung loop (none go out, `withholding`), and
+    once the loop waits for I/O again they resume."""
+    import socket
+    import time
+
+    import trio
+
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.setblocking(False)
+    busy: list[float | None] = [None]
+    t = PeerTransport(Peers("s", 1, KEY, Params()), ("127.0.0.1", 0), stall=0.2,
+                      loop_busy_since=lambda: busy[0])
+
+    async def received(seconds: float) -> int:
+        n, end = 0, trio.current_time() + seconds
+        while trio.current_time() < end:
+            await trio.sleep(0.01)
+            try:
+                while peer.recv(512):
+                    n += 1
+            except BlockingIOError:
+                pass
+        return n
+
+    with peer:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(t.run)
+            t.set_peers({"o": peer.getsockname()})
+            assert await received(0.3) > 0 and not t.withholding  # waiting for I/O: alive
+            busy[0] = time.monotonic() - 0.5  # one batch running for 0.5 s, past the 0.2 s stall
+            await received(0.1)  # (what was in flight)
+            assert await received(0.3) == 0 and t.withholding
+            busy[0] = None
+            assert await received(0.3) > 0 and not t.withholding
+            nursery.cancel_scope.cancel()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from typing import Callable, Mapping
 
 import trio
@@ -37,6 +38,21 @@ class PeerService:
         self.transport: PeerTransport | None = None
         self.address = ""  # "ip:port" once bound (published with the presence)
         self._hosts: dict[str, tuple[str, int]] = {}
+        # when the trio loop's running batch began, on time.perf_counter (None: it waits for I/O):
+        # the daemon's loop instrument (vipd/loopwatch.py); None: the transport checks in instead
+        self.loop_busy_since: Callable[[], float | None] | None = None
+
+    def _busy_since(self, clock: Callable[[], float]) -> Callable[[], float | None] | None:
+        """`loop_busy_since` on the transport's clock (trio's: perf_counter plus an offset)."""
+        busy = self.loop_busy_since
+        if busy is None:
+            return None
+        offset = clock() - time.perf_counter()
+
+        def since() -> float | None:
+            began = busy()
+            return None if began is None else began + offset
+        return since
 
     async def resolve(self) -> str | None:
         """This host's heartbeat IP, or None (then fast takeover is off, with a log line)."""
@@ -71,8 +87,9 @@ class PeerService:
                 log.warning("peers_key_unavailable", error=e, retry=RETRY)
                 await trio.sleep(RETRY)
         peers = Peers(self._cfg.node, load_incarnation(self._cfg.state_dir), key, self.params)
-        transport = PeerTransport(peers, (ip, self._cfg.peers.port), on_event=self._on_event, clock=loop_clock(),
-                                  stall=self._cfg.peers.stall)
+        clock = loop_clock()
+        transport = PeerTransport(peers, (ip, self._cfg.peers.port), on_event=self._on_event, clock=clock,
+                                  stall=self._cfg.peers.stall, loop_busy_since=self._busy_since(clock))
         async with trio.open_nursery() as nursery:
             await nursery.start(transport.run)
             self.transport = transport

@@ -75,8 +75,12 @@ class PeerTransport:
     """Moves the bytes of a Peers state over one UDP socket bound to this host's address."""
 
     def __init__(self, peers: Peers, address: tuple[str, int], *, on_event: Callable[[Event], None] | None = None,
-                 clock: Clock = time.monotonic, stall: float = STALL) -> None:
+                 clock: Clock = time.monotonic, stall: float = STALL,
+                 loop_busy_since: Callable[[], float | None] | None = None) -> None:
         self.peers = peers
+        # when the trio loop's running batch began (on `clock`; None: it waits for I/O), read by
+        # the thread; None: the loop checks in every stall/4 instead
+        self.loop_busy_since = loop_busy_since
         self.address = address
         self.clock = clock
         self.stall = stall
@@ -95,6 +99,7 @@ class PeerTransport:
         self._wake_w: socket.socket | None = None
         self._stopping = False
         self._alive = clock()  # the trio loop's last check-in
+        self._ended: trio.Event | None = None  # set (on the loop) when the thread ends
         self.grants: GrantWriter | None = None  # successors' grants re-armed here (vipd/peers/grants.py)
 
     @property
@@ -170,9 +175,12 @@ class PeerTransport:
             self._token = trio.lowlevel.current_trio_token()
             self._alive = self.clock()
             self._stopping = False
+            self._ended = trio.Event()
             thread = threading.Thread(target=self._serve, name="vipd-peers", daemon=True)
             thread.start()
             task_status.started()
+            if self.loop_busy_since is not None:
+                await self._ended.wait()  # (no wake-up until then: the thread reads the loop's state)
             while thread.is_alive():  # (so a hung loop's heartbeats stop 0.75 to 1 x stall after it hung)
                 self._alive = self.clock()
                 await trio.sleep(self.stall / 4)
@@ -203,6 +211,21 @@ class PeerTransport:
             self._loop()
         except BaseException as e:  # run() re-raises it on the trio loop
             self._failed = e
+        finally:
+            ended, token = self._ended, self._token
+            if ended is not None and token is not None:
+                try:
+                    token.run_sync_soon(ended.set)
+                except trio.RunFinishedError:
+                    pass
+
+    def _loop_alive_at(self, now: float) -> float:
+        """When the trio loop was last seen alive: now while it waits for I/O, else when its
+        running batch began (or its last check-in, without the instrument)."""
+        if self.loop_busy_since is None:
+            return self._alive
+        began = self.loop_busy_since()
+        return now if began is None else max(self._alive, began)
 
     def _loop(self) -> None:
         assert self._sock is not None and self._wake_r is not None
@@ -215,7 +238,7 @@ class PeerTransport:
                 deadline = None if self._replies else self.peers.next_deadline()
                 now = self.clock()
                 wait = 0.0 if self._replies else (None if deadline is None else max(0.0, deadline - now))
-                if now - self._alive > self.stall:  # nothing is sent until the loop checks in
+                if now - self._loop_alive_at(now) > self.stall:  # nothing is sent until the loop is back
                     wait = interval if wait is None else max(wait, interval)
             poller.poll(None if wait is None else math.ceil(wait * 1000))  # (ms: a deadline is served <= 1 ms late)
             try:
@@ -229,13 +252,14 @@ class PeerTransport:
                 self._drain(wake=False)
                 replies, self._replies = self._replies, set()
                 now = self.clock()
-                live = now - self._alive <= self.stall
+                alive_at = self._loop_alive_at(now)
+                live = now - alive_at <= self.stall
                 if self.withholding == live:  # a change: logged (the peers are about to suspect this host)
                     self.withholding = not live
                     if live:
                         log.info("heartbeats_resumed")
                     else:
-                        log.warning("heartbeats_withheld", loop_silent=round(now - self._alive, 3))
+                        log.warning("heartbeats_withheld", loop_silent=round(now - alive_at, 3))
                 if live:
                     for name in sorted(replies | set(self.peers.due(now))):
                         self._send(name, reply=name in replies)
