@@ -56,11 +56,13 @@ class LoopWatch(trio.abc.Instrument):
         return self._began
 
     def before_io_wait(self, timeout: float) -> None:
-        if self._began is None:
+        # cleared first: if batch() raised (trio then drops the instrument), a stale start would
+        # read as a loop hung for good and withhold this host's heartbeats for good
+        began, self._began = self._began, None
+        if began is None:
             return
         now = self._clock()
-        self.batch(now - self._began, now)
-        self._began = None
+        self.batch(now - began, now)
 
     def batch(self, seconds: float, now: float) -> None:
         if self._hist is not None:

@@ -25,6 +25,37 @@ def test_a_blocking_task_is_one_long_batch() -> None:
         reg.get_sample_value("vipd_loop_batch_seconds_count") - 1
 
 
+def test_busy_since_is_the_running_batchs_start_and_none_while_waiting_for_io() -> None:
+    """What the heartbeat thread reads (vipd/peers/transport.py): a batch blocked past its stall
+    allowance shows its start; a loop waiting for I/O shows None, also after a batch whose
+    accounting raised (trio drops the instrument then: a stale start would read as hung for good)."""
+    watch = LoopWatch(None, warn=10.0)
+    seen: list[float | None] = []
+
+    async def main() -> None:
+        trio.lowlevel.add_instrument(watch)
+        await trio.sleep(0.01)
+        began = time.perf_counter()
+        time.sleep(0.05)
+        since = watch.busy_since()
+        assert since is not None and since <= began
+        await trio.to_thread.run_sync(lambda: (time.sleep(0.05), seen.append(watch.busy_since())))
+
+    trio.run(main)
+    assert seen == [None]  # read by another thread while the loop waited for it
+
+    def broken(seconds: float, now: float) -> None:
+        raise RuntimeError("accounting failed")
+
+    watch.batch = broken  # type: ignore[method-assign]
+    watch.after_io_wait(0.0)
+    try:
+        watch.before_io_wait(0.0)
+    except RuntimeError:
+        pass
+    assert watch.busy_since() is None
+
+
 def test_stall_lines_are_throttled_and_parsed_back(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     watch = LoopWatch(warn=0.1)
     for seconds, now in [(0.05, 0.0), (0.3, 10.0), (0.2, 10.5), (0.4, 11.2), (0.11, 11.3)]:
