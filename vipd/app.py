@@ -291,6 +291,7 @@ class Daemon(KernelView):
         # fence closed and their announcements were refused until a rename; a stopped standby's
         # owner went dark for 20-40 ms (tests/lab/test_fast_takeover.py, 40 VIPs: 3 of 3 before)
         self.fitness.stopping()
+        self.succession.begin_stop()  # no token is armed from now on; one flush removes them all below
         self.broadcast(ShutdownRequested(revoke=True))  # the lease is revoked after: keys are only marked
         hung: list[shutdown.Stoppable] = []
 
@@ -298,6 +299,7 @@ class Daemon(KernelView):
             hung.extend(await shutdown.wait_stopped(self._running))
 
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.succession.flush_tokens)  # (each unit's disarm waits for it)
             nursery.start_soon(units)
             if self.succession.enabled:  # our heartbeats grant other owners' tokens until they rename,
                 # and the revoke deletes our presence: their link to us, and with it the grant, goes

@@ -3,6 +3,9 @@
 1. Every controller is asked to stop (ShutdownRequested(revoke=True)): an owner removes its
    addresses, then marks its key released (batched: one write per key, no delete); a backup just
    stops. They get SHUTDOWN_GRACE seconds together.
+   Right before, no token fence is armed any more, and one batch removes every owned unit's
+   token (vipd/succession_tokens.py `flush_tokens`, its safety argument there): each unit's own
+   token disarm, the first step of its removal, only waits for that flush.
 2. Once no unit's address can be in the kernel (every unit stopped, or past its removal with only
    its key's mark pending: Controller.address_gone), the host lease is revoked (2 x
    request_timeout at most): etcd deletes every key of ours in one revision and the other hosts

@@ -713,3 +713,60 @@ def test_a_placement_change_is_planned_at_once():
             n.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_stop_removes_every_token_in_one_flush_and_arms_none_after_it():
+    """Daemon stop: `begin_stop` before the units move, then one flush of every owned unit's
+    token; an arm asked for afterwards writes nothing, and each unit's own disarm waits for the
+    flush and sends nothing more (they queued on the lock behind arms and renames: 0.07-0.68 s
+    at 1,000 VIPs)."""
+    async def main() -> None:
+        now = trio.current_time()
+        units, s, fence, keys, peers = await owning_many(5, now)
+        assert set(fence.token) == {v.name for v in units}
+        disarmed: list[list[str]] = []
+        real = fence.disarm
+
+        async def counted(vips: Sequence[VipSpec]) -> None:
+            disarmed.append(sorted(v.name for v in vips))
+            await real(vips)
+
+        fence.disarm = counted  # type: ignore[method-assign]
+        batches = len(fence.batches)
+        s.begin_stop()
+        async with trio.open_nursery() as n:
+            n.start_soon(s.disarm, [units[0]])  # a unit's own disarm, before the flush ran
+            n.start_soon(s.flush_tokens)
+            n.start_soon(s.arm, [units[1]], now + 120.0)  # a keepalive's arm, after the signal
+        assert fence.token == {} and len(fence.batches) == batches  # all gone; nothing armed again
+        assert disarmed == [sorted(v.name for v in units)]  # one flush, no per-unit batch
+        for v in units[1:]:
+            await s.disarm([v])
+        assert len(disarmed) == 1
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_failed_stop_flush_leaves_each_units_disarm_to_remove_its_token():
+    async def main() -> None:
+        now = trio.current_time()
+        units, s, fence, keys, peers = await owning_many(2, now)
+        real = fence.disarm
+        calls: list[int] = []
+
+        async def failing_once(vips: Sequence[VipSpec]) -> None:
+            calls.append(len(vips))
+            if len(calls) == 1:
+                from vipd.errors import FenceError
+                raise FenceError("flush: netlink says no")
+            await real(vips)
+
+        fence.disarm = failing_once  # type: ignore[method-assign]
+        s.begin_stop()
+        await s.flush_tokens()
+        assert set(fence.token) == {v.name for v in units}  # the flush failed: still there
+        await s.disarm([units[0]])
+        await s.disarm([units[1]])
+        assert fence.token == {} and calls == [2, 1, 1]
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
