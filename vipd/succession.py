@@ -271,10 +271,9 @@ class Succession(Tokens, Planning):
         return [None] * len(units)
 
     async def _disarm_batch(self, items: list[tuple[VipSpec, ...]]) -> list[None]:
-        if await self._flushed_already(items):  # (a stop's one flush: vipd/succession_tokens.py)
-            return [None] * len(items)
-        async with self._lock:
-            await self._fence.disarm([v for vips in items for v in vips])
+        if not await self._flushed_already(items):  # (else a stop's one flush did it: vipd/succession_tokens.py)
+            async with self._lock:
+                await self._fence.disarm([v for vips in items for v in vips])
         return [None] * len(items)
 
     def armed_until(self, vips: Sequence[VipSpec]) -> Optional[float]:
@@ -351,6 +350,8 @@ class Succession(Tokens, Planning):
                 self._peers.validate(peer, link.peer_gen)
 
     async def _rename(self, plan: list[tuple[str, OwnerRecord, str | None]]) -> None:
+        if self._flush_done is not None:
+            return  # a stop began: no token is armed (Tokens.begin_stop), so no successor is named
         seen: dict[str, Generation | None] = {}
         for peer in {p for u, _, want in plan for p in [want] + self._depends(u) if p}:
             link = self._peers.link(peer)

@@ -45,19 +45,19 @@ class Tokens:
     _granted: dict[str, float]
     refreshes: int
     enabled: bool
-    # a daemon stop (`begin_stop`, `flush_tokens`): no token is armed any more, and the units whose
-    # tokens the stop's one flush removed, once it is done
-    _stopping = False
-    _flushed: frozenset[str] = frozenset()
+    # a daemon stop (`begin_stop`, `flush_tokens`): set once it began (from then on no token is
+    # armed and no successor named), and the units whose tokens its one flush removed
     _flush_done: trio.Event | None = None
+    _flushed: frozenset[str] = frozenset()
     _to_flush: dict[str, Owned] = {}  # (replaced, never changed in place)
 
     # ---- a daemon stop ------------------------------------------------------------------------
 
     def begin_stop(self) -> None:
         """A daemon stop begins (vipd/app.py Daemon.stop, before the units are asked to stop): from
-        now on no token is armed (`_arm`), and each unit's disarm waits for `flush_tokens`."""
-        self._stopping = True
+        now on no token is armed (`_arm`) and no successor named (Succession._rename: a record
+        may name one only after the tokens are bounded by its grant), and each unit's disarm
+        waits for `flush_tokens`."""
         self._flush_done = trio.Event()
         self._to_flush = dict(self._owned)  # (a unit's disarm may pop it before the flush runs)
 
@@ -70,8 +70,8 @@ class Tokens:
         then waits for the flush (`_flushed_already`) and goes on to remove its address and mark
         its key, as before: fence, address, etcd, in that order; the fence step is only earlier
         and shared. A flush that fails leaves every unit's own disarm to run as before. Without
-        it the units' disarms queued on this lock behind the keepalive's arms and the renames:
-        0.07-0.68 s at 1,000 VIPs (README, Scale, session 17)."""
+        it the units' disarms queued on this lock behind the keepalive's arms and the renames
+        (bench/scale.py: the stopping host's `keys_marked_s`)."""
         done = self._flush_done
         try:
             async with self._lock:
@@ -173,7 +173,7 @@ class Tokens:
         """Arm each unit's token to its cap (`caps`: computed by the caller in this same step), put it
         in its successor's group or in none, and arm the grants due, in one batch (call with the
         lock held). Nothing once a daemon stop began (`begin_stop`)."""
-        if self._stopping:
+        if self._flush_done is not None:  # (a stop began)
             return
         floor = self._clock() - 1.0  # "already over": the fence removes the token
         vias = [self._via(u) for u, _ in units]
