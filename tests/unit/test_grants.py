@@ -112,3 +112,14 @@ def test_a_failed_write_is_counted_and_tried_again(monkeypatch: pytest.MonkeyPat
     w.write(w.due(peers))
     assert w.failures == 1 and w.writes == 0
     assert w.due(peers)  # not recorded as written: due again
+
+
+def test_nothing_is_written_once_the_daemon_drops_its_tables(written: list[Any]) -> None:
+    """A stop drops the fence tables after the revoke (vipd/app.py sets `stopped` first): a write
+    then would only fail against a table that is gone, and be counted as a failure."""
+    peers, w = heard()
+    assert len(written) == 1 and w.writes == 1
+    w.stopped = True
+    peers.echo(time.perf_counter() + 0.05)  # the grant moved well past a step
+    w.write(w.due(peers))
+    assert len(written) == 1 and w.writes == 1 and w.failures == 0

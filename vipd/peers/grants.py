@@ -63,10 +63,6 @@ class GrantWriter:
         """Grants (peer -> id) whose set and chain exist: from now on written here only."""
         self._grants.update(grants)
 
-    @property
-    def handed(self) -> frozenset[str]:
-        return frozenset(self._grants)
-
     def due(self, peers: Peers) -> list[tuple[str, int, float]]:
         """(peer, id, deadline) of every handed grant that moved a step or fell (call with the
         transport's lock held: the links are read as the protocol leaves them)."""
