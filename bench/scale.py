@@ -23,10 +23,11 @@ assigns it, a third each; then CPU per host (and its garbage collection share), 
 and successor renames (churn: a live successor is kept) at steady state; then a planned
 stop (SIGTERM) of the host holding the most VIPs: per VIP, when another host holds it
 (p10/p50/p90/all, polled every ~50 ms), when it was announced there (the `announced` line,
-after its last burst) and how many announcements failed, when the stopping host revoked its
-lease, and how many of the other hosts' VIPs their own token fence dropped meanwhile (a
-successor's grant with no live element darkens its whole group: read every 20 ms by
-bench/_fence_sample.py, and for 2 s at rest before the signal, `dark_at_rest`, as a check);
+after its last burst) and how many announcements failed, when the stopping host had marked its
+first and last key released (`keys_marked_s`) and when it revoked its lease, and how many of
+the other hosts' VIPs their own token fence dropped meanwhile (a successor's grant with no
+live element darkens its whole group: read every 20 ms by bench/_fence_sample.py, and for 2 s
+at rest before the signal, `dark_at_rest`, as a check);
 then (`--no-crash` skips it) the busier of the other two is SIGKILLed and the same for the last
 taking its VIPs; and how many
 successor renames (`successor_named`) each host logged; a cluster that does not settle in
@@ -98,6 +99,23 @@ def log_time(path: Path, event: str, nth: int = 1) -> float | None:
             if seen == nth:
                 return dt.datetime.fromisoformat(m.group(1)).replace(tzinfo=dt.timezone.utc).timestamp()
     return None
+
+
+_MARKED_RE = re.compile(r"^(\S+)Z \w+ event=transition .*from=releasing to=stopped")
+
+
+def keys_marked(path: Path, since: float) -> dict[str, Any]:
+    """The stopping host's part of a planned stop: seconds from `since` (time.time()) to its first
+    and last key marked released (a unit's RELEASING -> STOPPED, logged once its mark landed)."""
+    times = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        m = _MARKED_RE.match(line)
+        if m:
+            t = dt.datetime.fromisoformat(m.group(1)).replace(tzinfo=dt.timezone.utc).timestamp() - since
+            if t >= 0:
+                times.append(t)
+    return {"first_s": round(min(times), 3) if times else None, "last_s": round(max(times), 3) if times else None,
+            "count": len(times)}
 
 
 _ANNOUNCED_RE = re.compile(r"^(\S+)Z \w+ event=(announced|announce_failed) vip=\S+ address=([^/\s]+)")
@@ -439,6 +457,7 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
             cluster.procs[stop.name].wait(30)
             revoked = log_time(cluster.log_path(stop), "lease_revoked")  # (its log is complete once it exited)
             result["planned_stop"]["lease_revoked_s"] = round(revoked - wall, 3) if revoked else None
+            result["planned_stop"]["keys_marked_s"] = keys_marked(cluster.log_path(stop), wall)
             for _ in range(50):  # their last bursts are a few intervals after the last claim: up to 5 s more
                 result["planned_stop"]["announced"] = announced([cluster.log_path(h) for h in rest], moved, wall,
                                                                 held_at)
@@ -584,6 +603,9 @@ def main() -> int:
                   "dark samples / samples, VIP-s",
                   " ; ".join("{most_at_once}, {dark_samples}/{samples}, {vip_seconds}".format(**c["planned_stop"]["dark"])
                              for c in cs if "dark" in c.get("planned_stop", {}))],
+                 [f"3 hosts, {m} VIPs: its SIGTERM to its first / last key marked released (s)",
+                  " / ".join(str(med([c.get("planned_stop", {}).get("keys_marked_s", {}).get(k) for c in cs]))
+                             for k in ("first_s", "last_s"))],
                  [f"3 hosts, {m} VIPs: its SIGTERM to its lease revoked (s)",
                   med([c.get("planned_stop", {}).get("lease_revoked_s") for c in cs])],
                  [f"3 hosts, {m} VIPs: successor renames per run (all hosts)",

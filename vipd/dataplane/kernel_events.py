@@ -62,8 +62,8 @@ DRAIN = 256  # further datagrams read without waiting, per wake-up
 # Once the socket is empty, wait this long and read what came meanwhile, before the events go out:
 # a lifetime refresh round comes back as hundreds of notifications while the kernel works through
 # the netlink thread's sends, and without the wait every few of them woke the loop on their own
-# (126 of the loop's 156 wake-ups a second at 1,000 + 1,000 VIPs, bench/scale.py with a wake-up
-# count). Nothing vipd does on a kernel event is urgent to the millisecond: an address someone
+# (at 1,000 + 1,000 VIPs the loop's wake-ups at rest went from 37-49 to 15-20 a second with it:
+# bench/scale.py, `loop_wakeups_per_s`). Nothing vipd does on a kernel event is urgent to the millisecond: an address someone
 # removed is re-added, a stray is removed, a link event starts a check.
 COALESCE = 0.01
 RCVBUF = 1 << 20
