@@ -7,6 +7,7 @@ bridge namespace (frames from h1's MAC sourced from the VIP, ARP from it, NA for
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 import trio
@@ -451,18 +452,26 @@ def group_members(lab: Lab) -> dict[str, int]:
     return out
 
 
-async def test_a_vip_in_a_group_is_served_only_while_its_grant_lives_too(lab: Lab) -> None:
-    """One grant element bounds every VIP of its group (the successor's grant, vipd/succession.py):
-    a lapsed grant darkens them with their own tokens alive; leaving the group re-opens them
-    without the grant; the table's repair restores groups and grants with the tokens (a token
-    never comes back without its group)."""
+@contextlib.asynccontextmanager
+async def grouped(lab: Lab, grant_s: float) -> AsyncIterator[tuple[NftFence, list[VipSpec], str, float]]:
+    """h1's VIPs in the fence, tokens armed for a minute, all in h2's group with its grant armed
+    for `grant_s`: (fence, vips, netns, the trio time they were armed)."""
     put_vips(lab)
     vips = vips_of(lab)
     ns = lab.host("h1").ns
     async with Netlink(ns) as nl, NftFence(nl) as fence:
         await fence.ensure(vips)
         now = trio.current_time()
-        await fence.arm_many([(vips, now + 60)], grants=[("h2", now + 60)], groups=[(vips, "h2")])
+        await fence.arm_many([(vips, now + 60)], grants=[("h2", now + grant_s)], groups=[(vips, "h2")])
+        yield fence, vips, ns, now
+
+
+async def test_a_vip_in_a_group_is_served_only_while_its_grant_lives_too(lab: Lab) -> None:
+    """One grant element bounds every VIP of its group (the successor's grant, vipd/succession.py):
+    a lapsed grant darkens them with their own tokens alive; leaving the group re-opens them
+    without the grant; the table's repair restores groups and grants with the tokens (a token
+    never comes back without its group)."""
+    async with grouped(lab, grant_s=60) as (fence, vips, ns, now):
         assert group_members(lab) == {str(lab.vip4(1).ip): 1, str(lab.vip6(1).ip): 1}
         assert len(grant_elements(lab)[1]) == 3 and all(55000 < ms <= 60000 for ms in grant_elements(lab)[1])
         assert "vipd_fence" in nft(lab, ns, "list", "ruleset")  # nft itself reads all of it back
@@ -508,13 +517,7 @@ async def test_a_grant_the_heartbeat_thread_rearms_keeps_its_group_served_and_co
     thread's deadline (a lapse was counted for every grouped VIP at each verify, and a repair
     re-armed the grant to this side's old, lapsed deadline), and when the thread lets the grant
     end the group goes dark and is counted once."""
-    put_vips(lab)
-    vips = vips_of(lab)
-    ns = lab.host("h1").ns
-    async with Netlink(ns) as nl, NftFence(nl) as fence:
-        await fence.ensure(vips)
-        now = trio.current_time()
-        await fence.arm_many([(vips, now + 60)], grants=[("h2", now + TOKEN_S)], groups=[(vips, "h2")])
+    async with grouped(lab, grant_s=TOKEN_S) as (fence, vips, ns, now):
         gid = fence.grant_id("h2")
         assert gid is not None
         writer = GrantWriter(ns, fence.timeout_update, loop_clock(), step=0.02)
