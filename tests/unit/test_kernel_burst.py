@@ -58,3 +58,29 @@ async def test_a_full_queue_is_read_at_once_without_waiting(autojump_clock, monk
         assert await read_burst(reader) == [b"q0", b"q1", b"q2", b"q3"]
         assert trio.current_time() == started
         assert await read_burst(reader) == [b"q4", b"q5"]
+
+
+async def test_a_socket_error_in_the_burst_reaches_the_caller(autojump_clock, monkeypatch):
+    """ENOBUFS (notifications lost) while the burst is read, after the wait: raised to the reader,
+    whose caller re-lists (kernel_events: Overflowed), not swallowed with the datagrams so far."""
+    import errno
+    import os
+
+    import pytest
+
+    reader, writer = pair()
+    real = os.read
+    calls = []
+
+    def read(fd: int, n: int) -> bytes:
+        calls.append(fd)
+        if len(calls) > 1:  # the read after the wait
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        return real(fd, n)
+
+    monkeypatch.setattr(kernel_events.os, "read", read)
+    with reader, writer:
+        writer.send(b"first")
+        with pytest.raises(OSError) as e:
+            await read_burst(reader)
+        assert e.value.errno == errno.ENOBUFS
