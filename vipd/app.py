@@ -14,7 +14,8 @@ from vipd.lease_gate import KeepaliveGate
 from vipd.model import Unit
 from vipd.dataplane.address import AddressManager, RefreshBatcher
 from vipd.dataplane.announce import Announcer
-from vipd.dataplane.conflict import DuplicateResponderWatch, check_free
+from vipd.dataplane.conflict import DuplicateResponderWatch, check_free, probe_many
+from vipd.dataplane.start_probe import StartProbe
 from vipd.dataplane.netlink import Netlink
 from vipd.election.etcd import EtcdClient
 from vipd.election.hosts import HostDirectory
@@ -106,6 +107,10 @@ class Daemon(KernelView):
                            for ifname in sorted({v.interface for v in cfg.vips
                                                  if v.conflict_check and not v.on_loopback})}
         self._unit_of_ip = {v.ip: v.unit for v in cfg.vips}
+        # a LAN answers an ARP probe in well under a millisecond: 2 x 0.1 s is plenty, and keeps a
+        # takeover after a crash short
+        self.start_probe = StartProbe(lambda ifname, ips: probe_many(nl, ifname, ips, wait=0.1),
+                                      lambda vip: check_free(nl, vip, wait=0.1))
         hold, catch_up_after = lazy_timing(cfg.etcd.lease_ttl / cfg.timing.keepalives_per_ttl)
         self.pacer = Pacer(self._offer)  # host-wide deliveries, ~PER_TURN per trio batch (vipd/pacing.py)
         self.refresh = HostRefresh(self.controllers, self.lifetime, batched, self.addresses, self.metrics, inflight,
@@ -178,9 +183,7 @@ class Daemon(KernelView):
         await nursery.start(self.succession.run)
 
     async def check_free(self, vip) -> None:  # type: ignore[no-untyped-def]
-        # a LAN answers an ARP probe in well under a millisecond: 2 x 0.1 s is plenty, and keeps a
-        # takeover after a crash short
-        await check_free(self.nl, vip, wait=0.1)
+        await self.start_probe.check_free(vip)  # (the start's answer, once and fresh; else a probe now)
 
     def renew(self) -> None:
         self.lease.renew()
@@ -332,6 +335,7 @@ class Daemon(KernelView):
             await nursery.start(control.serve, self, self.cfg.control_socket)
             await nursery.start(self.hooks.run)
             nursery.start_soon(self.l2.run)  # units learn of the lease only once it is done (L2Gate.gate)
+            nursery.start_soon(self.start_probe.run, [v for v in self.cfg.vips if v.conflict_check])
             await nursery.start(self.dsr.run)  # the director's maps exist before a controller arms them
             self.drain.restore()  # a drained host stays drained across restarts
             await self.interfaces.refresh()  # a missing NIC's VIPs unfit before any campaign

@@ -20,6 +20,7 @@ from vipd.dataplane.address import AddressManager
 from vipd.dataplane.announce import Announcer
 from vipd.dataplane import conflict
 from vipd.dataplane.conflict import AddressConflict, check_free, parse_arp, parse_nd
+from vipd.dataplane.start_probe import StartProbe
 from vipd.dataplane.netlink import Netlink
 from vipd.errors import AddressError
 
@@ -137,6 +138,32 @@ async def test_concurrent_conflict_checks_share_one_probe_round(pair: Pair) -> N
     conflicts = {a: e for a, e in results.items() if e is not None}
     assert sorted(conflicts) == sorted(taken)
     assert all(isinstance(e, AddressConflict) and e.mac == pair.foreign_mac for e in conflicts.values())
+
+
+async def test_the_start_probe_answers_the_first_claims_of_free_addresses_only(pair: Pair) -> None:  # noqa: F811
+    """vipd.dataplane.start_probe against real frames: one probe round at start; a free address's
+    first claim takes its answer (no probe of its own), a held one is probed again and conflicts."""
+    taken = ["192.0.2.88", "2001:db8::88"]
+    pair.foreign_holds(f"{taken[0]}/24", f"{taken[1]}/64")
+    vips = [vip(a, pair.our_if) for a in ["192.0.2.101/24", "2001:db8::101/64", f"{taken[0]}/24", f"{taken[1]}/64"]]
+    async with Netlink(pair.ours) as nl:
+        probed: list[str] = []
+
+        async def one(v: Any) -> None:
+            probed.append(str(v.ip))
+            await check_free(nl, v, wait=0.05)
+
+        p = StartProbe(lambda ifname, ips: conflict.probe_many(nl, ifname, ips, wait=0.05), one)
+        await p.run(vips)
+        assert p.pending == 2
+        conflicts = []
+        for v in vips:
+            try:
+                await p.check_free(v)
+            except AddressConflict as e:
+                conflicts.append((str(v.ip), e.mac))
+    assert sorted(probed) == sorted(taken)
+    assert sorted(conflicts) == sorted((a, pair.foreign_mac) for a in taken)
 
 
 async def test_raw_address_dump_matches_pyroute2(host: tuple[str, str], nl: Netlink) -> None:  # noqa: F811
