@@ -14,7 +14,8 @@ from vipd.lease_gate import KeepaliveGate
 from vipd.model import Unit
 from vipd.dataplane.address import AddressManager, RefreshBatcher
 from vipd.dataplane.announce import Announcer
-from vipd.dataplane.conflict import DuplicateResponderWatch, check_free, probe_many
+from vipd.dataplane.conflict import check_free, probe_many
+from vipd.dataplane.duplicates import DuplicateResponderWatch
 from vipd.dataplane.start_probe import StartProbe
 from vipd.dataplane.netlink import Netlink
 from vipd.election.etcd import EtcdClient
@@ -325,6 +326,9 @@ class Daemon(KernelView):
             nursery.start_soon(self.stop_on_signal, nursery.cancel_scope)
             await nursery.start(self.reloader.serve, nursery)  # SIGHUP: from now on never fatal
             await nursery.start(self.pacer.run)
+            # the wire's answers first (they only need the link): they take ~0.3 s, and no unit claims before
+            nursery.start_soon(self.l2.run)  # units learn of the lease only once it is done (L2Gate.gate)
+            nursery.start_soon(self.start_probe.run, [v for v in self.cfg.vips if v.conflict_check])
             await self.remove_stale()
             await self.revoke_recorded()
             await self.routing.start()
@@ -334,8 +338,6 @@ class Daemon(KernelView):
                 await nursery.start(serve, self.metrics, self.cfg.metrics_listen)
             await nursery.start(control.serve, self, self.cfg.control_socket)
             await nursery.start(self.hooks.run)
-            nursery.start_soon(self.l2.run)  # units learn of the lease only once it is done (L2Gate.gate)
-            nursery.start_soon(self.start_probe.run, [v for v in self.cfg.vips if v.conflict_check])
             await nursery.start(self.dsr.run)  # the director's maps exist before a controller arms them
             self.drain.restore()  # a drained host stays drained across restarts
             await self.interfaces.refresh()  # a missing NIC's VIPs unfit before any campaign

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from vipd import config, log, signals
-from vipd.dataplane.conflict import DuplicateResponderWatch
+from vipd.dataplane.duplicates import DuplicateResponderWatch
 from vipd.errors import ConfigError, DataplaneError
 from vipd.model import OwnerObserved, OwnerRecord, ShutdownRequested, Tick, Unit
 from vipd.hostview import UnitIndex

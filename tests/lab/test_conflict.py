@@ -18,9 +18,10 @@ import trio
 
 from vipd.config import VipSpec
 from vipd.dataplane.announce import Announcer, garp_request, unsolicited_na
-from vipd.dataplane.conflict import (AddressConflict, Claim, ConflictProbeError, DuplicateResponderWatch,
+from vipd.dataplane.conflict import (AddressConflict, Claim, ConflictProbeError,
                                      arp_probe, arp_probe_frame, check_free, dad_ns_frame, ipv6_dad, parse_arp,
                                      parse_nd, probe_vip, solicited_node)
+from vipd.dataplane.duplicates import DuplicateResponderWatch
 from vipd.dataplane.netlink import Netlink
 
 VIP4 = ipaddress.IPv4Address("192.0.2.10")

@@ -6,7 +6,7 @@
 * :func:`ipv6_dad` (RFC 4862 DAD): a neighbour solicitation from :: to the VIP's solicited-node
   multicast group; a conflict is a neighbour advertisement for the VIP from another MAC, or
   another MAC's DAD solicitation for it.
-* :class:`DuplicateResponderWatch`: while owning, one per interface, reports (ip, mac) when another
+* :class:`vipd.dataplane.duplicates.DuplicateResponderWatch`: while owning, one per interface, reports (ip, mac) when another
   MAC claims an owned VIP (gratuitous or broadcast ARP with that sender IP, an NA for it). Passive
   listening sees broadcasts, multicast NAs and frames sent to us, not unicast replies between two
   other machines; with ``probe_interval`` it also probes every owned VIP now and then, and a
@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
-import math
+import os
 import socket
 import struct
 import weakref
@@ -174,6 +174,22 @@ class _PacketSocket:
         except OSError as e:
             raise ConflictProbeError(f"send on {self.ifname}: {e.strerror or e} (errno {e.errno})") from None
 
+    async def send_all(self, frames: list[bytes]) -> None:
+        """Every frame in order, without a scheduler round each (a start probes a thousand addresses
+        while the loop is at its busiest): waits only while the socket's buffer is full."""
+        assert self.sock is not None
+        fd, i = self.sock.fileno(), 0
+        try:
+            while i < len(frames):
+                try:
+                    os.write(fd, frames[i])
+                    i += 1
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self.sock)
+        except OSError as e:
+            raise ConflictProbeError(f"send on {self.ifname}: {e.strerror or e} (errno {e.errno})") from None
+        await trio.lowlevel.checkpoint()
+
     async def claims(self, mine: str) -> AsyncGenerator[Claim, None]:
         """Claims in frames that arrive on this interface from any MAC but ``mine``."""
         assert self.sock is not None
@@ -285,8 +301,7 @@ async def probe_many(nl: Netlink, ifname: str, ips: list[IPAddress], mac: str | 
                 for i in range(probes):
                     if i:
                         await trio.sleep(2 * wait / probes)
-                    for frame in frames:
-                        await ps.send(frame)
+                    await ps.send_all(frames)
                 await trio.sleep(2 * wait / probes)
                 nursery.cancel_scope.cancel()  # nobody else answered in time
 
@@ -326,74 +341,3 @@ async def check_free(nl: Netlink, vip: VipSpec, mac: str | None = None, *, wait:
     other = await per_nl[key].submit(vip.ip)
     if other is not None:
         raise AddressConflict(vip.ip, other, vip.interface)
-
-
-# ------------------------------------------------------------------------------- while owning
-
-class DuplicateResponderWatch:
-    """Reports another MAC claiming an owned VIP on one interface: ``on_duplicate(ip, mac)``, at
-    most once per (ip, mac) every ``repeat_after`` seconds. :meth:`watch` / :meth:`unwatch` say
-    which VIPs are owned right now (plain calls, from any task). Run it in a nursery:
-    ``await nursery.start(watch.run)``; started once its sockets listen. It raises
-    ConflictProbeError when the interface has no MAC or its sockets fail (e.g. the interface was
-    deleted): restart it when the link comes back. Unwatch a VIP *before* removing its address,
-    so the next owner's announcements are not reported against us.
-    """
-
-    def __init__(self, nl: Netlink, ifname: str, on_duplicate: Callable[[IPAddress, str], None], *,
-                 mac: str | None = None, repeat_after: float = 10.0, probe_interval: float | None = None) -> None:
-        self.nl, self.ifname, self.on_duplicate = nl, ifname, on_duplicate
-        self.mac = mac.lower() if mac else None
-        self.repeat_after = repeat_after
-        self.probe_interval = probe_interval
-        self._owned: set[IPAddress] = set()
-        self._last: dict[tuple[IPAddress, str], float] = {}
-        self._changed = trio.Event()
-
-    @property
-    def owned(self) -> frozenset[IPAddress]:
-        return frozenset(self._owned)
-
-    def watch(self, ip: IPAddress | str) -> None:
-        self._owned.add(ipaddress.ip_address(ip))
-        self._changed.set()
-
-    def unwatch(self, ip: IPAddress | str) -> None:
-        addr = ipaddress.ip_address(ip)
-        self._owned.discard(addr)
-        self._last = {k: t for k, t in self._last.items() if k[0] != addr}
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        mine = self.mac or await _our_mac(self.nl, self.ifname)
-        async with _PacketSocket(self.nl, self.ifname, ETH_P_ARP) as arp, \
-                _PacketSocket(self.nl, self.ifname, ETH_P_IPV6) as nd:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._listen, arp, mine, "arp")
-                nursery.start_soon(self._listen, nd, mine, "na")
-                if self.probe_interval is not None:
-                    nursery.start_soon(self._probe_owned, arp, nd, mine)
-                task_status.started()
-
-    async def _listen(self, ps: _PacketSocket, mine: str, kind: str) -> None:
-        async with contextlib.aclosing(ps.claims(mine)) as claims:  # type: ignore[type-var]
-            async for claim in claims:
-                if claim.kind != kind or claim.ip not in self._owned:
-                    continue
-                now = trio.current_time()
-                key = (claim.ip, claim.mac)
-                if now - self._last.get(key, -math.inf) >= self.repeat_after:
-                    self._last[key] = now
-                    self.on_duplicate(claim.ip, claim.mac)
-
-    async def _probe_owned(self, arp: _PacketSocket, nd: _PacketSocket, mine: str) -> None:
-        assert self.probe_interval is not None
-        while True:
-            while not self._owned:  # nothing owned: sleep until something is
-                self._changed = trio.Event()
-                await self._changed.wait()
-            for ip in sorted(self._owned, key=lambda a: (a.version, a)):
-                if isinstance(ip, ipaddress.IPv4Address):
-                    await arp.send(arp_probe_frame(mine, ip))
-                else:
-                    await nd.send(dad_ns_frame(mine, ip))
-            await trio.sleep(self.probe_interval)

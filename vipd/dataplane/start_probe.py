@@ -14,9 +14,9 @@ for ~0.3 s anyway), and a unit's probe takes that answer instead of probing agai
   a host begin using an address up to ANNOUNCE_WAIT (2 s) after its last probe;
 - it is used once: any later claim of the unit probes afresh, as before.
 
-Otherwise (the probe of that interface failed or is not done within `LIMIT`, the answer is too
-old, or a reload added the VIP) the unit probes as before. A unit whose probe comes while the
-start probe runs waits for it (at most `LIMIT`).
+Otherwise (the probe of that interface failed, the answer is too old, or a reload added the VIP)
+the unit probes as before. A unit whose probe comes while the start probe runs waits for it, at
+most until the answer could no longer be used (`FRESH` after it began).
 
 Safety: the probe guards against machines outside vipd; ownership among vipd hosts never depends
 on it (etcd does). A foreign machine that begins answering for the address between a probe and
@@ -40,20 +40,17 @@ ProbeMany = Callable[[str, list[IPAddress]], Awaitable[dict[IPAddress, str]]]  #
 ProbeOne = Callable[[VipSpec], Awaitable[None]]  # raises AddressConflict (vipd.dataplane.conflict.check_free)
 
 FRESH = 2.0  # seconds: RFC 5227 ANNOUNCE_WAIT, the longest a host may use an address after its last probe
-LIMIT = 1.0  # seconds the whole start probe may take (a normal one takes 2 x the probe wait)
 
 
 class StartProbe:
     """`run(vips)` once at start; `check_free(vip)` is the units' probe (Conflicts port)."""
 
-    def __init__(self, probe_many: ProbeMany, probe_one: ProbeOne, *, fresh: float = FRESH,
-                 limit: float = LIMIT) -> None:
+    def __init__(self, probe_many: ProbeMany, probe_one: ProbeOne, *, fresh: float = FRESH) -> None:
         self._probe_many = probe_many
         self._probe_one = probe_one
         self._fresh = fresh
-        self._limit = limit
         self._free: dict[tuple[str, IPAddress], float] = {}  # (interface, ip) -> when its probe began
-        self._running = False
+        self._began: float | None = None  # when run began (None: not begun)
         self._done = trio.Event()
 
     @property
@@ -63,20 +60,25 @@ class StartProbe:
 
     async def run(self, vips: Sequence[VipSpec]) -> None:
         """Probe every VIP in `vips` not on lo, one probe round per interface, all interfaces at
-        once; never raises for a failed probe (that interface's units probe as before)."""
+        once; never raises for a failed probe (that interface's units probe as before). Gives up
+        after `fresh` seconds: an answer older than that is never used."""
         by_if: dict[str, list[IPAddress]] = {}
         for v in vips:
             if not v.on_loopback:
                 by_if.setdefault(v.interface, []).append(v.ip)
-        self._running = True
-        began = trio.current_time()
+        if not by_if:
+            return
+        self._began = trio.current_time()
         try:
-            with trio.move_on_after(self._limit):
+            with trio.move_on_after(self._fresh):
                 async with trio.open_nursery() as nursery:
                     for ifname, ips in by_if.items():
-                        nursery.start_soon(self._one, ifname, ips, began)
+                        nursery.start_soon(self._one, ifname, ips, self._began)
         finally:
             self._done.set()
+        log.info("start_probe", interfaces=len(by_if), free=len(self._free),
+                 answered=sum(map(len, by_if.values())) - len(self._free),
+                 took=round(trio.current_time() - self._began, 3))
 
     async def _one(self, ifname: str, ips: list[IPAddress], began: float) -> None:
         try:
@@ -92,8 +94,9 @@ class StartProbe:
         """The start probe's answer for `vip` when it is "free" and fresh (used once), else a probe now."""
         if vip.on_loopback:
             return await self._probe_one(vip)
-        if self._running and not self._done.is_set():
-            await self._done.wait()  # (bounded: run gives up after `limit`)
+        if self._began is not None:
+            with trio.move_on_at(self._began + self._fresh):  # (run gives up then too)
+                await self._done.wait()
         began = self._free.pop((vip.interface, vip.ip), None)
         if began is not None and trio.current_time() - began <= self._fresh:
             return None
