@@ -28,7 +28,7 @@ from vipd.config_dsr import ServiceSpec, check_services_host, parse_services  # 
 from vipd.config_routing import BgpConfig, EgressConfig, check_egress, parse_bgp, parse_egress
 from vipd.errors import ConfigError
 from vipd.health.spec import CheckSpec, parse_check
-from vipd.hooks import HooksConfig, parse_hooks
+from vipd.hooks_config import HooksConfig, parse_hooks
 from vipd.model import IPInterface, Unit, VipSpec  # re-exported: shared value types live in model.py
 
 DEFAULT_PATH = "/etc/vipd/vipd.toml"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 from vipd.errors import ConfigError
 from vipd.health.spec import check_host as check_check_host
-from vipd.hooks import check_hooks_host
+from vipd.hooks_config import check_hooks_host
 from vipd.hostchecks import check_state_dir, tls_context
 
 if TYPE_CHECKING:

@@ -67,3 +67,16 @@ def test_a_refused_deletion_is_named_and_every_other_address_is_still_removed(
     assert kernel["deleted"] == [["10.0.0.1/32", "fd00::2/128", "10.0.0.3/32"]]
     removed = [r.getMessage() for r in caplog.records if "cleanup_address_removed" in r.getMessage()]
     assert len(removed) == 2 and any("10.0.0.3/32" in m for m in removed)
+
+
+def test_the_crash_path_loads_no_async_or_netlink_library_before_removing() -> None:
+    """`vipd cleanup` (ExecStopPost after a crash) removes the addresses with what the CLI, the
+    config and vipd.cleanup load: none of trio, pyroute2, httpx (each costs tens of ms at start,
+    and the VIP answers from the dead host's kernel until the removal; vipd/hooks_config.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vipd.cli, vipd.config, vipd.config_host, vipd.cleanup, vipd.instance, vipd.dataplane.addrdump; "
+            "print(sorted(m for m in ('trio', 'pyroute2', 'httpx', 'prometheus_client') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
