@@ -409,6 +409,7 @@ async def run(cfg: Config, path: str | None = None) -> None:
         watch = LoopWatch(daemon.metrics.registry, warn=max(0.01, cfg.peers.lease - 2 * cfg.peers.interval))
         trio.lowlevel.add_instrument(watch)
         daemon.peers.loop_busy_since = watch.busy_since  # (the heartbeat thread: no check-in wake-ups)
+        daemon.peers.wants_ack = daemon.succession.wants_ack  # (nor an ack's wake-up the loop does not need)
         if os.environ.get("VIPD_LOOP_TASKS") == "1":  # a diagnostic (vipd/loopwatch.py TaskTimes)
             trio.lowlevel.add_instrument(TaskTimes(watch.warn))
         watch.start_gc_watch()

@@ -39,6 +39,7 @@ class Tokens:
     _lock: trio.Lock
     _refresh: trio.Event
     _handed: set[str]
+    _heard: set[str]
     _scanned: int
     _direct: set[str]
     _grouped: set[str]
@@ -195,6 +196,17 @@ class Tokens:
         ids = {p: gid for p, _ in grants if (gid := self._fence.grant_id(p)) is not None}
         if ids and self._peers.hand_grants(ids):
             self._handed.update(ids)
+
+    def wants_ack(self, peer: str) -> bool:
+        """Asked by the heartbeat thread before an Acked wakes the loop (plain reads, no lock: each
+        is one read of a field only this loop writes). Wanted while anything here follows acks:
+        `peer` not heard since its last suspicion (the planner wakes once for it), a unit outside
+        a group (its token's cap follows the grants), a grant not handed to the thread yet, a pass
+        over every unit pending (a version not scanned: the next ack runs it). Otherwise at rest
+        every ack (two peers, every 10 ms: ~200 a second) woke the loop for a pass with nothing
+        to do; the grants' re-arms are the thread's own (vipd/peers/grants.py)."""
+        return (peer not in self._heard or bool(self._direct) or self._scanned != self._version
+                or not self._grouped <= self._handed)
 
     async def refresh(self) -> None:
         """Re-arm what moved a step forward (or fell) after acks, renames, records: the grants of the

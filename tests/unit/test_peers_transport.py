@@ -4,7 +4,7 @@ suspect() has always opened a new suspicion generation before anything else is s
 from __future__ import annotations
 
 from vipd.peers import wire
-from vipd.peers.protocol import Params, Peers, Recovered, Suspected
+from vipd.peers.protocol import Acked, Params, Peers, Recovered, Suspected
 from vipd.peers.transport import PeerTransport
 
 KEY = b"k" * 32
@@ -39,6 +39,48 @@ def test_a_suspected_peer_leaving_the_directory_reaches_the_daemon_as_recovered(
     assert seen == [Recovered("o")]
     t.set_peers({"o": ("127.0.0.1", 9)})
     assert seen == [Recovered("o")] and not s.links["o"].suspected
+
+
+class Datagrams:
+    """A socket whose receive queue holds these datagrams."""
+
+    def __init__(self, *data: bytes) -> None:
+        self.data = list(data)
+
+    def recv(self, n: int) -> bytes:
+        if not self.data:
+            raise BlockingIOError
+        return self.data.pop(0)
+
+
+def test_an_ack_the_loop_does_not_want_moves_the_grant_without_waking_the_loop() -> None:
+    """wants_ack (vipd/succession_tokens.py): an echo still moves the link's grant (the thread
+    re-arms grants from it), but its Acked reaches the loop only when the loop wants it."""
+    now, wanted = [100.0], [False]
+    o, s = Peers("o", 1, KEY, Params()), Peers("s", 2, KEY, Params())
+    t = PeerTransport(o, ("127.0.0.1", 0), clock=lambda: now[0], wants_ack=lambda peer: wanted[0])
+    t.set_peers({"s": ("127.0.0.1", 9)})
+    s.set_peers(["o"], now[0])
+
+    def echoed() -> None:
+        """o heartbeats, s echoes it at once, o's thread drains the echo."""
+        s.receive(o.build("s", now[0]), now[0])
+        t._sock = Datagrams(s.build("o", now[0], reply=True))  # type: ignore[assignment]
+        t._drain(wake=False)
+        now[0] += Params().interval
+
+    echoed()  # the first message from s: its generation is challenged, then validated
+    gen = o.links["s"].peer_gen
+    assert gen is not None and t._events
+    t._events.clear()
+    t.validate("s", gen)
+    echoed()
+    first = o.granted_until("s")
+    assert first is not None and t._events == []  # the grant moved; the loop was not woken
+    wanted[0] = True
+    echoed()
+    after = o.granted_until("s")
+    assert after is not None and after > first and t._events == [Acked("s", after)]
 
 
 async def test_a_dead_heartbeat_thread_ends_run_loudly() -> None:

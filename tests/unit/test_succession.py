@@ -786,3 +786,45 @@ def test_a_failed_stop_flush_leaves_each_units_disarm_to_remove_its_token():
         assert fence.token == {} and calls == [2, 1, 1]
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_acks_wake_the_loop_only_while_something_here_follows_them():
+    """`wants_ack` (asked by the heartbeat thread before an Acked wakes the loop): wanted for a peer
+    not heard since its last suspicion, while a pass over the units is pending, and while a grant
+    is not handed to the thread; not wanted at rest, every unit in a group whose grant the thread
+    re-arms."""
+    async def main() -> None:
+        units, s, fence, keys, peers = await owning_many(5, trio.current_time())
+        fence.grant_id = lambda grant: 1  # type: ignore[method-assign]
+        handed: list[dict[str, int]] = []
+        taken = [False]  # whether the heartbeat thread takes the grants handed to it
+        peers.hand_grants = lambda ids: handed.append(ids) or taken[0]  # type: ignore[method-assign]
+        await trio.sleep(HOLD_DOWN + 0.01)
+        peers.heartbeat(trio.current_time())
+        assert s.wants_ack("h2")  # never heard
+        s.on_peer_event(Acked("h2", 0.0))
+        await s._rename(s._plan(trio.current_time()))
+        assert all(s.successor(v.name) == "h2" for v in units)
+        async with trio.open_nursery() as n:
+            n.start_soon(s.refresh)
+            assert s.wants_ack("h2")  # the renames changed what the tokens read: a pass is pending
+            await trio.sleep(H)
+            assert fence.group == {v.name: "h2" for v in units} and handed == [{"h2": 1}]
+            assert s.wants_ack("h2")  # the thread did not take the grant: this loop re-arms it on acks
+            taken[0] = True
+            for _ in range(4):
+                peers.heartbeat(trio.current_time())
+                s.on_peer_event(Acked("h2", 0.0))
+                await trio.sleep(H)
+            assert handed[-1] == {"h2": 1}
+            assert not s.wants_ack("h2")  # at rest: grouped, the grant handed
+            s.observe("v0", OwnerRecord("h1", 11, 7, keys.revision + 5, successor="h2"))
+            assert s.wants_ack("h2")  # a record moved: the next ack runs the pass
+            s.on_peer_event(Acked("h2", 0.0))
+            await trio.sleep(H)
+            assert not s.wants_ack("h2")
+            s.on_peer_event(Suspected("h2", 1))
+            assert s.wants_ack("h2")  # heard again after a suspicion: the planner wakes for it
+            n.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -41,6 +41,7 @@ class PeerService:
         # when the trio loop's running batch began, on time.perf_counter (None: it waits for I/O):
         # the daemon's loop instrument (vipd/loopwatch.py); None: the transport checks in instead
         self.loop_busy_since: Callable[[], float | None] | None = None
+        self.wants_ack: Callable[[str], bool] | None = None  # (PeerTransport.wants_ack)
 
     def _busy_since(self, clock: Callable[[], float]) -> Callable[[], float | None] | None:
         """`loop_busy_since` on the transport's clock (trio's: perf_counter plus an offset)."""
@@ -89,7 +90,8 @@ class PeerService:
         peers = Peers(self._cfg.node, load_incarnation(self._cfg.state_dir), key, self.params)
         clock = loop_clock()
         transport = PeerTransport(peers, (ip, self._cfg.peers.port), on_event=self._on_event, clock=clock,
-                                  stall=self._cfg.peers.stall, loop_busy_since=self._busy_since(clock))
+                                  stall=self._cfg.peers.stall, loop_busy_since=self._busy_since(clock),
+                                  wants_ack=self.wants_ack)
         async with trio.open_nursery() as nursery:
             await nursery.start(transport.run)
             self.transport = transport

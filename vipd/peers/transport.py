@@ -38,7 +38,7 @@ import trio
 
 from vipd import log
 from vipd.peers.grants import GrantWriter
-from vipd.peers.protocol import Event, Generation, PeerLink, Peers
+from vipd.peers.protocol import Acked, Event, Generation, PeerLink, Peers
 
 Clock = Callable[[], float]
 MAX_DRAIN = 4096  # datagrams read per wake-up before the deadlines are served again
@@ -76,8 +76,13 @@ class PeerTransport:
 
     def __init__(self, peers: Peers, address: tuple[str, int], *, on_event: Callable[[Event], None] | None = None,
                  clock: Clock = time.monotonic, stall: float = STALL,
-                 loop_busy_since: Callable[[], float | None] | None = None) -> None:
+                 loop_busy_since: Callable[[], float | None] | None = None,
+                 wants_ack: Callable[[str], bool] | None = None) -> None:
         self.peers = peers
+        # asked (by the thread) before an Acked from a received datagram wakes the trio loop: the
+        # loop needs acks only while something of it follows them (vipd/succession_tokens.py
+        # `wants_ack`); the link state moves either way. None: every Acked is delivered
+        self.wants_ack = wants_ack
         # when the trio loop's running batch began (on `clock`; None: it waits for I/O), read by
         # the thread; None: the loop checks in every stall/4 instead
         self.loop_busy_since = loop_busy_since
@@ -285,7 +290,8 @@ class PeerTransport:
             name, reply, events = self.peers.receive(data, self.clock())
             if name is not None and reply:
                 self._replies.add(name)
-            self._events.extend(events)
+            wants = self.wants_ack
+            self._events.extend(ev for ev in events if wants is None or not isinstance(ev, Acked) or wants(ev.peer))
         if self._replies and wake:
             self._wake()
         self._post()
