@@ -15,14 +15,13 @@ from vipd.model import Unit
 from vipd.dataplane.address import AddressManager, RefreshBatcher
 from vipd.dataplane.announce import Announcer
 from vipd.dataplane.conflict import check_free, probe_many
-from vipd.dataplane.duplicates import DuplicateResponderWatch
 from vipd.dataplane.start_probe import StartProbe
 from vipd.dataplane.netlink import Netlink
 from vipd.election.etcd import EtcdClient
 from vipd.election.hosts import HostDirectory
 from vipd.election.lease import HostLease, forget_recorded_lease, lease_record_path, read_recorded_lease
 from vipd.election.owners import OwnerKeys
-from vipd.errors import DataplaneError, EtcdError, find_in_group
+from vipd.errors import DataplaneError, EtcdError
 from vipd.fitness import Fitness
 from vipd.interfaces import InterfaceWatch
 from vipd.drain import Drain
@@ -48,6 +47,7 @@ from vipd.pacing import Pacer
 from vipd.succession import Succession
 from vipd.suspicions import Suspicions
 from vipd.wiring_dsr import DsrWiring
+from vipd.wiring_duplicates import DuplicateWatching
 from vipd.wiring_l2 import L2Gate
 from vipd.hostview import UnitIndex
 from vipd.kernel_view import KernelView
@@ -56,7 +56,7 @@ from vipd.refresh import BatchedFence, HostLifetimeFence, HostRefresh, Inflight,
 SHUTDOWN_GRACE = shutdown.SHUTDOWN_GRACE  # seconds the controllers get to remove addresses and give keys back
 
 
-class Daemon(KernelView):
+class Daemon(KernelView, DuplicateWatching):
     def __init__(self, cfg: Config, client: EtcdClient, nl: Netlink, path: str | None = None) -> None:
         self.cfg = cfg
         self.client = client
@@ -104,10 +104,7 @@ class Daemon(KernelView):
                                publish=self.l2.gate(self._units_gate.gate(lambda ev: self.refresh.publish(ev))),
                                metrics=self.metrics,
                                record_path=lease_record_path(cfg))
-        self.duplicates = {ifname: DuplicateResponderWatch(nl, ifname, self._duplicate)
-                           for ifname in sorted({v.interface for v in cfg.vips
-                                                 if v.conflict_check and not v.on_loopback})}
-        self._unit_of_ip = {v.ip: v.unit for v in cfg.vips}
+        self._watch_duplicates_of(nl, cfg.vips)
         # a LAN answers an ARP probe in well under a millisecond: 2 x 0.1 s is plenty, and keeps a
         # takeover after a crash short
         self.start_probe = StartProbe(lambda ifname, ips: probe_many(nl, ifname, ips, wait=0.1),
@@ -198,31 +195,6 @@ class Daemon(KernelView):
         if c is not None:  # None: a reload just removed it
             c.offer(ev)
 
-    def owning(self, vips, owned: bool) -> None:  # type: ignore[no-untyped-def]
-        """Controllers report ownership changes: watch for another MAC answering for our VIPs."""
-        for v in vips:
-            watch = self.duplicates.get(v.interface)
-            if watch is not None:
-                (watch.watch if owned else watch.unwatch)(v.ip)
-
-    def _duplicate(self, ip, mac: str) -> None:  # type: ignore[no-untyped-def]
-        unit = self._unit_of_ip.get(ip, "?")
-        self.metrics.count_conflict(unit)
-        log.error("duplicate_responder", vip=unit, address=ip, mac=mac,
-                  reason="another machine answers for a VIP this host owns")
-
-    async def run_duplicate_watch(self, watch: DuplicateResponderWatch) -> None:
-        while True:  # restarted when the interface goes away and comes back
-            try:
-                await watch.run()
-            except Exception as e:  # noqa: BLE001 - a DataplaneError, maybe inside a group: its NIC was deleted
-                err = find_in_group(e, DataplaneError)
-                if err is None:
-                    raise
-                log.warning("duplicate_watch_failed", interface=watch.ifname, error=err)
-            await trio.sleep(1.0)
-            await self.interfaces.wait_present(watch.ifname)
-
     def broadcast(self, ev: Event) -> None:
         for name in list(self.controllers):
             self.pacer.post(name, ev)
@@ -296,7 +268,8 @@ class Daemon(KernelView):
         # owner went dark for 20-40 ms (tests/lab/test_fast_takeover.py, 40 VIPs: 3 of 3 before)
         self.fitness.stopping()
         self.succession.begin_stop()  # no token is armed from now on; one flush removes them all below
-        self.broadcast(ShutdownRequested(revoke=True))  # the lease is revoked after: keys are only marked
+        for name in shutdown.holders_first(self.controllers):  # (the lease is revoked after: keys are only marked)
+            self.pacer.post(name, ShutdownRequested(revoke=True))
         hung: list[shutdown.Stoppable] = []
 
         async def units() -> None:
