@@ -268,8 +268,7 @@ class Daemon(KernelView, DuplicateWatching):
         # owner went dark for 20-40 ms (tests/lab/test_fast_takeover.py, 40 VIPs: 3 of 3 before)
         self.fitness.stopping()
         self.succession.begin_stop()  # no token is armed from now on; one flush removes them all below
-        for name in shutdown.holders_first(self.controllers):  # (the lease is revoked after: keys are only marked)
-            self.pacer.post(name, ShutdownRequested(revoke=True))
+        self.broadcast(ShutdownRequested(revoke=True))  # the lease is revoked after: keys are only marked
         hung: list[shutdown.Stoppable] = []
 
         async def units() -> None:

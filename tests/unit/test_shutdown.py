@@ -69,11 +69,3 @@ async def test_units_left_with_their_keys_only_do_not_hold_the_revoke_back(autoj
     assert await shutdown.wait_stopped([*marking, removing]) == [removing]
     assert "shutdown_grace_exceeded" in caplog.text and "r:releasing/removing" in caplog.text
 
-
-def test_a_stop_asks_the_holders_first_in_config_order() -> None:
-    def u(state: State) -> SimpleNamespace:
-        return SimpleNamespace(state=SimpleNamespace(state=state))
-
-    units = {"b1": u(State.BACKUP), "o1": u(State.OWNER), "f1": u(State.FENCED), "a1": u(State.ACQUIRING),
-             "o2": u(State.OWNER), "r1": u(State.RELEASING)}
-    assert shutdown.holders_first(units) == ["o1", "a1", "o2", "b1", "f1", "r1"]  # type: ignore[arg-type]
