@@ -823,6 +823,16 @@ def test_acks_wake_the_loop_only_while_something_here_follows_them():
             s.on_peer_event(Acked("h2", 0.0))
             await trio.sleep(H)
             assert not s.wants_ack("h2")
+            s._uncertain["v1"] = {"h2": None}  # a rename of unknown outcome: v1 leaves the group,
+            s._version += 1  # its token carries its whole cap, which follows the acks
+            s.on_peer_event(Acked("h2", 0.0))
+            await trio.sleep(H)
+            assert s._direct == {"v1"} and s.wants_ack("h2")
+            s._uncertain.clear()
+            s._version += 1
+            s.on_peer_event(Acked("h2", 0.0))
+            await trio.sleep(H)
+            assert not s._direct and not s.wants_ack("h2")
             s.on_peer_event(Suspected("h2", 1))
             assert s.wants_ack("h2")  # heard again after a suspicion: the planner wakes for it
             n.cancel_scope.cancel()
