@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import os
 import socket
@@ -50,6 +51,7 @@ ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD
 PACKET_OUTGOING = 4
 SO_ATTACH_FILTER = 26
+FULL_QUEUE_RETRIES = 100  # ENOBUFS waits of 1 ms a send_all rides out before it fails
 _ANY4 = ipaddress.IPv4Address(0)
 _ND_NS, _ND_NA = 135, 136
 
@@ -176,9 +178,11 @@ class _PacketSocket:
 
     async def send_all(self, frames: list[bytes]) -> None:
         """Every frame in order, without a scheduler round each (a start probes a thousand addresses
-        while the loop is at its busiest): waits only while the socket's buffer is full."""
+        while the loop is at its busiest): waits only while the socket's buffer is full, or (a
+        millisecond, up to FULL_QUEUE_RETRIES times) while the device's queue is (ENOBUFS: a
+        qdisc holds ~1,000 frames, and a burst can outrun a slow link)."""
         assert self.sock is not None
-        fd, i = self.sock.fileno(), 0
+        fd, i, full = self.sock.fileno(), 0, 0
         try:
             while i < len(frames):
                 try:
@@ -186,6 +190,11 @@ class _PacketSocket:
                     i += 1
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(self.sock)
+                except OSError as e:
+                    if e.errno != errno.ENOBUFS or full >= FULL_QUEUE_RETRIES:
+                        raise
+                    full += 1
+                    await trio.sleep(0.001)
         except OSError as e:
             raise ConflictProbeError(f"send on {self.ifname}: {e.strerror or e} (errno {e.errno})") from None
         await trio.lowlevel.checkpoint()
