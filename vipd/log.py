@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
@@ -20,9 +21,12 @@ class _Formatter(logging.Formatter):
         return line
 
 
+_UNSAFE = re.compile(r'[ "=\n\t]')  # a value with any of these is quoted (one C-level scan: ~0.2 us, not ~1 us)
+
+
 def _quote(v: Any) -> str:
-    s = str(v)
-    if s == "" or any(c in s for c in ' "=\n\t'):
+    s = v if type(v) is str else str(v)
+    if s == "" or _UNSAFE.search(s):
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return s
 
