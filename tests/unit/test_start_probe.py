@@ -122,3 +122,13 @@ async def test_without_a_start_probe_every_claim_probes(autojump_clock) -> None:
     await p.check_free(FREE)
     await p.check_free(LOOP)  # (lo passes to the port, which skips it)
     assert wire.single == [FREE, LOOP]
+
+
+async def test_the_start_line_counts_free_answered_and_failed_apart(autojump_clock, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="vipd")
+    wire = Wire({TAKEN.ip}, fail={"eth1"})
+    await probe(wire).run([FREE, TAKEN, V6, OTHER])
+    [line] = [r.getMessage() for r in caplog.records if "event=start_probe " in r.getMessage() + " "]
+    assert "interfaces=2 free=2 answered=1 failed=eth1 took=0.2" in line

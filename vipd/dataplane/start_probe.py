@@ -52,6 +52,8 @@ class StartProbe:
         self._free: dict[tuple[str, IPAddress], float] = {}  # (interface, ip) -> when its probe began
         self._began: float | None = None  # when run began (None: not begun)
         self._done = trio.Event()
+        self._answered = 0  # addresses someone answered for (for the log line)
+        self._failed: list[str] = []  # interfaces whose probe failed
 
     @property
     def pending(self) -> int:
@@ -76,16 +78,17 @@ class StartProbe:
                         nursery.start_soon(self._one, ifname, ips, self._began)
         finally:
             self._done.set()
-        log.info("start_probe", interfaces=len(by_if), free=len(self._free),
-                 answered=sum(map(len, by_if.values())) - len(self._free),
-                 took=round(trio.current_time() - self._began, 3))
+        log.info("start_probe", interfaces=len(by_if), free=len(self._free), answered=self._answered,
+                 failed=",".join(self._failed) or None, took=round(trio.current_time() - self._began, 3))
 
     async def _one(self, ifname: str, ips: list[IPAddress], began: float) -> None:
         try:
             answered = await self._probe_many(ifname, ips)
         except (DataplaneError, OSError) as e:
             log.info("start_probe_failed", interface=ifname, error=e, effect="each VIP is probed at its claim")
+            self._failed.append(ifname)
             return
+        self._answered += sum(1 for ip in ips if ip in answered)
         for ip in ips:
             if ip not in answered:
                 self._free[(ifname, ip)] = began
