@@ -3,7 +3,8 @@
 Single host (`--host-vips N`, default 1000): N VIPs on the host's NIC (IPv4 /32 and IPv6 /128
 alternating) plus N on `lo`, one etcd, vipd with its shipped timing (lease TTL 10 s, a keepalive
 a second; `--timing ttl3`: lease TTL 3 s, a keepalive every 0.3 s), started as systemd starts it. Measured from the `lease_granted` log line: when 10/50/90/100 % of the 2N addresses are
-present (raw rtnetlink dumps every ~50 ms), when the last NIC VIP was announced; then, for
+present (raw rtnetlink dumps every ~50 ms), when the last NIC VIP was announced, where the claims
+spent their time (the start probe's round, the first and last campaign won); then, for
 `--steady S` seconds: CPU (share of one core; and the share spent collecting garbage,
 vipd_gc_pause_seconds) and RSS of vipd, etcd requests per second (etcd's own
 gRPC counters, which the JSON gateway goes through), and every expiry / re-add / fence / failed etcd
@@ -118,6 +119,25 @@ def keys_marked(path: Path, since: float) -> dict[str, Any]:
             "count": len(times)}
 
 
+_WON_RE = re.compile(r'^(\S+)Z \w+ event=transition .*to=acquiring reason="campaign won"')
+_PROBE_RE = re.compile(r"^\S+Z \w+ event=start_probe .*took=([0-9.]+)")
+
+
+def claim_phases(path: Path, granted: float) -> dict[str, Any]:
+    """Where a start's claims spend their time, from the daemon's log: its start probe's round
+    (`start_probe ... took=`, seconds) and, after the lease grant (`granted`, time.time()), its
+    first and last campaign won (the units' BACKUP -> ACQUIRING)."""
+    won, took = [], None
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        m = _WON_RE.match(line)
+        if m:
+            won.append(dt.datetime.fromisoformat(m.group(1)).replace(tzinfo=dt.timezone.utc).timestamp() - granted)
+        elif took is None and (p := _PROBE_RE.match(line)):
+            took = float(p.group(1))
+    return {"start_probe_took_s": took, "campaigns_won_first_s": round(min(won), 3) if won else None,
+            "campaigns_won_last_s": round(max(won), 3) if won else None, "campaigns_won": len(won)}
+
+
 _ANNOUNCED_RE = re.compile(r"^(\S+)Z \w+ event=(announced|announce_failed) vip=\S+ address=([^/\s]+)")
 
 
@@ -230,6 +250,7 @@ def single_host(args: argparse.Namespace, work: Path, n: int, run: int) -> dict[
                 "claimed_s_after_lease": {f"{p}%": round(marks[p] - granted, 3) if p in marks else None
                                           for p in (10, 50, 90, 100)},
                 "announced_all_s_after_lease": round(announced - granted, 3) if announced else None,
+                "claim_phases": claim_phases(log, granted),
                 "trouble_while_settling": trouble(before)}
             if 100 in marks and args.steady > 0:
                 result["steady"] = steady(lab, etcd, [pid], args.steady, cluster)
@@ -556,6 +577,10 @@ def main() -> int:
             rows.append([f"{n}+{n} VIPs: {pct} claimed after lease (s)",
                          med([h["claimed_s_after_lease"][pct] for h in hs])])
         rows += [[f"{n}+{n} VIPs: all NIC VIPs announced after lease (s)", med([h["announced_all_s_after_lease"] for h in hs])],
+                 [f"{n}+{n} VIPs: campaigns won after lease, first / last (s)",
+                  "/".join(str(med([h["claim_phases"][k] for h in hs]))
+                           for k in ("campaigns_won_first_s", "campaigns_won_last_s"))],
+                 [f"{n}+{n} VIPs: start probe round (s)", med([h["claim_phases"]["start_probe_took_s"] for h in hs])],
                  [f"{n}+{n} VIPs: steady CPU (% of a core)", med([h.get("steady", {}).get("cpu_percent", [None])[0] for h in hs])],
                  [f"{n}+{n} VIPs: steady CPU user / kernel (% of a core)",
                   "/".join(str(med([h.get("steady", {}).get("cpu_user_sys_percent", [[None, None]])[0][i] for h in hs]))
