@@ -15,6 +15,7 @@ import pytest
 
 from tests.lab import util
 from vipd.lab.cluster import VipDef
+from vipd.lab.dsr import Capture
 
 
 def ip_of(v: VipDef):  # type: ignore[no-untyped-def]
@@ -162,6 +163,29 @@ def test_foreign_machine_answering_arp_keeps_vip_unclaimed(lab, make_cluster):
     assert re.search(r'vipd_address_conflicts_total\{vip="api"\} [1-9]', c.metrics(h))
     lab.ip(lab.client, "addr", "del", str(vip), "dev", lab.client.ifname)
     c.wait_owner(vip.ip, timeout=20)  # retried with back-off once the address is free
+
+
+def test_a_starting_daemon_probes_each_free_nic_vip_once(lab, make_cluster, tmp_path):
+    """The start probe through the daemon (vipd/dataplane/start_probe.py): one round at start
+    probes every NIC VIP, and the claims take its answer instead of probing again. On the wire (the
+    client's NIC, tcpdump): each IPv4 VIP's RFC 5227 probe ("tell 0.0.0.0") exactly twice, the
+    round's two; a claim that probed too would make it four."""
+    vips = [VipDef(f"v{i}", str(lab.vip4(20 + i))) for i in range(4)]
+    cap = Capture(lab, lab.client, tmp_path, "arp")
+    try:
+        c = make_cluster(vips, start=False)
+        h = lab.hosts[0]
+        c.start(h)
+        for v in vips:
+            c.wait_owner(ipaddress.ip_interface(v.address).ip, timeout=15)
+        time.sleep(0.5)  # (any later probe would be on the wire by now)
+    finally:
+        lines = cap.stop()
+    assert re.search(r"event=start_probe interfaces=1 free=4 answered=0 ", c.log_path(h).read_text())
+    for v in vips:
+        ip = str(ipaddress.ip_interface(v.address).ip)
+        probes = [line for line in lines if f"who-has {ip} tell 0.0.0.0" in line]
+        assert len(probes) == 2, (ip, probes)
 
 
 def test_hooks_run_with_vip_environment(lab, make_cluster, tmp_path):
