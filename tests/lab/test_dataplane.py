@@ -622,3 +622,20 @@ async def test_netlink_in_own_netns_and_after_close() -> None:
         sock.close()
     with pytest.raises(DataplaneError, match="not open"):
         await nl.link("lo")
+
+
+async def test_the_l2_checks_never_ask_from_an_address_vipd_added(host: tuple[str, str], nl: Netlink) -> None:
+    """segment_facts marks the addresses vipd added (IFA_PROTO), and sender_for never names one as
+    an ARP request's sender: the daemon's L2 check runs before it removes an earlier run's
+    addresses, and such an address (or a VIP no longer configured here) may be another host's
+    now. Here a tagged address comes first in the kernel's order, the host's own second."""
+    from vipd.dataplane.proxyarp import segment_facts
+
+    ns, ifname = host
+    await AddressManager(nl).claim(vip("192.0.2.50/24", ifname), 30)  # tagged, first
+    subprocess.run(["ip", "-n", ns, "addr", "add", "192.0.2.1/24", "dev", ifname], check=True, timeout=10)
+    facts = await segment_facts(nl, ifname)
+    stale, own = ipaddress.IPv4Address("192.0.2.50"), ipaddress.IPv4Address("192.0.2.1")
+    assert [a.ip for a in facts.addresses] == [stale, own] and facts.moving == {stale}
+    assert facts.sender_for(ipaddress.IPv4Network("192.0.2.0/24")) == own
+    assert facts.sender_for(ipaddress.IPv4Network("198.51.100.0/24")) == own  # (outside: any of ours)

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional
 import trio
 from pyroute2 import IPRoute
 
+from vipd.dataplane.address import VIPD_PROTO
 from vipd.dataplane.conflict import ConflictProbeError, arp_who_has
 from vipd.dataplane.netlink import Netlink
 from vipd.errors import DataplaneError
@@ -50,11 +51,14 @@ class SegmentFacts:
     addresses: tuple[ipaddress.IPv4Interface, ...]
     neighbours: frozenset[IPv4]
     gateway: Optional[IPv4]
+    moving: frozenset[IPv4] = frozenset()  # addresses vipd added (IFA_PROTO): they move with ownership
 
     def sender_for(self, subnet: ipaddress.IPv4Network, avoid: Iterable[IPv4] = ()) -> Optional[IPv4]:
         """Our address to ask from: one in ``subnet``, else any IPv4 address of the interface; never
-        one of ``avoid`` (a VIP this host happens to hold now would move with ownership)."""
-        skip = set(avoid)
+        one of ``avoid`` nor one vipd added (a VIP this host happens to hold now would move with
+        ownership; one an earlier run left, or one no longer configured here, may be another host's
+        now, and an ARP request naming it as its sender would point the neighbours' caches here)."""
+        skip = set(avoid) | self.moving
         own = [a.ip for a in self.addresses if a.ip not in skip]
         inside = [ip for ip in own if ip in subnet] or own
         return inside[0] if inside else None
@@ -89,8 +93,9 @@ def _facts(ipr: IPRoute, ifname: str) -> SegmentFacts:
         raise DataplaneError(f"interface {ifname!r}: not found")
     link = links[0]
     index, mac = link["index"], link.get("IFLA_ADDRESS")
-    addrs = tuple(ipaddress.IPv4Interface(f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}")
-                  for m in ipr.addr("dump", family=socket.AF_INET) if m["index"] == index)
+    dumped = [m for m in ipr.addr("dump", family=socket.AF_INET) if m["index"] == index]
+    addrs = tuple(ipaddress.IPv4Interface(f"{m.get('IFA_ADDRESS')}/{m['prefixlen']}") for m in dumped)
+    moving = frozenset(IPv4(m.get("IFA_ADDRESS")) for m in dumped if m.get("IFA_PROTO") == VIPD_PROTO)
     neigh = frozenset(IPv4(m.get("NDA_DST")) for m in ipr.neigh("dump", family=socket.AF_INET)
                       if m["ifindex"] == index and m.get("NDA_DST") and m.get("NDA_LLADDR"))
     gateway = None
@@ -98,7 +103,7 @@ def _facts(ipr: IPRoute, ifname: str) -> SegmentFacts:
         if r["dst_len"] == 0 and r.get("RTA_GATEWAY") and r.get("RTA_OIF") == index and r.get("RTA_TABLE") == 254:
             gateway = IPv4(r.get("RTA_GATEWAY"))
             break
-    return SegmentFacts(ifname, mac if mac and mac != "00:00:00:00:00:00" else None, addrs, neigh, gateway)
+    return SegmentFacts(ifname, mac if mac and mac != "00:00:00:00:00:00" else None, addrs, neigh, gateway, moving)
 
 
 async def segment_facts(nl: Netlink, ifname: str) -> SegmentFacts:
