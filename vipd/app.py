@@ -15,6 +15,7 @@ from vipd.model import Unit
 from vipd.dataplane.address import AddressManager, RefreshBatcher
 from vipd.dataplane.announce import Announcer
 from vipd.dataplane.conflict import check_free, probe_many
+from vipd.dataplane.duplicates import DuplicateResponderWatch
 from vipd.dataplane.start_probe import StartProbe
 from vipd.dataplane.netlink import Netlink
 from vipd.election.etcd import EtcdClient
@@ -53,6 +54,9 @@ from vipd.hostview import UnitIndex
 from vipd.kernel_view import KernelView
 from vipd.refresh import BatchedFence, HostLifetimeFence, HostRefresh, Inflight, lazy_timing
 
+# a LAN answers an ARP probe in well under a millisecond: 2 x 0.1 s is plenty, and keeps a takeover
+# after a crash short
+PROBE_WAIT = 0.1
 SHUTDOWN_GRACE = shutdown.SHUTDOWN_GRACE  # seconds the controllers get to remove addresses and give keys back
 
 
@@ -104,11 +108,10 @@ class Daemon(KernelView, DuplicateWatching):
                                publish=self.l2.gate(self._units_gate.gate(lambda ev: self.refresh.publish(ev))),
                                metrics=self.metrics,
                                record_path=lease_record_path(cfg))
-        self._watch_duplicates_of(nl, cfg.vips)
-        # a LAN answers an ARP probe in well under a millisecond: 2 x 0.1 s is plenty, and keeps a
-        # takeover after a crash short
-        self.start_probe = StartProbe(lambda ifname, ips: probe_many(nl, ifname, ips, wait=0.1),
-                                      lambda vip: check_free(nl, vip, wait=0.1))
+        self.duplicates: dict[str, DuplicateResponderWatch] = {}
+        self.watch_duplicates_of(nl, cfg.vips)  # (run() runs every watch)
+        self.start_probe = StartProbe(lambda ifname, ips: probe_many(nl, ifname, ips, wait=PROBE_WAIT),
+                                      lambda vip: check_free(nl, vip, wait=PROBE_WAIT))
         hold, catch_up_after = lazy_timing(cfg.etcd.lease_ttl / cfg.timing.keepalives_per_ttl)
         self.pacer = Pacer(self._offer)  # host-wide deliveries, ~PER_TURN per trio batch (vipd/pacing.py)
         self.refresh = HostRefresh(self.controllers, self.lifetime, batched, self.addresses, self.metrics, inflight,

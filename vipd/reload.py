@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from vipd import config, log, signals
-from vipd.dataplane.duplicates import DuplicateResponderWatch
 from vipd.errors import ConfigError, DataplaneError
 from vipd.model import OwnerObserved, OwnerRecord, ShutdownRequested, Tick, Unit
 from vipd.hostview import UnitIndex
@@ -125,7 +124,9 @@ class Reloader:
         dm._gate.batch = new.placement.handover_batch
         dm.fitness.reconfigure(new)
         await dm.interfaces.refresh()
-        dm._unit_of_ip = {v.ip: v.unit for v in new.vips}
+        assert self._nursery is not None
+        for watch in dm.watch_duplicates_of(dm.nl, new.vips):  # (before the new units: one that owns finds it)
+            self._nursery.start_soon(dm.run_duplicate_watch, watch)
         if dm.nft is not None and dm.succession.enabled and (d.replaced or d.added or d.removed):
             try:
                 await dm.nft.ensure(new.vips)  # the token fence: exactly the configured VIPs again
@@ -136,7 +137,6 @@ class Reloader:
         dm.index = UnitIndex(dm.controllers)  # kernel events find the new units
         dm.directory.set_units(new.units)  # placement for the new and retuned units
         await self._watch_owners([u.name for u in [*d.replaced, *d.added]])
-        self._watch_duplicates(new)
         dm.lease.presence_changed()
 
     async def _wait_stopped(self, going: list[Any]) -> None:
@@ -182,11 +182,3 @@ class Reloader:
             self._extra_watch.cancel()
         self._extra_watch = scope
 
-    def _watch_duplicates(self, new: config.Config) -> None:
-        dm = self._d
-        assert self._nursery is not None
-        for ifname in sorted({v.interface for v in new.vips if v.conflict_check and not v.on_loopback}):
-            if ifname not in dm.duplicates:
-                watch = DuplicateResponderWatch(dm.nl, ifname, dm._duplicate)
-                dm.duplicates[ifname] = watch
-                self._nursery.start_soon(dm.run_duplicate_watch, watch)

@@ -23,11 +23,17 @@ class DuplicateWatching:
     duplicates: dict[str, DuplicateResponderWatch]
     _unit_of_ip: dict[Any, str]
 
-    def _watch_duplicates_of(self, nl: Netlink, vips: Iterable[VipSpec]) -> None:
+    def watch_duplicates_of(self, nl: Netlink, vips: Iterable[VipSpec]) -> list[DuplicateResponderWatch]:
+        """A watch for every interface of `vips` that needs one and has none yet (at start, and by a
+        reload, before its new units start: a unit that comes to own a VIP finds its watch); the
+        new ones are returned for the caller to run. Every VIP's unit by address, for the log."""
         vips = list(vips)
-        self.duplicates = {ifname: DuplicateResponderWatch(nl, ifname, self._duplicate)
-                           for ifname in sorted({v.interface for v in vips if v.conflict_check and not v.on_loopback})}
+        new = [DuplicateResponderWatch(nl, ifname, self._duplicate)
+               for ifname in sorted({v.interface for v in vips if v.conflict_check and not v.on_loopback})
+               if ifname not in self.duplicates]
+        self.duplicates.update((w.ifname, w) for w in new)
         self._unit_of_ip = {v.ip: v.unit for v in vips}
+        return new
 
     def owning(self, vips, owned: bool) -> None:  # type: ignore[no-untyped-def]
         """Controllers report ownership changes: watch for another MAC answering for our VIPs."""
