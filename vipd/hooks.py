@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Sequence
 import trio
 
 from vipd import log
-from vipd.hooks_config import DEFAULT_TIMEOUT, EVENTS, HooksConfig, check_hooks_host, parse_hooks  # noqa: F401
+from vipd.hooks_config import DEFAULT_TIMEOUT, EVENTS, HooksConfig
 from vipd.procs import CommandResult, run_command
 
 # ------------------------------------------------------------------------------- runner

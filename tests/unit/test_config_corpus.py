@@ -290,7 +290,7 @@ def test_the_numeric_key_list_is_complete() -> None:
     """Every int/float field of the config dataclasses has a row in NUMERIC."""
     from vipd.config_routing import EgressConfig
     from vipd.health.spec import HttpCheck, TcpCheck
-    from vipd.hooks import HooksConfig
+    from vipd.hooks_config import HooksConfig
 
     prefixes = {config.EtcdConfig: "etcd.", config.TimingConfig: "timing.", config.VipSpec: "vip[0].",
                 config.HostConfig: "host.", config.PlacementConfig: "placement.", HooksConfig: "hooks.",

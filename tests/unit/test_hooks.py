@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from vipd.errors import ConfigError
-from vipd.hooks import EVENTS, HookResult, HookRunner, HooksConfig, check_hooks_host, hook_env, parse_hooks
+from vipd.hooks import HookResult, HookRunner, hook_env
+from vipd.hooks_config import EVENTS, HooksConfig, check_hooks_host, parse_hooks
 from vipd.procs import run_command
 
 SH = "/bin/sh"

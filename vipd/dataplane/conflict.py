@@ -30,12 +30,13 @@ import socket
 import struct
 import weakref
 from dataclasses import dataclass
-from typing import AsyncGenerator, Callable, Optional, Union
+from typing import AsyncGenerator, Callable, Optional
 
 import trio
 
 from vipd.coalesce import Coalescer
 from vipd.model import VipSpec
+from vipd.dataplane.addrdump import IPAddress
 from vipd.dataplane.announce import close_packet_socket
 from vipd.dataplane.frames import arp_probe as arp_probe_frame
 from vipd.dataplane.frames import dad_ns as dad_ns_frame
@@ -45,7 +46,6 @@ from vipd.dataplane.frames import BROADCAST, MIN_FRAME, ZERO_MAC  # noqa: F401
 from vipd.dataplane.netlink import Netlink
 from vipd.errors import AddressError, DataplaneError
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD

@@ -21,21 +21,20 @@ most until the answer could no longer be used (`FRESH` after it began).
 Safety: the probe guards against machines outside vipd; ownership among vipd hosts never depends
 on it (etcd does). A foreign machine that begins answering for the address between a probe and
 the add is missed by a fresh probe as much as by this one; while owning, the interface's
-DuplicateResponderWatch reports it either way (vipd/dataplane/conflict.py).
+DuplicateResponderWatch reports it either way (vipd/dataplane/duplicates.py).
 """
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Awaitable, Callable, Sequence, Union
+from typing import Awaitable, Callable, Sequence
 
 import trio
 
 from vipd import log
+from vipd.dataplane.addrdump import IPAddress
 from vipd.errors import DataplaneError
 from vipd.model import VipSpec
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 ProbeMany = Callable[[str, list[IPAddress]], Awaitable[dict[IPAddress, str]]]  # (ifname, ips) -> answered: mac
 ProbeOne = Callable[[VipSpec], Awaitable[None]]  # raises AddressConflict (vipd.dataplane.conflict.check_free)
 
