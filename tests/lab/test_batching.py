@@ -22,7 +22,7 @@ from vipd.dataplane import conflict
 from vipd.dataplane.conflict import AddressConflict, check_free, parse_arp, parse_nd
 from vipd.dataplane.start_probe import StartProbe
 from vipd.dataplane.netlink import Netlink
-from vipd.errors import AddressError
+from vipd.errors import AddressError, DataplaneError
 
 N = 300
 
@@ -164,6 +164,27 @@ async def test_the_start_probe_answers_the_first_claims_of_free_addresses_only(p
                 conflicts.append((str(v.ip), e.mac))
     assert sorted(probed) == sorted(taken)
     assert sorted(conflicts) == sorted((a, pair.foreign_mac) for a in taken)
+
+
+async def test_a_start_probe_on_a_missing_interface_fails_that_interface_only(pair: Pair, caplog) -> None:  # noqa: F811
+    """An interface gone at start (the daemon starts with it missing): its round fails with one
+    line naming it, the other interface's answers still count, and that VIP's claim probes on
+    its own, failing with a clear DataplaneError (the controller logs it, conflict_probe_failed)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="vipd")
+    here, gone = vip("192.0.2.102/24", pair.our_if), vip("192.0.2.103/24", "vtnosuch0")
+    async with Netlink(pair.ours) as nl:
+        p = StartProbe(lambda ifname, ips: conflict.probe_many(nl, ifname, ips, wait=0.05),
+                       lambda v: check_free(nl, v, wait=0.05))
+        await p.run([here, gone])
+        assert p.pending == 1
+        await p.check_free(here)
+        with pytest.raises(DataplaneError, match="vtnosuch0"):
+            await p.check_free(gone)
+    text = caplog.text
+    assert "event=start_probe_failed interface=vtnosuch0" in text and "failed=vtnosuch0" in text
+    assert "Traceback" not in text
 
 
 async def test_raw_address_dump_matches_pyroute2(host: tuple[str, str], nl: Netlink) -> None:  # noqa: F811
