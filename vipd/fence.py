@@ -16,7 +16,7 @@ earlier one), so a host stops serving before any other host can be granted the u
 from __future__ import annotations
 
 import math
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import trio
 
@@ -63,7 +63,8 @@ class LifetimeFence:
 
     def __init__(self, refresher: RefreshPort) -> None:
         self._refresher = refresher
-        self._armed: dict[str, float] = {}
+        self._armed: dict[str, float] = {}  # changed by arm, claimed and disarm only
+        self.changed: Callable[[Sequence[VipSpec]], None] | None = None  # told after each (vipd/parked.py)
 
     def covers(self, vips: Sequence[VipSpec]) -> bool:
         return True
@@ -72,18 +73,27 @@ class LifetimeFence:
         life = whole_seconds_before(until, trio.current_time())
         if life < 1:
             return  # the running lifetime ends earlier still: nothing to extend
-        for vip in vips:
-            await self._refresher.refresh(vip, life)
-            self._armed[vip.name] = until
+        try:
+            for vip in vips:
+                await self._refresher.refresh(vip, life)
+                self._armed[vip.name] = until
+        finally:
+            self._changed(vips)
 
     def claimed(self, vips: Sequence[VipSpec], until: float) -> None:
         """The addresses were (re)added with a lifetime ending by `until`."""
         for vip in vips:
             self._armed[vip.name] = until
+        self._changed(vips)
 
     async def disarm(self, vips: Sequence[VipSpec]) -> None:
         for vip in vips:
             self._armed.pop(vip.name, None)  # the controller removes the addresses themselves
+        self._changed(vips)
+
+    def _changed(self, vips: Sequence[VipSpec]) -> None:
+        if self.changed is not None:
+            self.changed(vips)
 
     def armed_until(self, vips: Sequence[VipSpec]) -> float | None:
         if len(vips) == 1:  # (most units: read for every owner on every keepalive)

@@ -28,7 +28,8 @@ out late. Here:
   the whole-second rounding). Safety is unchanged: a unit passed by keeps the deadlines it has
   (its own fence deadline, its tokens, its lifetime: all armed by one step), which only end
   earlier than the keepalive would have made them; a keepalive that would move a deadline earlier,
-  or that names another lease, is never passed by.
+  or that names another lease, is never passed by. The owners passed by are indexed by when they
+  come due (vipd/parked.py): a keepalive looks only at those and at the ones that changed.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from vipd.errors import AddressError, DataplaneError
 from vipd.fence import Fence, LifetimeFence, RefreshPort, lifetime_ends_after, whole_seconds_before
 from vipd.model import AddressFailed, ArmFence, Event, LeaseValid, State, VipSpec
 from vipd.ownership.controller import Controller
-from vipd.ownership.state import Sub, VipState
+from vipd.ownership.state import Sub
+from vipd.parked import Parked, ParkedOwners
 
 CHUNK = 1000  # addresses per lifetime refresh job (struct-built: ~1 ms per 100)
 SLICE = 1000  # units a keepalive steps per trio batch (see HostRefresh._take)
@@ -171,14 +173,12 @@ class HostRefresh:
         self._catch_up_after = catch_up_after
         self._nursery: trio.Nursery | None = None
         self._last: LeaseValid | None = None  # the newest keepalive, while no other lease event followed
-        self._skipped: set[str] = set()  # units that keepalive passed by (lazy: their deadlines are far)
         self._unarmed: set[str] = set()  # units whose last fence arm failed: never passed by
-        # name -> (its state, its lifetime's armed deadline, lifetime_ends_after(that deadline)):
-        # what `_may_skip` found, so that the next keepalives pass the unit by with a few
-        # comparisons instead of the full check (the before/after CPU: README, bench/scale.py).
-        # Valid only while the unit keeps that very state object (the core is pure: any step
-        # makes a new one; its lease is part of it) and that lifetime deadline.
-        self._parked: dict[str, tuple[VipState, float, float]] = {}
+        # the owners keepalives pass by (lazy: their deadlines are far), each with what `_may_skip`
+        # found: the next keepalives look only at those that come due or changed (vipd/parked.py).
+        # Every unit the last keepalive passed by is here.
+        self._parked = ParkedOwners()
+        lifetime.changed = self._parked.stir_vips
         self._catch_up_at = math.inf
         self._moved = trio.Event()
         self.batches = 0
@@ -199,7 +199,7 @@ class HostRefresh:
     def publish(self, ev: Event) -> None:
         """The lease's publish: a LeaseValid is taken here, any other event goes to every unit."""
         if not isinstance(ev, LeaseValid) or self._nursery is None:
-            self._last, self._skipped, self._catch_up_at = None, set(), math.inf  # (no catch-up past it)
+            self._last, self._catch_up_at = None, math.inf  # (no catch-up past it)
             self._parked.clear()
             for name, c in list(self._controllers.items()):
                 if self._pacer is not None:
@@ -210,13 +210,19 @@ class HostRefresh:
         self._last = ev
         self._catch_up_at = trio.current_time() + self._catch_up_after if self._hold > 0 else math.inf
         self._moved.set()
-        self._take(ev, self._controllers.values(), lazy=self._hold > 0)
+        units: Iterable[Controller] = self._controllers.values()
+        parked = self._parked
+        if self._hold > 0 and parked and parked.ends_ok(ev.lease, ev.valid_until):
+            # the parked owners that come due or changed; every other one is passed by as it is
+            check = set(parked.to_check(trio.current_time() + self._hold))
+            units = [c for name, c in self._controllers.items() if name not in parked or name in check]
+        self._take(ev, units, lazy=self._hold > 0)
 
     def _catch_up(self) -> None:
         """No keepalive came in time: take the last one again for the units it skipped, without
         skipping (the same LeaseValid again is the same ArmFence for an owner)."""
-        ev, skipped = self._last, self._skipped
-        self._catch_up_at, self._skipped = math.inf, set()
+        ev, skipped = self._last, set(self._parked)
+        self._catch_up_at = math.inf
         if ev is None or not skipped or trio.current_time() >= ev.valid_until:
             return
         self.catch_ups += 1
@@ -232,7 +238,8 @@ class HostRefresh:
         the lazy hold (seconds) covers."""
         units = list(controllers)
         if len(self._parked) > len(self._controllers):  # units a reload removed
-            self._parked = {n: p for n, p in self._parked.items() if n in self._controllers}
+            for name in [n for n in self._parked if n not in self._controllers]:
+                self._parked.pop(name)
         self._take_slice(ev, units[:SLICE], lazy=lazy)
         if len(units) > SLICE:
             assert self._nursery is not None
@@ -248,20 +255,17 @@ class HostRefresh:
     def _take_slice(self, ev: LeaseValid, controllers: Iterable[Controller], *, lazy: bool) -> None:
         due: list[tuple[Controller, float]] = []
         now = trio.current_time()
-        parked, skipped, armed_until, hold = self._parked, self._skipped, self._lifetime.armed_until, self._hold
+        parked, armed_until, hold = self._parked, self._lifetime.armed_until, self._hold
         for c in controllers:
             if lazy:
                 p = parked.get(c.name)
-                if (p is not None and p[0] is c.state and p[2] - now >= hold
-                        and ev.valid_until - c.params.fence_margin >= p[1] and ev.lease == p[0].lease
-                        and armed_until(c.vips) == p[1]):
-                    skipped.add(c.name)
-                    continue
+                if (p is not None and p.state is c.state and p.ends - now >= hold
+                        and ev.valid_until - c.params.fence_margin >= p.armed and ev.lease == p.state.lease
+                        and armed_until(c.vips) == p.armed):
+                    continue  # (stays parked)
                 if self._may_skip(c, ev, now):
-                    skipped.add(c.name)
                     continue
-            parked.pop(c.name, None)
-            skipped.discard(c.name)
+            parked.pop(c.name)
             if self._pacer is not None and self._pacer.pending(c.name):
                 self._pacer.post(c.name, ev)  # behind the unit's paced events, not ahead of them
                 continue
@@ -282,7 +286,7 @@ class HostRefresh:
         no earlier than that lifetime (they were armed by the same step, or, for a token that
         failed to arm, the unit is in `_unarmed` and never skipped). A unit whose lease changed, or
         whose deadline the keepalive would move earlier, is always stepped."""
-        s = c.state
+        s, parked = c.state, self._parked
         if s.state is not State.OWNER or s.sub is Sub.DEFERRED or ev.lease != s.lease or c.name in self._unarmed:
             return False
         last = self._lifetime.armed_until(c.vips)
@@ -290,7 +294,8 @@ class HostRefresh:
             return False
         ends = lifetime_ends_after(last)
         if ev.valid_until - c.params.fence_margin >= last and ends - now >= self._hold:
-            self._parked[c.name] = (s, last, ends)  # the same tests, from the same values
+            c.on_state = parked.stir  # (a no-op once the unit is no longer parked)
+            parked.park(c.name, c.vips, Parked(s, last, ends), s.lease, c.params.fence_margin)
             return True
         return False
 
@@ -331,7 +336,7 @@ class HostRefresh:
                 for c, _ in due:
                     self._metrics.count_dataplane_error(c.name, "fence")
                     self._unarmed.add(c.name)  # stepped by every keepalive until an arm succeeds
-                    self._parked.pop(c.name, None)
+                    self._parked.pop(c.name)
                 log.error("fence_arm_failed", units=len(items), fence=type(fence.inner).__name__, error=e)
             else:
                 self._unarmed.difference_update(c.name for c, _ in due if fence in c.fences)

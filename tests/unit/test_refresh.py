@@ -198,7 +198,7 @@ async def test_keepalives_that_stop_are_caught_up_so_addresses_live_until_the_fe
             with trio.fail_after(30):
                 while True:  # until a keepalive that skipped addresses with under 4.5 s left
                     await trio.sleep(INTERVAL)
-                    if h.refresh._skipped and min(h.kernel.held.values()) - trio.current_time() < 4.5:
+                    if h.refresh._parked and min(h.kernel.held.values()) - trio.current_time() < 4.5:
                         break
             h.alive = False
             stall = h.last_keepalive
@@ -242,7 +242,7 @@ async def test_a_keepalive_with_an_earlier_deadline_is_never_skipped(autojump_cl
     async with trio.open_nursery() as n:
         await h.start(n)
         await trio.sleep(2.5)  # right after a keepalive that skipped every address
-        assert h.refresh._skipped
+        assert h.refresh._parked
         h.alive = False
         now = trio.current_time()
         h.refresh.publish(LeaseValid(1, now + 4.0))  # fence deadline now + 2.5

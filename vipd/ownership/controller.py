@@ -56,7 +56,8 @@ class Controller(ChildTasks):
         self._ownership = ownership  # told when we start/stop owning (duplicate-responder watch)
         self._holdoff = holdoff  # publishes this host's release hold-off for the unit (presence)
         self._takeover = takeover
-        self.state = VipState(healthy=healthy)
+        self.state = VipState(healthy=healthy)  # replaced by every step, through _set_state only
+        self.on_state: Callable[[str], None] | None = None  # told each time (vipd/parked.py)
         self._peer_takeover = False  # this acquisition replaced a suspect owner's key (not a deletion)
         self._send, self._recv = trio.open_memory_channel[Event](math.inf)
         self._announcing = trio.CancelScope()
@@ -139,7 +140,8 @@ class Controller(ChildTasks):
                     queue.insert(0, ev)
                     ev, self._kept = self._kept, None
                 old = self.state
-                self.state, actions = fsm.step(self.params, old, ev, trio.current_time())
+                new, actions = fsm.step(self.params, old, ev, trio.current_time())
+                self._set_state(new)
                 if self.state.state is State.BACKUP and self.state.sub is not Sub.TAKING_OVER:
                     self._peer_takeover = False  # a takeover attempt that did not win
                 self._log_step(old, ev, actions)
@@ -181,11 +183,17 @@ class Controller(ChildTasks):
                 or any(not isinstance(a, only) for a in actions)):
             self.post(ev)  # the step is pure: the task takes it again, with its actions
             return None
-        old, self.state = self.state, new
+        old = self.state
+        self._set_state(new)
         self._log_step(old, ev, actions)
         wake = wakeup(self.params, new, now)
         wait.deadline = wake if wake is not None else math.inf
         return actions
+
+    def _set_state(self, new: VipState) -> None:
+        self.state = new
+        if self.on_state is not None:
+            self.on_state(self.name)
 
     @property
     def address_gone(self) -> bool:
