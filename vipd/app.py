@@ -30,7 +30,8 @@ from vipd.reload import Reloader
 from vipd.routing import Routing
 from vipd.handover import HandoverGate
 from vipd.hooks import HookRunner
-from vipd.loopwatch import LoopWatch, TaskTimes, collector_held, freeze_heap
+from vipd.heap import collector_held, freeze_heap
+from vipd.loopwatch import LoopWatch, TaskTimes
 from vipd.metrics import Metrics, serve
 from vipd.model import (Event, OwnerObserved, Placement, ReleaseRequested, ShutdownRequested,
                         State)
@@ -337,7 +338,7 @@ class Daemon(KernelView, DuplicateWatching):
                 nursery.start_soon(self.watchdog, interval)
             systemd.notify("READY=1", f"STATUS=running: {len(self.controllers)} VIPs")
             self.reloader.ready.set()
-            frozen = freeze_heap()  # (once: vipd/loopwatch.py)
+            frozen = freeze_heap()  # (once: vipd/heap.py)
             log.info("ready", node=self.cfg.node, vips=len(self.controllers), lease=f"{self.lease.lease_id:x}",
                      ttl=self.lease.granted_ttl, heap_frozen=frozen)
         log.info("stopped", node=self.cfg.node)

@@ -51,20 +51,26 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from vipd import signals
+    from vipd.heap import collector_held
+
     signals.catch_early()  # a stop (or reload) during startup must still stop (reload) cleanly
-    cfg, warnings = _load(args, allow_missing_interfaces=True)
-    from vipd import instance
+    # No collection while the config and the daemon's modules load (pyroute2 with the host check,
+    # then trio, httpx, prometheus_client, vipd.app), then all of it frozen: it lives for the whole
+    # run. Two full collections walked the half-loaded heap, and later ones the modules again.
+    with collector_held():
+        cfg, warnings = _load(args, allow_missing_interfaces=True)
+        from vipd import instance
 
-    # before anything touches the host or etcd: one daemon per state_dir, and a free metrics port
-    lock = instance.acquire(cfg.state_dir, "vipd run")
-    if cfg.metrics_listen:
-        instance.check_port_free(cfg.metrics_listen)
-    log.setup(cfg.log_level)
-    for w in warnings:
-        log.warning("config_warning", warning=w)
-    import trio
+        # before anything touches the host or etcd: one daemon per state_dir, and a free metrics port
+        lock = instance.acquire(cfg.state_dir, "vipd run")
+        if cfg.metrics_listen:
+            instance.check_port_free(cfg.metrics_listen)
+        log.setup(cfg.log_level)
+        for w in warnings:
+            log.warning("config_warning", warning=w)
+        import trio
 
-    from vipd import app
+        from vipd import app
 
     try:
         trio.run(app.run, cfg, args.config)

@@ -5,7 +5,7 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from vipd.lab.scale import loop_stalls
-from vipd.loopwatch import LoopWatch, freeze_heap
+from vipd.loopwatch import LoopWatch
 
 
 def test_a_blocking_task_is_one_long_batch() -> None:
@@ -86,47 +86,6 @@ def test_gc_pauses_are_timed_until_the_watch_stops() -> None:
     assert reg.get_sample_value("vipd_gc_pause_seconds_count", {"generation": "2"}) == 1
     gc.collect()
     assert reg.get_sample_value("vipd_gc_pause_seconds_count", {"generation": "2"}) == 1
-
-
-def test_freeze_heap_takes_what_is_alive_out_of_every_collection() -> None:
-    import gc
-    from vipd.loopwatch import OLDEST_AFTER
-    kept = [[i] for i in range(1000)]  # alive at "ready"
-    threshold = gc.get_threshold()
-    try:
-        frozen = freeze_heap()
-        assert frozen >= len(kept) and gc.get_freeze_count() == frozen
-        collected = {id(o) for g in (0, 1, 2) for o in gc.get_objects(generation=g)}
-        assert all(gc.is_tracked(x) and id(x) not in collected for x in kept)
-        assert gc.get_threshold() == (*threshold[:2], OLDEST_AFTER)  # full collections far rarer
-    finally:
-        gc.unfreeze()  # (the test process goes on collecting as before)
-        gc.set_threshold(*threshold)
-
-
-def test_collector_held_collects_nothing_inside_then_freezes_what_was_built_and_resumes() -> None:
-    import gc
-
-    from vipd.loopwatch import collector_held
-    runs: list[int] = []
-    count = lambda phase, info: runs.append(info["generation"]) if phase == "start" else None  # noqa: E731
-    gc.callbacks.append(count)
-    try:
-        assert gc.isenabled()
-        with collector_held():
-            assert not gc.isenabled()
-            built = [[i] for i in range(50_000)]  # far past the young generation's threshold
-        assert runs == [] and gc.isenabled()
-        collected = {id(o) for g in (0, 1, 2) for o in gc.get_objects(generation=g)}
-        assert not any(id(x) in collected for x in built[::997])  # frozen: out of every collection
-        gc.disable()
-        with collector_held():  # the state it found is the state it leaves
-            pass
-        assert not gc.isenabled()
-    finally:
-        gc.callbacks.remove(count)
-        gc.enable()
-        gc.unfreeze()
 
 
 def test_task_times_names_the_tasks_a_long_batch_spent_its_time_in(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
