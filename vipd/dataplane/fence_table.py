@@ -135,8 +135,15 @@ class FenceTable:
         if self._managed is None:
             return False
         vip_devs = list(self._managed.values())
-        ops = TokenOps(to_perf([(self._managed[n][0], u) for n, u in self._until.items() if n in self._managed]))
-        every = self._rebuilt(self._group, ops)
+        managed, until, t_perf = self._managed, dict(self._until), time.perf_counter()
+        offset = trio.current_time() - t_perf  # (as to_perf: trio's clock read last)
+        rest = self._rebuilt(self._group, TokenOps())
+
+        def every() -> TokenOps:  # (only for a rebuild: the check alone needs none of it)
+            ops = rest()
+            ops.tokens = [(managed[n][0], u - offset) for n, u in until.items() if n in managed]
+            return ops
+
         members = [self._managed[n][0] for n in self._group if n in self._managed]
 
         def job(s: Sockets) -> bool:
