@@ -51,13 +51,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from vipd import signals
-    from vipd.heap import collector_held
+    from vipd.heap import full_collections_held
 
     signals.catch_early()  # a stop (or reload) during startup must still stop (reload) cleanly
-    # No collection while the config and the daemon's modules load (pyroute2 with the host check,
-    # then trio, httpx, prometheus_client, vipd.app), then all of it frozen: it lives for the whole
-    # run. Two full collections walked the half-loaded heap, and later ones the modules again.
-    with collector_held():
+    # No full collection while the config and the daemon's modules load (pyroute2 with the host
+    # check, then trio, httpx, prometheus_client, vipd.app), then all of it frozen: it lives for the
+    # whole run. Two full collections walked the half-loaded heap, and later ones the modules again.
+    with full_collections_held():
         cfg, warnings = _load(args, allow_missing_interfaces=True)
         from vipd import instance
 

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from vipd.heap import OLDEST_AFTER, collector_held, freeze_heap
+from vipd.heap import OLDEST_AFTER, collector_held, freeze_heap, full_collections_held
 
 
 def test_freeze_heap_takes_what_is_alive_out_of_every_collection() -> None:
@@ -47,10 +47,28 @@ def test_collector_held_collects_nothing_inside_then_freezes_what_was_built_and_
         gc.unfreeze()
 
 
-def test_run_loads_the_daemon_without_a_collection_then_freezes_what_it_loaded() -> None:
+def test_full_collections_held_lets_young_ones_run_then_freezes_and_restores() -> None:
+    runs: list[int] = []
+    count = lambda phase, info: runs.append(info["generation"]) if phase == "start" else None  # noqa: E731
+    threshold = gc.get_threshold()
+    gc.callbacks.append(count)
+    try:
+        with full_collections_held():
+            built = [[i] for i in range(200_000)]  # past the young and middle thresholds many times
+        assert runs and 2 not in runs  # the young ones ran (the load's garbage is freed), no full one
+        assert gc.get_threshold() == threshold
+        collected = {id(o) for g in (0, 1, 2) for o in gc.get_objects(generation=g)}
+        assert not any(id(x) in collected for x in built[::997])  # frozen: out of every collection
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
+def test_run_loads_the_daemon_without_a_full_collection_then_freezes_what_it_loaded() -> None:
     """`vipd run` loads the config and the run path's modules (vipd.app, pyroute2, httpx,
-    prometheus_client: ~0.25 s, two full collections of the growing heap) with the collector held,
-    then freezes them. In a fresh interpreter: trio.run is replaced, the host is not touched."""
+    prometheus_client: ~0.25 s, two full collections of the growing heap) with full collections
+    held, then freezes them. In a fresh interpreter: trio.run is replaced, the host is not touched."""
     code = """if True:
         import gc, json, os, sys, types
         from vipd import cli, heap, instance, log, signals
@@ -74,4 +92,4 @@ def test_run_loads_the_daemon_without_a_collection_then_freezes_what_it_loaded()
     seen = json.loads(out.stdout)
     assert seen["heavy"] == []  # vipd.cli and vipd.heap load none of them before the hold
     assert seen["loaded"] == [True] * 4
-    assert seen["runs"] == [] and seen["enabled"] and seen["frozen"] > 0
+    assert 2 not in seen["runs"] and seen["enabled"] and seen["frozen"] > 0
