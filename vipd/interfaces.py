@@ -54,6 +54,8 @@ class InterfaceWatch:
         self._fitness = fitness
         self._units = units
         self.missing: frozenset[str] = frozenset()
+        self._units_seen: Sequence[Unit] | None = None
+        self._wanted: frozenset[str] = frozenset()  # the NICs of the units seen
         self._changed = trio.Event()
         self._lock = trio.Lock()
 
@@ -64,9 +66,11 @@ class InterfaceWatch:
             except DataplaneError as e:
                 log.error("interface_list_failed", error=e)
                 return
-            units = list(self._units())
-            wanted = {v.interface for u in units for v in u.vips if not v.on_loopback}
-            missing = frozenset(wanted - present)
+            units = self._units()
+            if units is not self._units_seen:  # (a reload's new config: every tick read every VIP)
+                self._units_seen = units
+                self._wanted = frozenset(v.interface for u in units for v in u.vips if not v.on_loopback)
+            missing = frozenset(self._wanted - present)
             for ifname in sorted(missing - self.missing):
                 vips = ",".join(v.name for u in units for v in u.vips if v.interface == ifname)
                 log.warning("interface_missing", interface=ifname, vips=vips,
@@ -77,7 +81,8 @@ class InterfaceWatch:
                 self.missing = missing
                 self._changed.set()
                 self._changed = trio.Event()
-            self._fitness.set_unavailable(unavailable(units, present))
+            # (every such unit has a VIP on a missing interface: none while none is missing)
+            self._fitness.set_unavailable(unavailable(units, present) if missing else {})
 
     async def wait_present(self, ifname: str) -> None:
         while ifname in self.missing:
