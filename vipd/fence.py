@@ -24,6 +24,7 @@ from vipd.model import VipSpec
 
 LIFETIME_SLACK = 0.05  # seconds: the lifetime is computed from the deadline minus this, at the call
 # (a hold-up past 0.5 s between that and the kernel is taken off in the netlink thread: address.py `_aged`)
+HELD_UP = 0.5  # seconds between computing a lifetime and sending it past which it is shortened (address.py _aged)
 KERNEL_EARLY = 0.05  # seconds: the kernel may remove an address this much before its lifetime (timer fuzz, jiffies)
 
 
@@ -64,6 +65,7 @@ class LifetimeFence:
     def __init__(self, refresher: RefreshPort) -> None:
         self._refresher = refresher
         self._armed: dict[str, float] = {}  # changed by arm, claimed and disarm only
+        self._ends: dict[str, float] = {}  # when known (claimed with `ends`): the lifetime runs until then
         self.changed: Callable[[Sequence[VipSpec]], None] | None = None  # told after each (vipd/parked.py)
 
     def covers(self, vips: Sequence[VipSpec]) -> bool:
@@ -77,18 +79,25 @@ class LifetimeFence:
             for vip in vips:
                 await self._refresher.refresh(vip, life)
                 self._armed[vip.name] = until
+                self._ends.pop(vip.name, None)
         finally:
             self._changed(vips)
 
-    def claimed(self, vips: Sequence[VipSpec], until: float) -> None:
-        """The addresses were (re)added with a lifetime ending by `until`."""
+    def claimed(self, vips: Sequence[VipSpec], until: float, ends: float | None = None) -> None:
+        """The addresses were (re)added with a lifetime ending by `until`; `ends`, when the caller
+        knows it: the kernel keeps them at least until then (ends_after)."""
         for vip in vips:
             self._armed[vip.name] = until
+            if ends is None:
+                self._ends.pop(vip.name, None)
+            else:
+                self._ends[vip.name] = ends
         self._changed(vips)
 
     async def disarm(self, vips: Sequence[VipSpec]) -> None:
         for vip in vips:
             self._armed.pop(vip.name, None)  # the controller removes the addresses themselves
+            self._ends.pop(vip.name, None)
         self._changed(vips)
 
     def _changed(self, vips: Sequence[VipSpec]) -> None:
@@ -100,3 +109,13 @@ class LifetimeFence:
             return self._armed.get(vips[0].name)
         times = [self._armed.get(v.name) for v in vips]
         return None if any(t is None for t in times) else min(t for t in times if t is not None)
+
+    def ends_after(self, vips: Sequence[VipSpec]) -> float | None:
+        """The addresses' lifetimes run at least until this instant: as the claim said (`ends`),
+        else as any lifetime armed for the deadline does (lifetime_ends_after); None: disarmed."""
+        armed = self.armed_until(vips)
+        if armed is None:
+            return None
+        ends = [self._ends.get(v.name) for v in vips]
+        known = [e for e in ends if e is not None]
+        return min(known) if len(known) == len(ends) else lifetime_ends_after(armed)

@@ -43,7 +43,7 @@ import trio
 from vipd import log
 from vipd.coalesce import Coalescer, Outcome
 from vipd.errors import AddressError, DataplaneError
-from vipd.fence import Fence, LifetimeFence, RefreshPort, lifetime_ends_after, whole_seconds_before
+from vipd.fence import HELD_UP, KERNEL_EARLY, Fence, LifetimeFence, RefreshPort, whole_seconds_before
 from vipd.model import AddressFailed, ArmFence, Event, LeaseValid, State, VipSpec
 from vipd.ownership.controller import Controller
 from vipd.ownership.state import Sub
@@ -289,10 +289,9 @@ class HostRefresh:
         s, parked = c.state, self._parked
         if s.state is not State.OWNER or s.sub is Sub.DEFERRED or ev.lease != s.lease or c.name in self._unarmed:
             return False
-        last = self._lifetime.armed_until(c.vips)
-        if last is None:
+        last, ends = self._lifetime.armed_until(c.vips), self._lifetime.ends_after(c.vips)
+        if last is None or ends is None:
             return False
-        ends = lifetime_ends_after(last)
         if ev.valid_until - c.params.fence_margin >= last and ends - now >= self._hold:
             c.on_state = parked.stir  # (a no-op once the unit is no longer parked)
             parked.park(c.name, c.vips, Parked(s, last, ends), s.lease, c.params.fence_margin)
@@ -342,27 +341,36 @@ class HostRefresh:
                 self._unarmed.difference_update(c.name for c, _ in due if fence in c.fences)
 
     async def _lifetimes(self, due: list[tuple[Controller, float]]) -> None:
+        """Each address's lifetime restarted for as long as its unit's deadline allows, in chunks.
+        A chunk done within HELD_UP of computing the lifetimes was sent as computed (address.py
+        `_aged` shortens only past it), so the kernel keeps its addresses at least `life` from
+        then, less its earliness: the unit's lifetime is recorded as ending there (ends_after),
+        which lets lazy keepalives pass it by ~0.55 s longer than the bound for any lifetime armed
+        for that deadline (lifetime_ends_after). A chunk done later: that bound."""
         items: list[tuple[VipSpec, int]] = []
-        armed: list[tuple[Controller, float]] = []
+        armed: list[tuple[Controller, float, float]] = []  # (unit, deadline, its lifetime runs until)
         now, at = trio.current_time(), time.perf_counter()
         for c, until in due:
             life = whole_seconds_before(until, now)
             if life >= 1:  # else the running lifetime ends earlier still: nothing to extend
                 items += [(v, life) for v in c.vips]
-                armed.append((c, until))
+                armed.append((c, until, now + life - KERNEL_EARLY))
         self.refreshed += len(items)
         failures: dict[str, AddressError] = {}
+        late: set[str] = set()  # VIPs of chunks done past HELD_UP
         for i in range(0, len(items), CHUNK):
             chunk = items[i:i + CHUNK]
             try:
                 failures.update(await self._addresses.refresh_many(chunk, at))  # (a later chunk waited for this one)
             except DataplaneError as e:
                 failures.update({v.name: AddressError(str(e)) for v, _ in chunk})
-        for c, until in armed:
+            if time.perf_counter() - at > HELD_UP:
+                late.update(v.name for v, _ in chunk)
+        for c, until, ends in armed:
             failed = [failures[v.name] for v in c.vips if v.name in failures]
             if failed:
                 self._metrics.count_dataplane_error(c.name, "claim")
                 log.error("address_refresh_failed", vip=c.name, address=c.addresses, error=failed[0])
                 c.post(AddressFailed(str(failed[0])))
             else:
-                self._lifetime.claimed(c.vips, until)
+                self._lifetime.claimed(c.vips, until, None if any(v.name in late for v in c.vips) else ends)

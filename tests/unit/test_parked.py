@@ -79,3 +79,48 @@ async def test_an_earlier_deadline_or_another_lease_looks_at_every_parked_owner(
         assert max(h.kernel.held.values()) <= now + 4.0 - MARGIN
         assert all(lifetime_ends_after(v) <= now + 4.0 for v in h.kernel.held.values())
         n.cancel_scope.cancel()
+
+
+async def test_a_refreshed_lifetime_is_passed_by_until_it_comes_due_and_never_past_the_kernels(autojump_clock):
+    """A lifetime refreshed by a keepalive's batch is recorded as ending when the kernel ends it
+    (less its earliness), never later: so keepalives pass it by for 5 of every 6 seconds (8 s
+    lifetimes, hold 2.5 s) rather than 4 of 5 by the bound for any lifetime of that deadline."""
+    h = Host(lazy=True)
+    async with trio.open_nursery() as n:
+        await h.start(n)
+        await trio.sleep(10)
+        h.refresher.count.clear()
+        for _ in range(600):  # 60 s
+            await trio.sleep(0.1)
+            for name, c in h.controllers.items():
+                ends = h.lifetime.ends_after(c.vips)
+                assert ends is not None and ends <= h.kernel.held[name], (name, ends, h.kernel.held[name])
+        assert h.expired == []
+        assert all(9 <= h.refresher.count[name] <= 11 for name in h.controllers), h.refresher.count
+        n.cancel_scope.cancel()
+
+
+async def test_a_refresh_done_late_records_only_the_bound_for_its_deadline(autojump_clock, monkeypatch):
+    """A refresh batch whose netlink job ran past HELD_UP may have been shortened (address.py
+    `_aged`): the lifetimes it set are recorded by the bound for any lifetime of the deadline."""
+    import vipd.refresh as refresh
+    from vipd.fence import lifetime_ends_after
+
+    class Slow:  # every read of the clock is a second later than the one before
+        t = 0.0
+
+        @classmethod
+        def perf_counter(cls) -> float:
+            cls.t += 1.0
+            return cls.t
+
+    h = Host(lazy=True)
+    async with trio.open_nursery() as n:
+        await h.start(n)
+        monkeypatch.setattr(refresh, "time", Slow)
+        await trio.sleep(12)  # every unit refreshed at least once meanwhile
+        for c in h.controllers.values():
+            armed = h.lifetime.armed_until(c.vips)
+            assert armed is not None and h.lifetime.ends_after(c.vips) == lifetime_ends_after(armed)
+        assert h.expired == []
+        n.cancel_scope.cancel()

@@ -34,6 +34,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vipd.coalesce import Coalescer, Outcome
+from vipd.fence import HELD_UP
 from vipd.model import VipSpec
 from vipd.dataplane import addrdump
 from vipd.dataplane.addrdump import IPAddress
@@ -338,7 +339,6 @@ class AddressManager:
 _LATE = "its deadline passed before the kernel could be told (the process was held up)"
 
 
-HELD_UP = 0.5  # seconds between computing a lifetime and sending it past which it is shortened
 
 
 def _aged(lifetime: int, at: float) -> int:
