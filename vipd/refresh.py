@@ -178,6 +178,7 @@ class HostRefresh:
         # found: the next keepalives look only at those that come due or changed (vipd/parked.py).
         # Every unit the last keepalive passed by is here.
         self._parked = ParkedOwners()
+        self._due: set[str] = set()  # the parked owners this keepalive found due (vipd/parked.py)
         lifetime.changed = self._parked.stir_vips
         self._catch_up_at = math.inf
         self._moved = trio.Event()
@@ -214,8 +215,12 @@ class HostRefresh:
         parked = self._parked
         if self._hold > 0 and parked and parked.ends_ok(ev.lease, ev.valid_until):
             # the parked owners that come due or changed; every other one is passed by as it is
-            check = set(parked.to_check(trio.current_time() + self._hold))
+            stirred, due = parked.to_check(trio.current_time() + self._hold)
+            self._due = set(due)
+            check = stirred | self._due
             units = [c for name, c in self._controllers.items() if name not in parked or name in check]
+        else:
+            self._due = set()
         self._take(ev, units, lazy=self._hold > 0)
 
     def _catch_up(self) -> None:
@@ -255,9 +260,9 @@ class HostRefresh:
     def _take_slice(self, ev: LeaseValid, controllers: Iterable[Controller], *, lazy: bool) -> None:
         due: list[tuple[Controller, float]] = []
         now = trio.current_time()
-        parked, armed_until, hold = self._parked, self._lifetime.armed_until, self._hold
+        parked, armed_until, hold, due_now = self._parked, self._lifetime.armed_until, self._hold, self._due
         for c in controllers:
-            if lazy:
+            if lazy and c.name not in due_now:  # (a due one: the checks would find it due again)
                 p = parked.get(c.name)
                 if (p is not None and p.state is c.state and p.ends - now >= hold
                         and ev.valid_until - c.params.fence_margin >= p.armed and ev.lease == p.state.lease

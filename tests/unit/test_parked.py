@@ -124,3 +124,21 @@ async def test_a_refresh_done_late_records_only_the_bound_for_its_deadline(autoj
             assert armed is not None and h.lifetime.ends_after(c.vips) == lifetime_ends_after(armed)
         assert h.expired == []
         n.cancel_scope.cancel()
+
+
+async def test_a_due_owner_is_stepped_without_being_checked_again(autojump_clock, monkeypatch):
+    """The full check (`_may_skip`) runs once per refresh, on the keepalive after it (which parks
+    the owner), and not again on the keepalive that finds it due."""
+    h = Host(lazy=True)
+    async with trio.open_nursery() as n:
+        await h.start(n)
+        await trio.sleep(10.5)
+        full: list[str] = []
+        may_skip = h.refresh._may_skip
+        monkeypatch.setattr(h.refresh, "_may_skip", lambda c, ev, now: full.append(c.name) or may_skip(c, ev, now))
+        h.refresher.count.clear()
+        await trio.sleep(30)
+        for name in h.controllers:
+            assert abs(full.count(name) - h.refresher.count[name]) <= 1, (name, full.count(name), h.refresher.count)
+        assert h.expired == []
+        n.cancel_scope.cancel()
