@@ -17,12 +17,13 @@ out late. Here:
   for the host batch in flight, so a refresh can never re-add or re-arm after a removal.
 - Lazy keepalives (`hold` > 0): a keepalive steps an owner (and arms its fences and refreshes its
   address lifetime) only when the kernel could remove its address within `hold` seconds (its
-  lifetime, from the deadline of its last refresh, ends no earlier than `lifetime_ends_after`).
+  lifetime ends no earlier than `LifetimeFence.ends_after`: as this batch recorded it, see
+  `_lifetimes`, else by the bound for its deadline, `lifetime_ends_after`).
   Every IPv6 RTM_NEWADDR costs the kernel O(addresses + multicast groups of the device) (6.1:
   ipv6_find_idev -> ipv6_mc_up, addrconf_verify_rtnl), so refreshing every address on every
   keepalive is quadratic, and stepping, token arms and refreshes of thousands of units every
   keepalive cost more than the rest of the daemon together; at the shipped timing (a keepalive a
-  second, 8 s lifetimes) a unit is taken about every 5th keepalive instead. If no keepalive arrives
+  second, 8 s lifetimes) a unit is taken every 6th keepalive instead. If no keepalive arrives
   within `catch_up_after` of the last one (etcd stalls: a leader election), that keepalive is taken
   again for every unit it passed by, at once, so a stall is ridden out as long as before (within
   the whole-second rounding). Safety is unchanged: a unit passed by keeps the deadlines it has
