@@ -13,7 +13,9 @@ over all of them (thousands) when one in five or so was due. Here a keepalive on
 Every other parked owner still meets all of `_may_skip`'s conditions with the values it was
 parked with: its state (hence its lease and role) and its lifetime deadline are unchanged, the
 lifetime still ends `hold` or more from now, and the keepalive's deadline is no earlier than the
-one it holds. So the keepalive passes it by exactly as the full check would.
+one it holds. So the keepalive passes it by exactly as the full check would. A due owner that was
+not stirred is stepped without the full check: its lifetime's end is still the one it was parked
+with, which the check would find due again.
 
 Correctness rests on the two hooks reaching every change: Controller assigns its state in one
 method (`_set_state`), and LifetimeFence changes its deadlines in arm/claimed/disarm only.
