@@ -34,7 +34,7 @@ from vipd.ownership.state import VipState
 class Parked(NamedTuple):
     state: VipState  # the unit's state object when parked
     armed: float  # its lifetime's armed deadline then
-    ends: float  # lifetime_ends_after(armed): the lifetime runs at least until here
+    ends: float  # LifetimeFence.ends_after then: the lifetime runs at least until here
 
 
 class ParkedOwners:
