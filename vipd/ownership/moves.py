@@ -7,17 +7,21 @@ the key back: `released`, `give_key_back`)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from vipd.model import (Action, ClaimAddress, DeleteOwnerKey, HoldOff, OwnerRecord, ProbeConflicts, RemoveAddress,
                         ReturnPreemptToken, State, StopAnnouncing)
-from vipd.ownership.state import Params, Release, Sub, VipState, fence_deadline
+from vipd.ownership.state import Noted, Params, Release, Sub, VipState, evolve, fence_deadline
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # (typing's from 3.11; only read by mypy)
 
 S = State
 Result = tuple[VipState, list[Action]]
 
 
-def to(s: VipState, state: State, sub: Sub, reason: str, **kw: object) -> VipState:
-    return replace(s, state=state, sub=sub, reason=reason, why_not="", **kw)  # type: ignore[arg-type]
+def to(s: VipState, state: State, sub: Sub, reason: str, **kw: Unpack[Noted]) -> VipState:
+    return evolve(s, state=state, sub=sub, reason=reason, why_not="", **kw)
 
 
 def claim(p: Params, s: VipState, now: float) -> Result:

@@ -11,8 +11,12 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypedDict
 
 from vipd.model import OwnerRecord, State
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # (typing's from 3.11; only read by mypy)
 
 S = State
 
@@ -115,6 +119,56 @@ class VipState:
     reason: str = ""  # why the last state change happened
     why_not: str = ""  # BACKUP: why this host does not campaign right now ("" = it may)
     suspects: frozenset[str] = frozenset()  # peers whose heartbeats stopped (vipd/peers), as last told
+
+
+_FIELDS = frozenset(VipState.__dataclass_fields__)
+
+
+class Noted(TypedDict, total=False):
+    """Every field of VipState but the four that `moves.to` sets (checked against VipState's
+    fields by tests/unit/test_state_evolve.py)."""
+
+    owner: OwnerRecord | None
+    lease: int
+    valid_until: float
+    epoch: int
+    healthy: bool
+    ranking: tuple[str, ...] | None
+    joined: tuple[float, ...]
+    absent_since: float
+    last_owner: str | None
+    last_clean: bool
+    holdoff_until: float
+    retry_at: float
+    release: Release | None
+    preempt: Preempt | None
+    probed: bool
+    conflicts: int
+    changed_at: float
+    suspects: frozenset[str]
+
+
+class Changes(Noted, total=False):
+    state: State
+    sub: Sub
+    reason: str
+    why_not: str
+
+
+def evolve(s: VipState, **changes: Unpack[Changes]) -> VipState:
+    """`dataclasses.replace(s, **changes)` at a sixth of its cost: every step of the pure core makes
+    one or more (timeit, this machine: ~5.2 us with replace, ~0.8 us here, for two fields). VipState
+    has no __post_init__, no init=False field and no cached property, so copying its fields and
+    setting the changed ones builds the object replace would. mypy checks the names and types of
+    `changes` through Changes; an unknown name raises TypeError here too, as replace does."""
+    unknown = changes.keys() - _FIELDS
+    if unknown:
+        raise TypeError(f"VipState has no field {sorted(unknown)[0]!r}")
+    new = object.__new__(VipState)
+    d = new.__dict__
+    d.update(s.__dict__)
+    d.update(changes)
+    return new
 
 
 def renewed(s: VipState, lease: int, valid_until: float) -> VipState:
