@@ -32,7 +32,7 @@ from vipd.model import (Action, AddressAdded, AddressFailed, AddressRemoved, Ann
 from vipd.ownership.moves import acquire, claim, fence, give_key_back, release, released, to
 from vipd.ownership.observe import observe, track_target
 from vipd.ownership.state import (HOLDING, RETRY_CAMPAIGN, RETRY_DELETE, RETRY_REMOVE, SUBSTATES, TRANSITIONS,
-                                  Params, Release, Sub, VipState, fence_deadline, lifetime,
+                                  Params, Release, Sub, VipState, evolve, fence_deadline, lifetime,
                                   may_take_over, released_by_other, why_not_campaign)
 
 S = State
@@ -56,7 +56,7 @@ def step(p: Params, s: VipState, ev: Event, now: float) -> Result:
         raise InvalidTransition(f"{new.state.value} has no sub-state {new.sub.value} ({type(ev).__name__})")
     if new.state is S.BACKUP and new.sub is Sub.IDLE:
         if new.holdoff_until and now >= new.holdoff_until:
-            new, actions = replace(new, holdoff_until=0.0), actions + [HoldOff(False)]
+            new, actions = evolve(new, holdoff_until=0.0), actions + [HoldOff(False)]
         new, more = _campaign_if_allowed(p, new, now)
         actions = actions + more
     return new, actions
@@ -66,7 +66,7 @@ def _campaign_if_allowed(p: Params, s: VipState, now: float) -> Result:
     """BACKUP/IDLE: campaign for an absent key, adopt our own key, or clear our stale one."""
     why = why_not_campaign(p, s, now)
     if why:
-        return replace(s, why_not=why), []
+        return evolve(s, why_not=why), []
     if p.anycast:
         return acquire(p, s, now, "anycast: healthy with a live lease", 0)
     o = s.owner
@@ -105,7 +105,7 @@ def _backup_won(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, CampaignWon)
     o = ev.record
     taken = s.sub is Sub.TAKING_OVER
-    s = replace(s, owner=o)
+    s = evolve(s, owner=o)
     if not taken and s.sub is not Sub.CAMPAIGNING or o.lease != s.lease or not s.healthy \
             or now >= fence_deadline(p, s):
         # won, but can no longer serve it safely: hand the key straight back
@@ -153,14 +153,14 @@ def _backup_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Result:
 def _present_stray(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, Reconcile)
     if ev.present and not stale(s, ev) and s.sub is not Sub.REMOVING:
-        return replace(s, changed_at=now), [RemoveAddress()]
+        return evolve(s, changed_at=now), [RemoveAddress()]
     return s, []
 
 
 def _holding_lease(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, LeaseValid)
     if ev.lease != s.lease:
-        return fence(replace(s, lease=ev.lease, valid_until=ev.valid_until), "lease replaced", now)
+        return fence(evolve(s, lease=ev.lease, valid_until=ev.valid_until), "lease replaced", now)
     if s.sub is Sub.DEFERRED:
         return claim(p, s, now)
     if s.state is S.OWNER:
@@ -172,7 +172,7 @@ def _holding_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Result
     assert isinstance(ev, LeaseGone)
     if ev.lease != s.lease:
         return s, []
-    return fence(replace(s, lease=0, valid_until=0.0), "lease lost", now)
+    return fence(evolve(s, lease=0, valid_until=0.0), "lease lost", now)
 
 
 def _holding_owner(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -181,8 +181,8 @@ def _holding_owner(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if p.anycast or o.revision <= s.epoch:
         return s, []  # anycast has no key; an observation older than our claim is stale
     if o.node != p.node or o.epoch != s.epoch:
-        return fence(replace(s, owner=o), f"owner key now {o.node or 'absent'}", now)
-    return replace(s, owner=o), []
+        return fence(evolve(s, owner=o), f"owner key now {o.node or 'absent'}", now)
+    return evolve(s, owner=o), []
 
 
 def _probe_done(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -190,9 +190,9 @@ def _probe_done(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if s.sub is not Sub.PROBING:
         return s, []
     if ev.conflict is not None:
-        s = replace(s, conflicts=s.conflicts + 1)
+        s = evolve(s, conflicts=s.conflicts + 1)
         return release(s, now, f"address conflict: {ev.conflict}", clean=False)
-    return claim(p, replace(s, probed=True), now)
+    return claim(p, evolve(s, probed=True), now)
 
 
 def _added(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -253,7 +253,7 @@ def _owner_reconcile(p: Params, s: VipState, ev: Event, now: float) -> Result:
         return s, []
     if lifetime(p, s, now) < 1:
         return s, []  # the last lifetime ran out just before the fence deadline: expected when etcd is silent
-    return replace(s, changed_at=now), [ClaimAddress(fence_deadline(p, s)), Announce()]
+    return evolve(s, changed_at=now), [ClaimAddress(fence_deadline(p, s)), Announce()]
 
 
 def _holding_tick(p: Params, s: VipState, ev: Event, now: float) -> Result:
@@ -277,16 +277,16 @@ def _removed(p: Params, s: VipState, ev: Event, now: float) -> Result:
 
 
 def _remove_failed(p: Params, s: VipState, ev: Event, now: float) -> Result:
-    return (replace(s, retry_at=now + RETRY_REMOVE), []) if s.sub is Sub.REMOVING else (s, [])
+    return (evolve(s, retry_at=now + RETRY_REMOVE), []) if s.sub is Sub.REMOVING else (s, [])
 
 
 def _retry_tick(p: Params, s: VipState, ev: Event, now: float) -> Result:
     if not s.retry_at or now < s.retry_at:
         return s, []
     if s.sub is Sub.REMOVING:
-        return replace(s, retry_at=0.0, changed_at=now), [RemoveAddress()]
+        return evolve(s, retry_at=0.0, changed_at=now), [RemoveAddress()]
     if s.sub is Sub.RETRY_DELETE:
-        return give_key_back(replace(s, retry_at=0.0))
+        return give_key_back(evolve(s, retry_at=0.0))
     return s, []
 
 
@@ -307,7 +307,7 @@ def _releasing_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Resu
     assert isinstance(ev, LeaseGone)
     if ev.lease != s.lease:
         return s, []
-    s = replace(s, lease=0, valid_until=0.0)
+    s = evolve(s, lease=0, valid_until=0.0)
     if s.sub in (Sub.DELETING, Sub.RETRY_DELETE):  # addresses gone; the key went with the lease
         return released(p, s, now, f"{s.reason}; key went with the lease")
     return s, []
@@ -316,7 +316,7 @@ def _releasing_lease_gone(p: Params, s: VipState, ev: Event, now: float) -> Resu
 def _releasing_shutdown(p: Params, s: VipState, ev: Event, now: float) -> Result:
     assert isinstance(ev, ShutdownRequested)
     rel = s.release or Release(s.reason)
-    return replace(s, release=replace(rel, then=S.STOPPED, revoke=ev.revoke)), []
+    return evolve(s, release=replace(rel, then=S.STOPPED, revoke=ev.revoke)), []
 
 
 def _fenced_shutdown(p: Params, s: VipState, ev: Event, now: float) -> Result:

@@ -6,7 +6,6 @@ the key back: `released`, `give_key_back`)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from vipd.model import (Action, ClaimAddress, DeleteOwnerKey, HoldOff, OwnerRecord, ProbeConflicts, RemoveAddress,
@@ -56,7 +55,7 @@ def released(p: Params, s: VipState, now: float, reason: str) -> Result:
     backoff = 2 ** min(s.conflicts - 1, 5) if s.conflicts else 1  # back off on repeated conflicts
     holdoff = p.release_holdoff * backoff
     if not p.anycast and s.owner is not None and s.owner.node == p.node:  # we gave it back: it is absent
-        s = replace(s, owner=OwnerRecord(None, revision=s.owner.revision), last_owner=p.node,
+        s = evolve(s, owner=OwnerRecord(None, revision=s.owner.revision), last_owner=p.node,
                     last_clean=rel.clean, absent_since=now)
     return (to(s, S.BACKUP, Sub.IDLE, reason, epoch=0, release=None, retry_at=0.0,
                 holdoff_until=now + holdoff if holdoff > 0 else 0.0),

@@ -159,7 +159,8 @@ def evolve(s: VipState, **changes: Unpack[Changes]) -> VipState:
     """`dataclasses.replace(s, **changes)` at a sixth of its cost: every step of the pure core makes
     one or more (timeit, this machine: ~5.2 us with replace, ~0.8 us here, for two fields). VipState
     has no __post_init__, no init=False field and no cached property, so copying its fields and
-    setting the changed ones builds the object replace would. mypy checks the names and types of
+    setting the changed ones builds the object replace would. The core's every VipState change goes
+    through it (fsm.py, moves.py, observe.py; `renewed` for keepalives). mypy checks the names and types of
     `changes` through Changes; an unknown name raises TypeError here too, as replace does."""
     unknown = changes.keys() - _FIELDS
     if unknown:
