@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from vipd.model import (Event, HealthChanged, LeaseValid, OwnerObserved, OwnerRecord, Placement, PeerRecovered,
                         PeerSuspected, State)
-from vipd.ownership.state import HOLDING, Params, Preempt, VipState, evolve, released_by_other, renewed
+from vipd.ownership.state import HOLDING, Params, Preempt, VipState, evolve, released_by_other
 
 S = State
 
 
 def observe(p: Params, s: VipState, ev: Event, now: float) -> VipState:
     if isinstance(ev, LeaseValid) and (ev.lease == s.lease or s.state not in HOLDING):
-        return renewed(s, ev.lease, ev.valid_until)
+        return evolve(s, lease=ev.lease, valid_until=ev.valid_until)
     if isinstance(ev, HealthChanged):
         return evolve(s, healthy=ev.healthy)
     if isinstance(ev, PeerSuspected):  # (a suspect is no preferred host to hand over to)

@@ -156,12 +156,13 @@ class Changes(Noted, total=False):
 
 
 def evolve(s: VipState, **changes: Unpack[Changes]) -> VipState:
-    """`dataclasses.replace(s, **changes)` at a sixth of its cost: every step of the pure core makes
-    one or more (timeit, this machine: ~5.2 us with replace, ~0.8 us here, for two fields). VipState
-    has no __post_init__, no init=False field and no cached property, so copying its fields and
-    setting the changed ones builds the object replace would. The core's every VipState change goes
-    through it (fsm.py, moves.py, observe.py; `renewed` for keepalives). mypy checks the names and types of
-    `changes` through Changes; an unknown name raises TypeError here too, as replace does."""
+    """`dataclasses.replace(s, **changes)` without its cost: every step of the pure core makes one
+    or more, every keepalive one per owner it steps (the before/after of taking the core's changes
+    through it: README, Scale, session 19). VipState has no __post_init__, no init=False field and
+    no cached property, so copying its fields and setting the changed ones builds the object
+    replace would. Every VipState change of the core goes through it (fsm.py, moves.py,
+    observe.py). mypy checks the names and types of `changes` through Changes; an unknown name
+    raises TypeError here too, as replace does."""
     unknown = changes.keys() - _FIELDS
     if unknown:
         raise TypeError(f"VipState has no field {sorted(unknown)[0]!r}")
@@ -169,17 +170,6 @@ def evolve(s: VipState, **changes: Unpack[Changes]) -> VipState:
     d = new.__dict__
     d.update(s.__dict__)
     d.update(changes)
-    return new
-
-
-def renewed(s: VipState, lease: int, valid_until: float) -> VipState:
-    """`replace(s, lease=..., valid_until=...)` without dataclasses.replace's cost (~10 us: every
-    unit takes every keepalive, thousands of them per second at scale). Both fields are plain
-    numbers that no other field depends on."""
-    new = object.__new__(VipState)
-    new.__dict__.update(s.__dict__)
-    new.__dict__["lease"] = lease
-    new.__dict__["valid_until"] = valid_until
     return new
 
 
