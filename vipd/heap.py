@@ -15,8 +15,8 @@ from typing import Iterator
 
 @contextlib.contextmanager
 def collector_held() -> Iterator[None]:
-    """No collection while `vipd run` loads the config and the modules, and while the daemon
-    builds and starts its units (no etcd wait inside: bounded), then what was built is frozen (it
+    """No collection while the daemon builds and starts its units (vipd/app.py; no etcd wait
+    inside: bounded), then what was built is frozen (it
     lives for the whole run) and collection resumes. At 10,000 VIPs per host, full collections ran
     every ~0.5-1 s while the units were built, each walking the growing heap again for 0.2-0.35 s,
     every thread stopped: the heartbeats too, so the peers suspected a host that was only starting.
@@ -37,12 +37,11 @@ def collector_held() -> Iterator[None]:
 def full_collections_held() -> Iterator[None]:
     """No full collection while `vipd run` loads the config and the modules (the young ones go on,
     so the load's own garbage is freed as it goes), then what was loaded is frozen and the
-    thresholds are restored. Holding every collection (collector_held) loaded ~26 ms faster but
-    left ~0.9 MiB more resident (the garbage piled up before anything freed it), and idle RSS at
-    10 VIPs sits right at its 50 MiB bound; holding only the full ones kept the RSS and ~11 ms:
-    fresh interpreter, 9 runs each, medians of `import trio; from vipd import app`: 258 ms plain,
-    232 ms / +0.9 MiB all held, 247 ms / +0.0 MiB full ones held (the measuring script is in the
-    commit that added this)."""
+    thresholds are restored. Holding every collection here (collector_held) left more resident
+    (the load's garbage piled up before anything freed it), and idle RSS at 10 VIPs sits right at
+    its 50 MiB bound. `bench/scale.py --host-vips 0 --cluster-vips 0 --runs 3`, three times each,
+    alternated (5aeb4b3 nothing held / c7d031f all held / 6c2ae1c full ones held): start to ready,
+    median of 9, 0.456 / 0.420 / 0.42 s; idle RSS 49.6-49.8 / 50.3-50.5 / 49.6-49.7 MiB."""
     threshold = gc.get_threshold()
     gc.set_threshold(threshold[0], threshold[1], 1 << 30)
     try:
@@ -65,8 +64,9 @@ def freeze_heap() -> int:
     """Take every object alive now out of the collector's sight (gc.freeze), and consider full
     collections 100 times less often from now on (OLDEST_AFTER); returns how many were frozen.
 
-    Called once, when the daemon is ready (`collector_held` froze three times before: what `vipd
-    run` loaded, the daemon built, its units started): the config, every unit, its controller and
+    Called once, when the daemon is ready (frozen three times before: what `vipd run` loaded, by
+    `full_collections_held`; what the daemon built and its units started, by `collector_held`):
+    the config, every unit, its controller and
     the imported modules live for the whole run, and every full collection walked them all again,
     each stopping the heartbeat thread too (1,000 + 1,000 VIPs, the collector's share of a core at
     rest: 0.44-0.51 % -> 0.29-0.32 %, `bench/scale.py --host-vips 1000 --cluster-vips 0
