@@ -49,3 +49,31 @@ async def test_missing_nics_make_their_units_unfit_and_a_reload_is_seen(monkeypa
     present.add("eth2")
     await watch.refresh()
     assert watch.missing == frozenset() and fitness.reasons == {}
+
+
+async def test_a_failed_listing_is_one_error_line_and_changes_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The interface listing fails (netlink): one `interface_list_failed` line naming the error; the
+    missing set and every unit's fitness stay as the last good listing left them."""
+    from vipd import log
+    from vipd.errors import DataplaneError
+
+    log.setup("info")
+    present = {"eth0"}
+    monkeypatch.setattr(interfaces, "_names", lambda nl: set(present))
+    units = (unit("a", "10.0.0.1/32", "eth0"), unit("b", "10.0.0.2/32", "eth1"))
+    fitness = Fitness()
+    watch = InterfaceWatch(Netlink(), fitness, lambda: units)  # type: ignore[arg-type]
+    await watch.refresh()
+    assert watch.missing == {"eth1"} and fitness.reasons == {"b": "interface eth1 missing"}
+
+    def fail(nl: object) -> set[str]:
+        raise DataplaneError("list interfaces: ENOBUFS")
+
+    monkeypatch.setattr(interfaces, "_names", fail)
+    capsys.readouterr()
+    await watch.refresh()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "event=interface_list_failed" in lines[0] and "ENOBUFS" in lines[0], lines
+    assert "Traceback" not in lines[0]
+    assert watch.missing == {"eth1"} and fitness.reasons == {"b": "interface eth1 missing"}
