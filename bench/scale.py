@@ -138,6 +138,51 @@ def claim_phases(path: Path, granted: float) -> dict[str, Any]:
             "campaigns_won_last_s": round(max(won), 3) if won else None, "campaigns_won": len(won)}
 
 
+_TRANSITION_RE = re.compile(r"^(\S+)Z \w+ event=transition vip=(\S+) .*?from=(\w+) to=(\w+)")
+
+
+def _transitions(path: Path, since: float, moves: set[tuple[str, str]]) -> dict[tuple[str, str], dict[str, float]]:
+    """(from, to) -> {unit: seconds from `since` (time.time()) to its first such transition after it}."""
+    out: dict[tuple[str, str], dict[str, float]] = {m: {} for m in moves}
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        m = _TRANSITION_RE.match(line)
+        if m and (m.group(3), m.group(4)) in moves:
+            t = dt.datetime.fromisoformat(m.group(1)).replace(tzinfo=dt.timezone.utc).timestamp() - since
+            if t >= 0:
+                out[(m.group(3), m.group(4))].setdefault(m.group(2), t)
+    return out
+
+
+def stop_phases(stopping: Path, takers: list[Path], since: float) -> dict[str, Any]:
+    """Where a planned stop's time goes, per unit the stopping host owned, from the logs: from its
+    SIGTERM (`since`, time.time()) to its OWNER -> RELEASING (the stop reached the unit); from there
+    to its RELEASING -> STOPPED (its addresses removed, then its key's mark landed); from that
+    mark to a taker's BACKUP -> ACQUIRING (its watch saw the mark, the unit campaigned and won);
+    from there to that taker's ACQUIRING -> OWNER (its address added). p50 / p90 / max of each."""
+    mine = _transitions(stopping, since, {("owner", "releasing"), ("releasing", "stopped")})
+    reached, marked = mine[("owner", "releasing")], mine[("releasing", "stopped")]
+    campaign: dict[str, float] = {}
+    owned: dict[str, float] = {}
+    for path in takers:
+        theirs = _transitions(path, since, {("backup", "acquiring"), ("acquiring", "owner")})
+        for unit, t in theirs[("backup", "acquiring")].items():
+            if unit in marked and t < campaign.get(unit, math.inf):
+                campaign[unit] = t
+                owned.pop(unit, None)
+                if unit in theirs[("acquiring", "owner")]:
+                    owned[unit] = theirs[("acquiring", "owner")][unit]
+
+    def spread(values: list[float]) -> dict[str, Any]:
+        v = sorted(values)
+        pick = lambda q: round(v[min(len(v) - 1, int(q * len(v)))], 3) if v else None  # noqa: E731
+        return {"p50_s": pick(0.5), "p90_s": pick(0.9), "max_s": round(v[-1], 3) if v else None, "n": len(v)}
+
+    return {"reached": spread(list(reached.values())),
+            "marked_after_reached": spread([marked[u] - reached[u] for u in marked if u in reached]),
+            "campaign_after_mark": spread([campaign[u] - marked[u] for u in campaign]),
+            "owned_after_campaign": spread([owned[u] - campaign[u] for u in owned])}
+
+
 _ANNOUNCED_RE = re.compile(r"^(\S+)Z \w+ event=(announced|announce_failed) vip=\S+ address=([^/\s]+)")
 
 
@@ -479,6 +524,8 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
             revoked = log_time(cluster.log_path(stop), "lease_revoked")  # (its log is complete once it exited)
             result["planned_stop"]["lease_revoked_s"] = round(revoked - wall, 3) if revoked else None
             result["planned_stop"]["keys_marked_s"] = keys_marked(cluster.log_path(stop), wall)
+            result["planned_stop"]["phases"] = stop_phases(cluster.log_path(stop), [cluster.log_path(h) for h in rest],
+                                                           wall)
             for _ in range(50):  # their last bursts are a few intervals after the last claim: up to 5 s more
                 result["planned_stop"]["announced"] = announced([cluster.log_path(h) for h in rest], moved, wall,
                                                                 held_at)
@@ -631,6 +678,13 @@ def main() -> int:
                  [f"3 hosts, {m} VIPs: its SIGTERM to its first / last key marked released (s)",
                   " / ".join(str(med([c.get("planned_stop", {}).get("keys_marked_s", {}).get(k) for c in cs]))
                              for k in ("first_s", "last_s"))],
+                 *[[f"3 hosts, {m} VIPs: stop phase, {label}, p50 / p90 / max (s)",
+                    " ; ".join("{p50_s} / {p90_s} / {max_s}".format(**c["planned_stop"]["phases"][key])
+                               for c in cs if "phases" in c.get("planned_stop", {}))]
+                   for key, label in (("reached", "SIGTERM to the unit's RELEASING"),
+                                      ("marked_after_reached", "then to its key marked"),
+                                      ("campaign_after_mark", "then to a taker's campaign won"),
+                                      ("owned_after_campaign", "then to the taker owning it"))],
                  [f"3 hosts, {m} VIPs: its SIGTERM to its lease revoked (s)",
                   med([c.get("planned_stop", {}).get("lease_revoked_s") for c in cs])],
                  [f"3 hosts, {m} VIPs: successor renames per run (all hosts)",
