@@ -101,6 +101,9 @@ class Succession(Tokens, Planning):
         self._records: dict[str, OwnerRecord] = {}  # latest record of every unit (from OwnerKeys)
         self._naming: dict[str, tuple[str | None, Generation | None]] = {}  # rename in flight: unit -> (target, its gen then)
         self._suspected_at: dict[str, float] = {}  # peer -> last suspicion
+        # unit -> (revision, generation of the successor it names seen when the transaction started)
+        # of the record our last successful rename wrote (vipd/succession.py `_rewritten_since`)
+        self._fresh: dict[str, tuple[int, Generation | None]] = {}
         self._uncertain: dict[str, dict[str, Generation | None]] = {}  # unit -> target of a rename of unknown
         # outcome -> the generation seen when the first such rename started
         self._eligible_since: dict[str, float] = {}  # peer -> since when it could be named (as last planned)
@@ -169,17 +172,27 @@ class Succession(Tokens, Planning):
         leaves the configuration before it stops granting)."""
         await self._unnamed.wait()
 
-    def _all_renamed(self, peer: str, ours: set[str], renamed: set[str]) -> bool:
-        """Some unit of ours depends on `peer`, and every one that does is in `renamed`. Stops at
-        the first that is not: a plan of thousands of units goes out in batches, and each batch
-        but the last finds one at once."""
-        naming = False
+    def _rewritten_since(self, peer: str, ours: set[str]) -> Generation | None:
+        """The generation of `peer` that may be validated: some unit of ours depends on it, and
+        the record of every one that does names it as written by a transaction of ours (a
+        rename, or a rewrite naming it again) that started after we had seen that generation;
+        the oldest such (each transaction saw its own). None if a unit is not so (never
+        rewritten, changed since by another write, a rename of unknown outcome). A plan of
+        thousands of units goes out in batches of RENAME_BATCH, so this spans the batches of a
+        pass: before, each batch only counted its own units, and with more than one batch of
+        units naming a peer whose generation had moved (a false suspicion) the generation was
+        never validated: every pass rewrote them all again while their tokens stayed closed
+        (tests/unit/test_succession.py, 250 units). Stops at the first unit that is not."""
+        oldest: Generation | None = None
         for u in ours:
             if peer in self._depends(u):
-                if u not in renamed:
-                    return False
-                naming = True
-        return naming
+                rec, fresh = self._records.get(u), self._fresh.get(u)
+                if (rec is None or fresh is None or fresh[0] != rec.revision or rec.successor != peer
+                        or fresh[1] is None or u in self._uncertain or u in self._naming):
+                    return None
+                if oldest is None or fresh[1] < oldest:
+                    oldest = fresh[1]
+        return oldest
 
     def on_peer_event(self, ev: PeerEvent) -> None:
         """From the heartbeat transport (its task; never blocks)."""
@@ -385,16 +398,17 @@ class Succession(Tokens, Planning):
                 self._version += 1
             self.observe(unit, now)
             if ok:
+                self._fresh[unit] = (now.revision, seen.get(want) if want else None)
                 self.renames += 1
                 if want != rec.successor:
                     log.info("successor_named", vip=unit, successor=want or "-", previous=rec.successor or "-")
         # a peer's generation is validated once every record of ours naming it was rewritten by a
-        # transaction started after we saw that generation
-        renamed = {u for u, _, _ in plan if results.get(u, (False,))[0]}
+        # transaction started after we saw that generation (in this batch or an earlier one)
         ours = self._ours()  # (once: per peer it was O(units) each, in every batch of a plan)
         for peer, gen in seen.items():
-            if gen is not None and self._all_renamed(peer, ours, renamed):
-                self._peers.validate(peer, gen)
+            valid = self._rewritten_since(peer, ours) if gen is not None else None
+            if valid is not None:
+                self._peers.validate(peer, valid)
         self._refresh.set()
         if not results:
             await trio.sleep(RETRY)

@@ -838,3 +838,45 @@ def test_acks_wake_the_loop_only_while_something_here_follows_them():
             n.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_new_generation_is_validated_by_one_rewrite_of_more_units_than_a_transaction_holds():
+    """The peer named successor of 250 units (3 rename transactions) suspected us and was heard
+    again: its echoes carry a new generation, which counts only once every record naming it was
+    rewritten after we saw it. One pass of rewrites (3 transactions) validates it and every
+    token opens again. Before, each transaction counted only its own 100 units: the generation
+    was never validated, every pass rewrote the 250 again, and their tokens stayed closed."""
+    from vipd.succession import RENAME_BATCH
+
+    async def main() -> None:
+        units, s, fence, keys, peers = await owning_many(250, trio.current_time())
+        rename = keys.rename
+
+        async def slow(items):  # type: ignore[no-untyped-def]
+            await trio.sleep(0.02)  # (an etcd round trip: the planner's loop awaits it)
+            return await rename(items)
+
+        keys.rename = slow  # type: ignore[method-assign]
+
+        async def beat(rounds: int, gen: int) -> None:
+            for _ in range(rounds):
+                peers.heartbeat(trio.current_time(), gen=gen)
+                s.on_peer_event(Acked("h2", 0.0))
+                await s.arm_many([([v], trio.current_time() + 60.0) for v in units])  # (the keepalives)
+                await trio.sleep(H)
+
+        async with trio.open_nursery() as n:
+            await n.start(s.run)
+            await trio.sleep(HOLD_DOWN + 0.01)
+            await beat(50, 0)
+            assert all(s.successor(v.name) == "h2" for v in units)
+            assert len(keys.renames) == -(-250 // RENAME_BATCH)
+            named = len(keys.renames)
+            await beat(100, 1)  # h2 suspected us (generation 1) and hears us again
+            assert peers.links["h2"].validated == (S_INC, 1)
+            assert all(s.successor(v.name) == "h2" for v in units)
+            assert len(keys.renames) - named == -(-250 // RENAME_BATCH)  # one pass of rewrites, no more
+            assert all(fence.until[v.name] > trio.current_time() for v in units)  # served again
+            n.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
