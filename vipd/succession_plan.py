@@ -1,5 +1,5 @@
-"""Fast takeover, the owner's plan: which peer each unit it owns should name as successor, and
-when to look again (a mixin of vipd.succession.Succession, whose state it reads; the rules are
+"""Fast takeover, the owner's plan: which peer each unit it owns should name as successor, when
+to look again, and when a peer's newer generation may count (a mixin of vipd.succession.Succession, whose state it reads; the rules are
 stated in that module's docstring, under Liveness)."""
 
 from __future__ import annotations
@@ -34,8 +34,12 @@ class Planning:
     _short_kept: set[str]  # peers short of grant but not late, as of the last _plan_inputs: kept as successor
     _version: int
 
+    _fresh: dict[str, tuple[int, Generation | None]]
+    _uncertain: dict[str, dict[str, Generation | None]]
+
     if TYPE_CHECKING:
         def _peers_used(self) -> tuple[set[str], set[str]]: ...
+        def _depends(self, unit: str) -> list[str]: ...
 
     def _eligible(self, peer: str, now: float) -> bool:
         link = self._peers.link(peer)
@@ -139,3 +143,35 @@ class Planning:
         times += [t + REBALANCE_AFTER for t in self._eligible_since.values() if t + REBALANCE_AFTER > now]
         return min(times, default=now + 1.0)
 
+    # ---- when a peer's generation counts (the argument: vipd/succession.py) ----------------------
+
+    def _validate_unused(self) -> None:
+        """A peer no record of ours depends on cannot take anything over from us: accept its generation."""
+        used = self._peers_used()[1]
+        for peer in self._peers.peer_names():
+            link = self._peers.link(peer)
+            if peer not in used and link is not None and link.peer_gen is not None and (
+                    link.validated is None or link.peer_gen > link.validated):
+                self._peers.validate(peer, link.peer_gen)
+
+    def _rewritten_since(self, peer: str, ours: set[str]) -> Generation | None:
+        """The generation of `peer` that may be validated: some unit of ours depends on it, and
+        the record of every one that does names it as written by a transaction of ours (a
+        rename, or a rewrite naming it again) that started after we had seen that generation;
+        the oldest such (each transaction saw its own). None if a unit is not so (never
+        rewritten, changed since by another write, a rename of unknown outcome). A plan of
+        thousands of units goes out in batches of RENAME_BATCH, so this spans the batches of a
+        pass: before, each batch only counted its own units, and with more than one batch of
+        units naming a peer whose generation had moved (a false suspicion) the generation was
+        never validated: every pass rewrote them all again while their tokens stayed closed
+        (tests/unit/test_succession.py, 250 units). Stops at the first unit that is not."""
+        oldest: Generation | None = None
+        for u in ours:
+            if peer in self._depends(u):
+                rec, fresh = self._records.get(u), self._fresh.get(u)
+                if (rec is None or fresh is None or fresh[0] != rec.revision or rec.successor != peer
+                        or fresh[1] is None or u in self._uncertain or u in self._naming):
+                    return None
+                if oldest is None or fresh[1] < oldest:
+                    oldest = fresh[1]
+        return oldest

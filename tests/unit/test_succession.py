@@ -155,7 +155,7 @@ async def owning_and_heard(s: Succession, peers: Peers, now: float, gen: int = 0
 async def owning_many(n: int, now: float, placement: Any = lambda u: ("h1", "h2"),
                       ) -> tuple[list[VipSpec], Succession, Fence, Keys, Peers]:
     """We own n one-VIP units (armed to the etcd horizon, a minute away), nobody named yet."""
-    units = [VipSpec(f"v{i}", ipaddress.ip_interface(f"10.0.1.{i}/32"), "eth0") for i in range(n)]
+    units = [VipSpec(f"v{i}", ipaddress.ip_interface(f"10.{i // 256}.1.{i % 256}/32"), "eth0") for i in range(n)]
     s, fence, keys, peers, _ = make(now, placement)
     for v in units:
         s.observe(v.name, OwnerRecord("h1", 11, 7, 11))
@@ -878,5 +878,42 @@ def test_a_new_generation_is_validated_by_one_rewrite_of_more_units_than_a_trans
             assert len(keys.renames) - named == -(-250 // RENAME_BATCH)  # one pass of rewrites, no more
             assert all(fence.until[v.name] > trio.current_time() for v in units)  # served again
             n.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_transactions_of_a_pass_go_out_side_by_side_and_validate_once_all_committed():
+    """1,000 units naming h2 are rewritten after h2's generation moved: 10 transactions,
+    RENAME_PARALLEL in flight at once (one after the other, the VIPs stayed dark for all ten round
+    trips), and the generation is validated only once the last of them committed."""
+    from vipd.succession import RENAME_BATCH, RENAME_PARALLEL
+
+    async def main() -> None:
+        units, s, fence, keys, peers = await owning_many(1000, trio.current_time())
+        await trio.sleep(HOLD_DOWN + 0.01)
+        peers.heartbeat(trio.current_time())
+        await s._rename_all(s._plan(trio.current_time()))
+        assert all(s.successor(v.name) == "h2" for v in units)
+        peers.heartbeat(trio.current_time(), gen=1)  # h2 suspected us, and hears us again
+        rename, flying, most, validated_early = keys.rename, 0, 0, False
+
+        async def slow(items):  # type: ignore[no-untyped-def]
+            nonlocal flying, most, validated_early
+            flying += 1
+            most = max(most, flying)
+            await trio.sleep(0.05)  # (an etcd round trip)
+            validated_early |= peers.links["h2"].validated == (S_INC, 1)
+            flying -= 1
+            return await rename(items)
+
+        keys.rename = slow  # type: ignore[method-assign]
+        plan = s._plan(trio.current_time())
+        assert len(plan) == 1000
+        t0 = trio.current_time()
+        await s._rename_all(plan)
+        batches = -(-1000 // RENAME_BATCH)
+        assert 1 < most <= RENAME_PARALLEL
+        assert trio.current_time() - t0 <= -(-batches // most) * 0.05 + 0.01 < batches * 0.05
+        assert not validated_early and peers.links["h2"].validated == (S_INC, 1)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
