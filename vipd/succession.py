@@ -306,7 +306,8 @@ class Succession(Tokens, Planning):
                 # has no version), not at every wake: the grant checks wake this loop every ~L/2
                 inputs = self._plan_inputs(now)
                 plan = []
-                if inputs != planned or now - planned_at >= PLAN_EVERY or self._replan:
+                if self._flush_done is None and (  # (once a stop began no successor is named: no pass)
+                        inputs != planned or now - planned_at >= PLAN_EVERY or self._replan):
                     self._replan = False
                     plan, planned, planned_at = self._plan(now), inputs, now
                 if plan:
