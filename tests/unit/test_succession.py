@@ -917,3 +917,35 @@ def test_the_transactions_of_a_pass_go_out_side_by_side_and_validate_once_all_co
         assert not validated_early and peers.links["h2"].validated == (S_INC, 1)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_planner_makes_no_pass_once_a_stop_began():
+    """A stopping host's units disarm one by one, and each disarm changes what the planner reads:
+    before, each woke a pass over every unit, for renames that are no longer sent."""
+    async def main() -> None:
+        units, s, fence, keys, peers = await owning_many(20, trio.current_time())
+        passes = 0
+        plan = s._plan
+
+        def counted(t: float) -> Any:
+            nonlocal passes
+            passes += 1
+            return plan(t)
+
+        s._plan = counted  # type: ignore[method-assign]
+        async with trio.open_nursery() as n:
+            await n.start(s.run)
+            await trio.sleep(HOLD_DOWN + 0.01)
+            await acked(s, peers, 5)
+            assert passes and all(s.successor(v.name) == "h2" for v in units)
+            s.begin_stop()
+            await s.flush_tokens()  # (as Daemon.stop does: each unit's disarm waits for it)
+            passes = 0
+            for v in units:
+                await s.disarm([v])
+                await acked(s, peers, 1)
+            await trio.sleep(2.0)  # (past PLAN_EVERY too)
+            assert passes == 0 and keys.renames and len(keys.renames) == 1
+            n.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
