@@ -26,8 +26,9 @@ moment of sending (the transport drains its socket first). vipd/peers/protocol.p
 token O armed from an echo S sent before deciding ends before S's decision: sent_at(k) + L <
 acked_at + G <= decision, given G - L > (G + L) * eps + d + tick (clock-rate error, clock read to
 kernel arm, nft tick; the defaults leave ~35 ms for d). Echoes S sends after deciding carry a newer
-suspicion generation; O counts them only after `validate`, which it calls only when a transaction
-that O started after seeing that generation rewrote every record of its own naming S (so any
+suspicion generation; O counts them only after `validate`, which it calls only when every record of
+its own naming S was rewritten by a transaction that O started after seeing that generation (one
+per record suffices: each compare is on its own key; so any
 takeover transaction of S comparing an older revision fails, and a later one needs a fresh
 suspicion, whose echoes again carry a newer generation). While a rename from S1 to S2 is in
 flight the token is bounded by both grants (armed so BEFORE the transaction is sent: a commit can
