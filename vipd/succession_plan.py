@@ -1,6 +1,6 @@
 """Fast takeover, the owner's plan: which peer each unit it owns should name as successor, when
-to look again, and when a peer's newer generation may count (a mixin of vipd.succession.Succession, whose state it reads; the rules are
-stated in that module's docstring, under Liveness)."""
+to look again, and when a peer's newer generation may count (a mixin of vipd.succession.Succession,
+whose state it reads; the rules are stated in that module's docstring, under Liveness)."""
 
 from __future__ import annotations
 

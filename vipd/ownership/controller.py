@@ -216,7 +216,6 @@ class Controller(ChildTasks):
         kept = self._kept
         return kept.valid_until if kept is not None and kept.lease == self.state.lease else self.state.valid_until
 
-
     def _log_step(self, old: VipState, ev: Event, actions: list[Action]) -> None:
         new = self.state
         if isinstance(ev, Reconcile) and ev.missing and old.state is State.OWNER and new.state is State.OWNER:
