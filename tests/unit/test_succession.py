@@ -216,6 +216,20 @@ def test_a_replaced_record_closes_the_token_whatever_the_controller_asks():
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+class Passes:
+    """Counts the planner's passes over the units (`Succession._plan`) from now on."""
+
+    def __init__(self, s: Succession) -> None:
+        self.n = 0
+        plan = s._plan
+
+        def counted(t: float) -> Any:
+            self.n += 1
+            return plan(t)
+
+        s._plan = counted  # type: ignore[method-assign]
+
+
 def test_generation_is_validated_only_when_every_record_naming_the_peer_was_rewritten():
     async def main() -> None:
         now = trio.current_time()
@@ -566,15 +580,7 @@ def test_the_planner_passes_over_the_units_only_when_what_it_reads_changes():
     from vipd.succession import PLAN_EVERY
     async def main() -> None:
         units, s, fence, keys, peers = await owning_many(20, trio.current_time())
-        passes = 0
-        plan = s._plan
-
-        def counted(t: float) -> Any:
-            nonlocal passes
-            passes += 1
-            return plan(t)
-
-        s._plan = counted  # type: ignore[method-assign]
+        passes = Passes(s)
         async with trio.open_nursery() as n:
             await n.start(s.run)
             await trio.sleep(HOLD_DOWN + 0.01)
@@ -583,12 +589,12 @@ def test_the_planner_passes_over_the_units_only_when_what_it_reads_changes():
                 s.on_peer_event(Acked("h2", 0.0))
                 await trio.sleep(H)
             assert all(s.successor(v.name) == "h2" for v in units)
-            passes = 0
+            passes.n = 0
             for _ in range(200):  # 2 s of acks
                 peers.heartbeat(trio.current_time())
                 s.on_peer_event(Acked("h2", 0.0))
                 await trio.sleep(H)
-            assert passes <= 2 / PLAN_EVERY + 2, passes
+            assert passes.n <= 2 / PLAN_EVERY + 2, passes.n
             silent = trio.current_time()
             for _ in range(100):  # h2 falls silent: we keep sending, nothing is echoed
                 if s.successor(units[0].name) != "h2":
@@ -924,28 +930,20 @@ def test_the_planner_makes_no_pass_once_a_stop_began():
     before, each woke a pass over every unit, for renames that are no longer sent."""
     async def main() -> None:
         units, s, fence, keys, peers = await owning_many(20, trio.current_time())
-        passes = 0
-        plan = s._plan
-
-        def counted(t: float) -> Any:
-            nonlocal passes
-            passes += 1
-            return plan(t)
-
-        s._plan = counted  # type: ignore[method-assign]
+        passes = Passes(s)
         async with trio.open_nursery() as n:
             await n.start(s.run)
             await trio.sleep(HOLD_DOWN + 0.01)
             await acked(s, peers, 5)
-            assert passes and all(s.successor(v.name) == "h2" for v in units)
+            assert passes.n and all(s.successor(v.name) == "h2" for v in units)
             s.begin_stop()
             await s.flush_tokens()  # (as Daemon.stop does: each unit's disarm waits for it)
-            passes = 0
+            passes.n = 0
             for v in units:
                 await s.disarm([v])
                 await acked(s, peers, 1)
             await trio.sleep(2.0)  # (past PLAN_EVERY too)
-            assert passes == 0 and keys.renames and len(keys.renames) == 1
+            assert passes.n == 0 and keys.renames and len(keys.renames) == 1
             n.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
