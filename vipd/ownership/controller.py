@@ -41,7 +41,7 @@ class Controller(ChildTasks):
                  takeover: TakeoverPort | None = None) -> None:
         self.name = unit.name
         self.vips = unit.vips
-        # (for the log lines: formatting an IPv6 address was ~4 % of a stopping host's loop)
+        # (for the log lines, formatted once: a stopping host logs a transition for every unit)
         self.addresses = ",".join(str(v.address) for v in unit.vips)
         self.params = params
         self._addresses = addresses
