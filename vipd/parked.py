@@ -102,16 +102,16 @@ class ParkedOwners:
         is not due by as the full check would (same lease, no deadline moved earlier)."""
         return lease == self._lease and valid_until >= self._need
 
-    def to_check(self, due_before: float) -> tuple[set[str], list[str]]:
+    def to_check(self, due_before: float) -> tuple[set[str], set[str]]:
         """The entries a keepalive must look at: (stirred ones, to check in full; those whose
         lifetime ends before `due_before` (now + hold) and that were not stirred: due, so the full
         check would only find that again). Stale heap entries are dropped."""
         heap, entries = self._heap, self.entries
         stirred, self._stirred = self._stirred, set()
-        due = []
+        due: set[str] = set()
         while heap and heap[0][0] < due_before:
             ends, name = heapq.heappop(heap)
             p = entries.get(name)
             if p is not None and p.ends == ends and name not in stirred:
-                due.append(name)
+                due.add(name)
         return stirred, due

@@ -216,8 +216,7 @@ class HostRefresh:
         parked = self._parked
         if self._hold > 0 and parked and parked.ends_ok(ev.lease, ev.valid_until):
             # the parked owners that come due or changed; every other one is passed by as it is
-            stirred, due = parked.to_check(trio.current_time() + self._hold)
-            self._due = set(due)
+            stirred, self._due = parked.to_check(trio.current_time() + self._hold)
             check = stirred | self._due
             units = [c for name, c in self._controllers.items() if name not in parked or name in check]
         else:
