@@ -947,3 +947,44 @@ def test_the_planner_makes_no_pass_once_a_stop_began():
             n.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_pass_with_one_transaction_lost_to_etcd_validates_nothing_until_that_one_is_answered(caplog):
+    """etcd unreachable for one of a pass's side-by-side transactions (300 units naming h2, whose
+    generation moved): the others commit, the lost one's units may be named in etcd or not
+    (unknown outcome), so h2's new generation stays unvalidated and their tokens stay bounded
+    as before; one `successor_rename_failed` line, no traceback. The next pass rewrites them and
+    validates it."""
+    import logging
+
+    from vipd.errors import EtcdUnavailable
+
+    async def main() -> None:
+        caplog.set_level(logging.INFO, logger="vipd")
+        units, s, fence, keys, peers = await owning_many(300, trio.current_time())
+        await trio.sleep(HOLD_DOWN + 0.01)
+        peers.heartbeat(trio.current_time())
+        await s._rename_all(s._plan(trio.current_time()))
+        peers.heartbeat(trio.current_time(), gen=1)
+        rename, lost = keys.rename, []
+
+        async def flaky(items):  # type: ignore[no-untyped-def]
+            await trio.sleep(0.02)
+            if not lost and any(name == "v150" for name, _, _ in items):
+                lost.extend(name for name, _, _ in items)
+                raise EtcdUnavailable("etcd: connection refused")
+            return await rename(items)
+
+        keys.rename = flaky  # type: ignore[method-assign]
+        await s._rename_all(s._plan(trio.current_time()))
+        assert len(lost) == 100
+        assert peers.links["h2"].validated == (S_INC, 0)
+        assert set(s._uncertain) == set(lost)
+        assert sum("successor_rename_failed" in r.getMessage() for r in caplog.records) == 1
+        assert "Traceback" not in caplog.text
+        plan = s._plan(trio.current_time())
+        assert len(plan) == 300  # (every unit still names a peer whose generation is not validated)
+        await s._rename_all(plan)
+        assert peers.links["h2"].validated == (S_INC, 1) and not s._uncertain
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
