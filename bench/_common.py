@@ -163,6 +163,43 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
 
 
+class CpuToExit:
+    """A process's CPU seconds from now until it exits: read every 20 ms on a thread of its own
+    until the process is a zombie (its figures are final then; whoever reaps it does so later)."""
+
+    def __init__(self, pid: int, timeout: float = 30.0) -> None:
+        import threading
+
+        self.pid = pid
+        self.start_s = proc_cpu_seconds(pid)
+        self.last_s = self.start_s
+        self.exited = False
+        self._thread = threading.Thread(target=self._run, args=(timeout,), daemon=True)
+        self._thread.start()
+
+    def _run(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                stat = Path(f"/proc/{self.pid}/stat").read_text()
+            except OSError:  # reaped already: the last read stands
+                return
+            self.last_s = proc_cpu_seconds(self.pid) if ") Z " not in stat else self._final(stat)
+            if self.exited:
+                return
+            time.sleep(0.02)
+
+    def _final(self, stat: str) -> float:
+        self.exited = True
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def result(self) -> float | None:
+        """CPU seconds used until the exit (None if it was not seen exiting)."""
+        self._thread.join()
+        return round(self.last_s - self.start_s, 2) if self.exited else None
+
+
 def proc_wakeups(pid: int) -> int:
     """Voluntary context switches of the process's main thread (vipd's trio loop): each is a sleep
     that ended in a wake-up, which this machine charges heavily (bench/machine.py)."""

@@ -25,7 +25,9 @@ and successor renames (churn: a live successor is kept) at steady state; then a 
 stop (SIGTERM) of the host holding the most VIPs: per VIP, when another host holds it
 (p10/p50/p90/all, polled every ~50 ms), when it was announced there (the `announced` line,
 after its last burst) and how many announcements failed, when the stopping host had marked its
-first and last key released (`keys_marked_s`) and when it revoked its lease, and how many of
+first and last key released (`keys_marked_s`) and when it revoked its lease, the CPU seconds it
+used from the signal to its exit (`stopping_host_cpu_s`) and the takers until all were held
+(`cpu_s`), and how many of
 the other hosts' VIPs their own token fence dropped meanwhile (a successor's grant with no
 live element darkens its whole group: read every 20 ms by bench/_fence_sample.py, and for 2 s
 at rest before the signal, `dark_at_rest`, as a check);
@@ -513,6 +515,7 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
             sampler = FenceSampler(rest)  # from the signal until the announcements are in
             sampler.start()
             t1, wall = time.monotonic(), time.time()
+            stopping_cpu = C.CpuToExit(pid_of[stop.name])
             cluster.signal(stop, signal.SIGTERM)
             held_at: dict[Any, float] = {}
             result["planned_stop"] = moves(lab, moved, rest, t1, 60, held_at)
@@ -520,6 +523,7 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
             result["planned_stop"]["all_held_elsewhere_s"] = result["planned_stop"]["all_s"]
             result["planned_stop"]["cpu_s"] = [round(C.proc_cpu_seconds(pid_of[h.name]) - c, 2)
                                                for h, c in zip(rest, cpu0)]
+            result["planned_stop"]["stopping_host_cpu_s"] = stopping_cpu.result()  # (before it is reaped)
             cluster.procs[stop.name].wait(30)
             revoked = log_time(cluster.log_path(stop), "lease_revoked")  # (its log is complete once it exited)
             result["planned_stop"]["lease_revoked_s"] = round(revoked - wall, 3) if revoked else None
@@ -687,6 +691,10 @@ def main() -> int:
                                       ("owned_after_campaign", "then to the taker owning it"))],
                  [f"3 hosts, {m} VIPs: its SIGTERM to its lease revoked (s)",
                   med([c.get("planned_stop", {}).get("lease_revoked_s") for c in cs])],
+                 [f"3 hosts, {m} VIPs: CPU from its SIGTERM: its own to its exit / the takers' until all held (s)",
+                  " ; ".join(f"{c['planned_stop'].get('stopping_host_cpu_s')} / "
+                             + " + ".join(str(x) for x in c["planned_stop"].get("cpu_s", []))
+                             for c in cs if "planned_stop" in c)],
                  [f"3 hosts, {m} VIPs: successor renames per run (all hosts)",
                   " / ".join(str(sum(c.get("successor_renames", {}).values())) for c in cs)],
                  [f"3 hosts, {m} VIPs: then the busier other SIGKILL, the last holds its VIPs p50 / p90 / all (s)", dist("crash")]]
