@@ -272,6 +272,7 @@ class Daemon(KernelView, DuplicateWatching):
         # fence closed and their announcements were refused until a rename; a stopped standby's
         # owner went dark for 20-40 ms (tests/lab/test_fast_takeover.py, 40 VIPs: 3 of 3 before)
         self.stopping = True
+        self.directory.stop_placing()
         self.fitness.stopping()
         self.succession.begin_stop()  # no token is armed from now on; one flush removes them all below
         self.broadcast(ShutdownRequested(revoke=True))  # the lease is revoked after: keys are only marked

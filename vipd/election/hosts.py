@@ -123,6 +123,7 @@ class HostDirectory:
         self._changed = trio.Event()  # set (and replaced) at every recompute: see wait()
         self._memo = PlacementMemo()
         self._dirty = trio.Event()  # host keys changed since the last placement (see _recomputer)
+        self._placing = True  # False once the daemon stops (stop_placing)
         self.listeners: list[Callable[[], None]] = []  # told after every placement (the successor planner)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -159,10 +160,20 @@ class HostDirectory:
         while True:
             await self._dirty.wait()
             self._dirty = trio.Event()
+            if not self._placing:
+                return
             units, hosts = self._units, dict(self.hosts)
             answer = await trio.to_thread.run_sync(placements, units, hosts, self._memo)
             if units is self._units:  # (else a reload placed the new units meanwhile, on the loop)
                 self._apply(answer)
+
+    def stop_placing(self) -> None:
+        """The daemon stops: host-key changes are no longer placed. Its own presence turning
+        "stopping" is one: a pass over every unit in the worker thread held the GIL against the
+        stop's own work (bench/scale.py, 3,000 VIPs: a third of the stopping host's CPU in its
+        first seconds), and every unit was stopping anyway (vipd/app.py `_deliver_placement`)."""
+        self._placing = False
+        self._dirty.set()
 
     def set_units(self, units: Sequence[Unit]) -> None:
         """A config reload changed the units (or their prefer/avoid): place them again now."""
