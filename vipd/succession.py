@@ -48,9 +48,9 @@ Liveness: O renames the successor (to the best other candidate whose acks arrive
 when S has left a heartbeat of O unechoed for L/2, so a dead standby costs O nothing as long as
 etcd answers within L/2; not when it is O that is late (it sent nothing since S's newest echo, or
 only just now: O's own loop or thread stalled), which would rename every unit S succeeds for
-nothing (vipd/succession_plan.py `_late`).
-A successor must have been heard continuously for HOLD_DOWN before it is named (flapping links
-cause no move storms), and S takes over only while it can reach etcd (the transaction). A live
+nothing (vipd/succession_plan.py `_late`). A successor must have been heard continuously for
+HOLD_DOWN before it is named, one renamed away for being late as long, doubled while it keeps
+being late (`_hold_late`: flapping links and loaded peers cause no move storms), and S takes over only while it can reach etcd (the transaction). A live
 successor is kept while the placement still lists it, until a better-ranked peer has been nameable
 for REBALANCE_AFTER = 10 s (so successors, like owners, spread by placement once hosts settle, and a
 rename away from a late successor is not undone within seconds: vipd/succession_plan.py), and
@@ -103,6 +103,7 @@ class Succession(Tokens, Planning):
         self._records: dict[str, OwnerRecord] = {}  # latest record of every unit (from OwnerKeys)
         self._naming: dict[str, tuple[str | None, Generation | None]] = {}  # rename in flight: unit -> (target, its gen then)
         self._suspected_at: dict[str, float] = {}  # peer -> last suspicion
+        self._late_hold: dict[str, tuple[float, float]] = {}  # (vipd/succession_plan.py `_hold_late`)
         # unit -> (revision, generation of the successor it names seen when the transaction started)
         # of the record our last successful rename wrote (vipd/succession_plan.py `_rewritten_since`)
         self._fresh: dict[str, tuple[int, Generation | None]] = {}

@@ -18,6 +18,12 @@ HOLD_DOWN = 1.0  # seconds a peer must have been heard without a suspicion befor
 # peer's watch) made the next echo late, and units flipped between two live peers every second.
 REBALANCE_AFTER = 10.0
 PLAN_EVERY = 1.0  # seconds: the longest the planner goes without a pass over the units
+# seconds a peer that was renamed away because it was late is not named again at most (`_hold_late`):
+# HOLD_DOWN the first time, twice the last hold when it is late again within this long of the
+# last hold's end. Without it, two hosts left after a planned stop of the third, each late to the
+# other now and then under the takeover's load, renamed every unit to nobody and back each second
+# (bench/scale.py at 3,000 VIPs: `successor_named` in the seconds after the stop)
+LATE_HOLD_MAX = 16.0
 
 
 class Planning:
@@ -34,6 +40,7 @@ class Planning:
     _short_kept: set[str]  # peers short of grant but not late, as of the last _plan_inputs: kept as successor
     _version: int
 
+    _late_hold: dict[str, tuple[float, float]]  # peer -> (when renamed away for being late, for how long)
     _fresh: dict[str, tuple[int, Generation | None]]
     _uncertain: dict[str, dict[str, Generation | None]]
 
@@ -46,6 +53,9 @@ class Planning:
         if link is None or link.suspected or link.peer_gen is None:
             return False
         if now - self._suspected_at.get(peer, -math.inf) < HOLD_DOWN:
+            return False
+        at, hold = self._late_hold.get(peer, (-math.inf, 0.0))
+        if now - at < hold:
             return False
         granted = link.granted_until(link.peer_gen)
         return granted is not None and granted > now + self._lease / 2
@@ -107,6 +117,7 @@ class Planning:
         if not self.enabled:
             return plan
         self._plan_inputs(now)  # (and which peers are short of grant but not late, for this pass)
+        dropped: set[str] = set()  # successors renamed away because they are late (or suspected)
         for unit in self._owned:
             rec = self._records.get(unit)
             if rec is None or rec.node != self.node or rec.released or unit in self._naming:
@@ -122,7 +133,24 @@ class Planning:
                 link.validated is None or link.peer_gen > link.validated)
             if want != current or (stale and want == current):
                 plan.append((unit, rec, want))
+            if current is not None and want != current and current not in dropped and current in self._placement(unit) \
+                    and not self._eligible(current, now) and current not in self._short_kept:
+                dropped.add(current)
+        for peer in dropped:
+            self._hold_late(peer, now)
         return plan
+
+    def _hold_late(self, peer: str, now: float) -> None:
+        """A plan renames units away from `peer` because it is late: it is not named again for
+        HOLD_DOWN, or for twice its last hold if that ended less than LATE_HOLD_MAX ago. The units
+        that still name it keep it while it answers (`_short_kept`); none is renamed back to it
+        meanwhile, so a pair of loaded hosts each late now and then renames their units to nobody
+        and back ever more rarely, not every second."""
+        at, hold = self._late_hold.get(peer, (-math.inf, 0.0))
+        if now - at < hold:  # (held already: a later pass re-planning the same episode)
+            return
+        hold = min(2 * hold, LATE_HOLD_MAX) if now - at - hold < LATE_HOLD_MAX else HOLD_DOWN
+        self._late_hold[peer] = (now, hold)
 
     def _next_check(self, now: float) -> float:
         """When a named successor's grant falls within L/2 of running out (time to rename); for one
@@ -140,6 +168,7 @@ class Planning:
                 check = max(now + self._lease / 2 if at is None else at, now + self._lease / 8)
             times.append(check)
         times += [t + HOLD_DOWN for t in self._suspected_at.values() if t + HOLD_DOWN > now]
+        times += [at + hold for at, hold in self._late_hold.values() if at + hold > now]
         times += [t + REBALANCE_AFTER for t in self._eligible_since.values() if t + REBALANCE_AFTER > now]
         return min(times, default=now + 1.0)
 

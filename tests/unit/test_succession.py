@@ -988,3 +988,45 @@ def test_a_pass_with_one_transaction_lost_to_etcd_validates_nothing_until_that_o
         assert peers.links["h2"].validated == (S_INC, 1) and not s._uncertain
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_successor_renamed_away_for_being_late_is_named_again_after_a_hold_that_doubles():
+    """The only peer falls silent: its units are renamed to nobody, as before. It answers again:
+    not named again before HOLD_DOWN, named after. Late again soon after: renamed to nobody
+    again, and this time named again only after twice the hold (a pair of loaded hosts renamed
+    every unit to nobody and back every second)."""
+    async def main() -> None:
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        s.observe("api", OwnerRecord("h1", 11, 7, 11, successor="h2"))
+        await s.arm([VIP], now + 60.0)
+        await acked(s, peers, int(HOLD_DOWN / H) + 2)
+        peers.links["h2"].validate(peers.links["h2"].peer_gen)  # (as the first rename would have)
+        assert s._plan(trio.current_time()) == []
+
+        async def silent() -> None:  # we keep sending, h2 echoes nothing
+            for _ in range(int(L / H) + 1):
+                peers.links["h2"].on_send(trio.current_time())
+                await trio.sleep(H)
+
+        async def renamed_back_after(hold: float) -> None:
+            """h2 answers again: kept off every record for `hold` (less one heartbeat), then named."""
+            s.observe("api", OwnerRecord("h1", 11, 7, keys.revision, successor=None))
+            start = trio.current_time()
+            while trio.current_time() - start < hold - 2 * H:
+                await acked(s, peers, 1)
+                assert s._plan(trio.current_time()) == [], trio.current_time() - start
+            await acked(s, peers, 3)
+            assert [w for _, _, w in s._plan(trio.current_time())] == ["h2"]
+            s.observe("api", OwnerRecord("h1", 11, 7, keys.revision, successor="h2"))
+
+        await silent()
+        assert [w for _, _, w in s._plan(trio.current_time())] == [None]
+        await renamed_back_after(HOLD_DOWN)
+        await acked(s, peers, 5)
+        await silent()
+        assert [w for _, _, w in s._plan(trio.current_time())] == [None]
+        await renamed_back_after(2 * HOLD_DOWN)
+        assert s._next_check(trio.current_time()) > trio.current_time()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
