@@ -48,13 +48,13 @@ Liveness: O renames the successor (to the best other candidate whose acks arrive
 when S has left a heartbeat of O unechoed for L/2, so a dead standby costs O nothing as long as
 etcd answers within L/2; not when it is O that is late (it sent nothing since S's newest echo, or
 only just now: O's own loop or thread stalled), which would rename every unit S succeeds for
-nothing (vipd/succession_plan.py `_late`). A successor must have been heard continuously for
-HOLD_DOWN before it is named, one renamed away for being late as long, doubled while it keeps
-being late (`_hold_late`: flapping links and loaded peers cause no move storms), and S takes over only while it can reach etcd (the transaction). A live
-successor is kept while the placement still lists it, until a better-ranked peer has been nameable
-for REBALANCE_AFTER = 10 s (so successors, like owners, spread by placement once hosts settle, and a
-rename away from a late successor is not undone within seconds: vipd/succession_plan.py), and
-replaced at once when the placement drops it (unfit, drained, in its release hold-off).
+nothing (vipd/succession_plan.py `_late`; a rename away from S is withdrawn if S's echo came
+while the pass ran, `_still_late`). A successor must have been heard continuously for HOLD_DOWN
+before it is named, one renamed away for being late as long, doubled while it keeps being late
+(`_hold_late`: flapping links and loaded peers cause no move storms), and S takes over only
+while it can reach etcd (the transaction). A live successor is kept while the placement lists
+it, until a better-ranked peer has been nameable for REBALANCE_AFTER = 10 s (successors spread by
+placement once hosts settle), and replaced at once when the placement drops it.
 """
 
 from __future__ import annotations
@@ -103,17 +103,16 @@ class Succession(Tokens, Planning):
         self._records: dict[str, OwnerRecord] = {}  # latest record of every unit (from OwnerKeys)
         self._naming: dict[str, tuple[str | None, Generation | None]] = {}  # rename in flight: unit -> (target, its gen then)
         self._suspected_at: dict[str, float] = {}  # peer -> last suspicion
-        self._late_hold: dict[str, tuple[float, float]] = {}  # (vipd/succession_plan.py `_hold_late`)
-        # unit -> (revision, generation of the successor it names seen when the transaction started)
-        # of the record our last successful rename wrote (vipd/succession_plan.py `_rewritten_since`)
+        self._late_hold: dict[str, tuple[float, float]] = {}  # (vipd/succession_plan.py `_hold_late`,
+        self._late_dropped: set[str] = set()  # `_still_late`)
+        # unit -> (revision, successor's generation seen as the transaction started) of the record our
+        # last successful rename wrote; unit -> target of a rename of unknown outcome -> the generation
+        # seen as the first such started (vipd/succession_plan.py `_rewritten_since`)
         self._fresh: dict[str, tuple[int, Generation | None]] = {}
-        self._uncertain: dict[str, dict[str, Generation | None]] = {}  # unit -> target of a rename of unknown
-        # outcome -> the generation seen when the first such rename started
+        self._uncertain: dict[str, dict[str, Generation | None]] = {}
         self._eligible_since: dict[str, float] = {}  # peer -> since when it could be named (as last planned)
         self._short_kept: set[str] = set()  # (vipd/succession_plan.py, per planner pass)
-        # bumped whenever what `_depends` reads changes (owned units, records, renames): the peers
-        # the tokens depend on are recomputed only then, not on every check (thousands of units)
-        self._version = 0
+        self._version = 0  # bumped when what `_depends` reads changes: the peers used are recomputed only then
         self._used: tuple[int, set[str], set[str]] = (-1, set(), set())
         self._heard: set[str] = set()  # peers acked since their last suspicion (the planner woke for them)
         self._lock = trio.Lock()  # token arms and disarms never interleave
@@ -336,11 +335,9 @@ class Succession(Tokens, Planning):
 
     async def _rename_all(self, plan: list[tuple[str, OwnerRecord, str | None]]) -> None:
         """One pass's renames, in transactions of RENAME_BATCH units, RENAME_PARALLEL in flight at
-        once. A rewrite after a false suspicion (to validate the peer's new generation, which
-        counts for none of its units until the last transaction commits) keeps them dark until
-        then. One after the other, 1,410 units took ~15 transactions over 0.9 s at 3,000 VIPs
-        (bench/scale.py, the renames after a false suspicion in a planned stop's wave). Each transaction is a batch of its own, as
-        before: its tokens armed, then its record written (`_rename`)."""
+        once (a rewrite validating a peer's new generation keeps its units dark until the last one
+        commits; one after the other, 1,410 units took ~15 transactions over 0.9 s at 3,000 VIPs).
+        Each is a batch of its own: its tokens armed, then its record written (`_rename`)."""
         if len(plan) <= RENAME_BATCH:
             await self._rename(plan)
             return
@@ -357,6 +354,9 @@ class Succession(Tokens, Planning):
     async def _rename(self, plan: list[tuple[str, OwnerRecord, str | None]]) -> None:
         if self._flush_done is not None:
             return  # a stop began: no token is armed (Tokens.begin_stop), so no successor is named
+        plan = self._still_late(plan, self._clock())
+        if not plan:
+            return
         seen: dict[str, Generation | None] = {}
         for peer in {p for u, _, want in plan for p in [want] + self._depends(u) if p}:
             link = self._peers.link(peer)

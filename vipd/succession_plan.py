@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from vipd import log
 from vipd.model import OwnerRecord
 from vipd.peers.protocol import Generation
 from vipd.succession_ports import Link, PeersPort
@@ -41,6 +42,7 @@ class Planning:
     _version: int
 
     _late_hold: dict[str, tuple[float, float]]  # peer -> (when renamed away for being late, for how long)
+    _late_dropped: set[str]  # successors the last plan renamed away from because they were late
     _fresh: dict[str, tuple[int, Generation | None]]
     _uncertain: dict[str, dict[str, Generation | None]]
 
@@ -136,9 +138,26 @@ class Planning:
             if current is not None and want != current and current not in dropped and current in self._placement(unit) \
                     and not self._eligible(current, now) and current not in self._short_kept:
                 dropped.add(current)
-        for peer in dropped:
-            self._hold_late(peer, now)
+        self._late_dropped = dropped
         return plan
+
+    def _still_late(self, plan: list[tuple[str, OwnerRecord, str | None]], now: float,
+                    ) -> list[tuple[str, OwnerRecord, str | None]]:
+        """The plan's renames, less those away from a successor planned because it was late that is
+        no longer late now, right before the transaction goes out (a pass over thousands of
+        units on a loaded host takes long enough for the echo to arrive meanwhile: it did, for
+        most of them, at 3,000 VIPs). A successor renamed away is held off (`_hold_late`)."""
+        out, held = [], set()
+        for item in plan:
+            current = item[1].successor
+            if current in self._late_dropped and item[2] != current:
+                if not self._late(current, now):
+                    continue
+                held.add(current)
+            out.append(item)
+        for peer in held:
+            self._hold_late(peer, now)
+        return out
 
     def _hold_late(self, peer: str, now: float) -> None:
         """A plan renames units away from `peer` because it is late: it is not named again for
@@ -151,6 +170,12 @@ class Planning:
             return
         hold = min(2 * hold, LATE_HOLD_MAX) if now - at - hold < LATE_HOLD_MAX else HOLD_DOWN
         self._late_hold[peer] = (now, hold)
+        link = self._peers.link(peer)
+        granted = link.granted_until() if link is not None else None
+        first = link.unechoed_since(granted - self._lease) if link is not None and granted is not None else None
+        log.info("successor_held_off", peer=peer, hold=hold,
+                 why="suspected" if link is None or link.suspected else "no grant" if granted is None else "late",
+                 unechoed_ms=round((now - first) * 1000) if first is not None else None)
 
     def _next_check(self, now: float) -> float:
         """When a named successor's grant falls within L/2 of running out (time to rename); for one

@@ -1020,13 +1020,44 @@ def test_a_successor_renamed_away_for_being_late_is_named_again_after_a_hold_tha
             assert [w for _, _, w in s._plan(trio.current_time())] == ["h2"]
             s.observe("api", OwnerRecord("h1", 11, 7, keys.revision, successor="h2"))
 
+        def sent() -> list[str | None]:  # the renames of a pass, as its transaction goes out
+            return [w for _, _, w in s._still_late(s._plan(trio.current_time()), trio.current_time())]
+
         await silent()
-        assert [w for _, _, w in s._plan(trio.current_time())] == [None]
+        assert sent() == [None]
         await renamed_back_after(HOLD_DOWN)
         await acked(s, peers, 5)
         await silent()
-        assert [w for _, _, w in s._plan(trio.current_time())] == [None]
+        assert sent() == [None]
         await renamed_back_after(2 * HOLD_DOWN)
         assert s._next_check(trio.current_time()) > trio.current_time()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_rename_away_from_a_late_successor_is_withdrawn_when_its_echo_arrives_before_it_goes_out():
+    """Planned while h2 is late; h2's echo arrives before the transaction goes out: nothing is
+    sent and h2 is not held off (still nameable). Still late then: sent, and h2 held off."""
+    async def main() -> None:
+        now = trio.current_time()
+        s, fence, keys, peers, _ = make(now)
+        s.observe("api", OwnerRecord("h1", 11, 7, 11, successor="h2"))
+        await s.arm([VIP], now + 60.0)
+        await acked(s, peers, int(HOLD_DOWN / H) + 2)
+        peers.links["h2"].validate(peers.links["h2"].peer_gen)
+        for _ in range(int(L / H) + 1):  # we keep sending, h2 echoes nothing
+            peers.links["h2"].on_send(trio.current_time())
+            await trio.sleep(H)
+        plan = s._plan(trio.current_time())
+        assert [w for _, _, w in plan] == [None]
+        await acked(s, peers, 1)  # the echo arrives while the pass is still going
+        assert s._still_late(plan, trio.current_time()) == []
+        assert "h2" not in s._late_hold
+        for _ in range(int(L / H) + 1):
+            peers.links["h2"].on_send(trio.current_time())
+            await trio.sleep(H)
+        plan = s._plan(trio.current_time())
+        assert s._still_late(plan, trio.current_time()) == plan and plan
+        assert s._late_hold["h2"][1] == HOLD_DOWN and not s._eligible("h2", trio.current_time())
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
