@@ -10,8 +10,8 @@ import pytest
 from tests.unit.fsm_helpers import (ALL_EVENTS, AP, LEASE, MINE, OTHER, P, PP, TP, acquiring, backup, every_state,
                                     owner, run)
 from vipd.model import (AddressAdded, AddressRemoved, Campaign, CampaignLost, CampaignWon, ClaimAddress, DeleteOwnerKey, HealthChanged,
-                        KeyReleased, LeaseGone, LeaseValid, OwnerObserved, OwnerRecord, Placement, PreemptGranted,
-                        ReleaseRequested, RemoveAddress, RequestPreempt, ReturnPreemptToken, State, StopAnnouncing,
+                        KeyReleased, LeaseGone, LeaseValid, OwnerObserved, OwnerRecord, PeerSuspected, Placement,
+                        PreemptGranted, ReleaseRequested, RemoveAddress, RequestPreempt, ReturnPreemptToken, State, StopAnnouncing,
                         TakeOver, Tick)
 from vipd.ownership import fsm
 from vipd.ownership import state as st
@@ -253,3 +253,27 @@ def test_anycast_holds_without_election_while_fit():
 def test_adopting_our_own_key_after_a_restart_keeps_the_epoch():
     s, acts = run(backup(owner=MINE), Tick())
     assert s.epoch == MINE.epoch and acts == [ClaimAddress()]
+
+
+def test_with_fast_takeover_the_next_host_waits_longer_for_a_preferred_host_that_is_heard():
+    """h3 hands the key back; h2 is preferred, we (h1) rank second. With fast takeover on and h2's
+    heartbeats arriving we wait the stagger plus HEARD_WAIT (at a planned stop's wave h2's own
+    takeovers took longer than the stagger, and h1 took ~40 % of them, moved back by preemption
+    5 s later); once h2 is suspected, the stagger alone, as without fast takeover."""
+    tp = replace(PP, takeover=True)
+    marked = replace(OTHER, node="h3", released=True, revision=90)
+    base = backup(valid_until=110.0, owner=replace(OTHER, node="h3"))
+    s, acts = run(base, Placement(("h2", "h1")), OwnerObserved(marked), p=tp)
+    assert acts == [] and s.why_not == "waiting for better-ranked hosts"
+    assert st.wakeup(tp, s, 100.0) == pytest.approx(100.0 + 0.2 + st.HEARD_WAIT)
+    assert run(s, Tick(), now=100.2 + st.HEARD_WAIT - 0.01, p=tp)[1] == []
+    assert run(s, Tick(), now=100.2 + st.HEARD_WAIT, p=tp)[1] == [TakeOver(marked, LEASE)]
+    # h2 suspected meanwhile: at its stagger (or at once, once past it)
+    s2, acts = run(s, PeerSuspected("h2"), now=100.1, p=tp)
+    assert acts == [] and st.wakeup(tp, s2, 100.1) == pytest.approx(100.2)
+    assert run(s, PeerSuspected("h2"), now=100.5, p=tp)[1] == [TakeOver(marked, LEASE)]
+    # without fast takeover (no heartbeats to tell a live host from a dead one): the stagger alone
+    s3, _ = run(base, Placement(("h2", "h1")), OwnerObserved(marked), p=PP)
+    assert st.wakeup(PP, s3, 100.0) == pytest.approx(100.2)
+    # the preferred host itself does not wait
+    assert run(base, Placement(("h1", "h2")), OwnerObserved(marked), p=tp)[1] == [TakeOver(marked, LEASE)]
