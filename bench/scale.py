@@ -27,8 +27,9 @@ stop (SIGTERM) of the host holding the most VIPs: per VIP, when another host hol
 after its last burst) and how many announcements failed, when the stopping host had marked its
 first and last key released (`keys_marked_s`) and when it revoked its lease, the CPU seconds it
 used from the signal to its exit (`stopping_host_cpu_s`) and the takers until all were held
-(`cpu_s`), the successor renames the others logged in the 10 s after the signal
-(`renames_after`: the stop's own, and churn between the two left), and how many of
+(`cpu_s`), the successor renames and handovers to the preferred host the others logged in the
+10 s after the signal (`after`: the stop's own renames, churn between the two left, and
+preemption moving back what the less preferred one took), and how many of
 the other hosts' VIPs their own token fence dropped meanwhile (a successor's grant with no
 live element darkens its whole group: read every 20 ms by bench/_fence_sample.py, and for 2 s
 at rest before the signal, `dark_at_rest`, as a check);
@@ -122,22 +123,26 @@ def keys_marked(path: Path, since: float) -> dict[str, Any]:
             "count": len(times)}
 
 
-_NAMED_RE = re.compile(r"^(\S+)Z \w+ event=successor_named .*successor=(\S+)")
-RENAMES_WINDOW = 10.0  # s after a planned stop's signal in which the survivors' renames are counted
+_AFTER_RE = re.compile(r"^(\S+)Z \w+ event=(successor_named|handover_to_preferred) ")
+AFTER_WINDOW = 10.0  # s after a planned stop's signal in which the survivors' renames and handovers are counted
 
 
-def renames_after(paths: list[Path], since: float) -> dict[str, int]:
-    """Successor renames the other hosts logged in the RENAMES_WINDOW seconds after `since`
-    (time.time()), all of them and those to nobody: the stop's own (units it succeeded) and any
-    churn between the survivors."""
-    out = {"all": 0, "to_nobody": 0}
+def after_stop(paths: list[Path], since: float) -> dict[str, int]:
+    """What the other hosts logged in the AFTER_WINDOW seconds after `since` (time.time()):
+    successor renames, all and those to nobody (the stop's own, for the units it succeeded, and
+    any churn between the survivors), and handovers to the preferred host (preemption moving
+    back what a host other than the preferred one took over)."""
+    out = {"renames": 0, "renames_to_nobody": 0, "handovers": 0}
     for path in paths:
         for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
-            m = _NAMED_RE.match(line)
+            m = _AFTER_RE.match(line)
             if m and 0 <= dt.datetime.fromisoformat(m.group(1)).replace(
-                    tzinfo=dt.timezone.utc).timestamp() - since < RENAMES_WINDOW:
-                out["all"] += 1
-                out["to_nobody"] += m.group(2) == "-"
+                    tzinfo=dt.timezone.utc).timestamp() - since < AFTER_WINDOW:
+                if m.group(2) == "handover_to_preferred":
+                    out["handovers"] += 1
+                else:
+                    out["renames"] += 1
+                    out["renames_to_nobody"] += " successor=- " in line
     return out
 
 
@@ -558,8 +563,8 @@ def cluster_case(args: argparse.Namespace, work: Path, m: int, run: int) -> dict
                 time.sleep(0.1)
             sampler.stop()
             result["planned_stop"]["dark"] = sampler.result()
-            time.sleep(max(0.0, wall + RENAMES_WINDOW - time.time()))
-            result["planned_stop"]["renames_after"] = renames_after([cluster.log_path(h) for h in rest], wall)
+            time.sleep(max(0.0, wall + AFTER_WINDOW - time.time()))
+            result["planned_stop"]["after"] = after_stop([cluster.log_path(h) for h in rest], wall)
             if args.crash:  # then the busier of the other two is lost (SIGKILL): the last takes its VIPs
                 time.sleep(2.0)
                 held = holders(lab)
@@ -717,10 +722,10 @@ def main() -> int:
                   " ; ".join(f"{c['planned_stop'].get('stopping_host_cpu_s')} / "
                              + " + ".join(str(x) for x in c["planned_stop"].get("cpu_s", []))
                              for c in cs if "planned_stop" in c)],
-                 [f"3 hosts, {m} VIPs: successor renames on the others in the {RENAMES_WINDOW:g} s after the stop's "
-                  "signal: all (to nobody)",
-                  " / ".join("{all} ({to_nobody})".format(**c["planned_stop"]["renames_after"])
-                             for c in cs if "renames_after" in c.get("planned_stop", {}))],
+                 [f"3 hosts, {m} VIPs: the others in the {AFTER_WINDOW:g} s after the stop's signal: successor "
+                  "renames (to nobody), handovers to the preferred host",
+                  " ; ".join("{renames} ({renames_to_nobody}), {handovers}".format(**c["planned_stop"]["after"])
+                             for c in cs if "after" in c.get("planned_stop", {}))],
                  [f"3 hosts, {m} VIPs: successor renames per run (all hosts)",
                   " / ".join(str(sum(c.get("successor_renames", {}).values())) for c in cs)],
                  [f"3 hosts, {m} VIPs: then the busier other SIGKILL, the last holds its VIPs p50 / p90 / all (s)", dist("crash")]]
