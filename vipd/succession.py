@@ -104,7 +104,7 @@ class Succession(Tokens, Planning):
         self._naming: dict[str, tuple[str | None, Generation | None]] = {}  # rename in flight: unit -> (target, its gen then)
         self._suspected_at: dict[str, float] = {}  # peer -> last suspicion
         self._late_hold: dict[str, tuple[float, float]] = {}  # (vipd/succession_plan.py `_hold_late`,
-        self._late_dropped: set[str] = set()  # `_still_late`)
+        self._late_units: set[str] = set()  # `_still_late`)
         # unit -> (revision, successor's generation seen as the transaction started) of the record our
         # last successful rename wrote; unit -> target of a rename of unknown outcome -> the generation
         # seen as the first such started (vipd/succession_plan.py `_rewritten_since`)

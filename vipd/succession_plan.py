@@ -42,7 +42,7 @@ class Planning:
     _version: int
 
     _late_hold: dict[str, tuple[float, float]]  # peer -> (when renamed away for being late, for how long)
-    _late_dropped: set[str]  # successors the last plan renamed away from because they were late
+    _late_units: set[str]  # units the last plan renamed away from their successor because it was late
     _fresh: dict[str, tuple[int, Generation | None]]
     _uncertain: dict[str, dict[str, Generation | None]]
 
@@ -119,7 +119,7 @@ class Planning:
         if not self.enabled:
             return plan
         self._plan_inputs(now)  # (and which peers are short of grant but not late, for this pass)
-        dropped: set[str] = set()  # successors renamed away because they are late (or suspected)
+        late: set[str] = set()  # units renamed away from a successor because it is late (or suspected)
         for unit in self._owned:
             rec = self._records.get(unit)
             if rec is None or rec.node != self.node or rec.released or unit in self._naming:
@@ -135,22 +135,23 @@ class Planning:
                 link.validated is None or link.peer_gen > link.validated)
             if want != current or (stale and want == current):
                 plan.append((unit, rec, want))
-            if current is not None and want != current and current not in dropped and current in self._placement(unit) \
-                    and not self._eligible(current, now) and current not in self._short_kept:
-                dropped.add(current)
-        self._late_dropped = dropped
+            if current is not None and want != current and current in self._placement(unit) \
+                    and current not in self._short_kept and not self._eligible(current, now):
+                late.add(unit)
+        self._late_units = late
         return plan
 
     def _still_late(self, plan: list[tuple[str, OwnerRecord, str | None]], now: float,
                     ) -> list[tuple[str, OwnerRecord, str | None]]:
         """The plan's renames, less those away from a successor planned because it was late that is
-        no longer late now, right before the transaction goes out (a pass over thousands of
-        units on a loaded host takes long enough for the echo to arrive meanwhile: it did, for
-        most of them, at 3,000 VIPs). A successor renamed away is held off (`_hold_late`)."""
+        no longer late now, right before the transaction goes out (a pass over thousands of units
+        on a loaded host can take longer than the echo: the first `successor_held_off` lines
+        showed the successor's oldest unechoed heartbeat younger than the pass). A successor
+        renamed away is held off (`_hold_late`)."""
         out, held = [], set()
         for item in plan:
             current = item[1].successor
-            if current in self._late_dropped and item[2] != current:
+            if item[0] in self._late_units and current is not None:
                 if not self._late(current, now):
                     continue
                 held.add(current)
@@ -160,7 +161,7 @@ class Planning:
         return out
 
     def _hold_late(self, peer: str, now: float) -> None:
-        """A plan renames units away from `peer` because it is late: it is not named again for
+        """Renames away from `peer` go out because it is late: it is not named again for
         HOLD_DOWN, or for twice its last hold if that ended less than LATE_HOLD_MAX ago. The units
         that still name it keep it while it answers (`_short_kept`); none is renamed back to it
         meanwhile, so a pair of loaded hosts each late now and then renames their units to nobody

@@ -1037,22 +1037,26 @@ def test_a_successor_renamed_away_for_being_late_is_named_again_after_a_hold_tha
 
 def test_a_rename_away_from_a_late_successor_is_withdrawn_when_its_echo_arrives_before_it_goes_out():
     """Planned while h2 is late; h2's echo arrives before the transaction goes out: nothing is
-    sent and h2 is not held off (still nameable). Still late then: sent, and h2 held off."""
+    sent and h2 is not held off (still nameable), but a rename away from h2 that the placement
+    asked for (it dropped h2 for that unit) still goes. Still late then: sent, and h2 held off."""
     async def main() -> None:
         now = trio.current_time()
-        s, fence, keys, peers, _ = make(now)
+        s, fence, keys, peers, _ = make(now, placement=lambda u: ("h1", "h2") if u == "api" else ("h1",))
+        other = VipSpec("other", ipaddress.ip_interface("10.0.9.1/32"), "eth0")
         s.observe("api", OwnerRecord("h1", 11, 7, 11, successor="h2"))
-        await s.arm([VIP], now + 60.0)
+        s.observe("other", OwnerRecord("h1", 12, 7, 12, successor="h2"))
+        await s.arm_many([([VIP], now + 60.0), ([other], now + 60.0)])
         await acked(s, peers, int(HOLD_DOWN / H) + 2)
         peers.links["h2"].validate(peers.links["h2"].peer_gen)
         for _ in range(int(L / H) + 1):  # we keep sending, h2 echoes nothing
             peers.links["h2"].on_send(trio.current_time())
             await trio.sleep(H)
         plan = s._plan(trio.current_time())
-        assert [w for _, _, w in plan] == [None]
+        assert sorted((u, w) for u, _, w in plan) == [("api", None), ("other", None)]
         await acked(s, peers, 1)  # the echo arrives while the pass is still going
-        assert s._still_late(plan, trio.current_time()) == []
+        assert [u for u, _, _ in s._still_late(plan, trio.current_time())] == ["other"]
         assert "h2" not in s._late_hold
+        s.observe("other", OwnerRecord("h1", 12, 7, 13))
         for _ in range(int(L / H) + 1):
             peers.links["h2"].on_send(trio.current_time())
             await trio.sleep(H)

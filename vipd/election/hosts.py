@@ -170,8 +170,9 @@ class HostDirectory:
     def stop_placing(self) -> None:
         """The daemon stops: host-key changes are no longer placed. Its own presence turning
         "stopping" is one: a pass over every unit in the worker thread held the GIL against the
-        stop's own work (bench/scale.py, 3,000 VIPs: a third of the stopping host's CPU in its
-        first seconds), and every unit was stopping anyway (vipd/app.py `_deliver_placement`)."""
+        stop's own work (a py-spy profile of a 3,000-VIP stop showed it; bench/scale.py
+        `stopping_host_cpu_s`), and every unit was stopping anyway (vipd/app.py
+        `_deliver_placement`)."""
         self._placing = False
         self._dirty.set()
 
