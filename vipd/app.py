@@ -121,7 +121,6 @@ class Daemon(KernelView, DuplicateWatching):
         self._reconcile_now = trio.Event()  # a kernel event overflow: reconcile before the next tick
         self._present: set[str] = set()  # VIP names in the kernel: the last relist, then notifications
         self._running: list[Controller] = []  # started controllers (a stop during startup waits for these)
-        self.stopping = False  # set when a stop begins
         self.directory = HostDirectory(client, cfg.etcd.prefix, cfg.units, self._deliver_placement, self._hosts)
         self.directory.listeners.append(self.succession.placement_changed)
         self.fitness.peer_address = lambda: self.peers.address
@@ -271,8 +270,7 @@ class Daemon(KernelView, DuplicateWatching):
         # wait below, before the revoke). Named successor of VIPs taken over from it, it exited with their grant: their
         # fence closed and their announcements were refused until a rename; a stopped standby's
         # owner went dark for 20-40 ms (tests/lab/test_fast_takeover.py, 40 VIPs: 3 of 3 before)
-        self.stopping = True
-        self.directory.stop_placing()
+        self.directory.stop_placing()  # (no Placement reaches a unit from now on)
         self.fitness.stopping()
         self.succession.begin_stop()  # no token is armed from now on; one flush removes them all below
         self.broadcast(ShutdownRequested(revoke=True))  # the lease is revoked after: keys are only marked
@@ -372,8 +370,6 @@ class Daemon(KernelView, DuplicateWatching):
             self.suspicions.after_owner(name, record)
 
     def _deliver_placement(self, name: str, ranking: tuple[str, ...]) -> None:
-        if self.stopping:  # (our own presence turned "stopping": every unit stops, none campaigns)
-            return
         joined = self.directory.joined
         self.post(name, Placement(ranking, tuple(joined.get(h, -math.inf) for h in ranking)))
         self.suspicions.after_placement(name, ranking)

@@ -35,6 +35,19 @@ class Keys:
         await self.send.send(WatchBatch(self.revision, (WatchEvent("PUT", kv),)))
 
 
+async def started(nursery: trio.Nursery, keys: Keys) -> tuple[HostDirectory, list[tuple[str, tuple[str, ...]]]]:
+    """A directory of 3 units following `keys`, and what it told the units: h1 came, was placed."""
+    told: list[tuple[str, tuple[str, ...]]] = []
+    directory = HostDirectory(keys, PREFIX, units(3), lambda u, order: told.append((u, order)))
+    await nursery.start(directory.run)
+    await keys.put("h1")
+    with trio.fail_after(5):
+        while directory.placement.get("v0") != ("h1",):  # placed in the worker thread
+            await trio.sleep(0.01)
+    assert ("v0", ("h1",)) in told
+    return directory, told
+
+
 def units(n: int) -> list[Unit]:
     return [Unit(f"v{i}", (VipSpec(f"v{i}", ipaddress.ip_interface(f"10.9.0.{i + 1}/32"), "lo"),))
             for i in range(n)]
@@ -50,15 +63,9 @@ async def test_a_stopping_host_places_no_host_key_change_but_still_follows_them(
 
     monkeypatch.setattr(hosts_mod, "placements", counted)
     keys = Keys()
-    told: list[tuple[str, tuple[str, ...]]] = []
-    directory = HostDirectory(keys, PREFIX, units(3), lambda u, order: told.append((u, order)))
     async with trio.open_nursery() as nursery:
-        await nursery.start(directory.run)
-        await keys.put("h1")
-        with trio.fail_after(5):
-            while ("h1",) not in passes:  # placed in the worker thread
-                await trio.sleep(0.01)
-        assert directory.placement["v0"] == ("h1",)
+        directory, told = await started(nursery, keys)
+        assert ("h1",) in passes
 
         directory.stop_placing()
         before = (list(passes), list(told))
@@ -69,4 +76,34 @@ async def test_a_stopping_host_places_no_host_key_change_but_still_follows_them(
         await trio.sleep(0.2)  # (a pass would run in the worker thread meanwhile)
         assert (passes, told) == before  # no pass over the units, nothing placed
         assert directory.placement["v0"] == ("h1",)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_answer_computed_when_the_stop_began_is_not_delivered(monkeypatch):
+    """A pass in the worker thread when the stop begins: its answer changes nothing and reaches
+    no unit (before, the daemon dropped such Placements itself, with a flag of its own)."""
+    import threading
+
+    real = hosts_mod.placements
+    release, entered = threading.Event(), threading.Event()
+
+    def held(units: Any, hosts: Any, memo: Any = None) -> Any:
+        if "h2" in hosts:  # (the second pass: held in the worker thread until the stop began)
+            entered.set()
+            release.wait(5)
+        return real(units, hosts, memo)
+
+    monkeypatch.setattr(hosts_mod, "placements", held)
+    keys = Keys()
+    async with trio.open_nursery() as nursery:
+        directory, told = await started(nursery, keys)
+        before, placed = list(told), dict(directory.placement)
+        await keys.put("h2")
+        with trio.fail_after(5):
+            while not entered.is_set():
+                await trio.sleep(0.01)
+        directory.stop_placing()
+        release.set()
+        await trio.sleep(0.2)  # (the worker thread returns its answer meanwhile)
+        assert told == before and directory.placement == placed
         nursery.cancel_scope.cancel()

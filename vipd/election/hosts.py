@@ -165,14 +165,14 @@ class HostDirectory:
             units, hosts = self._units, dict(self.hosts)
             answer = await trio.to_thread.run_sync(placements, units, hosts, self._memo)
             if units is self._units:  # (else a reload placed the new units meanwhile, on the loop)
-                self._apply(answer)
+                self._apply(answer)  # (nothing once a stop began meanwhile)
 
     def stop_placing(self) -> None:
-        """The daemon stops: host-key changes are no longer placed. Its own presence turning
-        "stopping" is one: a pass over every unit in the worker thread held the GIL against the
-        stop's own work (a py-spy profile of a 3,000-VIP stop showed it; bench/scale.py
-        `stopping_host_cpu_s`), and every unit was stopping anyway (vipd/app.py
-        `_deliver_placement`)."""
+        """The daemon stops: host-key changes are no longer placed, and an answer still being
+        computed is not delivered (every unit is stopping: a Placement would only wake it). Its
+        own presence turning "stopping" is one such change: a pass over every unit in the worker
+        thread held the GIL against the stop's own work (a py-spy profile of a 3,000-VIP stop
+        showed it; bench/scale.py `stopping_host_cpu_s`)."""
         self._placing = False
         self._dirty.set()
 
@@ -185,9 +185,12 @@ class HostDirectory:
     def _recompute(self) -> None:
         if self._on_hosts is not None:
             self._on_hosts(self.hosts)
-        self._apply(placements(self._units, self.hosts, self._memo))
+        if self._placing:
+            self._apply(placements(self._units, self.hosts, self._memo))
 
     def _apply(self, answer: Placements) -> None:
+        if not self._placing:
+            return
         new, self.successors = answer
         for name, order in ([] if new is self.placement else new.items()):  # (the same answer: nothing moved)
             if self.placement.get(name) != order:
