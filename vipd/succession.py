@@ -338,9 +338,6 @@ class Succession(Tokens, Planning):
         once (a rewrite validating a peer's new generation keeps its units dark until the last one
         commits; one after the other, 1,410 units took ~15 transactions over 0.9 s at 3,000 VIPs).
         Each is a batch of its own: its tokens armed, then its record written (`_rename`)."""
-        if len(plan) <= RENAME_BATCH:
-            await self._rename(plan)
-            return
         limit = trio.Semaphore(RENAME_PARALLEL)
 
         async def one(batch: list[tuple[str, OwnerRecord, str | None]]) -> None:

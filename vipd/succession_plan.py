@@ -23,7 +23,7 @@ PLAN_EVERY = 1.0  # seconds: the longest the planner goes without a pass over th
 # HOLD_DOWN the first time, twice the last hold when it is late again within this long of the
 # last hold's end. Without it, two hosts left after a planned stop of the third, each late to the
 # other now and then under the takeover's load, renamed every unit to nobody and back each second
-# (bench/scale.py at 3,000 VIPs: `successor_named` in the seconds after the stop)
+# (bench/scale.py at 3,000 VIPs: `planned_stop.after.renames_to_nobody`)
 LATE_HOLD_MAX = 16.0
 
 
@@ -175,7 +175,8 @@ class Planning:
         granted = link.granted_until() if link is not None else None
         first = link.unechoed_since(granted - self._lease) if link is not None and granted is not None else None
         log.info("successor_held_off", peer=peer, hold=hold,
-                 why="suspected" if link is None or link.suspected else "no grant" if granted is None else "late",
+                 why="gone" if link is None else "suspected" if link.suspected else "no grant" if granted is None
+                 else "late",
                  unechoed_ms=round((now - first) * 1000) if first is not None else None)
 
     def _next_check(self, now: float) -> float:

@@ -163,6 +163,16 @@ async def owning_many(n: int, now: float, placement: Any = lambda u: ("h1", "h2"
     return units, s, fence, keys, peers
 
 
+async def owning_many_named(n: int) -> tuple[list[VipSpec], Succession, Fence, Keys, Peers]:
+    """owning_many, then h2 heard past the hold-down and named successor of every unit by one pass."""
+    units, s, fence, keys, peers = await owning_many(n, trio.current_time())
+    await trio.sleep(HOLD_DOWN + 0.01)
+    peers.heartbeat(trio.current_time())
+    await s._rename_all(s._plan(trio.current_time()))
+    assert all(s.successor(v.name) == "h2" for v in units)
+    return units, s, fence, keys, peers
+
+
 def test_owner_value_round_trips():
     assert parse_value(owner_value("h1")) == ("h1", False, None, None)
     assert parse_value(owner_value("h1", epoch=12, successor="h2")) == ("h1", False, 12, "h2")
@@ -510,11 +520,7 @@ def test_an_ack_re_arms_one_grant_not_every_unit():
     while the acks flow and trails the grant by at most 2 steps; when the acks stop, every VIP
     closes at the last grant armed, no token touched."""
     async def main() -> None:
-        units, s, fence, keys, peers = await owning_many(50, trio.current_time())
-        await trio.sleep(HOLD_DOWN + 0.01)
-        peers.heartbeat(trio.current_time())
-        await s._rename(s._plan(trio.current_time()))
-        assert all(s.successor(v.name) == "h2" for v in units)
+        units, s, fence, keys, peers = await owning_many_named(50)
         calls = 0
         cap = s._cap
 
@@ -895,11 +901,7 @@ def test_the_transactions_of_a_pass_go_out_side_by_side_and_validate_once_all_co
     from vipd.succession import RENAME_BATCH, RENAME_PARALLEL
 
     async def main() -> None:
-        units, s, fence, keys, peers = await owning_many(1000, trio.current_time())
-        await trio.sleep(HOLD_DOWN + 0.01)
-        peers.heartbeat(trio.current_time())
-        await s._rename_all(s._plan(trio.current_time()))
-        assert all(s.successor(v.name) == "h2" for v in units)
+        units, s, fence, keys, peers = await owning_many_named(1000)
         peers.heartbeat(trio.current_time(), gen=1)  # h2 suspected us, and hears us again
         rename, flying, most, validated_early = keys.rename, 0, 0, False
 
@@ -961,10 +963,7 @@ def test_a_pass_with_one_transaction_lost_to_etcd_validates_nothing_until_that_o
 
     async def main() -> None:
         caplog.set_level(logging.INFO, logger="vipd")
-        units, s, fence, keys, peers = await owning_many(300, trio.current_time())
-        await trio.sleep(HOLD_DOWN + 0.01)
-        peers.heartbeat(trio.current_time())
-        await s._rename_all(s._plan(trio.current_time()))
+        units, s, fence, keys, peers = await owning_many_named(300)
         peers.heartbeat(trio.current_time(), gen=1)
         rename, lost = keys.rename, []
 
@@ -990,7 +989,7 @@ def test_a_pass_with_one_transaction_lost_to_etcd_validates_nothing_until_that_o
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def test_a_successor_renamed_away_for_being_late_is_named_again_after_a_hold_that_doubles():
+def test_a_successor_renamed_away_for_being_late_is_named_again_after_a_hold_that_doubles(caplog):
     """The only peer falls silent: its units are renamed to nobody, as before. It answers again:
     not named again before HOLD_DOWN, named after. Late again soon after: renamed to nobody
     again, and this time named again only after twice the hold (a pair of loaded hosts renamed
@@ -1032,7 +1031,12 @@ def test_a_successor_renamed_away_for_being_late_is_named_again_after_a_hold_tha
         await renamed_back_after(2 * HOLD_DOWN)
         assert s._next_check(trio.current_time()) > trio.current_time()
 
+    import logging
+    caplog.set_level(logging.INFO, logger="vipd")
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    held = [r.getMessage() for r in caplog.records if "successor_held_off" in r.getMessage()]
+    assert len(held) == 2 and all("peer=h2" in m and "why=late" in m for m in held)  # one line a hold
+    assert "hold=1.0" in held[0] and "hold=2.0" in held[1]
 
 
 def test_a_rename_away_from_a_late_successor_is_withdrawn_when_its_echo_arrives_before_it_goes_out():
